@@ -1,0 +1,221 @@
+"""Patches that let megatron-core's real code paths run on a CPU-only machine with gloo.
+
+megatron-core is written for CUDA: it allocates with ``device=torch.cuda.current_device()``,
+hard-codes ``device="cuda"`` in the schedules, keeps its RNG tracker in CUDA generators and
+synchronizes CUDA streams. None of that exists in a CPU wheel of torch. Each patch below names
+the megatron-core call it fixes and is the smallest change that makes that call run on CPU.
+
+They are applied only when ``torch.cuda.is_available()`` is False; on a GPU `apply()` returns
+without touching anything, so the code that trains on clusters is megatron-core unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import types
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_APPLIED = False
+_MODE = None
+
+
+def is_applied() -> bool:
+    """True once the CPU patches are active in this process."""
+    return _APPLIED
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare integer is a CUDA ordinal in torch's device arguments.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+_CUDA_TYPE_NAMES = {
+    torch.float32: "torch.cuda.FloatTensor",
+    torch.float16: "torch.cuda.HalfTensor",
+    torch.bfloat16: "torch.cuda.BFloat16Tensor",
+}
+
+
+class CudaToCpuMode(TorchFunctionMode):
+    """Maps every CUDA device argument to CPU.
+
+    Fixes, among ~175 call sites:
+    - ``torch.empty/zeros/ones/tensor(..., device=torch.cuda.current_device())`` in DDP param
+      and grad buffers, the global memory buffer of core attention, p2p receive buffers and the
+      optimizer (``megatron.core.distributed``, ``megatron.core.optimizer``, ``pipeline_parallel.p2p_communication``);
+    - ``torch.zeros([], dtype=torch.int, device="cuda")`` in every schedule of
+      ``pipeline_parallel.schedules`` (total_num_tokens);
+    - ``transformer.utils.get_default_causal_mask`` (``device="cuda"``);
+    - ``tensor.cuda()`` / ``tensor.to("cuda")`` in ``optimizer.clip_grads`` and DDP;
+    - ``param.type() == 'torch.cuda.FloatTensor'`` in the distributed optimizer's dtype checks,
+      answered with the CUDA type name so the CPU tensors pass them.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = dict(kwargs, device="cpu")
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to:
+            args = tuple("cpu" if i > 0 and _is_cuda_device(a) else a for i, a in enumerate(args))
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = _CUDA_TYPE_NAMES.get(args[0].dtype)
+            if name is not None:
+                return name
+        return func(*args, **kwargs)
+
+
+class _NullStream:
+    """Stands in for ``torch.cuda.Stream``/``Event``: every method is a no-op on CPU."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _patch_cuda_runtime() -> None:
+    """torch.cuda entry points that megatron-core calls unconditionally."""
+    cuda = torch.cuda
+    # device=torch.cuda.current_device() everywhere: an ordinal the mode above maps to CPU.
+    cuda.current_device = lambda: 0
+    # p2p_communication (batch_p2p_sync), DDP and timers call torch.cuda.synchronize().
+    cuda.synchronize = lambda *args, **kwargs: None
+    # MoE alltoall dispatcher, DDP overlap and the optimizer create and wait on streams/events.
+    cuda.Stream = _NullStream
+    cuda.Event = _NullStream
+    cuda.current_stream = lambda *args, **kwargs: _NullStream()
+    cuda.default_stream = lambda *args, **kwargs: _NullStream()
+    cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
+    cuda.empty_cache = lambda: None
+    cuda.set_device = lambda *args, **kwargs: None
+    # tensor_parallel.random's tracker seeds and forks CUDA generators: use the CPU one.
+    # (torch.manual_seed itself calls torch.cuda.manual_seed_all: seed the CPU generator directly.)
+    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    cuda.manual_seed_all = lambda seed: None
+    cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)
+    cuda.random.get_rng_state = cuda.get_rng_state
+    cuda.memory_allocated = lambda *args, **kwargs: 0
+    cuda.max_memory_allocated = lambda *args, **kwargs: 0
+
+
+def _patch_rng_tracker() -> None:
+    """``tensor_parallel.random._get_cuda_rng_state/_set_cuda_rng_state`` (used by
+    ``CudaRNGStatesTracker.add/fork`` and ``model_parallel_cuda_manual_seed``) read and write
+    ``torch.cuda.default_generators``; route them to the CPU generator."""
+    from megatron.core.tensor_parallel import random as tp_random
+
+    tp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    tp_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+
+    class _DropForkWarning(logging.Filter):
+        # CudaRNGStatesTracker.fork warns when the CPU RNG moved inside a fork; on CPU the
+        # forked generator *is* the CPU generator, so the warning is always true and meaningless.
+        def filter(self, record):
+            return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+    logging.getLogger(tp_random.__name__).addFilter(_DropForkWarning())
+
+
+def _patch_triton_import() -> None:
+    """megatron-core >= 0.19: ``pipeline_parallel/schedules.py`` imports
+    ``transformer/moe/ops/paged_stash.py``, which imports ``triton`` unconditionally; the CPU
+    wheel of torch has no triton. A stub of that one megatron module (a fake top-level
+    ``triton`` would break torch's own compiler imports) lets the schedules import."""
+    name = "megatron.core.transformer.moe.ops.paged_stash"
+    try:
+        import triton  # noqa: F401
+
+        return
+    except ImportError:
+        pass
+    if name in sys.modules:
+        return
+    import importlib.util
+
+    try:
+        if importlib.util.find_spec(name) is None:
+            return
+    except ModuleNotFoundError:
+        return
+    stub = types.ModuleType(name)
+
+    def _unavailable(*args, **kwargs):
+        raise RuntimeError("paged stash needs triton and CUDA; it is unavailable on CPU")
+
+    stub.__getattr__ = lambda attr: _unavailable  # type: ignore[assignment]
+    sys.modules[name] = stub
+
+
+def _patch_torch_norm_sequence_parallel() -> None:
+    """``transformer.torch_norm.WrappedTorchNorm`` asserts ``not config.sequence_parallel``
+    (the local spec's norm without Apex/TE). Built with sequence_parallel off and its
+    parameters tagged ``.sequence_parallel = True``, finalize_model_grads all-reduces their
+    grads over TP, which is what TE's norm does under SP."""
+    from megatron.core.transformer import torch_norm
+
+    if getattr(torch_norm.WrappedTorchNorm, "_nitp_patched", False):
+        return
+    original_new = torch_norm.WrappedTorchNorm.__new__
+
+    def __new__(cls, config, hidden_size, eps=1e-5, **kwargs):
+        if not config.sequence_parallel:
+            return original_new(cls, config, hidden_size, eps, **kwargs)
+        config.sequence_parallel = False
+        try:
+            norm = original_new(cls, config, hidden_size, eps, **kwargs)
+        finally:
+            config.sequence_parallel = True
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
+
+    torch_norm.WrappedTorchNorm.__new__ = staticmethod(__new__)
+    torch_norm.WrappedTorchNorm._nitp_patched = True
+
+
+def _patch_moe_router_without_te() -> None:
+    """megatron-core 0.16.1: ``transformer.moe.moe_utils.RouterGatingLinearFunction``
+    references ``te_general_gemm``, undefined when Transformer Engine is missing (NameError);
+    defined as None, the plain-torch branch runs."""
+    try:
+        from megatron.core.transformer.moe import moe_utils
+    except ImportError:
+        return
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def apply() -> bool:
+    """Apply every CPU patch once. Returns True if patches are (now) active."""
+    global _APPLIED, _MODE
+    if _APPLIED:
+        return True
+    if torch.cuda.is_available():
+        return False
+    _patch_triton_import()
+    _patch_cuda_runtime()
+    _patch_rng_tracker()
+    _patch_torch_norm_sequence_parallel()
+    _patch_moe_router_without_te()
+    _MODE = CudaToCpuMode()
+    _MODE.__enter__()
+    _APPLIED = True
+    return True

@@ -1,0 +1,192 @@
+"""Train/valid/test GPT datasets from megatron-core, and Megatron-ordered micro-batches.
+
+Dataset building is delegated to megatron-core's `BlendedMegatronDatasetBuilder`, which
+caches its shuffle/sample indices on disk. When torch.distributed is initialized,
+megatron-core builds the cache on rank 0 first and the other ranks read it after a
+barrier. When it is not (a single process, tests, or ranks that build before
+`init_process_group`), megatron-core would let every process write the same cache files
+concurrently, so builds are serialized with a file lock in the cache folder instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from typing import Sequence
+
+import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import (
+    BlendedMegatronDatasetBuilder,
+)
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.utils import get_blend_from_list
+
+from megatron_nitp.data.corpus import default_cache_root
+
+
+def _normalize_blend(data_prefix: str | Sequence) -> tuple[list[str], list[float] | None]:
+    items = [data_prefix] if isinstance(data_prefix, str) else [str(x) for x in data_prefix]
+    if not items:
+        raise ValueError("data_prefix is empty")
+    return get_blend_from_list(items)
+
+
+def check_data_prefixes(prefixes: Sequence[str]) -> None:
+    """Fails early, with the path and a fix, if a dataset's `.bin` or `.idx` is unusable.
+
+    Args:
+        prefixes: Data prefixes, i.e. paths without the `.bin`/`.idx` suffix.
+
+    Raises:
+        FileNotFoundError: If a file is missing or unreadable.
+    """
+    for prefix in prefixes:
+        for path in (prefix + ".bin", prefix + ".idx"):
+            if os.path.isfile(path) and os.access(path, os.R_OK):
+                continue
+            hint = ""
+            if os.path.isfile(prefix + "_text_document.idx"):
+                hint = f" Did you mean the data prefix {prefix}_text_document?"
+            raise FileNotFoundError(
+                f"dataset file missing or unreadable: {path} (data prefix {prefix!r}).{hint} "
+                "Create it with `python tools/preprocess_data.py --input FILE... "
+                "--tokenizer-model MODEL --output-prefix OUT`, which writes "
+                "OUT_text_document.bin/.idx; pass OUT_text_document as the data prefix."
+            )
+
+
+@contextlib.contextmanager
+def _exclusive_lock(directory: str):
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, ".build.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def build_datasets(
+    data_prefix: str | Sequence,
+    tokenizer,
+    seq_length: int,
+    seed: int,
+    split: str,
+    num_samples: tuple[int | None, int | None, int | None],
+    cache_dir: str | None = None,
+) -> tuple[GPTDataset | None, GPTDataset | None, GPTDataset | None]:
+    """Builds the train, valid and test GPT datasets of one data blend.
+
+    Samples are `seq_length` tokens with `labels` shifted by one; no attention mask is
+    built (the model uses a causal mask type) and position ids are not reset at EOD.
+
+    Args:
+        data_prefix: A data prefix, or a list in Megatron's `--data-path` format:
+            `[p1, p2, ...]` or `[w1, p1, w2, p2, ...]` with weights.
+        tokenizer: A tokenizer with `eod`, `pad` and `vocab_size`, e.g.
+            `SentencePieceTokenizer`; it must be the one the data was tokenized with.
+        seq_length: Tokens per sample.
+        seed: Seed of the document and sample shuffling.
+        split: Megatron split string, e.g. `"969,30,1"`: relative shares of the documents
+            that go to train, valid and test.
+        num_samples: Samples wanted per split; the data is repeated over epochs if needed.
+            A split with weight 0 in `split` is returned as None.
+        cache_dir: Folder for megatron-core's index cache; defaults to
+            `default_cache_root()/dataset-index`.
+
+    Returns:
+        The `(train, valid, test)` datasets; a dataset item is a dict of 1-D tensors
+        `tokens`, `labels`, `loss_mask` and `position_ids`.
+
+    Raises:
+        FileNotFoundError: If a `.bin`/`.idx` file of the blend is missing.
+    """
+    prefixes, weights = _normalize_blend(data_prefix)
+    check_data_prefixes(prefixes)
+    cache_dir = cache_dir or os.path.join(default_cache_root(), "dataset-index")
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    # Without torch.distributed, megatron-core's BlendedDataset calls get_rank() before
+    # writing its cache and fails; the blend is then built in memory, and its GPTDataset
+    # indices go to megatron-core's default cache folder next to each data prefix.
+    path_to_cache = cache_dir if distributed or len(prefixes) == 1 else None
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=(prefixes, weights),
+        split=split,
+        path_to_cache=path_to_cache,
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+    )
+    builder = BlendedMegatronDatasetBuilder(
+        GPTDataset, list(num_samples), is_built_on_rank=lambda: True, config=config
+    )
+    lock = contextlib.nullcontext() if distributed else _exclusive_lock(cache_dir)
+    with lock:
+        train, valid, test = builder.build()
+    return train, valid, test
+
+
+class MicroBatchIterator:
+    """Yields one data-parallel rank's micro-batches in Megatron's sample order.
+
+    Megatron's pretraining sampler hands out consecutive dataset indices: at consumed-sample
+    counter `c`, rank `r` of `dp_size` gets `[c + r*mbs, c + (r+1)*mbs)` and the counter then
+    advances by `mbs * dp_size`. Following the same order makes a run resumable from a
+    checkpoint's `consumed_samples` and independent of the data-parallel size.
+
+    Args:
+        dataset: A map-style dataset whose items are dicts of equal-shape tensors.
+        micro_batch_size: Samples per micro-batch on each rank.
+        data_parallel_rank: This rank's index among the data-parallel ranks.
+        data_parallel_size: Number of data-parallel ranks.
+        consumed_samples: Samples consumed by all ranks so far, e.g. from a checkpoint.
+
+    Attributes:
+        consumed_samples: Samples consumed by all ranks so far, including the micro-batches
+            this iterator has yielded.
+    """
+
+    def __init__(
+        self,
+        dataset,
+        micro_batch_size: int,
+        data_parallel_rank: int = 0,
+        data_parallel_size: int = 1,
+        consumed_samples: int = 0,
+    ) -> None:
+        if dataset is None or len(dataset) == 0:
+            raise ValueError("dataset is empty; check the split weights and num_samples")
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")
+        if not 0 <= data_parallel_rank < data_parallel_size:
+            raise ValueError(
+                f"data_parallel_rank {data_parallel_rank} outside [0, {data_parallel_size})"
+            )
+        self.dataset = dataset
+        self.micro_batch_size = micro_batch_size
+        self.data_parallel_rank = data_parallel_rank
+        self.data_parallel_size = data_parallel_size
+        self.consumed_samples = consumed_samples
+
+    def __iter__(self) -> "MicroBatchIterator":
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        """Returns the next micro-batch, a dict of `[micro_batch_size, seq_length]` tensors.
+
+        Raises:
+            StopIteration: When the dataset cannot fill a micro-step on every rank; all
+                ranks stop at the same step, so none waits on the others forever.
+        """
+        step = self.micro_batch_size * self.data_parallel_size
+        if self.consumed_samples + step > len(self.dataset):
+            raise StopIteration(
+                f"dataset exhausted: {self.consumed_samples} of {len(self.dataset)} samples "
+                f"consumed, a micro-step needs {step} more; build it with more num_samples"
+            )
+        start = self.consumed_samples + self.data_parallel_rank * self.micro_batch_size
+        samples = [self.dataset[i] for i in range(start, start + self.micro_batch_size)]
+        self.consumed_samples += step
+        return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}

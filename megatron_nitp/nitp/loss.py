@@ -1,0 +1,99 @@
+"""The NITP per-token loss, in Megatron's sequence-first layout.
+
+For a sequence of s positions, the prediction at position t is ``P(h_t)`` and its target is
+the layer-k state of the next token, ``z_{t+1}``. The last position's target (the state of the
+token after the sequence) was never computed, so that position contributes 0.
+
+``loss_mask[:, t]`` is the NTP mask of label t, i.e. of token t+1, which is exactly the token
+whose shallow state is the target: the NTP mask is the NITP mask, with no shift of its own.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def shift_targets(shallow_states: torch.Tensor, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Aligns targets with predictions: row t of the result is ``shallow_states[t + shift]``.
+
+    Args:
+        shallow_states: ``[s, b, h]`` layer-k states.
+        shift: 1 (t -> t+1, the paper) or 0 (same position, an ablation).
+
+    Returns:
+        ``([s, b, h] targets, [s] bool valid)``; rows past the end are zeros and not valid.
+    """
+    if shift == 0:
+        valid = torch.ones(shallow_states.shape[0], dtype=torch.bool, device=shallow_states.device)
+        return shallow_states, valid
+    targets = torch.cat([shallow_states[shift:], torch.zeros_like(shallow_states[:shift])], dim=0)
+    valid = torch.arange(shallow_states.shape[0], device=shallow_states.device)
+    return targets, valid < shallow_states.shape[0] - shift
+
+
+def token_distance(predictions: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-position distance ``[s, b]`` between ``[s, b, h]`` predictions and targets.
+
+    cosine: 1 - cos, in [0, 2] (the paper). mse / smooth_l1: mean over h. kl: KL(softmax(z) ||
+    softmax(P(h))) over the hidden dimension (the paper's KL ablation).
+    """
+    if kind == "cosine":
+        return 1.0 - F.cosine_similarity(predictions, targets, dim=-1, eps=1e-8)
+    if kind == "mse":
+        return (predictions - targets).pow(2).mean(dim=-1)
+    if kind == "smooth_l1":
+        return F.smooth_l1_loss(predictions, targets, reduction="none").mean(dim=-1)
+    if kind == "kl":
+        log_p = F.log_softmax(predictions, dim=-1)
+        log_q = F.log_softmax(targets, dim=-1)
+        return (log_q.exp() * (log_q - log_p)).sum(dim=-1)
+    raise ValueError(f"unknown NITP loss kind {kind!r}: choose cosine, mse, smooth_l1 or kl.")
+
+
+def implicit_token_loss(
+    predictions: torch.Tensor,
+    shallow_states: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    shift: int = 1,
+    kind: str = "cosine",
+    stop_gradient: bool = True,
+) -> torch.Tensor:
+    """Per-token NITP loss.
+
+    Args:
+        predictions: ``[s, b, h]``, P(h_t) - the projector applied to the final hidden states.
+        shallow_states: ``[s, b, h]``, z - the layer-k output of the same forward pass.
+        loss_mask: ``[b, s]``, 1 where the NTP loss of label t counts.
+        shift: target offset (1 = paper).
+        kind: distance (``cosine`` = paper).
+        stop_gradient: detach the target (paper). With the default, no gradient reaches
+            ``shallow_states``.
+
+    Returns:
+        ``[b, s]`` float32: ``loss_mask[:, t] * (1 - cos(predictions[t], shallow_states[t+1]))``
+        for t < s - 1 and 0 at t = s - 1. Computed in fp32 whatever the training dtype. The batch
+        mean is ``loss.sum() / num_contributing_positions(loss_mask)``.
+    """
+    if predictions.shape != shallow_states.shape:
+        raise ValueError(
+            f"predictions {tuple(predictions.shape)} and shallow_states "
+            f"{tuple(shallow_states.shape)} must both be [s, b, h]"
+        )
+    if loss_mask.shape != predictions.shape[1::-1]:
+        raise ValueError(
+            f"loss_mask {tuple(loss_mask.shape)} must be [b, s] = {tuple(predictions.shape[1::-1])}"
+        )
+    targets = shallow_states.detach() if stop_gradient else shallow_states
+    targets, valid = shift_targets(targets, shift)
+    distance = token_distance(predictions.float(), targets.float(), kind)  # [s, b]
+    distance = distance * valid.unsqueeze(1)
+    return distance.transpose(0, 1) * loss_mask.float()
+
+
+def num_contributing_positions(loss_mask: torch.Tensor, shift: int = 1) -> torch.Tensor:
+    """Number of positions of a ``[b, s]`` mask that carry an NITP loss (the last ``shift``
+    positions of each sequence have no target)."""
+    seq = loss_mask.shape[-1]
+    return loss_mask[..., : seq - shift].sum()

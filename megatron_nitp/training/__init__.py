@@ -1,0 +1,1 @@
+"""The slim training loop megatron-core does not ship (it has no ``megatron.training``)."""

@@ -1,0 +1,269 @@
+"""Megatron-style command-line flags, preset defaults, and validation before any work starts.
+
+Flags keep Megatron-LM's names (``--num-layers``, ``--micro-batch-size``, ``--lr-decay-style``, ...)
+so that launch scripts read the same; the NITP ones are ``--nitp-*`` and ``--no-nitp``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Optional, Sequence
+
+from megatron_nitp.nitp.config import LOSS_KINDS, PROJECTOR_KINDS, NITPConfig
+from megatron_nitp.presets import DEFAULT_PRESET, PRESETS, get_preset
+
+
+def _nitp_help(name: str) -> str:
+    """The NITPConfig field's docstring is the flag's help text."""
+    import ast
+    import inspect
+
+    from megatron_nitp.nitp import config as module
+
+    tree = ast.parse(inspect.getsource(module.NITPConfig))
+    body = tree.body[0].body
+    for i, node in enumerate(body):
+        if isinstance(node, ast.AnnAssign) and node.target.id == name and i + 1 < len(body):
+            doc = body[i + 1]
+            if isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant):
+                return " ".join(str(doc.value.value).split())
+    return ""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Pretrain a GPT with Next Implicit Token Prediction on megatron-core.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--preset", default=DEFAULT_PRESET, help=f"model preset: {', '.join(PRESETS)}")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--num-layers", type=int, help="number of transformer layers")
+    g.add_argument("--hidden-size", type=int, help="transformer hidden size d")
+    g.add_argument("--ffn-hidden-size", type=int, help="SwiGLU FFN width (default 4d)")
+    g.add_argument("--num-attention-heads", type=int, help="query heads")
+    g.add_argument("--num-query-groups", type=int, help="key/value heads (GQA); default = heads")
+    g.add_argument("--kv-channels", type=int, help="head dimension (default hidden/heads)")
+    g.add_argument("--seq-length", type=int, help="sequence length")
+    g.add_argument("--max-position-embeddings", type=int, help="default: --seq-length")
+    g.add_argument("--vocab-size", type=int, help="vocabulary size (default: the tokenizer's)")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true", default=None,
+                   help="separate input embedding and output layer")
+    g.add_argument("--add-qkv-bias", action="store_true", default=False,
+                   help="bias on the QKV projection (Qwen2)")
+    g.add_argument("--rotary-base", type=int, default=10000)
+    g.add_argument("--norm-epsilon", type=float, default=1e-6)
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--hidden-dropout", type=float, default=0.0)
+    g.add_argument("--attention-dropout", type=float, default=0.0)
+
+    g = p.add_argument_group("NITP (Next Implicit Token Prediction)")
+    g.add_argument("--no-nitp", dest="nitp", action="store_false", default=True,
+                   help="train the plain next-token-prediction baseline")
+    g.add_argument("--nitp-target-layer", type=int, default=1, help=_nitp_help("target_layer"))
+    g.add_argument("--nitp-loss-weight", type=float, default=1.0, help=_nitp_help("loss_weight"))
+    g.add_argument("--nitp-start-iter", type=int, default=0, help=_nitp_help("start_iter"))
+    g.add_argument("--nitp-loss-kind", default="cosine", help=_nitp_help("loss_kind") +
+                   f" ({', '.join(LOSS_KINDS)})")
+    g.add_argument("--nitp-shift", type=int, default=1, help=_nitp_help("shift"))
+    g.add_argument("--nitp-projector", default="swiglu", help=_nitp_help("projector") +
+                   f" ({', '.join(PROJECTOR_KINDS)})")
+    g.add_argument("--nitp-projector-ffn-ratio", type=int, default=4,
+                   help=_nitp_help("projector_ffn_ratio"))
+    g.add_argument("--nitp-no-stop-gradient", dest="nitp_stop_gradient", action="store_false",
+                   default=True, help="ablation: " + _nitp_help("stop_gradient"))
+
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, help="sequences per micro-batch per rank")
+    g.add_argument("--global-batch-size", type=int, help="sequences per optimizer step")
+    g.add_argument("--train-iters", type=int, help="optimizer steps")
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--bf16", action="store_true", help="bf16 params/compute, fp32 main params")
+    g.add_argument("--fp16", action="store_true", help="fp16 with dynamic loss scaling")
+    g.add_argument("--loss-scale", type=float, default=None, help="static loss scale for fp16")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0**32)
+
+    g = p.add_argument_group("learning rate")
+    g.add_argument("--lr", type=float, help="peak learning rate")
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", default="WSD",
+                   choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"])
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    g.add_argument("--lr-wsd-decay-ratio", type=float, default=0.2,
+                   help="WSD: fraction of the decay iterations spent decaying (paper: 0.2)")
+    g.add_argument("--lr-wsd-decay-iters", type=int, default=None,
+                   help="WSD: decay iterations (overrides --lr-wsd-decay-ratio)")
+    g.add_argument("--lr-wsd-decay-style", default="linear",
+                   choices=["linear", "cosine", "exponential", "minus_sqrt"])
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="*", default=None,
+                   help="megatron indexed dataset prefix(es), optionally weighted: "
+                        "[w1] p1 [w2] p2; default: the built-in corpus, prepared on first run")
+    g.add_argument("--split", default="969,30,1", help="train,valid,test proportions")
+    g.add_argument("--tokenizer-model", default=None, help="SentencePiece .model of the data")
+    g.add_argument("--data-cache-path", default=None, help="where dataset indices are cached")
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--distributed-backend", default=None, choices=["nccl", "gloo"],
+                   help="default: nccl with CUDA, gloo without")
+
+    g = p.add_argument_group("validation, logging and output")
+    g.add_argument("--eval-interval", type=int, default=100)
+    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--geometry-interval", type=int, default=20,
+                   help="log effective rank and pairwise cosine of the last hidden states "
+                        "every N iterations (0 = never)")
+    g.add_argument("--log-throughput", action="store_true", default=True)
+    g.add_argument("--run-dir", default=None,
+                   help="run folder (TensorBoard events, checkpoint, plot, summary); "
+                        "default runs/<preset>-<nitp|ntp>-<time>")
+    g.add_argument("--tensorboard-dir", default=None, help="default: <run-dir>/tensorboard")
+    g.add_argument("--save", default=None, help="checkpoint folder (default <run-dir>/checkpoints)")
+    g.add_argument("--no-save", dest="save_final", action="store_false", default=True,
+                   help="do not write the final checkpoint")
+    g.add_argument("--no-plot", dest="plot", action="store_false", default=True)
+    g.add_argument("--no-progress-bar", dest="progress_bar", action="store_false", default=True)
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse flags over the preset's defaults, fill derived values, and validate shapes."""
+    parser = build_parser()
+    known, _ = parser.parse_known_args(argv)
+    try:
+        preset = get_preset(known.preset)
+    except ValueError as err:
+        parser.error(str(err))
+    parser.set_defaults(**preset)
+    args = parser.parse_args(argv)
+    _fill_derived(args)
+    try:
+        validate_model_args(args)
+    except ValueError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    return args
+
+
+def _fill_derived(args: argparse.Namespace) -> None:
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length",
+                 "micro_batch_size", "global_batch_size", "train_iters", "lr"):
+        if getattr(args, name) is None:
+            raise SystemExit(f"error: --{name.replace('_', '-')} is required (no preset sets it)")
+    args.ffn_hidden_size = args.ffn_hidden_size or 4 * args.hidden_size
+    args.num_query_groups = args.num_query_groups or args.num_attention_heads
+    args.max_position_embeddings = args.max_position_embeddings or args.seq_length
+    args.untie_embeddings_and_output_weights = bool(args.untie_embeddings_and_output_weights)
+    args.lr_decay_iters = args.lr_decay_iters or args.train_iters
+    if args.lr_wsd_decay_iters is None:
+        args.lr_wsd_decay_iters = max(1, int(round(args.lr_wsd_decay_ratio * args.lr_decay_iters)))
+    args.nitp_config = NITPConfig(
+        enabled=args.nitp,
+        target_layer=args.nitp_target_layer,
+        loss_weight=args.nitp_loss_weight,
+        start_iter=args.nitp_start_iter,
+        loss_kind=args.nitp_loss_kind,
+        shift=args.nitp_shift,
+        projector=args.nitp_projector,
+        projector_ffn_ratio=args.nitp_projector_ffn_ratio,
+        stop_gradient=args.nitp_stop_gradient,
+    )
+
+
+def validate_model_args(args: argparse.Namespace) -> None:
+    """Shape and flag checks that need no process group: raise ValueError with the fix."""
+    args.nitp_config.validate(args.num_layers, args.hidden_size, args.tensor_model_parallel_size)
+    if args.bf16 and args.fp16:
+        raise ValueError("--bf16 and --fp16 are exclusive: choose one.")
+    if args.num_attention_heads % args.num_query_groups:
+        raise ValueError(
+            f"--num-attention-heads {args.num_attention_heads} is not divisible by "
+            f"--num-query-groups {args.num_query_groups}."
+        )
+    tp = args.tensor_model_parallel_size
+    for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
+        if getattr(args, name) % tp:
+            raise ValueError(
+                f"--{name.replace('_', '-')} {getattr(args, name)} is not divisible by "
+                f"--tensor-model-parallel-size {tp}."
+            )
+    if args.num_layers % args.pipeline_model_parallel_size:
+        raise ValueError(
+            f"--num-layers {args.num_layers} is not divisible by "
+            f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}."
+        )
+    if args.sequence_parallel and tp == 1:
+        args.sequence_parallel = False
+    if args.micro_batch_size <= 0 or args.global_batch_size <= 0 or args.train_iters <= 0:
+        raise ValueError("--micro-batch-size, --global-batch-size and --train-iters must be > 0.")
+    if args.lr_warmup_iters > args.lr_decay_iters:
+        raise ValueError(
+            f"--lr-warmup-iters {args.lr_warmup_iters} exceeds --lr-decay-iters "
+            f"{args.lr_decay_iters}."
+        )
+    if args.lr_decay_style == "WSD" and args.lr_warmup_iters + args.lr_wsd_decay_iters > args.lr_decay_iters:
+        raise ValueError(
+            f"WSD: warm-up ({args.lr_warmup_iters}) + decay ({args.lr_wsd_decay_iters}) iterations "
+            f"exceed --lr-decay-iters {args.lr_decay_iters}; lower --lr-warmup-iters or "
+            "--lr-wsd-decay-ratio."
+        )
+
+
+def validate_world_args(args: argparse.Namespace, world_size: int) -> None:
+    """Checks that need the world size: the data-parallel size and the batch arithmetic."""
+    model_parallel = (args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+                      * args.context_parallel_size)
+    if world_size % model_parallel:
+        raise ValueError(
+            f"world size {world_size} is not divisible by TP x PP x CP = {model_parallel}: "
+            "launch a multiple of that many processes."
+        )
+    args.data_parallel_size = world_size // model_parallel
+    per_step = args.micro_batch_size * args.data_parallel_size
+    if args.global_batch_size % per_step:
+        raise ValueError(
+            f"--global-batch-size {args.global_batch_size} is not divisible by "
+            f"--micro-batch-size {args.micro_batch_size} x data-parallel size "
+            f"{args.data_parallel_size} = {per_step}: choose a global batch that is a multiple "
+            f"of {per_step}."
+        )
+    args.num_microbatches = args.global_batch_size // per_step
+
+
+def validate_vocab(args: argparse.Namespace, tokenizer_vocab_size: int) -> None:
+    """The model's vocabulary must cover every token id the tokenizer can emit."""
+    if args.vocab_size is None:
+        args.vocab_size = tokenizer_vocab_size
+    elif tokenizer_vocab_size > args.vocab_size:
+        raise ValueError(
+            f"the tokenizer's vocabulary ({tokenizer_vocab_size}) is larger than --vocab-size "
+            f"{args.vocab_size}: raise --vocab-size or omit it to use the tokenizer's."
+        )
+    multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
+    args.padded_vocab_size = -(-args.vocab_size // multiple) * multiple
+
+
+def default_run_dir(args: argparse.Namespace) -> str:
+    import time
+
+    kind = "nitp" if args.nitp else "ntp"
+    return os.path.join("runs", f"{args.preset}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def nitp_config_dict(args: argparse.Namespace) -> dict:
+    return dataclasses.asdict(args.nitp_config)

@@ -1,0 +1,107 @@
+"""Training logs: Megatron-style console lines, TensorBoard scalars, a progress bar, history.
+
+Every reported value is reduced to every rank (see ``step.reduce_report``), so rank 0 logs
+even when the losses are computed on the last pipeline stage.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections import defaultdict
+
+import torch
+
+# Console order and TensorBoard tags (Megatron's naming).
+CONSOLE_KEYS = ("lm loss", "nitp loss", "total loss", "grad norm", "effective rank",
+                "cosine similarity")
+
+
+def is_logging_rank() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+class TrainingLogger:
+    """Writes console lines and TensorBoard scalars on rank 0 and keeps the history in memory."""
+
+    def __init__(self, args, tensorboard_dir: str | None):
+        self.args = args
+        self.enabled = is_logging_rank()
+        self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        self.writer = None
+        self.bar = None
+        if not self.enabled:
+            return
+        if tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=tensorboard_dir, max_queue=100)
+        if args.progress_bar and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=args.train_iters, desc="training", unit="it", dynamic_ncols=True)
+
+    def print(self, line: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def record(self, iteration: int, metrics: dict[str, float], prefix: str = "") -> None:
+        """Keeps and writes every metric (``prefix`` = ``"validation "`` for eval values)."""
+        for key, value in metrics.items():
+            self.history[prefix + key].append((iteration, value))
+            if self.writer is not None and math.isfinite(value):
+                self.writer.add_scalar(prefix + key, value, iteration)
+
+    def log_train(self, iteration: int, metrics: dict[str, float], iter_seconds: float) -> None:
+        self.record(iteration, metrics)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(lm=f"{metrics['lm loss']:.3f}",
+                                 nitp=f"{metrics.get('nitp loss', float('nan')):.3f}")
+        if iteration % self.args.log_interval and iteration != self.args.train_iters:
+            return
+        args = self.args
+        parts = [
+            f" iteration {iteration:8d}/{args.train_iters:8d}",
+            f"consumed samples: {iteration * args.global_batch_size:10d}",
+            f"elapsed time per iteration (ms): {1000 * iter_seconds:.1f}",
+            f"tokens/s: {metrics.get('tokens per second', 0):.0f}",
+            f"learning rate: {metrics['learning rate']:.3E}",
+            f"global batch size: {args.global_batch_size:5d}",
+        ]
+        parts += [f"{k}: {metrics[k]:.6E}" for k in CONSOLE_KEYS if k in metrics]
+        if metrics.get("skipped"):
+            parts.append("skipped iteration")
+        self.print(" | ".join(parts) + " |")
+
+    def log_eval(self, iteration: int, metrics: dict[str, float]) -> None:
+        self.record(iteration, metrics, prefix="validation ")
+        body = " | ".join(f"{k} value: {v:.6E}" for k, v in metrics.items())
+        ppl = math.exp(min(20.0, metrics["lm loss"]))
+        line = f" validation loss at iteration {iteration} | {body} | lm loss PPL: {ppl:.6E} |"
+        self.print("-" * len(line) + "\n" + line + "\n" + "-" * len(line))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+
+
+class Throughput:
+    """Wall-clock of an iteration and tokens/s over the global batch."""
+
+    def __init__(self, tokens_per_iteration: int):
+        self.tokens = tokens_per_iteration
+        self.start = time.perf_counter()
+
+    def lap(self) -> tuple[float, float]:
+        now = time.perf_counter()
+        seconds, self.start = now - self.start, now
+        return seconds, self.tokens / max(seconds, 1e-9)

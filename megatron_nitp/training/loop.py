@@ -1,0 +1,176 @@
+"""`pretrain()`: the whole run, from flags to a run folder with events, checkpoint and plot.
+
+Order matters for users: every check that can fail (flags, data, tokenizer, layout) runs before
+the model is built or a step is taken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_nitp.training import arguments
+from megatron_nitp.training.initialize import initialize_distributed, set_seed
+from megatron_nitp.training.logger import Throughput, TrainingLogger, is_logging_rank
+from megatron_nitp.training.step import evaluate, train_step
+
+
+class UsageError(Exception):
+    """Bad input found before any work: the message names the problem and the fix."""
+
+
+def _barrier():
+    torch.distributed.barrier()
+
+
+def prepare_data(args: argparse.Namespace):
+    """Tokenizer and train/valid iterators for this data-parallel rank. Fails early on a
+    missing or unreadable data path or tokenizer."""
+    from megatron_nitp.data.corpus import prepare_default_corpus
+    from megatron.core.datasets.utils import get_blend_from_list
+
+    from megatron_nitp.data.datasets import MicroBatchIterator, build_datasets, check_data_prefixes
+    from megatron_nitp.data.tokenizer import SentencePieceTokenizer
+
+    if args.data_path is None:
+        if args.tokenizer_model is not None:
+            raise ValueError("--tokenizer-model was given without --data-path: give both, or "
+                             "neither to use the built-in corpus.")
+        prefix, tokenizer_model = prepare_default_corpus()
+        args.data_path = [prefix]
+        args.tokenizer_model = tokenizer_model
+    elif args.tokenizer_model is None:
+        raise ValueError("--data-path needs --tokenizer-model (the SentencePiece .model the data "
+                         "was preprocessed with; see tools/train_tokenizer.py).")
+    check_data_prefixes(get_blend_from_list(args.data_path)[0])
+    tokenizer = SentencePieceTokenizer(args.tokenizer_model)
+    arguments.validate_vocab(args, tokenizer.vocab_size)
+    dp_size = parallel_state.get_data_parallel_world_size()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    eval_runs = args.train_iters // args.eval_interval + 1 if args.eval_interval else 0
+    num_samples = (
+        args.train_iters * args.global_batch_size,
+        max(1, eval_runs * args.eval_iters * args.global_batch_size),
+        0,
+    )
+    train_ds, valid_ds, _ = build_datasets(
+        args.data_path, tokenizer, args.seq_length, args.seed, args.split, num_samples,
+        args.data_cache_path,
+    )
+    train = MicroBatchIterator(train_ds, args.micro_batch_size, dp_rank, dp_size)
+    valid = (MicroBatchIterator(valid_ds, args.micro_batch_size, dp_rank, dp_size)
+             if valid_ds is not None and args.eval_interval else None)
+    return tokenizer, train, valid
+
+
+def _summary(args, logger, wall: float) -> dict:
+    def last(key):
+        points = logger.history.get(key)
+        return points[-1][1] if points else None
+
+    return {
+        "preset": args.preset,
+        "nitp": args.nitp,
+        "iterations": args.train_iters,
+        "wall time (s)": round(wall, 1),
+        "lm loss": last("lm loss"),
+        "nitp loss": last("nitp loss") if args.nitp else None,
+        "validation lm loss": last("validation lm loss"),
+        "effective rank": last("effective rank"),
+        "cosine similarity": last("cosine similarity"),
+    }
+
+
+def _print_summary(summary: dict, run_dir: str) -> None:
+    width = max(len(k) for k in summary)
+    print("\n" + "=" * (width + 24))
+    print(f" run summary ({run_dir})")
+    print("-" * (width + 24))
+    for key, value in summary.items():
+        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+        print(f" {key:<{width}}  {shown}")
+    print("=" * (width + 24) + "\n", flush=True)
+
+
+def pretrain(args: argparse.Namespace) -> dict:
+    """Train; returns the run summary (final metrics)."""
+    start = time.perf_counter()
+    initialize_distributed(
+        args.tensor_model_parallel_size,
+        args.pipeline_model_parallel_size,
+        args.context_parallel_size,
+        args.distributed_backend,
+    )
+    try:
+        arguments.validate_world_args(args, torch.distributed.get_world_size())
+        tokenizer, train_iter, valid_iter = prepare_data(args)
+    except (ValueError, FileNotFoundError, PermissionError) as err:
+        raise UsageError(str(err)) from err
+
+    run_dir = args.run_dir or arguments.default_run_dir(args)
+    if is_logging_rank():
+        os.makedirs(run_dir, exist_ok=True)
+    tensorboard_dir = args.tensorboard_dir or os.path.join(run_dir, "tensorboard")
+    save_dir = args.save or os.path.join(run_dir, "checkpoints")
+
+    from megatron.core.distributed import finalize_model_grads
+
+    from megatron_nitp.training.checkpointing import save_checkpoint
+    from megatron_nitp.training.model import build_model, wrap_model
+    from megatron_nitp.training.optimizer import build_optimizer
+
+    set_seed(args.seed)
+    model = wrap_model(build_model(args), args)
+    optimizer, scheduler = build_optimizer(model, args)
+    config = model.config
+    config.no_sync_func = model.no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss if args.fp16 else None
+
+    logger = TrainingLogger(args, tensorboard_dir)
+    params = sum(p.numel() for p in model.parameters())
+    logger.print(
+        f"> run folder {run_dir} | {'NITP (k=%d, lambda=%g)' % (args.nitp_target_layer, args.nitp_loss_weight) if args.nitp else 'NTP baseline'}"
+        f" | parameters on rank 0: {params:,} | vocab {tokenizer.vocab_size} (padded "
+        f"{args.padded_vocab_size}) | world {torch.distributed.get_world_size()} "
+        f"(TP {args.tensor_model_parallel_size}, PP {args.pipeline_model_parallel_size}, "
+        f"DP {args.data_parallel_size}) | micro-batches per step {args.num_microbatches}"
+    )
+    model.train()
+    throughput = Throughput(args.global_batch_size * args.seq_length)
+    for iteration in range(1, args.train_iters + 1):
+        geometry = bool(args.geometry_interval) and (
+            iteration % args.geometry_interval == 0 or iteration in (1, args.train_iters)
+        )
+        metrics = train_step(model, optimizer, scheduler, train_iter, args, iteration - 1, geometry)
+        seconds, tokens_per_second = throughput.lap()
+        metrics["tokens per second"] = tokens_per_second
+        logger.log_train(iteration, metrics, seconds)
+        if valid_iter is not None and (
+            iteration % args.eval_interval == 0 or iteration == args.train_iters
+        ):
+            logger.log_eval(iteration, evaluate(model, valid_iter, args, args.eval_iters))
+            throughput.lap()
+    logger.close()
+
+    if args.save_final:
+        path = save_checkpoint(save_dir, args.train_iters, model, optimizer, scheduler, args)
+        logger.print(f"> saved checkpoint {path}")
+    summary = _summary(args, logger, time.perf_counter() - start)
+    if is_logging_rank():
+        if args.plot:
+            from megatron_nitp.training.plot import plot_run
+
+            title = f"{args.preset}: {'NITP' if args.nitp else 'NTP baseline'}"
+            png = plot_run(logger.history, os.path.join(run_dir, "training.png"), title)
+            print(f"> plot {png}")
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump({"summary": summary, "history": logger.history}, f, indent=1)
+        _print_summary(summary, run_dir)
+    _barrier()
+    return summary

@@ -1,0 +1,123 @@
+"""Builds the megatron-core model: config from flags, layer spec, NITP model, precision, DDP."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.transformer.module import Float16Module
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_nitp.models import NITPGPTModel
+from megatron_nitp.nitp.config import NITPConfig
+
+
+def params_dtype(args: argparse.Namespace) -> torch.dtype:
+    if args.bf16:
+        return torch.bfloat16
+    if args.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def transformer_config(args: argparse.Namespace) -> TransformerConfig:
+    """Qwen2/Llama-style blocks: RMSNorm, SwiGLU, RoPE, GQA, no linear biases."""
+    on_gpu = torch.cuda.is_available()
+    dtype = params_dtype(args)
+    return TransformerConfig(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        kv_channels=args.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=args.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=args.add_qkv_bias,
+        hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout,
+        init_method_std=args.init_method_std,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        context_parallel_size=args.context_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+        pipeline_dtype=dtype,
+        params_dtype=dtype,
+        bf16=args.bf16,
+        fp16=args.fp16,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=True,
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        calculate_per_token_loss=True,
+    )
+
+
+def layer_spec(config: TransformerConfig):
+    """Transformer Engine spec when TE and CUDA are present, megatron-core's local spec else."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if torch.cuda.is_available():
+        try:
+            import transformer_engine  # noqa: F401
+
+            return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+        except ImportError:
+            pass
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def build_model(
+    args: argparse.Namespace,
+    nitp: NITPConfig | None = None,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+) -> NITPGPTModel:
+    """This rank's pipeline stage of the model, not yet wrapped."""
+    config = transformer_config(args)
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage()
+    return NITPGPTModel(
+        config,
+        nitp if nitp is not None else args.nitp_config,
+        transformer_layer_spec=layer_spec(config),
+        vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type="rope",
+        rotary_base=args.rotary_base,
+    )
+
+
+def wrap_model(model: NITPGPTModel, args: argparse.Namespace) -> DistributedDataParallel:
+    """Mixed-precision wrapper (bf16/fp16 weights, fp32 outputs) and megatron DDP with fp32
+    gradient buffers, as megatron's training loop does."""
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    config = model.config
+    module = Float16Module(config, model) if (args.bf16 or args.fp16) else model
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+    )
+    return DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)
+
+
+def unwrap(model: torch.nn.Module) -> NITPGPTModel:
+    """The NITPGPTModel inside DDP / Float16Module wrappers."""
+    while not isinstance(model, NITPGPTModel):
+        model = model.module
+    return model

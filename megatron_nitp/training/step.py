@@ -1,0 +1,165 @@
+"""One training (or evaluation) step through megatron-core's pipeline schedules.
+
+Loss accounting. The step minimizes ``L = sum(ntp) / N_ntp + lambda * sum(nitp) / N_nitp`` over
+the global batch, where ``N_ntp`` counts the tokens whose NTP loss counts and ``N_nitp`` the
+positions that carry an NITP target (each sequence's last position has none). megatron-core's
+per-token mode (``calculate_per_token_loss``) divides the summed gradients by the global
+``N_ntp`` once, in ``finalize_model_grads``; so each micro-batch contributes
+``sum(ntp) + lambda * (N_ntp / N_nitp) * sum(nitp)``, with both global counts taken from the
+step's micro-batches before the schedule runs (they are fetched up front; tokens are cheap).
+Reported values are (sum, count) pairs reduced over micro-batches and data-parallel ranks, so
+they are the same whatever the parallel layout.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Iterator
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_nitp.geometry import effective_rank, mean_pairwise_cosine, valid_token_states
+from megatron_nitp.nitp.loss import num_contributing_positions
+
+REPORT_KEYS = ("lm loss", "nitp loss", "effective rank", "cosine similarity")
+
+
+def _loss_func(loss_mask, nitp_scale, shift, geometry, output):
+    """Reduces one micro-batch's model output ``(lm [b, s], nitp [b, s], hidden [s, b, h])``."""
+    lm_loss, nitp_loss, hidden = output
+    mask = loss_mask.float()
+    lm_sum = (lm_loss.float() * mask).sum()
+    num_tokens = mask.sum()
+    nitp_sum = nitp_loss.sum()
+    loss = lm_sum + nitp_scale * nitp_sum
+    report = {
+        "lm loss": torch.stack([lm_sum.detach(), num_tokens]),
+        "nitp loss": torch.stack([nitp_sum.detach(), num_contributing_positions(mask, shift)]),
+    }
+    if geometry:
+        states = valid_token_states(hidden.float(), mask)
+        generator = torch.Generator().manual_seed(0)
+        one = torch.ones((), dtype=torch.float64)
+        report["effective rank"] = torch.stack([effective_rank(states), one])
+        report["cosine similarity"] = torch.stack(
+            [mean_pairwise_cosine(states, generator=generator), one]
+        )
+    return loss, num_tokens.int(), report
+
+
+def _forward_step(nitp_scale, shift, geometry_first, data_iterator, model):
+    batch = next(data_iterator)
+    geometry = geometry_first and batch.pop("_first", False)
+    output = model(
+        batch["tokens"],
+        batch["position_ids"],
+        None,
+        labels=batch["labels"],
+        loss_mask=batch["loss_mask"],
+    )
+    return output, partial(_loss_func, batch["loss_mask"], nitp_scale, shift, geometry)
+
+
+def _global_counts(batches: list[dict], shift: int) -> tuple[float, float]:
+    """(N_ntp, N_nitp) over the global batch: this rank's micro-batches, summed over DP."""
+    counts = torch.zeros(2, dtype=torch.float64)
+    for batch in batches:
+        mask = batch["loss_mask"].double()
+        counts[0] += mask.sum()
+        counts[1] += num_contributing_positions(mask, shift)
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    torch.distributed.all_reduce(counts, group=group)
+    return counts[0].item(), counts[1].item()
+
+
+def reduce_report(reports: list[dict]) -> dict[str, float]:
+    """Global means of the reported (sum, count) pairs.
+
+    Every pipeline rank builds a tensor of the same shape ``[len(REPORT_KEYS), 2]`` (zeros off the
+    last stage) and all-reduces it over PP and then DP, so collectives never see mismatched
+    shapes and every rank ends with the same values.
+    """
+    packed = torch.zeros(len(REPORT_KEYS), 2, dtype=torch.float64)
+    for report in reports:
+        for i, key in enumerate(REPORT_KEYS):
+            if key in report:
+                packed[i] += report[key].double().cpu()
+    if torch.cuda.is_available():
+        packed = packed.cuda()
+    torch.distributed.all_reduce(packed, group=parallel_state.get_pipeline_model_parallel_group())
+    torch.distributed.all_reduce(
+        packed, group=parallel_state.get_data_parallel_group(with_context_parallel=True)
+    )
+    packed = packed.cpu()
+    return {
+        key: (packed[i, 0] / packed[i, 1]).item()
+        for i, key in enumerate(REPORT_KEYS)
+        if packed[i, 1] > 0
+    }
+
+
+def _to_device(batch: dict) -> dict:
+    if torch.cuda.is_available():
+        return {k: v.cuda(non_blocking=True) for k, v in batch.items()}
+    return batch
+
+
+def _run_schedule(model, batches, args, nitp_scale, forward_only, geometry):
+    if geometry and batches:
+        batches[0] = dict(batches[0], _first=True)
+    forward_backward = get_forward_backward_func()
+    step = partial(_forward_step, nitp_scale, args.nitp_config.shift, geometry)
+    return forward_backward(
+        forward_step_func=step,
+        data_iterator=iter(batches),
+        model=[model],
+        num_microbatches=len(batches),
+        seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size,
+        forward_only=forward_only,
+    )
+
+
+def train_step(
+    model, optimizer, scheduler, data_iterator: Iterator, args, iteration: int, geometry: bool
+) -> dict[str, float]:
+    """Forward/backward over ``args.num_microbatches`` micro-batches, then one optimizer step.
+
+    Returns the global lm loss, nitp loss, total loss, grad norm, lr (and geometry if asked).
+    """
+    batches = [_to_device(next(data_iterator)) for _ in range(args.num_microbatches)]
+    weight = args.nitp_config.weight_at(iteration)
+    n_ntp, n_nitp = _global_counts(batches, args.nitp_config.shift)
+    nitp_scale = weight * n_ntp / n_nitp if n_nitp > 0 else 0.0
+
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    reports = _run_schedule(model, batches, args, nitp_scale, False, geometry)
+    update_successful, grad_norm, _ = optimizer.step()
+    if update_successful:
+        scheduler.step(increment=1)
+
+    metrics = reduce_report(reports)
+    metrics["total loss"] = metrics["lm loss"] + weight * metrics.get("nitp loss", 0.0)
+    metrics["grad norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+    metrics["learning rate"] = optimizer.param_groups[0]["lr"]
+    metrics["nitp weight"] = weight
+    metrics["skipped"] = 0.0 if update_successful else 1.0
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(model, data_iterator: Iterator, args, eval_iters: int) -> dict[str, float]:
+    """Forward-only passes over ``eval_iters`` global batches: validation lm and nitp loss."""
+    model.eval()
+    reports = []
+    for _ in range(eval_iters):
+        batches = [_to_device(next(data_iterator)) for _ in range(args.num_microbatches)]
+        reports += _run_schedule(model, batches, args, 0.0, True, False)
+    model.train()
+    metrics = reduce_report(reports)
+    metrics.pop("effective rank", None)
+    metrics.pop("cosine similarity", None)
+    return metrics

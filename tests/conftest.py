@@ -1,0 +1,34 @@
+"""Shared fixtures: one single-process gloo group for in-process tests, tiny model flags."""
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+@pytest.fixture(scope="session")
+def dist():
+    """torch.distributed (gloo, world size 1) and megatron's parallel state, TP = PP = 1."""
+    from megatron_nitp.training.initialize import initialize_distributed
+
+    initialize_distributed(1, 1, 1)
+    yield
+
+
+def tiny_args(*extra):
+    """Parsed flags of a very small model (fast on CPU)."""
+    from megatron_nitp.training.arguments import parse_args
+
+    base = [
+        "--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",
+        "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "16",
+        "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "4",
+        "--lr-warmup-iters", "0", "--nitp-target-layer", "1",
+    ]
+    args = parse_args(base + list(extra))
+    args.padded_vocab_size = args.vocab_size or 128
+    return args

@@ -1,0 +1,85 @@
+"""Bad input is refused before any work, with a message that names the fix."""
+
+import subprocess
+import sys
+
+import pytest
+
+from megatron_nitp.training.arguments import parse_args
+from megatron_nitp.training.loop import UsageError, pretrain
+from tests.conftest import ROOT
+
+
+def _parse_error(capsys, *argv):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(list(argv))
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_target_layer_out_of_range(capsys):
+    err = _parse_error(capsys, "--num-layers", "4", "--nitp-target-layer", "4")
+    assert "--nitp-target-layer 4 is outside 0..3" in err
+    err = _parse_error(capsys, "--nitp-target-layer", "-1")
+    assert "outside 0..3" in err
+
+
+def test_negative_lambda(capsys):
+    assert "lambda must be >= 0" in _parse_error(capsys, "--nitp-loss-weight", "-0.5")
+
+
+def test_unknown_loss_kind_and_projector(capsys):
+    err = _parse_error(capsys, "--nitp-loss-kind", "huber")
+    assert "unknown --nitp-loss-kind 'huber'" in err and "cosine" in err
+    assert "unknown --nitp-projector" in _parse_error(capsys, "--nitp-projector", "mlp3")
+
+
+def test_unknown_preset_lists_valid_ones(capsys):
+    err = _parse_error(capsys, "--preset", "dense-7b")
+    assert "unknown --preset 'dense-7b'" in err and "tiny-dense" in err
+
+
+def test_heads_not_divisible_by_tensor_parallel(capsys):
+    err = _parse_error(capsys, "--tensor-model-parallel-size", "3")
+    assert "not divisible by --tensor-model-parallel-size 3" in err
+
+
+def _usage_error(tmp_path, *argv):
+    args = parse_args(list(argv) + ["--run-dir", str(tmp_path / "run"), "--no-progress-bar"])
+    with pytest.raises(UsageError) as exc:
+        pretrain(args)
+    assert not (tmp_path / "run").exists(), "nothing may be written before the checks pass"
+    return str(exc.value)
+
+
+def test_global_batch_not_divisible(dist, tmp_path):
+    msg = _usage_error(tmp_path, "--micro-batch-size", "3", "--global-batch-size", "16")
+    assert "--global-batch-size 16 is not divisible by --micro-batch-size 3" in msg
+
+
+def test_missing_data_path(dist, tmp_path):
+    model = tmp_path / "sp.model"
+    model.write_bytes(b"")
+    msg = _usage_error(tmp_path, "--data-path", str(tmp_path / "nope_text_document"),
+                       "--tokenizer-model", str(model))
+    assert "nope_text_document" in msg
+
+
+def test_data_path_without_tokenizer(dist, tmp_path):
+    msg = _usage_error(tmp_path, "--data-path", str(tmp_path / "x_text_document"))
+    assert "--tokenizer-model" in msg
+
+
+def test_tokenizer_vocabulary_larger_than_model(dist, tmp_path):
+    msg = _usage_error(tmp_path, "--vocab-size", "100")
+    assert "larger than --vocab-size 100" in msg
+
+
+def test_entry_script_prints_error_and_exits_2(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "pretrain_gpt_nitp.py", "--nitp-loss-weight", "-1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "lambda must be >= 0" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,107 @@
+"""The public loss contract: implicit_token_loss(predictions, shallow_states, loss_mask)."""
+
+import math
+
+import pytest
+import torch
+
+from megatron_nitp.nitp.loss import implicit_token_loss, num_contributing_positions
+
+
+def _hand_case():
+    # s=3 positions, b=1, h=2; [s, b, h]
+    predictions = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]], [[1.0, 1.0]]])
+    shallow = torch.tensor([[[5.0, 5.0]], [[0.0, 2.0]], [[-1.0, -1.0]]])
+    return predictions, shallow
+
+
+def test_hand_computed_shift_and_last_position():
+    predictions, shallow = _hand_case()
+    loss = implicit_token_loss(predictions, shallow, torch.ones(1, 3))
+    # t=0: 1 - cos([1,0],[0,2]) = 1;  t=1: 1 - cos([0,1],[-1,-1]) = 1 + 1/sqrt(2);  t=2: no target
+    expected = torch.tensor([[1.0, 1.0 + 1.0 / math.sqrt(2.0), 0.0]])
+    assert loss.shape == (1, 3)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_mask_of_label_t_masks_position_t():
+    predictions, shallow = _hand_case()
+    loss = implicit_token_loss(predictions, shallow, torch.tensor([[1.0, 0.0, 1.0]]))
+    torch.testing.assert_close(loss, torch.tensor([[1.0, 0.0, 0.0]]))
+    assert num_contributing_positions(torch.tensor([[1.0, 0.0, 1.0]])).item() == 1
+    assert num_contributing_positions(torch.ones(4, 10)).item() == 36
+
+
+def test_same_position_ablation_pairs_t_with_t():
+    predictions, shallow = _hand_case()
+    loss = implicit_token_loss(predictions, shallow, torch.ones(1, 3), shift=0)
+    # t=0: cos([1,0],[5,5]) = 1/sqrt2; t=1: cos([0,1],[0,2]) = 1; t=2: cos([1,1],[-1,-1]) = -1
+    expected = torch.tensor([[1.0 - 1.0 / math.sqrt(2.0), 0.0, 2.0]])
+    torch.testing.assert_close(loss, expected)
+
+
+def test_matches_per_position_reference_on_random_input():
+    torch.manual_seed(0)
+    s, b, h = 7, 3, 16
+    predictions, shallow = torch.randn(s, b, h), torch.randn(s, b, h)
+    mask = (torch.rand(b, s) > 0.3).float()
+    loss = implicit_token_loss(predictions, shallow, mask)
+    for i in range(b):
+        for t in range(s):
+            if t == s - 1:
+                ref = 0.0
+            else:
+                cos = torch.dot(predictions[t, i], shallow[t + 1, i]) / (
+                    predictions[t, i].norm() * shallow[t + 1, i].norm()
+                )
+                ref = mask[i, t].item() * (1.0 - cos.item())
+            assert loss[i, t].item() == pytest.approx(ref, abs=1e-6)
+    # the cosine distance lives in [0, 2]
+    assert loss.min() >= 0 and loss.max() <= 2
+
+
+def test_no_gradient_reaches_shallow_states():
+    torch.manual_seed(1)
+    predictions = torch.randn(5, 2, 8, requires_grad=True)
+    shallow = torch.randn(5, 2, 8, requires_grad=True)
+    implicit_token_loss(predictions, shallow, torch.ones(2, 5)).sum().backward()
+    assert shallow.grad is None
+    assert predictions.grad is not None and predictions.grad[:-1].abs().sum() > 0
+    # the last position has no target: no gradient from it
+    assert predictions.grad[-1].abs().sum() == 0
+
+
+def test_stop_gradient_off_lets_gradient_reach_targets():
+    torch.manual_seed(1)
+    predictions = torch.randn(5, 2, 8, requires_grad=True)
+    shallow = torch.randn(5, 2, 8, requires_grad=True)
+    implicit_token_loss(predictions, shallow, torch.ones(2, 5), stop_gradient=False).sum().backward()
+    assert shallow.grad is not None
+    assert shallow.grad[0].abs().sum() == 0  # z_1 is never a target
+    assert shallow.grad[1:].abs().sum() > 0
+
+
+def test_computed_in_fp32_from_bf16():
+    torch.manual_seed(2)
+    predictions = torch.randn(6, 2, 32)
+    shallow = torch.randn(6, 2, 32)
+    mask = torch.ones(2, 6)
+    full = implicit_token_loss(predictions, shallow, mask)
+    half = implicit_token_loss(predictions.bfloat16(), shallow.bfloat16(), mask)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, full, atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["mse", "smooth_l1", "kl"])
+def test_other_loss_kinds_are_zero_on_identical_targets(kind):
+    shallow = torch.randn(4, 1, 8)
+    predictions = torch.cat([shallow[1:], torch.randn(1, 1, 8)])  # P(h_t) == z_{t+1}
+    loss = implicit_token_loss(predictions, shallow, torch.ones(1, 4), kind=kind)
+    torch.testing.assert_close(loss, torch.zeros(1, 4), atol=1e-6, rtol=0)
+
+
+def test_shape_errors_are_clear():
+    with pytest.raises(ValueError, match=r"\[b, s\]"):
+        implicit_token_loss(torch.randn(4, 2, 8), torch.randn(4, 2, 8), torch.ones(4, 2))
+    with pytest.raises(ValueError, match="unknown NITP loss kind"):
+        implicit_token_loss(torch.randn(4, 2, 8), torch.randn(4, 2, 8), torch.ones(2, 4), kind="l3")

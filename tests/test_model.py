@@ -1,0 +1,96 @@
+"""NITPGPTModel on CPU: projector shape and size, parameter counts, forward/backward, capture."""
+
+import torch
+from megatron.core.models.gpt import GPTModel
+
+from megatron_nitp.nitp.config import NITPConfig
+from megatron_nitp.nitp.loss import implicit_token_loss
+from megatron_nitp.nitp.projector import SwiGLUProjector
+from megatron_nitp.training.initialize import set_seed
+from megatron_nitp.training.model import build_model, layer_spec, transformer_config
+from tests.conftest import tiny_args
+
+
+def _numel(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def _batch(args, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 100, (2, args.seq_length), generator=g)
+    positions = torch.arange(args.seq_length).expand(2, -1)
+    return tokens, positions
+
+
+def test_projector_is_swiglu_with_12_d_squared_parameters(dist):
+    args = tiny_args("--hidden-size", "48")
+    projector = SwiGLUProjector(transformer_config(args))
+    assert _numel(projector) == 12 * 48 * 48
+    assert projector.gate.weight.shape == (192, 48)
+    assert projector.down.weight.shape == (48, 192)
+    assert all(getattr(m, "bias", None) is None for m in (projector.gate, projector.up, projector.down))
+    x = torch.randn(5, 3, 48)
+    assert projector(x).shape == (5, 3, 48)
+
+
+def test_inference_model_has_exactly_the_baseline_parameters(dist):
+    args = tiny_args()
+    set_seed(1)
+    baseline = GPTModel(
+        transformer_config(args), layer_spec(transformer_config(args)),
+        vocab_size=args.padded_vocab_size, max_sequence_length=args.seq_length,
+        share_embeddings_and_output_weights=True, position_embedding_type="rope",
+    )
+    inference = build_model(args, NITPConfig(enabled=False), True, True)
+    training = build_model(args, NITPConfig(target_layer=1), True, True)
+    assert inference.projector is None
+    assert _numel(inference) == _numel(baseline)
+    assert _numel(training) == _numel(baseline) + 12 * args.hidden_size**2
+
+
+def test_forward_returns_per_token_losses_and_backward_reaches_projector(dist):
+    args = tiny_args()
+    set_seed(2)
+    model = build_model(args, NITPConfig(target_layer=1), True, True)
+    tokens, positions = _batch(args)
+    lm, nitp, hidden = model(tokens, positions, None, labels=tokens, loss_mask=torch.ones(2, 16))
+    assert lm.shape == (2, 16) and nitp.shape == (2, 16) and hidden.shape == (16, 2, 32)
+    assert torch.all(nitp[:, -1] == 0) and torch.all(nitp[:, :-1] > 0)
+    (lm.mean() + nitp.sum() / 30).backward()
+    for name, p in model.projector.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    # without labels it is a plain GPTModel: logits [b, s, V]
+    logits = model(tokens, positions, None)
+    assert logits.shape == (2, 16, args.padded_vocab_size)
+
+
+def test_target_layer_zero_is_the_embedding_output(dist):
+    args = tiny_args()
+    set_seed(3)
+    model = build_model(args, NITPConfig(target_layer=0), True, True)
+    tokens, positions = _batch(args, seed=1)
+    mask = torch.ones(2, 16)
+    _, nitp, hidden = model(tokens, positions, None, labels=tokens, loss_mask=mask)
+    with torch.no_grad():
+        embedded = model.embedding(input_ids=tokens, position_ids=positions)
+        expected = implicit_token_loss(model.projector(hidden), embedded, mask)
+    torch.testing.assert_close(nitp, expected)
+
+
+def test_target_layer_k_is_the_kth_layer_output(dist):
+    args = tiny_args("--num-layers", "3")
+    set_seed(4)
+    model = build_model(args, NITPConfig(target_layer=2), True, True)
+    seen = {}
+
+    def keep(module, inputs, output):
+        seen["z"] = output[0].detach()
+
+    model.decoder.layers[1].register_forward_hook(keep)
+    tokens, positions = _batch(args, seed=2)
+    mask = torch.ones(2, 16)
+    _, nitp, hidden = model(tokens, positions, None, labels=tokens, loss_mask=mask)
+    with torch.no_grad():
+        expected = implicit_token_loss(model.projector(hidden), seen["z"], mask)
+    torch.testing.assert_close(nitp, expected)
+    assert model.decoder.layers[1].layer_number == 2

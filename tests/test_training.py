@@ -1,0 +1,72 @@
+"""End-to-end training on the built-in corpus: losses fall, precision paths, summary files."""
+
+import json
+import math
+import os
+
+import pytest
+
+from megatron_nitp.training.arguments import parse_args
+from megatron_nitp.training.loop import pretrain
+
+FAST = ["--eval-interval", "0", "--no-save", "--no-plot", "--no-progress-bar",
+        "--log-interval", "1000", "--geometry-interval", "0"]
+
+
+def _run(tmp_path, *flags):
+    run_dir = str(tmp_path / "run")
+    args = parse_args(list(flags) + FAST + ["--run-dir", run_dir])
+    summary = pretrain(args)
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        history = json.load(f)["history"]
+    return summary, {k: [v for _, v in points] for k, points in history.items()}
+
+
+def test_thirty_iterations_lm_and_nitp_losses_fall(dist, tmp_path):
+    summary, history = _run(tmp_path, "--train-iters", "30", "--lr-warmup-iters", "3")
+    lm, nitp = history["lm loss"], history["nitp loss"]
+    assert len(lm) == 30 and len(nitp) == 30
+    # random init: lm loss near ln(vocab) = ln 4096 = 8.3, nitp loss near 1 (orthogonal)
+    assert lm[0] == pytest.approx(math.log(4096), abs=0.3)
+    assert nitp[0] == pytest.approx(1.0, abs=0.1)
+    assert sum(lm[-5:]) / 5 < lm[0] - 1.5
+    assert sum(nitp[-5:]) / 5 < 0.5 * nitp[0]
+    assert summary["nitp loss"] == pytest.approx(nitp[-1])
+    # the logged total is lm + lambda * nitp, iteration by iteration
+    for total, a, b in zip(history["total loss"], lm, nitp):
+        assert total == pytest.approx(a + b, rel=1e-9)
+
+
+def test_baseline_and_start_iteration(dist, tmp_path):
+    _, base = _run(tmp_path / "ntp", "--train-iters", "4", "--lr-warmup-iters", "0", "--no-nitp")
+    assert base["nitp loss"] == [0.0] * 4
+    _, late = _run(tmp_path / "late", "--train-iters", "4", "--lr-warmup-iters", "0",
+                   "--nitp-start-iter", "2")
+    assert late["nitp weight"] == [0.0, 0.0, 1.0, 1.0]
+    # lambda = 0 before the start iteration: the same trajectory as the baseline
+    assert late["lm loss"][:3] == pytest.approx(base["lm loss"][:3], rel=1e-6)
+    assert late["lm loss"][3] != pytest.approx(base["lm loss"][3], rel=1e-6)
+
+
+def test_bf16_run_is_finite_and_close_to_fp32(dist, tmp_path):
+    flags = ["--train-iters", "6", "--lr-warmup-iters", "1"]
+    _, fp32 = _run(tmp_path / "fp32", *flags)
+    _, bf16 = _run(tmp_path / "bf16", *flags, "--bf16")
+    for key in ("lm loss", "nitp loss", "grad norm"):
+        assert all(math.isfinite(v) for v in bf16[key])
+    for a, b in zip(fp32["lm loss"], bf16["lm loss"]):
+        assert b == pytest.approx(a, rel=0.02)
+
+
+def test_geometry_is_logged_and_the_run_folder_is_complete(dist, tmp_path):
+    run_dir = tmp_path / "full"
+    args = parse_args(["--train-iters", "4", "--lr-warmup-iters", "0", "--geometry-interval", "2",
+                       "--eval-interval", "2", "--eval-iters", "1", "--no-progress-bar",
+                       "--run-dir", str(run_dir)])
+    summary = pretrain(args)
+    assert 1.0 <= summary["effective rank"] <= args.hidden_size
+    assert -1.0 <= summary["cosine similarity"] <= 1.0
+    assert (run_dir / "training.png").stat().st_size > 10_000
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(run_dir / "tensorboard"))
+    assert (run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == "4"
+    assert summary["validation lm loss"] is not None

@@ -1,0 +1,54 @@
+"""Tokenizes text into megatron-core's indexed dataset (OUTPUT_PREFIX_text_document.bin/.idx).
+
+Example:
+    python tools/preprocess_data.py --input corpus.jsonl --json-keys text \
+        --tokenizer-model out/tokenizer.model --output-prefix out/corpus --workers 4
+"""
+
+import argparse
+import os
+import sys
+
+try:
+    import megatron_nitp  # noqa: F401
+except ImportError:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+from megatron_nitp.data.preprocess import preprocess
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--input", nargs="+", required=True,
+                        help=".jsonl files (one document per line) or plain text files "
+                             "(documents separated by blank lines)")
+    parser.add_argument("--json-keys", "--json-key", dest="json_keys", nargs="+",
+                        default=["text"], help="key of the document text in .jsonl records")
+    parser.add_argument("--tokenizer-model", required=True, help="SentencePiece .model file")
+    parser.add_argument("--output-prefix", required=True)
+    parser.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
+                        help="end every document with the EOD token (default: on)")
+    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    args = parser.parse_args(argv)
+    if len(args.json_keys) != 1:
+        parser.error("exactly one --json-keys value is supported")
+
+    data_prefix = preprocess(
+        args.input,
+        args.tokenizer_model,
+        args.output_prefix,
+        json_key=args.json_keys[0],
+        append_eod=args.append_eod,
+        workers=args.workers,
+    )
+    dataset = IndexedDataset(data_prefix)
+    print(
+        f"wrote {data_prefix}.bin/.idx: {len(dataset.document_indices) - 1} documents, "
+        f"{int(dataset.sequence_lengths.sum())} tokens"
+    )
+
+
+if __name__ == "__main__":
+    main()
