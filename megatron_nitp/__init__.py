@@ -6,3 +6,10 @@ compatibility layer in `megatron_nitp.compat`.
 """
 
 __version__ = "0.1.0"
+
+import torch as _torch
+
+if not _torch.cuda.is_available():
+    from megatron_nitp.compat.cpu import install_import_stubs as _install_import_stubs
+
+    _install_import_stubs()

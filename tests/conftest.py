@@ -9,6 +9,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import megatron_nitp  # noqa: E402,F401  (registers CPU import stubs before megatron-core loads)
+
 
 @pytest.fixture(scope="session")
 def dist():

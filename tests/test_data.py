@@ -155,6 +155,19 @@ def test_missing_data_prefix_names_the_file(corpus, tokenizer, tmp_path):
         build_datasets(blend, tokenizer, SEQ_LENGTH, 1, "1,0,0", (8, 0, 0), str(tmp_path))
 
 
+def test_weighted_blend(corpus, tokenizer, tmp_path):
+    other = preprocess([str(corpus["jsonl"])], corpus["model"], str(tmp_path / "other"),
+                       json_key="content")
+    blend = ["0.25", corpus["prefix"], "0.75", other]
+    train, _, _ = build_datasets(
+        blend, tokenizer, SEQ_LENGTH, 1, "1,0,0", (40, 0, 0), str(tmp_path / "index-cache")
+    )
+    assert len(train) == 40
+    batch = next(MicroBatchIterator(train, micro_batch_size=8))
+    assert set(batch) == {"tokens", "labels", "loss_mask", "position_ids"}
+    assert batch["tokens"].shape == (8, SEQ_LENGTH)
+
+
 def _prepare(cache_dir, vocab_size):
     prepare_default_corpus(cache_dir, vocab_size)
 

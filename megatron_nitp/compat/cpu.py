@@ -134,33 +134,39 @@ def _patch_rng_tracker() -> None:
     logging.getLogger(tp_random.__name__).addFilter(_DropForkWarning())
 
 
-def _patch_triton_import() -> None:
-    """megatron-core >= 0.19: ``pipeline_parallel/schedules.py`` imports
-    ``transformer/moe/ops/paged_stash.py``, which imports ``triton`` unconditionally; the CPU
-    wheel of torch has no triton. A stub of that one megatron module (a fake top-level
-    ``triton`` would break torch's own compiler imports) lets the schedules import."""
-    name = "megatron.core.transformer.moe.ops.paged_stash"
-    try:
-        import triton  # noqa: F401
-
-        return
-    except ImportError:
-        pass
-    if name in sys.modules:
-        return
+def install_import_stubs() -> None:
+    """megatron-core >= 0.19: ``pipeline_parallel/schedules.py`` (imported by
+    ``megatron.core`` itself) imports ``transformer/moe/ops/paged_stash.py``, which imports
+    ``triton`` unconditionally; the CPU wheel of torch has no triton. A stub of that one megatron
+    module (a fake top-level ``triton`` would break torch's own compiler imports) lets
+    megatron-core import. It must be registered before the first ``import megatron.core``,
+    which is why ``megatron_nitp/__init__.py`` calls this. Nothing is stubbed when triton exists
+    or when megatron-core has no such module (0.16.1)."""
     import importlib.util
 
-    try:
-        if importlib.util.find_spec(name) is None:
-            return
-    except ModuleNotFoundError:
+    name = "megatron.core.transformer.moe.ops.paged_stash"
+    if name in sys.modules or importlib.util.find_spec("triton") is not None:
+        return
+    megatron_spec = importlib.util.find_spec("megatron")
+    if megatron_spec is None or not megatron_spec.submodule_search_locations:
+        return
+    import os
+
+    relative = os.path.join("core", "transformer", "moe", "ops", "paged_stash.py")
+    if not any(os.path.exists(os.path.join(root, relative))
+               for root in megatron_spec.submodule_search_locations):
         return
     stub = types.ModuleType(name)
 
     def _unavailable(*args, **kwargs):
-        raise RuntimeError("paged stash needs triton and CUDA; it is unavailable on CPU")
+        raise RuntimeError("megatron-core's paged stash needs triton and CUDA; not on CPU")
 
-    stub.__getattr__ = lambda attr: _unavailable  # type: ignore[assignment]
+    def _getattr(attr):
+        if attr.startswith("__"):  # inspect and pickle probe dunders: answer as a plain module
+            raise AttributeError(attr)
+        return _unavailable
+
+    stub.__getattr__ = _getattr  # type: ignore[assignment]
     sys.modules[name] = stub
 
 
@@ -210,7 +216,7 @@ def apply() -> bool:
         return True
     if torch.cuda.is_available():
         return False
-    _patch_triton_import()
+    install_import_stubs()
     _patch_cuda_runtime()
     _patch_rng_tracker()
     _patch_torch_norm_sequence_parallel()

@@ -21,8 +21,11 @@ from megatron.core.datasets.blended_megatron_dataset_builder import (
 )
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.utils import get_blend_from_list
+from torch.utils.data import Dataset
 
 from megatron_nitp.data.corpus import default_cache_root
+
+BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
 
 def _normalize_blend(data_prefix: str | Sequence) -> tuple[list[str], list[float] | None]:
@@ -72,7 +75,7 @@ def build_datasets(
     split: str,
     num_samples: tuple[int | None, int | None, int | None],
     cache_dir: str | None = None,
-) -> tuple[GPTDataset | None, GPTDataset | None, GPTDataset | None]:
+) -> tuple[Dataset | None, Dataset | None, Dataset | None]:
     """Builds the train, valid and test GPT datasets of one data blend.
 
     Samples are `seq_length` tokens with `labels` shifted by one; no attention mask is
@@ -93,8 +96,9 @@ def build_datasets(
             `default_cache_root()/dataset-index`.
 
     Returns:
-        The `(train, valid, test)` datasets; a dataset item is a dict of 1-D tensors
-        `tokens`, `labels`, `loss_mask` and `position_ids`.
+        The `(train, valid, test)` datasets: `GPTDataset`s, or `BlendedDataset`s for several
+        prefixes. An item is a dict of 1-D tensors `tokens`, `labels`, `loss_mask` and
+        `position_ids` (plus `dataset_id` in a blend).
 
     Raises:
         FileNotFoundError: If a `.bin`/`.idx` file of the blend is missing.
@@ -131,13 +135,17 @@ def build_datasets(
 class MicroBatchIterator:
     """Yields one data-parallel rank's micro-batches in Megatron's sample order.
 
+    A micro-batch is a dict of `[micro_batch_size, seq_length]` tensors with the keys
+    `BATCH_KEYS`; other item keys, like a blend's `dataset_id`, are dropped.
+
     Megatron's pretraining sampler hands out consecutive dataset indices: at consumed-sample
     counter `c`, rank `r` of `dp_size` gets `[c + r*mbs, c + (r+1)*mbs)` and the counter then
     advances by `mbs * dp_size`. Following the same order makes a run resumable from a
     checkpoint's `consumed_samples` and independent of the data-parallel size.
 
     Args:
-        dataset: A map-style dataset whose items are dicts of equal-shape tensors.
+        dataset: A map-style dataset whose items are dicts holding `BATCH_KEYS` tensors,
+            e.g. a dataset returned by `build_datasets`.
         micro_batch_size: Samples per micro-batch on each rank.
         data_parallel_rank: This rank's index among the data-parallel ranks.
         data_parallel_size: Number of data-parallel ranks.
@@ -189,4 +197,4 @@ class MicroBatchIterator:
         start = self.consumed_samples + self.data_parallel_rank * self.micro_batch_size
         samples = [self.dataset[i] for i in range(start, start + self.micro_batch_size)]
         self.consumed_samples += step
-        return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+        return {key: torch.stack([s[key] for s in samples]) for key in BATCH_KEYS}

@@ -11,32 +11,14 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import os
 from typing import Iterable, Iterator
 
 import sentencepiece
-from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 
 _MAX_SENTENCE_CHARS = 4096
-
-
-class _DropLegacyTokenizerWarning(logging.Filter):
-    """Drops megatron-core's deprecation notice for its legacy tokenizer base class.
-
-    `GPTDataset` still consumes tokenizers through this interface in megatron-core 0.16, so
-    the notice would be printed on every run without being actionable for us.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "legacy tokenizer system" not in record.getMessage()
-
-
-logging.getLogger("megatron.core.datasets.megatron_tokenizer").addFilter(
-    _DropLegacyTokenizerWarning()
-)
 
 
 def iter_documents(input_files: Iterable[str], json_key: str = "text") -> Iterator[str]:
@@ -177,8 +159,13 @@ def _train(sentences: Iterator[str], output_prefix: str, vocab_size: int) -> Non
     )
 
 
-class SentencePieceTokenizer(MegatronLegacyTokenizer):
+class SentencePieceTokenizer:
     """A SentencePiece model behind the tokenizer interface that megatron-core datasets use.
+
+    A plain class rather than a subclass of megatron-core's tokenizer base: the base moved
+    between releases (``datasets.megatron_tokenizer.MegatronLegacyTokenizer`` in 0.16,
+    ``tokenizers.MegatronTokenizerBase`` in 0.19) and ``GPTDataset`` only reads ``eod``, ``eos``,
+    ``pad`` and ``vocab_size``.
 
     Args:
         model_path: Path of a `.model` file written by `train_sentencepiece` (or any
@@ -202,7 +189,8 @@ class SentencePieceTokenizer(MegatronLegacyTokenizer):
             raise ValueError(f"cannot read SentencePiece model {model_path}: {err}") from err
         if processor.eos_id() < 0:
             raise ValueError(f"SentencePiece model {model_path} defines no eos id to use as EOD")
-        super().__init__(os.path.abspath(model_path))
+        self.unique_identifiers = {"class": type(self).__name__,
+                                   "tokenizer_path": [os.path.abspath(model_path)]}
         self.model_path = model_path
         self._processor = processor
         self._vocab: dict[str, int] | None = None

@@ -13,9 +13,22 @@ from collections import defaultdict
 
 import torch
 
-# Console order and TensorBoard tags (Megatron's naming).
+# Console order.
 CONSOLE_KEYS = ("lm loss", "nitp loss", "total loss", "grad norm", "effective rank",
                 "cosine similarity")
+# TensorBoard tags in Megatron-LM's naming (losses keep their names; validation values are
+# "<key> validation").
+TENSORBOARD_TAGS = {
+    "learning rate": "learning-rate",
+    "grad norm": "grad-norm",
+    "tokens per second": "tokens-per-sec",
+    "nitp weight": "nitp-loss-weight",
+    "skipped": "skipped-iteration",
+}
+
+
+def tensorboard_tag(key: str, validation: bool = False) -> str:
+    return f"{key} validation" if validation else TENSORBOARD_TAGS.get(key, key)
 
 
 def is_logging_rank() -> bool:
@@ -31,6 +44,8 @@ class TrainingLogger:
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
         self.writer = None
         self.bar = None
+        self.skipped = 0
+        self._interval_seconds, self._interval_iters = 0.0, 0
         if not self.enabled:
             return
         if tensorboard_dir:
@@ -50,15 +65,19 @@ class TrainingLogger:
         else:
             print(line, flush=True)
 
-    def record(self, iteration: int, metrics: dict[str, float], prefix: str = "") -> None:
-        """Keeps and writes every metric (``prefix`` = ``"validation "`` for eval values)."""
+    def record(self, iteration: int, metrics: dict[str, float], validation: bool = False) -> None:
+        """Keeps every metric in the history (validation ones as ``"validation <key>"``) and
+        writes it to TensorBoard."""
         for key, value in metrics.items():
-            self.history[prefix + key].append((iteration, value))
+            self.history[("validation " if validation else "") + key].append((iteration, value))
             if self.writer is not None and math.isfinite(value):
-                self.writer.add_scalar(prefix + key, value, iteration)
+                self.writer.add_scalar(tensorboard_tag(key, validation), value, iteration)
 
     def log_train(self, iteration: int, metrics: dict[str, float], iter_seconds: float) -> None:
         self.record(iteration, metrics)
+        self.skipped += int(metrics.get("skipped", 0))
+        self._interval_seconds += iter_seconds
+        self._interval_iters += 1
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(lm=f"{metrics['lm loss']:.3f}",
@@ -66,21 +85,23 @@ class TrainingLogger:
         if iteration % self.args.log_interval and iteration != self.args.train_iters:
             return
         args = self.args
+        seconds = self._interval_seconds / self._interval_iters
+        self._interval_seconds, self._interval_iters = 0.0, 0
         parts = [
             f" iteration {iteration:8d}/{args.train_iters:8d}",
             f"consumed samples: {iteration * args.global_batch_size:10d}",
-            f"elapsed time per iteration (ms): {1000 * iter_seconds:.1f}",
-            f"tokens/s: {metrics.get('tokens per second', 0):.0f}",
+            f"elapsed time per iteration (ms): {1000 * seconds:.1f}",
+            f"tokens/s: {args.global_batch_size * args.seq_length / seconds:.0f}",
             f"learning rate: {metrics['learning rate']:.3E}",
             f"global batch size: {args.global_batch_size:5d}",
         ]
         parts += [f"{k}: {metrics[k]:.6E}" for k in CONSOLE_KEYS if k in metrics]
-        if metrics.get("skipped"):
-            parts.append("skipped iteration")
+        if self.skipped:
+            parts.append(f"number of skipped iterations: {self.skipped:3d}")
         self.print(" | ".join(parts) + " |")
 
     def log_eval(self, iteration: int, metrics: dict[str, float]) -> None:
-        self.record(iteration, metrics, prefix="validation ")
+        self.record(iteration, metrics, validation=True)
         body = " | ".join(f"{k} value: {v:.6E}" for k, v in metrics.items())
         ppl = math.exp(min(20.0, metrics["lm loss"]))
         line = f" validation loss at iteration {iteration} | {body} | lm loss PPL: {ppl:.6E} |"
