@@ -53,7 +53,8 @@ def test_forward_returns_per_token_losses_and_backward_reaches_projector(dist):
     set_seed(2)
     model = build_model(args, NITPConfig(target_layer=1), True, True)
     tokens, positions = _batch(args)
-    lm, nitp, hidden = model(tokens, positions, None, labels=tokens, loss_mask=torch.ones(2, 16))
+    lm, nitp, nitp_mask, hidden = model(tokens, positions, None, labels=tokens, loss_mask=torch.ones(2, 16))
+    assert nitp_mask.sum() == 2 * 15 and torch.all(nitp_mask[:, -1] == 0)
     assert lm.shape == (2, 16) and nitp.shape == (2, 16) and hidden.shape == (16, 2, 32)
     assert torch.all(nitp[:, -1] == 0) and torch.all(nitp[:, :-1] > 0)
     (lm.mean() + nitp.sum() / 30).backward()
@@ -70,7 +71,7 @@ def test_target_layer_zero_is_the_embedding_output(dist):
     model = build_model(args, NITPConfig(target_layer=0), True, True)
     tokens, positions = _batch(args, seed=1)
     mask = torch.ones(2, 16)
-    _, nitp, hidden = model(tokens, positions, None, labels=tokens, loss_mask=mask)
+    _, nitp, _, hidden = model(tokens, positions, None, labels=tokens, loss_mask=mask)
     with torch.no_grad():
         embedded = model.embedding(input_ids=tokens, position_ids=positions)
         expected = implicit_token_loss(model.projector(hidden), embedded, mask)
@@ -89,7 +90,7 @@ def test_target_layer_k_is_the_kth_layer_output(dist):
     model.decoder.layers[1].register_forward_hook(keep)
     tokens, positions = _batch(args, seed=2)
     mask = torch.ones(2, 16)
-    _, nitp, hidden = model(tokens, positions, None, labels=tokens, loss_mask=mask)
+    _, nitp, _, hidden = model(tokens, positions, None, labels=tokens, loss_mask=mask)
     with torch.no_grad():
         expected = implicit_token_loss(model.projector(hidden), seen["z"], mask)
     torch.testing.assert_close(nitp, expected)

@@ -10,6 +10,11 @@ GPTModel's own forward is not modified: two forward hooks (layer k, and the deco
 is the final-norm hidden state) hand the NITP loss what it needs. A model built with NITP
 disabled - the NTP baseline, or the model for inference - has no projector and exactly
 GPTModel's parameters.
+
+Parallelism: when layer k is on an earlier pipeline stage, that stage sends z to the last stage
+(`nitp.routing`). Under sequence and/or context parallelism the local rows are a shard of the
+sequence, and the shift fetches the next shard's first row (`nitp.shift`); the per-position
+distances are then gathered over TP so the returned losses are ``[b, s/cp]`` like the lm loss.
 """
 
 from __future__ import annotations
@@ -17,21 +22,28 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_nitp.nitp.capture import ActivationCapture, find_target_module
 from megatron_nitp.nitp.config import NITPConfig
-from megatron_nitp.nitp.loss import implicit_token_loss
+from megatron_nitp.nitp.loss import token_distance
 from megatron_nitp.nitp.projector import build_projector
+from megatron_nitp.nitp.routing import TargetRouter, target_stage
+from megatron_nitp.nitp.shift import local_positions, shift_targets, shift_targets_sharded
 
 
 class NITPGPTModel(GPTModel):
-    """GPTModel whose training forward returns ``(lm_loss, nitp_loss, hidden)``.
+    """GPTModel whose training forward returns ``(lm_loss, nitp_loss, nitp_mask, hidden)``.
 
-    With ``labels`` on the last pipeline stage, ``forward`` returns ``[b, s]`` NTP per-token loss,
-    ``[b, s]`` NITP per-token loss (zeros when NITP is off) and the detached ``[s, b, h]`` final
-    hidden states (for representation-geometry metrics). Otherwise it behaves as GPTModel.
+    With ``labels`` on the last pipeline stage, ``forward`` returns the ``[b, s]`` NTP per-token
+    loss, the ``[b, s]`` NITP per-token loss (zeros when NITP is off), the ``[b, s]`` mask of
+    positions that carry an NITP loss (``loss_mask`` and a target exists: not the sequence's
+    last position) and the detached ``[s, b, h]`` final hidden states (for
+    representation-geometry metrics). Under context parallelism ``s`` is this rank's
+    ``s / cp``. Otherwise it behaves as GPTModel.
     """
 
     def __init__(self, config: TransformerConfig, nitp: NITPConfig, **gpt_kwargs):
@@ -39,11 +51,16 @@ class NITPGPTModel(GPTModel):
         self.nitp = nitp
         self.projector: Optional[torch.nn.Module] = None
         self._shallow: Optional[ActivationCapture] = None
+        self._router: Optional[TargetRouter] = None
         if nitp.enabled:
             target = find_target_module(self, nitp.target_layer)
             self._shallow = ActivationCapture(target, detach=nitp.stop_gradient)
             if self.post_process:
                 self.projector = build_projector(config, nitp.projector, nitp.projector_ffn_ratio)
+            pp_size = config.pipeline_model_parallel_size
+            owner = target_stage(nitp.target_layer, config.num_layers, pp_size)
+            if pp_size > 1 and owner != pp_size - 1:
+                self._router = TargetRouter(owner)
         self._final = ActivationCapture(self.decoder if self.post_process else None, detach=False)
 
     def forward(
@@ -60,22 +77,63 @@ class NITPGPTModel(GPTModel):
         )
         hidden = self._final.pop()
         shallow = self._shallow.pop() if self._shallow is not None else None
+        if shallow is not None and self._router is not None and not self.post_process:
+            self._router.send(shallow)
         if labels is None or not self.post_process:
             return output
-        if loss_mask is None:
-            loss_mask = torch.ones_like(labels)
+        loss_mask = torch.ones_like(labels) if loss_mask is None else loss_mask
+        loss_mask = loss_mask.float()
         if self.projector is None:
-            return output, torch.zeros_like(output, dtype=torch.float32), hidden.detach()
+            return output, torch.zeros_like(loss_mask), loss_mask, self._full(hidden)
         if shallow is None:
-            raise RuntimeError(
-                f"NITP target layer {self.nitp.target_layer} produced no state on this stage"
+            shallow = self._router.recv(like=hidden)
+        distance, valid = self._distance(self.projector(hidden), shallow)  # [s/cp, b], [s/cp]
+        nitp_mask = loss_mask * valid.unsqueeze(0)
+        return output, distance.transpose(0, 1) * nitp_mask, nitp_mask, self._full(hidden)
+
+    def _distance(self, predictions: torch.Tensor, shallow: torch.Tensor):
+        """Per-position NITP distance ``[s/cp, b]`` over this rank's whole (CP-local) sequence,
+        and which positions have a target ``[s/cp]``."""
+        config = self.config
+        nitp = self.nitp
+        tp = config.tensor_model_parallel_size if config.sequence_parallel else 1
+        cp = config.context_parallel_size
+        if tp == 1 and cp == 1:
+            targets, valid = shift_targets(shallow, nitp.shift)
+        else:
+            seq_length = predictions.shape[0] * tp * cp
+            positions = local_positions(
+                seq_length,
+                parallel_state.get_context_parallel_rank(), cp,
+                parallel_state.get_tensor_model_parallel_rank(), tp,
             )
-        nitp_loss = implicit_token_loss(
-            self.projector(hidden),
-            shallow,
-            loss_mask,
-            shift=self.nitp.shift,
-            kind=self.nitp.loss_kind,
-            stop_gradient=self.nitp.stop_gradient,
-        )
-        return output, nitp_loss, hidden.detach()
+            if tp > 1 and cp > 1:
+                group = parallel_state.get_tensor_and_context_parallel_group()
+            elif tp > 1:
+                group = parallel_state.get_tensor_model_parallel_group()
+            else:
+                group = parallel_state.get_context_parallel_group()
+            targets, valid = shift_targets_sharded(shallow, positions, seq_length, nitp.shift, group)
+        distance = token_distance(predictions.float(), targets.float(), nitp.loss_kind)
+        distance = distance * valid.unsqueeze(1)
+        if tp > 1:
+            # Replicated over TP from here on, like the lm loss: the backward only splits.
+            distance = gather_from_sequence_parallel_region(
+                distance.unsqueeze(-1), tensor_parallel_output_grad=False
+            ).squeeze(-1)
+            valid = gather_from_sequence_parallel_region(
+                valid.float().unsqueeze(-1), tensor_parallel_output_grad=False
+            ).squeeze(-1)
+        return distance, valid.float()
+
+    def _full(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Detached final hidden states, gathered over TP under sequence parallelism."""
+        hidden = hidden.detach()
+        if self.config.sequence_parallel:
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+        return hidden
+
+    def finish_step(self) -> None:
+        """Completes this step's outstanding target sends (owning pipeline stage)."""
+        if self._router is not None:
+            self._router.wait()

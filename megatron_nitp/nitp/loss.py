@@ -13,23 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def shift_targets(shallow_states: torch.Tensor, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Aligns targets with predictions: row t of the result is ``shallow_states[t + shift]``.
-
-    Args:
-        shallow_states: ``[s, b, h]`` layer-k states.
-        shift: 1 (t -> t+1, the paper) or 0 (same position, an ablation).
-
-    Returns:
-        ``([s, b, h] targets, [s] bool valid)``; rows past the end are zeros and not valid.
-    """
-    if shift == 0:
-        valid = torch.ones(shallow_states.shape[0], dtype=torch.bool, device=shallow_states.device)
-        return shallow_states, valid
-    targets = torch.cat([shallow_states[shift:], torch.zeros_like(shallow_states[:shift])], dim=0)
-    valid = torch.arange(shallow_states.shape[0], device=shallow_states.device)
-    return targets, valid < shallow_states.shape[0] - shift
+from megatron_nitp.nitp.shift import shift_targets
 
 
 def token_distance(predictions: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Tensor:

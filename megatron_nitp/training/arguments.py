@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "default runs/<preset>-<nitp|ntp>-<time>")
     g.add_argument("--tensorboard-dir", default=None, help="default: <run-dir>/tensorboard")
     g.add_argument("--save", default=None, help="checkpoint folder (default <run-dir>/checkpoints)")
+    g.add_argument("--load", default=None,
+                   help="initialize the model weights from the latest checkpoint in this folder "
+                        "(any parallel layout)")
     g.add_argument("--no-save", dest="save_final", action="store_false", default=True,
                    help="do not write the final checkpoint")
     g.add_argument("--no-plot", dest="plot", action="store_false", default=True)

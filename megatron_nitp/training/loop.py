@@ -7,6 +7,7 @@ the model is built or a step is taken.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -97,9 +98,22 @@ def _print_summary(summary: dict, run_dir: str) -> None:
     print("=" * (width + 24) + "\n", flush=True)
 
 
-def pretrain(args: argparse.Namespace) -> dict:
-    """Train; returns the run summary (final metrics)."""
-    start = time.perf_counter()
+@dataclasses.dataclass
+class Run:
+    """Everything a training run holds after set-up."""
+
+    args: argparse.Namespace
+    model: torch.nn.Module
+    optimizer: object
+    scheduler: object
+    tokenizer: object
+    train_iter: object
+    valid_iter: object
+
+
+def setup(args: argparse.Namespace) -> Run:
+    """Process groups, checks, data, model, optimizer, and ``--load`` weights, in that order:
+    every check that can fail runs before the model is built."""
     initialize_distributed(
         args.tensor_model_parallel_size,
         args.pipeline_model_parallel_size,
@@ -112,15 +126,9 @@ def pretrain(args: argparse.Namespace) -> dict:
     except (ValueError, FileNotFoundError, PermissionError) as err:
         raise UsageError(str(err)) from err
 
-    run_dir = args.run_dir or arguments.default_run_dir(args)
-    if is_logging_rank():
-        os.makedirs(run_dir, exist_ok=True)
-    tensorboard_dir = args.tensorboard_dir or os.path.join(run_dir, "tensorboard")
-    save_dir = args.save or os.path.join(run_dir, "checkpoints")
-
     from megatron.core.distributed import finalize_model_grads
 
-    from megatron_nitp.training.checkpointing import save_checkpoint
+    from megatron_nitp.training.checkpointing import load_model_weights
     from megatron_nitp.training.model import build_model, wrap_model
     from megatron_nitp.training.optimizer import build_optimizer
 
@@ -131,6 +139,24 @@ def pretrain(args: argparse.Namespace) -> dict:
     config.no_sync_func = model.no_sync
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss if args.fp16 else None
+    if args.load:
+        load_model_weights(args.load, model)
+        optimizer.reload_model_params()
+    return Run(args, model, optimizer, scheduler, tokenizer, train_iter, valid_iter)
+
+
+def pretrain(args: argparse.Namespace) -> dict:
+    """Train; returns the run summary (final metrics)."""
+    start = time.perf_counter()
+    run = setup(args)
+    model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
+    tokenizer, train_iter, valid_iter = run.tokenizer, run.train_iter, run.valid_iter
+    run_dir = args.run_dir or arguments.default_run_dir(args)
+    if is_logging_rank():
+        os.makedirs(run_dir, exist_ok=True)
+    tensorboard_dir = args.tensorboard_dir or os.path.join(run_dir, "tensorboard")
+    save_dir = args.save or os.path.join(run_dir, "checkpoints")
+    from megatron_nitp.training.checkpointing import save_checkpoint
 
     logger = TrainingLogger(args, tensorboard_dir)
     params = sum(p.numel() for p in model.parameters())

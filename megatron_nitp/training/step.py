@@ -19,16 +19,19 @@ from typing import Iterator
 import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron_nitp.geometry import effective_rank, mean_pairwise_cosine, valid_token_states
 from megatron_nitp.nitp.loss import num_contributing_positions
+from megatron_nitp.training.model import unwrap
 
 REPORT_KEYS = ("lm loss", "nitp loss", "effective rank", "cosine similarity")
 
 
-def _loss_func(loss_mask, nitp_scale, shift, geometry, output):
-    """Reduces one micro-batch's model output ``(lm [b, s], nitp [b, s], hidden [s, b, h])``."""
-    lm_loss, nitp_loss, hidden = output
+def _loss_func(loss_mask, nitp_scale, geometry, output):
+    """Reduces one micro-batch's model output
+    ``(lm [b, s], nitp [b, s], nitp_mask [b, s], hidden [s, b, h])``."""
+    lm_loss, nitp_loss, nitp_mask, hidden = output
     mask = loss_mask.float()
     lm_sum = (lm_loss.float() * mask).sum()
     num_tokens = mask.sum()
@@ -36,7 +39,7 @@ def _loss_func(loss_mask, nitp_scale, shift, geometry, output):
     loss = lm_sum + nitp_scale * nitp_sum
     report = {
         "lm loss": torch.stack([lm_sum.detach(), num_tokens]),
-        "nitp loss": torch.stack([nitp_sum.detach(), num_contributing_positions(mask, shift)]),
+        "nitp loss": torch.stack([nitp_sum.detach(), nitp_mask.sum()]),
     }
     if geometry:
         states = valid_token_states(hidden.float(), mask)
@@ -49,9 +52,11 @@ def _loss_func(loss_mask, nitp_scale, shift, geometry, output):
     return loss, num_tokens.int(), report
 
 
-def _forward_step(nitp_scale, shift, geometry_first, data_iterator, model):
-    batch = next(data_iterator)
+def _forward_step(nitp_scale, geometry_first, data_iterator, model):
+    batch = dict(next(data_iterator))
     geometry = geometry_first and batch.pop("_first", False)
+    # Context parallelism: this rank's 2 of the 2*CP load-balanced chunks of every sequence.
+    batch = get_batch_on_this_cp_rank(batch)
     output = model(
         batch["tokens"],
         batch["position_ids"],
@@ -59,18 +64,18 @@ def _forward_step(nitp_scale, shift, geometry_first, data_iterator, model):
         labels=batch["labels"],
         loss_mask=batch["loss_mask"],
     )
-    return output, partial(_loss_func, batch["loss_mask"], nitp_scale, shift, geometry)
+    return output, partial(_loss_func, batch["loss_mask"], nitp_scale, geometry)
 
 
 def _global_counts(batches: list[dict], shift: int) -> tuple[float, float]:
-    """(N_ntp, N_nitp) over the global batch: this rank's micro-batches, summed over DP."""
+    """(N_ntp, N_nitp) over the global batch: this rank's micro-batches (whole sequences, before
+    any context-parallel split), summed over the data-parallel replicas."""
     counts = torch.zeros(2, dtype=torch.float64)
     for batch in batches:
         mask = batch["loss_mask"].double()
         counts[0] += mask.sum()
         counts[1] += num_contributing_positions(mask, shift)
-    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-    torch.distributed.all_reduce(counts, group=group)
+    torch.distributed.all_reduce(counts, group=parallel_state.get_data_parallel_group())
     return counts[0].item(), counts[1].item()
 
 
@@ -107,11 +112,14 @@ def _to_device(batch: dict) -> dict:
 
 
 def _run_schedule(model, batches, args, nitp_scale, forward_only, geometry):
+    # Geometry is measured on the first micro-batch of data-parallel rank 0 only: the same
+    # tokens as in a single-process run, whatever the layout.
+    geometry = geometry and parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0
     if geometry and batches:
         batches[0] = dict(batches[0], _first=True)
     forward_backward = get_forward_backward_func()
-    step = partial(_forward_step, nitp_scale, args.nitp_config.shift, geometry)
-    return forward_backward(
+    step = partial(_forward_step, nitp_scale, geometry)
+    reports = forward_backward(
         forward_step_func=step,
         data_iterator=iter(batches),
         model=[model],
@@ -120,6 +128,8 @@ def _run_schedule(model, batches, args, nitp_scale, forward_only, geometry):
         micro_batch_size=args.micro_batch_size,
         forward_only=forward_only,
     )
+    unwrap(model).finish_step()
+    return reports
 
 
 def train_step(

@@ -1,0 +1,79 @@
+"""Routing the layer-k target to the last pipeline stage.
+
+The target comes from layer k (about 20% of depth, so usually on an early pipeline stage) but
+the loss is computed on the last stage. The owning stage sends each micro-batch's detached
+layer-k state straight to the last stage with a point-to-point send on a process group of its
+own; the last stage receives it when it computes that micro-batch's loss. Both stages run their
+forwards in micro-batch order under megatron-core's schedules, so the n-th receive is the n-th
+send. Nothing travels backward: the target needs no gradient.
+
+Cost: one ``[s/cp (/tp under SP), b, h]`` tensor in the pipeline dtype per micro-batch and
+per (tensor-parallel, data-parallel) rank of the owning stage; zero when layer k is on the last
+stage. The dedicated group keeps these messages from ever pairing with megatron-core's own
+pipeline sends (NCCL ignores tags, and with PP=2 both go from stage 0 to stage 1).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+_GROUP = None
+
+
+def target_stage(target_layer: int, num_layers: int, pipeline_size: int) -> int:
+    """Pipeline stage that owns layer k (layers split evenly; k = 0 is the embedding)."""
+    if target_layer == 0:
+        return 0
+    return (target_layer - 1) // (num_layers // pipeline_size)
+
+
+def routing_group():
+    """A copy of this rank's pipeline group, created collectively once (every rank joins every
+    group's creation, in the same order, as ``new_group`` requires)."""
+    global _GROUP
+    if _GROUP is None:
+        pipeline_ranks = dist.get_process_group_ranks(
+            parallel_state.get_pipeline_model_parallel_group()
+        )
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, tuple(pipeline_ranks))
+        for ranks in sorted(set(every)):
+            group = dist.new_group(list(ranks))
+            if dist.get_rank() in ranks:
+                _GROUP = group
+    return _GROUP
+
+
+def reset_routing_group() -> None:
+    global _GROUP
+    _GROUP = None
+
+
+class TargetRouter:
+    """Sends layer-k states from the owning stage; receives them on the last stage."""
+
+    def __init__(self, owner_stage: int):
+        group = parallel_state.get_pipeline_model_parallel_group()
+        ranks = dist.get_process_group_ranks(group)
+        self.source, self.destination = ranks[owner_stage], ranks[-1]
+        self.group = routing_group()
+        self._pending: list[tuple[dist.Work, torch.Tensor]] = []
+
+    def send(self, state: torch.Tensor) -> None:
+        """Non-blocking send of one micro-batch's ``[L, b, h]`` target (owning stage)."""
+        tensor = state.detach().contiguous()
+        self._pending.append((dist.isend(tensor, self.destination, group=self.group), tensor))
+
+    def recv(self, like: torch.Tensor) -> torch.Tensor:
+        """Blocking receive of the next micro-batch's target, shaped like ``like`` (last stage)."""
+        buffer = torch.empty_like(like)
+        dist.recv(buffer, self.source, group=self.group)
+        return buffer
+
+    def wait(self) -> None:
+        """Completes every outstanding send (called once per step, after the schedule)."""
+        for work, _ in self._pending:
+            work.wait()
+        self._pending.clear()
