@@ -1,6 +1,7 @@
 """Shared fixtures: one single-process gloo group for in-process tests, tiny model flags."""
 
 import os
+import socket
 import sys
 
 import pytest
@@ -34,3 +35,10 @@ def tiny_args(*extra):
     args = parse_args(base + list(extra))
     args.padded_vocab_size = args.vocab_size or 128
     return args
+
+
+def free_port() -> int:
+    """A free loopback port for a torchrun rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -93,8 +93,10 @@ class _NullStream:
 def _patch_cuda_runtime() -> None:
     """torch.cuda entry points that megatron-core calls unconditionally."""
     cuda = torch.cuda
-    # device=torch.cuda.current_device() everywhere: an ordinal the mode above maps to CPU.
-    cuda.current_device = lambda: 0
+    # device=torch.cuda.current_device() at ~175 call sites: answer the CPU device itself, so the
+    # allocation is right even where the mode is not active - inside a mode handler (e.g. in the
+    # custom autograd backward functions that torch.autograd.backward runs) modes are disabled.
+    cuda.current_device = lambda: torch.device("cpu")
     # p2p_communication (batch_p2p_sync), DDP and timers call torch.cuda.synchronize().
     cuda.synchronize = lambda *args, **kwargs: None
     # MoE alltoall dispatcher, DDP overlap and the optimizer create and wait on streams/events.
