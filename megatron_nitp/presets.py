@@ -88,7 +88,84 @@ PRESETS: dict[str, dict] = {
     ),
 }
 
+
+def _moe(description, hidden, layers, heads, groups, head_dim, dense_ffn, experts, topk,
+         expert_ffn, lr, gbs, k, lam, **extra):
+    """A DeepSeek-V2-style MoE preset: 1 dense layer, then MoE layers with `experts` routed
+    SwiGLU experts (top-k) plus one shared expert of the same width; untied embeddings."""
+    return dict(
+        PAPER_RECIPE,
+        description=description,
+        model_type="moe",
+        num_layers=layers,
+        hidden_size=hidden,
+        ffn_hidden_size=dense_ffn,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        kv_channels=head_dim,
+        num_moe_experts=experts,
+        moe_router_topk=topk,
+        moe_ffn_hidden_size=expert_ffn,
+        moe_shared_expert_intermediate_size=expert_ffn,
+        moe_layer_freq=f"[0]*1+[1]*{layers - 1}",
+        untie_embeddings_and_output_weights=True,
+        lr=lr,
+        global_batch_size=gbs,
+        nitp_target_layer=k,
+        nitp_loss_weight=lam,
+        **extra,
+    )
+
+
+PRESETS.update({
+    "tiny-moe": dict(
+        PRESETS["tiny-dense"],
+        description="tiny DeepSeek-V2-style MoE for CPU runs and tests",
+        model_type="moe",
+        num_moe_experts=8,
+        moe_router_topk=2,
+        moe_ffn_hidden_size=64,
+        moe_shared_expert_intermediate_size=64,
+        moe_layer_freq="[0]*1+[1]*3",
+        untie_embeddings_and_output_weights=True,
+    ),
+    "moe-1.9b-a0.3b": _moe("paper MoE 1.9B-A0.3B", 512, 16, 8, 4, 64, 10944, 144, 8, 496,
+                           6.0e-4, 256, 3, 1.0),
+    "moe-3b-a0.5b": _moe("paper MoE 3B-A0.5B", 768, 17, 8, 4, 96, 10944, 144, 8, 544,
+                         8.7e-4, 512, 4, 1.0),
+    "moe-9b-a1b": _moe("paper MoE 9B-A1B", 1280, 24, 8, 4, 160, 10944, 144, 8, 640,
+                       4.2e-4, 1024, 5, 0.8),
+    "moe-45b-a5.5b": _moe("paper MoE 45B-A5.5B (WSD with exponential decay)", 3072, 24, 24, 8,
+                          128, 12288, 144, 12, 1408, 2.8e-4, 768, 5, 0.6,
+                          lr_wsd_decay_style="exponential"),
+})
+
 DEFAULT_PRESET = "tiny-dense"
+
+
+def moe_layer_pattern(spec: str | list, num_layers: int) -> list[int]:
+    """Megatron's ``--moe-layer-freq`` as a per-layer 0/1 list (1 = MoE layer).
+
+    Accepts an int N (every N-th layer is MoE), a list, or Megatron's expression string such as
+    ``"[0]*1+[1]*15"`` (evaluated without builtins: only list literals, ``*`` and ``+``).
+    """
+    if isinstance(spec, int):
+        pattern = [1 if i % spec == 0 else 0 for i in range(num_layers)]
+    elif isinstance(spec, str):
+        import ast
+
+        tree = ast.parse(spec, mode="eval")
+        allowed = (ast.Expression, ast.BinOp, ast.List, ast.Constant, ast.Mult, ast.Add, ast.Load)
+        if not all(isinstance(node, allowed) for node in ast.walk(tree)):
+            raise ValueError(f"--moe-layer-freq {spec!r}: use an int or e.g. '[0]*1+[1]*15'")
+        pattern = eval(compile(tree, "<moe-layer-freq>", "eval"), {"__builtins__": {}})
+    else:
+        pattern = list(spec)
+    if len(pattern) != num_layers or any(p not in (0, 1) for p in pattern):
+        raise ValueError(
+            f"--moe-layer-freq gives {len(pattern)} layers, expected {num_layers} entries of 0/1"
+        )
+    return pattern
 
 
 def get_preset(name: str) -> dict:
