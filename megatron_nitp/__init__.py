@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 import torch as _torch
 
 if not _torch.cuda.is_available():
-    from megatron_nitp.compat.cpu import install_import_stubs as _install_import_stubs
+    from megatron_nitp.compat import cpu as _cpu
 
-    _install_import_stubs()
+    _cpu.install_import_stubs()
+    _cpu.quiet_import_warnings()

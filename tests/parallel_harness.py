@@ -59,6 +59,12 @@ def main():
         metrics = train_step(run.model, run.optimizer, run.scheduler, run.train_iter, args,
                              iteration, geometry=True)
         history.append(metrics)
+    from megatron_nitp.training.model import unwrap
+
+    routed = torch.tensor([unwrap(run.model).routed_bytes], dtype=torch.float64)
+    dist.all_reduce(routed)
+    for metrics in history:
+        metrics["routed bytes per step"] = routed.item() / args.train_iters
     os.makedirs(out, exist_ok=True)
     if dist.get_rank() == 0:
         with open(os.path.join(out, "metrics.json"), "w") as f:

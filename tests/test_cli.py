@@ -83,3 +83,25 @@ def test_entry_script_prints_error_and_exits_2(tmp_path):
     assert proc.returncode == 2
     assert "lambda must be >= 0" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_unsupported_layouts_are_refused_at_start_up(capsys):
+    err = _parse_error(capsys, "--pipeline-model-parallel-size", "2",
+                       "--virtual-pipeline-model-parallel-size", "2")
+    assert "interleaved pipeline schedule is not supported" in err
+    err = _parse_error(capsys, "--context-parallel-size", "2")
+    assert "needs Transformer Engine" in err
+    err = _parse_error(capsys, "--pipeline-model-parallel-size", "2", "--nitp-no-stop-gradient")
+    assert "earlier pipeline stage is not supported" in err
+    err = _parse_error(capsys, "--num-layers", "6", "--pipeline-model-parallel-size", "4")
+    assert "--num-layers 6 is not divisible by --pipeline-model-parallel-size 4" in err
+    err = _parse_error(capsys, "--tensor-model-parallel-size", "2", "--sequence-parallel",
+                       "--nitp-projector", "linear")
+    assert "linear does not support --sequence-parallel" in err
+
+
+def test_projector_width_not_divisible_by_tensor_parallel(capsys):
+    err = _parse_error(capsys, "--hidden-size", "35", "--num-attention-heads", "4",
+                       "--num-query-groups", "2", "--kv-channels", "8",
+                       "--nitp-projector-ffn-ratio", "1", "--tensor-model-parallel-size", "2")
+    assert "projector's width 35 is not divisible by --tensor-model-parallel-size 2" in err

@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+from megatron_nitp.nitp.routing import routed_bytes_per_step
 from tests.conftest import ROOT, free_port
 
 FLAGS = [
@@ -66,6 +67,10 @@ LAYOUTS = {
 }
 
 
+TP = {name: 2 if "tp2" in name else 1 for name in LAYOUTS}
+PP = {name: int(name[name.index("pp") + 2]) if "pp" in name else 1 for name in LAYOUTS}
+
+
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_equals_single_process(reference, name):
     root, init, get = reference
@@ -74,6 +79,14 @@ def test_layout_equals_single_process(reference, name):
     metrics, projector = _launch(root / name, nproc, "--nitp-target-layer", str(k),
                                  "--load", str(init), *flags)
     assert len(metrics) == 3
+    expected = routed_bytes_per_step(
+        seq_length=32, micro_batch_size=2, hidden_size=32, target_layer=k, num_layers=4,
+        num_microbatches=8 // 2 // (nproc // (TP[name] * PP[name])),
+        tensor_parallel=TP[name], pipeline_parallel=PP[name],
+        data_parallel=nproc // (TP[name] * PP[name]), sequence_parallel="sp" in name,
+        dtype_bytes=4,
+    )["bytes_per_step_total"]
+    assert metrics[0]["routed bytes per step"] == expected
     for step, (got, want) in enumerate(zip(metrics, ref_metrics)):
         for key in ("lm loss", "nitp loss", "grad norm", "effective rank"):
             assert got[key] == pytest.approx(want[key], rel=1e-5), (name, step, key)

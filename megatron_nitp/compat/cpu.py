@@ -172,6 +172,27 @@ def install_import_stubs() -> None:
     sys.modules[name] = stub
 
 
+def quiet_import_warnings() -> None:
+    """Without CUDA, megatron-core warns at import that Transformer Engine and Apex are missing
+    (expected on CPU, not news to the user). Silence those messages in this process and in the
+    worker processes dist_checkpointing starts (through PYTHONWARNINGS)."""
+    import os
+    import warnings
+
+    messages = (
+        "Transformer Engine and Apex are not installed",
+        "Apex is not installed",
+        "Transformer Engine is not installed",
+        "full scope is deprecated",
+    )
+    for message in messages:
+        warnings.filterwarnings("ignore", message=".*" + message)
+    inherited = [w for w in os.environ.get("PYTHONWARNINGS", "").split(",") if w]
+    wanted = [f"ignore:{m}" for m in messages if f"ignore:{m}" not in inherited]
+    os.environ["PYTHONWARNINGS"] = ",".join(inherited + wanted)
+    logging.getLogger("megatron.core").setLevel(logging.WARNING)
+
+
 def _patch_torch_norm_sequence_parallel() -> None:
     """``transformer.torch_norm.WrappedTorchNorm`` asserts ``not config.sequence_parallel``
     (the local spec's norm without Apex/TE). Built with sequence_parallel off and its

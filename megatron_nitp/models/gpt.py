@@ -133,6 +133,11 @@ class NITPGPTModel(GPTModel):
             hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
         return hidden
 
+    @property
+    def routed_bytes(self) -> int:
+        """Bytes of layer-k targets this rank has sent to the last stage so far."""
+        return self._router.bytes_sent if self._router is not None else 0
+
     def finish_step(self) -> None:
         """Completes this step's outstanding target sends (owning pipeline stage)."""
         if self._router is not None:

@@ -29,6 +29,40 @@ def target_stage(target_layer: int, num_layers: int, pipeline_size: int) -> int:
     return (target_layer - 1) // (num_layers // pipeline_size)
 
 
+def routed_bytes_per_step(
+    *, seq_length: int, micro_batch_size: int, hidden_size: int, num_microbatches: int,
+    target_layer: int, num_layers: int, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+    data_parallel: int = 1, context_parallel: int = 1, sequence_parallel: bool = False,
+    dtype_bytes: int = 2,
+) -> dict:
+    """Bytes NITP adds to pipeline communication, per micro-batch and per optimizer step.
+
+    One ``[s/cp (/tp with SP), b, h]`` target per micro-batch goes from every rank of the owning
+    stage (each TP rank holds its own copy, or its shard under SP; each CP rank its chunk) to its
+    counterpart on the last stage. Nothing is sent backward. Zero when layer k is on the last
+    stage. Returned: per sending rank and micro-batch, per sending rank and step, and the whole
+    job's total per step (all DP replicas).
+    """
+    owner = target_stage(target_layer, num_layers, pipeline_parallel)
+    routed = pipeline_parallel > 1 and owner != pipeline_parallel - 1
+    rows = seq_length // context_parallel // (tensor_parallel if sequence_parallel else 1)
+    per_micro = rows * micro_batch_size * hidden_size * dtype_bytes if routed else 0
+    senders = tensor_parallel * context_parallel * data_parallel
+    pipeline_activation = rows * micro_batch_size * hidden_size * dtype_bytes
+    return {
+        "owner_stage": owner,
+        "routed": routed,
+        "bytes_per_microbatch_per_rank": per_micro,
+        "bytes_per_step_per_rank": per_micro * num_microbatches,
+        "bytes_per_step_total": per_micro * num_microbatches * senders,
+        "backward_bytes": 0,
+        # megatron-core's own traffic, for scale: forward activation + backward gradient at each
+        # of the PP-1 stage boundaries, per micro-batch, per rank.
+        "pipeline_bytes_per_step_per_rank": 2 * (pipeline_parallel - 1) * pipeline_activation
+        * num_microbatches,
+    }
+
+
 def routing_group():
     """A copy of this rank's pipeline group, created collectively once (every rank joins every
     group's creation, in the same order, as ``new_group`` requires)."""
@@ -60,10 +94,12 @@ class TargetRouter:
         self.source, self.destination = ranks[owner_stage], ranks[-1]
         self.group = routing_group()
         self._pending: list[tuple[dist.Work, torch.Tensor]] = []
+        self.bytes_sent = 0
 
     def send(self, state: torch.Tensor) -> None:
         """Non-blocking send of one micro-batch's ``[L, b, h]`` target (owning stage)."""
         tensor = state.detach().contiguous()
+        self.bytes_sent += tensor.numel() * tensor.element_size()
         self._pending.append((dist.isend(tensor, self.destination, group=self.group), tensor))
 
     def recv(self, like: torch.Tensor) -> torch.Tensor:

@@ -118,7 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
-    g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--context-parallel-size", type=int, default=1,
+                   help="context parallelism (attention needs Transformer Engine: GPU only)")
+    g.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None,
+                   help="interleaved pipeline schedule: not supported with NITP (refused)")
     g.add_argument("--distributed-backend", default=None, choices=["nccl", "gloo"],
                    help="default: nccl with CUDA, gloo without")
 
@@ -212,6 +215,7 @@ def validate_model_args(args: argparse.Namespace) -> None:
         )
     if args.sequence_parallel and tp == 1:
         args.sequence_parallel = False
+    _validate_layout(args)
     if args.micro_batch_size <= 0 or args.global_batch_size <= 0 or args.train_iters <= 0:
         raise ValueError("--micro-batch-size, --global-batch-size and --train-iters must be > 0.")
     if args.lr_warmup_iters > args.lr_decay_iters:
@@ -225,6 +229,43 @@ def validate_model_args(args: argparse.Namespace) -> None:
             f"exceed --lr-decay-iters {args.lr_decay_iters}; lower --lr-warmup-iters or "
             "--lr-wsd-decay-ratio."
         )
+
+
+def _validate_layout(args: argparse.Namespace) -> None:
+    """Parallel layouts the code cannot run are refused by name, never run silently wrong."""
+    import torch
+
+    from megatron_nitp.nitp.routing import target_stage
+
+    nitp, pp = args.nitp_config, args.pipeline_model_parallel_size
+    if args.virtual_pipeline_model_parallel_size not in (None, 1):
+        raise ValueError(
+            "--virtual-pipeline-model-parallel-size: the interleaved pipeline schedule is not "
+            "supported (the NITP target is routed per micro-batch in 1F1B order, which the "
+            "interleaved schedule does not keep); use a plain --pipeline-model-parallel-size."
+        )
+    if args.context_parallel_size > 1 and not torch.cuda.is_available():
+        raise ValueError(
+            f"--context-parallel-size {args.context_parallel_size} needs Transformer Engine's "
+            "context-parallel attention (GPU only); on CPU use --context-parallel-size 1. "
+            "(NITP's context-parallel shift itself is tested on CPU.)"
+        )
+    if args.seq_length % (2 * args.context_parallel_size * (
+            args.tensor_model_parallel_size if args.sequence_parallel else 1)):
+        raise ValueError(
+            f"--seq-length {args.seq_length} must be divisible by 2 x context-parallel size "
+            "(x tensor-parallel size with --sequence-parallel)."
+        )
+    if (nitp.enabled and not nitp.stop_gradient and pp > 1
+            and target_stage(nitp.target_layer, args.num_layers, pp) != pp - 1):
+        raise ValueError(
+            "--nitp-no-stop-gradient with the target layer on an earlier pipeline stage is not "
+            "supported: the routed target carries no gradient back across stages. Use "
+            "--pipeline-model-parallel-size 1 for this ablation."
+        )
+    if nitp.enabled and nitp.projector == "linear" and args.sequence_parallel:
+        raise ValueError("--nitp-projector linear does not support --sequence-parallel; use "
+                         "swiglu (the paper's) or drop --sequence-parallel.")
 
 
 def validate_world_args(args: argparse.Namespace, world_size: int) -> None:

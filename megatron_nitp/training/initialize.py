@@ -6,32 +6,14 @@ with CUDA it is NCCL and nothing is patched.
 
 from __future__ import annotations
 
-import logging
 import os
 import random
 import socket
-import warnings
 
 import numpy as np
 import torch
 
 from megatron_nitp import compat
-
-
-def _quiet_cpu_warnings() -> None:
-    """On CPU, megatron-core warns at import that TE/Apex are missing: expected, not news."""
-    messages = (
-        "Transformer Engine and Apex are not installed",
-        "Apex is not installed",
-        "full scope is deprecated",
-        "Transformer Engine is not installed",
-    )
-    for message in messages:
-        warnings.filterwarnings("ignore", message=".*" + message)
-    # dist_checkpointing's writer processes re-import megatron-core: tell them too.
-    inherited = [w for w in os.environ.get("PYTHONWARNINGS", "").split(",") if w]
-    os.environ["PYTHONWARNINGS"] = ",".join(inherited + [f"ignore:{m}" for m in messages])
-    logging.getLogger("megatron.core").setLevel(logging.WARNING)
 
 
 def _free_port() -> int:
@@ -50,7 +32,6 @@ def initialize_distributed(
     parallel state. Idempotent."""
     on_cpu = not torch.cuda.is_available()
     if on_cpu:
-        _quiet_cpu_warnings()
         compat.apply()
         # Denormal floats (tiny gradients and Adam moments after some steps) make x86 CPU
         # arithmetic 10-50x slower; a training run loses nothing by flushing them to zero.

@@ -1,0 +1,96 @@
+"""Bytes NITP adds to pipeline communication, for a model and a parallel layout.
+
+    python tools/nitp_comm_bytes.py --preset moe-9b-a1b --pipeline-model-parallel-size 4 \\
+        --tensor-model-parallel-size 2 --sequence-parallel --micro-batch-size 1 --world-size 64
+
+Prints where layer k lives, the bytes of layer-k targets sent to the last stage per micro-batch
+and per step (per sending rank and for the whole job), and megatron-core's own pipeline traffic
+for scale. Nothing travels backward (the target needs no gradient).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import megatron_nitp  # noqa: E402,F401
+
+from megatron_nitp.nitp.routing import routed_bytes_per_step  # noqa: E402
+from megatron_nitp.presets import PRESETS, get_preset  # noqa: E402
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="tiny-dense", help=", ".join(PRESETS))
+    p.add_argument("--num-layers", type=int)
+    p.add_argument("--hidden-size", type=int)
+    p.add_argument("--seq-length", type=int)
+    p.add_argument("--nitp-target-layer", type=int)
+    p.add_argument("--micro-batch-size", type=int, default=1)
+    p.add_argument("--global-batch-size", type=int)
+    p.add_argument("--world-size", type=int, default=None, help="default: TP x PP x CP")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument("--context-parallel-size", type=int, default=1)
+    p.add_argument("--sequence-parallel", action="store_true")
+    p.add_argument("--fp32", action="store_true", help="fp32 activations (default bf16)")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    preset = get_preset(args.preset)
+    for key in ("num_layers", "hidden_size", "seq_length", "nitp_target_layer",
+                "global_batch_size"):
+        if getattr(args, key) is None:
+            setattr(args, key, preset[key])
+    tp, pp, cp = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                  args.context_parallel_size)
+    world = args.world_size or tp * pp * cp
+    if world % (tp * pp * cp):
+        p.error(f"--world-size {world} is not divisible by TP x PP x CP = {tp * pp * cp}")
+    dp = world // (tp * pp * cp)
+    if args.global_batch_size % (args.micro_batch_size * dp):
+        p.error(f"--global-batch-size {args.global_batch_size} is not divisible by "
+                f"micro batch x DP = {args.micro_batch_size * dp}")
+    num_micro = args.global_batch_size // (args.micro_batch_size * dp)
+    result = routed_bytes_per_step(
+        seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
+        hidden_size=args.hidden_size, num_microbatches=num_micro,
+        target_layer=args.nitp_target_layer, num_layers=args.num_layers,
+        tensor_parallel=tp, pipeline_parallel=pp, data_parallel=dp, context_parallel=cp,
+        sequence_parallel=args.sequence_parallel, dtype_bytes=4 if args.fp32 else 2,
+    )
+    result.update(preset=args.preset, layout=dict(TP=tp, PP=pp, CP=cp, DP=dp,
+                                                  SP=args.sequence_parallel),
+                  num_microbatches=num_micro)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"{args.preset}: layer k={args.nitp_target_layer} of {args.num_layers} is on pipeline "
+          f"stage {result['owner_stage']} of {pp} (TP {tp}, PP {pp}, CP {cp}, DP {dp}, "
+          f"SP {'on' if args.sequence_parallel else 'off'}; {num_micro} micro-batches per step)")
+    if not result["routed"]:
+        print("  the target is on the last stage: NITP adds no pipeline communication")
+        return
+    rows = [
+        ("per micro-batch, per sending rank", result["bytes_per_microbatch_per_rank"]),
+        ("per step, per sending rank", result["bytes_per_step_per_rank"]),
+        ("per step, whole job", result["bytes_per_step_total"]),
+        ("backward", 0),
+        ("megatron-core pipeline traffic per step per rank (for scale)",
+         result["pipeline_bytes_per_step_per_rank"]),
+    ]
+    for label, value in rows:
+        print(f"  {label:<62} {_human(value):>12}")
+    share = result["bytes_per_step_per_rank"] / max(1, result["pipeline_bytes_per_step_per_rank"])
+    print(f"  NITP routing / pipeline traffic: {100 * share:.1f}%")
+
+
+if __name__ == "__main__":
+    main()
