@@ -247,6 +247,17 @@ def exact_flops(model, causal: bool = True) -> Flops:
     )
 
 
+def mtp_flops(model, num_layers: int = 1, causal: bool = True) -> float:
+    """Training FLOPs per token that megatron-core's multi-token prediction adds (exact
+    convention), as Megatron-LM counts it: per MTP depth one more transformer layer (of the
+    last layer's kind), the ``2d -> d`` projection ``eh_proj`` (``2 x 2 d^2`` forward) and one
+    more unembedding (``2 d V_pad``); norms ignored; x 3 for training."""
+    m = _shape(model)
+    d = m.hidden_size
+    layer = sum(layer_forward_flops(m, bool(m.moe_layers[-1]), causal).values())
+    return float(num_layers * 3 * (layer + 2 * 2 * d * d + 2 * d * m.padded_vocab_size))
+
+
 # --------------------------------------------------------------------------------------------
 # Parameters
 # --------------------------------------------------------------------------------------------

@@ -27,7 +27,10 @@ HARNESS = os.path.join(ROOT, "tests", "parallel_harness.py")
 
 
 def _launch(out, nproc, *flags):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # The in-process tests' own rendezvous variables must not leak into the launched job.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
     if nproc == 1:
         cmd = [sys.executable, HARNESS, str(out)]
     else:
