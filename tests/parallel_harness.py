@@ -50,7 +50,8 @@ def main():
     from megatron_nitp.training.loop import setup
     from megatron_nitp.training.step import train_step
 
-    args = parse_args(argv + ["--eval-interval", "0", "--no-progress-bar"])
+    model_type = "moe" if "--num-experts" in argv or "--preset" in argv else "dense"
+    args = parse_args(argv + ["--eval-interval", "0", "--no-progress-bar"], model_type)
     run = setup(args)
     if save_init:
         save_checkpoint(save_init, 0, run.model, run.optimizer, run.scheduler, args)

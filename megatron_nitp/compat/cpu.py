@@ -75,13 +75,15 @@ class CudaToCpuMode(TorchFunctionMode):
 
 
 class _NullStream:
-    """Stands in for ``torch.cuda.Stream``/``Event``: every method is a no-op on CPU."""
+    """Stands in for ``torch.cuda.Stream``/``Event``: every method is a no-op on CPU and returns
+    another null object, so chains such as ``stream.record_event().synchronize()`` (the MoE
+    alltoall dispatcher's device-to-host sync) work."""
 
     def __init__(self, *args, **kwargs):
         pass
 
     def __getattr__(self, name):
-        return lambda *args, **kwargs: None
+        return lambda *args, **kwargs: _NullStream()
 
     def __enter__(self):
         return self
@@ -232,6 +234,27 @@ def _patch_moe_router_without_te() -> None:
         moe_utils.te_general_gemm = None
 
 
+def _patch_moe_split_sizes() -> None:
+    """``transformer.moe.token_dispatcher.MoEAlltoAllTokenDispatcher`` (EP > 1) turns its split
+    sizes into NumPy through ``moe_utils.maybe_move_tensor_to_cpu(as_numpy=True)``, which only
+    converts CUDA tensors; CPU tensors reach ``all_to_all_single`` as tensors (TypeError).
+    Convert CPU tensors too."""
+    try:
+        from megatron.core.transformer.moe import moe_utils, token_dispatcher
+    except ImportError:
+        return
+    original = moe_utils.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy() if as_numpy else tensor
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    if hasattr(token_dispatcher, "maybe_move_tensor_to_cpu"):
+        token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
 def apply() -> bool:
     """Apply every CPU patch once. Returns True if patches are (now) active."""
     global _APPLIED, _MODE
@@ -244,6 +267,7 @@ def apply() -> bool:
     _patch_rng_tracker()
     _patch_torch_norm_sequence_parallel()
     _patch_moe_router_without_te()
+    _patch_moe_split_sizes()
     _MODE = CudaToCpuMode()
     _MODE.__enter__()
     _APPLIED = True

@@ -32,12 +32,23 @@ def _nitp_help(name: str) -> str:
     return ""
 
 
-def build_parser() -> argparse.ArgumentParser:
+MOE_FLAGS = ("num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size",
+             "moe_shared_expert_intermediate_size", "moe_layer_freq")
+
+
+def build_parser(model_type: str = "dense") -> argparse.ArgumentParser:
+    """Flags of ``pretrain_gpt_nitp.py`` (``dense``) or ``pretrain_moe_nitp.py`` (``moe``)."""
+    kind = "a DeepSeek-V2-style MoE GPT" if model_type == "moe" else "a GPT"
     p = argparse.ArgumentParser(
-        description="Pretrain a GPT with Next Implicit Token Prediction on megatron-core.",
+        description=f"Pretrain {kind} with Next Implicit Token Prediction on megatron-core.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--preset", default=DEFAULT_PRESET, help=f"model preset: {', '.join(PRESETS)}")
+    p.set_defaults(model_type=model_type)
+    default = "tiny-moe" if model_type == "moe" else DEFAULT_PRESET
+    p.add_argument("--preset", default=default, help=f"model preset: {', '.join(PRESETS)}")
+    p.add_argument("--list-presets", action="store_true",
+                   help="print the presets (parameters, layers, NITP settings) and exit")
+    p.add_argument("--json", action="store_true", help="with --list-presets: JSON output")
 
     g = p.add_argument_group("model")
     g.add_argument("--num-layers", type=int, help="number of transformer layers")
@@ -59,6 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init-method-std", type=float, default=0.02)
     g.add_argument("--hidden-dropout", type=float, default=0.0)
     g.add_argument("--attention-dropout", type=float, default=0.0)
+
+    g = p.add_argument_group("mixture of experts (pretrain_moe_nitp.py)")
+    g.add_argument("--num-experts", dest="num_moe_experts", type=int, default=None,
+                   help="routed experts per MoE layer")
+    g.add_argument("--moe-router-topk", type=int, default=None, help="experts per token")
+    g.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="routed expert width")
+    g.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None,
+                   help="shared expert width (0 or unset: no shared expert)")
+    g.add_argument("--moe-layer-freq", default=None,
+                   help="which layers are MoE: an int N (every N-th) or e.g. '[0]*1+[1]*15' "
+                        "(DeepSeek-V2: a shallow dense stage first)")
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=1e-2,
+                   help="load-balancing auxiliary loss coefficient")
+    g.add_argument("--moe-token-dispatcher-type", default="alltoall",
+                   choices=["allgather", "alltoall"])
+    g.add_argument("--expert-model-parallel-size", type=int, default=1)
 
     g = p.add_argument_group("NITP (Next Implicit Token Prediction)")
     g.add_argument("--no-nitp", dest="nitp", action="store_false", default=True,
@@ -148,14 +175,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse flags over the preset's defaults, fill derived values, and validate shapes."""
-    parser = build_parser()
+def parse_args(argv: Optional[Sequence[str]] = None, model_type: str = "dense"
+               ) -> argparse.Namespace:
+    """Parse flags over the preset's defaults, fill derived values, and validate shapes.
+
+    ``model_type`` is the entry point's: ``dense`` refuses MoE presets and flags, ``moe``
+    requires them."""
+    parser = build_parser(model_type)
     known, _ = parser.parse_known_args(argv)
+    if known.list_presets:
+        from megatron_nitp.preset_table import print_presets
+
+        print_presets(as_json=known.json)
+        parser.exit(0)
     try:
         preset = get_preset(known.preset)
     except ValueError as err:
         parser.error(str(err))
+    given = {k for k in MOE_FLAGS if getattr(known, k) is not None}
+    preset_type = preset.pop("model_type", "dense")
+    if model_type == "dense" and (preset_type == "moe" or given):
+        what = f"--preset {known.preset}" if preset_type == "moe" else ", ".join(
+            "--" + k.replace("_", "-").replace("num-moe-experts", "num-experts") for k in sorted(given))
+        parser.exit(2, f"{parser.prog}: error: {what} is for mixture-of-experts models: use "
+                       "pretrain_moe_nitp.py (this entry point trains dense GPTs).\n")
+    if model_type == "moe" and preset_type != "moe" and known.num_moe_experts is None:
+        parser.exit(2, f"{parser.prog}: error: --preset {known.preset} is a dense model: choose "
+                       "a MoE preset (--list-presets) or give --num-experts.\n")
     parser.set_defaults(**preset)
     args = parser.parse_args(argv)
     _fill_derived(args)
@@ -176,6 +222,18 @@ def _fill_derived(args: argparse.Namespace) -> None:
     args.max_position_embeddings = args.max_position_embeddings or args.seq_length
     args.untie_embeddings_and_output_weights = bool(args.untie_embeddings_and_output_weights)
     args.lr_decay_iters = args.lr_decay_iters or args.train_iters
+    if args.num_moe_experts:
+        from megatron_nitp.presets import moe_layer_pattern
+
+        args.moe_router_topk = args.moe_router_topk or 2
+        args.moe_ffn_hidden_size = args.moe_ffn_hidden_size or args.ffn_hidden_size
+        freq = args.moe_layer_freq if args.moe_layer_freq is not None else 1
+        if isinstance(freq, str) and freq.strip().isdigit():
+            freq = int(freq)
+        try:
+            args.moe_layer_pattern = moe_layer_pattern(freq, args.num_layers)
+        except (ValueError, SyntaxError) as err:
+            raise SystemExit(f"error: {err}")
     if args.lr_wsd_decay_iters is None:
         args.lr_wsd_decay_iters = max(1, int(round(args.lr_wsd_decay_ratio * args.lr_decay_iters)))
     args.nitp_config = NITPConfig(
@@ -216,6 +274,7 @@ def validate_model_args(args: argparse.Namespace) -> None:
     if args.sequence_parallel and tp == 1:
         args.sequence_parallel = False
     _validate_layout(args)
+    _validate_moe(args)
     if args.micro_batch_size <= 0 or args.global_batch_size <= 0 or args.train_iters <= 0:
         raise ValueError("--micro-batch-size, --global-batch-size and --train-iters must be > 0.")
     if args.lr_warmup_iters > args.lr_decay_iters:
@@ -228,6 +287,29 @@ def validate_model_args(args: argparse.Namespace) -> None:
             f"WSD: warm-up ({args.lr_warmup_iters}) + decay ({args.lr_wsd_decay_iters}) iterations "
             f"exceed --lr-decay-iters {args.lr_decay_iters}; lower --lr-warmup-iters or "
             "--lr-wsd-decay-ratio."
+        )
+
+
+def _validate_moe(args: argparse.Namespace) -> None:
+    if not args.num_moe_experts:
+        if args.expert_model_parallel_size > 1:
+            raise ValueError("--expert-model-parallel-size needs a MoE model (--num-experts).")
+        return
+    experts, ep = args.num_moe_experts, args.expert_model_parallel_size
+    if experts % ep:
+        raise ValueError(
+            f"--num-experts {experts} is not divisible by --expert-model-parallel-size {ep}: "
+            f"choose an expert-parallel size that divides {experts}."
+        )
+    if not 1 <= args.moe_router_topk <= experts:
+        raise ValueError(
+            f"--moe-router-topk {args.moe_router_topk} must be between 1 and --num-experts "
+            f"{experts}."
+        )
+    if args.moe_ffn_hidden_size % args.tensor_model_parallel_size:
+        raise ValueError(
+            f"--moe-ffn-hidden-size {args.moe_ffn_hidden_size} is not divisible by "
+            f"--tensor-model-parallel-size {args.tensor_model_parallel_size}."
         )
 
 
@@ -272,6 +354,13 @@ def validate_world_args(args: argparse.Namespace, world_size: int) -> None:
     """Checks that need the world size: the data-parallel size and the batch arithmetic."""
     model_parallel = (args.tensor_model_parallel_size * args.pipeline_model_parallel_size
                       * args.context_parallel_size)
+    expert_ranks = args.expert_model_parallel_size * args.tensor_model_parallel_size
+    if args.expert_model_parallel_size > 1 and (world_size // args.pipeline_model_parallel_size) % expert_ranks:
+        raise ValueError(
+            f"--expert-model-parallel-size {args.expert_model_parallel_size} x TP "
+            f"{args.tensor_model_parallel_size} does not divide the {world_size // args.pipeline_model_parallel_size} "
+            "ranks of a pipeline stage: launch more processes or lower the EP size."
+        )
     if world_size % model_parallel:
         raise ValueError(
             f"world size {world_size} is not divisible by TP x PP x CP = {model_parallel}: "

@@ -27,6 +27,7 @@ def initialize_distributed(
     pipeline_model_parallel_size: int = 1,
     context_parallel_size: int = 1,
     backend: str | None = None,
+    expert_model_parallel_size: int = 1,
 ) -> None:
     """Start torch.distributed (torchrun's env:// or a single local process) and megatron's
     parallel state. Idempotent."""
@@ -52,6 +53,7 @@ def initialize_distributed(
             tensor_model_parallel_size=tensor_model_parallel_size,
             pipeline_model_parallel_size=pipeline_model_parallel_size,
             context_parallel_size=context_parallel_size,
+            expert_model_parallel_size=expert_model_parallel_size,
         )
 
 

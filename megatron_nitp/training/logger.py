@@ -14,8 +14,8 @@ from collections import defaultdict
 import torch
 
 # Console order.
-CONSOLE_KEYS = ("lm loss", "nitp loss", "total loss", "grad norm", "effective rank",
-                "cosine similarity")
+CONSOLE_KEYS = ("lm loss", "nitp loss", "load balancing loss", "total loss", "grad norm",
+                "effective rank", "cosine similarity")
 # TensorBoard tags in Megatron-LM's naming (losses keep their names; validation values are
 # "<key> validation").
 TENSORBOARD_TAGS = {
@@ -24,6 +24,7 @@ TENSORBOARD_TAGS = {
     "tokens per second": "tokens-per-sec",
     "nitp weight": "nitp-loss-weight",
     "skipped": "skipped-iteration",
+    "load balancing loss": "load_balancing_loss",
 }
 
 

@@ -119,6 +119,7 @@ def setup(args: argparse.Namespace) -> Run:
         args.pipeline_model_parallel_size,
         args.context_parallel_size,
         args.distributed_backend,
+        args.expert_model_parallel_size,
     )
     try:
         arguments.validate_world_args(args, torch.distributed.get_world_size())

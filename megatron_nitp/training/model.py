@@ -23,11 +23,33 @@ def params_dtype(args: argparse.Namespace) -> torch.dtype:
     return torch.float32
 
 
+def moe_config(args: argparse.Namespace) -> dict:
+    """DeepSeek-V2-style MoE fields of the TransformerConfig (empty for a dense model): routed
+    SwiGLU experts with top-k softmax routing, one shared expert, the load-balancing loss, and
+    the per-layer dense/MoE pattern (a shallow dense stage first)."""
+    if not getattr(args, "num_moe_experts", None):
+        return {}
+    return dict(
+        num_moe_experts=args.num_moe_experts,
+        moe_router_topk=args.moe_router_topk,
+        moe_ffn_hidden_size=args.moe_ffn_hidden_size,
+        moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size or None,
+        moe_layer_freq=args.moe_layer_pattern,
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+        moe_token_dispatcher_type=args.moe_token_dispatcher_type,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        moe_grouped_gemm=False,
+        moe_router_dtype="fp32",
+    )
+
+
 def transformer_config(args: argparse.Namespace) -> TransformerConfig:
     """Qwen2/Llama-style blocks: RMSNorm, SwiGLU, RoPE, GQA, no linear biases."""
     on_gpu = torch.cuda.is_available()
     dtype = params_dtype(args)
     return TransformerConfig(
+        **moe_config(args),
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
         ffn_hidden_size=args.ffn_hidden_size,
@@ -52,7 +74,7 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
         bf16=args.bf16,
         fp16=args.fp16,
         use_cpu_initialization=not on_gpu,
-        perform_initialization=True,
+        perform_initialization=getattr(args, "perform_initialization", True),
         bias_dropout_fusion=on_gpu,
         masked_softmax_fusion=on_gpu,
         apply_rope_fusion=False,
@@ -61,17 +83,29 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
     )
 
 
+def use_transformer_engine() -> bool:
+    """Transformer Engine layers when TE and CUDA are both present."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def layer_spec(config: TransformerConfig):
-    """Transformer Engine spec when TE and CUDA are present, megatron-core's local spec else."""
+    """The layer spec (dense) or the per-layer block spec (MoE: dense and MoE layers by
+    ``moe_layer_freq``), with TE's modules on GPU and megatron-core's local ones otherwise."""
     from megatron.core.models.gpt import gpt_layer_specs
 
-    if torch.cuda.is_available():
-        try:
-            import transformer_engine  # noqa: F401
-
-            return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-        except ImportError:
-            pass
+    te = use_transformer_engine()
+    if config.num_moe_experts:
+        return gpt_layer_specs.get_gpt_decoder_block_spec(
+            config, use_transformer_engine=te, normalization="RMSNorm"
+        )
+    if te:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
 
 

@@ -157,7 +157,25 @@ def train_step(
     metrics["learning rate"] = optimizer.param_groups[0]["lr"]
     metrics["nitp weight"] = weight
     metrics["skipped"] = 0.0 if update_successful else 1.0
+    if args.num_moe_experts:
+        metrics["load balancing loss"] = load_balancing_loss(args)
     return metrics
+
+
+def load_balancing_loss(args) -> float:
+    """Mean over MoE layers and micro-batches of the load-balancing loss (before its
+    coefficient), reduced over pipeline and data-parallel ranks by megatron-core's tracker,
+    which has one ``[num_layers]`` tensor on every rank. Clears the tracker."""
+    from megatron.core.transformer.moe.moe_utils import track_moe_metrics
+
+    name = "load_balancing_loss"
+    totals: dict = {}
+    track_moe_metrics(
+        loss_scale=1.0 / args.num_microbatches, iteration=0, total_loss_dict=totals,
+        force_initialize=True, track_names=[name], num_layers=args.num_layers,
+        moe_layer_freq=args.moe_layer_pattern,
+    )
+    return float(totals[name])
 
 
 @torch.no_grad()

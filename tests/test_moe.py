@@ -1,0 +1,124 @@
+"""MoE NITP: expert parallelism equals one process, a tiny MoE learns and uses every expert,
+the paper presets' parameter counts match their names, and bad MoE input is refused."""
+
+import pytest
+import torch
+
+from megatron_nitp.preset_table import measured_counts
+from megatron_nitp.training.arguments import parse_args
+from megatron_nitp.training.loop import pretrain
+from tests.test_parallel import _launch
+
+MOE = ["--num-layers", "4", "--hidden-size", "32", "--ffn-hidden-size", "64",
+       "--num-attention-heads", "4", "--num-query-groups", "2", "--num-experts", "4",
+       "--moe-router-topk", "2", "--moe-ffn-hidden-size", "32",
+       "--moe-shared-expert-intermediate-size", "32", "--moe-layer-freq", "[0]*1+[1]*3",
+       "--nitp-target-layer", "1", "--untie-embeddings-and-output-weights"]
+
+
+@pytest.fixture(scope="module")
+def moe_reference(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe")
+    init = root / "init"
+    results = {}
+
+    def get(dispatcher):
+        if dispatcher not in results:
+            flags = MOE + ["--moe-token-dispatcher-type", dispatcher]
+            if init.exists():
+                flags += ["--load", str(init)]
+            else:
+                flags += ["--save-init", str(init)]
+            results[dispatcher] = _launch(root / f"ref-{dispatcher}", 1, *flags)
+        return results[dispatcher]
+
+    return root, init, get
+
+
+@pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
+@pytest.mark.parametrize("layout", ["ep2", "ep2xpp2"])
+def test_expert_parallel_equals_single_process(moe_reference, dispatcher, layout):
+    root, init, get = moe_reference
+    ref_metrics, ref_projector = get(dispatcher)
+    nproc, flags = {"ep2": (2, []), "ep2xpp2": (4, ["--pipeline-model-parallel-size", "2"])}[layout]
+    metrics, projector = _launch(
+        root / f"{layout}-{dispatcher}", nproc, *MOE, "--moe-token-dispatcher-type", dispatcher,
+        "--expert-model-parallel-size", "2", "--load", str(init), *flags)
+    for step, (got, want) in enumerate(zip(metrics, ref_metrics)):
+        for key in ("lm loss", "nitp loss", "load balancing loss", "grad norm"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5), (layout, dispatcher, step, key)
+    for key in ("gate", "up", "down"):
+        torch.testing.assert_close(projector[key], ref_projector[key], rtol=1e-5, atol=1e-5)
+
+
+def test_tiny_moe_learns_and_every_expert_receives_tokens(dist, tmp_path):
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    args = parse_args(["--train-iters", "30", "--lr-warmup-iters", "3", "--eval-interval", "0",
+                       "--no-save", "--no-plot", "--no-progress-bar", "--log-interval", "1000",
+                       "--geometry-interval", "0", "--run-dir", str(tmp_path / "run")],
+                      model_type="moe")
+    counts = {}
+    original = TopKRouter.forward
+
+    def counting_forward(self, *a, **kw):
+        probs, routing_map = original(self, *a, **kw)
+        key = self.layer_number
+        counts[key] = counts.get(key, 0) + routing_map.sum(dim=0).cpu()
+        return probs, routing_map
+
+    TopKRouter.forward = counting_forward
+    try:
+        pretrain(args)
+    finally:
+        TopKRouter.forward = original
+    import json
+
+    history = json.load(open(tmp_path / "run" / "summary.json"))["history"]
+    lm = [v for _, v in history["lm loss"]]
+    nitp = [v for _, v in history["nitp loss"]]
+    balance = [v for _, v in history["load balancing loss"]]
+    assert sum(lm[-5:]) / 5 < lm[0] - 1.5
+    assert sum(nitp[-5:]) / 5 < 0.5 * nitp[0]
+    assert all(0.5 < b < 8 for b in balance)  # 1.0 = perfectly balanced
+    assert sorted(counts) == [2, 3, 4]  # layer 1 is the dense stage
+    for layer, per_expert in counts.items():
+        assert per_expert.shape == (8,)
+        assert (per_expert > 0).all(), f"layer {layer}: an expert received no token {per_expert}"
+
+
+# Names promise "about": tolerance 10% on total and active. Measured (README table): 0.49B,
+# 2.10B, 3.03B dense (tied embeddings, Qwen2 style); MoE 1.84B/0.29B, 3.20B/0.47B, 8.75B/1.06B,
+# 44.94B/5.54B (untied; active includes embedding and output matrices, shared expert, router).
+@pytest.mark.parametrize("name,total,active", [
+    ("dense-0.5b", 0.5e9, 0.5e9), ("dense-2b", 2e9, 2e9), ("dense-3b", 3e9, 3e9),
+    ("moe-1.9b-a0.3b", 1.9e9, 0.3e9), ("moe-3b-a0.5b", 3e9, 0.5e9),
+    ("moe-9b-a1b", 9e9, 1e9), ("moe-45b-a5.5b", 45e9, 5.5e9),
+])
+def test_paper_preset_parameter_counts_match_their_names(dist, name, total, active):
+    counts = measured_counts(name)
+    assert counts["total_params"] == pytest.approx(total, rel=0.10)
+    assert counts["active_params"] == pytest.approx(active, rel=0.10)
+    d = counts["hidden_size"]
+    assert counts["projector_params"] == 12 * d * d
+
+
+def _error(capsys, argv, model_type):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv, model_type=model_type)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_bad_moe_input_is_refused(capsys):
+    assert "not divisible by --expert-model-parallel-size 3" in _error(
+        capsys, ["--expert-model-parallel-size", "3"], "moe")
+    assert "--moe-router-topk 9 must be between 1 and --num-experts 8" in _error(
+        capsys, ["--moe-router-topk", "9"], "moe")
+    err = _error(capsys, ["--num-experts", "8"], "dense")
+    assert "--num-experts is for mixture-of-experts models: use pretrain_moe_nitp.py" in err
+    err = _error(capsys, ["--preset", "moe-9b-a1b"], "dense")
+    assert "use pretrain_moe_nitp.py" in err
+    assert "is a dense model" in _error(capsys, ["--preset", "dense-2b"], "moe")
+    err = _error(capsys, ["--preset", "moe-10b"], "moe")
+    assert "unknown --preset 'moe-10b'" in err and "moe-9b-a1b" in err
