@@ -12,6 +12,10 @@ from megatron_nitp.training.loop import UsageError, pretrain
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.dry_run:
+        from megatron_nitp.training.plan import dry_run
+
+        raise SystemExit(dry_run(args))
     try:
         pretrain(args)
     except UsageError as err:

@@ -49,6 +49,12 @@ def build_parser(model_type: str = "dense") -> argparse.ArgumentParser:
     p.add_argument("--list-presets", action="store_true",
                    help="print the presets (parameters, layers, NITP settings) and exit")
     p.add_argument("--json", action="store_true", help="with --list-presets: JSON output")
+    p.add_argument("--dry-run", action="store_true",
+                   help="parse, build the configuration, check the layout and the memory "
+                        "estimate, print the plan and exit (no process group, no model)")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="with --dry-run: the number of processes the job will have "
+                        "(default: $WORLD_SIZE or TP x PP x CP)")
 
     g = p.add_argument_group("model")
     g.add_argument("--num-layers", type=int, help="number of transformer layers")
