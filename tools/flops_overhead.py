@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -79,8 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compare-mtp", action="store_true",
                    help="also time megatron-core's multi-token prediction (mtp_num_layers=1)")
     g.add_argument("--no-memory", dest="memory", action="store_false", default=True,
-                   help="skip the per-arm peak-memory subprocesses")
-    g.add_argument("--memory-child", choices=["ntp", "nitp", "mtp"], help=argparse.SUPPRESS)
+                   help="skip the (untimed) memory-profiled step of each arm")
     return p
 
 
@@ -238,57 +236,72 @@ def _step(run, iteration: int) -> float:
     return time.perf_counter() - start
 
 
-def _proc_status_mib(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    raise KeyError(key)
-
-
-def memory_child(arm: str, argv: list[str], iterations: int) -> dict:
-    """Runs in its own process: build one arm, train ``iterations`` steps, report memory.
-
-    CPU: torch's CPU allocations are invisible to tracemalloc and there is no CPU peak counter,
-    and a process's peak RSS only grows - so each arm runs alone in a process, and the peak
-    (``VmHWM``) is reset after set-up (``/proc/self/clear_refs`` = 5, Linux) so that it covers
-    the training steps only: parameters, gradient buffers, Adam states (allocated at the first
-    step), activations and the Python/torch baseline. GPU: ``torch.cuda.max_memory_allocated``.
-    """
-    import resource
-
+def _resident_tensor_bytes(run) -> int:
+    """Bytes of the tensors an arm keeps between steps: parameters, gradient buffers (DDP's
+    ``main_grad``), module buffers, the optimizer's main parameters and Adam states. Each
+    storage is counted once (gradients are views of one contiguous buffer)."""
     import torch
 
-    run = build_arm(arm, argv)
-    out = {"arm": arm, "rss_after_setup_mib": _proc_status_mib("VmRSS")}
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        out["peak_source"] = "VmHWM reset after set-up"
-    except OSError:
-        out["peak_source"] = "ru_maxrss (includes set-up)"
+    def tensors():
+        yield from run.model.parameters()
+        yield from torch.nn.Module.buffers(run.model)  # DDP's own .buffers is its grad buffers
+        for buffer in getattr(run.model, "buffers", []):
+            yield from (t for t in (buffer.param_data, buffer.grad_data) if t is not None)
+        for p in run.model.parameters():
+            if getattr(p, "main_grad", None) is not None:
+                yield p.main_grad
+        for optimizer in getattr(run.optimizer, "chained_optimizers", [run.optimizer]):
+            inner = optimizer.optimizer
+            for group in inner.param_groups:
+                yield from group["params"]
+            for state in inner.state.values():
+                yield from (v for v in state.values() if torch.is_tensor(v))
+
+    storages = {}
+    for t in tensors():
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def step_memory(run, iteration: int) -> dict:
+    """Memory of one training step of one arm, in MiB, measured in this process (every arm's
+    model lives here, so process-wide figures such as peak RSS cannot tell the arms apart).
+
+    ``resident``: :func:`_resident_tensor_bytes`. ``step_peak``: the peak of the tensor bytes
+    allocated during the step above those live at its start (activations kept for the
+    backward, logits, temporaries). CPU: torch's CPU allocations are invisible to tracemalloc
+    and torch keeps no CPU peak counter, so the step runs under ``torch.profiler`` with
+    ``profile_memory=True`` and the allocation/free events are summed in time order. GPU:
+    ``torch.cuda.max_memory_allocated()`` minus the bytes allocated at the step's start.
+    Non-tensor memory (Python, libraries) is the same for every arm and is not counted.
+    """
+    import torch
+
+    from megatron_nitp.training.step import train_step
+
+    step = lambda: train_step(run.model, run.optimizer, run.scheduler,  # noqa: E731
+                              run.train_iter, run.args, iteration, False)
     if torch.cuda.is_available():
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    for i in range(iterations):
-        _step(run, i)
-    try:
-        out["peak_rss_mib"] = _proc_status_mib("VmHWM")
-    except (OSError, KeyError):
-        out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if torch.cuda.is_available():
-        out["peak_cuda_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    return out
+        start = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - start
+    else:
+        from torch.profiler import ProfilerActivity, profile
 
-
-def _measure_memory(arm: str, cli_argv: list[str], iterations: int) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), *cli_argv, "--memory-child", arm]
-    # A process group of its own: not the rendezvous this process set up in its environment.
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=env)
-    if done.returncode:
-        raise RuntimeError(f"memory run of {arm} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+        live = peak = 0
+        for event in sorted(events, key=lambda e: e.start_ns()):
+            live += event.nbytes()
+            peak = max(peak, live)
+    resident = _resident_tensor_bytes(run)
+    return {"resident_mib": resident / 2**20, "step_peak_mib": peak / 2**20,
+            "peak_mib": (resident + peak) / 2**20}
 
 
 def _model_params(run) -> int:
@@ -299,7 +312,7 @@ def _model_params(run) -> int:
                if not name.startswith(("projector.", "mtp.")))
 
 
-def measure(args, cli_argv: list[str]) -> dict:
+def measure(args) -> dict:
     import platform
 
     import torch
@@ -338,12 +351,8 @@ def measure(args, cli_argv: list[str]) -> dict:
             if i >= args.warmup_iters:
                 times[arm].append(seconds)
     load_after = os.getloadavg()
-    del runs
-
-    memory = {}
-    if args.memory:
-        for arm in arms:
-            memory[arm] = _measure_memory(arm, cli_argv, args.warmup_iters)
+    iteration = args.warmup_iters + args.measure_iters
+    memory = {arm: step_memory(runs[arm], iteration) for arm in arms} if args.memory else {}
 
     tokens = train_args.micro_batch_size * train_args.seq_length
     median = {arm: statistics.median(t) for arm, t in times.items()}
@@ -366,6 +375,7 @@ def measure(args, cli_argv: list[str]) -> dict:
         median_seconds=median,
         overhead_measured={arm: median[arm] / median["ntp"] - 1 for arm in paired},
         overhead_measured_paired={arm: r - 1 for arm, r in paired.items()},
+        overhead_measured_min={arm: min(times[arm]) / min(times["ntp"]) - 1 for arm in paired},
         overhead_exact_causal=exact.overhead,
         overhead_exact_full_square=full.overhead,
         overhead_paper=flops.paper_flops(shape).overhead,
@@ -381,59 +391,54 @@ def measure(args, cli_argv: list[str]) -> dict:
 
 def print_measurement(r: dict) -> None:
     names = {"ntp": "NTP", "nitp": "NITP", "mtp": "MTP (1 depth)"}
+    load = lambda xs: "/".join(f"{x:.2f}" for x in xs)  # noqa: E731
     print(f"device: {r['device']}, torch {r['torch']}")
     print("training flags: " + " ".join(r["training_flags"]))
     print(f"{r['measure_iters']} timed iterations per arm, interleaved, after "
           f"{r['warmup_iters']} warm-up; {r['tokens_per_iteration']} tokens per iteration; "
-          "load average before "
-          + "/".join(f"{x:.2f}" for x in r["load_average_before"]) + ", after "
-          + "/".join(f"{x:.2f}" for x in r["load_average_after"]))
-    headers = ["arm", "median s/iter", "min", "max", "tokens/s", "RSS after setup MiB",
-               "peak RSS in steps MiB"]
+          f"load average (1/5/15 min) before {load(r['load_average_before'])}, after "
+          f"{load(r['load_average_after'])}")
+    headers = ["arm", "median s/iter", "min", "max", "tokens/s (median)", "resident MiB",
+               "step peak MiB", "peak MiB"]
     rows = []
     for arm, seconds in r["seconds"].items():
-        mem = r["memory"].get(arm, {})
+        mem = r["memory"].get(arm)
         rows.append([names[arm], f"{r['median_seconds'][arm]:.3f}", f"{min(seconds):.3f}",
                      f"{max(seconds):.3f}",
-                     f"{r['tokens_per_iteration'] / r['median_seconds'][arm]:.0f}",
-                     f"{mem['rss_after_setup_mib']:.0f}" if mem else "-",
-                     f"{mem['peak_rss_mib']:.0f}" if mem else "-"])
-        if "peak_cuda_allocated_mib" in mem:
-            rows[-1].append(f"{mem['peak_cuda_allocated_mib']:.0f}")
-    if any("peak_cuda_allocated_mib" in m for m in r["memory"].values()):
-        headers.append("peak CUDA MiB")
+                     f"{r['tokens_per_iteration'] / r['median_seconds'][arm]:.0f}"]
+                    + ([f"{mem[k]:.0f}" for k in ("resident_mib", "step_peak_mib", "peak_mib")]
+                       if mem else ["-"] * 3))
     print(_table(headers, rows))
+    for arm, seconds in r["seconds"].items():
+        print(f"{names[arm]} seconds per iteration, in order: "
+              + " ".join(f"{t:.2f}" for t in seconds))
     for arm in r["overhead_measured"]:
-        print(f"{names[arm]} vs NTP: measured {100 * r['overhead_measured'][arm]:+.1f}% "
-              f"(ratio of medians), {100 * r['overhead_measured_paired'][arm]:+.1f}% (median of "
-              "paired ratios)")
-    print(f"NITP analytic (exact): {100 * r['overhead_exact_causal']:+.1f}% with causal s/2 "
-          f"attention, {100 * r['overhead_exact_full_square']:+.1f}% with the full s x s square "
-          f"(what the unfused local attention computes); paper convention "
+        print(f"{names[arm]} vs NTP, measured: {100 * r['overhead_measured'][arm]:+.1f}% "
+              f"(medians), {100 * r['overhead_measured_paired'][arm]:+.1f}% (median of paired "
+              f"A/B ratios), {100 * r['overhead_measured_min'][arm]:+.1f}% (minimums)")
+    print(f"NITP vs NTP, analytic (exact): {100 * r['overhead_exact_causal']:+.1f}% counting "
+          f"causal attention as s/2, {100 * r['overhead_exact_full_square']:+.1f}% counting the "
+          f"full s x s square (what the unfused local attention computes); paper convention "
           f"{100 * r['overhead_paper']:+.1f}%")
     if "mtp_overhead_exact_causal" in r:
-        print(f"MTP analytic (exact): {100 * r['mtp_overhead_exact_causal']:+.1f}% causal, "
-              f"{100 * r['mtp_overhead_exact_full_square']:+.1f}% full square")
+        print(f"MTP vs NTP, analytic (exact): {100 * r['mtp_overhead_exact_causal']:+.1f}% "
+              f"causal, {100 * r['mtp_overhead_exact_full_square']:+.1f}% full square")
     if r["memory"]:
-        source = next(iter(r["memory"].values()))["peak_source"]
-        print(f"memory: each arm alone in its own process, {max(1, r['warmup_iters'])} training "
-              f"iteration(s); peak RSS = {source}")
+        print("memory: resident = parameters + gradient buffers + optimizer states (tensor "
+              "bytes); step peak = peak of tensors allocated during one extra, untimed step "
+              "(torch.profiler memory events on CPU, max_memory_allocated on GPU); peak = sum")
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.memory_child:
-        out = memory_child(args.memory_child, _training_argv(args), max(1, args.warmup_iters))
-        print(json.dumps(out))
-        return 0
     if args.compare_mtp and not args.measure:
         parser.error("--compare-mtp needs --measure")
     if args.measure:
         if args.all:
             parser.error("--measure times one model: give --preset NAME or model flags, not --all")
-        result = measure(args, argv)
+        result = measure(args)
         if args.json:
             print(json.dumps(result, indent=1))
         else:

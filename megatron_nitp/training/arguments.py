@@ -171,9 +171,26 @@ def build_parser(model_type: str = "dense") -> argparse.ArgumentParser:
                         "default runs/<preset>-<nitp|ntp>-<time>")
     g.add_argument("--tensorboard-dir", default=None, help="default: <run-dir>/tensorboard")
     g.add_argument("--save", default=None, help="checkpoint folder (default <run-dir>/checkpoints)")
+    g.add_argument("--save-interval", type=int, default=None,
+                   help="write a checkpoint every N iterations (and at the end)")
+    g.add_argument("--save-keep-last", type=int, default=None,
+                   help="keep only the newest K complete checkpoints")
     g.add_argument("--load", default=None,
-                   help="initialize the model weights from the latest checkpoint in this folder "
-                        "(any parallel layout)")
+                   help="resume from the latest checkpoint in this folder (model, optimizer, "
+                        "scheduler, iteration, data position, RNG; any parallel layout)")
+    g.add_argument("--finetune", action="store_true",
+                   help="with --load: load the model weights only and start at iteration 0")
+    g.add_argument("--load-fallback", action="store_true",
+                   help="if the latest checkpoint is incomplete or corrupted, load the newest "
+                        "intact one before it")
+    g.add_argument("--override-config", action="store_true",
+                   help="load a checkpoint whose model or NITP config differs from the flags")
+    g.add_argument("--nan-policy", default="skip", choices=["skip", "stop"],
+                   help="a NaN/Inf loss or gradient: skip the step (and count it) or stop after "
+                        "writing diagnostics; the weights are never updated with it")
+    g.add_argument("--inject-fault", default=None,
+                   help="testing only: KIND@ITER with KIND one of nan-loss, nan-grad, sigterm, "
+                        "sigkill, crash-in-save")
     g.add_argument("--no-save", dest="save_final", action="store_false", default=True,
                    help="do not write the final checkpoint")
     g.add_argument("--no-plot", dest="plot", action="store_false", default=True)

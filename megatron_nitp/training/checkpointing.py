@@ -1,72 +1,268 @@
-"""Checkpoints with megatron-core's ``dist_checkpointing`` (sharded: any layout can reload).
+"""Checkpoints that survive pre-emption, crashes and layout changes.
 
-Layout of ``--save DIR``::
+Everything is written with megatron-core's ``dist_checkpointing`` (sharded, so any TP/PP/DP
+layout can reload it) plus a few small files::
 
-    DIR/iter_0000300/           dist_checkpointing folder: model (projector included), optimizer
-    DIR/iter_0000300/nitp.json  iteration, model flags and NITP config (human-readable)
-    DIR/latest_checkpointed_iteration.txt   written last, by rank 0, after every rank finished
+    SAVE/iter_0000300/                 dist_checkpointing: model (projector included), optimizer,
+                                       LR scheduler
+    SAVE/iter_0000300/rng/rank_*.pt    per-rank RNG states (Python, NumPy, torch, megatron tracker)
+    SAVE/iter_0000300/nitp.json        iteration, consumed samples, model flags, NITP config
+    SAVE/iter_0000300/manifest.json    every file's size and CRC32, written last by rank 0
+    SAVE/latest_checkpointed_iteration.txt   moved (atomically) only after the manifest exists
+
+A checkpoint becomes visible only when every rank finished writing it and the manifest is
+complete: a crash mid-save leaves the previous one as latest. At load the manifest is verified
+(missing, truncated or corrupted files are named); ``--load-fallback`` then tries the previous
+complete checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
+import shutil
+import zlib
 
+import numpy as np
 import torch
-from megatron.core import dist_checkpointing
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 
 from megatron_nitp.training.model import unwrap
 
 TRACKER = "latest_checkpointed_iteration.txt"
+MANIFEST = "manifest.json"
+META = "nitp.json"
 MODEL_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-               "num_query_groups", "kv_channels", "seq_length", "padded_vocab_size",
-               "untie_embeddings_and_output_weights", "add_qkv_bias", "rotary_base")
+               "num_query_groups", "kv_channels", "padded_vocab_size",
+               "untie_embeddings_and_output_weights", "add_qkv_bias", "num_moe_experts",
+               "moe_router_topk", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
+               "moe_layer_pattern")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file or fields."""
 
 
 def checkpoint_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
-def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args) -> str:
-    """Writes model and optimizer shards from every rank, then moves the tracker."""
+def _crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _files(path: str) -> list[str]:
+    out = []
+    for base, _, names in os.walk(path):
+        for name in names:
+            rel = os.path.relpath(os.path.join(base, name), path)
+            if rel != MANIFEST:
+                out.append(rel)
+    return sorted(out)
+
+
+def _rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def model_meta(args) -> dict:
+    return {k: getattr(args, k, None) for k in MODEL_FLAGS}
+
+
+def _sharded_state(model, optimizer, is_loading: bool) -> dict:
+    model_sd = unwrap(model).sharded_state_dict(prefix="model.")
+    state = {"model": model_sd}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+    return state
+
+
+def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args,
+                    consumed_samples: int = 0, keep_last: int | None = None,
+                    crash_before_manifest: bool = False) -> str:
+    """Writes a complete checkpoint of ``iteration`` and then moves the tracker to it.
+
+    ``crash_before_manifest`` (fault injection, tests only) kills the process after the shards
+    are written and before the checkpoint is made visible."""
     path = checkpoint_dir(root, iteration)
     rank = torch.distributed.get_rank()
     if rank == 0:
-        os.makedirs(path, exist_ok=True)
+        if os.path.isdir(path):  # a leftover of an interrupted save of this same iteration
+            shutil.rmtree(path)
+        os.makedirs(os.path.join(path, "rng"), exist_ok=True)
     torch.distributed.barrier()
-    model_sd = unwrap(model).sharded_state_dict(prefix="model.")
-    state = {
-        "model": model_sd,
-        "optimizer": optimizer.sharded_state_dict(model_sd),
-        "scheduler": scheduler.state_dict(),
-        "iteration": iteration,
-    }
+    state = _sharded_state(model, optimizer, is_loading=False)
+    state["scheduler"] = scheduler.state_dict()
     dist_checkpointing.save(state, path)
+    torch.save(_rng_state(), os.path.join(path, "rng", f"rank_{rank:05d}.pt"))
     torch.distributed.barrier()
+    if crash_before_manifest:
+        os._exit(17)
     if rank == 0:
         meta = {
             "iteration": iteration,
-            "model": {k: getattr(args, k) for k in MODEL_FLAGS},
-            "nitp": args.nitp_config.__dict__,
+            "consumed_samples": consumed_samples,
+            "world_size": torch.distributed.get_world_size(),
+            "layout": {"tp": args.tensor_model_parallel_size,
+                       "pp": args.pipeline_model_parallel_size,
+                       "ep": args.expert_model_parallel_size},
+            "model": model_meta(args),
+            "nitp": dict(args.nitp_config.__dict__),
         }
-        with open(os.path.join(path, "nitp.json"), "w") as f:
+        with open(os.path.join(path, META), "w") as f:
             json.dump(meta, f, indent=2)
+        manifest = {rel: {"bytes": os.path.getsize(os.path.join(path, rel)),
+                          "crc32": _crc32(os.path.join(path, rel))} for rel in _files(path)}
+        with open(os.path.join(path, MANIFEST + ".tmp"), "w") as f:
+            json.dump(manifest, f, indent=1)
+        os.replace(os.path.join(path, MANIFEST + ".tmp"), os.path.join(path, MANIFEST))
         tmp = os.path.join(root, TRACKER + ".tmp")
         with open(tmp, "w") as f:
             f.write(str(iteration))
         os.replace(tmp, os.path.join(root, TRACKER))
+        if keep_last:
+            _rotate(root, keep_last)
     torch.distributed.barrier()
     return path
 
 
-def load_model_weights(root: str, model) -> int:
-    """Loads the model weights of the latest checkpoint under ``root`` into ``model`` (any
-    TP/PP layout); returns its iteration."""
-    with open(os.path.join(root, TRACKER)) as f:
-        iteration = int(f.read().strip())
-    path = checkpoint_dir(root, iteration)
+def _complete_iterations(root: str) -> list[int]:
+    found = []
+    for name in os.listdir(root):
+        if name.startswith("iter_") and os.path.exists(os.path.join(root, name, MANIFEST)):
+            found.append(int(name[len("iter_"):]))
+    return sorted(found)
+
+
+def _rotate(root: str, keep_last: int) -> None:
+    """Deletes complete checkpoints older than the newest ``keep_last``."""
+    for iteration in _complete_iterations(root)[:-keep_last]:
+        shutil.rmtree(checkpoint_dir(root, iteration), ignore_errors=True)
+
+
+def verify_checkpoint(path: str) -> None:
+    """Raises CheckpointError naming the first missing, truncated or corrupted file."""
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.exists(manifest_path):
+        raise CheckpointError(f"{path} is incomplete: {MANIFEST} is missing (the save never "
+                              "finished); use an earlier checkpoint or --load-fallback.")
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    for rel, expected in manifest.items():
+        file = os.path.join(path, rel)
+        if not os.path.exists(file):
+            raise CheckpointError(f"checkpoint file missing: {file}")
+        size = os.path.getsize(file)
+        if size != expected["bytes"]:
+            raise CheckpointError(f"checkpoint file truncated: {file} has {size} bytes, "
+                                  f"{expected['bytes']} were written")
+        if _crc32(file) != expected["crc32"]:
+            raise CheckpointError(f"checkpoint file corrupted (CRC32 mismatch): {file}")
+
+
+def find_checkpoint(root: str, fallback: bool = False) -> str:
+    """The latest checkpoint under ``root``, verified; with ``fallback`` the newest complete
+    and intact one if the latest is not."""
+    tracker = os.path.join(root, TRACKER)
+    if not os.path.exists(tracker):
+        raise CheckpointError(f"no checkpoint in {root}: {TRACKER} is missing.")
+    with open(tracker) as f:
+        latest = int(f.read().strip())
+    candidates = [latest]
+    if fallback:
+        candidates += [i for i in reversed(_complete_iterations(root)) if i != latest]
+    errors = []
+    for iteration in candidates:
+        path = checkpoint_dir(root, iteration)
+        try:
+            verify_checkpoint(path)
+            if errors:
+                print(f"> falling back to {path} ({errors[-1]})", flush=True)
+            return path
+        except CheckpointError as err:
+            errors.append(str(err))
+    hint = "" if fallback else " (--load-fallback tries the previous checkpoints)"
+    raise CheckpointError(errors[0] + hint if len(errors) == 1 else "; ".join(errors))
+
+
+def read_meta(path: str) -> dict:
+    with open(os.path.join(path, META)) as f:
+        return json.load(f)
+
+
+def check_compatible(meta: dict, args, override: bool = False) -> list[str]:
+    """Fields where the checkpoint's model or NITP config differs from this run's. Raises
+    CheckpointError listing them unless ``override``."""
+    ours = {"model": model_meta(args), "nitp": dict(args.nitp_config.__dict__)}
+    diffs = []
+    for section in ("model", "nitp"):
+        for key in sorted(set(meta.get(section, {})) | set(ours[section])):
+            saved, current = meta.get(section, {}).get(key), ours[section].get(key)
+            if isinstance(current, tuple):
+                current = list(current)
+            if saved != current:
+                diffs.append(f"{section}.{key}: checkpoint {saved!r}, this run {current!r}")
+    if diffs and not override:
+        raise CheckpointError(
+            "the checkpoint does not match this run:\n  " + "\n  ".join(diffs)
+            + "\nfix the flags, or pass --override-config to load it deliberately."
+        )
+    return diffs
+
+
+def load_checkpoint(root: str, model, optimizer=None, scheduler=None, args=None,
+                    weights_only: bool = False, fallback: bool = False,
+                    override: bool = False) -> dict:
+    """Restores a checkpoint into this run (any parallel layout). Returns its meta data.
+
+    ``weights_only`` (``--finetune``) loads the model alone: iteration, optimizer, scheduler,
+    data position and RNG start fresh. RNG states are restored only when the layout (world
+    size) is unchanged; a resharded run continues with the same weights and optimizer state.
+    """
+    path = find_checkpoint(root, fallback)
+    meta = read_meta(path)
+    if args is not None:
+        check_compatible(meta, args, override)
+    state = _sharded_state(model, None if weights_only else optimizer, is_loading=True)
+    if scheduler is not None and not weights_only:
+        state["scheduler"] = scheduler.state_dict()
+    loaded = dist_checkpointing.load(state, path, strict="assume_ok_unexpected")
     inner = unwrap(model)
-    sharded = {"model": inner.sharded_state_dict(prefix="model.")}
-    loaded = dist_checkpointing.load(sharded, path, strict="assume_ok_unexpected")
-    inner.load_state_dict({k[len("model."):]: v for k, v in loaded["model"].items()}, strict=False)
-    return iteration
+    inner.load_state_dict({k[len("model."):]: v for k, v in loaded["model"].items()},
+                          strict=False)
+    if weights_only or optimizer is None:
+        if optimizer is not None:
+            optimizer.reload_model_params()
+        return meta
+    optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(loaded["scheduler"])
+    rank_file = os.path.join(path, "rng", f"rank_{torch.distributed.get_rank():05d}.pt")
+    if meta.get("world_size") == torch.distributed.get_world_size() and os.path.exists(rank_file):
+        _set_rng_state(torch.load(rank_file, weights_only=False))
+    return meta
+
+
+def load_model_weights(root: str, model) -> int:
+    """Model weights of the latest checkpoint under ``root`` (any layout); its iteration."""
+    return load_checkpoint(root, model, weights_only=True)["iteration"]

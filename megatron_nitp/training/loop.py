@@ -53,10 +53,9 @@ def prepare_data(args: argparse.Namespace):
     arguments.validate_vocab(args, tokenizer.vocab_size)
     dp_size = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
-    eval_runs = args.train_iters // args.eval_interval + 1 if args.eval_interval else 0
     num_samples = (
         args.train_iters * args.global_batch_size,
-        max(1, eval_runs * args.eval_iters * args.global_batch_size),
+        max(1, args.eval_iters * args.global_batch_size),
         0,
     )
     train_ds, valid_ds, _ = build_datasets(
@@ -64,9 +63,12 @@ def prepare_data(args: argparse.Namespace):
         args.data_cache_path,
     )
     train = MicroBatchIterator(train_ds, args.micro_batch_size, dp_rank, dp_size)
-    valid = (MicroBatchIterator(valid_ds, args.micro_batch_size, dp_rank, dp_size)
-             if valid_ds is not None and args.eval_interval else None)
-    return tokenizer, train, valid
+
+    def valid():
+        """The same held-out batches at every evaluation: comparable points on the curve."""
+        return MicroBatchIterator(valid_ds, args.micro_batch_size, dp_rank, dp_size)
+
+    return tokenizer, train, (valid if valid_ds is not None and args.eval_interval else None)
 
 
 def _summary(args, logger, wall: float) -> dict:
@@ -109,6 +111,7 @@ class Run:
     tokenizer: object
     train_iter: object
     valid_iter: object
+    start_iteration: int = 0
 
 
 def setup(args: argparse.Namespace) -> Run:
@@ -129,7 +132,7 @@ def setup(args: argparse.Namespace) -> Run:
 
     from megatron.core.distributed import finalize_model_grads
 
-    from megatron_nitp.training.checkpointing import load_model_weights
+    from megatron_nitp.training.checkpointing import CheckpointError, load_checkpoint
     from megatron_nitp.training.model import build_model, wrap_model
     from megatron_nitp.training.optimizer import build_optimizer
 
@@ -140,54 +143,141 @@ def setup(args: argparse.Namespace) -> Run:
     config.no_sync_func = model.no_sync
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss if args.fp16 else None
+    start = 0
     if args.load:
-        load_model_weights(args.load, model)
-        optimizer.reload_model_params()
-    return Run(args, model, optimizer, scheduler, tokenizer, train_iter, valid_iter)
+        try:
+            meta = load_checkpoint(args.load, model, optimizer, scheduler, args,
+                                   weights_only=args.finetune, fallback=args.load_fallback,
+                                   override=args.override_config)
+        except CheckpointError as err:
+            raise UsageError(str(err)) from err
+        if not args.finetune:
+            start = meta["iteration"]
+            train_iter.consumed_samples = meta["consumed_samples"]
+    return Run(args, model, optimizer, scheduler, tokenizer, train_iter, valid_iter, start)
+
+
+EXIT_PREEMPTED = 75  # SIGTERM: a checkpoint was written; requeue the job to resume
+EXIT_NON_FINITE = 3  # --nan-policy stop: diagnostics written, weights untouched
+
+
+class _Preemption:
+    """SIGTERM (what SLURM sends before pre-emption) sets a flag; the loop checks it after each
+    step, on every rank together, writes a checkpoint and exits with EXIT_PREEMPTED."""
+
+    def __init__(self):
+        import signal
+
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        if torch.cuda.is_available():
+            flag = flag.cuda()
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return flag.item() > 0
+
+
+def _parse_fault(spec: str | None) -> tuple[str | None, int]:
+    if not spec:
+        return None, -1
+    kind, _, when = spec.partition("@")
+    kinds = ("nan-loss", "nan-grad", "sigterm", "sigkill", "crash-in-save")
+    if kind not in kinds or not when.isdigit():
+        raise UsageError(f"--inject-fault {spec!r}: use KIND@ITER with KIND in {', '.join(kinds)}")
+    return kind, int(when)
 
 
 def pretrain(args: argparse.Namespace) -> dict:
-    """Train; returns the run summary (final metrics)."""
+    """Train; returns the run summary (final metrics). Exits with EXIT_PREEMPTED after a
+    SIGTERM checkpoint and EXIT_NON_FINITE under ``--nan-policy stop``."""
+    import signal
+
+    from megatron_nitp.training.checkpointing import save_checkpoint
+    from megatron_nitp.training.step import NonFiniteError
+
     start = time.perf_counter()
+    fault, fault_iter = _parse_fault(args.inject_fault)
     run = setup(args)
     model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
-    tokenizer, train_iter, valid_iter = run.tokenizer, run.train_iter, run.valid_iter
+    train_iter, valid_iter = run.train_iter, run.valid_iter
     run_dir = args.run_dir or arguments.default_run_dir(args)
     if is_logging_rank():
         os.makedirs(run_dir, exist_ok=True)
     tensorboard_dir = args.tensorboard_dir or os.path.join(run_dir, "tensorboard")
     save_dir = args.save or os.path.join(run_dir, "checkpoints")
-    from megatron_nitp.training.checkpointing import save_checkpoint
+    preemption = _Preemption()
+
+    def save(iteration: int, crash: bool = False) -> str:
+        return save_checkpoint(save_dir, iteration, model, optimizer, scheduler, args,
+                               consumed_samples=train_iter.consumed_samples,
+                               keep_last=args.save_keep_last, crash_before_manifest=crash)
 
     logger = TrainingLogger(args, tensorboard_dir)
     params = sum(p.numel() for p in model.parameters())
+    what = (f"NITP (k={args.nitp_target_layer}, lambda={args.nitp_loss_weight:g})"
+            if args.nitp else "NTP baseline")
     logger.print(
-        f"> run folder {run_dir} | {'NITP (k=%d, lambda=%g)' % (args.nitp_target_layer, args.nitp_loss_weight) if args.nitp else 'NTP baseline'}"
-        f" | parameters on rank 0: {params:,} | vocab {tokenizer.vocab_size} (padded "
-        f"{args.padded_vocab_size}) | world {torch.distributed.get_world_size()} "
-        f"(TP {args.tensor_model_parallel_size}, PP {args.pipeline_model_parallel_size}, "
-        f"DP {args.data_parallel_size}) | micro-batches per step {args.num_microbatches}"
+        f"> run folder {run_dir} | {what} | parameters on rank 0: {params:,} | vocab "
+        f"{run.tokenizer.vocab_size} (padded {args.padded_vocab_size}) | world "
+        f"{torch.distributed.get_world_size()} (TP {args.tensor_model_parallel_size}, PP "
+        f"{args.pipeline_model_parallel_size}, EP {args.expert_model_parallel_size}, DP "
+        f"{args.data_parallel_size}) | micro-batches per step {args.num_microbatches}"
     )
+    if run.start_iteration:
+        logger.print(f"> resumed from {args.load} at iteration {run.start_iteration} "
+                     f"({train_iter.consumed_samples} samples consumed)")
     model.train()
     throughput = Throughput(args.global_batch_size * args.seq_length)
-    for iteration in range(1, args.train_iters + 1):
+    iteration = run.start_iteration
+    while iteration < args.train_iters:
+        iteration += 1
+        if fault == "sigkill" and iteration == fault_iter:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if fault == "sigterm" and iteration == fault_iter:
+            os.kill(os.getpid(), signal.SIGTERM)
         geometry = bool(args.geometry_interval) and (
             iteration % args.geometry_interval == 0 or iteration in (1, args.train_iters)
         )
-        metrics = train_step(model, optimizer, scheduler, train_iter, args, iteration - 1, geometry)
+        step_fault = fault if fault in ("nan-loss", "nan-grad") and iteration == fault_iter else None
+        try:
+            metrics = train_step(model, optimizer, scheduler, train_iter, args, iteration - 1,
+                                 geometry, fault=step_fault)
+        except NonFiniteError as err:
+            logger.close()
+            if is_logging_rank():
+                path = os.path.join(run_dir, f"non_finite_iter_{iteration:07d}.json")
+                with open(path, "w") as f:
+                    json.dump(err.diagnostics, f, indent=2)
+                print(f"error: {err}; diagnostics in {path}; the weights were not updated "
+                      f"(last checkpoint in {save_dir}).", flush=True)
+            raise SystemExit(EXIT_NON_FINITE)
         seconds, tokens_per_second = throughput.lap()
         metrics["tokens per second"] = tokens_per_second
         logger.log_train(iteration, metrics, seconds)
         if valid_iter is not None and (
             iteration % args.eval_interval == 0 or iteration == args.train_iters
         ):
-            logger.log_eval(iteration, evaluate(model, valid_iter, args, args.eval_iters))
+            logger.log_eval(iteration, evaluate(model, valid_iter(), args, args.eval_iters))
             throughput.lap()
+        if args.save_interval and iteration % args.save_interval == 0 and iteration < args.train_iters:
+            crash = fault == "crash-in-save" and iteration == fault_iter
+            logger.print(f"> saved checkpoint {save(iteration, crash)}")
+            throughput.lap()
+        if preemption.agreed():
+            path = save(iteration)
+            logger.print(f"> SIGTERM: saved checkpoint {path} at iteration {iteration}; exiting "
+                         f"with code {EXIT_PREEMPTED} (resume with --load {save_dir})")
+            logger.close()
+            raise SystemExit(EXIT_PREEMPTED)
     logger.close()
 
-    if args.save_final:
-        path = save_checkpoint(save_dir, args.train_iters, model, optimizer, scheduler, args)
-        logger.print(f"> saved checkpoint {path}")
+    if args.save_final or args.save:
+        logger.print(f"> saved checkpoint {save(args.train_iters)}")
     summary = _summary(args, logger, time.perf_counter() - start)
     if is_logging_rank():
         if args.plot:

@@ -1,8 +1,382 @@
-"""``--dry-run``: the plan of a job, checked without starting it (filled in by the cluster work)."""
+"""``--dry-run``: the plan of a job, checked without starting it.
+
+``python pretrain_gpt_nitp.py --preset dense-3b --tensor-model-parallel-size 2 --world-size 64
+--dry-run`` checks the world-dependent arithmetic (data-parallel size, micro-batches per step,
+expert-parallel fit), estimates the memory of each pipeline stage per GPU, and prints the plan.
+No process group is started and no model is built: parameter counts come from the shapes.
+
+Exit codes: 0 the job can start; 2 the layout is impossible (``error: ...``); 3 the memory
+estimate exceeds the GPU memory (``$NITP_GPU_MEMORY_GIB``, default 80), with what to change.
+
+The memory estimate, per GPU, for each pipeline stage (the largest is reported), assumes:
+
+- **Parameters of a rank**: its stage's layers (layers split evenly over PP), divided by TP for
+  attention, dense FFN, shared expert, projector and vocabulary matrices (norms and the router are
+  replicated); routed experts divided by EP and by the expert tensor-parallel size (megatron-core's
+  default: equal to TP). The first stage holds the embedding; the last stage the final norm, the
+  output layer (untied, or with PP > 1 a copy of the tied embedding) and the NITP projector.
+- **Per parameter**: weights 2 B in bf16/fp16 (4 B in fp32); gradients 4 B (megatron DDP keeps
+  fp32 gradient buffers); optimizer 12 B in bf16/fp16 (fp32 main parameters and the two Adam
+  moments; 8 B in fp32, whose weights are the main parameters). With
+  ``--use-distributed-optimizer`` the optimizer bytes are divided over the data-parallel ranks
+  (DP x CP for dense parameters, the expert data-parallel size world / (PP x EP x TP) for routed
+  experts); weights and gradient buffers are not.
+- **Activations** kept for backward, per token and layer, in the activation dtype (2 B in
+  bf16/fp16), with flash/fused attention as Transformer Engine runs it on GPU (no ``s x s``
+  score matrix) and no recomputation: ``4d`` (the inputs of the two norms, of QKV and of the
+  FFN; divided by TP only under sequence parallelism) + ``2q + 2kv`` (Q, K, V and the attention
+  output) + the FFN: ``3f`` dense SwiGLU (gate and up outputs, the product) or
+  ``k (d + 3 f_e) + 3 f_s`` MoE (k permuted copies of the token, expert gate/up/product, shared
+  expert), these divided by TP. This is Korthikanti et al. (2022)'s ``34 s b h`` for a GPT
+  (bytes; 32 here without dropout masks) generalized to GQA and SwiGLU. Tokens per micro-batch:
+  ``s / CP x b``. Under the 1F1B schedule stage ``i`` holds ``min(PP - i, micro-batches)``
+  micro-batches in flight.
+- **Last stage, one micro-batch**: logits ``s b V/TP`` in the activation dtype plus their fp32
+  copy for the cross entropy (``+ 4 B``); the output layer input; the NITP projector's
+  ``3 r d / TP`` activations, the target ``z`` and the fp32 copies of prediction and target for
+  the cosine.
+- **NITP routing**: a stage that sends the layer-k target keeps every micro-batch's send buffer
+  (``s/CP (/TP with SP) x b x d``) until the end of the step.
+- **Runtime**: a fixed ``RUNTIME_OVERHEAD_GIB`` for the CUDA context, NCCL buffers, cuBLAS/TE
+  workspaces and allocator fragmentation.
+
+It is an estimate for choosing a layout, not a guarantee: check the first iterations' peak
+memory (``torch.cuda.max_memory_allocated``) on the cluster.
+"""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import os
+import sys
 
-def dry_run(args) -> int:
-    """Prints the plan; returns the process exit code (0 = the job can start)."""
-    raise NotImplementedError("--dry-run is not implemented yet")
+from megatron_nitp.training import arguments
+
+GIB = 1024**3
+#: GPU memory compared with the estimate when ``$NITP_GPU_MEMORY_GIB`` is unset (80 GB H100/A100).
+DEFAULT_GPU_MEMORY_GIB = 80.0
+GPU_MEMORY_ENV = "NITP_GPU_MEMORY_GIB"
+#: CUDA context, NCCL buffers, cuBLAS/Transformer Engine workspaces, allocator fragmentation.
+RUNTIME_OVERHEAD_GIB = 4.0
+#: vocabulary assumed when neither the flags nor the preset set one (the built-in tokenizer's)
+DEFAULT_VOCAB_SIZE = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The parallel layout of a job of ``world`` processes."""
+
+    world: int
+    tp: int
+    pp: int
+    cp: int
+    ep: int
+    dp: int
+    sp: bool
+
+    @property
+    def expert_dp(self) -> int:
+        """Data-parallel size of the routed experts (megatron-core: world / (PP x EP x ETP))."""
+        return max(1, self.world // (self.pp * self.ep * self.tp))
+
+
+@dataclasses.dataclass(frozen=True)
+class StageMemory:
+    """Estimated memory of one GPU of a pipeline stage, in bytes."""
+
+    stage: int
+    parameters: int  # parameters held by one rank of the stage
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    runtime: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.runtime
+
+
+def world_size(args: argparse.Namespace) -> int:
+    """``--world-size``, else ``$WORLD_SIZE``, else TP x PP x CP (one model replica)."""
+    if args.world_size is not None:
+        return args.world_size
+    if os.environ.get("WORLD_SIZE"):
+        return int(os.environ["WORLD_SIZE"])
+    return (args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+            * args.context_parallel_size)
+
+
+def gpu_memory_gib() -> float:
+    """The GPU memory to plan for: ``$NITP_GPU_MEMORY_GIB`` (GiB), default 80."""
+    value = os.environ.get(GPU_MEMORY_ENV, "").strip()
+    if not value:
+        return DEFAULT_GPU_MEMORY_GIB
+    try:
+        gib = float(value)
+    except ValueError:
+        gib = -1.0
+    if gib <= 0:
+        raise ValueError(f"${GPU_MEMORY_ENV}={value!r} is not a positive number of GiB.")
+    return gib
+
+
+def _vocab(args: argparse.Namespace, tp: int) -> tuple[int, int]:
+    """The vocabulary and its padded size (a multiple of make-vocab-size-divisible-by x TP)."""
+    vocab = args.vocab_size or DEFAULT_VOCAB_SIZE
+    multiple = args.make_vocab_size_divisible_by * tp
+    return vocab, -(-vocab // multiple) * multiple
+
+
+def _widths(args: argparse.Namespace) -> tuple[int, int, int]:
+    """(d, q, kv): hidden size, query and key/value projection widths."""
+    head = args.kv_channels or args.hidden_size // args.num_attention_heads
+    return args.hidden_size, args.num_attention_heads * head, args.num_query_groups * head
+
+
+def _moe_pattern(args: argparse.Namespace) -> list[int]:
+    return list(args.moe_layer_pattern) if args.num_moe_experts else [0] * args.num_layers
+
+
+def layer_parameters(args: argparse.Namespace, moe: bool, tp: int = 1, ep: int = 1
+                     ) -> tuple[int, int]:
+    """``(dense, expert)`` parameters of one layer on one rank: dense ones are replicated over
+    data-parallel ranks, routed experts over the expert data-parallel ranks."""
+    d, q, kv = _widths(args)
+    attention = (d * (q + 2 * kv) + q * d + (q + 2 * kv if args.add_qkv_bias else 0)) // tp
+    norms = 2 * d
+    if not moe:
+        return norms + attention + 3 * d * args.ffn_hidden_size // tp, 0
+    shared = 3 * d * (args.moe_shared_expert_intermediate_size or 0) // tp
+    router = args.num_moe_experts * d
+    experts = args.num_moe_experts // ep * 3 * d * args.moe_ffn_hidden_size // tp
+    return norms + attention + router + shared, experts
+
+
+def projector_parameters(args: argparse.Namespace, tp: int = 1) -> int:
+    """The NITP projector (training only): ``3 r d^2`` for SwiGLU, ``d^2`` linear, 0 none."""
+    if not args.nitp:
+        return 0
+    d = args.hidden_size
+    return {"swiglu": 3 * args.nitp_projector_ffn_ratio * d * d, "linear": d * d}.get(
+        args.nitp_projector, 0) // tp
+
+
+def stage_parameters(args: argparse.Namespace, layout: Layout, stage: int) -> tuple[int, int]:
+    """``(dense, expert)`` parameters of one rank of pipeline stage ``stage``."""
+    per_stage = args.num_layers // layout.pp
+    pattern = _moe_pattern(args)
+    dense = expert = 0
+    for moe in pattern[stage * per_stage:(stage + 1) * per_stage]:
+        a, b = layer_parameters(args, bool(moe), layout.tp, layout.ep)
+        dense, expert = dense + a, expert + b
+    d = args.hidden_size
+    vocab_rows = _vocab(args, layout.tp)[1] // layout.tp * d
+    if stage == 0:
+        dense += vocab_rows
+    if stage == layout.pp - 1:
+        dense += d + projector_parameters(args, layout.tp)  # final norm, NITP projector
+        if args.untie_embeddings_and_output_weights or layout.pp > 1:
+            dense += vocab_rows  # output layer (a copy of the tied embedding when PP > 1)
+    return dense, expert
+
+
+def model_parameters(args: argparse.Namespace) -> dict[str, int]:
+    """Total and active parameters of the model for inference (no projector), TP = 1."""
+    single = Layout(world=1, tp=1, pp=1, cp=1, ep=1, dp=1, sp=False)
+    dense, expert = stage_parameters(args, single, 0)
+    projector = projector_parameters(args)
+    total = dense + expert - projector
+    skipped = 0
+    if args.num_moe_experts:
+        per_expert = 3 * args.hidden_size * args.moe_ffn_hidden_size
+        skipped = sum(_moe_pattern(args)) * (args.num_moe_experts - args.moe_router_topk) * per_expert
+    return {"total": total, "active": total - skipped, "projector": projector}
+
+
+def activation_bytes_per_token(args: argparse.Namespace, moe: bool, layout: Layout) -> float:
+    """Bytes kept for backward per token by one layer on one rank (see the module docstring)."""
+    d, q, kv = _widths(args)
+    dtype = 2 if (args.bf16 or args.fp16) else 4
+    wide = 4 * d / (layout.tp if layout.sp else 1)
+    if moe:
+        ffn = (args.moe_router_topk * (d + 3 * args.moe_ffn_hidden_size)
+               + 3 * (args.moe_shared_expert_intermediate_size or 0))
+    else:
+        ffn = 3 * args.ffn_hidden_size
+    return dtype * (wide + (2 * q + 2 * kv + ffn) / layout.tp)
+
+
+def stage_memory(args: argparse.Namespace, layout: Layout, num_microbatches: int,
+                 stage: int) -> StageMemory:
+    """The memory estimate of one GPU of pipeline stage ``stage`` (module docstring)."""
+    from megatron_nitp.nitp.routing import target_stage
+
+    half = args.bf16 or args.fp16
+    dtype = 2 if half else 4
+    dense, expert = stage_parameters(args, layout, stage)
+    optimizer_bytes = 12 if half else 8
+    dense_shards = layout.dp * layout.cp if args.use_distributed_optimizer else 1
+    expert_shards = layout.expert_dp if args.use_distributed_optimizer else 1
+
+    d = args.hidden_size
+    tokens = args.seq_length // layout.cp * args.micro_batch_size
+    sp_split = layout.tp if layout.sp else 1
+    per_stage = args.num_layers // layout.pp
+    pattern = _moe_pattern(args)[stage * per_stage:(stage + 1) * per_stage]
+    per_micro = tokens * sum(activation_bytes_per_token(args, bool(m), layout) for m in pattern)
+    activations = min(layout.pp - stage, num_microbatches) * per_micro
+    if stage == layout.pp - 1:
+        padded = _vocab(args, layout.tp)[1]
+        activations += tokens * padded / layout.tp * (dtype + 4)  # logits + fp32 copy
+        activations += tokens * d / sp_split * dtype  # output layer input
+        if args.nitp:
+            ratio = args.nitp_projector_ffn_ratio if args.nitp_projector == "swiglu" else 0
+            activations += tokens * (3 * ratio * d / layout.tp * dtype
+                                     + d / sp_split * (dtype + 2 * 4))
+    if (args.nitp and layout.pp > 1 and stage != layout.pp - 1
+            and target_stage(args.nitp_target_layer, args.num_layers, layout.pp) == stage):
+        activations += num_microbatches * tokens * d / sp_split * dtype  # routed send buffers
+    return StageMemory(
+        stage=stage,
+        parameters=dense + expert,
+        weights=(dense + expert) * dtype,
+        gradients=(dense + expert) * 4,
+        optimizer=optimizer_bytes * (dense / dense_shards + expert / expert_shards),
+        activations=activations,
+        runtime=RUNTIME_OVERHEAD_GIB * GIB,
+    )
+
+
+def _count(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def _advice(args: argparse.Namespace, layout: Layout, worst: StageMemory) -> list[str]:
+    """What to change, largest memory term first."""
+    fixes = []
+    static = worst.weights + worst.gradients + worst.optimizer
+    if not args.use_distributed_optimizer and (layout.dp * layout.cp > 1 or layout.expert_dp > 1):
+        fixes.append((worst.optimizer, "add --use-distributed-optimizer (shards the optimizer "
+                                       "states over the data-parallel ranks)"))
+    model = ["raise --pipeline-model-parallel-size (now %d) or --tensor-model-parallel-size "
+             "(now %d)" % (layout.pp, layout.tp)]
+    if args.num_moe_experts:
+        model.append("raise --expert-model-parallel-size (now %d)" % layout.ep)
+    fixes.append((static, " or ".join(model) + " to hold fewer parameters per GPU"))
+    act = []
+    if args.micro_batch_size > 1:
+        act.append(f"lower --micro-batch-size (now {args.micro_batch_size})")
+    if layout.tp > 1 and not layout.sp:
+        act.append("add --sequence-parallel")
+    act.append("raise --tensor-model-parallel-size or --context-parallel-size")
+    fixes.append((worst.activations, ", ".join(act) + " to shrink the activations"))
+    return [text for _, text in sorted(fixes, key=lambda item: -item[0])]
+
+
+def dry_run(args: argparse.Namespace) -> int:
+    """Checks the layout, prints the plan; returns the exit code (0 = the job can start,
+    2 = impossible layout, 3 = does not fit in GPU memory)."""
+    from megatron_nitp.nitp.routing import routed_bytes_per_step, target_stage
+
+    try:
+        world = world_size(args)
+        if world < 1:
+            raise ValueError(f"world size {world} must be >= 1.")
+        arguments.validate_world_args(args, world)
+        gpu_gib = gpu_memory_gib()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    layout = Layout(world=world, tp=args.tensor_model_parallel_size,
+                    pp=args.pipeline_model_parallel_size, cp=args.context_parallel_size,
+                    ep=args.expert_model_parallel_size, dp=args.data_parallel_size,
+                    sp=bool(args.sequence_parallel))
+    micro = args.num_microbatches
+    counts = model_parameters(args)
+    vocab, padded = _vocab(args, layout.tp)
+    stages = [stage_memory(args, layout, micro, i) for i in range(layout.pp)]
+    worst = max(stages, key=lambda m: m.total)
+    fits = worst.total <= gpu_gib * GIB
+
+    kind = "MoE GPT" if args.num_moe_experts else "dense GPT"
+    ffn = (f"FFN {args.ffn_hidden_size}" if not args.num_moe_experts else
+           f"dense FFN {args.ffn_hidden_size}, {sum(args.moe_layer_pattern)} MoE layers of "
+           f"{args.num_moe_experts} experts (width {args.moe_ffn_hidden_size}) top-"
+           f"{args.moe_router_topk}" + (f" + shared {args.moe_shared_expert_intermediate_size}"
+                                        if args.moe_shared_expert_intermediate_size else ""))
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    lines = [
+        "NITP job plan (dry run: no process group started, no model built)",
+        ("model", f"{args.preset} ({kind}): {args.num_layers} layers, hidden {args.hidden_size}, "
+                  f"{ffn}, {args.num_attention_heads} heads / {args.num_query_groups} KV groups, "
+                  f"seq {args.seq_length}, vocab {vocab}"
+                  + (" (tokenizer's: not known in a dry run, assumed)" if not args.vocab_size
+                     else "") + f", padded {padded}"),
+        ("parameters", f"total {_count(counts['total'])}, active {_count(counts['active'])}"
+                       + (f"; NITP projector {_count(counts['projector'])} (training only)"
+                          if counts["projector"] else "")),
+        ("layout", f"world {world} = TP {layout.tp} x PP {layout.pp} x CP {layout.cp} x "
+                   f"DP {layout.dp}; EP {layout.ep}"
+                   + (f" (expert DP {layout.expert_dp})" if args.num_moe_experts else "")
+                   + f"; sequence parallel {'on' if layout.sp else 'off'}"),
+        ("batch", f"micro-batch {args.micro_batch_size} x DP {layout.dp} x {micro} micro-batches "
+                  f"= global batch {args.global_batch_size}; "
+                  f"{args.global_batch_size * args.seq_length:,} tokens per step; "
+                  f"{args.train_iters:,} iterations"),
+        ("training", f"{precision}, lr {args.lr:g} ({args.lr_decay_style}), distributed "
+                     f"optimizer {'on' if args.use_distributed_optimizer else 'off'}"),
+    ]
+    if args.nitp:
+        owner = target_stage(args.nitp_target_layer, args.num_layers, layout.pp)
+        routed = routed_bytes_per_step(
+            seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
+            hidden_size=args.hidden_size, num_microbatches=micro,
+            target_layer=args.nitp_target_layer, num_layers=args.num_layers,
+            tensor_parallel=layout.tp, pipeline_parallel=layout.pp, data_parallel=layout.dp,
+            context_parallel=layout.cp, sequence_parallel=layout.sp,
+            dtype_bytes=2 if (args.bf16 or args.fp16) else 4)
+        where = (f"layer {args.nitp_target_layer}" if args.nitp_target_layer else "embeddings")
+        lines.append(("NITP", f"k={args.nitp_target_layer} ({where}), lambda "
+                              f"{args.nitp_loss_weight:g}, on pipeline stage {owner} of "
+                              f"{layout.pp}"))
+        if routed["routed"]:
+            lines.append(("NITP routing", f"{_bytes(routed['bytes_per_microbatch_per_rank'])} per "
+                          f"micro-batch per sending rank, {_bytes(routed['bytes_per_step_total'])} "
+                          f"per step for the job (stage {owner} -> stage {layout.pp - 1}; "
+                          f"nothing backward)"))
+        else:
+            lines.append(("NITP routing", "none (the target is on the last stage)"))
+    else:
+        lines.append(("NITP", "off (NTP baseline)"))
+    for m in stages:
+        label = "memory/GPU" if layout.pp == 1 else f"memory stage {m.stage}"
+        lines.append((label, f"{_bytes(m.total)} = weights {_bytes(m.weights)} + gradients "
+                             f"{_bytes(m.gradients)} + optimizer {_bytes(m.optimizer)} + activations "
+                             f"{_bytes(m.activations)} + runtime {_bytes(m.runtime)} "
+                             f"({_count(m.parameters)} parameters on this GPU, NITP projector included)"))
+    verdict = "fits" if fits else "DOES NOT FIT"
+    lines.append(("estimate", f"{_bytes(worst.total)} per GPU (pipeline stage {worst.stage}) of "
+                              f"{gpu_gib:g} GiB (${GPU_MEMORY_ENV}): {verdict}"))
+    print(lines[0])
+    for label, text in lines[1:]:
+        print(f"  {label:<15} {text}")
+    sys.stdout.flush()
+    if not fits:
+        print(f"error: the memory estimate ({_bytes(worst.total)} on pipeline stage {worst.stage}) "
+              f"exceeds the GPU memory ({gpu_gib:g} GiB; set ${GPU_MEMORY_ENV} for another GPU): "
+              + "; or ".join(_advice(args, layout, worst)) + ".", file=sys.stderr)
+        return 3
+    return 0

@@ -13,6 +13,7 @@ they are the same whatever the parallel layout.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Iterator
 
@@ -26,6 +27,15 @@ from megatron_nitp.nitp.loss import num_contributing_positions
 from megatron_nitp.training.model import unwrap
 
 REPORT_KEYS = ("lm loss", "nitp loss", "effective rank", "cosine similarity")
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN/Inf loss or gradient under ``--nan-policy stop``; carries the diagnostics."""
+
+    def __init__(self, diagnostics: dict):
+        super().__init__(f"non-finite values at iteration {diagnostics['iteration']}: "
+                         f"{diagnostics['non_finite']}")
+        self.diagnostics = diagnostics
 
 
 def _loss_func(loss_mask, nitp_scale, geometry, output):
@@ -132,26 +142,62 @@ def _run_schedule(model, batches, args, nitp_scale, forward_only, geometry):
     return reports
 
 
+def _grads_finite(model) -> bool:
+    """True when every gradient on every rank is finite (one all-reduce of a flag)."""
+    bad = torch.zeros(1)
+    for buffer in list(model.buffers) + list(getattr(model, "expert_parallel_buffers", [])):
+        if not torch.isfinite(buffer.grad_data).all():
+            bad += 1
+    if torch.cuda.is_available():
+        bad = bad.cuda()
+    torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    return bad.item() == 0
+
+
 def train_step(
-    model, optimizer, scheduler, data_iterator: Iterator, args, iteration: int, geometry: bool
+    model, optimizer, scheduler, data_iterator: Iterator, args, iteration: int, geometry: bool,
+    fault: str | None = None,
 ) -> dict[str, float]:
     """Forward/backward over ``args.num_microbatches`` micro-batches, then one optimizer step.
 
     Returns the global lm loss, nitp loss, total loss, grad norm, lr (and geometry if asked).
+    A NaN/Inf in a loss or a gradient is caught before the optimizer step: the step is skipped
+    (``--nan-policy skip``, reported as ``skipped``) or NonFiniteError is raised (``stop``). The
+    weights are never updated with it. ``fault`` injects ``nan-loss`` or ``nan-grad`` (tests).
     """
     batches = [_to_device(next(data_iterator)) for _ in range(args.num_microbatches)]
     weight = args.nitp_config.weight_at(iteration)
     n_ntp, n_nitp = _global_counts(batches, args.nitp_config.shift)
     nitp_scale = weight * n_ntp / n_nitp if n_nitp > 0 else 0.0
+    if fault == "nan-loss":
+        nitp_scale = float("nan")
 
     model.zero_grad_buffer()
     optimizer.zero_grad()
     reports = _run_schedule(model, batches, args, nitp_scale, False, geometry)
+    if fault == "nan-grad":
+        model.buffers[0].grad_data.view(-1)[0] = float("nan")
+    metrics = reduce_report(reports)
+    losses_finite = all(math.isfinite(metrics.get(k, 0.0)) for k in ("lm loss", "nitp loss"))
+    if fault == "nan-loss":
+        losses_finite = False
+    if not (losses_finite and _grads_finite(model)):
+        diagnostics = {"iteration": iteration + 1, "losses": metrics,
+                       "non_finite": "loss" if not losses_finite else "gradient",
+                       "consumed_samples": getattr(data_iterator, "consumed_samples", None)}
+        if args.nan_policy == "stop":
+            raise NonFiniteError(diagnostics)
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        metrics.update({"total loss": float("nan"), "grad norm": float("nan"), "skipped": 1.0,
+                        "learning rate": optimizer.param_groups[0]["lr"], "nitp weight": weight})
+        if args.num_moe_experts:
+            metrics["load balancing loss"] = load_balancing_loss(args)
+        return metrics
     update_successful, grad_norm, _ = optimizer.step()
     if update_successful:
         scheduler.step(increment=1)
 
-    metrics = reduce_report(reports)
     metrics["total loss"] = metrics["lm loss"] + weight * metrics.get("nitp loss", 0.0)
     metrics["grad norm"] = float(grad_norm) if grad_norm is not None else float("nan")
     metrics["learning rate"] = optimizer.param_groups[0]["lr"]

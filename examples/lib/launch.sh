@@ -1,0 +1,49 @@
+# Sourced by examples/pretrain_*.sh: the launcher they share.
+#
+#   nitp_launch ENTRY.py FLAG...
+#
+# runs ENTRY.py from the repository root under torchrun, one launcher per node with a c10d
+# rendezvous at $MASTER_ADDR:$MASTER_PORT ($NNODES nodes x $GPUS_PER_NODE processes; the
+# rendezvous assigns node ranks, so every node runs the same command). With DRY_RUN=1 it runs
+# `python ENTRY.py FLAG... --dry-run --world-size NNODES*GPUS_PER_NODE` instead: no GPU, no
+# process group; the plan (layout, batch, memory per GPU) is printed and the exit code says
+# whether the job can start (0), the layout is impossible (2) or it does not fit in memory (3).
+#
+# Environment: NNODES, GPUS_PER_NODE, MASTER_ADDR, MASTER_PORT, RDZV_ID (default nitp; set it to
+# the job id when several jobs share a rendezvous host), PYTHON (dry run; default python),
+# TORCHRUN (default torchrun), DRY_RUN.
+
+NITP_ROOT=${NITP_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
+
+nitp_launch() {
+  local entry=$1
+  shift
+  if [ "${DRY_RUN:-0}" = 1 ]; then
+    exec "${PYTHON:-python}" "$NITP_ROOT/$entry" "$@" \
+      --dry-run --world-size $((NNODES * GPUS_PER_NODE))
+  fi
+  local -a launcher=(
+    --nnodes "$NNODES"
+    --nproc-per-node "$GPUS_PER_NODE"
+    --rdzv-backend c10d
+    --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT"
+    --rdzv-id "${RDZV_ID:-nitp}"
+    --max-restarts 0
+  )
+  cd "$NITP_ROOT"
+  # shellcheck disable=SC2086  # TORCHRUN may be a command with arguments
+  exec ${TORCHRUN:-torchrun} "${launcher[@]}" "$entry" "$@"
+}
+
+# --load the checkpoint folder when it holds one (resume after a pre-emption or a crash).
+nitp_resume_args() {
+  if [ -f "$1/latest_checkpointed_iteration.txt" ]; then
+    printf '%s\n' --load "$1"
+  fi
+}
+
+# Ceil(tokens / (global batch x sequence length)): the iterations of a token budget.
+nitp_iterations() {
+  local tokens=$1 gbs=$2 seq=$3
+  echo $(((tokens + gbs * seq - 1) / (gbs * seq)))
+}

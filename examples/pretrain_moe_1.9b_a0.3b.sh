@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Pretrain the paper's MoE 1.9B-A0.3B (DeepSeek-V2-style MoE) with NITP.
+#
+#   model   16 layers (1 dense + 15 MoE), d 512, 8 query / 4 KV heads x 64,
+#           dense FFN 10944 in the first layer;
+#           MoE layers: 144 routed experts (top-8, width 496) + 1 shared;
+#           untied embeddings, QKV bias, vocabulary 152064 (Qwen2), sequence 8192
+#   NITP    target layer k = 3 (~20% of depth), lambda 1.0, SwiGLU projector d -> 4d -> d
+#   recipe  AdamW (0.9, 0.95), weight decay 0.1, clip 1.0, lr 6.0e-4, WSD: 2000 warm-up
+#           iterations, decay over the last 20%; global batch 256 x 8192 tokens; 105B tokens
+#   layout  one node of 8 x 80 GB H100: TP 1, PP 1, EP 8, DP 8, micro-batch 1 (32 micro-batches
+#           per step), distributed optimizer. Estimated ~21 GiB per GPU (DRY_RUN=1: the plan).
+#
+# On every node (or through examples/slurm/pretrain_moe.sbatch):
+#   NNODES=1 MASTER_ADDR=<first node> bash examples/pretrain_moe_1.9b_a0.3b.sh [extra flags]
+# Check the flags and the memory estimate without GPUs:
+#   DRY_RUN=1 bash examples/pretrain_moe_1.9b_a0.3b.sh
+# Extra flags are appended last, so they override the ones below (e.g. --train-iters 100).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib/launch.sh"
+
+NAME=moe-1.9b-a0.3b
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+NNODES=${NNODES:-1}
+MASTER_ADDR=${MASTER_ADDR:-localhost}
+MASTER_PORT=${MASTER_PORT:-6000}
+
+# Data: a megatron indexed dataset (tools/preprocess_data.py; a blend "0.7 a 0.3 b" works) and
+# the SentencePiece model it was tokenized with. DATA_PATH="" trains on the built-in corpus.
+DATA_PATH=${DATA_PATH-$NITP_ROOT/data/corpus_text_document}
+TOKENIZER_MODEL=${TOKENIZER_MODEL:-$NITP_ROOT/data/tokenizer.model}
+VOCAB_SIZE=${VOCAB_SIZE:-152064}  # the paper's (Qwen2); >= your tokenizer's
+RUN_DIR=${RUN_DIR:-$NITP_ROOT/runs/$NAME-nitp}  # summary, plot
+CHECKPOINT_PATH=${CHECKPOINT_PATH:-$RUN_DIR/checkpoints}
+TENSORBOARD_DIR=${TENSORBOARD_DIR:-$RUN_DIR/tensorboard}
+
+SEQ_LENGTH=8192
+GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-256}
+TRAIN_TOKENS=${TRAIN_TOKENS:-105000000000}
+TRAIN_ITERS=${TRAIN_ITERS:-$(nitp_iterations "$TRAIN_TOKENS" "$GLOBAL_BATCH_SIZE" "$SEQ_LENGTH")}
+
+MODEL_ARGS=(
+  --preset "$NAME"  # the shape above (python pretrain_moe_nitp.py --list-presets)
+  --seq-length "$SEQ_LENGTH"
+  --vocab-size "$VOCAB_SIZE"
+  --nitp-target-layer 3
+  --nitp-loss-weight 1.0
+)
+TRAINING_ARGS=(
+  --micro-batch-size "${MICRO_BATCH_SIZE:-1}"
+  --global-batch-size "$GLOBAL_BATCH_SIZE"
+  --train-iters "$TRAIN_ITERS"
+  --lr 6.0e-4
+  --lr-decay-style WSD
+  --lr-warmup-iters 2000
+  --lr-wsd-decay-ratio 0.2
+  --weight-decay 0.1
+  --adam-beta1 0.9
+  --adam-beta2 0.95
+  --clip-grad 1.0
+  --bf16
+  --use-distributed-optimizer
+)
+DATA_ARGS=()
+if [ -n "$DATA_PATH" ]; then
+  read -r -a data_prefixes <<<"$DATA_PATH"
+  DATA_ARGS=(
+    --data-path "${data_prefixes[@]}"
+    --tokenizer-model "$TOKENIZER_MODEL"
+    --split 969,30,1
+  )
+fi
+PARALLEL_ARGS=(
+  --tensor-model-parallel-size "${TP:-1}"
+  --pipeline-model-parallel-size "${PP:-1}"
+  --expert-model-parallel-size "${EP:-8}"
+  --moe-token-dispatcher-type alltoall
+)
+LOGGING_ARGS=(
+  --log-interval 10
+  --eval-interval 1000
+  --eval-iters 10
+  --geometry-interval 100
+  --run-dir "$RUN_DIR"
+  --tensorboard-dir "$TENSORBOARD_DIR"
+  --save "$CHECKPOINT_PATH"
+  --save-interval "${SAVE_INTERVAL:-1000}"
+  --no-progress-bar
+)
+mapfile -t RESUME_ARGS < <(nitp_resume_args "$CHECKPOINT_PATH")
+
+nitp_launch pretrain_moe_nitp.py "${MODEL_ARGS[@]}" "${TRAINING_ARGS[@]}" "${DATA_ARGS[@]}" \
+  "${PARALLEL_ARGS[@]}" "${LOGGING_ARGS[@]}" "${RESUME_ARGS[@]}" "$@"

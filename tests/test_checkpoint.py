@@ -1,0 +1,228 @@
+"""Checkpoints that survive: exact resume after SIGKILL, a crash mid-save, corruption, SIGTERM,
+NaN policies, config mismatches, and resharding across layouts."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, free_port
+
+TINY = ["--num-layers", "4", "--hidden-size", "32", "--ffn-hidden-size", "64",
+        "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "32",
+        "--micro-batch-size", "2", "--global-batch-size", "4", "--lr-warmup-iters", "0",
+        "--nitp-target-layer", "1", "--eval-interval", "0", "--no-plot", "--no-progress-bar",
+        "--geometry-interval", "0", "--log-interval", "1"]
+
+
+def _run(run_dir, *flags, nproc=1, expect=0):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    script = os.path.join(ROOT, "pretrain_gpt_nitp.py")
+    cmd = [sys.executable, script] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+        "--master-port", str(free_port()), script]
+    # Own session, output to files: a SIGKILLed trainer leaves dist_checkpointing's helper
+    # processes orphaned with our pipes open; the whole group is killed once the trainer is done.
+    os.makedirs(run_dir, exist_ok=True)
+    out_path, err_path = f"{run_dir}.stdout", f"{run_dir}.stderr"
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        proc = subprocess.Popen(cmd + TINY + ["--run-dir", str(run_dir)] + list(flags),
+                                cwd=ROOT, env=env, stdout=out, stderr=err, text=True,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=600)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    proc.stdout, proc.stderr = open(out_path).read(), open(err_path).read()
+    assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def _history(run_dir):
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        history = json.load(f)["history"]
+    return {key: dict((int(i), v) for i, v in points) for key, points in history.items()}
+
+
+def _latest(ckpt):
+    with open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")) as f:
+        return int(f.read())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    _run(root / "full", "--train-iters", "6", "--save-interval", "2")
+    return root, _history(root / "full")
+
+
+def test_sigkill_then_resume_is_bitwise_identical(uninterrupted):
+    root, full = uninterrupted
+    killed = root / "killed"
+    proc = _run(killed, "--train-iters", "6", "--save-interval", "2",
+                "--inject-fault", "sigkill@5", expect=-signal.SIGKILL)
+    assert "saved checkpoint" in proc.stdout
+    assert _latest(killed / "checkpoints") == 4
+    resumed = root / "resumed"
+    proc = _run(resumed, "--train-iters", "6", "--load", str(killed / "checkpoints"),
+                "--save", str(killed / "checkpoints"))
+    assert "resumed from" in proc.stdout and "at iteration 4" in proc.stdout
+    got = _history(resumed)
+    assert sorted(got["lm loss"]) == [5, 6]
+    for key in ("lm loss", "nitp loss", "grad norm"):
+        for it in (5, 6):
+            assert got[key][it] == full[key][it], (key, it)  # bitwise on CPU fp32
+
+
+def test_crash_during_save_leaves_previous_checkpoint_loadable(uninterrupted, tmp_path):
+    root, full = uninterrupted
+    run = tmp_path / "crash"
+    _run(run, "--train-iters", "6", "--save-interval", "2", "--inject-fault",
+         "crash-in-save@4", expect=17)
+    ckpt = run / "checkpoints"
+    assert _latest(ckpt) == 2
+    assert (ckpt / "iter_0000004").is_dir()
+    assert not (ckpt / "iter_0000004" / "manifest.json").exists()
+    resumed = tmp_path / "after-crash"
+    _run(resumed, "--train-iters", "4", "--load", str(ckpt), "--no-save")
+    got = _history(resumed)
+    assert got["lm loss"][3] == full["lm loss"][3] and got["lm loss"][4] == full["lm loss"][4]
+
+
+def test_corrupted_checkpoint_is_named_and_fallback_loads_the_previous(uninterrupted, tmp_path):
+    import shutil
+
+    root, full = uninterrupted
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(root / "full" / "checkpoints", ckpt)
+    assert _latest(ckpt) == 6
+    victim = sorted(p for p in (ckpt / "iter_0000006").rglob("*.distcp"))[0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    proc = _run(tmp_path / "bad", "--train-iters", "6", "--load", str(ckpt), "--no-save",
+                expect=1)
+    assert "corrupted (CRC32 mismatch)" in proc.stderr and victim.name in proc.stderr
+    proc = _run(tmp_path / "fallback", "--train-iters", "5", "--load", str(ckpt),
+                "--load-fallback", "--no-save")
+    assert "falling back to" in proc.stdout
+    assert _history(tmp_path / "fallback")["lm loss"][5] == full["lm loss"][5]
+    victim.unlink()
+    proc = _run(tmp_path / "missing", "--train-iters", "6", "--load", str(ckpt), "--no-save",
+                expect=1)
+    assert "checkpoint file missing" in proc.stderr
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_75(uninterrupted, tmp_path):
+    root, full = uninterrupted
+    run = tmp_path / "term"
+    proc = _run(run, "--train-iters", "6", "--inject-fault", "sigterm@3", expect=75)
+    assert "SIGTERM: saved checkpoint" in proc.stdout
+    assert _latest(run / "checkpoints") == 3
+    _run(tmp_path / "after-term", "--train-iters", "6", "--load", str(run / "checkpoints"),
+         "--no-save")
+    got = _history(tmp_path / "after-term")
+    assert [got["lm loss"][i] for i in (4, 5, 6)] == [full["lm loss"][i] for i in (4, 5, 6)]
+
+
+def _weights_at(dist_ckpt, iteration, tmp_path):
+    """The model state of one checkpoint iteration, loaded in-process."""
+    import shutil
+
+    from megatron_nitp.training.arguments import parse_args
+    from megatron_nitp.training.checkpointing import load_model_weights
+    from megatron_nitp.training.initialize import set_seed
+    from megatron_nitp.training.model import build_model
+
+    root = tmp_path / f"only-{iteration}"
+    shutil.copytree(dist_ckpt / f"iter_{iteration:07d}", root / f"iter_{iteration:07d}")
+    (root / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+    args = parse_args(TINY + ["--train-iters", "3"])
+    args.vocab_size = args.padded_vocab_size = 4096
+    set_seed(99)
+    model = build_model(args, pre_process=True, post_process=True)
+    load_model_weights(str(root), model)
+    return {k: v.clone() for k, v in model.state_dict().items() if v is not None and "extra" not in k}
+
+
+def test_nan_skip_policy_never_updates_the_weights(dist, tmp_path):
+    import torch
+
+    run = tmp_path / "nan"
+    _run(run, "--train-iters", "3", "--save-interval", "1", "--inject-fault", "nan-grad@2")
+    got = _history(run)
+    assert got["skipped"] == {1: 0.0, 2: 1.0, 3: 0.0}
+    assert all(torch.isfinite(torch.tensor(v)) for v in got["lm loss"].values())
+    ckpt = run / "checkpoints"
+    one, two, three = (_weights_at(ckpt, i, tmp_path) for i in (1, 2, 3))
+    assert one.keys() == two.keys()
+    for key in one:  # the NaN step changed nothing ...
+        assert torch.equal(one[key], two[key]), key
+    # ... and the next step trained normally, with finite weights
+    assert any(not torch.equal(two[k], three[k]) for k in two)
+    assert all(torch.isfinite(v).all() for v in three.values() if v.is_floating_point())
+
+
+def test_nan_stop_policy_writes_diagnostics_and_exits_3(tmp_path):
+    run = tmp_path / "stop"
+    proc = _run(run, "--train-iters", "4", "--save-interval", "1", "--nan-policy", "stop",
+                "--inject-fault", "nan-loss@3", expect=3)
+    assert "non-finite values at iteration 3" in proc.stdout
+    diag = json.load(open(run / "non_finite_iter_0000003.json"))
+    assert diag["non_finite"] == "loss"
+    assert _latest(run / "checkpoints") == 2
+    _run(tmp_path / "after-stop", "--train-iters", "3", "--load", str(run / "checkpoints"),
+         "--no-save")
+
+
+def test_mismatched_checkpoint_lists_the_fields(uninterrupted, tmp_path):
+    root, _ = uninterrupted
+    ckpt = root / "full" / "checkpoints"
+    proc = _run(tmp_path / "mismatch", "--train-iters", "7", "--load", str(ckpt), "--no-save",
+                "--nitp-target-layer", "2", expect=1)
+    assert "nitp.target_layer: checkpoint 1, this run 2" in proc.stderr
+    assert "--override-config" in proc.stderr
+    proc = _run(tmp_path / "override", "--train-iters", "7", "--load", str(ckpt), "--no-save",
+                "--nitp-target-layer", "2", "--override-config")
+    assert "resumed from" in proc.stdout
+
+
+@pytest.mark.parametrize("first,second", [
+    (["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"], []),
+    ([], ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
+    ([], ["DP2"]),
+])
+def test_resharding_resumes_with_the_same_next_iteration(uninterrupted, tmp_path, first, second):
+    root, full = uninterrupted
+    init = root / "full" / "checkpoints"
+
+    def nproc(flags):
+        if flags == ["DP2"]:
+            return 2, []
+        return (4 if flags else 1), flags
+
+    n1, f1 = nproc(first)
+    n2, f2 = nproc(second)
+    # both halves start from the uninterrupted run's iteration-2 weights and optimizer state
+    ckpt = tmp_path / "ckpt"
+    import shutil
+
+    os.makedirs(ckpt)
+    shutil.copytree(init / "iter_0000002", ckpt / "iter_0000002")
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("2")
+    _run(tmp_path / "a", "--train-iters", "3", "--load", str(ckpt), "--save", str(ckpt), *f1,
+         nproc=n1)
+    assert _latest(ckpt) == 3
+    _run(tmp_path / "b", "--train-iters", "4", "--load", str(ckpt), "--no-save", *f2, nproc=n2)
+    a, b = _history(tmp_path / "a"), _history(tmp_path / "b")
+    for key in ("lm loss", "nitp loss", "grad norm"):
+        assert a[key][3] == pytest.approx(full[key][3], rel=1e-5), key
+        assert b[key][4] == pytest.approx(full[key][4], rel=1e-5), key

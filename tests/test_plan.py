@@ -1,0 +1,243 @@
+"""`--dry-run`: world checks, parameter counts per rank, memory estimate, exit codes."""
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megatron_nitp.flops import parameter_counts
+from megatron_nitp.presets import PRESETS
+from megatron_nitp.training import plan
+from megatron_nitp.training.arguments import parse_args
+from tests.conftest import ROOT
+
+PAPER = [name for name in PRESETS if not name.startswith("tiny")]
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    for name in LAUNCH_VARS + (plan.GPU_MEMORY_ENV,):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _args(*flags, model_type=None):
+    flags = list(flags)
+    preset = PRESETS[flags[flags.index("--preset") + 1] if "--preset" in flags else "tiny-dense"]
+    model_type = model_type or preset.get("model_type", "dense")
+    # the paper presets leave the run length and the micro-batch to the launch script
+    for flag, value in (("--train-iters", "10000"), ("--micro-batch-size", "1")):
+        if flag not in flags and flag[2:].replace("-", "_") not in preset:
+            flags += [flag, value]
+    return parse_args(flags, model_type=model_type)
+
+
+def _layout(args, world):
+    from megatron_nitp.training.arguments import validate_world_args
+
+    validate_world_args(args, world)
+    return plan.Layout(world=world, tp=args.tensor_model_parallel_size,
+                       pp=args.pipeline_model_parallel_size, cp=args.context_parallel_size,
+                       ep=args.expert_model_parallel_size, dp=args.data_parallel_size,
+                       sp=args.sequence_parallel)
+
+
+@pytest.mark.parametrize("name", PAPER + ["tiny-dense", "tiny-moe"])
+def test_model_parameters_agree_with_the_analytic_counts(name):
+    counts = plan.model_parameters(_args("--preset", name))
+    reference = parameter_counts(PRESETS[name])
+    assert counts["total"] == reference["total"]
+    assert counts["active"] == reference["activated"]
+    assert counts["projector"] == reference["nitp_projector"]
+
+
+def _built_stage(args, stage, pp):
+    """Parameters of pipeline stage `stage` of `pp`, built by megatron-core (TP = EP = 1)."""
+    from megatron_nitp.training.model import build_model
+
+    per = args.num_layers // pp
+    part = copy.copy(args)
+    part.num_layers = per
+    if args.num_moe_experts:
+        part.moe_layer_pattern = args.moe_layer_pattern[stage * per:(stage + 1) * per]
+    part.padded_vocab_size = plan._vocab(args, 1)[1]
+    part.perform_initialization = False
+    model = build_model(part, pre_process=stage == 0, post_process=stage == pp - 1)
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("flags", [
+    ("--preset", "tiny-dense"),
+    ("--preset", "tiny-dense", "--untie-embeddings-and-output-weights"),
+    ("--preset", "tiny-dense", "--no-nitp"),
+    ("--preset", "tiny-moe"),
+])
+@pytest.mark.parametrize("pp", [1, 2, 4])
+def test_stage_parameters_match_the_built_stages(dist, flags, pp):
+    args = _args(*flags)
+    layout = plan.Layout(world=pp, tp=1, pp=pp, cp=1, ep=1, dp=1, sp=False)
+    for stage in range(pp):
+        dense, expert = plan.stage_parameters(args, layout, stage)
+        assert dense + expert == _built_stage(args, stage, pp), (flags, pp, stage)
+
+
+def test_tensor_and_expert_parallel_divide_their_matrices():
+    args = _args("--preset", "moe-9b-a1b")
+    one = plan.Layout(world=1, tp=1, pp=1, cp=1, ep=1, dp=1, sp=False)
+    split = plan.Layout(world=16, tp=2, pp=1, cp=1, ep=8, dp=8, sp=False)
+    d = args.hidden_size
+    dense1, expert1 = plan.layer_parameters(args, True, 1, 1)
+    dense2, expert2 = plan.layer_parameters(args, True, 2, 8)
+    assert expert2 == expert1 // 16
+    replicated = 2 * d + args.num_moe_experts * d  # two norms and the router
+    assert dense2 - replicated == (dense1 - replicated) // 2
+    s1, s2 = plan.stage_parameters(args, one, 0), plan.stage_parameters(args, split, 0)
+    assert s2[1] == s1[1] // 16
+
+
+def test_memory_terms_by_hand():
+    # one dense layer, no NITP, bf16, DP 4 with the distributed optimizer
+    args = _args("--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
+                 "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "32",
+                 "--micro-batch-size", "2", "--global-batch-size", "16", "--bf16", "--no-nitp",
+                 "--use-distributed-optimizer", "--vocab-size", "256", "--nitp-target-layer", "0")
+    layout = _layout(args, 4)
+    assert (layout.dp, args.num_microbatches) == (4, 2)
+    m = plan.stage_memory(args, layout, args.num_microbatches, 0)
+    d, q, kv, f = 64, 64, 32, 128
+    n = 2 * (2 * d + d * (q + 2 * kv) + q * d + 3 * d * f) + 256 * d + d  # layers, embedding, norm
+    assert m.parameters == n
+    assert (m.weights, m.gradients) == (2 * n, 4 * n)
+    assert m.optimizer == pytest.approx(12 * n / 4)
+    tokens = 32 * 2
+    per_layer = 2 * (4 * d + 2 * q + 2 * kv + 3 * f)
+    logits = tokens * 256 * (2 + 4) + tokens * d * 2
+    assert m.activations == pytest.approx(tokens * 2 * per_layer + logits)
+    assert m.total == pytest.approx(m.weights + m.gradients + m.optimizer + m.activations
+                                    + plan.RUNTIME_OVERHEAD_GIB * plan.GIB)
+
+
+def test_pipeline_stages_hold_micro_batches_in_flight_and_the_routing_buffers():
+    args = _args("--preset", "dense-2b", "--pipeline-model-parallel-size", "4",
+                 "--micro-batch-size", "1")
+    layout = _layout(args, 32)
+    m = args.num_microbatches
+    stages = [plan.stage_memory(args, layout, m, i) for i in range(4)]
+    # stage 0 owns layer 6 (layers 1-7): it keeps one send buffer per micro-batch of the step
+    tokens, d = args.seq_length, args.hidden_size
+    routing = m * tokens * d * 2
+    per_layer = tokens * plan.activation_bytes_per_token(args, False, layout)
+    assert stages[0].activations == pytest.approx(4 * 7 * per_layer + routing)
+    assert stages[1].activations == pytest.approx(3 * 7 * per_layer)
+    assert stages[2].activations == pytest.approx(2 * 7 * per_layer)
+    assert stages[3].activations > 1 * 7 * per_layer  # + logits and NITP on the last stage
+
+
+def test_sequence_parallel_and_context_parallel_shrink_activations():
+    base = _args("--preset", "dense-3b", "--tensor-model-parallel-size", "2")
+    sp = _args("--preset", "dense-3b", "--tensor-model-parallel-size", "2", "--sequence-parallel")
+    a = plan.activation_bytes_per_token(base, False, _layout(base, 8))
+    b = plan.activation_bytes_per_token(sp, False, _layout(sp, 8))
+    assert b == pytest.approx(a - 2 * 4 * base.hidden_size / 2)
+
+
+def _dry(capsys, *flags, model_type=None):
+    code = plan.dry_run(_args(*flags, model_type=model_type))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_tiny_plan_prints_every_section(capsys):
+    code, out, err = _dry(capsys, "--preset", "tiny-dense")
+    assert code == 0, err
+    for text in ("tiny-dense", "parameters", "world 1 = TP 1 x PP 1 x CP 1 x DP 1",
+                 "2 micro-batches", "2,048 tokens per step", "k=1", "stage 0 of 1",
+                 "NITP routing", "fits"):
+        assert text in out, text
+
+
+def test_world_size_from_flag_env_or_model_parallel(capsys, monkeypatch):
+    code, out, _ = _dry(capsys, "--tensor-model-parallel-size", "2",
+                        "--pipeline-model-parallel-size", "2")
+    assert code == 0 and "world 4 = TP 2 x PP 2" in out
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    code, out, _ = _dry(capsys, "--tensor-model-parallel-size", "2", "--micro-batch-size", "2")
+    assert code == 0 and "world 8 = TP 2 x PP 1 x CP 1 x DP 4" in out
+    code, out, _ = _dry(capsys, "--micro-batch-size", "1", "--world-size", "16")
+    assert code == 0 and "world 16" in out and "DP 16" in out
+
+
+def test_pipeline_plan_names_the_target_stage_and_routing_bytes(capsys):
+    from megatron_nitp.nitp.routing import routed_bytes_per_step
+
+    code, out, _ = _dry(capsys, "--preset", "dense-0.5b", "--pipeline-model-parallel-size", "4",
+                        "--micro-batch-size", "1", "--world-size", "32",
+                        "--use-distributed-optimizer")
+    assert code == 0
+    assert "k=5 (layer 5), lambda 1, on pipeline stage 0 of 4" in out
+    expected = routed_bytes_per_step(seq_length=8192, micro_batch_size=1, hidden_size=896,
+                                     num_microbatches=64, target_layer=5, num_layers=24,
+                                     pipeline_parallel=4, data_parallel=8)
+    per_micro = expected["bytes_per_microbatch_per_rank"]
+    assert per_micro == 8192 * 896 * 2
+    assert f"{per_micro / 2**20:.1f} MiB per micro-batch" in out
+    assert "memory stage 3" in out
+
+
+@pytest.mark.parametrize("flags,message", [
+    (("--tensor-model-parallel-size", "2", "--world-size", "3"),
+     "world size 3 is not divisible by TP x PP x CP = 2"),
+    (("--micro-batch-size", "3", "--world-size", "2"), "--global-batch-size 16 is not divisible"),
+    (("--preset", "tiny-moe", "--expert-model-parallel-size", "4", "--world-size", "2"),
+     "--expert-model-parallel-size 4"),
+    (("--world-size", "0"), "world size 0"),
+])
+def test_impossible_layouts_exit_2(capsys, flags, message):
+    code, out, err = _dry(capsys, *flags)
+    assert code == 2
+    assert err.startswith("error: ") and message in err
+    assert "plan" not in out
+
+
+def test_bad_gpu_memory_env_exits_2(capsys, monkeypatch):
+    monkeypatch.setenv(plan.GPU_MEMORY_ENV, "lots")
+    code, _, err = _dry(capsys)
+    assert code == 2 and plan.GPU_MEMORY_ENV in err
+
+
+def test_too_large_for_the_gpu_exits_3_with_what_to_change(capsys, monkeypatch):
+    flags = ("--preset", "dense-3b", "--micro-batch-size", "4", "--world-size", "8",
+             "--tensor-model-parallel-size", "2")
+    code, out, err = _dry(capsys, *flags)
+    assert code == 3
+    assert "DOES NOT FIT" in out
+    assert "exceeds the GPU memory (80 GiB" in err
+    for fix in ("--use-distributed-optimizer", "--micro-batch-size", "--sequence-parallel",
+                "--pipeline-model-parallel-size"):
+        assert fix in err
+    # the same layout fits a larger GPU
+    monkeypatch.setenv(plan.GPU_MEMORY_ENV, "400")
+    code, out, _ = _dry(capsys, *flags)
+    assert code == 0 and "of 400 GiB" in out
+
+
+def test_entry_script_dry_run_starts_no_process_group():
+    code = (
+        "import sys, torch\n"
+        "import pretrain_moe_nitp as entry\n"
+        "try:\n"
+        "    entry.main(['--preset', 'moe-1.9b-a0.3b', '--train-iters', '9000', '--world-size',"
+        " '16', '--expert-model-parallel-size', '8', '--micro-batch-size', '1', '--dry-run'])\n"
+        "except SystemExit as exit:\n"
+        "    print('EXIT', exit.code)\n"
+        "print('DIST', torch.distributed.is_initialized())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "EXIT 0" in proc.stdout and "DIST False" in proc.stdout
+    assert "moe-1.9b-a0.3b (MoE GPT)" in proc.stdout
+    assert "EP 8 (expert DP 2)" in proc.stdout
