@@ -128,6 +128,10 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args
                        "ep": args.expert_model_parallel_size},
             "model": model_meta(args),
             "nitp": dict(args.nitp_config.__dict__),
+            # not compared at load; what an export needs to rebuild the model
+            "export": {k: getattr(args, k, None) for k in (
+                "seq_length", "max_position_embeddings", "rotary_base", "norm_epsilon",
+                "vocab_size", "tokenizer_model", "moe_layer_freq")},
         }
         with open(os.path.join(path, META), "w") as f:
             json.dump(meta, f, indent=2)

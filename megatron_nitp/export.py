@@ -1,0 +1,119 @@
+"""Export a trained NITP model as a Hugging Face Llama / Qwen2 checkpoint, without the projector.
+
+The NITP projector is used in training only, so the exported model is the plain decoder: the
+same parameters as the NTP baseline. Tensor layouts translated from megatron-core:
+
+- ``linear_qkv.weight`` ``[groups * (q_per_group + 2) * head_dim, h]`` is grouped by key/value
+  head: for each group, its query heads, then its key, then its value. Split into
+  ``q_proj`` ``[heads * head_dim, h]``, ``k_proj`` and ``v_proj`` ``[groups * head_dim, h]``
+  (the same for the bias of Qwen2).
+- ``linear_fc1.weight`` ``[2 * ffn, h]`` is ``[gate; up]`` (SwiGLU): ``gate_proj``, ``up_proj``.
+- norms: the local spec's ``input_layernorm`` / ``pre_mlp_layernorm``, or TE's fused
+  ``layer_norm_weight`` on the following linear.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+
+def _get(state: dict, *names: str) -> torch.Tensor:
+    for name in names:
+        if name in state and state[name] is not None:
+            return state[name]
+    raise KeyError(f"none of {names} in the model state")
+
+
+def hf_config(args) -> dict:
+    """config.json of the equivalent ``LlamaForCausalLM`` (or ``Qwen2ForCausalLM`` with QKV
+    bias)."""
+    head_dim = args.kv_channels or args.hidden_size // args.num_attention_heads
+    qwen = bool(args.add_qkv_bias)
+    config = {
+        "architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
+        "model_type": "qwen2" if qwen else "llama",
+        "hidden_size": args.hidden_size,
+        "intermediate_size": args.ffn_hidden_size,
+        "num_hidden_layers": args.num_layers,
+        "num_attention_heads": args.num_attention_heads,
+        "num_key_value_heads": args.num_query_groups,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": args.max_position_embeddings,
+        "rms_norm_eps": args.norm_epsilon,
+        "rope_theta": float(args.rotary_base),
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(args.rotary_base)},
+        "vocab_size": args.padded_vocab_size,
+        "tie_word_embeddings": not args.untie_embeddings_and_output_weights,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": "float32",
+    }
+    return config
+
+
+def hf_state_dict(model, args) -> dict[str, torch.Tensor]:
+    """The decoder's weights under Hugging Face Llama/Qwen2 names (no projector)."""
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    heads, groups = args.num_attention_heads, args.num_query_groups
+    head_dim = args.kv_channels or args.hidden_size // heads
+    per_group = heads // groups
+    out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"]}
+    for i in range(args.num_layers):
+        p = f"decoder.layers.{i}."
+        hf = f"model.layers.{i}."
+        out[hf + "input_layernorm.weight"] = _get(
+            state, p + "input_layernorm.weight", p + "self_attention.linear_qkv.layer_norm_weight")
+        qkv = state[p + "self_attention.linear_qkv.weight"].view(
+            groups, per_group + 2, head_dim, args.hidden_size)
+        out[hf + "self_attn.q_proj.weight"] = qkv[:, :per_group].reshape(-1, args.hidden_size)
+        out[hf + "self_attn.k_proj.weight"] = qkv[:, per_group].reshape(-1, args.hidden_size)
+        out[hf + "self_attn.v_proj.weight"] = qkv[:, per_group + 1].reshape(-1, args.hidden_size)
+        if args.add_qkv_bias:
+            bias = state[p + "self_attention.linear_qkv.bias"].view(groups, per_group + 2, head_dim)
+            out[hf + "self_attn.q_proj.bias"] = bias[:, :per_group].reshape(-1)
+            out[hf + "self_attn.k_proj.bias"] = bias[:, per_group].reshape(-1)
+            out[hf + "self_attn.v_proj.bias"] = bias[:, per_group + 1].reshape(-1)
+        out[hf + "self_attn.o_proj.weight"] = state[p + "self_attention.linear_proj.weight"]
+        out[hf + "post_attention_layernorm.weight"] = _get(
+            state, p + "pre_mlp_layernorm.weight", p + "mlp.linear_fc1.layer_norm_weight")
+        gate, up = state[p + "mlp.linear_fc1.weight"].chunk(2, dim=0)
+        out[hf + "mlp.gate_proj.weight"] = gate
+        out[hf + "mlp.up_proj.weight"] = up
+        out[hf + "mlp.down_proj.weight"] = state[p + "mlp.linear_fc2.weight"]
+    out["model.norm.weight"] = state["decoder.final_layernorm.weight"]
+    if args.untie_embeddings_and_output_weights:
+        out["lm_head.weight"] = state["output_layer.weight"]
+    return {k: v.detach().float().contiguous().clone() for k, v in out.items()}
+
+
+def export_hf(model, args, out_dir: str, keep_projector: bool = False) -> list[str]:
+    """Writes ``config.json`` and ``model.safetensors`` (and, with ``keep_projector``, the NITP
+    projector apart in ``nitp_projector.safetensors`` + ``nitp_projector.json``)."""
+    from safetensors.torch import save_file
+
+    if getattr(args, "num_moe_experts", None):
+        raise ValueError("Hugging Face export supports the dense presets' block type only; "
+                         "this checkpoint is a mixture-of-experts model.")
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_config(args), f, indent=2)
+    written.append("config.json")
+    save_file(hf_state_dict(model, args), os.path.join(out_dir, "model.safetensors"),
+              metadata={"format": "pt"})
+    written.append("model.safetensors")
+    if keep_projector and model.projector is not None:
+        projector = {k: v.detach().float().contiguous().clone()
+                     for k, v in model.projector.state_dict().items()
+                     if not k.endswith("_extra_state")}
+        save_file(projector, os.path.join(out_dir, "nitp_projector.safetensors"))
+        with open(os.path.join(out_dir, "nitp_projector.json"), "w") as f:
+            json.dump({"nitp": dict(args.nitp_config.__dict__),
+                       "layout": "gate/up: [ratio*d, d], down: [d, ratio*d]; "
+                                 "P(h) = down(silu(gate h) * up h)"}, f, indent=2)
+        written += ["nitp_projector.safetensors", "nitp_projector.json"]
+    return written
