@@ -30,7 +30,7 @@ DATA_PATH=${DATA_PATH-$NITP_ROOT/data/corpus_text_document}
 TOKENIZER_MODEL=${TOKENIZER_MODEL:-$NITP_ROOT/data/tokenizer.model}
 VOCAB_SIZE=${VOCAB_SIZE:-152064}  # the paper's (Qwen2); >= your tokenizer's
 RUN_DIR=${RUN_DIR:-$NITP_ROOT/runs/$NAME-nitp}  # summary, plot
-CHECKPOINT_PATH=${CHECKPOINT_PATH:-$RUN_DIR/checkpoints}
+CHECKPOINT_PATH=${CHECKPOINT_PATH-$RUN_DIR/checkpoints}  # "": none (with --no-save)
 TENSORBOARD_DIR=${TENSORBOARD_DIR:-$RUN_DIR/tensorboard}
 
 SEQ_LENGTH=8192
@@ -81,11 +81,15 @@ LOGGING_ARGS=(
   --geometry-interval 100
   --run-dir "$RUN_DIR"
   --tensorboard-dir "$TENSORBOARD_DIR"
-  --save "$CHECKPOINT_PATH"
-  --save-interval "${SAVE_INTERVAL:-1000}"
   --no-progress-bar
 )
-mapfile -t RESUME_ARGS < <(nitp_resume_args "$CHECKPOINT_PATH")
+CHECKPOINT_ARGS=()
+if [ -n "$CHECKPOINT_PATH" ]; then
+  CHECKPOINT_ARGS=(--save "$CHECKPOINT_PATH" --save-interval "${SAVE_INTERVAL:-1000}")
+  if [ -f "$CHECKPOINT_PATH/latest_checkpointed_iteration.txt" ]; then
+    CHECKPOINT_ARGS+=(--load "$CHECKPOINT_PATH")  # resume after a pre-emption or a crash
+  fi
+fi
 
 nitp_launch pretrain_gpt_nitp.py "${MODEL_ARGS[@]}" "${TRAINING_ARGS[@]}" "${DATA_ARGS[@]}" \
-  "${PARALLEL_ARGS[@]}" "${LOGGING_ARGS[@]}" "${RESUME_ARGS[@]}" "$@"
+  "${PARALLEL_ARGS[@]}" "${LOGGING_ARGS[@]}" "${CHECKPOINT_ARGS[@]}" "$@"

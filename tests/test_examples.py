@@ -64,7 +64,7 @@ def test_bash_syntax(path):
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=os.path.basename)
 def test_example_plan_fits_80gb_with_the_paper_settings(dry_runs, path):
-    _, proc = dry_runs[path]
+    proc = dry_runs[path]
     out = proc.stdout
     assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
     preset = PRESETS[_preset_of(path)]
@@ -86,7 +86,7 @@ def test_example_plan_fits_80gb_with_the_paper_settings(dry_runs, path):
 
 @pytest.mark.parametrize("path", SBATCH, ids=os.path.basename)
 def test_sbatch_dry_run(dry_runs, path):
-    _, proc = dry_runs[path]
+    proc = dry_runs[path]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert ": fits" in proc.stdout
     text = open(path).read()
@@ -111,7 +111,8 @@ def test_launcher_runs_torchrun_on_cpu(tmp_path):
     overridden down to the tiny model (extra flags come last and win)."""
     script = os.path.join(ROOT, "examples", "pretrain_dense_0.5b.sh")
     env = _env(NNODES="1", GPUS_PER_NODE="2", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()), DATA_PATH="", RUN_DIR=str(tmp_path / "run"),
+               MASTER_PORT=str(free_port()), DATA_PATH="", CHECKPOINT_PATH="",
+               RUN_DIR=str(tmp_path / "run"),
                TORCHRUN=f"{sys.executable} -m torch.distributed.run", OMP_NUM_THREADS="1")
     flags = ["--preset", "tiny-dense", "--seq-length", "64", "--vocab-size", "4096",
              "--nitp-target-layer", "1", "--train-iters", "2", "--lr-warmup-iters", "0",

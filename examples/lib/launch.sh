@@ -35,13 +35,6 @@ nitp_launch() {
   exec ${TORCHRUN:-torchrun} "${launcher[@]}" "$entry" "$@"
 }
 
-# --load the checkpoint folder when it holds one (resume after a pre-emption or a crash).
-nitp_resume_args() {
-  if [ -f "$1/latest_checkpointed_iteration.txt" ]; then
-    printf '%s\n' --load "$1"
-  fi
-}
-
 # Ceil(tokens / (global batch x sequence length)): the iterations of a token budget.
 nitp_iterations() {
   local tokens=$1 gbs=$2 seq=$3

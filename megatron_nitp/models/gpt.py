@@ -29,7 +29,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_nitp.nitp.capture import ActivationCapture, find_target_module
 from megatron_nitp.nitp.config import NITPConfig
-from megatron_nitp.nitp.loss import token_distance
+from megatron_nitp.nitp.loss import cosine_regularization, token_distance
 from megatron_nitp.nitp.projector import build_projector
 from megatron_nitp.nitp.routing import TargetRouter, target_stage
 from megatron_nitp.nitp.shift import local_positions, shift_targets, shift_targets_sharded
@@ -52,7 +52,7 @@ class NITPGPTModel(GPTModel):
         self.projector: Optional[torch.nn.Module] = None
         self._shallow: Optional[ActivationCapture] = None
         self._router: Optional[TargetRouter] = None
-        if nitp.enabled:
+        if nitp.enabled and nitp.objective == "nitp":
             target = find_target_module(self, nitp.target_layer)
             self._shallow = ActivationCapture(target, detach=nitp.stop_gradient)
             if self.post_process:
@@ -61,7 +61,10 @@ class NITPGPTModel(GPTModel):
             owner = target_stage(nitp.target_layer, config.num_layers, pp_size)
             if pp_size > 1 and owner != pp_size - 1:
                 self._router = TargetRouter(owner)
-        self._final = ActivationCapture(self.decoder if self.post_process else None, detach=False)
+        source = self.decoder  # its output is after the final norm
+        if nitp.enabled and nitp.hidden_source == "last_layer":
+            source = self.decoder.layers[-1]
+        self._final = ActivationCapture(source if self.post_process else None, detach=False)
 
     def forward(
         self,
@@ -83,6 +86,8 @@ class NITPGPTModel(GPTModel):
             return output
         loss_mask = torch.ones_like(labels) if loss_mask is None else loss_mask
         loss_mask = loss_mask.float()
+        if self.nitp.enabled and self.nitp.objective == "cosine_reg":
+            return output, cosine_regularization(hidden, loss_mask), loss_mask, self._full(hidden)
         if self.projector is None:
             return output, torch.zeros_like(loss_mask), loss_mask, self._full(hidden)
         if shallow is None:

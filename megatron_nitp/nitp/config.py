@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 LOSS_KINDS = ("cosine", "mse", "smooth_l1", "kl")
 PROJECTOR_KINDS = ("swiglu", "linear", "none")
+OBJECTIVES = ("nitp", "cosine_reg")
+HIDDEN_SOURCES = ("final_norm", "last_layer")
 
 
 @dataclass
@@ -45,6 +47,15 @@ class NITPConfig:
     """Detach the target z (paper). Off lets gradients flow into the shallow layers through the
     target (the unstable ablation)."""
 
+    objective: str = "nitp"
+    """nitp (the paper), or cosine_reg: the generic baseline that penalizes the mean cosine
+    similarity between different tokens' last hidden states of a sequence (no target, no
+    projector)."""
+
+    hidden_source: str = "final_norm"
+    """Which h_t is projected: final_norm (after the final RMSNorm, the state that feeds the
+    unembedding; the paper) or last_layer (the last layer's output, before the norm)."""
+
     def validate(self, num_layers: int, hidden_size: int, tensor_parallel_size: int = 1) -> None:
         """Raise ValueError naming the bad field and the fix; called before any model is built."""
         if not self.enabled:
@@ -72,6 +83,12 @@ class NITPConfig:
                 f"unknown --nitp-projector {self.projector!r}: choose one of "
                 f"{', '.join(PROJECTOR_KINDS)}."
             )
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown --nitp-objective {self.objective!r}: choose one of "
+                             f"{', '.join(OBJECTIVES)}.")
+        if self.hidden_source not in HIDDEN_SOURCES:
+            raise ValueError(f"unknown --nitp-hidden-source {self.hidden_source!r}: choose one "
+                             f"of {', '.join(HIDDEN_SOURCES)}.")
         if self.shift not in (0, 1):
             raise ValueError(f"--nitp-shift {self.shift} must be 1 (t -> t+1, paper) or 0.")
         if self.projector_ffn_ratio < 1:

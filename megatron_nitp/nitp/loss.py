@@ -81,3 +81,20 @@ def num_contributing_positions(loss_mask: torch.Tensor, shift: int = 1) -> torch
     positions of each sequence have no target)."""
     seq = loss_mask.shape[-1]
     return loss_mask[..., : seq - shift].sum()
+
+
+def cosine_regularization(hidden: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Per-token loss ``[b, s]`` of the generic baseline (an ablation, not NITP): for each
+    counted token t, the mean cosine similarity between its last hidden state and those of the
+    other counted tokens of its sequence. Penalizing it spreads the states apart directly.
+
+    Args:
+        hidden: ``[s, b, h]`` last hidden states.
+        loss_mask: ``[b, s]``.
+    """
+    mask = loss_mask.float().transpose(0, 1).unsqueeze(-1)  # [s, b, 1]
+    unit = F.normalize(hidden.float(), dim=-1) * mask
+    total = unit.sum(dim=0, keepdim=True)  # [1, b, h]
+    others = mask.sum(dim=0, keepdim=True) - 1.0  # [1, b, 1]
+    mean_cos = ((unit * total).sum(-1, keepdim=True) - mask) / others.clamp(min=1.0)
+    return (mean_cos * mask).squeeze(-1).transpose(0, 1)

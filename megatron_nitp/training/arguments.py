@@ -108,6 +108,9 @@ def build_parser(model_type: str = "dense") -> argparse.ArgumentParser:
                    help=_nitp_help("projector_ffn_ratio"))
     g.add_argument("--nitp-no-stop-gradient", dest="nitp_stop_gradient", action="store_false",
                    default=True, help="ablation: " + _nitp_help("stop_gradient"))
+    g.add_argument("--nitp-objective", default="nitp", help=_nitp_help("objective"))
+    g.add_argument("--nitp-hidden-source", default="final_norm",
+                   help=_nitp_help("hidden_source"))
 
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, help="sequences per micro-batch per rank")
@@ -269,6 +272,8 @@ def _fill_derived(args: argparse.Namespace) -> None:
         projector=args.nitp_projector,
         projector_ffn_ratio=args.nitp_projector_ffn_ratio,
         stop_gradient=args.nitp_stop_gradient,
+        objective=args.nitp_objective,
+        hidden_source=args.nitp_hidden_source,
     )
 
 
@@ -368,6 +373,10 @@ def _validate_layout(args: argparse.Namespace) -> None:
             "supported: the routed target carries no gradient back across stages. Use "
             "--pipeline-model-parallel-size 1 for this ablation."
         )
+    if nitp.enabled and nitp.objective == "cosine_reg" and (
+            args.sequence_parallel or args.context_parallel_size > 1):
+        raise ValueError("--nitp-objective cosine_reg needs whole sequences on a rank: drop "
+                         "--sequence-parallel / --context-parallel-size.")
     if nitp.enabled and nitp.projector == "linear" and args.sequence_parallel:
         raise ValueError("--nitp-projector linear does not support --sequence-parallel; use "
                          "swiglu (the paper's) or drop --sequence-parallel.")
