@@ -95,3 +95,18 @@ def test_target_layer_k_is_the_kth_layer_output(dist):
         expected = implicit_token_loss(model.projector(hidden), seen["z"], mask)
     torch.testing.assert_close(nitp, expected)
     assert model.decoder.layers[1].layer_number == 2
+
+
+def test_inference_model_gives_the_training_models_logits(dist):
+    args = tiny_args()
+    set_seed(6)
+    training = build_model(args, NITPConfig(target_layer=1), True, True)
+    inference = build_model(args, NITPConfig(enabled=False), True, True)
+    state = {k: v for k, v in training.state_dict().items() if not k.startswith("projector.")}
+    missing, unexpected = inference.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.endswith("_extra_state") for k in missing)
+    tokens, positions = _batch(args)
+    with torch.no_grad():
+        torch.testing.assert_close(inference(tokens, positions, None),
+                                   training(tokens, positions, None), rtol=0, atol=0)
+    assert _numel(training) - _numel(inference) == 12 * args.hidden_size ** 2
