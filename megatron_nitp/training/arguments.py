@@ -168,7 +168,11 @@ def build_parser(model_type: str = "dense") -> argparse.ArgumentParser:
     g.add_argument("--geometry-interval", type=int, default=20,
                    help="log effective rank and pairwise cosine of the last hidden states "
                         "every N iterations (0 = never)")
-    g.add_argument("--log-throughput", action="store_true", default=True)
+    g.add_argument("--log-throughput", action="store_true", default=True,
+                   help="log model TFLOP/s per device (NITP's FLOPs counted) and, on GPU, MFU")
+    g.add_argument("--no-log-throughput", dest="log_throughput", action="store_false")
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="device peak TFLOP/s for MFU (default: known GPUs' bf16 dense peak)")
     g.add_argument("--run-dir", default=None,
                    help="run folder (TensorBoard events, checkpoint, plot, summary); "
                         "default runs/<preset>-<nitp|ntp>-<time>")

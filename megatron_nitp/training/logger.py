@@ -36,11 +36,36 @@ def is_logging_rank() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
+# Dense bf16 peak TFLOP/s per device, for MFU (``--peak-tflops`` overrides).
+PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0,
+               "L40S": 362.1, "B200": 2250.0}
+
+
+def peak_tflops(args) -> float | None:
+    """The device's peak for MFU: ``--peak-tflops``, else a known GPU's bf16 dense peak."""
+    if getattr(args, "peak_tflops", None):
+        return args.peak_tflops
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def training_flops_per_token(args) -> float:
+    """Exact training FLOPs per token of the model (forward + backward), NITP's included."""
+    from megatron_nitp.flops import exact_flops
+
+    flops = exact_flops(vars(args))
+    return flops.ntp_total + (flops.nitp if args.nitp else 0.0)
+
+
 class TrainingLogger:
     """Writes console lines and TensorBoard scalars on rank 0 and keeps the history in memory."""
 
     def __init__(self, args, tensorboard_dir: str | None):
         self.args = args
+        self.flops_per_token = training_flops_per_token(args) if args.log_throughput else None
+        self.peak = peak_tflops(args)
         self.enabled = is_logging_rank()
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
         self.writer = None
@@ -93,6 +118,7 @@ class TrainingLogger:
             f"consumed samples: {iteration * args.global_batch_size:10d}",
             f"elapsed time per iteration (ms): {1000 * seconds:.1f}",
             f"tokens/s: {args.global_batch_size * args.seq_length / seconds:.0f}",
+            *self._throughput(seconds),
             f"learning rate: {metrics['learning rate']:.3E}",
             f"global batch size: {args.global_batch_size:5d}",
         ]
@@ -100,6 +126,19 @@ class TrainingLogger:
         if self.skipped:
             parts.append(f"number of skipped iterations: {self.skipped:3d}")
         self.print(" | ".join(parts) + " |")
+
+    def _throughput(self, seconds: float) -> list[str]:
+        """Megatron-style model TFLOP/s per device (NITP's FLOPs counted) and MFU on GPU."""
+        if self.flops_per_token is None:
+            return []
+        args = self.args
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        tflops = self.flops_per_token * args.global_batch_size * args.seq_length / seconds
+        tflops = tflops / world / 1e12
+        parts = [f"throughput per device (TFLOP/s): {tflops:.3f}"]
+        if self.peak:
+            parts.append(f"MFU: {100 * tflops / self.peak:.1f}%")
+        return parts
 
     def log_eval(self, iteration: int, metrics: dict[str, float]) -> None:
         self.record(iteration, metrics, validation=True)
