@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, clean_env, free_port
 
 TINY = ["--num-layers", "4", "--hidden-size", "32", "--ffn-hidden-size", "64",
         "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "32",
@@ -19,9 +19,7 @@ TINY = ["--num-layers", "4", "--hidden-size", "32", "--ffn-hidden-size", "64",
 
 
 def _run(run_dir, *flags, nproc=1, expect=0):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
+    env = clean_env()
     script = os.path.join(ROOT, "pretrain_gpt_nitp.py")
     cmd = [sys.executable, script] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),

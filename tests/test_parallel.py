@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from megatron_nitp.nitp.routing import routed_bytes_per_step
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, clean_env, free_port
 
 FLAGS = [
     "--num-layers", "4", "--hidden-size", "32", "--ffn-hidden-size", "64",
@@ -27,10 +27,7 @@ HARNESS = os.path.join(ROOT, "tests", "parallel_harness.py")
 
 
 def _launch(out, nproc, *flags):
-    # The in-process tests' own rendezvous variables must not leak into the launched job.
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
+    env = clean_env()
     if nproc == 1:
         cmd = [sys.executable, HARNESS, str(out)]
     else:
