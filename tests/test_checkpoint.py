@@ -224,3 +224,15 @@ def test_resharding_resumes_with_the_same_next_iteration(uninterrupted, tmp_path
     for key in ("lm loss", "nitp loss", "grad norm"):
         assert a[key][3] == pytest.approx(full[key][3], rel=1e-5), key
         assert b[key][4] == pytest.approx(full[key][4], rel=1e-5), key
+
+
+def test_distributed_optimizer_checkpoint_resumes_exactly(tmp_path):
+    flags = ["--use-distributed-optimizer"]
+    _run(tmp_path / "full", "--train-iters", "3", "--no-save", *flags, nproc=2)
+    _run(tmp_path / "first", "--train-iters", "2", "--save", str(tmp_path / "ckpt"), *flags,
+         nproc=2)
+    _run(tmp_path / "second", "--train-iters", "3", "--load", str(tmp_path / "ckpt"),
+         "--no-save", *flags, nproc=2)
+    full, second = _history(tmp_path / "full"), _history(tmp_path / "second")
+    for key in ("lm loss", "nitp loss", "grad norm"):
+        assert second[key][3] == full[key][3], key

@@ -255,6 +255,31 @@ def _patch_moe_split_sizes() -> None:
         token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
 
 
+def _patch_distributed_optimizer_step_state() -> None:
+    """Without Apex/TE, torch's Adam keeps a per-parameter ``"step"``. Loading a distributed
+    optimizer checkpoint (``DistributedOptimizer.load_parameter_state_from_fully_reshardable``)
+    hands ``_set_main_param_and_optimizer_states`` the param, exp_avg and exp_avg_sq but not
+    "step" (restored separately in ``load_state_dict``), which then fails with KeyError 'step'.
+    Copy only the tensors that were given."""
+    try:
+        from megatron.core.optimizer import distrib_optimizer
+    except ImportError:
+        return
+    cls = distrib_optimizer.DistributedOptimizer
+    original = cls._set_main_param_and_optimizer_states
+
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return original(self, model_param, tensors)
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        destination = {"param": main_param, **self.optimizer.state[main_param]}
+        for key, tensor in tensors.items():
+            destination[key].copy_(tensor)
+
+    cls._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+
+
 def apply() -> bool:
     """Apply every CPU patch once. Returns True if patches are (now) active."""
     global _APPLIED, _MODE
@@ -268,6 +293,7 @@ def apply() -> bool:
     _patch_torch_norm_sequence_parallel()
     _patch_moe_router_without_te()
     _patch_moe_split_sizes()
+    _patch_distributed_optimizer_step_state()
     _MODE = CudaToCpuMode()
     _MODE.__enter__()
     _APPLIED = True

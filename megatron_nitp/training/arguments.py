@@ -358,7 +358,7 @@ def _validate_layout(args: argparse.Namespace) -> None:
             "supported (the NITP target is routed per micro-batch in 1F1B order, which the "
             "interleaved schedule does not keep); use a plain --pipeline-model-parallel-size."
         )
-    if args.context_parallel_size > 1 and not torch.cuda.is_available():
+    if args.context_parallel_size > 1 and not torch.cuda.is_available() and not args.dry_run:
         raise ValueError(
             f"--context-parallel-size {args.context_parallel_size} needs Transformer Engine's "
             "context-parallel attention (GPU only); on CPU use --context-parallel-size 1. "

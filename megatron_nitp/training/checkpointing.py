@@ -93,7 +93,11 @@ def _sharded_state(model, optimizer, is_loading: bool) -> dict:
     model_sd = unwrap(model).sharded_state_dict(prefix="model.")
     state = {"model": model_sd}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+        # "fully_reshardable": the distributed optimizer's state in a layout-independent form
+        # (the default flattened ranges cannot be saved at DP >= 2 and cannot reshard).
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading,
+            metadata={"distrib_optim_sharding_type": "fully_reshardable"})
     return state
 
 
@@ -234,6 +238,23 @@ def check_compatible(meta: dict, args, override: bool = False) -> list[str]:
     return diffs
 
 
+def _materialize_adam_state(optimizer) -> None:
+    """torch's Adam creates its state at the first step; without Apex/TE, megatron-core's
+    distributed optimizer reads ``state["step"]`` while building the state dict it loads into
+    (``DistributedOptimizer.state_dict``). Give a fresh optimizer that empty state."""
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(sub, "optimizer", None)
+        if inner is None:
+            continue
+        for group in inner.param_groups:
+            for param in group["params"]:
+                state = inner.state[param]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(param.data)
+                    state["exp_avg_sq"] = torch.zeros_like(param.data)
+
+
 def load_checkpoint(root: str, model, optimizer=None, scheduler=None, args=None,
                     weights_only: bool = False, fallback: bool = False,
                     override: bool = False) -> dict:
@@ -247,6 +268,8 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, args=None,
     meta = read_meta(path)
     if args is not None:
         check_compatible(meta, args, override)
+    if optimizer is not None and not weights_only and getattr(args, "use_distributed_optimizer", False):
+        _materialize_adam_state(optimizer)
     state = _sharded_state(model, None if weights_only else optimizer, is_loading=True)
     if scheduler is not None and not weights_only:
         state["scheduler"] = scheduler.state_dict()

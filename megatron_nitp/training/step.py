@@ -66,7 +66,8 @@ def _forward_step(nitp_scale, geometry_first, data_iterator, model):
     batch = dict(next(data_iterator))
     geometry = geometry_first and batch.pop("_first", False)
     # Context parallelism: this rank's 2 of the 2*CP load-balanced chunks of every sequence.
-    batch = get_batch_on_this_cp_rank(batch)
+    if parallel_state.get_context_parallel_world_size() > 1:
+        batch = _cp_slice(batch)
     output = model(
         batch["tokens"],
         batch["position_ids"],
@@ -75,6 +76,15 @@ def _forward_step(nitp_scale, geometry_first, data_iterator, model):
         loss_mask=batch["loss_mask"],
     )
     return output, partial(_loss_func, batch["loss_mask"], nitp_scale, geometry)
+
+
+def _cp_slice(batch: dict) -> dict:
+    """megatron-core's ``get_batch_on_this_cp_rank`` (0.19 adds a required ``is_hybrid_cp``)."""
+    import inspect
+
+    if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters:
+        return get_batch_on_this_cp_rank(batch, is_hybrid_cp=False)
+    return get_batch_on_this_cp_rank(batch)
 
 
 def _global_counts(batches: list[dict], shift: int) -> tuple[float, float]:
