@@ -42,6 +42,7 @@ COPY . /workspace/megatron-nitp
 RUN pip install --no-cache-dir --no-deps --no-build-isolation -e /workspace/megatron-nitp \
     && python -c "import megatron_nitp; from megatron.core import package_info; print('megatron-core', package_info.__version__)" \
     && python -c "from megatron_nitp.data.corpus import prepare_default_corpus; prepare_default_corpus()" \
+    && chmod -R a+rwX /opt/megatron-nitp/cache \
     && if [ "${USER_UID}" != 0 ]; then \
         groupadd --non-unique --gid "${USER_GID}" "${USER_NAME}" \
         && useradd --non-unique --create-home --uid "${USER_UID}" --gid "${USER_GID}" "${USER_NAME}" \

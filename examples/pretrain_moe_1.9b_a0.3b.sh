@@ -17,6 +17,7 @@
 #   DRY_RUN=1 bash examples/pretrain_moe_1.9b_a0.3b.sh
 # Extra flags are appended last, so they override the ones below (e.g. --train-iters 100).
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib/launch.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/launch.sh"
 
 NAME=moe-1.9b-a0.3b
@@ -67,7 +68,7 @@ if [ -n "$DATA_PATH" ]; then
   DATA_ARGS=(
     --data-path "${data_prefixes[@]}"
     --tokenizer-model "$TOKENIZER_MODEL"
-    --split 969,30,1
+    --split "969,30,1"
   )
 fi
 PARALLEL_ARGS=(

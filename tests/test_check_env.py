@@ -4,15 +4,12 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import ROOT
-
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+from tests.conftest import ROOT, clean_env
 
 
 def _check_env(*argv):
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     return subprocess.run([sys.executable, os.path.join("tools", "check_env.py"), *argv],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=120)
 
 
 def test_reports_versions_and_the_cpu_path_and_trains_one_iteration():

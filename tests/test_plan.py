@@ -1,7 +1,6 @@
 """`--dry-run`: world checks, parameter counts per rank, memory estimate, exit codes."""
 
 import copy
-import os
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ from megatron_nitp.flops import parameter_counts
 from megatron_nitp.presets import PRESETS
 from megatron_nitp.training import plan
 from megatron_nitp.training.arguments import parse_args
-from tests.conftest import ROOT
+from tests.conftest import ROOT, clean_env
 
 PAPER = [name for name in PRESETS if not name.startswith("tiny")]
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -225,18 +224,18 @@ def test_too_large_for_the_gpu_exits_3_with_what_to_change(capsys, monkeypatch):
 
 def test_entry_script_dry_run_starts_no_process_group():
     code = (
-        "import sys, torch\n"
-        "import pretrain_moe_nitp as entry\n"
+        "import runpy, sys, torch\n"
+        "sys.argv = ['pretrain_moe_nitp.py', '--preset', 'moe-1.9b-a0.3b', '--train-iters', '9000',"
+        " '--world-size', '16', '--expert-model-parallel-size', '8', '--micro-batch-size', '1',"
+        " '--dry-run']\n"
         "try:\n"
-        "    entry.main(['--preset', 'moe-1.9b-a0.3b', '--train-iters', '9000', '--world-size',"
-        " '16', '--expert-model-parallel-size', '8', '--micro-batch-size', '1', '--dry-run'])\n"
+        "    runpy.run_path('pretrain_moe_nitp.py', run_name='__main__')\n"
         "except SystemExit as exit:\n"
         "    print('EXIT', exit.code)\n"
         "print('DIST', torch.distributed.is_initialized())\n"
     )
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean_env(),
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "EXIT 0" in proc.stdout and "DIST False" in proc.stdout
     assert "moe-1.9b-a0.3b (MoE GPT)" in proc.stdout

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by examples/pretrain_*.sh: the launcher they share.
 #
 #   nitp_launch ENTRY.py FLAG...
@@ -30,7 +31,7 @@ nitp_launch() {
     --rdzv-id "${RDZV_ID:-nitp}"
     --max-restarts 0
   )
-  cd "$NITP_ROOT"
+  cd "$NITP_ROOT" || return
   # shellcheck disable=SC2086  # TORCHRUN may be a command with arguments
   exec ${TORCHRUN:-torchrun} "${launcher[@]}" "$entry" "$@"
 }

