@@ -1,0 +1,206 @@
+"""Evaluate a trained checkpoint, frozen: representation geometry, a linear probe, cloze.
+
+    python tools/evaluate_representations.py --load runs/x/checkpoints [--json out.json]
+
+One table (and with ``--json`` one JSON file) with:
+
+(a) geometry on held-out text: effective rank and mean pairwise cosine of the final hidden
+    states (after the final norm), and the held-out cross-entropy. ``--text FILE`` (plain text,
+    documents separated by blank lines, or JSON lines with "text"); default: the chapters of the
+    built-in corpus that the training split never uses (``--split`` as in training, default
+    969,30,1: the last 37 of 1,189 KJV chapters, 1 Peter 2 - Revelation 22).
+(b) a probe on mean-pooled final hidden states: multinomial logistic regression (L-BFGS, L2)
+    and nearest centroid, on a split fixed by ``--seed``. Default task: single KJV verses
+    (>= 6 words) classified into the Bible's 7 traditional divisions (law, history, wisdom,
+    major prophets, minor prophets, gospels and acts, epistles and revelation), 150 train and
+    100 test verses per class. These verses are mostly from the pretraining text: the probe
+    measures what the frozen features separate linearly, not generalization to unseen text.
+    ``--probe-file FILE.jsonl`` ({"text": ..., "label": ...} per line) replaces it.
+(c) last-word cloze: for each item, is the argmax next-token prediction after the context the
+    first token of the item's final word. ``--cloze-file FILE`` (one item per line); default:
+    the lines of ``--text`` when given, else every verse (>= 4 words) of the held-out chapters
+    with the chapter's preceding verses as context (left-truncated to the sequence length).
+
+Works with NTP and NITP checkpoints of dense models (the projector is never used).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import megatron_nitp  # noqa: E402,F401
+
+
+def _load_model(checkpoint: str):
+    import importlib.util
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.spec_from_file_location(
+        "export_checkpoint", os.path.join(here, "export_checkpoint.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.load_for_export(checkpoint)
+
+
+def _read_lines(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def _read_probe_file(path: str):
+    texts, labels = [], []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                texts.append(str(record["text"]))
+                labels.append(str(record["label"]))
+            except (ValueError, KeyError, TypeError) as err:
+                raise SystemExit(f"error: {path}:{n}: expected {{\"text\": ..., \"label\": ...}} "
+                                 f"({err})")
+    return texts, labels
+
+
+def format_table(result: dict) -> str:
+    g, p, c = result["geometry"], result["probe"], result["cloze"]
+    rows = [
+        ("checkpoint", f"{result['checkpoint']} (iteration {result['iteration']}, "
+                       f"{'NITP' if result['nitp'] else 'NTP'})"),
+        ("(a) held-out text", f"{g['source']}: {g['tokens']} tokens"),
+        ("    effective rank", f"{g['effective_rank']:.3f}  (of at most {g['hidden_size']})"),
+        ("    mean pairwise cosine", f"{g['cosine_similarity']:.4f}"),
+        ("    lm loss / perplexity", f"{g['lm_loss']:.4f} / {g['perplexity']:.2f}"),
+        ("(b) probe", f"{p['task']}: {len(p['classes'])} classes, {p['train_items']} train / "
+                      f"{p['test_items']} test"),
+        ("    logistic regression acc.", f"{p['logreg_accuracy']:.4f}  (train "
+                                          f"{p['logreg_train_accuracy']:.4f})"),
+        ("    nearest centroid acc.", f"{p['centroid_accuracy']:.4f}"),
+        ("    majority class", f"{p['majority_accuracy']:.4f}"),
+        ("(c) last-word cloze", f"{c['source']}: {c['items']} items"),
+        ("    first-token accuracy", f"{c['accuracy']:.4f}"),
+        ("    target NLL", f"{c['target_nll']:.4f}"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    line = "-" * (width + 2 + max(len(r[1]) for r in rows))
+    return "\n".join([line] + [f"{k:<{width}}  {v}" for k, v in rows] + [line])
+
+
+def evaluate(args) -> dict:
+    import torch
+
+    from megatron_nitp import evaluation as ev
+    from megatron_nitp.data.tokenizer import SentencePieceTokenizer, iter_documents
+    from megatron_nitp.training.checkpointing import CheckpointError, find_checkpoint, read_meta
+
+    try:
+        meta = read_meta(find_checkpoint(args.load))
+        model, margs = _load_model(args.load)
+    except CheckpointError as err:
+        raise SystemExit(f"error: {err}")
+    tokenizer_model = args.tokenizer_model or margs.tokenizer_model
+    if not tokenizer_model or not os.path.exists(tokenizer_model):
+        if args.tokenizer_model is None and (args.text is None or args.cloze_file is None):
+            from megatron_nitp.data.corpus import prepare_default_corpus
+
+            tokenizer_model = prepare_default_corpus()[1]
+        else:
+            raise SystemExit(f"error: tokenizer model not found: {tokenizer_model} "
+                             "(pass --tokenizer-model)")
+    tokenizer = SentencePieceTokenizer(tokenizer_model)
+    seq_length = args.seq_length or margs.seq_length
+    lm = ev.FrozenLM(model, tokenizer, seq_length)
+    torch.manual_seed(args.seed)
+
+    if args.text:
+        documents = list(iter_documents([args.text]))
+        source = args.text
+    else:
+        documents, chapters = ev.held_out_chapters(args.split)
+        source = (f"KJV chapters {chapters.start}-{chapters.stop - 1} (held out by split "
+                  f"{args.split}; {len(documents)} chapters)")
+    geometry = ev.held_out_geometry(lm, documents, args.batch_size, args.max_tokens,
+                                    seed=args.seed)
+    geometry["source"] = source
+    geometry["documents"] = len(documents)
+
+    if args.probe_file:
+        texts, labels = _read_probe_file(args.probe_file)
+        data = ev.split_labelled(texts, labels, args.probe_test_fraction, args.seed)
+        task = args.probe_file
+    else:
+        data = ev.probe_dataset_kjv(args.probe_train_per_class, args.probe_test_per_class,
+                                    args.seed)
+        task = "KJV verse -> division"
+    probe = ev.probe(lm, *data, l2=args.probe_l2)
+    probe["task"] = task
+
+    if args.cloze_file or args.text:
+        path = args.cloze_file or args.text
+        items, cloze_source = _read_lines(path), path
+    else:
+        items = ev.cloze_items_kjv(args.split)
+        cloze_source = "held-out KJV verses in chapter context"
+    if args.cloze_max_items:
+        items = items[: args.cloze_max_items]
+    cloze = ev.cloze(lm, items, args.batch_size)
+    cloze["source"] = cloze_source
+
+    return {
+        "checkpoint": args.load,
+        "iteration": meta["iteration"],
+        "nitp": bool(meta["nitp"]["enabled"]),
+        "nitp_target_layer": meta["nitp"].get("target_layer"),
+        "model": {k: meta["model"].get(k) for k in ("num_layers", "hidden_size",
+                                                     "num_attention_heads")},
+        "seq_length": seq_length,
+        "seed": args.seed,
+        "geometry": geometry,
+        "probe": probe,
+        "cloze": cloze,
+    }
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--load", required=True, help="checkpoint folder (a run's checkpoints/)")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
+    p.add_argument("--text", default=None, help="held-out text for (a) (and (c) by default)")
+    p.add_argument("--split", default="969,30,1",
+                   help="the training --split, to find the held-out chapters (969,30,1)")
+    p.add_argument("--max-tokens", type=int, default=65536,
+                   help="at most this many held-out tokens for (a)")
+    p.add_argument("--probe-file", default=None, help="JSON lines with text and label")
+    p.add_argument("--probe-test-fraction", type=float, default=0.3)
+    p.add_argument("--probe-train-per-class", type=int, default=150)
+    p.add_argument("--probe-test-per-class", type=int, default=100)
+    p.add_argument("--probe-l2", type=float, default=1e-3)
+    p.add_argument("--cloze-file", default=None, help="one cloze item per line")
+    p.add_argument("--cloze-max-items", type=int, default=0, help="0: all")
+    p.add_argument("--seed", type=int, default=0, help="probe split, cosine pairs")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-length", type=int, default=None,
+                   help="context length (default: the checkpoint's training length)")
+    p.add_argument("--tokenizer-model", default=None,
+                   help="default: the one recorded in the checkpoint")
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    result = evaluate(args)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    print(format_table(result))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"> wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
