@@ -27,7 +27,7 @@ from megatron_nitp.presets import moe_layer_pattern
 
 #: vocabulary of presets that do not set one (the built-in corpus's SentencePiece model)
 DEFAULT_VOCAB_SIZE = 4096
-#: the training flags' ``--make-vocab-size-divisible-by`` default (tensor-parallel size 1)
+#: the training flags' ``--make-vocab-size-divisible-by`` default
 VOCAB_DIVISIBLE_BY = 128
 
 
@@ -51,6 +51,8 @@ class ModelShape:
     untie_embeddings_and_output_weights: bool = False
     add_qkv_bias: bool = False
     nitp_projector_ffn_ratio: int = 4
+    make_vocab_size_divisible_by: int = VOCAB_DIVISIBLE_BY
+    tensor_model_parallel_size: int = 1  # the vocabulary is padded to a multiple of both
 
     def __post_init__(self):
         fill = {
@@ -80,12 +82,17 @@ class ModelShape:
         """Per layer, 1 for an MoE layer and 0 for a dense one."""
         if not self.is_moe:
             return [0] * self.num_layers
-        return moe_layer_pattern(self.moe_layer_freq, self.num_layers)
+        freq = self.moe_layer_freq
+        if isinstance(freq, str) and freq.strip().isdigit():
+            freq = int(freq)
+        return moe_layer_pattern(freq, self.num_layers)
 
     @property
     def padded_vocab_size(self) -> int:
-        """The vocabulary the model is built with (rows of the embedding and output layer)."""
-        return -(-self.vocab_size // VOCAB_DIVISIBLE_BY) * VOCAB_DIVISIBLE_BY
+        """The vocabulary the model is built with (rows of the embedding and output layer), as
+        ``training.arguments.validate_vocab`` pads it."""
+        multiple = self.make_vocab_size_divisible_by * self.tensor_model_parallel_size
+        return -(-self.vocab_size // multiple) * multiple
 
     @property
     def shared_ffn(self) -> int:

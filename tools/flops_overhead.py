@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="every preset (the default for the table)")
     g = p.add_argument_group("model shape (override the preset's values)")
     for flag, kind in MODEL_FLAGS:
-        g.add_argument(flag, type=kind)
+        aliases = ["--num-experts"] if flag == "--num-moe-experts" else []  # training's name
+        g.add_argument(flag, *aliases, type=kind)
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true", default=None)
     p.add_argument("--attention-count", choices=["causal", "full"], default="causal",
                    help="exact convention: attention scores over s/2 keys (causal, Megatron-LM) "
@@ -151,24 +152,32 @@ def print_tables(report: dict, causal: bool) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _is_moe(args) -> bool:
+    return bool(_explicit(args).get("num_moe_experts")
+                or (args.preset and PRESETS[args.preset].get("model_type") == "moe"))
+
+
 def _training_argv(args) -> list[str]:
     """Flags for megatron_nitp's parse_args: the model, a one-micro-batch step, no extras."""
     from megatron_nitp.training.arguments import build_parser as training_parser
 
-    known = training_parser()._option_string_actions
+    model_type = "moe" if _is_moe(args) else "dense"
+    flag_of = {}  # dest -> the training parser's flag (e.g. num_moe_experts -> --num-experts)
+    for action in training_parser(model_type)._actions:
+        if action.option_strings:
+            flag_of.setdefault(action.dest, action.option_strings[0])
     shape = {} if args.preset else dict(MEASURE_MODEL)
     shape.update(_explicit(args))
     if not args.preset:
         shape.setdefault("ffn_hidden_size", 11 * shape["hidden_size"] // 4)
         heads = shape["num_attention_heads"]
         shape.setdefault("num_query_groups", heads // 2 if heads % 2 == 0 else heads)
-    argv = ["--preset", args.preset or "tiny-dense"]
+    argv = ["--preset", args.preset or ("tiny-moe" if model_type == "moe" else "tiny-dense")]
     for name, value in shape.items():
-        flag = "--" + name.replace("_", "-")
-        if flag not in known:
-            raise SystemExit(f"error: {flag} is a FLOPs-table flag only: the training flags "
-                             "cannot build that model, so --measure cannot time it.")
-        argv += [flag] if value is True else [flag, str(value)]
+        if name not in flag_of:
+            raise SystemExit(f"error: --{name.replace('_', '-')} is a FLOPs-table flag only: the "
+                             "training flags cannot build that model, so --measure cannot time it.")
+        argv += [flag_of[name]] if value is True else [flag_of[name], str(value)]
     target = args.nitp_target_layer
     if target is None and not args.preset:
         target = default_target_layer(shape["num_layers"])
@@ -186,14 +195,13 @@ def _build_mtp_model(args, **kwargs):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
 
     from megatron_nitp.models import NITPGPTModel
-    from megatron_nitp.training.model import layer_spec, transformer_config
+    from megatron_nitp.training.model import (layer_spec, transformer_config,
+                                              use_transformer_engine)
 
     config = transformer_config(args)
     config.mtp_num_layers = 1  # mtp_loss_scaling_factor keeps megatron-core's default 0.1
     spec = layer_spec(config)
-    core_attention = spec.submodules.self_attention.submodules.core_attention
-    use_te = "transformer_engine" in core_attention.__module__
-    mtp_spec = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=use_te)
+    mtp_spec = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=use_transformer_engine())
     return NITPGPTModel(
         config, args.nitp_config, transformer_layer_spec=spec, mtp_block_spec=mtp_spec,
         vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
@@ -202,14 +210,14 @@ def _build_mtp_model(args, **kwargs):
     )
 
 
-def build_arm(arm: str, argv: list[str]):
+def build_arm(arm: str, argv: list[str], model_type: str = "dense"):
     """One arm's Run through ``training.loop.setup`` (data, model, optimizer): ``ntp`` with
     ``--no-nitp``, ``nitp`` as given, ``mtp`` = ``ntp`` plus megatron-core's MTP block.
     Every arm uses the same seed (same initial backbone) and the same batches."""
     from megatron_nitp.training import loop, model as model_module
     from megatron_nitp.training.arguments import parse_args
 
-    args = parse_args(argv + ([] if arm == "nitp" else ["--no-nitp"]))
+    args = parse_args(argv + ([] if arm == "nitp" else ["--no-nitp"]), model_type=model_type)
     if arm != "mtp":
         return loop.setup(args)
     # setup() imports build_model when it runs: swapping the module attribute builds the MTP
@@ -224,8 +232,13 @@ def build_arm(arm: str, argv: list[str]):
 
 def _step(run, iteration: int) -> float:
     import torch
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
     from megatron_nitp.training.step import train_step
+
+    # megatron-core's MoE aux-loss logging tracker is process-global and sized by the first
+    # model that logs into it; the MTP arm has one layer more. It only feeds logs: start empty.
+    get_moe_layer_wise_logging_tracker().clear()
 
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -322,7 +335,7 @@ def measure(args) -> dict:
     runs = {}
     for arm in arms:
         try:
-            runs[arm] = build_arm(arm, argv)
+            runs[arm] = build_arm(arm, argv, "moe" if _is_moe(args) else "dense")
         except Exception as err:  # noqa: BLE001 - report why, never a number
             if arm != "mtp":
                 raise
