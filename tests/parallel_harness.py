@@ -50,6 +50,8 @@ def main():
     from megatron_nitp.training.loop import setup
     from megatron_nitp.training.step import train_step
 
+    if "--load" in argv and "--finetune" not in argv:
+        argv.append("--finetune")  # the initial checkpoint: weights only, no optimizer state yet
     model_type = "moe" if "--num-experts" in argv or "--preset" in argv else "dense"
     args = parse_args(argv + ["--eval-interval", "0", "--no-progress-bar"], model_type)
     run = setup(args)

@@ -89,15 +89,24 @@ def model_meta(args) -> dict:
     return {k: getattr(args, k, None) for k in MODEL_FLAGS}
 
 
+def _is_distributed_optimizer(optimizer) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    return any(isinstance(sub, DistributedOptimizer) for sub in subs)
+
+
 def _sharded_state(model, optimizer, is_loading: bool) -> dict:
     model_sd = unwrap(model).sharded_state_dict(prefix="model.")
     state = {"model": model_sd}
     if optimizer is not None:
-        # "fully_reshardable": the distributed optimizer's state in a layout-independent form
-        # (the default flattened ranges cannot be saved at DP >= 2 and cannot reshard).
-        state["optimizer"] = optimizer.sharded_state_dict(
-            model_sd, is_loading=is_loading,
-            metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+        kwargs = {}
+        if _is_distributed_optimizer(optimizer):
+            # "fully_reshardable": the distributed optimizer's state in a layout-independent
+            # form (the default flattened ranges cannot be saved at DP >= 2 nor reshard).
+            kwargs["metadata"] = {"distrib_optim_sharding_type": "fully_reshardable"}
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                                         **kwargs)
     return state
 
 
@@ -218,13 +227,21 @@ def read_meta(path: str) -> dict:
         return json.load(f)
 
 
-def check_compatible(meta: dict, args, override: bool = False) -> list[str]:
+#: With --finetune (weights only) the NITP objective may change; the projector's shape may not.
+SHAPE_NITP_FIELDS = ("projector", "projector_ffn_ratio")
+
+
+def check_compatible(meta: dict, args, override: bool = False,
+                     weights_only: bool = False) -> list[str]:
     """Fields where the checkpoint's model or NITP config differs from this run's. Raises
     CheckpointError listing them unless ``override``."""
     ours = {"model": model_meta(args), "nitp": dict(args.nitp_config.__dict__)}
     diffs = []
     for section in ("model", "nitp"):
-        for key in sorted(set(meta.get(section, {})) | set(ours[section])):
+        keys = set(meta.get(section, {})) | set(ours[section])
+        if weights_only and section == "nitp":
+            keys &= set(SHAPE_NITP_FIELDS)
+        for key in sorted(keys):
             saved, current = meta.get(section, {}).get(key), ours[section].get(key)
             if isinstance(current, tuple):
                 current = list(current)
@@ -267,7 +284,7 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, args=None,
     path = find_checkpoint(root, fallback)
     meta = read_meta(path)
     if args is not None:
-        check_compatible(meta, args, override)
+        check_compatible(meta, args, override, weights_only)
     if optimizer is not None and not weights_only and getattr(args, "use_distributed_optimizer", False):
         _materialize_adam_state(optimizer)
     state = _sharded_state(model, None if weights_only else optimizer, is_loading=True)
