@@ -17,13 +17,14 @@ from megatron_nitp.flops import (
 )
 from megatron_nitp.presets import PRESETS
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import ROOT, clean_env  # noqa: E402
+
 TOOL = os.path.join(ROOT, "tools", "flops_overhead.py")
 
 
 def _tool(*flags, timeout=120):
     done = subprocess.run([sys.executable, TOOL, *flags], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout)
+                          cwd=ROOT, timeout=timeout, env=clean_env())
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -190,7 +191,7 @@ def test_cli_table_prints_both_conventions():
 
 def test_cli_compare_mtp_needs_measure():
     done = subprocess.run([sys.executable, TOOL, "--compare-mtp"], capture_output=True,
-                          text=True, cwd=ROOT, timeout=120)
+                          text=True, cwd=ROOT, timeout=120, env=clean_env())
     assert done.returncode != 0 and "--compare-mtp needs --measure" in done.stderr
 
 

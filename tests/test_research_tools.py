@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, clean_env
 
 TINY = ["--train-iters", "3", "--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size",
         "64", "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "32",
@@ -35,9 +35,7 @@ def _tool(name):
 def runs(tmp_path_factory):
     """{"nitp": run folder, "ntp": run folder}, trained at the same time."""
     base = tmp_path_factory.mktemp("research-runs")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
+    env = clean_env()
     procs = {}
     for kind, flags in (("nitp", []), ("ntp", ["--no-nitp"])):
         run_dir = base / f"{kind}-seed1"
