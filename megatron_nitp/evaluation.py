@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_nitp.device import device
 from megatron_nitp.geometry import effective_rank, mean_pairwise_cosine
 
 _VERSE_NUMBER = re.compile(r"^\s*\d+\.\s*")
@@ -172,14 +173,16 @@ class FrozenLM:
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[b, s]`` ids -> logits ``[b, s, V]`` (real vocabulary only), hidden ``[b, s, h]``."""
-        positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+        """``[b, s]`` ids -> logits ``[b, s, V]`` (real vocabulary only), hidden ``[b, s, h]``,
+        both on the CPU (where the probes run) whatever device the model is on."""
+        tokens = tokens.to(device())
+        positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
         self._hidden = None
-        logits = self.model(tokens, positions, None)
+        logits = self.model(tokens, positions.expand_as(tokens), None)
         if isinstance(logits, tuple):
             logits = logits[0]
-        hidden = self._hidden.transpose(0, 1).float()  # [s, b, h] -> [b, s, h]
-        return logits[..., : self.vocab_size].float(), hidden
+        hidden = self._hidden.transpose(0, 1).float().cpu()  # [s, b, h] -> [b, s, h]
+        return logits[..., : self.vocab_size].float().cpu(), hidden
 
     def padded_batches(self, sequences: list[list[int]], batch_size: int):
         """Right-padded batches of sequences (each at most seq_length) and their lengths; the
@@ -188,10 +191,10 @@ class FrozenLM:
         for i in range(0, len(sequences), batch_size):
             chunk = sequences[i: i + batch_size]
             width = max(len(s) for s in chunk)
-            tokens = torch.full((len(chunk), width), pad, dtype=torch.long)
+            tokens = torch.full((len(chunk), width), pad, dtype=torch.long, device="cpu")
             for row, seq in enumerate(chunk):
-                tokens[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            yield tokens, torch.tensor([len(s) for s in chunk])
+                tokens[row, : len(seq)] = torch.tensor(seq, dtype=torch.long, device="cpu")
+            yield tokens, torch.tensor([len(s) for s in chunk], device="cpu")
 
 
 # --------------------------------------------------------------------------- (a) geometry
@@ -214,7 +217,8 @@ def held_out_geometry(lm: FrozenLM, documents: list[str], batch_size: int = 8,
     for tokens, lengths in lm.padded_batches(windows, batch_size):
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
         logits, hidden = lm.forward(inputs)
-        valid = torch.arange(inputs.shape[1]).unsqueeze(0) < (lengths - 1).unsqueeze(1)
+        steps = torch.arange(inputs.shape[1], device="cpu").unsqueeze(0)
+        valid = steps < (lengths - 1).unsqueeze(1)
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
         nll_sum += float(nll[valid].double().sum())
         count += int(valid.sum())
@@ -243,7 +247,8 @@ def mean_pooled(lm: FrozenLM, texts: list[str], batch_size: int = 32) -> torch.T
     pooled = []
     for tokens, lengths in lm.padded_batches(seqs, batch_size):
         _, hidden = lm.forward(tokens)
-        mask = (torch.arange(tokens.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)).float()
+        steps = torch.arange(tokens.shape[1], device="cpu").unsqueeze(0)
+        mask = (steps < lengths.unsqueeze(1)).float()
         pooled.append((hidden * mask.unsqueeze(-1)).sum(1) / lengths.unsqueeze(1).float())
     return torch.cat(pooled).double()
 
@@ -254,12 +259,13 @@ def logistic_regression(x_train, y_train, x_test, num_classes: int, l2: float = 
     penalty. Returns the predicted classes of train and test."""
     mean, std = x_train.mean(0, keepdim=True), x_train.std(0, keepdim=True).clamp_min(1e-8)
     xtr, xte = (x_train - mean) / std, (x_test - mean) / std
-    weight = torch.zeros(xtr.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    weight = torch.zeros(xtr.shape[1], num_classes, dtype=torch.float64, requires_grad=True,
+                         device="cpu")
+    bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True, device="cpu")
     optim = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=steps, history_size=20,
                               line_search_fn="strong_wolfe", tolerance_grad=1e-9,
                               tolerance_change=1e-12)
-    y = torch.as_tensor(y_train)
+    y = torch.as_tensor(y_train, device="cpu")
 
     def closure():
         optim.zero_grad()
@@ -279,7 +285,7 @@ def nearest_centroid(x_train, y_train, x_test, num_classes: int) -> torch.Tensor
     mean, std = x_train.mean(0, keepdim=True), x_train.std(0, keepdim=True).clamp_min(1e-8)
     xtr = torch.nn.functional.normalize((x_train - mean) / std, dim=1)
     xte = torch.nn.functional.normalize((x_test - mean) / std, dim=1)
-    y = torch.as_tensor(y_train)
+    y = torch.as_tensor(y_train, device="cpu")
     centroids = torch.stack([xtr[y == c].mean(0) for c in range(num_classes)])
     return (xte @ torch.nn.functional.normalize(centroids, dim=1).T).argmax(1)
 
@@ -287,7 +293,8 @@ def nearest_centroid(x_train, y_train, x_test, num_classes: int) -> torch.Tensor
 def probe(lm: FrozenLM, train_texts, train_labels, test_texts, test_labels, class_names,
           l2: float = 1e-3) -> dict:
     x_train, x_test = mean_pooled(lm, train_texts), mean_pooled(lm, test_texts)
-    y_train, y_test = torch.as_tensor(train_labels), torch.as_tensor(test_labels)
+    y_train = torch.as_tensor(train_labels, device="cpu")
+    y_test = torch.as_tensor(test_labels, device="cpu")
     k = len(class_names)
     pred_train, pred_test = logistic_regression(x_train, y_train, x_test, k, l2)
     centroid = nearest_centroid(x_train, y_train, x_test, k)
@@ -345,8 +352,8 @@ def cloze(lm: FrozenLM, items: list[str], batch_size: int = 32) -> dict:
     offset = 0
     for tokens, lengths in lm.padded_batches(contexts, batch_size):
         logits, _ = lm.forward(tokens)
-        last = logits[torch.arange(len(lengths)), lengths - 1]  # [b, V]
-        target = torch.tensor(targets[offset: offset + len(lengths)])
+        last = logits[torch.arange(len(lengths), device="cpu"), lengths - 1]  # [b, V]
+        target = torch.tensor(targets[offset: offset + len(lengths)], device="cpu")
         offset += len(lengths)
         correct += int((last.argmax(-1) == target).sum())
         nll += float(torch.nn.functional.cross_entropy(last.double(), target, reduction="sum"))

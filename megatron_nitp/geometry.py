@@ -21,7 +21,7 @@ def effective_rank(states: torch.Tensor) -> torch.Tensor:
     eig = torch.linalg.svdvals(x).pow(2)
     total = eig.sum()
     if total <= 0:
-        return torch.tensor(1.0, dtype=torch.float64)
+        return torch.tensor(1.0, dtype=torch.float64, device=states.device)
     p = eig / total
     p = p[p > 0]
     return torch.exp(-(p * p.log()).sum())
@@ -35,9 +35,11 @@ def mean_pairwise_cosine(
     if n < 2:
         raise ValueError("mean_pairwise_cosine needs at least two token states")
     x = torch.nn.functional.normalize(states.double(), dim=-1)
-    first = torch.randint(0, n, (num_pairs,), generator=generator)
-    offset = torch.randint(1, n, (num_pairs,), generator=generator)
-    second = (first + offset) % n  # never equal to first
+    # Pairs are drawn on the CPU (a CPU generator), so they are the same on any device.
+    first = torch.randint(0, n, (num_pairs,), generator=generator, device="cpu")
+    offset = torch.randint(1, n, (num_pairs,), generator=generator, device="cpu")
+    second = ((first + offset) % n).to(x.device)  # never equal to first
+    first = first.to(x.device)
     return (x[first] * x[second]).sum(dim=-1).mean()
 
 

@@ -112,7 +112,7 @@ def preprocess(
                 ids = ids + [tokenizer.eod]
             if not ids:
                 continue
-            builder.add_item(torch.tensor(ids, dtype=torch.int64))
+            builder.add_item(torch.tensor(ids, dtype=torch.int64, device="cpu"))
             builder.end_document()
             written += 1
         builder.finalize(tmp_idx)

@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_nitp.device import device
+
 _GROUP = None
 
 
@@ -95,6 +97,22 @@ class TargetRouter:
         self.group = routing_group()
         self._pending: list[tuple[dist.Work, torch.Tensor]] = []
         self.bytes_sent = 0
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One blocking 1-element exchange, owner -> last stage, while the model is built.
+
+        NCCL creates the 2-rank communicator of a point-to-point pair lazily, at its first send,
+        and that creation blocks until the peer joins. Left to the first micro-batch, the owner
+        would block in its first ``isend`` while the last stage blocks in megatron-core's own
+        ``recv_forward`` waiting for the owner's activation: a first-step deadlock under PP. Both
+        ranks build the model at the same time, so the exchange here always meets its peer.
+        """
+        rank = dist.get_rank()
+        if rank == self.source:
+            dist.send(torch.zeros(1, device=device()), self.destination, group=self.group)
+        elif rank == self.destination:
+            dist.recv(torch.empty(1, device=device()), self.source, group=self.group)
 
     def send(self, state: torch.Tensor) -> None:
         """Non-blocking send of one micro-batch's ``[L, b, h]`` target (owning stage)."""

@@ -42,7 +42,7 @@ def local_positions(
     and ``2 * cp_size - 1 - r`` (Megatron's load balancing for causal attention); sequence
     parallelism (``tp_size > 1``) then splits that local sequence contiguously across TP ranks.
     """
-    positions = torch.arange(seq_length)
+    positions = torch.arange(seq_length, device="cpu")  # bookkeeping, never communicated
     if cp_size > 1:
         chunks = positions.chunk(2 * cp_size)
         positions = torch.cat([chunks[cp_rank], chunks[2 * cp_size - 1 - cp_rank]])
@@ -91,12 +91,12 @@ def shift_targets_sharded(
     if len(runs) > MAX_RUNS:
         raise ValueError(f"a rank holds {len(runs)} runs of positions; at most {MAX_RUNS}")
     # Fixed shapes on every rank (all_gather needs them): pad to MAX_RUNS runs.
-    starts = torch.full((MAX_RUNS,), -1, dtype=torch.long)
+    starts = torch.full((MAX_RUNS,), -1, dtype=torch.long, device=states.device)
     for i, (begin, _) in enumerate(runs):
         starts[i] = positions[begin]
     pad = torch.zeros(states.shape[1:], dtype=torch.float32, device=states.device)
     firsts = torch.stack([states[b].float() for b, _ in runs] + [pad] * (MAX_RUNS - len(runs)))
-    all_starts = torch.cat(_all_gather(starts.to(states.device), group)).tolist()
+    all_starts = torch.cat(_all_gather(starts, group)).tolist()
     all_firsts = torch.cat(_all_gather(firsts, group))
     row_at = {start: all_firsts[i] for i, start in enumerate(all_starts) if start >= 0}
 

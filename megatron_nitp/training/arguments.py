@@ -160,6 +160,9 @@ def build_parser(model_type: str = "dense") -> argparse.ArgumentParser:
                    help="interleaved pipeline schedule: not supported with NITP (refused)")
     g.add_argument("--distributed-backend", default=None, choices=["nccl", "gloo"],
                    help="default: nccl with CUDA, gloo without")
+    g.add_argument("--distributed-timeout-minutes", type=int, default=10,
+                   help="timeout of collectives (init_process_group); a rank that waits longer "
+                        "fails with an error instead of hanging")
 
     g = p.add_argument_group("validation, logging and output")
     g.add_argument("--eval-interval", type=int, default=100)
@@ -347,8 +350,7 @@ def _validate_moe(args: argparse.Namespace) -> None:
 
 def _validate_layout(args: argparse.Namespace) -> None:
     """Parallel layouts the code cannot run are refused by name, never run silently wrong."""
-    import torch
-
+    from megatron_nitp.device import has_cuda
     from megatron_nitp.nitp.routing import target_stage
 
     nitp, pp = args.nitp_config, args.pipeline_model_parallel_size
@@ -358,7 +360,7 @@ def _validate_layout(args: argparse.Namespace) -> None:
             "supported (the NITP target is routed per micro-batch in 1F1B order, which the "
             "interleaved schedule does not keep); use a plain --pipeline-model-parallel-size."
         )
-    if args.context_parallel_size > 1 and not torch.cuda.is_available() and not args.dry_run:
+    if args.context_parallel_size > 1 and not has_cuda() and not args.dry_run:
         raise ValueError(
             f"--context-parallel-size {args.context_parallel_size} needs Transformer Engine's "
             "context-parallel attention (GPU only); on CPU use --context-parallel-size 1. "

@@ -1,11 +1,12 @@
 """Process groups, megatron-core's parallel state and seeds.
 
-On a machine without CUDA the CPU compatibility layer is applied first and the backend is gloo;
-with CUDA it is NCCL and nothing is patched.
+The compatibility layer is applied first (only the patches whose cause is present: no CUDA, no
+TE, no Apex); the backend is gloo without CUDA and NCCL with it.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import random
 import socket
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from megatron_nitp import compat
+from megatron_nitp.device import bind, device, has_cuda
 
 
 def _free_port() -> int:
@@ -28,12 +30,18 @@ def initialize_distributed(
     context_parallel_size: int = 1,
     backend: str | None = None,
     expert_model_parallel_size: int = 1,
+    timeout_minutes: int = 10,
 ) -> None:
     """Start torch.distributed (torchrun's env:// or a single local process) and megatron's
-    parallel state. Idempotent."""
-    on_cpu = not torch.cuda.is_available()
-    if on_cpu:
-        compat.apply()
+    parallel state. Idempotent.
+
+    Under NCCL the process group is bound to this rank's GPU (``device_id``), which makes torch
+    create the communicators eagerly, at ``init_process_group`` and ``new_group``, instead of at
+    their first collective inside the pipeline schedule (where two ranks that reach different
+    first collectives can deadlock); ``timeout_minutes`` turns a hang into an error.
+    """
+    compat.apply()  # each patch only where what it works around is missing (CUDA, TE, Apex)
+    if not has_cuda():
         # Denormal floats (tiny gradients and Adam moments after some steps) make x86 CPU
         # arithmetic 10-50x slower; a training run loses nothing by flushing them to zero.
         torch.set_flush_denormal(True)
@@ -42,10 +50,12 @@ def initialize_distributed(
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        backend = backend or ("gloo" if on_cpu else "nccl")
-        if not on_cpu:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        torch.distributed.init_process_group(backend=backend)
+        backend = backend or ("nccl" if has_cuda() else "gloo")
+        kwargs = {"timeout": datetime.timedelta(minutes=timeout_minutes)}
+        bind(int(os.environ.get("LOCAL_RANK", 0)))
+        if has_cuda() and backend == "nccl":
+            kwargs["device_id"] = device()
+        torch.distributed.init_process_group(backend=backend, **kwargs)
     from megatron.core import parallel_state
 
     if not parallel_state.model_parallel_is_initialized():
@@ -54,6 +64,7 @@ def initialize_distributed(
             pipeline_model_parallel_size=pipeline_model_parallel_size,
             context_parallel_size=context_parallel_size,
             expert_model_parallel_size=expert_model_parallel_size,
+            distributed_timeout_minutes=timeout_minutes,
         )
 
 

@@ -13,6 +13,9 @@ from collections import defaultdict
 
 import torch
 
+from megatron_nitp.device import has_cuda
+from megatron_nitp.device import name as device_name
+
 # Console order.
 CONSOLE_KEYS = ("lm loss", "nitp loss", "load balancing loss", "total loss", "grad norm",
                 "effective rank", "cosine similarity")
@@ -45,9 +48,9 @@ def peak_tflops(args) -> float | None:
     """The device's peak for MFU: ``--peak-tflops``, else a known GPU's bf16 dense peak."""
     if getattr(args, "peak_tflops", None):
         return args.peak_tflops
-    if not torch.cuda.is_available():
+    if not has_cuda():
         return None
-    name = torch.cuda.get_device_name()
+    name = device_name()
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 

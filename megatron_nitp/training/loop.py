@@ -15,6 +15,7 @@ import time
 import torch
 from megatron.core import parallel_state
 
+from megatron_nitp.device import device
 from megatron_nitp.training import arguments
 from megatron_nitp.training.initialize import initialize_distributed, set_seed
 from megatron_nitp.training.logger import Throughput, TrainingLogger, is_logging_rank
@@ -123,6 +124,7 @@ def setup(args: argparse.Namespace) -> Run:
         args.context_parallel_size,
         args.distributed_backend,
         args.expert_model_parallel_size,
+        timeout_minutes=args.distributed_timeout_minutes,
     )
     try:
         arguments.validate_world_args(args, torch.distributed.get_world_size())
@@ -175,9 +177,7 @@ class _Preemption:
         self.requested = True
 
     def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0])
-        if torch.cuda.is_available():
-            flag = flag.cuda()
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device())
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return flag.item() > 0
 

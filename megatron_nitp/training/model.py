@@ -11,6 +11,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_nitp.device import device, has_cuda
 from megatron_nitp.models import NITPGPTModel
 from megatron_nitp.nitp.config import NITPConfig
 
@@ -46,7 +47,7 @@ def moe_config(args: argparse.Namespace) -> dict:
 
 def transformer_config(args: argparse.Namespace) -> TransformerConfig:
     """Qwen2/Llama-style blocks: RMSNorm, SwiGLU, RoPE, GQA, no linear biases."""
-    on_gpu = torch.cuda.is_available()
+    on_gpu = has_cuda()
     dtype = params_dtype(args)
     return TransformerConfig(
         **moe_config(args),
@@ -85,7 +86,7 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
 
 def use_transformer_engine() -> bool:
     """Transformer Engine layers when TE and CUDA are both present."""
-    if not torch.cuda.is_available():
+    if not has_cuda():
         return False
     try:
         import transformer_engine  # noqa: F401
@@ -138,8 +139,7 @@ def build_model(
 def wrap_model(model: NITPGPTModel, args: argparse.Namespace) -> DistributedDataParallel:
     """Mixed-precision wrapper (bf16/fp16 weights, fp32 outputs) and megatron DDP with fp32
     gradient buffers, as megatron's training loop does."""
-    if torch.cuda.is_available():
-        model.cuda(torch.cuda.current_device())
+    model.to(device())
     config = model.config
     module = Float16Module(config, model) if (args.bf16 or args.fp16) else model
     ddp_config = DistributedDataParallelConfig(

@@ -22,6 +22,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_batch_on_this_cp_rank
 
+from megatron_nitp.device import device, to_device
 from megatron_nitp.geometry import effective_rank, mean_pairwise_cosine, valid_token_states
 from megatron_nitp.nitp.loss import num_contributing_positions
 from megatron_nitp.training.model import unwrap
@@ -53,8 +54,8 @@ def _loss_func(loss_mask, nitp_scale, geometry, output):
     }
     if geometry:
         states = valid_token_states(hidden.float(), mask)
-        generator = torch.Generator().manual_seed(0)
-        one = torch.ones((), dtype=torch.float64)
+        generator = torch.Generator(device="cpu").manual_seed(0)  # same pairs on any device
+        one = torch.ones((), dtype=torch.float64, device=states.device)
         report["effective rank"] = torch.stack([effective_rank(states), one])
         report["cosine similarity"] = torch.stack(
             [mean_pairwise_cosine(states, generator=generator), one]
@@ -79,18 +80,22 @@ def _forward_step(nitp_scale, geometry_first, data_iterator, model):
 
 
 def _cp_slice(batch: dict) -> dict:
-    """megatron-core's ``get_batch_on_this_cp_rank`` (0.19 adds a required ``is_hybrid_cp``)."""
+    """This rank's chunks r and 2CP-1-r of every sequence: megatron-core's
+    ``get_batch_on_this_cp_rank`` given the context-parallel group explicitly. 0.16 falls back
+    to parallel_state without it, but 0.19 (which adds a required ``is_hybrid_cp``) then
+    slices by the whole world's size and rank, i.e. wrongly as soon as TP, PP or DP > 1."""
     import inspect
 
+    cp_group = parallel_state.get_context_parallel_group()
     if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters:
-        return get_batch_on_this_cp_rank(batch, is_hybrid_cp=False)
-    return get_batch_on_this_cp_rank(batch)
+        return get_batch_on_this_cp_rank(batch, is_hybrid_cp=False, cp_group=cp_group)
+    return get_batch_on_this_cp_rank(batch, cp_group=cp_group)
 
 
 def _global_counts(batches: list[dict], shift: int) -> tuple[float, float]:
     """(N_ntp, N_nitp) over the global batch: this rank's micro-batches (whole sequences, before
     any context-parallel split), summed over the data-parallel replicas."""
-    counts = torch.zeros(2, dtype=torch.float64)
+    counts = torch.zeros(2, dtype=torch.float64, device=device())
     for batch in batches:
         mask = batch["loss_mask"].double()
         counts[0] += mask.sum()
@@ -106,13 +111,11 @@ def reduce_report(reports: list[dict]) -> dict[str, float]:
     last stage) and all-reduces it over PP and then DP, so collectives never see mismatched
     shapes and every rank ends with the same values.
     """
-    packed = torch.zeros(len(REPORT_KEYS), 2, dtype=torch.float64)
+    packed = torch.zeros(len(REPORT_KEYS), 2, dtype=torch.float64, device=device())
     for report in reports:
         for i, key in enumerate(REPORT_KEYS):
             if key in report:
-                packed[i] += report[key].double().cpu()
-    if torch.cuda.is_available():
-        packed = packed.cuda()
+                packed[i] += report[key].double().to(packed.device)
     torch.distributed.all_reduce(packed, group=parallel_state.get_pipeline_model_parallel_group())
     torch.distributed.all_reduce(
         packed, group=parallel_state.get_data_parallel_group(with_context_parallel=True)
@@ -123,12 +126,6 @@ def reduce_report(reports: list[dict]) -> dict[str, float]:
         for i, key in enumerate(REPORT_KEYS)
         if packed[i, 1] > 0
     }
-
-
-def _to_device(batch: dict) -> dict:
-    if torch.cuda.is_available():
-        return {k: v.cuda(non_blocking=True) for k, v in batch.items()}
-    return batch
 
 
 def _run_schedule(model, batches, args, nitp_scale, forward_only, geometry):
@@ -154,12 +151,9 @@ def _run_schedule(model, batches, args, nitp_scale, forward_only, geometry):
 
 def _grads_finite(model) -> bool:
     """True when every gradient on every rank is finite (one all-reduce of a flag)."""
-    bad = torch.zeros(1)
+    bad = torch.zeros(1, device=device())
     for buffer in list(model.buffers) + list(getattr(model, "expert_parallel_buffers", [])):
-        if not torch.isfinite(buffer.grad_data).all():
-            bad += 1
-    if torch.cuda.is_available():
-        bad = bad.cuda()
+        bad += (~torch.isfinite(buffer.grad_data)).any().to(bad.dtype)
     torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
     return bad.item() == 0
 
@@ -175,7 +169,7 @@ def train_step(
     (``--nan-policy skip``, reported as ``skipped``) or NonFiniteError is raised (``stop``). The
     weights are never updated with it. ``fault`` injects ``nan-loss`` or ``nan-grad`` (tests).
     """
-    batches = [_to_device(next(data_iterator)) for _ in range(args.num_microbatches)]
+    batches = [to_device(next(data_iterator)) for _ in range(args.num_microbatches)]
     weight = args.nitp_config.weight_at(iteration)
     n_ntp, n_nitp = _global_counts(batches, args.nitp_config.shift)
     nitp_scale = weight * n_ntp / n_nitp if n_nitp > 0 else 0.0
@@ -240,7 +234,7 @@ def evaluate(model, data_iterator: Iterator, args, eval_iters: int) -> dict[str,
     model.eval()
     reports = []
     for _ in range(eval_iters):
-        batches = [_to_device(next(data_iterator)) for _ in range(args.num_microbatches)]
+        batches = [to_device(next(data_iterator)) for _ in range(args.num_microbatches)]
         reports += _run_schedule(model, batches, args, 0.0, True, False)
     model.train()
     metrics = reduce_report(reports)
