@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time megatron-core's multi-token prediction (mtp_num_layers=1)")
     g.add_argument("--no-memory", dest="memory", action="store_false", default=True,
                    help="skip the (untimed) memory-profiled step of each arm")
+    g.add_argument("--bf16", action="store_true",
+                   help="bf16 training (megatron-core mixed precision; what GPU runs use)")
     return p
 
 
@@ -184,9 +186,10 @@ def _training_argv(args) -> list[str]:
     if target is not None:
         argv += ["--nitp-target-layer", str(target)]
     mbs = str(args.micro_batch_size)
-    return argv + ["--micro-batch-size", mbs, "--global-batch-size", mbs,
+    return (argv + ["--micro-batch-size", mbs, "--global-batch-size", mbs,
                    "--train-iters", "100000", "--lr-warmup-iters", "0", "--eval-interval", "0",
                    "--geometry-interval", "0", "--no-save", "--no-plot", "--no-progress-bar"]
+                   + (["--bf16"] if args.bf16 else []))
 
 
 def _build_mtp_model(args, **kwargs):
@@ -231,21 +234,19 @@ def build_arm(arm: str, argv: list[str], model_type: str = "dense"):
 
 
 def _step(run, iteration: int) -> float:
-    import torch
     from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
+    from megatron_nitp.device import synchronize
     from megatron_nitp.training.step import train_step
 
     # megatron-core's MoE aux-loss logging tracker is process-global and sized by the first
     # model that logs into it; the MTP arm has one layer more. It only feeds logs: start empty.
     get_moe_layer_wise_logging_tracker().clear()
 
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    synchronize()
     start = time.perf_counter()
     train_step(run.model, run.optimizer, run.scheduler, run.train_iter, run.args, iteration, False)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    synchronize()
     return time.perf_counter() - start
 
 
@@ -373,7 +374,15 @@ def measure(args) -> dict:
               for arm in arms if arm != "ntp"}
     exact = flops.exact_flops(shape, causal=True)
     full = flops.exact_flops(shape, causal=False)
+    from megatron_nitp.training.logger import peak_tflops
+
+    per_token = {"ntp": exact.ntp_total, "nitp": exact.ntp_total + exact.nitp}
+    tflops = {arm: per_token[arm] * tokens / median[arm] / 1e12 for arm in per_token}
+    peak = peak_tflops(train_args)
     result = dict(
+        tflops_per_device=tflops,
+        mfu={arm: t / peak for arm, t in tflops.items()} if peak else None,
+        peak_tflops=peak,
         device=(torch.cuda.get_device_name() if torch.cuda.is_available()
                 else f"CPU ({platform.processor() or platform.machine()}), "
                      f"{torch.get_num_threads()} torch threads"),
@@ -429,6 +438,11 @@ def print_measurement(r: dict) -> None:
         print(f"{names[arm]} vs NTP, measured: {100 * r['overhead_measured'][arm]:+.1f}% "
               f"(medians), {100 * r['overhead_measured_paired'][arm]:+.1f}% (median of paired "
               f"A/B ratios), {100 * r['overhead_measured_min'][arm]:+.1f}% (minimums)")
+    mfu = r.get("mfu") or {}
+    print("model TFLOP/s per device (exact FLOPs, causal): " + ", ".join(
+        f"{names[arm]} {t:.1f}" + (f" (MFU {100 * mfu[arm]:.1f}% of {r['peak_tflops']:g})"
+                                   if arm in mfu else "")
+        for arm, t in r["tflops_per_device"].items()))
     print(f"NITP vs NTP, analytic (exact): {100 * r['overhead_exact_causal']:+.1f}% counting "
           f"causal attention as s/2, {100 * r['overhead_exact_full_square']:+.1f}% counting the "
           f"full s x s square (what the unfused local attention computes); paper convention "

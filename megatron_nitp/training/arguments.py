@@ -158,8 +158,18 @@ def build_parser(model_type: str = "dense") -> argparse.ArgumentParser:
                    help="context parallelism (attention needs Transformer Engine: GPU only)")
     g.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None,
                    help="interleaved pipeline schedule: not supported with NITP (refused)")
+    g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None,
+                   help="uneven pipeline: layers on the first stage (the other stages share the "
+                        "rest evenly); megatron-core's num_layers_in_first_pipeline_stage")
+    g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None,
+                   help="uneven pipeline: layers on the last stage; megatron-core's "
+                        "num_layers_in_last_pipeline_stage")
     g.add_argument("--distributed-backend", default=None, choices=["nccl", "gloo"],
                    help="default: nccl with CUDA, gloo without")
+    g.add_argument("--transformer-impl", default="transformer_engine",
+                   choices=["transformer_engine", "local"],
+                   help="layer spec: Transformer Engine's (when TE and CUDA are present, else "
+                        "megatron-core's local modules) or always the local modules")
     g.add_argument("--distributed-timeout-minutes", type=int, default=10,
                    help="timeout of collectives (init_process_group); a rank that waits longer "
                         "fails with an error instead of hanging")
@@ -284,6 +294,13 @@ def _fill_derived(args: argparse.Namespace) -> None:
     )
 
 
+def pipeline_split(args: argparse.Namespace) -> tuple[Optional[int], Optional[int]]:
+    """(layers on the first stage, layers on the last stage) of an uneven pipeline split, each
+    None when not given (megatron-core's num_layers_in_first/last_pipeline_stage)."""
+    return (getattr(args, "decoder_first_pipeline_num_layers", None),
+            getattr(args, "decoder_last_pipeline_num_layers", None))
+
+
 def validate_model_args(args: argparse.Namespace) -> None:
     """Shape and flag checks that need no process group: raise ValueError with the fix."""
     args.nitp_config.validate(args.num_layers, args.hidden_size, args.tensor_model_parallel_size)
@@ -301,10 +318,17 @@ def validate_model_args(args: argparse.Namespace) -> None:
                 f"--{name.replace('_', '-')} {getattr(args, name)} is not divisible by "
                 f"--tensor-model-parallel-size {tp}."
             )
-    if args.num_layers % args.pipeline_model_parallel_size:
+    if pipeline_split(args) != (None, None):
+        from megatron_nitp.nitp.routing import stage_layer_counts
+
+        # ValueError naming the numbers when the layers do not split that way
+        stage_layer_counts(args.num_layers, args.pipeline_model_parallel_size,
+                           *pipeline_split(args))
+    elif args.num_layers % args.pipeline_model_parallel_size:
         raise ValueError(
             f"--num-layers {args.num_layers} is not divisible by "
-            f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}."
+            f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size} (or give "
+            "--decoder-first/last-pipeline-num-layers)."
         )
     if args.sequence_parallel and tp == 1:
         args.sequence_parallel = False
@@ -373,7 +397,8 @@ def _validate_layout(args: argparse.Namespace) -> None:
             "(x tensor-parallel size with --sequence-parallel)."
         )
     if (nitp.enabled and not nitp.stop_gradient and pp > 1
-            and target_stage(nitp.target_layer, args.num_layers, pp) != pp - 1):
+            and target_stage(nitp.target_layer, args.num_layers, pp, *pipeline_split(args))
+            != pp - 1):
         raise ValueError(
             "--nitp-no-stop-gradient with the target layer on an earlier pipeline stage is not "
             "supported: the routed target carries no gradient back across stages. Use "
@@ -388,8 +413,52 @@ def _validate_layout(args: argparse.Namespace) -> None:
                          "swiglu (the paper's) or drop --sequence-parallel.")
 
 
+def multi_node_launch(environ=None) -> str | None:
+    """Why this process looks like one rank of a job on several nodes (None if it does not):
+    torchrun's ``WORLD_SIZE > LOCAL_WORLD_SIZE``, or, for ranks started by srun directly (one
+    task per rank, no LOCAL_WORLD_SIZE), ``SLURM_STEP_NUM_NODES > 1``."""
+    environ = os.environ if environ is None else environ
+
+    def number(name):
+        try:
+            return int(environ.get(name, ""))
+        except ValueError:
+            return None
+
+    world, local = number("WORLD_SIZE"), number("LOCAL_WORLD_SIZE")
+    if world is not None and local is not None:
+        return f"WORLD_SIZE {world} > LOCAL_WORLD_SIZE {local}" if world > local else None
+    nodes = number("SLURM_STEP_NUM_NODES")
+    if nodes is not None and nodes > 1 and (world or number("SLURM_NTASKS") or 1) > 1:
+        return f"SLURM_STEP_NUM_NODES {nodes}"
+    return None
+
+
+def validate_data_cache(args: argparse.Namespace, environ=None) -> None:
+    """A job on several nodes needs ``--data-cache-path`` on a shared file system.
+
+    megatron-core builds the dataset index cache on global rank 0 only; the other ranks then
+    read it. The default folder (``$MEGATRON_NITP_CACHE/dataset-index``, inside each node's
+    container in the Docker image, or ``~/.cache``) is local to a node, so every rank on the
+    other nodes would fail with FileNotFoundError after the first node built its cache."""
+    if args.data_cache_path or getattr(args, "dry_run", False):
+        return
+    why = multi_node_launch(environ)
+    if why:
+        raise ValueError(
+            f"this job runs on several nodes ({why}) and --data-cache-path is not set: "
+            "megatron-core builds the dataset index cache on global rank 0 only, and the "
+            "default cache folder ($MEGATRON_NITP_CACHE/dataset-index, e.g. inside each "
+            "node's container) is not shared, so the ranks on the other nodes would fail with "
+            "FileNotFoundError. Pass --data-cache-path DIR on a file system every node sees "
+            "(the examples use $RUN_DIR/data-cache)."
+        )
+
+
 def validate_world_args(args: argparse.Namespace, world_size: int) -> None:
-    """Checks that need the world size: the data-parallel size and the batch arithmetic."""
+    """Checks that need the world size or the launch: the data-parallel size, the batch
+    arithmetic, and a shared dataset cache on several nodes."""
+    validate_data_cache(args)
     model_parallel = (args.tensor_model_parallel_size * args.pipeline_model_parallel_size
                       * args.context_parallel_size)
     expert_ranks = args.expert_model_parallel_size * args.tensor_model_parallel_size

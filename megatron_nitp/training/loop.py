@@ -16,6 +16,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_nitp.device import device
+from megatron_nitp.device import name as device_name
 from megatron_nitp.training import arguments
 from megatron_nitp.training.initialize import initialize_distributed, set_seed
 from megatron_nitp.training.logger import Throughput, TrainingLogger, is_logging_rank
@@ -134,12 +135,15 @@ def setup(args: argparse.Namespace) -> Run:
 
     from megatron.core.distributed import finalize_model_grads
 
+    from megatron_nitp.models.initialization import initialize_weights
     from megatron_nitp.training.checkpointing import CheckpointError, load_checkpoint
     from megatron_nitp.training.model import build_model, wrap_model
     from megatron_nitp.training.optimizer import build_optimizer
 
     set_seed(args.seed)
-    model = wrap_model(build_model(args), args)
+    model = build_model(args)
+    initialize_weights(model, args.seed)  # from the seed and global names: layout-invariant
+    model = wrap_model(model, args)
     optimizer, scheduler = build_optimizer(model, args)
     config = model.config
     config.no_sync_func = model.no_sync
@@ -226,7 +230,8 @@ def pretrain(args: argparse.Namespace) -> dict:
         f"{run.tokenizer.vocab_size} (padded {args.padded_vocab_size}) | world "
         f"{torch.distributed.get_world_size()} (TP {args.tensor_model_parallel_size}, PP "
         f"{args.pipeline_model_parallel_size}, EP {args.expert_model_parallel_size}, DP "
-        f"{args.data_parallel_size}) | micro-batches per step {args.num_microbatches}"
+        f"{args.data_parallel_size}) | micro-batches per step {args.num_microbatches} | "
+        f"backend {torch.distributed.get_backend()}, device {device()} ({device_name()})"
     )
     if run.start_iteration:
         logger.print(f"> resumed from {args.load} at iteration {run.start_iteration} "

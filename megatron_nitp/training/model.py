@@ -68,6 +68,8 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
         init_method_std=args.init_method_std,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        num_layers_in_first_pipeline_stage=getattr(args, "decoder_first_pipeline_num_layers", None),
+        num_layers_in_last_pipeline_stage=getattr(args, "decoder_last_pipeline_num_layers", None),
         context_parallel_size=args.context_parallel_size,
         sequence_parallel=args.sequence_parallel,
         pipeline_dtype=dtype,
@@ -84,9 +86,10 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
     )
 
 
-def use_transformer_engine() -> bool:
-    """Transformer Engine layers when TE and CUDA are both present."""
-    if not has_cuda():
+def use_transformer_engine(impl: str = "transformer_engine") -> bool:
+    """Transformer Engine layers when asked for (``--transformer-impl``, the default) and TE and
+    CUDA are both present."""
+    if impl != "transformer_engine" or not has_cuda():
         return False
     try:
         import transformer_engine  # noqa: F401
@@ -95,12 +98,12 @@ def use_transformer_engine() -> bool:
     return True
 
 
-def layer_spec(config: TransformerConfig):
+def layer_spec(config: TransformerConfig, impl: str = "transformer_engine"):
     """The layer spec (dense) or the per-layer block spec (MoE: dense and MoE layers by
     ``moe_layer_freq``), with TE's modules on GPU and megatron-core's local ones otherwise."""
     from megatron.core.models.gpt import gpt_layer_specs
 
-    te = use_transformer_engine()
+    te = use_transformer_engine(impl)
     if config.num_moe_experts:
         return gpt_layer_specs.get_gpt_decoder_block_spec(
             config, use_transformer_engine=te, normalization="RMSNorm"
@@ -125,7 +128,8 @@ def build_model(
     return NITPGPTModel(
         config,
         nitp if nitp is not None else args.nitp_config,
-        transformer_layer_spec=layer_spec(config),
+        transformer_layer_spec=layer_spec(config, getattr(args, "transformer_impl",
+                                                          "transformer_engine")),
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=pre_process,

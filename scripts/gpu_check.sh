@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# GPU acceptance check: one command on a machine with one or more CUDA GPUs and torch installed
+# (an NGC PyTorch container, the Dockerfile's image), without network.
+#
+#   bash scripts/gpu_check.sh                       # megatron-core already installed
+#   WHEELS=/path/to/wheels bash scripts/gpu_check.sh   # megatron-core (and any missing light
+#                                                   # dependency) from a local wheel folder
+#
+# 1. stops at once, non-zero, with "no CUDA device" where there is none;
+# 2. prints the environment (tools/check_env.py --no-run);
+# 3. runs the tests marked gpu (tests/test_gpu.py: tiny dense and tiny MoE for 20 iterations in
+#    bf16 on NCCL, with TE's spec where TE is installed and the local spec beside it, a
+#    distributed-optimizer save and an exact resume, geometry and evaluation on, HF export,
+#    check_env's tiny run; with 2+ GPUs TP2, TP2+SP, PP2 with routing, CP2 and EP2 against one
+#    GPU);
+# 4. measures NTP vs NITP on a dense-0.5b-shaped model (4 layers, seq 4096, bf16): step time,
+#    NITP's overhead against the exact analytic ratio, tokens/s, TFLOP/s and MFU, peak memory.
+#
+# Everything lands in $GPU_CHECK_OUT (default runs/gpu_check-<time>): gpu_check.log, pytest.log,
+# benchmark.json. Exit status: 0 when every test passed and the benchmark ran.
+# Knobs: PYTHON (default python3), BENCH_LAYERS (4), BENCH_SEQ (4096), BENCH_MBS (2),
+# BENCH_ITERS (10), SKIP_TESTS=1, SKIP_BENCH=1.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+if ! "$PY" - <<'EOF'
+import sys
+try:
+    import torch
+except ImportError:
+    sys.exit("error: no CUDA device: torch is not importable here. Run this on a GPU machine "
+             "with a CUDA build of torch (e.g. the Dockerfile's NGC image).")
+if not torch.cuda.is_available():
+    sys.exit(f"error: no CUDA device (torch {torch.__version__}: torch.cuda.is_available() is "
+             "False). This check needs one or more NVIDIA GPUs; the CPU test suite is "
+             "scripts/test.sh.")
+EOF
+then
+  exit 1
+fi
+
+OUT_DIR=${GPU_CHECK_OUT:-runs/gpu_check-$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$OUT_DIR"
+exec > >(tee -a "$OUT_DIR/gpu_check.log") 2>&1
+
+# megatron-core and the light dependencies: installed, or from $WHEELS (no index, no network).
+missing=$("$PY" - <<'EOF'
+import importlib.util
+mods = {"megatron.core": "megatron-core", "sentencepiece": "sentencepiece",
+        "tensorboard": "tensorboard", "matplotlib": "matplotlib", "tqdm": "tqdm",
+        "safetensors": "safetensors", "psutil": "psutil", "packaging": "packaging"}
+def found(name):
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+print(" ".join(pkg for mod, pkg in mods.items() if not found(mod)))
+EOF
+)
+if [ -n "$missing" ] || [ -n "${WHEELS:-}" ]; then
+  if [ -z "${WHEELS:-}" ]; then
+    echo "error: missing Python packages: $missing. Install them, or pass WHEELS=<folder of" \
+         "wheels> (e.g. pip download --no-deps megatron-core==0.19.2 on a machine with network)."
+    exit 1
+  fi
+  SITE=${SITE:-/tmp/megatron-nitp-site}
+  echo "> installing the wheels in $WHEELS into $SITE (no index, no dependencies)"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" \
+    "$WHEELS"/*.whl || exit 1
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1
+
+status=0
+"$PY" tools/check_env.py --no-run || status=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  echo
+  echo "> pytest -m gpu"
+  start=$(date +%s)
+  "$PY" -m pytest -q -m gpu -rs --durations=0 tests/test_gpu.py 2>&1 | tee "$OUT_DIR/pytest.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  echo "> gpu tests: $(( $(date +%s) - start )) s"
+fi
+
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  echo
+  echo "> NTP vs NITP on a dense-0.5b-shaped model"
+  "$PY" tools/flops_overhead.py --measure --preset dense-0.5b --bf16 \
+    --num-layers "${BENCH_LAYERS:-4}" --nitp-target-layer 1 --seq-length "${BENCH_SEQ:-4096}" \
+    --micro-batch-size "${BENCH_MBS:-2}" --warmup-iters 3 --measure-iters "${BENCH_ITERS:-10}" \
+    --json > "$OUT_DIR/benchmark.json" || status=1
+  "$PY" - "$OUT_DIR/benchmark.json" <<'EOF' || status=1
+import json, sys
+sys.path.insert(0, "tools")
+from flops_overhead import print_measurement
+print_measurement(json.load(open(sys.argv[1])))
+EOF
+fi
+
+echo
+echo "> gpu_check: $([ $status = 0 ] && echo PASSED || echo FAILED) (logs in $OUT_DIR)"
+exit $status

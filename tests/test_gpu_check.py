@@ -1,0 +1,30 @@
+"""scripts/gpu_check.sh on a machine without CUDA stops at once, non-zero, and says why."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, clean_env
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_gpu_check_refuses_a_machine_without_cuda(tmp_path):
+    env = clean_env(PYTHON=sys.executable, GPU_CHECK_OUT=str(tmp_path / "out"))
+    proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "no CUDA device" in proc.stderr + proc.stdout
+    assert not (tmp_path / "out").exists()  # nothing started: no log folder, no venv, no run
+
+
+def test_gpu_tests_are_collected_and_marked():
+    """At least six tests carry the gpu marker (collected everywhere, skipped without CUDA)."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu",
+                           os.path.join(ROOT, "tests", "test_gpu.py")], cwd=ROOT,
+                          env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    collected = [line for line in proc.stdout.splitlines() if "test_gpu.py::" in line]
+    assert len(collected) >= 6, proc.stdout
