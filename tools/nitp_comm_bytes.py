@@ -27,6 +27,19 @@ def _human(n: float) -> str:
         n /= 1024
 
 
+def _routed(args, num_micro, tp, pp, cp, dp):
+    """``routed_bytes_per_step`` for the parsed flags."""
+    return routed_bytes_per_step(
+        seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
+        hidden_size=args.hidden_size, num_microbatches=num_micro,
+        target_layer=args.nitp_target_layer, num_layers=args.num_layers,
+        tensor_parallel=tp, pipeline_parallel=pp, data_parallel=dp, context_parallel=cp,
+        sequence_parallel=args.sequence_parallel, dtype_bytes=4 if args.fp32 else 2,
+        first_stage_layers=args.decoder_first_pipeline_num_layers,
+        last_stage_layers=args.decoder_last_pipeline_num_layers,
+    )
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tiny-dense", help=", ".join(PRESETS))
@@ -39,6 +52,10 @@ def main(argv=None):
     p.add_argument("--world-size", type=int, default=None, help="default: TP x PP x CP")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None,
+                   help="uneven pipeline: layers on the first stage")
+    p.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None,
+                   help="uneven pipeline: layers on the last stage")
     p.add_argument("--context-parallel-size", type=int, default=1)
     p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--fp32", action="store_true", help="fp32 activations (default bf16)")
@@ -59,13 +76,10 @@ def main(argv=None):
         p.error(f"--global-batch-size {args.global_batch_size} is not divisible by "
                 f"micro batch x DP = {args.micro_batch_size * dp}")
     num_micro = args.global_batch_size // (args.micro_batch_size * dp)
-    result = routed_bytes_per_step(
-        seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
-        hidden_size=args.hidden_size, num_microbatches=num_micro,
-        target_layer=args.nitp_target_layer, num_layers=args.num_layers,
-        tensor_parallel=tp, pipeline_parallel=pp, data_parallel=dp, context_parallel=cp,
-        sequence_parallel=args.sequence_parallel, dtype_bytes=4 if args.fp32 else 2,
-    )
+    try:
+        result = _routed(args, num_micro, tp, pp, cp, dp)
+    except ValueError as err:  # an impossible (uneven) pipeline split
+        p.error(str(err))
     result.update(preset=args.preset, layout=dict(TP=tp, PP=pp, CP=cp, DP=dp,
                                                   SP=args.sequence_parallel),
                   num_microbatches=num_micro)

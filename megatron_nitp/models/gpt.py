@@ -6,12 +6,14 @@ Data flow of one forward on the last pipeline stage (shapes in Megatron layout):
       -> final norm: h [s, b, h] -> output layer -> lm loss [b, s]           (GPTModel, unchanged)
                                  -> projector P(h) [s, b, h] -> 1 - cos(P(h_t), z_{t+1}) [b, s]
 
-GPTModel's own forward is not modified: two forward hooks (layer k, and the decoder whose output
-is the final-norm hidden state) hand the NITP loss what it needs. A model built with NITP
-disabled - the NTP baseline, or the model for inference - has no projector and exactly
-GPTModel's parameters.
+GPTModel's own forward is not modified: two hooks (layer k's output, and the final norm's output
+- or its input, the last layer's output, for ``--nitp-hidden-source last_layer``) hand the NITP
+loss what it needs; they are correct under activation recomputation and CUDA graphs are refused
+(`nitp.capture`). A model built with NITP disabled - the NTP baseline, or the model for
+inference - has no projector and exactly GPTModel's parameters.
 
-Parallelism: when layer k is on an earlier pipeline stage, that stage sends z to the last stage
+Parallelism: when layer k is on an earlier pipeline stage (the stage whose built model holds it,
+found by one all-reduce at construction), that stage sends z to the last stage
 (`nitp.routing`). Under sequence and/or context parallelism the local rows are a shard of the
 sequence, and the shift fetches the next shard's first row (`nitp.shift`); the per-position
 distances are then gathered over TP so the returned losses are ``[b, s/cp]`` like the lm loss.
@@ -27,11 +29,11 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_nitp.nitp.capture import ActivationCapture, find_target_module
+from megatron_nitp.nitp.capture import ActivationCapture, find_target_module, recompute_error
 from megatron_nitp.nitp.config import NITPConfig
 from megatron_nitp.nitp.loss import cosine_regularization, token_distance
 from megatron_nitp.nitp.projector import build_projector
-from megatron_nitp.nitp.routing import TargetRouter, target_stage
+from megatron_nitp.nitp.routing import TargetRouter, owner_stage
 from megatron_nitp.nitp.shift import local_positions, shift_targets, shift_targets_sharded
 
 
@@ -47,24 +49,34 @@ class NITPGPTModel(GPTModel):
     """
 
     def __init__(self, config: TransformerConfig, nitp: NITPConfig, **gpt_kwargs):
+        _refuse_cuda_graphs(config)
         super().__init__(config=config, **gpt_kwargs)
         self.nitp = nitp
         self.projector: Optional[torch.nn.Module] = None
         self._shallow: Optional[ActivationCapture] = None
         self._router: Optional[TargetRouter] = None
+        self.target_owner_stage: Optional[int] = None
         if nitp.enabled and nitp.objective == "nitp":
             target = find_target_module(self, nitp.target_layer)
             self._shallow = ActivationCapture(target, detach=nitp.stop_gradient)
             if self.post_process:
                 self.projector = build_projector(config, nitp.projector, nitp.projector_ffn_ratio)
+            # Where layer k really is (uneven splits included): one all-reduce over PP.
             pp_size = config.pipeline_model_parallel_size
-            owner = target_stage(nitp.target_layer, config.num_layers, pp_size)
-            if pp_size > 1 and owner != pp_size - 1:
-                self._router = TargetRouter(owner)
-        source = self.decoder  # its output is after the final norm
-        if nitp.enabled and nitp.hidden_source == "last_layer":
-            source = self.decoder.layers[-1]
-        self._final = ActivationCapture(source if self.post_process else None, detach=False)
+            self.target_owner_stage = owner_stage(target is not None) if pp_size > 1 else 0
+            if pp_size > 1 and self.target_owner_stage != pp_size - 1:
+                self._router = TargetRouter(self.target_owner_stage)
+        self._final = ActivationCapture(None, detach=False)
+        if self.post_process:
+            # The final norm runs outside any activation-recomputation checkpoint: its input
+            # (the last layer's output) and its output always carry their autograd graph.
+            norm = getattr(self.decoder, "final_layernorm", None)
+            last_layer = nitp.enabled and nitp.hidden_source == "last_layer"
+            if norm is not None:
+                self._final = ActivationCapture(norm, detach=False, pre=last_layer)
+            else:  # no final norm on this stage: the decoder's output / the last layer's
+                source = self.decoder.layers[-1] if last_layer else self.decoder
+                self._final = ActivationCapture(source, detach=False)
 
     def forward(
         self,
@@ -75,9 +87,20 @@ class NITPGPTModel(GPTModel):
         loss_mask: Optional[torch.Tensor] = None,
         **kwargs,
     ):
+        grad_enabled = torch.is_grad_enabled()
         output = super().forward(
             input_ids, position_ids, attention_mask, labels=labels, loss_mask=loss_mask, **kwargs
         )
+        if self._shallow is not None and self._shallow.needs_graph(grad_enabled):
+            self._shallow.pop()
+            self._final.pop()
+            raise recompute_error(self, self.nitp.target_layer)
+        if self._final.needs_graph(grad_enabled):  # only without a final norm on this stage
+            self._final.pop()
+            raise RuntimeError("the NITP hidden state (--nitp-hidden-source "
+                               f"{self.nitp.hidden_source}) was computed without autograd "
+                               "(activation recomputation covers the last layer): disable "
+                               "recomputation of the last layer")
         hidden = self._final.pop()
         shallow = self._shallow.pop() if self._shallow is not None else None
         if shallow is not None and self._router is not None and not self.post_process:
@@ -147,3 +170,17 @@ class NITPGPTModel(GPTModel):
         """Completes this step's outstanding target sends (owning pipeline stage)."""
         if self._router is not None:
             self._router.wait()
+
+
+def _refuse_cuda_graphs(config: TransformerConfig) -> None:
+    """NITP reads layer k and the final hidden state through forward hooks, which a CUDA graph
+    replay does not run (the last stage would then wait for a target that never comes)."""
+    impl = getattr(config, "cuda_graph_impl", "none")  # 0.16+: set from enable_cuda_graph too
+    if (getattr(config, "enable_cuda_graph", False) or getattr(config, "external_cuda_graph", False)
+            or impl not in (None, "none")):
+        raise ValueError(
+            f"CUDA graphs (cuda_graph_impl={impl!r}, enable_cuda_graph="
+            f"{getattr(config, 'enable_cuda_graph', False)}) are not supported with "
+            "NITPGPTModel: a graph replay skips the forward hooks that capture layer k and the "
+            "final hidden state. Turn CUDA graphs off (cuda_graph_impl='none')."
+        )

@@ -24,18 +24,97 @@ from megatron_nitp.device import device
 _GROUP = None
 
 
-def target_stage(target_layer: int, num_layers: int, pipeline_size: int) -> int:
-    """Pipeline stage that owns layer k (layers split evenly; k = 0 is the embedding)."""
+def stage_layer_counts(
+    num_layers: int, pipeline_size: int, first_stage_layers: int | None = None,
+    last_stage_layers: int | None = None,
+) -> list[int]:
+    """Transformer layers on each pipeline stage, as megatron-core builds them.
+
+    Even split by default; ``first_stage_layers`` / ``last_stage_layers`` are megatron-core's
+    ``num_layers_in_first_pipeline_stage`` / ``num_layers_in_last_pipeline_stage`` (flags
+    ``--decoder-first-pipeline-num-layers`` / ``--decoder-last-pipeline-num-layers``), the
+    other stages sharing the rest evenly. The counts come from megatron-core's own
+    ``get_num_layers_to_build`` (the function TransformerBlock calls); the checks that
+    TransformerConfig would make are made here first, as ValueErrors naming the numbers.
+    """
+    uneven = first_stage_layers is not None or last_stage_layers is not None
+    if pipeline_size < 1 or num_layers < 1:
+        raise ValueError(f"{num_layers} layers over {pipeline_size} pipeline stages")
+    if uneven and pipeline_size == 1:
+        raise ValueError("first/last pipeline stage layer counts need pipeline parallelism "
+                         "(--pipeline-model-parallel-size > 1)")
+    middle_layers, middle_stages = num_layers, pipeline_size
+    for name, count in (("first", first_stage_layers), ("last", last_stage_layers)):
+        if count is not None:
+            if count <= 0:
+                raise ValueError(f"the {name} pipeline stage must hold at least one layer "
+                                 f"(got {count})")
+            middle_layers -= count
+            middle_stages -= 1
+    if middle_layers < 0 or bool(middle_layers) != bool(middle_stages) or (
+            middle_stages and middle_layers % middle_stages):
+        what = ("the other stages" if uneven else "the stages")
+        raise ValueError(f"{num_layers} layers do not split over {pipeline_size} pipeline stages "
+                         f"(first stage {first_stage_layers}, last stage {last_stage_layers}): "
+                         f"{middle_layers} layers left for {middle_stages} of {what}, which must "
+                         "divide them evenly")
+    from types import SimpleNamespace
+
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+
+    config = SimpleNamespace(  # the fields get_num_layers_to_build reads (0.16 and 0.19)
+        num_layers=num_layers, pipeline_model_parallel_size=pipeline_size,
+        num_layers_in_first_pipeline_stage=first_stage_layers,
+        num_layers_in_last_pipeline_stage=last_stage_layers,
+        pipeline_model_parallel_layout=None, virtual_pipeline_model_parallel_size=None,
+        account_for_embedding_in_pipeline_split=False, account_for_loss_in_pipeline_split=False,
+    )
+    return [get_num_layers_to_build(config, pp_rank=rank) for rank in range(pipeline_size)]
+
+
+def target_stage(
+    target_layer: int, num_layers: int, pipeline_size: int, first_stage_layers: int | None = None,
+    last_stage_layers: int | None = None,
+) -> int:
+    """Pipeline stage that owns layer k (k = 0 is the embedding, on the first stage), for the
+    per-stage layer counts of ``stage_layer_counts``. The model itself decides from what it
+    built (``owner_stage``); this pure version serves plans, validation and tools."""
     if target_layer == 0:
         return 0
-    return (target_layer - 1) // (num_layers // pipeline_size)
+    if not 1 <= target_layer <= num_layers:
+        raise ValueError(f"target layer {target_layer} is not one of the {num_layers} layers")
+    last = 0
+    for stage, count in enumerate(
+            stage_layer_counts(num_layers, pipeline_size, first_stage_layers, last_stage_layers)):
+        last += count
+        if target_layer <= last:
+            return stage
+    raise AssertionError("unreachable: the stage counts sum to num_layers")
+
+
+def owner_stage(holds_target: bool) -> int:
+    """The pipeline stage whose built model holds layer k: every stage says whether
+    ``find_target_module`` found it there, combined by one all-reduce of a ``[PP]`` tensor over
+    the pipeline group. Called collectively by every rank while the model is built."""
+    pipeline_size = parallel_state.get_pipeline_model_parallel_world_size()
+    if pipeline_size == 1:
+        return 0
+    found = torch.zeros(pipeline_size, dtype=torch.int32, device=device())
+    found[parallel_state.get_pipeline_model_parallel_rank()] = int(holds_target)
+    dist.all_reduce(found, group=parallel_state.get_pipeline_model_parallel_group())
+    stages = found.nonzero().flatten().tolist()
+    if len(stages) != 1:
+        raise RuntimeError(f"the NITP target layer was found on pipeline stages {stages}; exactly "
+                           "one stage must hold it")
+    return stages[0]
 
 
 def routed_bytes_per_step(
     *, seq_length: int, micro_batch_size: int, hidden_size: int, num_microbatches: int,
     target_layer: int, num_layers: int, tensor_parallel: int = 1, pipeline_parallel: int = 1,
     data_parallel: int = 1, context_parallel: int = 1, sequence_parallel: bool = False,
-    dtype_bytes: int = 2,
+    dtype_bytes: int = 2, first_stage_layers: int | None = None,
+    last_stage_layers: int | None = None,
 ) -> dict:
     """Bytes NITP adds to pipeline communication, per micro-batch and per optimizer step.
 
@@ -43,9 +122,11 @@ def routed_bytes_per_step(
     stage (each TP rank holds its own copy, or its shard under SP; each CP rank its chunk) to its
     counterpart on the last stage. Nothing is sent backward. Zero when layer k is on the last
     stage. Returned: per sending rank and micro-batch, per sending rank and step, and the whole
-    job's total per step (all DP replicas).
+    job's total per step (all DP replicas). ``first_stage_layers`` / ``last_stage_layers``:
+    an uneven pipeline split (``stage_layer_counts``).
     """
-    owner = target_stage(target_layer, num_layers, pipeline_parallel)
+    owner = target_stage(target_layer, num_layers, pipeline_parallel, first_stage_layers,
+                         last_stage_layers)
     routed = pipeline_parallel > 1 and owner != pipeline_parallel - 1
     rows = seq_length // context_parallel // (tensor_parallel if sequence_parallel else 1)
     per_micro = rows * micro_batch_size * hidden_size * dtype_bytes if routed else 0

@@ -162,12 +162,28 @@ def projector_parameters(args: argparse.Namespace, tp: int = 1) -> int:
         args.nitp_projector, 0) // tp
 
 
+def _stage_layers(args: argparse.Namespace, layout: Layout, stage: int) -> slice:
+    """The (0-based) layers pipeline stage ``stage`` builds, uneven splits included."""
+    from megatron_nitp.nitp.routing import stage_layer_counts
+
+    counts = stage_layer_counts(args.num_layers, layout.pp, *arguments.pipeline_split(args))
+    start = sum(counts[:stage])
+    return slice(start, start + counts[stage])
+
+
+def _target_stage(args: argparse.Namespace, layout: Layout) -> int:
+    """The pipeline stage that holds layer k, uneven splits included."""
+    from megatron_nitp.nitp.routing import target_stage
+
+    return target_stage(args.nitp_target_layer, args.num_layers, layout.pp,
+                        *arguments.pipeline_split(args))
+
+
 def stage_parameters(args: argparse.Namespace, layout: Layout, stage: int) -> tuple[int, int]:
     """``(dense, expert)`` parameters of one rank of pipeline stage ``stage``."""
-    per_stage = args.num_layers // layout.pp
     pattern = _moe_pattern(args)
     dense = expert = 0
-    for moe in pattern[stage * per_stage:(stage + 1) * per_stage]:
+    for moe in pattern[_stage_layers(args, layout, stage)]:
         a, b = layer_parameters(args, bool(moe), layout.tp, layout.ep)
         dense, expert = dense + a, expert + b
     d = args.hidden_size
@@ -210,8 +226,6 @@ def activation_bytes_per_token(args: argparse.Namespace, moe: bool, layout: Layo
 def stage_memory(args: argparse.Namespace, layout: Layout, num_microbatches: int,
                  stage: int) -> StageMemory:
     """The memory estimate of one GPU of pipeline stage ``stage`` (module docstring)."""
-    from megatron_nitp.nitp.routing import target_stage
-
     half = args.bf16 or args.fp16
     dtype = 2 if half else 4
     dense, expert = stage_parameters(args, layout, stage)
@@ -222,8 +236,7 @@ def stage_memory(args: argparse.Namespace, layout: Layout, num_microbatches: int
     d = args.hidden_size
     tokens = args.seq_length // layout.cp * args.micro_batch_size
     sp_split = layout.tp if layout.sp else 1
-    per_stage = args.num_layers // layout.pp
-    pattern = _moe_pattern(args)[stage * per_stage:(stage + 1) * per_stage]
+    pattern = _moe_pattern(args)[_stage_layers(args, layout, stage)]
     per_micro = tokens * sum(activation_bytes_per_token(args, bool(m), layout) for m in pattern)
     activations = min(layout.pp - stage, num_microbatches) * per_micro
     if stage == layout.pp - 1:
@@ -235,7 +248,7 @@ def stage_memory(args: argparse.Namespace, layout: Layout, num_microbatches: int
             activations += tokens * (3 * ratio * d / layout.tp * dtype
                                      + d / sp_split * (dtype + 2 * 4))
     if (args.nitp and layout.pp > 1 and stage != layout.pp - 1
-            and target_stage(args.nitp_target_layer, args.num_layers, layout.pp) == stage):
+            and _target_stage(args, layout) == stage):
         activations += num_microbatches * tokens * d / sp_split * dtype  # routed send buffers
     return StageMemory(
         stage=stage,
@@ -288,7 +301,7 @@ def _advice(args: argparse.Namespace, layout: Layout, worst: StageMemory) -> lis
 def dry_run(args: argparse.Namespace) -> int:
     """Checks the layout, prints the plan; returns the exit code (0 = the job can start,
     2 = impossible layout, 3 = does not fit in GPU memory)."""
-    from megatron_nitp.nitp.routing import routed_bytes_per_step, target_stage
+    from megatron_nitp.nitp.routing import routed_bytes_per_step
 
     try:
         world = world_size(args)
@@ -339,14 +352,16 @@ def dry_run(args: argparse.Namespace) -> int:
                      f"optimizer {'on' if args.use_distributed_optimizer else 'off'}"),
     ]
     if args.nitp:
-        owner = target_stage(args.nitp_target_layer, args.num_layers, layout.pp)
+        owner = _target_stage(args, layout)
         routed = routed_bytes_per_step(
             seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
             hidden_size=args.hidden_size, num_microbatches=micro,
             target_layer=args.nitp_target_layer, num_layers=args.num_layers,
             tensor_parallel=layout.tp, pipeline_parallel=layout.pp, data_parallel=layout.dp,
             context_parallel=layout.cp, sequence_parallel=layout.sp,
-            dtype_bytes=2 if (args.bf16 or args.fp16) else 4)
+            dtype_bytes=2 if (args.bf16 or args.fp16) else 4,
+            first_stage_layers=arguments.pipeline_split(args)[0],
+            last_stage_layers=arguments.pipeline_split(args)[1])
         where = (f"layer {args.nitp_target_layer}" if args.nitp_target_layer else "embeddings")
         lines.append(("NITP", f"k={args.nitp_target_layer} ({where}), lambda "
                               f"{args.nitp_loss_weight:g}, on pipeline stage {owner} of "
