@@ -21,6 +21,11 @@ ARG USER_GID=0
 ARG USER_NAME=nitp
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# MEGATRON_NITP_CACHE holds the built-in corpus, prepared below into the image. It lives inside
+# each node's container, so it is no place for anything the ranks share: megatron-core builds
+# the dataset index cache on global rank 0 only and the other ranks read it, so a multi-node
+# job needs --data-cache-path on a file system all nodes see (the examples pass
+# $RUN_DIR/data-cache; a multi-node start without --data-cache-path is refused).
 ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     CUDA_DEVICE_MAX_CONNECTIONS=1 \

@@ -34,6 +34,9 @@ VOCAB_SIZE=${VOCAB_SIZE:-152064}  # the paper's (Qwen2); >= your tokenizer's
 RUN_DIR=${RUN_DIR:-$NITP_ROOT/runs/$NAME-nitp}  # summary, plot
 CHECKPOINT_PATH=${CHECKPOINT_PATH-$RUN_DIR/checkpoints}  # "": none (with --no-save)
 TENSORBOARD_DIR=${TENSORBOARD_DIR:-$RUN_DIR/tensorboard}
+# Dataset index cache: megatron-core builds it on global rank 0 and every other rank reads it,
+# so it must be on a file system all nodes see (a multi-node start without it is refused).
+DATA_CACHE_PATH=${DATA_CACHE_PATH:-$RUN_DIR/data-cache}
 
 SEQ_LENGTH=8192
 GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-256}
@@ -62,10 +65,10 @@ TRAINING_ARGS=(
   --bf16
   --use-distributed-optimizer
 )
-DATA_ARGS=()
+DATA_ARGS=(--data-cache-path "$DATA_CACHE_PATH")
 if [ -n "$DATA_PATH" ]; then
   read -r -a data_prefixes <<<"$DATA_PATH"
-  DATA_ARGS=(
+  DATA_ARGS+=(
     --data-path "${data_prefixes[@]}"
     --tokenizer-model "$TOKENIZER_MODEL"
     --split "969,30,1"

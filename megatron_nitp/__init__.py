@@ -7,10 +7,12 @@ compatibility layer in `megatron_nitp.compat`.
 
 __version__ = "0.1.0"
 
-import torch as _torch
+from megatron_nitp.compat import cpu as _cpu
+from megatron_nitp.device import has_cuda as _has_cuda
 
-if not _torch.cuda.is_available():
-    from megatron_nitp.compat import cpu as _cpu
-
-    _cpu.install_import_stubs()
+# Before megatron-core is first imported: stub its modules that import triton where triton is
+# missing (the CPU wheel of torch), and, without CUDA, silence its "TE/Apex not installed"
+# warnings (expected there; on a GPU they are news and stay).
+_cpu.install_import_stubs()
+if not _has_cuda():
     _cpu.quiet_import_warnings()

@@ -236,3 +236,46 @@ def test_distributed_optimizer_checkpoint_resumes_exactly(tmp_path):
     full, second = _history(tmp_path / "full"), _history(tmp_path / "second")
     for key in ("lm loss", "nitp loss", "grad norm"):
         assert second[key][3] == full[key][3], key
+
+
+
+def test_adam_state_is_materialized_for_torch_adam_only():
+    import types
+
+    import torch
+
+    from megatron_nitp.training.checkpointing import _materialize_adam_state
+
+    class FusedAdamStandIn(torch.optim.Optimizer):
+        """Like TE's and Apex's FusedAdam: a torch Optimizer that is not torch's Adam, whose
+        per-parameter state must not gain a "step" (their state_dict() raises KeyError)."""
+
+        def __init__(self, params):
+            super().__init__(params, {"lr": 1e-3})
+
+        def step(self, closure=None):
+            pass
+
+    def wrapped(cls):  # megatron's optimizer wrappers keep the torch one in .optimizer
+        param = torch.nn.Parameter(torch.ones(3))
+        return types.SimpleNamespace(optimizer=cls([param])), param
+
+    fused, fused_param = wrapped(FusedAdamStandIn)
+    adamw, adamw_param = wrapped(torch.optim.AdamW)
+    adam, adam_param = wrapped(torch.optim.Adam)
+    # a ChainedOptimizer's sub-optimizers, each handled by its own kind
+    _materialize_adam_state(types.SimpleNamespace(chained_optimizers=[fused, adamw]))
+    _materialize_adam_state(adam)
+    assert len(fused.optimizer.state[fused_param]) == 0
+    for inner, param in ((adamw.optimizer, adamw_param), (adam.optimizer, adam_param)):
+        state = inner.state[param]
+        assert set(state) == {"step", "exp_avg", "exp_avg_sq"}
+        assert float(state["step"]) == 0.0 and not state["exp_avg"].any()
+    # a torch Adam that has stepped keeps its state
+    stepped, param = wrapped(torch.optim.AdamW)
+    param.grad = torch.ones(3)
+    stepped.optimizer.step()
+    before = stepped.optimizer.state[param]["exp_avg"].clone()
+    _materialize_adam_state(stepped)
+    assert torch.equal(stepped.optimizer.state[param]["exp_avg"], before)
+    assert float(stepped.optimizer.state[param]["step"]) == 1.0

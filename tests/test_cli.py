@@ -105,3 +105,39 @@ def test_projector_width_not_divisible_by_tensor_parallel(capsys):
                        "--num-query-groups", "2", "--kv-channels", "8",
                        "--nitp-projector-ffn-ratio", "1", "--tensor-model-parallel-size", "2")
     assert "projector's width 35 is not divisible by --tensor-model-parallel-size 2" in err
+
+
+@pytest.mark.parametrize("env", [
+    {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"},  # torchrun, 2 nodes x 8
+    {"WORLD_SIZE": "4", "SLURM_STEP_NUM_NODES": "2"},  # srun, one task per rank
+], ids=["torchrun", "srun"])
+def test_multi_node_without_data_cache_path_is_refused(dist, tmp_path, monkeypatch, env):
+    """megatron-core builds the dataset index cache on global rank 0 only: on several nodes the
+    default (node-local) cache folder would make the other nodes' ranks fail later."""
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_STEP_NUM_NODES", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    # (tiny flags: were the check missing, this would train instead of failing fast)
+    msg = _usage_error(tmp_path, "--train-iters", "1", "--lr-warmup-iters", "0",
+                       "--eval-interval", "0", "--no-save")
+    assert "several nodes" in msg and "--data-cache-path" in msg
+    assert "global rank 0" in msg and "FileNotFoundError" in msg
+
+
+def test_data_cache_check_reads_the_launch():
+    from megatron_nitp.training.arguments import multi_node_launch, validate_data_cache
+
+    assert multi_node_launch({"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"})
+    assert multi_node_launch({"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "8"}) is None
+    # torchrun's own variables win over the SLURM allocation around it (one node of a job)
+    assert multi_node_launch({"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "8",
+                              "SLURM_STEP_NUM_NODES": "2"}) is None
+    assert multi_node_launch({"WORLD_SIZE": "2", "SLURM_STEP_NUM_NODES": "2"})
+    assert multi_node_launch({"WORLD_SIZE": "1", "SLURM_STEP_NUM_NODES": "2"}) is None
+    assert multi_node_launch({}) is None
+    multi = {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}
+    validate_data_cache(parse_args(["--data-cache-path", "/shared/cache"]), multi)
+    validate_data_cache(parse_args(["--dry-run"]), multi)  # a plan starts no ranks
+    with pytest.raises(ValueError, match="--data-cache-path"):
+        validate_data_cache(parse_args([]), multi)

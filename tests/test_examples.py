@@ -18,7 +18,8 @@ PAPER = [name for name in PRESETS if not name.startswith("tiny")]
 # Variables the scripts read: a caller's values must not leak into the checks.
 SCRIPT_VARS = ("NNODES", "GPUS_PER_NODE", "TP", "PP", "EP", "MICRO_BATCH_SIZE",
                "GLOBAL_BATCH_SIZE", "TRAIN_TOKENS", "TRAIN_ITERS", "DATA_PATH", "TOKENIZER_MODEL",
-               "VOCAB_SIZE", "RUN_DIR", "CHECKPOINT_PATH", "TENSORBOARD_DIR", "SAVE_INTERVAL",
+               "VOCAB_SIZE", "RUN_DIR", "CHECKPOINT_PATH", "DATA_CACHE_PATH", "TENSORBOARD_DIR",
+               "SAVE_INTERVAL",
                "MODEL", "NITP_ROOT", "DRY_RUN", "TORCHRUN", "RDZV_ID", "NITP_GPU_MEMORY_GIB",
                "SLURM_NNODES", "SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_NTASKS",
                "SLURM_SUBMIT_DIR")
@@ -118,6 +119,24 @@ def test_sbatch_dry_run(command_lines, capsys, monkeypatch, path):
         assert "NCCL_" in text
 
 
+@pytest.mark.parametrize("path", SCRIPTS + SBATCH, ids=os.path.basename)
+def test_examples_put_the_dataset_cache_in_the_run_folder(command_lines, path):
+    """megatron-core builds the dataset index cache on global rank 0 only: every launch passes
+    --data-cache-path inside the run folder (shared by the nodes), never the container's
+    default, and without DATA_PATH (built-in corpus) too."""
+    argv = command_lines[path]
+    assert argv.count("--data-cache-path") == 1, argv
+    cache = argv[argv.index("--data-cache-path") + 1]
+    run_dir = argv[argv.index("--run-dir") + 1]
+    assert cache == os.path.join(run_dir, "data-cache")
+    if path in SCRIPTS:
+        env = _env(DRY_RUN="1", DATA_PATH="", PYTHON="echo")
+        proc = subprocess.run(["bash", path], cwd=ROOT, capture_output=True, text=True,
+                              timeout=60, env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert f"--data-cache-path {cache} " in proc.stdout
+
+
 def test_dry_run_refuses_a_layout_that_does_not_fit():
     # a real `python ... --dry-run` (exit code through the script): the 45B model on 2 nodes
     # without pipeline parallelism does not fit
@@ -146,3 +165,4 @@ def test_launcher_runs_torchrun_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "world 2" in proc.stdout
     assert re.search(r"iteration +2/ +2", proc.stdout)
+    assert os.listdir(tmp_path / "run" / "data-cache")  # the index cache went to the run folder

@@ -10,6 +10,10 @@
 # process group; the plan (layout, batch, memory per GPU) is printed and the exit code says
 # whether the job can start (0), the layout is impossible (2) or it does not fit in memory (3).
 #
+# Paths the scripts pass (RUN_DIR, CHECKPOINT_PATH, DATA_CACHE_PATH: --data-cache-path, the
+# dataset index cache that global rank 0 builds and every rank reads) must be on a file system
+# all nodes see; a multi-node start without --data-cache-path is refused.
+#
 # Environment: NNODES, GPUS_PER_NODE, MASTER_ADDR, MASTER_PORT, RDZV_ID (default nitp; set it to
 # the job id when several jobs share a rendezvous host), PYTHON (dry run; default python),
 # TORCHRUN (default torchrun), DRY_RUN.

@@ -1,12 +1,16 @@
-"""Patches that let megatron-core's real code paths run on a CPU-only machine with gloo.
+"""Patches that let megatron-core's real code paths run on a machine without CUDA (gloo).
 
 megatron-core is written for CUDA: it allocates with ``device=torch.cuda.current_device()``,
 hard-codes ``device="cuda"`` in the schedules, keeps its RNG tracker in CUDA generators and
 synchronizes CUDA streams. None of that exists in a CPU wheel of torch. Each patch below names
 the megatron-core call it fixes and is the smallest change that makes that call run on CPU.
 
-They are applied only when ``torch.cuda.is_available()`` is False; on a GPU `apply()` returns
-without touching anything, so the code that trains on clusters is megatron-core unchanged.
+`megatron_nitp.compat` applies them only when there is no CUDA (``PATCHES`` there); on a GPU
+none of them touches megatron-core. The patches about a missing Transformer Engine or Apex
+(which a GPU machine can lack too) live in `megatron_nitp.compat.te`.
+
+Also here, called by ``megatron_nitp/__init__.py`` before megatron-core is first imported:
+``install_import_stubs`` (where triton is missing) and ``quiet_import_warnings`` (without CUDA).
 """
 
 from __future__ import annotations
@@ -19,13 +23,7 @@ import types
 import torch
 from torch.overrides import TorchFunctionMode
 
-_APPLIED = False
 _MODE = None
-
-
-def is_applied() -> bool:
-    """True once the CPU patches are active in this process."""
-    return _APPLIED
 
 
 def _is_cuda_device(device) -> bool:
@@ -92,8 +90,12 @@ class _NullStream:
         return False
 
 
-def _patch_cuda_runtime() -> None:
-    """torch.cuda entry points that megatron-core calls unconditionally."""
+def patch_cuda_runtime() -> None:
+    """torch.cuda entry points that megatron-core calls unconditionally: ``torch.cuda.
+    current_device()`` as an allocation device (DDP buffers, optimizer, p2p), ``synchronize``
+    (``p2p_communication`` with batch_p2p_sync, timers), ``Stream``/``Event``/``current_stream``
+    (the MoE alltoall dispatcher, DDP overlap), and the CUDA RNG calls of
+    ``tensor_parallel.random`` (``manual_seed``, ``get_rng_state``/``set_rng_state``)."""
     cuda = torch.cuda
     # device=torch.cuda.current_device() at ~175 call sites: answer the CPU device itself, so the
     # allocation is right even where the mode is not active - inside a mode handler (e.g. in the
@@ -120,7 +122,7 @@ def _patch_cuda_runtime() -> None:
     cuda.max_memory_allocated = lambda *args, **kwargs: 0
 
 
-def _patch_rng_tracker() -> None:
+def patch_rng_tracker() -> None:
     """``tensor_parallel.random._get_cuda_rng_state/_set_cuda_rng_state`` (used by
     ``CudaRNGStatesTracker.add/fork`` and ``model_parallel_cuda_manual_seed``) read and write
     ``torch.cuda.default_generators``; route them to the CPU generator."""
@@ -138,40 +140,49 @@ def _patch_rng_tracker() -> None:
     logging.getLogger(tp_random.__name__).addFilter(_DropForkWarning())
 
 
-def install_import_stubs() -> None:
-    """megatron-core >= 0.19: ``pipeline_parallel/schedules.py`` (imported by
-    ``megatron.core`` itself) imports ``transformer/moe/ops/paged_stash.py``, which imports
-    ``triton`` unconditionally; the CPU wheel of torch has no triton. A stub of that one megatron
-    module (a fake top-level ``triton`` would break torch's own compiler imports) lets
-    megatron-core import. It must be registered before the first ``import megatron.core``,
-    which is why ``megatron_nitp/__init__.py`` calls this. Nothing is stubbed when triton exists
-    or when megatron-core has no such module (0.16.1)."""
-    import importlib.util
+# The megatron modules that import triton unconditionally and are imported by megatron.core
+# itself (through pipeline_parallel/schedules.py): 0.18 has the first, 0.19 the second.
+_TRITON_MODULES = (
+    "megatron.core.transformer.moe.paged_stash",
+    "megatron.core.transformer.moe.ops.paged_stash",
+)
 
-    name = "megatron.core.transformer.moe.ops.paged_stash"
-    if name in sys.modules or importlib.util.find_spec("triton") is not None:
+
+def install_import_stubs() -> None:
+    """megatron-core 0.18 and 0.19: ``pipeline_parallel/schedules.py`` (imported by
+    ``megatron.core`` itself) imports the MoE paged stash (``transformer/moe/paged_stash.py`` in
+    0.18, ``transformer/moe/ops/paged_stash.py`` in 0.19), which imports ``triton``
+    unconditionally; the CPU wheel of torch has no triton. A stub of that one megatron module (a
+    fake top-level ``triton`` would break torch's own compiler imports) lets megatron-core
+    import. It must be registered before the first ``import megatron.core``, which is why
+    ``megatron_nitp/__init__.py`` calls this. Nothing is stubbed when triton exists (whether or
+    not there is CUDA) or when megatron-core has no such module (0.16, 0.17)."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("triton") is not None:
         return
     megatron_spec = importlib.util.find_spec("megatron")
     if megatron_spec is None or not megatron_spec.submodule_search_locations:
         return
-    import os
+    for name in _TRITON_MODULES:
+        relative = os.path.join(*name.split(".")[1:]) + ".py"
+        if name in sys.modules or not any(
+                os.path.exists(os.path.join(root, relative))
+                for root in megatron_spec.submodule_search_locations):
+            continue
+        stub = types.ModuleType(name)
 
-    relative = os.path.join("core", "transformer", "moe", "ops", "paged_stash.py")
-    if not any(os.path.exists(os.path.join(root, relative))
-               for root in megatron_spec.submodule_search_locations):
-        return
-    stub = types.ModuleType(name)
+        def _unavailable(*args, **kwargs):
+            raise RuntimeError("megatron-core's paged stash needs triton and CUDA; not here")
 
-    def _unavailable(*args, **kwargs):
-        raise RuntimeError("megatron-core's paged stash needs triton and CUDA; not on CPU")
+        def _getattr(attr, _unavailable=_unavailable):
+            if attr.startswith("__"):  # inspect and pickle probe dunders: a plain module
+                raise AttributeError(attr)
+            return _unavailable
 
-    def _getattr(attr):
-        if attr.startswith("__"):  # inspect and pickle probe dunders: answer as a plain module
-            raise AttributeError(attr)
-        return _unavailable
-
-    stub.__getattr__ = _getattr  # type: ignore[assignment]
-    sys.modules[name] = stub
+        stub.__getattr__ = _getattr  # type: ignore[assignment]
+        sys.modules[name] = stub
 
 
 def quiet_import_warnings() -> None:
@@ -195,46 +206,7 @@ def quiet_import_warnings() -> None:
     logging.getLogger("megatron.core").setLevel(logging.WARNING)
 
 
-def _patch_torch_norm_sequence_parallel() -> None:
-    """``transformer.torch_norm.WrappedTorchNorm`` asserts ``not config.sequence_parallel``
-    (the local spec's norm without Apex/TE). Built with sequence_parallel off and its
-    parameters tagged ``.sequence_parallel = True``, finalize_model_grads all-reduces their
-    grads over TP, which is what TE's norm does under SP."""
-    from megatron.core.transformer import torch_norm
-
-    if getattr(torch_norm.WrappedTorchNorm, "_nitp_patched", False):
-        return
-    original_new = torch_norm.WrappedTorchNorm.__new__
-
-    def __new__(cls, config, hidden_size, eps=1e-5, **kwargs):
-        if not config.sequence_parallel:
-            return original_new(cls, config, hidden_size, eps, **kwargs)
-        config.sequence_parallel = False
-        try:
-            norm = original_new(cls, config, hidden_size, eps, **kwargs)
-        finally:
-            config.sequence_parallel = True
-        for param in norm.parameters():
-            param.sequence_parallel = True
-        return norm
-
-    torch_norm.WrappedTorchNorm.__new__ = staticmethod(__new__)
-    torch_norm.WrappedTorchNorm._nitp_patched = True
-
-
-def _patch_moe_router_without_te() -> None:
-    """megatron-core 0.16.1: ``transformer.moe.moe_utils.RouterGatingLinearFunction``
-    references ``te_general_gemm``, undefined when Transformer Engine is missing (NameError);
-    defined as None, the plain-torch branch runs."""
-    try:
-        from megatron.core.transformer.moe import moe_utils
-    except ImportError:
-        return
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
-
-
-def _patch_moe_split_sizes() -> None:
+def patch_moe_split_sizes() -> None:
     """``transformer.moe.token_dispatcher.MoEAlltoAllTokenDispatcher`` (EP > 1) turns its split
     sizes into NumPy through ``moe_utils.maybe_move_tensor_to_cpu(as_numpy=True)``, which only
     converts CUDA tensors; CPU tensors reach ``all_to_all_single`` as tensors (TypeError).
@@ -255,46 +227,12 @@ def _patch_moe_split_sizes() -> None:
         token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
 
 
-def _patch_distributed_optimizer_step_state() -> None:
-    """Without Apex/TE, torch's Adam keeps a per-parameter ``"step"``. Loading a distributed
-    optimizer checkpoint (``DistributedOptimizer.load_parameter_state_from_fully_reshardable``)
-    hands ``_set_main_param_and_optimizer_states`` the param, exp_avg and exp_avg_sq but not
-    "step" (restored separately in ``load_state_dict``), which then fails with KeyError 'step'.
-    Copy only the tensors that were given."""
-    try:
-        from megatron.core.optimizer import distrib_optimizer
-    except ImportError:
-        return
-    cls = distrib_optimizer.DistributedOptimizer
-    original = cls._set_main_param_and_optimizer_states
-
-    def _set_main_param_and_optimizer_states(self, model_param, tensors):
-        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
-            return original(self, model_param, tensors)
-        group_index, group_order = self.model_param_group_index_map[model_param]
-        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
-        destination = {"param": main_param, **self.optimizer.state[main_param]}
-        for key, tensor in tensors.items():
-            destination[key].copy_(tensor)
-
-    cls._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
-
-
-def apply() -> bool:
-    """Apply every CPU patch once. Returns True if patches are (now) active."""
-    global _APPLIED, _MODE
-    if _APPLIED:
-        return True
-    if torch.cuda.is_available():
-        return False
-    install_import_stubs()
-    _patch_cuda_runtime()
-    _patch_rng_tracker()
-    _patch_torch_norm_sequence_parallel()
-    _patch_moe_router_without_te()
-    _patch_moe_split_sizes()
-    _patch_distributed_optimizer_step_state()
-    _MODE = CudaToCpuMode()
-    _MODE.__enter__()
-    _APPLIED = True
-    return True
+def enter_cuda_to_cpu_mode() -> None:
+    """Enters `CudaToCpuMode` for the rest of the process: ``device="cuda"`` and
+    ``device=torch.cuda.current_device()`` allocations (schedules, DDP, optimizer, core
+    attention), ``.cuda()``/``.to("cuda")`` and ``param.type() == 'torch.cuda.FloatTensor'``
+    (the distributed optimizer); its docstring lists the call sites."""
+    global _MODE
+    if _MODE is None:
+        _MODE = CudaToCpuMode()
+        _MODE.__enter__()

@@ -255,13 +255,23 @@ def check_compatible(meta: dict, args, override: bool = False,
     return diffs
 
 
+def _is_torch_adam(optimizer) -> bool:
+    """torch's Adam/AdamW: what megatron-core's optimizer falls back to when neither Transformer
+    Engine's nor Apex's FusedAdam imports. Those fused ones derive from torch.optim.Optimizer,
+    not from Adam, keep no per-parameter "step" and are set up at load by megatron-core itself
+    (the optimizer's ``init_state_fn``)."""
+    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
+
+
 def _materialize_adam_state(optimizer) -> None:
-    """torch's Adam creates its state at the first step; without Apex/TE, megatron-core's
-    distributed optimizer reads ``state["step"]`` while building the state dict it loads into
-    (``DistributedOptimizer.state_dict``). Give a fresh optimizer that empty state."""
+    """torch's Adam creates its state at the first step; megatron-core's distributed optimizer
+    reads its per-parameter ``state["step"]`` while building the state dict it loads into
+    (``DistributedOptimizer.state_dict``, the no-Apex/TE branch). Give a fresh torch Adam that
+    empty state. Any other optimizer (TE's or Apex's FusedAdam on GPU) is left untouched: a
+    "step" in their per-parameter state makes their own ``state_dict()`` raise KeyError."""
     for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(sub, "optimizer", None)
-        if inner is None:
+        if inner is None or not _is_torch_adam(inner):
             continue
         for group in inner.param_groups:
             for param in group["params"]:
