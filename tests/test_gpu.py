@@ -8,6 +8,7 @@ layer spec where Transformer Engine is installed and megatron-core's local spec 
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,7 +56,7 @@ def _launch(script, run_dir, flags, nproc=1):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        out, err = proc.communicate(timeout=300)
+        out, err = proc.communicate(timeout=180)
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -103,8 +104,12 @@ def test_distributed_optimizer_resume_is_exact(dense_run):
     """Resume at iteration 10 (a distributed-optimizer checkpoint: TE's FusedAdam when TE is
     installed) and continue to 20: the same losses and grad norms as the uninterrupted run."""
     root, _, full = dense_run
+    # The run's folder holds iterations 10 and 20 (latest): resume from a copy holding 10.
+    at10 = root / "ckpt10"
+    shutil.copytree(root / "ckpt" / "iter_0000010", at10 / "iter_0000010")
+    (at10 / "latest_checkpointed_iteration.txt").write_text("10")
     out, _ = _launch("pretrain_gpt_nitp.py", root / "resumed",
-                     DENSE + ["--load", str(root / "ckpt"), "--save", str(root / "ckpt2")])
+                     DENSE + ["--load", str(at10), "--save", str(root / "ckpt2")])
     assert "at iteration 10" in out
     got = _history(root / "resumed")
     assert sorted(got["lm loss"]) == list(range(11, 21))

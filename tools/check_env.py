@@ -83,17 +83,23 @@ def versions() -> list[tuple[str, str]]:
 
 def execution_path() -> list[tuple[str, str]]:
     """The layer spec and the distributed path the training code will take here."""
-    from megatron_nitp.training.model import use_transformer_engine
+    from megatron_nitp import compat
+    from megatron_nitp.device import has_cuda
+    from megatron_nitp.training.model import fused_softmax_available, use_transformer_engine
 
     if use_transformer_engine():
         spec = "Transformer Engine (megatron-core's TE layer spec)"
     else:
-        why = "no CUDA" if not torch.cuda.is_available() else "Transformer Engine not importable"
+        why = "no CUDA" if not has_cuda() else "Transformer Engine not importable"
         spec = f"local (megatron-core's own modules: {why})"
-    if torch.cuda.is_available():
-        path = "GPU: NCCL, megatron-core unpatched"
-    else:
-        path = "CPU: gloo, CPU compatibility patches (megatron_nitp/compat/cpu.py)"
+        if has_cuda():
+            spec += (", fused masked softmax" if fused_softmax_available()
+                     else ", unfused softmax (Apex's softmax kernels not importable)")
+    env = compat.environment()
+    patches = [p.name for p in compat.select(env.cuda, env.te, env.apex, env.mcore)]
+    path = "GPU: NCCL" if has_cuda() else "CPU: gloo"
+    path += (f", compatibility patches: {', '.join(patches)}" if patches
+             else ", megatron-core unpatched")
     return [("layer spec", spec), ("path", path)]
 
 

@@ -277,7 +277,7 @@ def _materialize_adam_state(optimizer) -> None:
             for param in group["params"]:
                 state = inner.state[param]
                 if not state:
-                    state["step"] = torch.tensor(0.0)
+                    state["step"] = torch.tensor(0.0, device="cpu")  # where torch's Adam keeps it
                     state["exp_avg"] = torch.zeros_like(param.data)
                     state["exp_avg_sq"] = torch.zeros_like(param.data)
 

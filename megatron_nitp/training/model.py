@@ -45,6 +45,17 @@ def moe_config(args: argparse.Namespace) -> dict:
     )
 
 
+def fused_softmax_available() -> bool:
+    """megatron-core's fused masked softmax (local spec) calls the CUDA extensions
+    ``scaled_masked_softmax_cuda`` / ``scaled_upper_triang_masked_softmax_cuda`` (built by Apex in
+    NGC containers) and fails with ModuleNotFoundError at the first attention where they are
+    missing, e.g. on a GPU with plain PyPI torch: fuse only when they import."""
+    import importlib.util
+
+    return has_cuda() and all(importlib.util.find_spec(name) is not None for name in (
+        "scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda"))
+
+
 def transformer_config(args: argparse.Namespace) -> TransformerConfig:
     """Qwen2/Llama-style blocks: RMSNorm, SwiGLU, RoPE, GQA, no linear biases."""
     on_gpu = has_cuda()
@@ -79,10 +90,16 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
         use_cpu_initialization=not on_gpu,
         perform_initialization=getattr(args, "perform_initialization", True),
         bias_dropout_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu,
+        masked_softmax_fusion=fused_softmax_available(),
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         calculate_per_token_loss=True,
+        # megatron-core's default synchronizes the whole device after every batched pipeline
+        # send/recv, a workaround for a race in old PyTorch (< 1.13; we need >= 2.4). Under PP
+        # with NITP routing that sync also waits for the owner stage's pending target send,
+        # which completes only when the last stage reaches that micro-batch's loss: 1F1B's
+        # warm-up would run one micro-batch at a time. The p2p requests are still waited on.
+        batch_p2p_sync=False,
     )
 
 
