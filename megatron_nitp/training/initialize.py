@@ -69,17 +69,21 @@ def initialize_distributed(
 
 
 def set_seed(seed: int) -> None:
-    """Seed Python, NumPy, torch and megatron's RNG tracker (model-parallel states).
+    """Seed the runtime RNGs (Python, NumPy, torch, megatron's model-parallel RNG tracker) of
+    this rank, after Megatron-LM's convention: ``seed + 100 * pipeline_rank``, so pipeline
+    stages draw different dropout masks; the tracker adds its TP/EP offsets on top
+    (``model_parallel_cuda_manual_seed``).
 
-    Every rank uses the same base seed: weights are initialized on CPU from the full master
-    weight and then split (``use_cpu_initialization``), so a TP=n model starts from exactly the
-    TP=1 weights.
+    Initial weights do not depend on this: ``models.initialization.initialize_weights`` draws
+    every parameter from the base seed and the parameter's global identity, whatever the layout.
     """
-    from megatron.core import tensor_parallel
+    from megatron.core import parallel_state, tensor_parallel
 
+    if parallel_state.model_parallel_is_initialized():
+        seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed) if torch.cuda.is_available() else torch.default_generator.manual_seed(seed)
+    torch.manual_seed(seed)  # CPU and (where present) CUDA generators
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     torch.default_generator.manual_seed(seed)
 
