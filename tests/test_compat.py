@@ -15,7 +15,7 @@ from tests.conftest import ROOT, clean_env
 CUDA_ONLY = {"patch_cuda_runtime", "patch_rng_tracker", "patch_moe_split_sizes",
              "enter_cuda_to_cpu_mode"}
 TE_APEX = {"patch_moe_router_without_te", "patch_torch_norm_sequence_parallel",
-           "patch_distributed_optimizer_step_state"}
+           "patch_distributed_optimizer_step_state", "patch_distributed_optimizer_shared_step"}
 
 
 def names(*args):

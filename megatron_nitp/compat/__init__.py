@@ -82,6 +82,7 @@ PATCHES: tuple[Patch, ...] = (
     Patch(te.patch_moe_router_without_te, NO_TE, "<0.17"),
     Patch(te.patch_torch_norm_sequence_parallel, LOCAL_SPEC),
     Patch(te.patch_distributed_optimizer_step_state, TORCH_ADAM),
+    Patch(te.patch_distributed_optimizer_shared_step, TORCH_ADAM),
     Patch(cpu.enter_cuda_to_cpu_mode, NO_CUDA),
 )
 

@@ -80,3 +80,31 @@ def patch_distributed_optimizer_step_state() -> None:
 
     cls._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
     cls._nitp_step_state_patched = True
+
+
+def patch_distributed_optimizer_shared_step() -> None:
+    """Without TE's or Apex's FusedAdam, ``DistributedOptimizer.load_state_dict`` restores torch
+    Adam's per-parameter ``"step"`` as ONE tensor shared by every parameter's state
+    (``s["step"] = step`` in a loop). torch's Adam increments each parameter's step in place,
+    so after a resume the shared counter advances once per parameter per iteration and the
+    bias correction is wrong from the first step on: the resumed run silently diverges from the
+    uninterrupted one (seen as different losses from the second iteration after the resume).
+    Give every parameter its own copy after the load."""
+    try:
+        from megatron.core.optimizer import distrib_optimizer
+    except ImportError:
+        return
+    cls = distrib_optimizer.DistributedOptimizer
+    if getattr(cls, "_nitp_shared_step_patched", False):
+        return
+    original = cls.load_state_dict
+
+    def load_state_dict(self, state_dict):
+        result = original(self, state_dict)
+        for state in self.optimizer.state.values():
+            if "step" in state and hasattr(state["step"], "clone"):
+                state["step"] = state["step"].clone()
+        return result
+
+    cls.load_state_dict = load_state_dict
+    cls._nitp_shared_step_patched = True
