@@ -19,7 +19,7 @@
 # Everything lands in $GPU_CHECK_OUT (default runs/gpu_check-<time>): gpu_check.log, pytest.log,
 # benchmark.json. Exit status: 0 when every test passed and the benchmark ran.
 # Knobs: PYTHON (default python3), BENCH_LAYERS (4), BENCH_SEQ (4096), BENCH_MBS (2),
-# BENCH_ITERS (10), SKIP_TESTS=1, SKIP_BENCH=1.
+# BENCH_ITERS (10), GPU_TESTS_K (a pytest -k expression), SKIP_TESTS=1, SKIP_BENCH=1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -81,7 +81,8 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   echo
   echo "> pytest -m gpu"
   start=$(date +%s)
-  "$PY" -m pytest -q -m gpu -rs --durations=0 tests/test_gpu.py 2>&1 | tee "$OUT_DIR/pytest.log"
+  "$PY" -m pytest -q -m gpu -rs --durations=0 ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} tests/test_gpu.py \
+    2>&1 | tee "$OUT_DIR/pytest.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
   echo "> gpu tests: $(( $(date +%s) - start )) s"
 fi

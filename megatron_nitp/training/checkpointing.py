@@ -26,7 +26,7 @@ import zlib
 
 import numpy as np
 import torch
-from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core import dist_checkpointing, tensor_parallel
 
 from megatron_nitp import device
 from megatron_nitp.training.model import unwrap

@@ -121,6 +121,12 @@ def layer_spec(config: TransformerConfig, impl: str = "transformer_engine"):
     from megatron.core.models.gpt import gpt_layer_specs
 
     te = use_transformer_engine(impl)
+    if not te and config.sequence_parallel:
+        # The local norm under SP; compat.apply() chose by what is installed and cannot see
+        # --transformer-impl local on a machine that has TE (the patch is idempotent).
+        from megatron_nitp.compat import te as te_compat
+
+        te_compat.patch_torch_norm_sequence_parallel()
     if config.num_moe_experts:
         return gpt_layer_specs.get_gpt_decoder_block_spec(
             config, use_transformer_engine=te, normalization="RMSNorm"
