@@ -142,13 +142,18 @@ def build_model(
     pre_process: bool | None = None,
     post_process: bool | None = None,
 ) -> NITPGPTModel:
-    """This rank's pipeline stage of the model, not yet wrapped."""
+    """This rank's pipeline stage of the model, not yet wrapped, on ``device()``.
+
+    On GPU megatron-core allocates its parallel linears on the current CUDA device, but the
+    local spec's norms (``torch.nn.RMSNorm``) and the MoE router on the default device, the
+    CPU: every caller (training, export, evaluation) gets the whole model on one device.
+    """
     config = transformer_config(args)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
-    return NITPGPTModel(
+    model = NITPGPTModel(
         config,
         nitp if nitp is not None else args.nitp_config,
         transformer_layer_spec=layer_spec(config, getattr(args, "transformer_impl",
@@ -161,12 +166,12 @@ def build_model(
         position_embedding_type="rope",
         rotary_base=args.rotary_base,
     )
+    return model.to(device())
 
 
 def wrap_model(model: NITPGPTModel, args: argparse.Namespace) -> DistributedDataParallel:
     """Mixed-precision wrapper (bf16/fp16 weights, fp32 outputs) and megatron DDP with fp32
     gradient buffers, as megatron's training loop does."""
-    model.to(device())
     config = model.config
     module = Float16Module(config, model) if (args.bf16 or args.fp16) else model
     ddp_config = DistributedDataParallelConfig(
