@@ -52,3 +52,16 @@ def clean_env(**extra) -> dict:
     env["OMP_NUM_THREADS"] = "1"
     env.update(extra)
     return env
+
+
+def torchrun_file(path: str, nproc: int, timeout: int = 600):
+    """Runs a test module as a script under torchrun with ``nproc`` processes (the module's
+    ``__main__`` does the distributed part); fails the test with the job's output if it fails."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-port", str(free_port()), os.path.abspath(path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(PYTHONPATH=ROOT), capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc

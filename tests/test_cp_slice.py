@@ -9,7 +9,6 @@ runs on CPU. Runs under both megatron-core versions (scripts/test_019.sh).
 """
 
 import os
-import subprocess
 import sys
 
 import torch
@@ -57,13 +56,9 @@ def _worker() -> None:
 
 
 def test_every_rank_gets_chunks_r_and_2cp_minus_1_minus_r():
-    from tests.conftest import ROOT, clean_env, free_port
+    from tests.conftest import torchrun_file
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
-           "--master-port", str(free_port()), os.path.abspath(__file__)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(PYTHONPATH=ROOT), capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    proc = torchrun_file(__file__, 4)
     assert proc.stdout.count(" ok") == 4, proc.stdout
 
 

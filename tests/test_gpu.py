@@ -204,7 +204,8 @@ def one_gpu(tmp_path_factory):
     ["--tensor-model-parallel-size", "2"],
     ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
     ["--pipeline-model-parallel-size", "2"],  # k = 1 on stage 0: the target is routed
-    ["--context-parallel-size", "2"],
+    pytest.param(["--context-parallel-size", "2"], marks=pytest.mark.skipif(
+        not HAS_TE, reason="context parallelism needs Transformer Engine's attention")),
 ], ids=["tp2", "tp2-sp", "pp2-routing", "cp2"])
 def test_two_gpu_layout_equals_one_gpu(one_gpu, layout):
     root, init, reference = one_gpu

@@ -6,7 +6,6 @@ all-reduce over the pipeline group at construction), checked in a 2-process gloo
 """
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -148,13 +147,9 @@ def _worker() -> None:
 
 
 def test_model_decides_the_owner_from_the_built_stages():
-    from tests.conftest import ROOT, clean_env, free_port
+    from tests.conftest import torchrun_file
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", str(free_port()), os.path.abspath(__file__)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(PYTHONPATH=ROOT), capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    proc = torchrun_file(__file__, 2)
     assert proc.stdout.count(" ok") == 2 * len(CASES), proc.stdout
 
 

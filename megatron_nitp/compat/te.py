@@ -59,12 +59,8 @@ def patch_distributed_optimizer_step_state() -> None:
     and fails with KeyError 'step'. Copy only the tensors that were given."""
     import torch
 
-    try:
-        from megatron.core.optimizer import distrib_optimizer
-    except ImportError:
-        return
-    cls = distrib_optimizer.DistributedOptimizer
-    if getattr(cls, "_nitp_step_state_patched", False):
+    cls = _unpatched_distributed_optimizer("_nitp_step_state_patched")
+    if cls is None:
         return
     original = cls._set_main_param_and_optimizer_states
 
@@ -90,12 +86,8 @@ def patch_distributed_optimizer_shared_step() -> None:
     bias correction is wrong from the first step on: the resumed run silently diverges from the
     uninterrupted one (seen as different losses from the second iteration after the resume).
     Give every parameter its own copy after the load."""
-    try:
-        from megatron.core.optimizer import distrib_optimizer
-    except ImportError:
-        return
-    cls = distrib_optimizer.DistributedOptimizer
-    if getattr(cls, "_nitp_shared_step_patched", False):
+    cls = _unpatched_distributed_optimizer("_nitp_shared_step_patched")
+    if cls is None:
         return
     original = cls.load_state_dict
 
@@ -108,3 +100,14 @@ def patch_distributed_optimizer_shared_step() -> None:
 
     cls.load_state_dict = load_state_dict
     cls._nitp_shared_step_patched = True
+
+
+def _unpatched_distributed_optimizer(flag: str):
+    """megatron-core's ``DistributedOptimizer`` class, or None when it is missing or already
+    carries the patch named by ``flag`` (patches are idempotent)."""
+    try:
+        from megatron.core.optimizer import distrib_optimizer
+    except ImportError:
+        return None
+    cls = distrib_optimizer.DistributedOptimizer
+    return None if getattr(cls, flag, False) else cls

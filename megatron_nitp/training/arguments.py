@@ -384,12 +384,19 @@ def _validate_layout(args: argparse.Namespace) -> None:
             "supported (the NITP target is routed per micro-batch in 1F1B order, which the "
             "interleaved schedule does not keep); use a plain --pipeline-model-parallel-size."
         )
-    if args.context_parallel_size > 1 and not has_cuda() and not args.dry_run:
-        raise ValueError(
-            f"--context-parallel-size {args.context_parallel_size} needs Transformer Engine's "
-            "context-parallel attention (GPU only); on CPU use --context-parallel-size 1. "
-            "(NITP's context-parallel shift itself is tested on CPU.)"
-        )
+    if args.context_parallel_size > 1 and not args.dry_run:
+        from megatron_nitp.training.model import use_transformer_engine
+
+        if not use_transformer_engine(args.transformer_impl):
+            where = ("this machine has no CUDA" if not has_cuda() else
+                     "Transformer Engine is not importable here" if args.transformer_impl ==
+                     "transformer_engine" else "--transformer-impl local was given")
+            raise ValueError(
+                f"--context-parallel-size {args.context_parallel_size} needs Transformer "
+                f"Engine's context-parallel attention on a GPU, and {where}; use "
+                "--context-parallel-size 1, or run in an image with TE (the Dockerfile's). "
+                "(NITP's context-parallel shift itself is tested on CPU.)"
+            )
     if args.seq_length % (2 * args.context_parallel_size * (
             args.tensor_model_parallel_size if args.sequence_parallel else 1)):
         raise ValueError(
