@@ -65,6 +65,56 @@ def test_tokenizer_round_trip_and_special_ids(tokenizer):
     assert tokenizer.vocab[tokenizer.inv_vocab[ids[0]]] == ids[0]
 
 
+@pytest.fixture(scope="module")
+def default_tokenizer():
+    """The built-in corpus's tokenizer (vocab 4096, cached under ~/.cache/megatron-nitp)."""
+    return SentencePieceTokenizer(prepare_default_corpus()[1])
+
+
+def test_tokenizer_edge_cases(default_tokenizer):
+    tok = default_tokenizer
+    space = tok.vocab["\u2581"]  # SentencePiece's word-start marker
+
+    # empty string: no tokens, and no tokens decode to the empty string
+    assert tok.tokenize("") == []
+    assert tok.detokenize([]) == ""
+
+    # whitespace only: kept exactly (identity normalization, no whitespace collapsing); each
+    # space is one marker piece after the dummy prefix, newline and tab are byte pieces
+    assert tok.tokenize("   ") == [space] * 4
+    for text in ("   ", " \n\t  \n", "\n", "\t"):
+        ids = tok.tokenize(text)
+        assert ids and tok.unk not in ids
+        assert tok.detokenize(ids) == text
+    assert tok.tokenize("\n") == [space, tok.vocab["<0x0A>"]]
+
+    # a very long string (220,000 characters in one call): encoded whole, compressed, exact
+    long = "In the beginning God created the heaven and the earth. " * 4000
+    ids = tok.tokenize(long)
+    assert len(long) / 8 < len(ids) < len(long) / 3
+    assert tok.detokenize(ids) == long
+
+    # characters absent from the KJV training text (emoji, CJK, NUL, U+FFFD) never become
+    # <unk>: byte fallback spells out their UTF-8 bytes, and decoding restores them exactly
+    for text in ("\U0001F600", "\u6f22\u5b57\u30c6\u30b9\u30c8", "\x00", "\ufffd"):
+        ids = tok.tokenize(text)
+        assert ids[0] == space
+        assert [tok.inv_vocab[i] for i in ids[1:]] == [f"<0x{b:02X}>" for b in text.encode()]
+        assert tok.detokenize(ids) == text
+    mixed = "And God said \U0001F600 \u5149 1611"
+    assert tok.unk not in tok.tokenize(mixed) and tok.detokenize(tok.tokenize(mixed)) == mixed
+
+    # special ids: EOD, pad and bos decode to nothing; <unk> to SentencePiece's " \u2047 "
+    assert tok.detokenize([tok.eod, tok.pad, tok.bos]) == ""
+    assert tok.detokenize([tok.unk]) == " \u2047 "
+
+    # clear errors: an id outside the vocabulary, a non-string input
+    with pytest.raises(IndexError, match="out of range"):
+        tok.detokenize([tok.vocab_size])
+    with pytest.raises(TypeError, match="str or bytes"):
+        tok.tokenize(None)
+
+
 def test_tokenizer_missing_or_corrupt_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.model"):
         SentencePieceTokenizer(str(tmp_path / "nope.model"))
@@ -156,13 +206,44 @@ def test_missing_data_prefix_names_the_file(corpus, tokenizer, tmp_path):
 
 
 def test_weighted_blend(corpus, tokenizer, tmp_path):
-    other = preprocess([str(corpus["jsonl"])], corpus["model"], str(tmp_path / "other"),
-                       json_key="content")
-    blend = ["0.25", corpus["prefix"], "0.75", other]
+    """A 0.25 / 0.75 blend of two corpora whose tokens do not overlap draws 25% / 75% of its
+    samples from each (megatron's BlendedDataset keeps the running shares on target)."""
+    def make(name, documents):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
+        return preprocess([str(path)], corpus["model"], str(tmp_path / name))
+
+    def token_set(prefix):
+        dataset = IndexedDataset(prefix)
+        return {int(t) for i in range(len(dataset)) for t in dataset[i]} - {tokenizer.eod}
+
+    # digits only (split one per token) vs letters only: distinct pieces, apart from at most
+    # the word-start marker that SentencePiece puts before each document
+    first = make("digits", [" ".join(["1234567890" * 3] * 4) for _ in range(8)])
+    second = make("letters", ["xyz qxz " * 30 for _ in range(8)])
+    first_ids, second_ids = token_set(first), token_set(second)
+    only_first, only_second = first_ids - second_ids, second_ids - first_ids
+    assert only_first and only_second and len(first_ids & second_ids) <= 1
+
+    num_samples = 400
     train, _, _ = build_datasets(
-        blend, tokenizer, SEQ_LENGTH, 1, "1,0,0", (40, 0, 0), str(tmp_path / "index-cache")
+        ["0.25", first, "0.75", second], tokenizer, SEQ_LENGTH, 1, "1,0,0",
+        (num_samples, 0, 0), str(tmp_path / "index-cache"),
     )
-    assert len(train) == 40
+    assert len(train) == num_samples
+    counts = [0, 0]
+    for i in range(num_samples):
+        sample = train[i]
+        ids = {int(t) for t in sample["tokens"]} | {int(sample["labels"][-1])}
+        source = [bool(ids & only_first), bool(ids & only_second)]
+        assert source in ([True, False], [False, True]), f"sample {i} mixes or lacks its source"
+        assert int(sample["dataset_id"]) == source.index(True)
+        counts[source.index(True)] += 1
+    assert counts[0] / num_samples == pytest.approx(0.25, abs=0.02)
+    assert counts[1] / num_samples == pytest.approx(0.75, abs=0.02)
+    # every prefix of the sample order keeps the proportions too, as micro-batches see them
+    first_hundred = sum(int(train[i]["dataset_id"]) == 0 for i in range(100))
+    assert first_hundred == pytest.approx(25, abs=2)
     batch = next(MicroBatchIterator(train, micro_batch_size=8))
     assert set(batch) == {"tokens", "labels", "loss_mask", "position_ids"}
     assert batch["tokens"].shape == (8, SEQ_LENGTH)

@@ -81,15 +81,31 @@ def test_stop_gradient_off_lets_gradient_reach_targets():
     assert shallow.grad[1:].abs().sum() > 0
 
 
+def _cosine_loss_reference(predictions, shallow):
+    """``[b, s]`` 1 - cos(predictions[t], shallow[t+1]) in float64, 0 at the last position."""
+    p, z = predictions.double(), shallow.double()
+    dot = (p[:-1] * z[1:]).sum(-1)
+    cos = dot / (p[:-1].norm(dim=-1) * z[1:].norm(dim=-1))
+    return torch.cat([1.0 - cos, torch.zeros_like(cos[:1])]).transpose(0, 1)
+
+
 def test_computed_in_fp32_from_bf16():
     torch.manual_seed(2)
-    predictions = torch.randn(6, 2, 32)
-    shallow = torch.randn(6, 2, 32)
+    predictions = torch.randn(6, 2, 32).bfloat16()
+    shallow = torch.randn(6, 2, 32).bfloat16()
     mask = torch.ones(2, 6)
-    full = implicit_token_loss(predictions, shallow, mask)
-    half = implicit_token_loss(predictions.bfloat16(), shallow.bfloat16(), mask)
-    assert half.dtype == torch.float32
-    torch.testing.assert_close(half, full, atol=2e-2, rtol=0)
+    # float64 reference from the same bf16 inputs: what an fp32 computation must match closely
+    reference = _cosine_loss_reference(predictions, shallow).float()
+    tolerance = dict(atol=1e-5, rtol=0)
+    loss = implicit_token_loss(predictions, shallow, mask)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, reference, **tolerance)
+    # the tolerance is tight enough to reject the same loss computed in bf16
+    in_bf16 = 1.0 - torch.nn.functional.cosine_similarity(predictions[:-1], shallow[1:], dim=-1)
+    assert in_bf16.dtype == torch.bfloat16
+    in_bf16 = torch.cat([in_bf16.float(), torch.zeros(1, 2)]).transpose(0, 1)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(in_bf16, reference, **tolerance)
 
 
 @pytest.mark.parametrize("kind", ["mse", "smooth_l1", "kl"])

@@ -5,6 +5,7 @@ import math
 import os
 
 import pytest
+import torch
 
 from megatron_nitp.training.arguments import parse_args
 from megatron_nitp.training.loop import pretrain
@@ -48,14 +49,51 @@ def test_baseline_and_start_iteration(dist, tmp_path):
     assert late["lm loss"][3] != pytest.approx(base["lm loss"][3], rel=1e-6)
 
 
-def test_bf16_run_is_finite_and_close_to_fp32(dist, tmp_path):
+def test_bf16_run_is_finite_and_close_to_fp32(dist, tmp_path, monkeypatch):
+    from megatron.core.transformer.module import Float16Module
+
+    from megatron_nitp.training import loop
+    from megatron_nitp.training.model import unwrap
+
+    seen = []
+
+    def probing_train_step(model, *args, **kwargs):
+        """Records what training actually runs with: the wrappers, the weights' dtypes and the
+        dtype of the decoder's output during the step's forward pass."""
+        inner = unwrap(model)
+        outputs = []
+        hook = inner.decoder.register_forward_hook(lambda m, i, out: outputs.append(
+            (out[0] if isinstance(out, tuple) else out).dtype))
+        try:
+            metrics = real_train_step(model, *args, **kwargs)
+        finally:
+            hook.remove()
+        seen.append({
+            "float16_module": any(isinstance(m, Float16Module) for m in model.modules()),
+            "param_dtypes": {p.dtype for p in inner.parameters()},
+            "decoder_output": set(outputs),
+        })
+        return metrics
+
+    real_train_step = loop.train_step
+    monkeypatch.setattr(loop, "train_step", probing_train_step)
     flags = ["--train-iters", "6", "--lr-warmup-iters", "1"]
     _, fp32 = _run(tmp_path / "fp32", *flags)
+    assert seen and all(s == {"float16_module": False, "param_dtypes": {torch.float32},
+                              "decoder_output": {torch.float32}} for s in seen)
+    seen.clear()
     _, bf16 = _run(tmp_path / "bf16", *flags, "--bf16")
+    # bf16 is really used: Float16Module wraps the model, its weights are bf16 (all of them)
+    # and the transformer computes in bf16, at every one of the 6 steps
+    assert len(seen) == 6
+    assert all(s == {"float16_module": True, "param_dtypes": {torch.bfloat16},
+                     "decoder_output": {torch.bfloat16}} for s in seen)
     for key in ("lm loss", "nitp loss", "grad norm"):
         assert all(math.isfinite(v) for v in bf16[key])
     for a, b in zip(fp32["lm loss"], bf16["lm loss"]):
         assert b == pytest.approx(a, rel=0.02)
+    # ... and it changes the numbers (a run silently falling back to fp32 would match exactly)
+    assert bf16["lm loss"] != fp32["lm loss"]
 
 
 def test_geometry_is_logged_and_the_run_folder_is_complete(dist, tmp_path):
