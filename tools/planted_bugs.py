@@ -127,6 +127,14 @@ BUGS = [
         ("tests/test_checkpoint.py::test_sigkill_then_resume_is_bitwise_identical",),
     ),
     Bug(
+        "resume-data-position",
+        "resuming continues the data where it stopped (exact resume)",
+        "megatron_nitp/training/loop.py",
+        '            train_iter.consumed_samples = meta["consumed_samples"]\n',
+        '            pass  # planted: the consumed-sample counter is not restored\n',
+        ("tests/test_checkpoint.py::test_sigkill_then_resume_is_bitwise_identical",),
+    ),
+    Bug(
         "cosine-sign",
         "the distance is 1 - cos, not 1 + cos",
         "megatron_nitp/nitp/loss.py",
