@@ -250,6 +250,7 @@ def main(argv=None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in background
     started = time.monotonic()
     parent = tempfile.mkdtemp(prefix="planted-bugs-")
     worktree = os.path.join(parent, "worktree")
