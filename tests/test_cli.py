@@ -141,3 +141,22 @@ def test_data_cache_check_reads_the_launch():
     validate_data_cache(parse_args(["--dry-run"]), multi)  # a plan starts no ranks
     with pytest.raises(ValueError, match="--data-cache-path"):
         validate_data_cache(parse_args([]), multi)
+
+
+@pytest.mark.parametrize("script", ["pretrain_gpt_nitp.py", "pretrain_moe_nitp.py"])
+def test_help_lists_the_flags(script):
+    """A newcomer's first command: --help prints every group and exits 0 (help texts taken
+    from docstrings are %-escaped for argparse)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, clean_env
+
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], cwd=ROOT,
+                          env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for flag in ("--nitp-target-layer", "--tensor-model-parallel-size", "--transformer-impl",
+                 "--distributed-timeout-minutes", "--data-cache-path"):
+        assert flag in proc.stdout, flag
+    assert "20% of depth" in proc.stdout

@@ -16,7 +16,8 @@ from megatron_nitp.presets import DEFAULT_PRESET, PRESETS, get_preset
 
 
 def _nitp_help(name: str) -> str:
-    """The NITPConfig field's docstring is the flag's help text."""
+    """The NITPConfig field's docstring is the flag's help text (``%`` escaped: argparse
+    %-formats help strings, and "20% of depth" crashed ``--help``)."""
     import ast
     import inspect
 
@@ -28,7 +29,7 @@ def _nitp_help(name: str) -> str:
         if isinstance(node, ast.AnnAssign) and node.target.id == name and i + 1 < len(body):
             doc = body[i + 1]
             if isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant):
-                return " ".join(str(doc.value.value).split())
+                return " ".join(str(doc.value.value).split()).replace("%", "%%")
     return ""
 
 
