@@ -57,13 +57,3 @@ def set_rng_state(state: torch.Tensor | None) -> None:
 def name() -> str:
     """A human-readable device name for logs and benchmark reports."""
     return torch.cuda.get_device_name() if has_cuda() else "cpu"
-
-
-def max_memory_allocated() -> int:
-    """Peak bytes allocated on the device since the last reset (0 on CPU)."""
-    return torch.cuda.max_memory_allocated() if has_cuda() else 0
-
-
-def reset_peak_memory_stats() -> None:
-    if has_cuda():
-        torch.cuda.reset_peak_memory_stats()
