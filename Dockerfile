@@ -6,7 +6,7 @@
 #   docker build -t megatron-nitp --build-arg USER_UID=$(id -u) --build-arg USER_GID=$(id -g) .
 #   docker run --gpus all --rm megatron-nitp                  # tools/check_env.py
 #   docker run --gpus all --rm --ipc=host -v /data:/data megatron-nitp \
-#       bash examples/pretrain_dense_0.5b.sh                  # see docs/cluster.md
+#       bash examples/pretrain.sh dense-0.5b                  # see docs/cluster.md
 #
 # BASE_IMAGE is pinned (NGC release 25.12: Ubuntu 24.04, Python 3.12, CUDA 13.0); another NGC
 # PyTorch release with Python >= 3.12 works the same way (check its driver requirement).

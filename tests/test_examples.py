@@ -1,5 +1,7 @@
-"""The launch scripts in examples/: every one dry-runs to a plan that fits an 80 GB GPU with the
-paper's settings, and the launcher really starts a job through torchrun (tiny model, CPU)."""
+"""The launch script examples/pretrain.sh MODEL and its table examples/models.txt: every paper
+model dry-runs to a plan that fits an 80 GB GPU with the paper's settings, the script takes the
+model from its preset without repeating it, and the launcher really starts a job through
+torchrun (tiny model, CPU)."""
 
 import glob
 import os
@@ -9,12 +11,16 @@ import sys
 
 import pytest
 
-from megatron_nitp.presets import PRESETS
+from megatron_nitp.presets import PRESETS, get_preset
 from tests.conftest import ROOT, clean_env, free_port
 
-SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "examples", "*.sh")))
-SBATCH = sorted(glob.glob(os.path.join(ROOT, "examples", "slurm", "*.sbatch")))
+PRETRAIN = os.path.join(ROOT, "examples", "pretrain.sh")
+TABLE = os.path.join(ROOT, "examples", "models.txt")
+SBATCH = os.path.join(ROOT, "examples", "slurm", "pretrain.sbatch")
+TINY_SBATCH = os.path.join(ROOT, "examples", "slurm", "tiny_cpu.sbatch")
 PAPER = [name for name in PRESETS if not name.startswith("tiny")]
+COLUMNS = ("model", "nodes", "gpus", "tp", "pp", "ep", "sp", "mbs", "distopt", "first", "last",
+           "tokens", "save", "eval")
 # Variables the scripts read: a caller's values must not leak into the checks.
 SCRIPT_VARS = ("NNODES", "GPUS_PER_NODE", "TP", "PP", "EP", "MICRO_BATCH_SIZE",
                "GLOBAL_BATCH_SIZE", "TRAIN_TOKENS", "TRAIN_ITERS", "DATA_PATH", "TOKENIZER_MODEL",
@@ -25,34 +31,56 @@ SCRIPT_VARS = ("NNODES", "GPUS_PER_NODE", "TP", "PP", "EP", "MICRO_BATCH_SIZE",
                "SLURM_SUBMIT_DIR")
 
 
+def _table() -> dict:
+    """examples/models.txt: {model: {column: value}}."""
+    rows = {}
+    for line in open(TABLE):
+        if line.strip() and not line.startswith("#"):
+            fields = line.split()
+            assert len(fields) == len(COLUMNS), line
+            assert fields[0] not in rows, f"{fields[0]} twice in {TABLE}"
+            rows[fields[0]] = dict(zip(COLUMNS, fields))
+    return rows
+
+
 def _env(**extra):
     env = {k: v for k, v in clean_env().items() if k not in SCRIPT_VARS}
     env.update({"PYTHON": sys.executable, **extra})
     return env
 
 
-def _preset_of(path: str) -> str:
-    """examples/pretrain_moe_1.9b_a0.3b.sh -> moe-1.9b-a0.3b"""
-    return os.path.basename(path)[len("pretrain_"):-len(".sh")].replace("_", "-")
+@pytest.fixture(scope="module")
+def shim(tmp_path_factory):
+    """A PYTHON that records the dry run's arguments (NUL-separated, to $NITP_ARGV_FILE) and
+    runs the script's preset look-up (`python - ...`) for real."""
+    path = tmp_path_factory.mktemp("shim") / "python"
+    path.write_text(f'#!/bin/sh\nif [ "$1" = - ]; then exec "{sys.executable}" "$@"; fi\n'
+                    'for a in "$@"; do printf \'%s\\0\' "$a"; done > "$NITP_ARGV_FILE"\n')
+    path.chmod(0o755)
+    return path
+
+
+def _record(shim, tmp_path, argv, **env):
+    """The command line `bash ARGV` runs with DRY_RUN=1, as a list."""
+    record = tmp_path / "argv"
+    record.unlink(missing_ok=True)
+    proc = subprocess.run(["bash", *argv], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env=_env(DRY_RUN="1", PYTHON=str(shim), NITP_ARGV_FILE=str(record),
+                                   **env))
+    assert proc.returncode == 0, (argv, proc.stderr)
+    return record.read_text().split("\0")[:-1]
 
 
 @pytest.fixture(scope="module")
-def command_lines(tmp_path_factory):
-    """The command line every example and sbatch file runs with DRY_RUN=1, captured by a PYTHON
-    that only records its arguments: the scripts' flag assembly runs for real (bash), the plans
-    are then made in this process (one Python start instead of one per script)."""
+def command_lines(shim, tmp_path_factory):
+    """The command line of every paper model (examples/pretrain.sh MODEL) and of the sbatch
+    files with DRY_RUN=1: the scripts' flag assembly runs for real (bash), the plans are then
+    made in this process (one Python start instead of one per script)."""
     folder = tmp_path_factory.mktemp("argv")
-    shim = folder / "python"
-    shim.write_text('#!/bin/sh\nfor a in "$@"; do printf \'%s\\0\' "$a"; done > "$NITP_ARGV_FILE"\n')
-    shim.chmod(0o755)
-    lines = {}
-    for path in SCRIPTS + SBATCH:
-        record = folder / (os.path.basename(path) + ".argv")
-        proc = subprocess.run(["bash", path], cwd=ROOT, capture_output=True, text=True,
-                              timeout=60, env=_env(DRY_RUN="1", PYTHON=str(shim),
-                                                   NITP_ARGV_FILE=str(record)))
-        assert proc.returncode == 0, (path, proc.stderr)
-        lines[path] = record.read_text().split("\0")[:-1]
+    lines = {model: _record(shim, folder, [PRETRAIN, model]) for model in PAPER}
+    lines["pretrain.sbatch"] = _record(shim, folder, [SBATCH, "dense-3b"])
+    lines["pretrain.sbatch MODEL="] = _record(shim, folder, [SBATCH], MODEL="moe-9b-a1b")
+    lines["tiny_cpu.sbatch"] = _record(shim, folder, [TINY_SBATCH])
     return lines
 
 
@@ -66,92 +94,168 @@ def _plan(argv, capsys, monkeypatch):
     entry, flags = argv[0], argv[1:]
     assert os.path.dirname(os.path.abspath(entry)) == ROOT
     assert "--dry-run" in flags and "--world-size" in flags
-    model_type = "moe" if os.path.basename(entry) == "pretrain_moe_nitp.py" else "dense"
     capsys.readouterr()
-    code = dry_run(parse_args(flags, model_type=model_type))
+    code = dry_run(parse_args(flags, model_type=_model_type(entry)))
     out = capsys.readouterr()
     return code, out.out, out.err
 
 
-def test_one_example_per_paper_model():
-    assert sorted(_preset_of(path) for path in SCRIPTS) == sorted(PAPER)
+def _model_type(entry: str) -> str:
+    return "moe" if os.path.basename(entry) == "pretrain_moe_nitp.py" else "dense"
 
 
-@pytest.mark.parametrize("path", SCRIPTS + SBATCH + [os.path.join(ROOT, "examples", "lib",
-                                                                  "launch.sh")],
+def test_the_table_has_exactly_the_paper_models():
+    assert sorted(_table()) == sorted(PAPER)
+    for row in _table().values():
+        assert row["sp"] in ("yes", "no") and row["distopt"] in ("yes", "no"), row
+        assert (row["ep"] == "-") == (not row["model"].startswith("moe-")), row
+
+
+@pytest.mark.parametrize("path", [PRETRAIN, SBATCH, TINY_SBATCH,
+                                  os.path.join(ROOT, "examples", "lib", "launch.sh")],
                          ids=os.path.basename)
 def test_bash_syntax(path):
     proc = subprocess.run(["bash", "-n", path], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
 
-@pytest.mark.parametrize("path", SCRIPTS, ids=os.path.basename)
+@pytest.mark.parametrize("model", PAPER)
 def test_example_plan_fits_80gb_with_the_paper_settings(command_lines, capsys, monkeypatch,
-                                                       path):
-    code, out, err = _plan(command_lines[path], capsys, monkeypatch)
+                                                       model):
+    argv = command_lines[model]
+    assert _model_type(argv[0]) == ("moe" if model.startswith("moe-") else "dense")
+    code, out, err = _plan(argv, capsys, monkeypatch)
     assert code == 0, out + err
-    preset = PRESETS[_preset_of(path)]
-    assert f"model           {_preset_of(path)} (" in out
+    preset = PRESETS[model]
+    assert f"model           {model} (" in out
     assert "of 80 GiB ($NITP_GPU_MEMORY_GIB): fits" in out
     k, lam = preset["nitp_target_layer"], preset["nitp_loss_weight"]
     assert f"k={k} (layer {k}), lambda {lam:g}," in out
     assert f"= global batch {preset['global_batch_size']};" in out
     assert f"lr {preset['lr']:g} (WSD)" in out
     assert "bf16" in out and "distributed optimizer on" in out
-    # the world is the script's NNODES x 8 GPUs
-    nodes = int(re.search(r"NNODES=\$\{NNODES:-(\d+)\}", open(path).read()).group(1))
-    assert f"world {nodes * 8} = " in out
-    # the header states the estimate the plan prints
-    stated = int(re.search(r"Estimated ~(\d+) GiB", open(path).read()).group(1))
+    row = _table()[model]
+    # the world is the table's nodes x GPUs; the iterations are the token budget's
+    assert f"world {int(row['nodes']) * int(row['gpus'])} = " in out
+    tokens = int(row["tokens"].rstrip("B")) * 10**9
+    iterations = -(-tokens // (preset["global_batch_size"] * preset["seq_length"]))
+    assert f"tokens per step; {iterations:,} iterations" in out
+    # the table's notes state the estimate the plan prints
+    notes = re.search(rf"^# {re.escape(model)} .*?Estimated ~(\d+) GiB", open(TABLE).read(),
+                      re.M | re.S)
     printed = float(re.search(r"estimate +([\d.]+) GiB", out).group(1))
-    assert abs(printed - stated) <= 1.0, (stated, printed)
+    assert abs(printed - int(notes.group(1))) <= 1.0, (notes.group(1), printed)
 
 
-@pytest.mark.parametrize("path", SBATCH, ids=os.path.basename)
-def test_sbatch_dry_run(command_lines, capsys, monkeypatch, path):
-    code, out, err = _plan(command_lines[path], capsys, monkeypatch)
+@pytest.mark.parametrize("model", PAPER)
+def test_the_script_does_not_repeat_the_preset(command_lines, model):
+    """The preset holds the model and the recipe: the script passes `--preset MODEL` and no
+    flag the preset sets (its value would repeat the preset's or contradict it)."""
+    from megatron_nitp.training.arguments import build_parser
+
+    argv = command_lines[model]
+    parser = build_parser(_model_type(argv[0]))
+    preset = get_preset(model)
+    flags = [a for a in argv[1:] if a.startswith("--")]
+    assert argv[argv.index("--preset") + 1] == model and flags.count("--preset") == 1
+    repeated = [flag for flag in flags if flag != "--preset"
+                and parser._option_string_actions[flag].dest in preset]
+    assert not repeated, f"{model}: {repeated} are the preset's"
+
+
+def test_an_unknown_model_is_refused_with_the_list():
+    for argv in ([PRETRAIN, "dense-7b"], [PRETRAIN], [SBATCH, "moe-1b"], [SBATCH]):
+        proc = subprocess.run(["bash", *argv], cwd=ROOT, capture_output=True, text=True,
+                              timeout=60, env=_env(DRY_RUN="1", PYTHON="false"))
+        assert proc.returncode == 2, (argv, proc.stdout, proc.stderr)
+        assert "unknown MODEL" in proc.stderr
+        assert all(name in proc.stderr.split() for name in PAPER), proc.stderr
+
+
+def test_environment_overrides_and_resume(shim, tmp_path):
+    """Every variable overrides the table or the preset; a checkpoint in CHECKPOINT_PATH adds
+    --load; extra flags come last."""
+    checkpoints = tmp_path / "ckpt"
+    argv = _record(shim, tmp_path, [PRETRAIN, "moe-45b-a5.5b", "--eval-iters", "5"],
+                   NNODES="4", GPUS_PER_NODE="4", TP="1", PP="2", EP="4", MICRO_BATCH_SIZE="2",
+                   GLOBAL_BATCH_SIZE="64", TRAIN_TOKENS="1B", VOCAB_SIZE="32000",
+                   DATA_PATH="0.7 /d/a 0.3 /d/b", TOKENIZER_MODEL="/d/tok.model",
+                   RUN_DIR=str(tmp_path / "run"), CHECKPOINT_PATH=str(checkpoints),
+                   SAVE_INTERVAL="50")
+
+    def value(flag):
+        return argv[argv.index(flag) + 1]
+
+    assert os.path.basename(argv[0]) == "pretrain_moe_nitp.py"
+    assert value("--world-size") == "16"
+    assert (value("--tensor-model-parallel-size"), value("--pipeline-model-parallel-size"),
+            value("--expert-model-parallel-size")) == ("1", "2", "4")
+    assert value("--micro-batch-size") == "2" and value("--global-batch-size") == "64"
+    assert value("--train-iters") == str(-(-10**9 // (64 * 8192)))  # 1B tokens at 64 x 8192
+    assert value("--vocab-size") == "32000"
+    assert argv[argv.index("--data-path") + 1:argv.index("--data-path") + 5] == [
+        "0.7", "/d/a", "0.3", "/d/b"]
+    assert value("--tokenizer-model") == "/d/tok.model"
+    assert value("--run-dir") == str(tmp_path / "run")
+    assert value("--save") == str(checkpoints) and value("--save-interval") == "50"
+    assert "--load" not in argv
+    assert argv[-5:-3] == ["--eval-iters", "5"]  # the extra flags, then --dry-run --world-size
+
+    checkpoints.mkdir()
+    (checkpoints / "latest_checkpointed_iteration.txt").write_text("100")
+    argv = _record(shim, tmp_path, [PRETRAIN, "dense-0.5b"], CHECKPOINT_PATH=str(checkpoints),
+                   TRAIN_ITERS="7")
+    assert argv[argv.index("--load") + 1] == str(checkpoints)
+    assert argv[argv.index("--train-iters") + 1] == "7"
+    # no checkpoints at all
+    argv = _record(shim, tmp_path, [PRETRAIN, "dense-0.5b"], CHECKPOINT_PATH="")
+    assert "--save" not in argv and "--load" not in argv
+
+
+@pytest.mark.parametrize("key", ["pretrain.sbatch", "pretrain.sbatch MODEL=", "tiny_cpu.sbatch"])
+def test_sbatch_dry_run(command_lines, capsys, monkeypatch, key):
+    code, out, err = _plan(command_lines[key], capsys, monkeypatch)
     assert code == 0, out + err
     assert ": fits" in out
+    path = TINY_SBATCH if key == "tiny_cpu.sbatch" else SBATCH
     text = open(path).read()
     assert "#SBATCH" in text and "srun" in text
-    if "tiny_cpu" not in path:
+    if path == SBATCH:
         assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1' in text
         assert "NCCL_" in text
+        # the sbatch file runs examples/pretrain.sh MODEL: the same command line
+        model = "dense-3b" if key == "pretrain.sbatch" else "moe-9b-a1b"
+        assert command_lines[key] == command_lines[model]
 
 
-@pytest.mark.parametrize("path", SCRIPTS + SBATCH, ids=os.path.basename)
-def test_examples_put_the_dataset_cache_in_the_run_folder(command_lines, path):
+@pytest.mark.parametrize("key", PAPER + ["pretrain.sbatch", "tiny_cpu.sbatch"])
+def test_examples_put_the_dataset_cache_in_the_run_folder(command_lines, shim, tmp_path, key):
     """megatron-core builds the dataset index cache on global rank 0 only: every launch passes
     --data-cache-path inside the run folder (shared by the nodes), never the container's
     default, and without DATA_PATH (built-in corpus) too."""
-    argv = command_lines[path]
+    argv = command_lines[key]
     assert argv.count("--data-cache-path") == 1, argv
     cache = argv[argv.index("--data-cache-path") + 1]
     run_dir = argv[argv.index("--run-dir") + 1]
     assert cache == os.path.join(run_dir, "data-cache")
-    if path in SCRIPTS:
-        env = _env(DRY_RUN="1", DATA_PATH="", PYTHON="echo")
-        proc = subprocess.run(["bash", path], cwd=ROOT, capture_output=True, text=True,
-                              timeout=60, env=env)
-        assert proc.returncode == 0, proc.stderr
-        assert f"--data-cache-path {cache} " in proc.stdout
+    if key in PAPER:
+        argv = _record(shim, tmp_path, [PRETRAIN, key], DATA_PATH="")
+        assert argv[argv.index("--data-cache-path") + 1] == cache and "--data-path" not in argv
 
 
 def test_dry_run_refuses_a_layout_that_does_not_fit():
     # a real `python ... --dry-run` (exit code through the script): the 45B model on 2 nodes
     # without pipeline parallelism does not fit
-    script = os.path.join(ROOT, "examples", "pretrain_moe_45b_a5.5b.sh")
-    proc = subprocess.run(["bash", script], cwd=ROOT, env=_env(DRY_RUN="1", NNODES="2", PP="1",
-                                                             TP="2"),
+    proc = subprocess.run(["bash", PRETRAIN, "moe-45b-a5.5b"], cwd=ROOT,
+                          env=_env(DRY_RUN="1", NNODES="2", PP="1", TP="2"),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "DOES NOT FIT" in proc.stdout and "exceeds the GPU memory" in proc.stderr
 
 
 def test_launcher_runs_torchrun_on_cpu(tmp_path):
-    """The non-dry path: torchrun with a c10d rendezvous, 2 processes, the 0.5B script's flags
+    """The non-dry path: torchrun with a c10d rendezvous, 2 processes, the 0.5B model's launch
     overridden down to the tiny model (extra flags come last and win)."""
-    script = os.path.join(ROOT, "examples", "pretrain_dense_0.5b.sh")
     env = _env(NNODES="1", GPUS_PER_NODE="2", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(free_port()), DATA_PATH="", CHECKPOINT_PATH="",
                RUN_DIR=str(tmp_path / "run"),
@@ -160,8 +264,8 @@ def test_launcher_runs_torchrun_on_cpu(tmp_path):
              "--nitp-target-layer", "1", "--train-iters", "2", "--lr-warmup-iters", "0",
              "--micro-batch-size", "4", "--global-batch-size", "8", "--eval-interval", "0",
              "--log-interval", "1", "--geometry-interval", "0", "--no-save"]
-    proc = subprocess.run(["bash", script, *flags], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=180)
+    proc = subprocess.run(["bash", PRETRAIN, "dense-0.5b", *flags], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "world 2" in proc.stdout
     assert re.search(r"iteration +2/ +2", proc.stdout)
