@@ -3,7 +3,6 @@ model dry-runs to a plan that fits an 80 GB GPU with the paper's settings, the s
 model from its preset without repeating it, and the launcher really starts a job through
 torchrun (tiny model, CPU)."""
 
-import glob
 import os
 import re
 import subprocess
