@@ -210,11 +210,31 @@ def patch_moe_split_sizes() -> None:
     """``transformer.moe.token_dispatcher.MoEAlltoAllTokenDispatcher`` (EP > 1) turns its split
     sizes into NumPy through ``moe_utils.maybe_move_tensor_to_cpu(as_numpy=True)``, which only
     converts CUDA tensors; CPU tensors reach ``all_to_all_single`` as tensors (TypeError).
-    Convert CPU tensors too."""
+    Convert CPU tensors too.
+
+    With TP > 1 the same dispatcher gathers each expert-TP rank's (uneven) share of the tokens
+    through ``tensor_parallel.mappings._gather_along_first_dim(output_split_sizes=...)``, also
+    in the backward of its reduce-scatter; that calls ``all_gather`` with tensors of different
+    sizes, which gloo refuses ("ProcessGroupGloo::allgather: invalid tensor size"). Gather
+    zero-padded equal-size blocks and cut each rank's rows out instead."""
     try:
+        from megatron.core.tensor_parallel import mappings
         from megatron.core.transformer.moe import moe_utils, token_dispatcher
     except ImportError:
         return
+    gather = mappings._gather_along_first_dim
+
+    def _gather_along_first_dim(input_, group, output_split_sizes=None, *args, **kwargs):
+        if output_split_sizes is None or len(set(output_split_sizes)) <= 1:
+            return gather(input_, group, output_split_sizes, *args, **kwargs)
+        longest = max(output_split_sizes)
+        padded = input_.new_zeros((longest,) + tuple(input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        blocks = [torch.empty_like(padded) for _ in output_split_sizes]
+        torch.distributed.all_gather(blocks, padded, group=group)
+        return torch.cat([block[:size] for block, size in zip(blocks, output_split_sizes)])
+
+    mappings._gather_along_first_dim = _gather_along_first_dim
     original = moe_utils.maybe_move_tensor_to_cpu
 
     def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):

@@ -24,6 +24,30 @@ def params_dtype(args: argparse.Namespace) -> torch.dtype:
     return torch.float32
 
 
+def aux_loss_gradient_correction(args: argparse.Namespace) -> int:
+    """The factor by which megatron-core 0.16's load-balancing loss gradient is too small under
+    per-token loss (``calculate_per_token_loss``, which NITP's accounting uses) with TP or CP > 1.
+
+    ``TopKRouter.attach_and_log_load_balancing_loss`` multiplies each rank's partial aux loss
+    (its own tokens' share; the shares of the TP x CP group sum to the aux loss) by the rank's
+    *local* token count before ``finalize_model_grads`` divides every gradient by the global
+    token count. One process multiplies by the micro-batch's whole count, so with TP x CP > 1
+    the aux-loss gradient comes out 1/(TP x CP) of one process's (measured: the router's Adam
+    moments off by up to 80% after 3 steps at TP2+SP, EP2). A coefficient TP x CP times larger
+    compensates exactly; the router divides the logged value by the same coefficient, so the
+    reported load-balancing loss does not change. Later megatron-core multiplies by the count
+    reduced over the group (its ``aux_loss_scale_num_tokens`` argument): no correction there.
+    """
+    import inspect
+
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    attach = getattr(TopKRouter, "attach_and_log_load_balancing_loss", None)
+    if attach is None or "aux_loss_scale_num_tokens" in inspect.signature(attach).parameters:
+        return 1
+    return args.tensor_model_parallel_size * args.context_parallel_size
+
+
 def moe_config(args: argparse.Namespace) -> dict:
     """DeepSeek-V2-style MoE fields of the TransformerConfig (empty for a dense model): routed
     SwiGLU experts with top-k softmax routing, one shared expert, the load-balancing loss, and
@@ -37,7 +61,7 @@ def moe_config(args: argparse.Namespace) -> dict:
         moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size or None,
         moe_layer_freq=args.moe_layer_pattern,
         moe_router_load_balancing_type="aux_loss",
-        moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+        moe_aux_loss_coeff=args.moe_aux_loss_coeff * aux_loss_gradient_correction(args),
         moe_token_dispatcher_type=args.moe_token_dispatcher_type,
         expert_model_parallel_size=args.expert_model_parallel_size,
         moe_grouped_gemm=False,
