@@ -4,10 +4,16 @@
     torchrun --nproc-per-node N tests/parallel_harness.py OUT --load CKPT <flags>
     torchrun --nproc-per-node N tests/parallel_harness.py --runs RUNS.json   # several layouts
 
-Writes ``OUT/metrics.json`` (per-iteration lm loss, nitp loss, grad norm) and
-``OUT/projector.pt`` (the projector's full weights after the steps, gathered over TP). With
-``--dump-init``, also ``OUT/init.pt``: every parameter's full initial value by checkpoint key
-(the global tensor, prepended layer/expert axes included), assembled from all ranks.
+Writes ``OUT/metrics.json`` (per-iteration lm loss, nitp loss, grad norm, ...),
+``OUT/state.pt`` (the whole checkpoint state after the steps as full global tensors by key:
+every model tensor, backbone and projector, and the optimizer's per-parameter state; plus, per
+key, the largest difference of any replicated copy from the saved one) and ``OUT/projector.pt``
+(the projector's full weights, gathered over TP). With ``--dump-init``, also ``OUT/init.pt``:
+every parameter's full initial value by checkpoint key, assembled from all ranks.
+
+``--evaluate-at K`` calls evaluate() (``--eval-iters`` batches of the validation data) after
+step K and writes ``OUT/eval.json``: its metrics, the layer-k bytes it routed, and whatever it
+changed on any rank (weights, gradients, optimizer, scheduler, data position, RNG, train mode).
 
 ``--runs RUNS.json`` (a list of ``[OUT, [flags...]]``) runs several layouts of the same world
 size one after the other in one launch (megatron's parallel state is rebuilt between them): the
@@ -16,11 +22,13 @@ interpreter and megatron-core are imported once.
 
 import json
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import megatron_nitp  # noqa: E402,F401
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
@@ -42,53 +50,173 @@ def gathered_projector(model):
     return full
 
 
-def gathered_initial_weights(model):
-    """Full initial value of every parameter by checkpoint key, on rank 0 (None elsewhere).
+def _assemble(sharded_tensors, name_of=lambda key: key):
+    """``(full, replica differences)`` on rank 0, ``(None, None)`` elsewhere: full global
+    tensors by (normalized) key, assembled from every rank's shards.
 
-    Each rank contributes the shards it owns (replica 0 only); rank 0 places them at their
-    global offsets. Only for tiny test models: everything goes through one all_gather_object.
+    Replica 0 of each shard is placed at its global offset (prepended layer/expert axes
+    included); every tensor must come out fully covered. The other replicas (DP copies, TP
+    copies of replicated weights, the last stage's tied output layer) are compared with what
+    was placed: ``replica differences`` maps each key to the largest absolute difference of any
+    copy, so a test can see that the copies agree. Only for tiny test models: everything goes
+    through one all_gather_object.
     """
-    from megatron_nitp.models.initialization import _sharded_tensors
-    from megatron_nitp.training.model import unwrap
-
-    net = unwrap(model)
-    storages = {p.untyped_storage().data_ptr() for p in net.parameters()}
     shards = []
-    for sh_ten in _sharded_tensors(net.sharded_state_dict()):
-        data = sh_ten.data
-        if not isinstance(data, torch.Tensor) or data.untyped_storage().data_ptr() not in storages:
-            continue
+    for sh_ten in sharded_tensors:
+        if getattr(sh_ten, "flattened_range", None) is not None:
+            raise ValueError(f"{sh_ten.key}: flattened shards are not assembled here")
         replica = sh_ten.replica_id if isinstance(sh_ten.replica_id, tuple) else (sh_ten.replica_id,)
-        if any(replica):
-            continue
-        shards.append((sh_ten.key, tuple(sh_ten.global_shape), tuple(sh_ten.global_offset),
-                       sh_ten.prepend_axis_num, data.detach().float().cpu().clone()))
+        shards.append((name_of(sh_ten.key), tuple(sh_ten.global_shape),
+                       tuple(sh_ten.global_offset), sh_ten.prepend_axis_num, any(replica),
+                       sh_ten.data.detach().float().cpu().clone()))
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, shards)
     if dist.get_rank() != 0:
-        return None
-    full, filled = {}, {}
+        return None, None
+    full, filled, copies = {}, {}, []
     for rank_shards in every:
-        for key, shape, offset, axes, data in rank_shards:
+        for key, shape, offset, axes, is_copy, data in rank_shards:
+            data = data.reshape((1,) * axes + tuple(data.shape))
+            region = tuple(slice(o, o + n) for o, n in zip(offset, data.shape))
+            if is_copy:
+                copies.append((key, region, data))
+                continue
             if key not in full:
                 full[key] = torch.full(shape, float("nan"))
                 filled[key] = 0
-            data = data.reshape((1,) * axes + tuple(data.shape))
-            region = tuple(slice(o, o + n) for o, n in zip(offset, data.shape))
             full[key][region] = data
             filled[key] += data.numel()
     for key, tensor in full.items():
         assert filled[key] == tensor.numel(), (key, filled[key], tensor.shape)
-    return full
+    differences = {}
+    for key, region, data in copies:
+        diff = (full[key][region] - data).abs().max().item() if data.numel() else 0.0
+        differences[key] = max(differences.get(key, 0.0), diff)
+    return full, differences
+
+
+def _tensor_shards(tree):
+    """The ShardedTensors of a sharded state dict that hold a tensor (factories built)."""
+    from megatron_nitp.models.initialization import _sharded_tensors
+
+    return [sh for sh in _sharded_tensors(tree) if isinstance(sh.data, torch.Tensor)]
+
+
+def gathered_initial_weights(model):
+    """Full initial value of every parameter by checkpoint key, on rank 0 (None elsewhere)."""
+    from megatron_nitp.training.model import unwrap
+
+    net = unwrap(model)
+    storages = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    shards = [sh for sh in _tensor_shards(net.sharded_state_dict())
+              if sh.data.untyped_storage().data_ptr() in storages]
+    return _assemble(shards)[0]
+
+
+def _state_key(key):
+    """Checkpoint key without the ``chained_N.`` prefix that megatron-core's ChainedOptimizer
+    (dense and expert parameters, or several model chunks) gives the optimizer's tensors: N
+    numbers the sub-optimizers, which differ between layouts, not the tensor."""
+    return re.sub(r"^chained_\d+\.", "", key)
+
+
+def gathered_state(model, optimizer):
+    """The whole checkpoint state, as full global tensors by key, on rank 0 (None elsewhere).
+
+    Exactly what ``save_checkpoint`` writes (``_sharded_state``): every model tensor (backbone,
+    projector, buffers) and the optimizer's per-parameter state, ``optimizer.state.exp_avg.K``
+    and ``optimizer.state.exp_avg_sq.K`` for model key K (and with the distributed optimizer
+    ``optimizer.state.param.K``, its fp32 main parameters), whatever the layout or optimizer.
+    """
+    from megatron_nitp.training.checkpointing import _sharded_state
+
+    state = _sharded_state(model, optimizer, is_loading=False)
+    full, differences = _assemble(_tensor_shards(state), _state_key)
+    if full is None:
+        return None
+    return {"tensors": full, "replica differences": differences}
+
+
+def _local_snapshot(run):
+    """Everything of this rank that evaluate() must leave alone, copied: weights, gradients,
+    optimizer state and hyper-parameters, LR scheduler, train-data position, RNG states, and
+    the modules' train/eval modes."""
+    import copy
+    import random
+
+    from megatron.core import tensor_parallel
+
+    snap = {f"param {name}": p.detach().clone() for name, p in run.model.named_parameters()}
+    buffers = list(run.model.buffers) + list(getattr(run.model, "expert_parallel_buffers", []))
+    for i, buffer in enumerate(buffers):
+        snap[f"grad buffer {i}"] = buffer.grad_data.clone()
+    for i, sub in enumerate(getattr(run.optimizer, "chained_optimizers", [run.optimizer])):
+        inner = sub.optimizer
+        for j, param in enumerate(p for group in inner.param_groups for p in group["params"]):
+            for name, value in inner.state.get(param, {}).items():
+                snap[f"optimizer {i} param {j} {name}"] = (
+                    value.clone() if isinstance(value, torch.Tensor) else value)
+        snap[f"optimizer {i} groups"] = copy.deepcopy(
+            [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups])
+    snap["scheduler"] = copy.deepcopy(run.scheduler.state_dict())
+    snap["consumed samples"] = run.train_iter.consumed_samples
+    snap["python rng"] = random.getstate()
+    snap["numpy rng"] = np.random.get_state()
+    snap["torch rng"] = torch.get_rng_state()
+    snap["tracker rng"] = {k: v.clone() for k, v in
+                           tensor_parallel.get_cuda_rng_tracker().get_states().items()}
+    snap["training modes"] = [m.training for m in run.model.modules()]
+    return snap
+
+
+def _same(a, b):
+    """Bitwise equality of two snapshot entries (tensors, containers, NumPy arrays, scalars)."""
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, np.ndarray):
+        return np.array_equal(a, b)
+    return a == b
+
+
+def evaluate_without_side_effects(run, args):
+    """evaluate() between two training steps: its metrics, the layer-k target bytes it routed
+    between pipeline stages (all ranks), and what it changed (should be nothing) on any rank."""
+    from megatron_nitp.training.model import unwrap
+    from megatron_nitp.training.step import evaluate
+
+    before = _local_snapshot(run)
+    routed = unwrap(run.model).routed_bytes
+    metrics = evaluate(run.model, run.valid_iter(), args, args.eval_iters)
+    routed = torch.tensor([unwrap(run.model).routed_bytes - routed], dtype=torch.float64)
+    after = _local_snapshot(run)
+    changed = [name for name in before if not _same(before[name], after[name])]
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, changed)
+    dist.all_reduce(routed)
+    return {"metrics": metrics, "routed bytes": routed.item(),
+            "changed": sorted({f"rank {r}: {name}" for r, names in enumerate(every)
+                               for name in names})}
+
+
+def _pop_option(argv, flag):
+    """The value of ``flag VALUE`` in argv, removed from it (None if absent)."""
+    if flag not in argv:
+        return None
+    i = argv.index(flag)
+    value = argv[i + 1]
+    del argv[i:i + 2]
+    return value
 
 
 def run_layout(out, argv):
-    """One layout: set-up (from scratch, ``--load`` or ``--save-init``), the steps, the files."""
-    save_init = None
-    if "--save-init" in argv:
-        i = argv.index("--save-init")
-        save_init = argv[i + 1]
-        del argv[i:i + 2]
+    """One layout: set-up (from scratch, ``--load`` or ``--save-init``), the steps (with
+    ``--evaluate-at K``, an evaluate() call after step K), the files."""
+    save_init = _pop_option(argv, "--save-init")
+    evaluate_at = _pop_option(argv, "--evaluate-at")
     dump_init = "--dump-init" in argv
     if dump_init:
         argv.remove("--dump-init")
@@ -102,7 +230,10 @@ def run_layout(out, argv):
     if "--load" in argv and "--finetune" not in argv:
         argv.append("--finetune")  # the initial checkpoint: weights only, no optimizer state yet
     model_type = "moe" if "--num-experts" in argv or "--preset" in argv else "dense"
-    args = parse_args(argv + ["--eval-interval", "0", "--no-progress-bar"], model_type)
+    # A non-zero eval interval only makes setup() build the validation data (run.valid_iter);
+    # the steps below are called directly, so it never triggers an evaluation by itself.
+    args = parse_args(argv + ["--eval-interval", "0" if evaluate_at is None else "1",
+                              "--no-progress-bar"], model_type)
     run = setup(args)
     os.makedirs(out, exist_ok=True)
     if dump_init:
@@ -112,19 +243,28 @@ def run_layout(out, argv):
     if save_init:
         save_checkpoint(save_init, 0, run.model, run.optimizer, run.scheduler, args)
     history = []
+    evaluation = None
     for iteration in range(args.train_iters):
         metrics = train_step(run.model, run.optimizer, run.scheduler, run.train_iter, args,
                              iteration, geometry=True)
         history.append(metrics)
+        if evaluate_at is not None and iteration + 1 == int(evaluate_at):
+            evaluation = evaluate_without_side_effects(run, args)
     from megatron_nitp.training.model import unwrap
 
     routed = torch.tensor([unwrap(run.model).routed_bytes], dtype=torch.float64)
     dist.all_reduce(routed)
+    training_bytes = routed.item() - (evaluation["routed bytes"] if evaluation else 0.0)
     for metrics in history:
-        metrics["routed bytes per step"] = routed.item() / args.train_iters
+        metrics["routed bytes per step"] = training_bytes / args.train_iters
+    state = gathered_state(run.model, run.optimizer)
     if dist.get_rank() == 0:
         with open(os.path.join(out, "metrics.json"), "w") as f:
             json.dump(history, f)
+        torch.save(state, os.path.join(out, "state.pt"))
+        if evaluation is not None:
+            with open(os.path.join(out, "eval.json"), "w") as f:
+                json.dump(evaluation, f)
     if parallel_state.is_pipeline_last_stage():
         weights = gathered_projector(run.model)
         if (parallel_state.get_tensor_model_parallel_rank() == 0

@@ -1,54 +1,72 @@
 """MoE NITP: expert parallelism equals one process, a tiny MoE learns and uses every expert,
-the paper presets' parameter counts match their names, and bad MoE input is refused."""
+the paper presets' parameter counts match their names, and bad MoE input is refused.
+
+test_expert_parallel_equals_single_process: from one initial checkpoint, each layout (EP2,
+EP2 x PP2, TP2+SP with EP2) with each token dispatcher (alltoall, allgather) trains 3
+iterations and must match the one-process run of that dispatcher: per-iteration lm loss, nitp
+loss, load-balancing loss and grad norm to a relative 1e-5, a nitp loss > 0 at every step, and
+the whole checkpoint state after the steps (backbone, experts, routers, projector, and the
+optimizer's exp_avg and exp_avg_sq of every parameter; see test_parallel.assert_state_close),
+with every replicated copy equal to the saved one. Layouts of one world size run in one launch.
+"""
 
 import pytest
-import torch
 
 from megatron_nitp.preset_table import measured_counts
 from megatron_nitp.training.arguments import parse_args
 from megatron_nitp.training.loop import pretrain
-from tests.test_parallel import _launch
+from tests.test_parallel import FLAGS, Launcher, assert_state_close
 
-MOE = ["--num-layers", "4", "--hidden-size", "32", "--ffn-hidden-size", "64",
-       "--num-attention-heads", "4", "--num-query-groups", "2", "--num-experts", "4",
-       "--moe-router-topk", "2", "--moe-ffn-hidden-size", "32",
-       "--moe-shared-expert-intermediate-size", "32", "--moe-layer-freq", "[0]*1+[1]*3",
-       "--nitp-target-layer", "1", "--untie-embeddings-and-output-weights"]
+MOE = FLAGS + [
+    "--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "32",
+    "--moe-shared-expert-intermediate-size", "32", "--moe-layer-freq", "[0]*1+[1]*3",
+    "--nitp-target-layer", "1", "--untie-embeddings-and-output-weights",
+]
+DISPATCHERS = ["alltoall", "allgather"]
+EP2 = ["--expert-model-parallel-size", "2"]
+# name: (world size, flags)
+LAYOUTS = {
+    "ep2": (2, EP2),
+    "ep2xpp2": (4, EP2 + ["--pipeline-model-parallel-size", "2"]),
+    "tp2-sp-ep2": (4, EP2 + ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+}
 
 
 @pytest.fixture(scope="module")
-def moe_reference(tmp_path_factory):
+def moe_results(tmp_path_factory):
+    """Results by run name: the one-process references (the alltoall one writes the initial
+    checkpoint), then one launch per world size."""
     root = tmp_path_factory.mktemp("moe")
-    init = root / "init"
-    results = {}
+    init = str(root / "init")
+    groups = {1: {}}
+    for dispatcher in DISPATCHERS:
+        first = not groups[1]
+        groups[1][f"ref-{dispatcher}"] = MOE + ["--moe-token-dispatcher-type", dispatcher,
+                                                "--save-init" if first else "--load", init]
+        for layout, (nproc, flags) in LAYOUTS.items():
+            groups.setdefault(nproc, {})[f"{layout}-{dispatcher}"] = (
+                MOE + ["--moe-token-dispatcher-type", dispatcher, "--load", init] + flags)
+    launcher = Launcher(root, groups)
 
-    def get(dispatcher):
-        if dispatcher not in results:
-            flags = MOE + ["--moe-token-dispatcher-type", dispatcher]
-            if init.exists():
-                flags += ["--load", str(init)]
-            else:
-                flags += ["--save-init", str(init)]
-            results[dispatcher] = _launch(root / f"ref-{dispatcher}", 1, *flags)
-        return results[dispatcher]
+    def get(name):
+        launcher(f"ref-{DISPATCHERS[0]}")  # every layout loads the initial checkpoint it writes
+        return launcher(name)
 
-    return root, init, get
+    return get
 
 
-@pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
-@pytest.mark.parametrize("layout", ["ep2", "ep2xpp2"])
-def test_expert_parallel_equals_single_process(moe_reference, dispatcher, layout):
-    root, init, get = moe_reference
-    ref_metrics, ref_projector = get(dispatcher)
-    nproc, flags = {"ep2": (2, []), "ep2xpp2": (4, ["--pipeline-model-parallel-size", "2"])}[layout]
-    metrics, projector = _launch(
-        root / f"{layout}-{dispatcher}", nproc, *MOE, "--moe-token-dispatcher-type", dispatcher,
-        "--expert-model-parallel-size", "2", "--load", str(init), *flags)
+@pytest.mark.parametrize("dispatcher", DISPATCHERS)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_expert_parallel_equals_single_process(moe_results, dispatcher, layout):
+    ref_metrics, ref_state, _ = moe_results(f"ref-{dispatcher}")
+    metrics, state, _ = moe_results(f"{layout}-{dispatcher}")
+    name = f"{layout}-{dispatcher}"
+    assert len(metrics) == len(ref_metrics) == 3
     for step, (got, want) in enumerate(zip(metrics, ref_metrics)):
+        assert got["nitp loss"] > 0 and want["nitp loss"] > 0, (name, step)
         for key in ("lm loss", "nitp loss", "load balancing loss", "grad norm"):
-            assert got[key] == pytest.approx(want[key], rel=1e-5), (layout, dispatcher, step, key)
-    for key in ("gate", "up", "down"):
-        torch.testing.assert_close(projector[key], ref_projector[key], rtol=1e-5, atol=1e-5)
+            assert got[key] == pytest.approx(want[key], rel=1e-5), (name, step, key)
+    assert_state_close(state, ref_state, name)
 
 
 def test_tiny_moe_learns_and_every_expert_receives_tokens(dist, tmp_path):

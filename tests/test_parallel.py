@@ -2,8 +2,30 @@
 
 Every layout starts from the same initial weights (a checkpoint written by the single-process
 reference and loaded through megatron-core's dist_checkpointing, which reshards them), trains 3
-iterations on the same data, and must match the reference's per-iteration lm loss, nitp loss and
-global grad norm to a relative 1e-5, and its projector weights after the steps.
+iterations on the same data, and is compared with the single-process reference of the same
+NITP target layer k:
+
+- test_layout_equals_single_process: per-iteration lm loss, nitp loss, global grad norm and
+  effective rank to a relative 1e-5; the nitp loss is > 0 at every step (NITP is on, so a zero
+  would mean the auxiliary loss silently dropped out on the last stage); the bytes of layer-k
+  targets routed between pipeline stages equal ``routed_bytes_per_step``; and the whole
+  checkpoint state after the steps (every backbone and projector weight, and the optimizer's
+  exp_avg and exp_avg_sq of every parameter, assembled into global tensors from all ranks)
+  has the reference's keys and values (see ``assert_state_close``), while every replicated
+  copy (DP replicas, TP-replicated norms, the last stage's tied output layer) equals the copy
+  that is saved, bit for bit. The layouts cover TP, TP+SP, PP with k before, on and after the
+  stage boundary, PP4, DP, DP with the distributed optimizer (against the plain optimizer of
+  one process), TP x PP, TP+SP+PP with k before the last stage, and DP x PP.
+- test_evaluate_*: the pp2-k-on-first-stage and dp2 layouts also call evaluate() after step
+  1. It must give the one-process validation lm and nitp loss (relative 1e-5), route a
+  training step's layer-k bytes per validation batch, and leave every rank's weights,
+  gradients, optimizer state, scheduler, data position, RNG states and train/eval modes
+  bitwise unchanged; the training after it must still equal the reference, which never
+  evaluates. In one process, the same run with and without the call trains bit-identically.
+
+Runs of one world size go one after the other in one launch (``parallel_harness.py --runs``):
+the interpreter and megatron-core are imported once per world size, which keeps this module
+within a CI budget of two CPU cores.
 """
 
 import json
@@ -24,73 +46,193 @@ FLAGS = [
     "--lr-warmup-iters", "0",
 ]
 HARNESS = os.path.join(ROOT, "tests", "parallel_harness.py")
+EVAL_ITERS = 2
+EVALUATE = ["--evaluate-at", "1", "--eval-iters", str(EVAL_ITERS)]
+MAIN_PARAM = "optimizer.state.param."
 
 
-def _launch(out, nproc, *flags):
-    env = clean_env()
-    if nproc == 1:
-        cmd = [sys.executable, HARNESS, str(out)]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-port", str(free_port()), HARNESS, str(out)]
-    proc = subprocess.run(cmd + FLAGS + list(flags), cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+def launch_runs(root, nproc, runs):
+    """One process launch that runs ``runs`` ({name: flags}, in order) one after the other,
+    each writing its files to ``root/name``."""
+    spec = root / f"runs-{nproc}.json"
+    spec.write_text(json.dumps([[str(root / name), list(flags)] for name, flags in runs.items()]))
+    cmd = [HARNESS, "--runs", str(spec)]
+    if nproc > 1:
+        cmd = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-port", str(free_port())] + cmd
+    proc = subprocess.run([sys.executable] + cmd, cwd=ROOT, env=clean_env(),
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def load_result(out):
+    """(per-iteration metrics, whole state, evaluate() record or None) of one run."""
     with open(os.path.join(out, "metrics.json")) as f:
-        return json.load(f), torch.load(os.path.join(out, "projector.pt"))
+        metrics = json.load(f)
+    evaluation = None
+    if os.path.exists(os.path.join(out, "eval.json")):
+        with open(os.path.join(out, "eval.json")) as f:
+            evaluation = json.load(f)
+    return metrics, torch.load(os.path.join(out, "state.pt")), evaluation
+
+
+class Launcher:
+    """Results by run name; each world size is launched once, when a test first needs it.
+    A failed launch fails every test that needs it, with the launch's output."""
+
+    def __init__(self, root, groups):
+        self.root, self.groups, self.errors = root, groups, {}
+
+    def __call__(self, name):
+        nproc = next(n for n, runs in self.groups.items() if name in runs)
+        if nproc not in self.errors:
+            try:
+                launch_runs(self.root, nproc, self.groups[nproc])
+                self.errors[nproc] = None
+            except (AssertionError, subprocess.TimeoutExpired) as err:
+                self.errors[nproc] = str(err)
+        if self.errors[nproc] is not None:
+            pytest.fail(f"the launch of world size {nproc} failed:\n{self.errors[nproc]}")
+        return load_result(self.root / name)
+
+
+def assert_state_close(state, ref, what):
+    """The whole state of a run equals the reference's: the same keys, every tensor close, and
+    every replicated copy (``replica differences``) equal to the saved one, bit for bit.
+
+    The distributed optimizer's fp32 main parameters (``optimizer.state.param.K``) have no
+    counterpart in the plain fp32 optimizer, whose main parameters are the weights themselves:
+    they are compared with the reference's weight K.
+
+    Tolerances: a layout sums gradients in another order, so each gradient carries last-ulp
+    differences, which the steps then amplify. Weights: relative 1e-5 plus 3e-5 absolute, 1% of
+    the learning rate (3e-3). Adam normalizes every update to about lr whatever the gradient's
+    size, so where a gradient entry is near zero its rounding noise moves that weight by a small
+    fraction of lr (measured: up to 9e-6 after 3 steps, single elements); a wrong or missing
+    gradient moves weights by O(lr). Optimizer moments (exp_avg, exp_avg_sq): relative 1e-5 plus
+    1e-4 of the tensor's largest entry. They are statistics of gradients computed from those
+    slightly different weights, so their error scales with the tensor's largest entries
+    (measured: up to 3.6e-5 of it, MoE with TP2+SP+EP2); entries near zero have no meaningful
+    relative accuracy. A wrong or missing gradient term, scaled gradients (which Adam's weights
+    would not show) or the state of another parameter differ by O(1) of it.
+    """
+    tensors, ref_tensors = dict(state["tensors"]), ref["tensors"]
+    for key in [k for k in tensors if k.startswith(MAIN_PARAM)]:
+        tensors[f"main param {key[len(MAIN_PARAM):]}"] = tensors.pop(key)
+    expected = dict(ref_tensors)
+    for key in tensors:
+        if key.startswith("main param "):
+            expected[key] = ref_tensors[key[len("main param "):]]
+    assert sorted(tensors) == sorted(expected), what
+    for key, want in expected.items():
+        got = tensors[key]
+        assert got.shape == want.shape, (what, key)
+        assert not got.isnan().any(), (what, key, "not covered by any rank's shards")
+        moment = key.startswith("optimizer.state.")
+        atol = 1e-4 * want.abs().max().item() if moment else 3e-5
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=atol,
+                                   msg=lambda m, key=key: f"{what}: {key}: {m}")
+    different = {k: v for k, v in state["replica differences"].items() if v != 0.0}
+    assert not different, (what, "replicated copies disagree", different)
+
+
+REFERENCE_FLAGS = {
+    "ref1": ["--nitp-target-layer", "1"],
+    "ref2": ["--nitp-target-layer", "2"],
+    "ref3": ["--nitp-target-layer", "3"],
+    "ref1-evaluate": ["--nitp-target-layer", "1"] + EVALUATE,
+}
+SP = ["--sequence-parallel"]
+# name: (k, tp, pp, dp, more flags). The 4 layers are split evenly over the pipeline stages.
+LAYOUTS = {
+    "tp2": (1, 2, 1, 1, []),
+    "tp2-sp": (1, 2, 1, 1, SP),
+    "pp2-k-on-first-stage": (1, 1, 2, 1, EVALUATE),
+    "pp2-k-on-last-stage": (3, 1, 2, 1, []),
+    "dp2": (1, 1, 1, 2, EVALUATE),
+    "dp2-distributed-optimizer": (1, 1, 1, 2, ["--use-distributed-optimizer"]),
+    "pp4-k-on-stage-1": (2, 1, 4, 1, []),
+    "tp2xpp2": (2, 2, 2, 1, []),
+    "tp2-sp-pp2-k-before-last-stage": (1, 2, 2, 1, SP),
+    "dp2xpp2-k-on-stage-boundary": (2, 1, 2, 2, []),
+}
+EVALUATED = [name for name, layout in LAYOUTS.items() if "--evaluate-at" in layout[4]]
+
+
+def _layout_flags(name, init):
+    k, tp, pp, dp, flags = LAYOUTS[name]
+    return FLAGS + ["--nitp-target-layer", str(k), "--load", str(init),
+                    "--tensor-model-parallel-size", str(tp),
+                    "--pipeline-model-parallel-size", str(pp)] + flags
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """Single-process results per target layer, all from one initial checkpoint."""
+def results(tmp_path_factory):
+    """Results by run name: the one-process references first (ref1 writes the initial
+    checkpoint the others load), then one launch per world size."""
     root = tmp_path_factory.mktemp("parallel")
     init = root / "init"
-    results = {1: _launch(root / "ref1", 1, "--nitp-target-layer", "1", "--save-init", str(init))}
+    references = {name: FLAGS + flags + (["--save-init", str(init)] if name == "ref1"
+                                        else ["--load", str(init)])
+                  for name, flags in REFERENCE_FLAGS.items()}
+    groups = {1: references}
+    for name, (k, tp, pp, dp, flags) in LAYOUTS.items():
+        groups.setdefault(tp * pp * dp, {})[name] = _layout_flags(name, init)
+    launcher = Launcher(root, groups)
 
-    def get(k):
-        if k not in results:
-            results[k] = _launch(root / f"ref{k}", 1, "--nitp-target-layer", str(k),
-                                 "--load", str(init))
-        return results[k]
+    def get(name):
+        launcher("ref1")  # every layout loads the initial checkpoint it writes
+        return launcher(name)
 
-    return root, init, get
-
-
-LAYOUTS = {
-    "tp2": (2, 1, ["--tensor-model-parallel-size", "2"]),
-    "tp2-sp": (2, 1, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
-    "pp2-k-on-first-stage": (2, 1, ["--pipeline-model-parallel-size", "2"]),
-    "pp2-k-on-last-stage": (2, 3, ["--pipeline-model-parallel-size", "2"]),
-    "pp4-k-on-stage-1": (4, 2, ["--pipeline-model-parallel-size", "4"]),
-    "dp2": (2, 1, []),
-    "tp2xpp2": (4, 2, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
-}
+    return get
 
 
-TP = {name: 2 if "tp2" in name else 1 for name in LAYOUTS}
-PP = {name: int(name[name.index("pp") + 2]) if "pp" in name else 1 for name in LAYOUTS}
+def _routed_bytes(name):
+    """Layer-k target bytes one global batch routes to the last stage under layout ``name``."""
+    k, tp, pp, dp, flags = LAYOUTS[name]
+    return routed_bytes_per_step(
+        seq_length=32, micro_batch_size=2, hidden_size=32, target_layer=k, num_layers=4,
+        num_microbatches=8 // 2 // dp, tensor_parallel=tp, pipeline_parallel=pp,
+        data_parallel=dp, sequence_parallel="--sequence-parallel" in flags, dtype_bytes=4,
+    )["bytes_per_step_total"]
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_equals_single_process(reference, name):
-    root, init, get = reference
-    nproc, k, flags = LAYOUTS[name]
-    ref_metrics, ref_projector = get(k)
-    metrics, projector = _launch(root / name, nproc, "--nitp-target-layer", str(k),
-                                 "--load", str(init), *flags)
-    assert len(metrics) == 3
-    expected = routed_bytes_per_step(
-        seq_length=32, micro_batch_size=2, hidden_size=32, target_layer=k, num_layers=4,
-        num_microbatches=8 // 2 // (nproc // (TP[name] * PP[name])),
-        tensor_parallel=TP[name], pipeline_parallel=PP[name],
-        data_parallel=nproc // (TP[name] * PP[name]), sequence_parallel="sp" in name,
-        dtype_bytes=4,
-    )["bytes_per_step_total"]
-    assert metrics[0]["routed bytes per step"] == expected
+def test_layout_equals_single_process(results, name):
+    k = LAYOUTS[name][0]
+    ref_metrics, ref_state, _ = results(f"ref{k}")
+    metrics, state, _ = results(name)
+    assert len(metrics) == len(ref_metrics) == 3
+    assert metrics[0]["routed bytes per step"] == _routed_bytes(name)
     for step, (got, want) in enumerate(zip(metrics, ref_metrics)):
+        assert got["nitp loss"] > 0 and want["nitp loss"] > 0, (name, step)
         for key in ("lm loss", "nitp loss", "grad norm", "effective rank"):
             assert got[key] == pytest.approx(want[key], rel=1e-5), (name, step, key)
-    # Adam divides by sqrt(v): for near-zero gradient entries, the last-ulp differences of TP's
-    # reduction order become ~1e-6 absolute in the weights (lr is 3e-3, weights ~0.02).
-    for key in ("gate", "up", "down"):
-        torch.testing.assert_close(projector[key], ref_projector[key], rtol=1e-5, atol=1e-5)
+    assert_state_close(state, ref_state, name)
+
+
+def test_evaluate_in_one_process_changes_nothing(results):
+    """The reference with an evaluate() call after step 1 trains bit-identically to the one
+    without: the call touched no weight, optimizer state, data position or RNG."""
+    metrics, state, _ = results("ref1")
+    eval_metrics, eval_state, evaluation = results("ref1-evaluate")
+    assert evaluation["changed"] == []
+    assert evaluation["metrics"]["lm loss"] > 0 and evaluation["metrics"]["nitp loss"] > 0
+    assert eval_metrics == metrics
+    assert eval_state["tensors"].keys() == state["tensors"].keys()
+    for key, tensor in state["tensors"].items():
+        assert torch.equal(eval_state["tensors"][key], tensor), key
+
+
+@pytest.mark.parametrize("name", EVALUATED)
+def test_evaluate_equals_single_process_and_changes_nothing(results, name):
+    """Validation losses under PP=2 / DP=2 equal one process's; nothing evaluate() could
+    disturb changed on any rank (test_layout_equals_single_process[name] checks that the
+    training after the call still equals the reference that never evaluates)."""
+    _, _, want = results("ref1-evaluate")
+    _, _, got = results(name)
+    assert got["changed"] == []
+    assert got["routed bytes"] == EVAL_ITERS * _routed_bytes(name)  # a training step's targets
+    assert got["metrics"].keys() == want["metrics"].keys() == {"lm loss", "nitp loss"}
+    for key in ("lm loss", "nitp loss"):
+        assert got["metrics"][key] == pytest.approx(want["metrics"][key], rel=1e-5), key
