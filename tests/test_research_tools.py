@@ -207,8 +207,110 @@ def test_cloze_target_is_first_token_of_final_word():
 
 
 # --------------------------------------------------------------------------- lm-eval
+# In CI these run in scripts/test_lm_eval.sh (its own virtual environment with a pinned lm-eval),
+# which sets NITP_REQUIRE_LM_EVAL=1: there a missing lm-eval fails them instead of skipping them.
 
 
+def _require(module):
+    if os.environ.get("NITP_REQUIRE_LM_EVAL") == "1":
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason=f"{module} is not installed "
+                               "(bash scripts/test_lm_eval.sh installs lm-eval and runs this)")
+
+
+@pytest.fixture(scope="module")
+def lm_eval_transformers():
+    """transformers, once lm-eval and it are known to be there: requested before ``runs``, so a
+    skip costs no training."""
+    _require("lm_eval")
+    return _require("transformers")
+
+
+@pytest.fixture(scope="module")
+def exported(lm_eval_transformers, dist, runs, tmp_path_factory):
+    """(the bridge module, its LM on the exported NITP run, that export as a transformers model,
+    the export's folder)."""
+    import torch
+
+    hf = tmp_path_factory.mktemp("lm-eval") / "hf"
+    _tool("export_checkpoint").main(["--load", os.path.join(runs["nitp"], "checkpoints"),
+                                     "--output", str(hf)])
+    bridge = _tool("lm_eval_bridge")
+    # batch size 3: the requests below fill more than one batch, some of them padded
+    lm = bridge.make_lm_class()(str(hf), batch_size=3, device="cpu")
+    model = lm_eval_transformers.AutoModelForCausalLM.from_pretrained(
+        str(hf), dtype=torch.float32).eval()
+    return bridge, lm, model, str(hf)
+
+
+def _window_logprob(model, vocab_size, window, n_targets):
+    """(sum of log p of the last ``n_targets`` tokens of ``window``, each given the tokens before
+    it, whether each is the argmax): one forward pass of the transformers model over this one
+    sequence, no batch, no padding."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([window[:-1]])).logits[0, :, :vocab_size]
+    lp = torch.log_softmax(logits.float(), -1)
+    rows = range(len(window) - 1 - n_targets, len(window) - 1)
+    return (sum(float(lp[r, window[r + 1]]) for r in rows),
+            all(int(lp[r].argmax()) == window[r + 1] for r in rows))
+
+
+def _expected_loglikelihood(model, tok, max_length, context, continuation):
+    """lm-eval's convention (that of its HFLM): trailing spaces of the context belong to the
+    continuation; the continuation's tokens are those of the joined text after the context's
+    tokens; an empty context is the EOD token; the model sees the ``max_length`` tokens before
+    the last target."""
+    stripped = context.rstrip()
+    continuation = context[len(stripped):] + continuation
+    if stripped:
+        whole = tok.tokenize(stripped + continuation)
+        n_targets = len(whole) - len(tok.tokenize(stripped))
+    else:
+        whole = [tok.eod] + tok.tokenize(continuation)
+        n_targets = len(whole) - 1
+    window = whole[-(max_length + 1):]
+    return _window_logprob(model, tok.vocab_size, window, min(n_targets, len(window) - 1))
+
+
+def _expected_rolling(model, tok, max_length, text):
+    """lm-eval's rolling windows: the text's tokens (after the EOD token) in blocks of
+    ``max_length``, each block scored in one pass over the ``max_length`` tokens before its last
+    token."""
+    ext = [tok.eod] + tok.tokenize(text)
+    total, start = 0.0, 1
+    while start < len(ext):
+        end = min(start + max_length, len(ext))
+        total += _window_logprob(model, tok.vocab_size, ext[max(0, end - 1 - max_length):end],
+                                 end - start)[0]
+        start = end
+    return total
+
+
+def _hf_greedy(model, tok, context, max_new, stop):
+    """transformers' own greedy ``generate``: the text after the context, cut at ``stop``."""
+    import torch
+
+    ids = tok.tokenize(context)
+    assert tok.detokenize(ids) == context
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=int),
+                         max_new_tokens=max_new, do_sample=False, eos_token_id=tok.eod,
+                         pad_token_id=tok.pad)[0, len(ids):].tolist()
+    generated = out[:out.index(tok.eod)] if tok.eod in out else out
+    return tok.detokenize(ids + generated)[len(context):].split(stop)[0]
+
+
+GENESIS = ("And the earth was without form, and void; and darkness was upon the face of the deep. "
+           "And the Spirit of God moved upon the face of the waters.")
+DOCS = [
+    {"context": "In the beginning God created the heaven and the",
+     "choices": [" earth", " sword", " camel"], "label": 0},
+    {"context": "The LORD is my", "choices": [" table", " shepherd", " river"], "label": 1},
+    {"context": "Jesus", "choices": [" wept", " sailed"], "label": 0},
+    {"context": "And God said,", "choices": [" Let there be light", " Amen"], "label": 0},
+]
+TEXTS = ["The LORD is my shepherd; I shall not want.", "Jesus wept.", GENESIS + " " + GENESIS]
 TASKS = {
     "nitp_tiny_mc": """task: nitp_tiny_mc
 dataset_path: json
@@ -253,68 +355,99 @@ metric_list:
   - metric: exact_match
 """,
 }
-DOCS = [
-    {"context": "In the beginning God created the heaven and the",
-     "choices": [" earth", " sword", " camel"], "label": 0, "answer": " earth",
-     "text": "In the beginning God created the heaven and the earth."},
-    {"context": "The LORD is my", "choices": [" table", " shepherd", " river"], "label": 1,
-     "answer": " shepherd", "text": "The LORD is my shepherd; I shall not want."},
-    {"context": "Jesus", "choices": [" wept", " sailed"], "label": 0, "answer": " wept",
-     "text": "Jesus wept."},
-]
 
 
-def test_lm_eval_bridge_on_a_local_task(dist, runs, tmp_path, monkeypatch):
-    pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install lm-eval)")
-    transformers = pytest.importorskip("transformers")
-    import torch
+def test_lm_eval_bridge_matches_the_exported_model(exported):
+    """Each request type against the exported model run by transformers itself."""
+    from lm_eval.api.instance import Instance
 
+    _, lm, model, _ = exported
+    tok, max_length = lm.tok, lm.max_length
+    assert max_length == 32 and len(tok.tokenize(GENESIS)) > max_length
+    own = _hf_greedy(model, tok, "The LORD is my", 2, ".")  # a continuation that is greedy
+    requests = [
+        ("In the beginning God created the heaven and the", " earth"),
+        ("The LORD is my ", "shepherd"),  # the space goes with the continuation
+        ("", "Jesus wept."),  # no context: the EOD token before the text
+        ("And God said,", " Let there be light: and there was light."),  # several tokens
+        (GENESIS, " And God said"),  # longer than the model's 32 positions: left-truncated
+        ("The LORD is my", own),
+        ("The LORD is my", own + " shepherd"),  # greedy tokens, then one that is not
+    ]
+    got = lm.loglikelihood([Instance("loglikelihood", {}, r, i) for i, r in enumerate(requests)])
+    expected = [_expected_loglikelihood(model, tok, max_length, *r) for r in requests]
+    for request, (logprob, greedy), (want, want_greedy) in zip(requests, got, expected):
+        assert math.isclose(logprob, want, rel_tol=0, abs_tol=1e-4), (request, logprob, want)
+        assert greedy == want_greedy, request
+    assert expected[-2][1] and not expected[-1][1] and not expected[0][1]
+    # the word-boundary space: exactly the token "▁shepherd" is scored, as in running text
+    shepherd = tok.tokenize("The LORD is my shepherd")
+    assert shepherd[-1:] == tok.tokenize("shepherd")
+    assert math.isclose(got[1][0], _window_logprob(model, tok.vocab_size, shepherd, 1)[0],
+                        rel_tol=0, abs_tol=1e-4)
+
+    got = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), i)
+                                    for i, text in enumerate(TEXTS)])
+    assert len(tok.tokenize(TEXTS[-1])) > 2 * max_length  # three windows
+    for text, total in zip(TEXTS, got):
+        want = _expected_rolling(model, tok, max_length, text)
+        assert math.isclose(total, want, rel_tol=0, abs_tol=1e-4), (text, total, want)
+    # one window: the plain sum over the text after the EOD token
+    ids = [tok.eod] + tok.tokenize(TEXTS[0])
+    assert math.isclose(got[0], _window_logprob(model, tok.vocab_size, ids, len(ids) - 1)[0],
+                        rel_tol=0, abs_tol=1e-4)
+
+    contexts = [d["context"] for d in DOCS]
+    got = lm.generate_until([Instance("generate_until", {}, (c, {"until": ["."],
+                                                                 "max_gen_toks": 6}), i)
+                             for i, c in enumerate(contexts)])
+    assert got == [_hf_greedy(model, tok, c, 6, ".") for c in contexts]
+    assert got[0].startswith(" ")  # the word-boundary space before the first generated word
+
+
+def test_lm_eval_bridge_on_a_local_task(exported, tmp_path, monkeypatch):
+    """simple_evaluate through tools/lm_eval_bridge.py on local tasks (no download): each
+    metric equals the one computed by hand from the transformers model."""
+    bridge, lm, model, hf = exported
+    tok, max_length = lm.tok, lm.max_length
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
+    # Answers of the generation task: transformers' greedy text, except for the last context,
+    # so that exact_match is 3/4 exactly when the bridge generates what transformers does.
+    answers = [_hf_greedy(model, tok, d["context"], 4, ".") for d in DOCS]
+    answers[-1] += " not"
+    data = {"nitp_tiny_mc": DOCS, "nitp_tiny_ppl": [{"text": t} for t in TEXTS],
+            "nitp_tiny_gen": [{"context": d["context"], "answer": a}
+                              for d, a in zip(DOCS, answers)]}
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     for name, body in TASKS.items():
-        (tasks / f"{name}.yaml").write_text(body.format(data=data))
-    hf = tmp_path / "hf"
-    _tool("export_checkpoint").main(["--load", os.path.join(runs["nitp"], "checkpoints"),
-                                     "--output", str(hf)])
-    bridge = _tool("lm_eval_bridge")
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in data[name]))
+        (tasks / f"{name}.yaml").write_text(body.format(data=tmp_path / f"{name}.jsonl"))
     out = tmp_path / "lm_eval.json"
-    results = bridge.main(["--model-dir", str(hf), "--tasks", ",".join(TASKS),
-                           "--include-path", str(tasks), "--output", str(out), "--device", "cpu"])
-    scores = json.load(open(out))["results"]
-    assert 0.0 <= scores["nitp_tiny_mc"]["acc,none"] <= 1.0
-    assert scores["nitp_tiny_ppl"]["word_perplexity,none"] > 1.0
-    assert scores["nitp_tiny_ppl"]["bits_per_byte,none"] > 0.0
-    assert 0.0 <= scores["nitp_tiny_gen"]["exact_match,none"] <= 1.0
-    assert results["results"].keys() == scores.keys()
+    results = bridge.main(["--model-dir", hf, "--tasks", ",".join(TASKS), "--include-path",
+                           str(tasks), "--output", str(out), "--device", "cpu", "--log-samples"])
+    saved = json.load(open(out))
+    scores = saved["results"]
+    assert results["results"].keys() == scores.keys() == TASKS.keys()
 
-    # The bridge's log-likelihoods are those of the Hugging Face model with our tokenizer.
-    from lm_eval.api.instance import Instance
+    lls = [[_expected_loglikelihood(model, tok, max_length, d["context"], c)[0]
+            for c in d["choices"]] for d in DOCS]
+    samples = sorted(saved["samples"]["nitp_tiny_mc"], key=lambda s: s["doc_id"])
+    for sample, want in zip(samples, lls):
+        assert np.allclose([ll for ll, _ in sample["filtered_resps"]], want, rtol=0, atol=1e-4)
+    acc = np.mean([int(np.argmax(ll)) == d["label"] for ll, d in zip(lls, DOCS)])
+    assert math.isclose(scores["nitp_tiny_mc"]["acc,none"], acc), (scores["nitp_tiny_mc"], lls)
 
-    lm = bridge.make_lm_class()(str(hf), device="cpu")
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32)
-    context, continuation = "In the beginning God created the heaven and the", " earth"
-    request = Instance("loglikelihood", {}, (context, continuation), 0)
-    (logprob, _), = lm.loglikelihood([request])
-    whole = lm.tok.tokenize(context + continuation)
-    n_ctx = len(lm.tok.tokenize(context))
-    with torch.no_grad():
-        logits = hf_model(input_ids=torch.tensor([whole[:-1]])).logits[0, :, :lm.vocab_size]
-    lp = torch.log_softmax(logits.float(), -1)
-    expected = sum(float(lp[i - 1, whole[i]]) for i in range(n_ctx, len(whole)))
-    assert math.isclose(logprob, expected, rel_tol=1e-4, abs_tol=1e-4)
+    rolling = sum(_expected_rolling(model, tok, max_length, t) for t in TEXTS)
+    words = sum(len(t.split()) for t in TEXTS)
+    n_bytes = sum(len(t.encode()) for t in TEXTS)
+    assert math.isclose(scores["nitp_tiny_ppl"]["word_perplexity,none"],
+                        math.exp(-rolling / words), rel_tol=1e-4)
+    assert math.isclose(scores["nitp_tiny_ppl"]["bits_per_byte,none"],
+                        -rolling / n_bytes / math.log(2), rel_tol=1e-4)
 
-    text = DOCS[1]["text"]
-    (rolling,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
-    ids = [lm.tok.eod] + lm.tok.tokenize(text)
-    with torch.no_grad():
-        logits = hf_model(input_ids=torch.tensor([ids[:-1]])).logits[0, :, :lm.vocab_size]
-    lp = torch.log_softmax(logits.float(), -1)
-    expected = sum(float(lp[i - 1, ids[i]]) for i in range(1, len(ids)))
-    assert math.isclose(rolling, expected, rel_tol=1e-4, abs_tol=1e-4)
+    assert scores["nitp_tiny_gen"]["exact_match,none"] == 0.75
 
 
 # --------------------------------------------------------------------------- make_report

@@ -13,10 +13,11 @@ token as the prefix of a document. The bridge implements lm-eval's three request
 left-truncated to the model's training length (``--max-length``, default the config's
 ``max_position_embeddings``).
 
-Needs ``pip install lm-eval`` (0.4.x). lm-eval's built-in tasks download their data sets from the
-Hugging Face Hub; offline, use a task of your own: a YAML file under ``--include-path`` with
-``dataset_path: json`` and ``dataset_kwargs: {data_files: {test: /path/data.jsonl}}`` (see
-``tests/test_research_tools.py`` for a complete example).
+Needs ``pip install lm-eval==0.4.13``, the version CI tests it with (``scripts/test_lm_eval.sh``
+compares every request type with the model run by transformers). lm-eval's built-in tasks
+download their data sets from the Hugging Face Hub; offline, use a task of your own: a YAML file
+under ``--include-path`` with ``dataset_path: json`` and ``dataset_kwargs: {data_files: {test:
+/path/data.jsonl}}`` (see ``tests/test_research_tools.py`` for a complete example).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import megatron_nitp  # noqa: E402,F401
 
-INSTALL_HINT = ("lm-eval is not installed: `pip install lm-eval` (0.4.x), then rerun. Its "
+INSTALL_HINT = ("lm-eval is not installed: `pip install lm-eval==0.4.13`, then rerun. Its "
                 "built-in tasks need the Hugging Face Hub; offline, pass a local task YAML "
                 "with --include-path.")
 
@@ -161,6 +162,10 @@ def make_lm_class():
                 until = [until] if isinstance(until, str) else list(until)
                 max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
                 ids = self.tok_encode(context) or [self.eot_token_id]
+                # The answer is the text that follows the context: decoded on its own, the
+                # first generated piece would lose its word-boundary space (SentencePiece
+                # strips the leading space of a text), and " earth" would come back "earth".
+                prefix = self.tok.detokenize(ids)
                 generated: list[int] = []
                 text = ""
                 for _ in range(max_new):
@@ -169,7 +174,7 @@ def make_lm_class():
                     if nxt == self.eot_token_id:
                         break
                     generated.append(nxt)
-                    text = self.tok.detokenize(generated)
+                    text = self.tok.detokenize(ids + generated)[len(prefix):]
                     if any(stop in text for stop in until):
                         break
                 for stop in until:
