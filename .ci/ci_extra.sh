@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# CI after the main test run: the cluster-deployment checks.
+# CI after the main test run: the cluster-deployment checks and the lm-eval bridge.
 #   1. lint: hadolint on the Dockerfile, ShellCheck on the launch, sbatch and test scripts
 #   2. a real SLURM job: tests/slurm/run_slurm_test.sh (one-node SLURM on loopback, 2 tasks)
 #   3. the megatron-core version matrix: scripts/test_019.sh (0.19.2 smoke subset)
+#   4. the lm-eval bridge: scripts/test_lm_eval.sh (pinned lm-eval in .venv-lmeval; its tests
+#      fail there, rather than skip, if lm-eval is missing)
 # Every step runs (each under a time limit), then the script fails if any of them failed.
-# About 2-3 minutes on 2 cores with warm virtual environments, 4 when .venv019 is created.
+# About 2-3 minutes on 2 cores with warm virtual environments for steps 1-3, 4 when .venv019 is
+# created; step 4 adds 1-2 minutes, 8 when .venv-lmeval is created (2 GB of packages).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,7 +43,7 @@ lint() {
   .venv/bin/hadolint Dockerfile
   echo "hadolint: Dockerfile OK"
   .venv/bin/shellcheck -x examples/*.sh examples/lib/launch.sh examples/slurm/*.sbatch \
-    tests/slurm/run_slurm_test.sh scripts/test_019.sh .ci/ci_extra.sh
+    tests/slurm/run_slurm_test.sh scripts/test_019.sh scripts/test_lm_eval.sh .ci/ci_extra.sh
   echo "shellcheck: scripts OK"
 }
 
@@ -48,6 +51,7 @@ step "lint (hadolint, shellcheck)" 300 bash -c "$(declare -f lint); lint"
 step "SLURM job (tests/slurm/run_slurm_test.sh)" 600 \
   env PYTHON=.venv/bin/python bash tests/slurm/run_slurm_test.sh
 step "megatron-core 0.19.2 (scripts/test_019.sh)" 600 bash scripts/test_019.sh
+step "lm-eval bridge (scripts/test_lm_eval.sh)" 900 bash scripts/test_lm_eval.sh
 
 echo
 if [ ${#failed[@]} -gt 0 ]; then
