@@ -28,7 +28,7 @@ def _count(named_parameters, prefix: str) -> int:
 @lru_cache(maxsize=None)
 def measured_counts(name: str) -> dict:
     """Total and active parameters of preset ``name`` from its built megatron-core modules."""
-    from megatron_nitp.training.arguments import parse_args
+    from megatron_nitp.config import preset_config, resolve
     from megatron_nitp.training.initialize import initialize_distributed
     from megatron_nitp.training.model import build_model
 
@@ -36,17 +36,13 @@ def measured_counts(name: str) -> dict:
     moe = preset.get("model_type") == "moe"
     full_layers = preset["num_layers"]
     pattern = moe_layer_pattern(preset["moe_layer_freq"], full_layers) if moe else [0] * full_layers
-    flags = ["--preset", name, "--num-layers", "2" if moe else "1", "--nitp-target-layer", "0",
-             "--train-iters", "1", "--lr-warmup-iters", "0", "--micro-batch-size", "1",
-             "--global-batch-size", "1"]
+    reduced = dict(num_layers=2 if moe else 1, nitp_target_layer=0, train_iters=1,
+                   lr_warmup_iters=0, micro_batch_size=1, global_batch_size=1)
     if moe:
-        flags += ["--moe-layer-freq", "[0]*1+[1]*1"]
-    args = parse_args(flags, model_type="moe" if moe else "dense")
-    args.vocab_size = args.vocab_size or 4096
-    args.padded_vocab_size = args.vocab_size
-    args.perform_initialization = False
+        reduced["moe_layer_freq"] = "[0]*1+[1]*1"
+    args = resolve(preset_config(name, **reduced), 1)
     initialize_distributed()
-    model = build_model(args, pre_process=True, post_process=True)
+    model = build_model(args, pre_process=True, post_process=True, perform_initialization=False)
     params = list(model.named_parameters())
     embedding = _count(params, "embedding.")
     output = _count(params, "output_layer.")

@@ -23,7 +23,9 @@ def dist():
 
 
 def tiny_args(*extra):
-    """Parsed flags of a very small model (fast on CPU)."""
+    """The run config of a very small model (fast on CPU), resolved for one model replica
+    (world TP x PP x CP) and a 128-token vocabulary."""
+    from megatron_nitp.config import resolve
     from megatron_nitp.training.arguments import parse_args
 
     base = [
@@ -33,8 +35,9 @@ def tiny_args(*extra):
         "--lr-warmup-iters", "0", "--nitp-target-layer", "1",
     ]
     args = parse_args(base + list(extra))
-    args.padded_vocab_size = args.vocab_size or 128
-    return args
+    world = (args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+             * args.context_parallel_size)
+    return resolve(args, world, 128)
 
 
 def free_port() -> int:

@@ -115,7 +115,7 @@ def check_accounting(dp_rank: int, dp_size: int) -> None:
     from megatron.core.distributed import finalize_model_grads
 
     from megatron_nitp.models.initialization import initialize_weights
-    from megatron_nitp.training.arguments import validate_world_args
+    from megatron_nitp.config import resolve
     from megatron_nitp.training.initialize import set_seed
     from megatron_nitp.training.model import build_model, unwrap, wrap_model
     from megatron_nitp.training.optimizer import build_optimizer
@@ -125,8 +125,8 @@ def check_accounting(dp_rank: int, dp_size: int) -> None:
     args = tiny_args("--nitp-loss-weight", str(LAMBDA), "--micro-batch-size", str(MBS),
                      "--global-batch-size", str(MBS * NUM_MICROBATCHES * dp_size),
                      "--seq-length", str(SEQ), "--transformer-impl", "local")
-    args.padded_vocab_size = VOCAB
-    validate_world_args(args, dp_size)
+    args = resolve(args, dp_size, VOCAB)
+    assert args.padded_vocab_size == VOCAB
     assert args.num_microbatches == NUM_MICROBATCHES and args.data_parallel_size == dp_size
     assert not (args.bf16 or args.fp16)
     assert args.nitp_config.weight_at(0) == LAMBDA

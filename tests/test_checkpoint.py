@@ -135,6 +135,7 @@ def _weights_at(dist_ckpt, iteration, tmp_path):
     """The model state of one checkpoint iteration, loaded in-process."""
     import shutil
 
+    from megatron_nitp.config import resolve
     from megatron_nitp.training.arguments import parse_args
     from megatron_nitp.training.checkpointing import load_model_weights
     from megatron_nitp.training.initialize import set_seed
@@ -143,8 +144,7 @@ def _weights_at(dist_ckpt, iteration, tmp_path):
     root = tmp_path / f"only-{iteration}"
     shutil.copytree(dist_ckpt / f"iter_{iteration:07d}", root / f"iter_{iteration:07d}")
     (root / "latest_checkpointed_iteration.txt").write_text(str(iteration))
-    args = parse_args(TINY + ["--train-iters", "3"])
-    args.vocab_size = args.padded_vocab_size = 4096
+    args = resolve(parse_args(TINY + ["--train-iters", "3"]), 1, 4096)
     set_seed(99)
     model = build_model(args, pre_process=True, post_process=True)
     load_model_weights(str(root), model)

@@ -122,13 +122,12 @@ def _stage(monkeypatch, args, rank, size, seed):
         real = module.get_pg_rank
         monkeypatch.setattr(module, "get_pg_rank",
                             lambda group, real=real: rank if group is pipeline else real(group))
-    args.pipeline_model_parallel_size = size
+    staged = args.replace(pipeline_model_parallel_size=size, derived=args.derived)
     try:
-        model = build_model(args, NITPConfig(enabled=False), pre_process=rank == 0,
+        model = build_model(staged, NITPConfig(enabled=False), pre_process=rank == 0,
                             post_process=rank == size - 1)
     finally:
         monkeypatch.undo()
-        args.pipeline_model_parallel_size = 1
     initialize_weights(model, seed)
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 

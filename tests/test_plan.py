@@ -1,6 +1,6 @@
 """`--dry-run`: world checks, parameter counts per rank, memory estimate, exit codes."""
 
-import copy
+import dataclasses
 import subprocess
 import sys
 
@@ -34,10 +34,10 @@ def _args(*flags, model_type=None):
 
 
 def _layout(args, world):
-    from megatron_nitp.training.arguments import validate_world_args
+    from megatron_nitp.config import resolve
 
-    validate_world_args(args, world)
-    return plan.Layout(world=world, tp=args.tensor_model_parallel_size,
+    args = resolve(args, world)
+    return args, plan.Layout(world=world, tp=args.tensor_model_parallel_size,
                        pp=args.pipeline_model_parallel_size, cp=args.context_parallel_size,
                        ep=args.expert_model_parallel_size, dp=args.data_parallel_size,
                        sp=args.sequence_parallel)
@@ -56,14 +56,17 @@ def _built_stage(args, stage, pp):
     """Parameters of pipeline stage `stage` of `pp`, built by megatron-core (TP = EP = 1)."""
     from megatron_nitp.training.model import build_model
 
+    from megatron_nitp.config import resolve
+
     per = args.num_layers // pp
-    part = copy.copy(args)
-    part.num_layers = per
-    if args.num_moe_experts:
-        part.moe_layer_pattern = args.moe_layer_pattern[stage * per:(stage + 1) * per]
-    part.padded_vocab_size = plan._vocab(args, 1)[1]
-    part.perform_initialization = False
-    model = build_model(part, pre_process=stage == 0, post_process=stage == pp - 1)
+    whole = resolve(args, 1).derived
+    pattern = whole.moe_layer_pattern
+    derived = dataclasses.replace(
+        whole, padded_vocab_size=plan._vocab(args, 1)[1],
+        moe_layer_pattern=pattern[stage * per:(stage + 1) * per] if pattern else None)
+    part = args.replace(num_layers=per, derived=derived)
+    model = build_model(part, pre_process=stage == 0, post_process=stage == pp - 1,
+                        perform_initialization=False)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -102,7 +105,7 @@ def test_memory_terms_by_hand():
                  "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "32",
                  "--micro-batch-size", "2", "--global-batch-size", "16", "--bf16", "--no-nitp",
                  "--use-distributed-optimizer", "--vocab-size", "256", "--nitp-target-layer", "0")
-    layout = _layout(args, 4)
+    args, layout = _layout(args, 4)
     assert (layout.dp, args.num_microbatches) == (4, 2)
     m = plan.stage_memory(args, layout, args.num_microbatches, 0)
     d, q, kv, f = 64, 64, 32, 128
@@ -121,7 +124,7 @@ def test_memory_terms_by_hand():
 def test_pipeline_stages_hold_micro_batches_in_flight_and_the_routing_buffers():
     args = _args("--preset", "dense-2b", "--pipeline-model-parallel-size", "4",
                  "--micro-batch-size", "1")
-    layout = _layout(args, 32)
+    args, layout = _layout(args, 32)
     m = args.num_microbatches
     stages = [plan.stage_memory(args, layout, m, i) for i in range(4)]
     # stage 0 owns layer 6 (layers 1-7): it keeps one send buffer per micro-batch of the step
@@ -137,8 +140,8 @@ def test_pipeline_stages_hold_micro_batches_in_flight_and_the_routing_buffers():
 def test_sequence_parallel_and_context_parallel_shrink_activations():
     base = _args("--preset", "dense-3b", "--tensor-model-parallel-size", "2")
     sp = _args("--preset", "dense-3b", "--tensor-model-parallel-size", "2", "--sequence-parallel")
-    a = plan.activation_bytes_per_token(base, False, _layout(base, 8))
-    b = plan.activation_bytes_per_token(sp, False, _layout(sp, 8))
+    a = plan.activation_bytes_per_token(base, False, _layout(base, 8)[1])
+    b = plan.activation_bytes_per_token(sp, False, _layout(sp, 8)[1])
     assert b == pytest.approx(a - 2 * 4 * base.hidden_size / 2)
 
 

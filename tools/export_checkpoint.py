@@ -17,41 +17,18 @@ import megatron_nitp  # noqa: E402,F401
 
 
 def load_for_export(checkpoint_root: str):
-    """Builds the single-process model of a checkpoint and loads its weights (resharded)."""
-    from megatron_nitp.training.arguments import parse_args
-    from megatron_nitp.training.checkpointing import find_checkpoint, load_model_weights, read_meta
+    """Builds the single-process model of a checkpoint from its stored run config and loads its
+    weights (resharded from any training layout)."""
+    from megatron_nitp.training.checkpointing import (config_from_meta, find_checkpoint,
+                                                      load_model_weights, read_meta)
     from megatron_nitp.training.initialize import initialize_distributed, set_seed
     from megatron_nitp.training.model import build_model
 
     meta = read_meta(find_checkpoint(checkpoint_root))
-    model, nitp, extra = meta["model"], meta["nitp"], meta.get("export", {})
-    flags = ["--num-layers", str(model["num_layers"]), "--hidden-size", str(model["hidden_size"]),
-             "--ffn-hidden-size", str(model["ffn_hidden_size"]),
-             "--num-attention-heads", str(model["num_attention_heads"]),
-             "--num-query-groups", str(model["num_query_groups"]),
-             "--seq-length", str(extra.get("seq_length") or 128),
-             "--nitp-target-layer", str(nitp["target_layer"]),
-             "--nitp-projector", nitp["projector"],
-             "--nitp-projector-ffn-ratio", str(nitp["projector_ffn_ratio"]),
-             "--train-iters", "1", "--lr-warmup-iters", "0"]
-    if model.get("kv_channels"):
-        flags += ["--kv-channels", str(model["kv_channels"])]
-    if model.get("untie_embeddings_and_output_weights"):
-        flags.append("--untie-embeddings-and-output-weights")
-    if model.get("add_qkv_bias"):
-        flags.append("--add-qkv-bias")
-    for key, flag in (("rotary_base", "--rotary-base"), ("norm_epsilon", "--norm-epsilon"),
-                      ("max_position_embeddings", "--max-position-embeddings")):
-        if extra.get(key) is not None:
-            flags += [flag, str(extra[key])]
-    if not nitp["enabled"]:
-        flags.append("--no-nitp")
-    if model.get("num_moe_experts"):
+    if meta["model"].get("num_moe_experts"):
         raise SystemExit("error: Hugging Face export supports dense models only (this "
                          "checkpoint is a mixture-of-experts model).")
-    args = parse_args(flags)
-    args.vocab_size = args.padded_vocab_size = model["padded_vocab_size"]
-    args.tokenizer_model = extra.get("tokenizer_model")
+    args = config_from_meta(meta)
     initialize_distributed()
     set_seed(0)
     net = build_model(args, pre_process=True, post_process=True)

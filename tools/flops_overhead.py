@@ -159,37 +159,33 @@ def _is_moe(args) -> bool:
                 or (args.preset and PRESETS[args.preset].get("model_type") == "moe"))
 
 
-def _training_argv(args) -> list[str]:
-    """Flags for megatron_nitp's parse_args: the model, a one-micro-batch step, no extras."""
-    from megatron_nitp.training.arguments import build_parser as training_parser
+def _training_config(args):
+    """The run config to measure: the model (a preset or the table's shape flags), a
+    one-micro-batch step, no extras. Built from the config's fields, not from flag strings."""
+    from megatron_nitp.config import FLAT, preset_config
 
     model_type = "moe" if _is_moe(args) else "dense"
-    flag_of = {}  # dest -> the training parser's flag (e.g. num_moe_experts -> --num-experts)
-    for action in training_parser(model_type)._actions:
-        if action.option_strings:
-            flag_of.setdefault(action.dest, action.option_strings[0])
     shape = {} if args.preset else dict(MEASURE_MODEL)
     shape.update(_explicit(args))
     if not args.preset:
         shape.setdefault("ffn_hidden_size", 11 * shape["hidden_size"] // 4)
         heads = shape["num_attention_heads"]
         shape.setdefault("num_query_groups", heads // 2 if heads % 2 == 0 else heads)
-    argv = ["--preset", args.preset or ("tiny-moe" if model_type == "moe" else "tiny-dense")]
-    for name, value in shape.items():
-        if name not in flag_of:
+    for name in shape:
+        if name not in FLAT:
             raise SystemExit(f"error: --{name.replace('_', '-')} is a FLOPs-table flag only: the "
                              "training flags cannot build that model, so --measure cannot time it.")
-        argv += [flag_of[name]] if value is True else [flag_of[name], str(value)]
     target = args.nitp_target_layer
     if target is None and not args.preset:
         target = default_target_layer(shape["num_layers"])
     if target is not None:
-        argv += ["--nitp-target-layer", str(target)]
-    mbs = str(args.micro_batch_size)
-    return (argv + ["--micro-batch-size", mbs, "--global-batch-size", mbs,
-                   "--train-iters", "100000", "--lr-warmup-iters", "0", "--eval-interval", "0",
-                   "--geometry-interval", "0", "--no-save", "--no-plot", "--no-progress-bar"]
-                   + (["--bf16"] if args.bf16 else []))
+        shape["nitp_target_layer"] = target
+    mbs = args.micro_batch_size
+    preset = args.preset or ("tiny-moe" if model_type == "moe" else "tiny-dense")
+    return preset_config(
+        preset, model_type, **shape, micro_batch_size=mbs, global_batch_size=mbs,
+        train_iters=100000, lr_warmup_iters=0, eval_interval=0, geometry_interval=0,
+        save_final=False, plot=False, progress_bar=False, bf16=bool(args.bf16))
 
 
 def _build_mtp_model(args, **kwargs):
@@ -213,14 +209,15 @@ def _build_mtp_model(args, **kwargs):
     )
 
 
-def build_arm(arm: str, argv: list[str], model_type: str = "dense"):
+def build_arm(arm: str, config):
     """One arm's Run through ``training.loop.setup`` (data, model, optimizer): ``ntp`` with
     ``--no-nitp``, ``nitp`` as given, ``mtp`` = ``ntp`` plus megatron-core's MTP block.
     Every arm uses the same seed (same initial backbone) and the same batches."""
+    from megatron_nitp.config import validate
     from megatron_nitp.training import loop, model as model_module
-    from megatron_nitp.training.arguments import parse_args
 
-    args = parse_args(argv + ([] if arm == "nitp" else ["--no-nitp"]), model_type=model_type)
+    args = config if arm == "nitp" else config.replace(nitp=False)
+    validate(args)
     if arm != "mtp":
         return loop.setup(args)
     # setup() imports build_model when it runs: swapping the module attribute builds the MTP
@@ -331,19 +328,19 @@ def measure(args) -> dict:
 
     import torch
 
-    argv = _training_argv(args)
+    config = _training_config(args)
     arms = ["ntp", "nitp"] + (["mtp"] if args.compare_mtp else [])
     runs = {}
     for arm in arms:
         try:
-            runs[arm] = build_arm(arm, argv, "moe" if _is_moe(args) else "dense")
+            runs[arm] = build_arm(arm, config)
         except Exception as err:  # noqa: BLE001 - report why, never a number
             if arm != "mtp":
                 raise
             raise SystemExit(f"--compare-mtp: megatron-core's MTP model cannot be built here "
                              f"({type(err).__name__}: {err}); no MTP figures.") from err
     train_args = runs["nitp"].args
-    shape = vars(train_args)
+    shape = train_args.flat()
     counted = flops.parameter_counts(shape)["total"]
     built = _model_params(runs["ntp"])
     if built != counted:
@@ -387,7 +384,7 @@ def measure(args) -> dict:
                 else f"CPU ({platform.processor() or platform.machine()}), "
                      f"{torch.get_num_threads()} torch threads"),
         torch=torch.__version__,
-        training_flags=argv,
+        training_config=config.to_dict(),
         tokens_per_iteration=tokens,
         warmup_iters=args.warmup_iters,
         measure_iters=args.measure_iters,

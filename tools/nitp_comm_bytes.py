@@ -27,14 +27,14 @@ def _human(n: float) -> str:
         n /= 1024
 
 
-def _routed(args, num_micro, tp, pp, cp, dp):
-    """``routed_bytes_per_step`` for the parsed flags."""
+def _routed(args, num_micro, tp, pp, cp, dp, dtype_bytes):
+    """``routed_bytes_per_step`` for a resolved run config."""
     return routed_bytes_per_step(
         seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
         hidden_size=args.hidden_size, num_microbatches=num_micro,
         target_layer=args.nitp_target_layer, num_layers=args.num_layers,
         tensor_parallel=tp, pipeline_parallel=pp, data_parallel=dp, context_parallel=cp,
-        sequence_parallel=args.sequence_parallel, dtype_bytes=4 if args.fp32 else 2,
+        sequence_parallel=args.sequence_parallel, dtype_bytes=dtype_bytes,
         first_stage_layers=args.decoder_first_pipeline_num_layers,
         last_stage_layers=args.decoder_last_pipeline_num_layers,
     )
@@ -61,25 +61,22 @@ def main(argv=None):
     p.add_argument("--fp32", action="store_true", help="fp32 activations (default bf16)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    preset = get_preset(args.preset)
-    for key in ("num_layers", "hidden_size", "seq_length", "nitp_target_layer",
-                "global_batch_size"):
-        if getattr(args, key) is None:
-            setattr(args, key, preset[key])
-    tp, pp, cp = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                  args.context_parallel_size)
-    world = args.world_size or tp * pp * cp
-    if world % (tp * pp * cp):
-        p.error(f"--world-size {world} is not divisible by TP x PP x CP = {tp * pp * cp}")
-    dp = world // (tp * pp * cp)
-    if args.global_batch_size % (args.micro_batch_size * dp):
-        p.error(f"--global-batch-size {args.global_batch_size} is not divisible by "
-                f"micro batch x DP = {args.micro_batch_size * dp}")
-    num_micro = args.global_batch_size // (args.micro_batch_size * dp)
+    from megatron_nitp.config import preset_config, resolve
+
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in (
+        "preset", "world_size", "fp32", "json")}
+    if "global_batch_size" not in given and "global_batch_size" not in get_preset(args.preset):
+        given["global_batch_size"] = given["micro_batch_size"]
     try:
-        result = _routed(args, num_micro, tp, pp, cp, dp)
-    except ValueError as err:  # an impossible (uneven) pipeline split
+        config = preset_config(args.preset, **given, train_iters=1, lr_warmup_iters=0)
+        tp, pp, cp = (config.tensor_model_parallel_size, config.pipeline_model_parallel_size,
+                      config.context_parallel_size)
+        config = resolve(config, args.world_size or tp * pp * cp)  # DP, micro-batches per step
+        dp, num_micro = config.data_parallel_size, config.num_microbatches
+        result = _routed(config, num_micro, tp, pp, cp, dp, 4 if args.fp32 else 2)
+    except ValueError as err:  # ConfigError: an impossible layout or (uneven) pipeline split
         p.error(str(err))
+    args = argparse.Namespace(preset=args.preset, json=args.json, **config.flat())
     result.update(preset=args.preset, layout=dict(TP=tp, PP=pp, CP=cp, DP=dp,
                                                   SP=args.sequence_parallel),
                   num_microbatches=num_micro)

@@ -86,7 +86,9 @@ def _set_rng_state(state: dict) -> None:
 
 
 def model_meta(args) -> dict:
-    return {k: getattr(args, k, None) for k in MODEL_FLAGS}
+    """The model-shape settings a checkpoint must agree on (JSON types: lists, not tuples)."""
+    meta = {k: getattr(args, k, None) for k in MODEL_FLAGS}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in meta.items()}
 
 
 def _is_distributed_optimizer(optimizer) -> bool:
@@ -141,7 +143,10 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args
                        "ep": args.expert_model_parallel_size},
             "model": model_meta(args),
             "nitp": dict(args.nitp_config.__dict__),
-            # not compared at load; what an export needs to rebuild the model
+            # the whole run config (RunConfig.to_dict): export, evaluation and the tools
+            # rebuild the model from it (megatron_nitp.config.RunConfig.from_dict)
+            "config": args.to_dict(),
+            # not compared at load; read by exports of checkpoints older than "config"
             "export": {k: getattr(args, k, None) for k in (
                 "seq_length", "max_position_embeddings", "rotary_base", "norm_epsilon",
                 "vocab_size", "tokenizer_model", "moe_layer_freq")},
@@ -255,6 +260,36 @@ def check_compatible(meta: dict, args, override: bool = False,
     return diffs
 
 
+def config_from_meta(meta: dict):
+    """The run config a checkpoint was trained with, for one process (TP = PP = EP = 1, no
+    sequence parallelism or distributed optimizer), resolved with the checkpoint's padded
+    vocabulary (its embedding rows, padded for the training layout's TP): what export,
+    evaluation and the tools build the model from. Checkpoints older than the stored config
+    rebuild it from their model and NITP sections."""
+    import dataclasses
+
+    from megatron_nitp.config import RunConfig, complete, preset_config, resolve
+
+    if "config" in meta:
+        config = RunConfig.from_dict(meta["config"])
+    else:
+        model, nitp, extra = meta["model"], meta["nitp"], meta.get("export", {})
+        flat = {k: v for k, v in {**model, **extra}.items()
+                if k not in ("padded_vocab_size", "moe_layer_pattern") and v is not None}
+        flat.update({("nitp" if k == "enabled" else f"nitp_{k}"): v for k, v in nitp.items()})
+        config = preset_config("tiny-dense", **flat)
+    config = complete(config.replace(
+        tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+        expert_model_parallel_size=1, context_parallel_size=1, sequence_parallel=False,
+        use_distributed_optimizer=False, decoder_first_pipeline_num_layers=None,
+        decoder_last_pipeline_num_layers=None, micro_batch_size=1, global_batch_size=1,
+        load=None, save=None, inject_fault=None))
+    resolved = resolve(config, 1)
+    padded = meta["model"]["padded_vocab_size"]
+    return resolved.replace(derived=dataclasses.replace(resolved.derived,
+                                                        padded_vocab_size=padded))
+
+
 def _is_torch_adam(optimizer) -> bool:
     """torch's Adam/AdamW: what megatron-core's optimizer falls back to when neither Transformer
     Engine's nor Apex's FusedAdam imports. Those fused ones derive from torch.optim.Optimizer,
@@ -295,7 +330,7 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, args=None,
     meta = read_meta(path)
     if args is not None:
         check_compatible(meta, args, override, weights_only)
-    if optimizer is not None and not weights_only and getattr(args, "use_distributed_optimizer", False):
+    if optimizer is not None and not weights_only and args is not None and args.use_distributed_optimizer:
         _materialize_adam_state(optimizer)
     state = _sharded_state(model, None if weights_only else optimizer, is_loading=True)
     if scheduler is not None and not weights_only:

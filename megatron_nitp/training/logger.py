@@ -46,7 +46,7 @@ PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "A800
 
 def peak_tflops(args) -> float | None:
     """The device's peak for MFU: ``--peak-tflops``, else a known GPU's bf16 dense peak."""
-    if getattr(args, "peak_tflops", None):
+    if args.peak_tflops:
         return args.peak_tflops
     if not has_cuda():
         return None
@@ -58,7 +58,7 @@ def training_flops_per_token(args) -> float:
     """Exact training FLOPs per token of the model (forward + backward), NITP's included."""
     from megatron_nitp.flops import exact_flops
 
-    flops = exact_flops(vars(args))
+    flops = exact_flops(args.flat())
     return flops.ntp_total + (flops.nitp if args.nitp else 0.0)
 
 

@@ -6,7 +6,6 @@ the model is built or a step is taken.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -15,6 +14,7 @@ import time
 import torch
 from megatron.core import parallel_state
 
+from megatron_nitp.config import RunConfig, resolve
 from megatron_nitp.device import device
 from megatron_nitp.device import name as device_name
 from megatron_nitp.training import arguments
@@ -31,9 +31,10 @@ def _barrier():
     torch.distributed.barrier()
 
 
-def prepare_data(args: argparse.Namespace):
-    """Tokenizer and train/valid iterators for this data-parallel rank. Fails early on a
-    missing or unreadable data path or tokenizer."""
+def prepare_data(args: RunConfig):
+    """The resolved config, the tokenizer and train/valid iterators for this data-parallel
+    rank. Fails early on a missing or unreadable data path or tokenizer, or a vocabulary the
+    model does not cover. Without ``--data-path`` the config names the built-in corpus."""
     from megatron_nitp.data.corpus import prepare_default_corpus
     from megatron.core.datasets.utils import get_blend_from_list
 
@@ -45,14 +46,13 @@ def prepare_data(args: argparse.Namespace):
             raise ValueError("--tokenizer-model was given without --data-path: give both, or "
                              "neither to use the built-in corpus.")
         prefix, tokenizer_model = prepare_default_corpus()
-        args.data_path = [prefix]
-        args.tokenizer_model = tokenizer_model
+        args = args.replace(data_path=(prefix,), tokenizer_model=tokenizer_model)
     elif args.tokenizer_model is None:
         raise ValueError("--data-path needs --tokenizer-model (the SentencePiece .model the data "
                          "was preprocessed with; see tools/train_tokenizer.py).")
-    check_data_prefixes(get_blend_from_list(args.data_path)[0])
+    check_data_prefixes(get_blend_from_list(list(args.data_path))[0])
     tokenizer = SentencePieceTokenizer(args.tokenizer_model)
-    arguments.validate_vocab(args, tokenizer.vocab_size)
+    args = resolve(args, torch.distributed.get_world_size(), tokenizer.vocab_size)
     dp_size = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
     num_samples = (
@@ -61,7 +61,7 @@ def prepare_data(args: argparse.Namespace):
         0,
     )
     train_ds, valid_ds, _ = build_datasets(
-        args.data_path, tokenizer, args.seq_length, args.seed, args.split, num_samples,
+        list(args.data_path), tokenizer, args.seq_length, args.seed, args.split, num_samples,
         args.data_cache_path,
     )
     train = MicroBatchIterator(train_ds, args.micro_batch_size, dp_rank, dp_size)
@@ -70,7 +70,7 @@ def prepare_data(args: argparse.Namespace):
         """The same held-out batches at every evaluation: comparable points on the curve."""
         return MicroBatchIterator(valid_ds, args.micro_batch_size, dp_rank, dp_size)
 
-    return tokenizer, train, (valid if valid_ds is not None and args.eval_interval else None)
+    return args, tokenizer, train, (valid if valid_ds is not None and args.eval_interval else None)
 
 
 def _summary(args, logger, wall: float) -> dict:
@@ -106,7 +106,7 @@ def _print_summary(summary: dict, run_dir: str) -> None:
 class Run:
     """Everything a training run holds after set-up."""
 
-    args: argparse.Namespace
+    args: RunConfig  # resolved: derived values filled
     model: torch.nn.Module
     optimizer: object
     scheduler: object
@@ -116,9 +116,10 @@ class Run:
     start_iteration: int = 0
 
 
-def setup(args: argparse.Namespace) -> Run:
+def setup(args: RunConfig) -> Run:
     """Process groups, checks, data, model, optimizer, and ``--load`` weights, in that order:
-    every check that can fail runs before the model is built."""
+    every check that can fail runs before the model is built. ``Run.args`` is the config
+    resolved for this world and tokenizer."""
     initialize_distributed(
         args.tensor_model_parallel_size,
         args.pipeline_model_parallel_size,
@@ -128,8 +129,9 @@ def setup(args: argparse.Namespace) -> Run:
         timeout_minutes=args.distributed_timeout_minutes,
     )
     try:
-        arguments.validate_world_args(args, torch.distributed.get_world_size())
-        tokenizer, train_iter, valid_iter = prepare_data(args)
+        arguments.validate_data_cache(args)
+        resolve(args, torch.distributed.get_world_size())  # the layout, before data work
+        args, tokenizer, train_iter, valid_iter = prepare_data(args)
     except (ValueError, FileNotFoundError, PermissionError) as err:
         raise UsageError(str(err)) from err
 
@@ -196,7 +198,7 @@ def _parse_fault(spec: str | None) -> tuple[str | None, int]:
     return kind, int(when)
 
 
-def pretrain(args: argparse.Namespace) -> dict:
+def pretrain(args: RunConfig) -> dict:
     """Train; returns the run summary (final metrics). Exits with EXIT_PREEMPTED after a
     SIGTERM checkpoint and EXIT_NON_FINITE under ``--nan-policy stop``."""
     import signal
@@ -207,6 +209,7 @@ def pretrain(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     fault, fault_iter = _parse_fault(args.inject_fault)
     run = setup(args)
+    args = run.args
     model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
     train_iter, valid_iter = run.train_iter, run.valid_iter
     run_dir = args.run_dir or arguments.default_run_dir(args)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -16,7 +14,7 @@ from megatron_nitp.models import NITPGPTModel
 from megatron_nitp.nitp.config import NITPConfig
 
 
-def params_dtype(args: argparse.Namespace) -> torch.dtype:
+def params_dtype(args) -> torch.dtype:
     if args.bf16:
         return torch.bfloat16
     if args.fp16:
@@ -24,7 +22,7 @@ def params_dtype(args: argparse.Namespace) -> torch.dtype:
     return torch.float32
 
 
-def aux_loss_gradient_correction(args: argparse.Namespace) -> int:
+def aux_loss_gradient_correction(args) -> int:
     """The factor by which megatron-core 0.16's load-balancing loss gradient is too small under
     per-token loss (``calculate_per_token_loss``, which NITP's accounting uses) with TP or CP > 1.
 
@@ -48,18 +46,18 @@ def aux_loss_gradient_correction(args: argparse.Namespace) -> int:
     return args.tensor_model_parallel_size * args.context_parallel_size
 
 
-def moe_config(args: argparse.Namespace) -> dict:
+def moe_config(args) -> dict:
     """DeepSeek-V2-style MoE fields of the TransformerConfig (empty for a dense model): routed
     SwiGLU experts with top-k softmax routing, one shared expert, the load-balancing loss, and
     the per-layer dense/MoE pattern (a shallow dense stage first)."""
-    if not getattr(args, "num_moe_experts", None):
+    if not args.num_moe_experts:
         return {}
     return dict(
         num_moe_experts=args.num_moe_experts,
         moe_router_topk=args.moe_router_topk,
         moe_ffn_hidden_size=args.moe_ffn_hidden_size,
         moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size or None,
-        moe_layer_freq=args.moe_layer_pattern,
+        moe_layer_freq=list(args.moe_layer_pattern),
         moe_router_load_balancing_type="aux_loss",
         moe_aux_loss_coeff=args.moe_aux_loss_coeff * aux_loss_gradient_correction(args),
         moe_token_dispatcher_type=args.moe_token_dispatcher_type,
@@ -80,8 +78,10 @@ def fused_softmax_available() -> bool:
         "scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda"))
 
 
-def transformer_config(args: argparse.Namespace) -> TransformerConfig:
-    """Qwen2/Llama-style blocks: RMSNorm, SwiGLU, RoPE, GQA, no linear biases."""
+def transformer_config(args, perform_initialization: bool = True) -> TransformerConfig:
+    """Qwen2/Llama-style blocks: RMSNorm, SwiGLU, RoPE, GQA, no linear biases, from a resolved
+    run config. ``perform_initialization=False`` leaves the weights' storage uninitialized
+    (counting parameters of the paper's models without computing them)."""
     on_gpu = has_cuda()
     dtype = params_dtype(args)
     return TransformerConfig(
@@ -103,8 +103,8 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
         init_method_std=args.init_method_std,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        num_layers_in_first_pipeline_stage=getattr(args, "decoder_first_pipeline_num_layers", None),
-        num_layers_in_last_pipeline_stage=getattr(args, "decoder_last_pipeline_num_layers", None),
+        num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
+        num_layers_in_last_pipeline_stage=args.decoder_last_pipeline_num_layers,
         context_parallel_size=args.context_parallel_size,
         sequence_parallel=args.sequence_parallel,
         pipeline_dtype=dtype,
@@ -112,7 +112,7 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
         bf16=args.bf16,
         fp16=args.fp16,
         use_cpu_initialization=not on_gpu,
-        perform_initialization=getattr(args, "perform_initialization", True),
+        perform_initialization=perform_initialization,
         bias_dropout_fusion=on_gpu,
         masked_softmax_fusion=fused_softmax_available(),
         apply_rope_fusion=False,
@@ -161,10 +161,11 @@ def layer_spec(config: TransformerConfig, impl: str = "transformer_engine"):
 
 
 def build_model(
-    args: argparse.Namespace,
+    args,
     nitp: NITPConfig | None = None,
     pre_process: bool | None = None,
     post_process: bool | None = None,
+    perform_initialization: bool = True,
 ) -> NITPGPTModel:
     """This rank's pipeline stage of the model, not yet wrapped, on ``device()``.
 
@@ -172,7 +173,7 @@ def build_model(
     local spec's norms (``torch.nn.RMSNorm``) and the MoE router on the default device, the
     CPU: every caller (training, export, evaluation) gets the whole model on one device.
     """
-    config = transformer_config(args)
+    config = transformer_config(args, perform_initialization)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
@@ -180,8 +181,7 @@ def build_model(
     model = NITPGPTModel(
         config,
         nitp if nitp is not None else args.nitp_config,
-        transformer_layer_spec=layer_spec(config, getattr(args, "transformer_impl",
-                                                          "transformer_engine")),
+        transformer_layer_spec=layer_spec(config, args.transformer_impl),
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=pre_process,
@@ -193,7 +193,7 @@ def build_model(
     return model.to(device())
 
 
-def wrap_model(model: NITPGPTModel, args: argparse.Namespace) -> DistributedDataParallel:
+def wrap_model(model: NITPGPTModel, args) -> DistributedDataParallel:
     """Mixed-precision wrapper (bf16/fp16 weights, fp32 outputs) and megatron DDP with fp32
     gradient buffers, as megatron's training loop does."""
     config = model.config

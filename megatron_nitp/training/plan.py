@@ -46,13 +46,11 @@ memory (``torch.cuda.max_memory_allocated``) on the cluster.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
 
-from megatron_nitp.flops import DEFAULT_VOCAB_SIZE  # when no flag or preset sets a vocabulary
-from megatron_nitp.training import arguments
+from megatron_nitp.config import RunConfig, pipeline_split, resolve
 
 GIB = 1024**3
 #: GPU memory compared with the estimate when ``$NITP_GPU_MEMORY_GIB`` is unset (80 GB H100/A100).
@@ -97,10 +95,10 @@ class StageMemory:
         return self.weights + self.gradients + self.optimizer + self.activations + self.runtime
 
 
-def world_size(args: argparse.Namespace) -> int:
+def world_size(args: RunConfig) -> int:
     """``--world-size``, else ``$WORLD_SIZE``, else TP x PP x CP (one model replica)."""
-    if args.world_size is not None:
-        return args.world_size
+    if args.planned_world_size is not None:
+        return args.planned_world_size
     if os.environ.get("WORLD_SIZE"):
         return int(os.environ["WORLD_SIZE"])
     return (args.tensor_model_parallel_size * args.pipeline_model_parallel_size
@@ -121,24 +119,27 @@ def gpu_memory_gib() -> float:
     return gib
 
 
-def _vocab(args: argparse.Namespace, tp: int) -> tuple[int, int]:
+def _vocab(args: RunConfig, tp: int) -> tuple[int, int]:
     """The vocabulary and its padded size (a multiple of make-vocab-size-divisible-by x TP)."""
-    vocab = args.vocab_size or DEFAULT_VOCAB_SIZE
-    multiple = args.make_vocab_size_divisible_by * tp
-    return vocab, -(-vocab // multiple) * multiple
+    from megatron_nitp.config import DEFAULT_VOCAB_SIZE, padded_vocab
+
+    vocab = args.model.vocab_size or DEFAULT_VOCAB_SIZE
+    return vocab, padded_vocab(vocab, args.make_vocab_size_divisible_by, tp)
 
 
-def _widths(args: argparse.Namespace) -> tuple[int, int, int]:
+def _widths(args: RunConfig) -> tuple[int, int, int]:
     """(d, q, kv): hidden size, query and key/value projection widths."""
     head = args.kv_channels or args.hidden_size // args.num_attention_heads
     return args.hidden_size, args.num_attention_heads * head, args.num_query_groups * head
 
 
-def _moe_pattern(args: argparse.Namespace) -> list[int]:
-    return list(args.moe_layer_pattern) if args.num_moe_experts else [0] * args.num_layers
+def _moe_pattern(args: RunConfig) -> list[int]:
+    from megatron_nitp.config.resolve import moe_pattern
+
+    return list(moe_pattern(args) or [0] * args.num_layers)
 
 
-def layer_parameters(args: argparse.Namespace, moe: bool, tp: int = 1, ep: int = 1
+def layer_parameters(args: RunConfig, moe: bool, tp: int = 1, ep: int = 1
                      ) -> tuple[int, int]:
     """``(dense, expert)`` parameters of one layer on one rank: dense ones are replicated over
     data-parallel ranks, routed experts over the expert data-parallel ranks."""
@@ -153,7 +154,7 @@ def layer_parameters(args: argparse.Namespace, moe: bool, tp: int = 1, ep: int =
     return norms + attention + router + shared, experts
 
 
-def projector_parameters(args: argparse.Namespace, tp: int = 1) -> int:
+def projector_parameters(args: RunConfig, tp: int = 1) -> int:
     """The NITP projector (training only): ``3 r d^2`` for SwiGLU, ``d^2`` linear, 0 none."""
     if not args.nitp:
         return 0
@@ -162,24 +163,24 @@ def projector_parameters(args: argparse.Namespace, tp: int = 1) -> int:
         args.nitp_projector, 0) // tp
 
 
-def _stage_layers(args: argparse.Namespace, layout: Layout, stage: int) -> slice:
+def _stage_layers(args: RunConfig, layout: Layout, stage: int) -> slice:
     """The (0-based) layers pipeline stage ``stage`` builds, uneven splits included."""
     from megatron_nitp.nitp.routing import stage_layer_counts
 
-    counts = stage_layer_counts(args.num_layers, layout.pp, *arguments.pipeline_split(args))
+    counts = stage_layer_counts(args.num_layers, layout.pp, *pipeline_split(args))
     start = sum(counts[:stage])
     return slice(start, start + counts[stage])
 
 
-def _target_stage(args: argparse.Namespace, layout: Layout) -> int:
+def _target_stage(args: RunConfig, layout: Layout) -> int:
     """The pipeline stage that holds layer k, uneven splits included."""
     from megatron_nitp.nitp.routing import target_stage
 
     return target_stage(args.nitp_target_layer, args.num_layers, layout.pp,
-                        *arguments.pipeline_split(args))
+                        *pipeline_split(args))
 
 
-def stage_parameters(args: argparse.Namespace, layout: Layout, stage: int) -> tuple[int, int]:
+def stage_parameters(args: RunConfig, layout: Layout, stage: int) -> tuple[int, int]:
     """``(dense, expert)`` parameters of one rank of pipeline stage ``stage``."""
     pattern = _moe_pattern(args)
     dense = expert = 0
@@ -197,7 +198,7 @@ def stage_parameters(args: argparse.Namespace, layout: Layout, stage: int) -> tu
     return dense, expert
 
 
-def model_parameters(args: argparse.Namespace) -> dict[str, int]:
+def model_parameters(args: RunConfig) -> dict[str, int]:
     """Total and active parameters of the model for inference (no projector), TP = 1."""
     single = Layout(world=1, tp=1, pp=1, cp=1, ep=1, dp=1, sp=False)
     dense, expert = stage_parameters(args, single, 0)
@@ -210,7 +211,7 @@ def model_parameters(args: argparse.Namespace) -> dict[str, int]:
     return {"total": total, "active": total - skipped, "projector": projector}
 
 
-def activation_bytes_per_token(args: argparse.Namespace, moe: bool, layout: Layout) -> float:
+def activation_bytes_per_token(args: RunConfig, moe: bool, layout: Layout) -> float:
     """Bytes kept for backward per token by one layer on one rank (see the module docstring)."""
     d, q, kv = _widths(args)
     dtype = 2 if (args.bf16 or args.fp16) else 4
@@ -223,7 +224,7 @@ def activation_bytes_per_token(args: argparse.Namespace, moe: bool, layout: Layo
     return dtype * (wide + (2 * q + 2 * kv + ffn) / layout.tp)
 
 
-def stage_memory(args: argparse.Namespace, layout: Layout, num_microbatches: int,
+def stage_memory(args: RunConfig, layout: Layout, num_microbatches: int,
                  stage: int) -> StageMemory:
     """The memory estimate of one GPU of pipeline stage ``stage`` (module docstring)."""
     half = args.bf16 or args.fp16
@@ -276,7 +277,7 @@ def _bytes(n: float) -> str:
     return ""
 
 
-def _advice(args: argparse.Namespace, layout: Layout, worst: StageMemory) -> list[str]:
+def _advice(args: RunConfig, layout: Layout, worst: StageMemory) -> list[str]:
     """What to change, largest memory term first."""
     fixes = []
     static = worst.weights + worst.gradients + worst.optimizer
@@ -298,16 +299,14 @@ def _advice(args: argparse.Namespace, layout: Layout, worst: StageMemory) -> lis
     return [text for _, text in sorted(fixes, key=lambda item: -item[0])]
 
 
-def dry_run(args: argparse.Namespace) -> int:
+def dry_run(args: RunConfig) -> int:
     """Checks the layout, prints the plan; returns the exit code (0 = the job can start,
     2 = impossible layout, 3 = does not fit in GPU memory)."""
     from megatron_nitp.nitp.routing import routed_bytes_per_step
 
     try:
         world = world_size(args)
-        if world < 1:
-            raise ValueError(f"world size {world} must be >= 1.")
-        arguments.validate_world_args(args, world)
+        args = resolve(args, world)
         gpu_gib = gpu_memory_gib()
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -325,7 +324,7 @@ def dry_run(args: argparse.Namespace) -> int:
 
     kind = "MoE GPT" if args.num_moe_experts else "dense GPT"
     ffn = (f"FFN {args.ffn_hidden_size}" if not args.num_moe_experts else
-           f"dense FFN {args.ffn_hidden_size}, {sum(args.moe_layer_pattern)} MoE layers of "
+           f"dense FFN {args.ffn_hidden_size}, {sum(_moe_pattern(args))} MoE layers of "
            f"{args.num_moe_experts} experts (width {args.moe_ffn_hidden_size}) top-"
            f"{args.moe_router_topk}" + (f" + shared {args.moe_shared_expert_intermediate_size}"
                                         if args.moe_shared_expert_intermediate_size else ""))
@@ -335,7 +334,7 @@ def dry_run(args: argparse.Namespace) -> int:
         ("model", f"{args.preset} ({kind}): {args.num_layers} layers, hidden {args.hidden_size}, "
                   f"{ffn}, {args.num_attention_heads} heads / {args.num_query_groups} KV groups, "
                   f"seq {args.seq_length}, vocab {vocab}"
-                  + (" (tokenizer's: not known in a dry run, assumed)" if not args.vocab_size
+                  + (" (tokenizer's: not known in a dry run, assumed)" if not args.model.vocab_size
                      else "") + f", padded {padded}"),
         ("parameters", f"total {_count(counts['total'])}, active {_count(counts['active'])}"
                        + (f"; NITP projector {_count(counts['projector'])} (training only)"
@@ -360,8 +359,8 @@ def dry_run(args: argparse.Namespace) -> int:
             tensor_parallel=layout.tp, pipeline_parallel=layout.pp, data_parallel=layout.dp,
             context_parallel=layout.cp, sequence_parallel=layout.sp,
             dtype_bytes=2 if (args.bf16 or args.fp16) else 4,
-            first_stage_layers=arguments.pipeline_split(args)[0],
-            last_stage_layers=arguments.pipeline_split(args)[1])
+            first_stage_layers=pipeline_split(args)[0],
+            last_stage_layers=pipeline_split(args)[1])
         where = (f"layer {args.nitp_target_layer}" if args.nitp_target_layer else "embeddings")
         lines.append(("NITP", f"k={args.nitp_target_layer} ({where}), lambda "
                               f"{args.nitp_loss_weight:g}, on pipeline stage {owner} of "

@@ -1,0 +1,283 @@
+"""Checks of a run configuration and the one computation of every derived value.
+
+``validate(config)`` runs at parse time (no world, no tokenizer): shapes, flag combinations,
+parallel layouts the code cannot run. ``resolve(config, world_size, tokenizer_vocab_size)`` is
+pure: it returns a new config whose ``derived`` holds the data-parallel size, micro-batches per
+step, the (padded) vocabulary, the MoE layer pattern and the schedule's iterations. Training
+(``training/loop.py``) and ``--dry-run`` (``training/plan.py``) both call it, so the plan is
+computed exactly as the run will be. Both raise :class:`ConfigError` naming the setting and the
+fix.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from megatron_nitp.config.schema import Derived, RunConfig
+
+#: vocabulary assumed when neither --vocab-size nor a tokenizer gives one (the built-in corpus's
+#: SentencePiece model): ``--dry-run`` and the FLOPs tool
+DEFAULT_VOCAB_SIZE = 4096
+
+
+class ConfigError(ValueError):
+    """A setting (or a combination) that cannot run; the message names it and the fix."""
+
+
+def padded_vocab(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
+    """The embedding/output rows: ``vocab_size`` rounded up to ``divisible_by x TP`` (Megatron's
+    ``_vocab_size_with_padding``)."""
+    multiple = divisible_by * tensor_parallel
+    return -(-vocab_size // multiple) * multiple
+
+
+def moe_pattern(config: RunConfig) -> Optional[tuple]:
+    """The per-layer 0/1 MoE pattern of ``--moe-layer-freq`` (None for a dense model)."""
+    from megatron_nitp.presets import moe_layer_pattern
+
+    if not config.moe.num_moe_experts:
+        return None
+    freq = config.moe.moe_layer_freq if config.moe.moe_layer_freq is not None else 1
+    if isinstance(freq, str) and freq.strip().isdigit():
+        freq = int(freq)
+    try:
+        return tuple(moe_layer_pattern(freq, config.model.num_layers))
+    except (ValueError, SyntaxError) as err:
+        raise ConfigError(str(err)) from None
+
+
+def pipeline_split(config) -> tuple[Optional[int], Optional[int]]:
+    """(layers on the first stage, layers on the last stage) of an uneven pipeline split, each
+    None when not given (megatron-core's num_layers_in_first/last_pipeline_stage)."""
+    return (config.decoder_first_pipeline_num_layers, config.decoder_last_pipeline_num_layers)
+
+
+def schedule_iters(config: RunConfig) -> tuple[int, int]:
+    """(decay iterations, WSD decay iterations): ``--lr-decay-iters`` defaults to the run's
+    length, the WSD decay to ``--lr-wsd-decay-ratio`` of it."""
+    s = config.schedule
+    decay = s.lr_decay_iters or config.training.train_iters
+    wsd = s.lr_wsd_decay_iters
+    if wsd is None:
+        wsd = max(1, int(round(s.lr_wsd_decay_ratio * decay)))
+    return decay, wsd
+
+
+def complete(config: RunConfig) -> RunConfig:
+    """Settings whose default is another setting, filled: FFN 4d, key/value heads = heads,
+    positions = sequence, decay over the whole run, top-2 experts of the dense FFN's width;
+    sequence parallelism off without TP (what megatron-core does). Idempotent."""
+    m, moe = config.model, config.moe
+    fill = {}
+    if m.hidden_size is not None and m.ffn_hidden_size is None:
+        fill["ffn_hidden_size"] = 4 * m.hidden_size
+    if m.num_query_groups is None and m.num_attention_heads is not None:
+        fill["num_query_groups"] = m.num_attention_heads
+    if m.max_position_embeddings is None and m.seq_length is not None:
+        fill["max_position_embeddings"] = m.seq_length
+    if moe.num_moe_experts:
+        if moe.moe_router_topk is None:
+            fill["moe_router_topk"] = 2
+        if moe.moe_ffn_hidden_size is None:
+            fill["moe_ffn_hidden_size"] = fill.get("ffn_hidden_size", m.ffn_hidden_size)
+    if config.parallel.sequence_parallel and config.parallel.tensor_model_parallel_size == 1:
+        fill["sequence_parallel"] = False
+    if not fill:
+        return config
+    keep = config.derived
+    done = config.replace(**fill)
+    return done.replace(derived=keep) if keep is not None else done
+
+
+def validate(config: RunConfig) -> None:
+    """Checks that need no world size and no tokenizer; raise ConfigError with the fix."""
+    config = complete(config)
+    m, t, p = config.model, config.training, config.parallel
+    for name, value in (("num_layers", m.num_layers), ("hidden_size", m.hidden_size),
+                        ("num_attention_heads", m.num_attention_heads),
+                        ("seq_length", m.seq_length), ("micro_batch_size", t.micro_batch_size),
+                        ("global_batch_size", t.global_batch_size),
+                        ("train_iters", t.train_iters), ("lr", config.schedule.lr)):
+        if value is None:
+            raise ConfigError(f"--{name.replace('_', '-')} is required (no preset sets it).")
+    try:
+        config.nitp_config.validate(m.num_layers, m.hidden_size, p.tensor_model_parallel_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if t.bf16 and t.fp16:
+        raise ConfigError("--bf16 and --fp16 are exclusive: choose one.")
+    if m.num_attention_heads % m.num_query_groups:
+        raise ConfigError(
+            f"--num-attention-heads {m.num_attention_heads} is not divisible by "
+            f"--num-query-groups {m.num_query_groups}."
+        )
+    tp = p.tensor_model_parallel_size
+    for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
+        if getattr(m, name) % tp:
+            raise ConfigError(
+                f"--{name.replace('_', '-')} {getattr(m, name)} is not divisible by "
+                f"--tensor-model-parallel-size {tp}."
+            )
+    if pipeline_split(config) != (None, None):
+        from megatron_nitp.nitp.routing import stage_layer_counts
+
+        try:  # ValueError naming the numbers when the layers do not split that way
+            stage_layer_counts(m.num_layers, p.pipeline_model_parallel_size,
+                               *pipeline_split(config))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    elif m.num_layers % p.pipeline_model_parallel_size:
+        raise ConfigError(
+            f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size "
+            f"{p.pipeline_model_parallel_size} (or give --decoder-first/last-pipeline-num-layers)."
+        )
+    _validate_layout(config)
+    _validate_moe(config)
+    if t.micro_batch_size <= 0 or t.global_batch_size <= 0 or t.train_iters <= 0:
+        raise ConfigError("--micro-batch-size, --global-batch-size and --train-iters must be > 0.")
+    decay, wsd = schedule_iters(config)
+    warmup = config.schedule.lr_warmup_iters
+    if warmup > decay:
+        raise ConfigError(
+            f"--lr-warmup-iters {warmup} exceeds --lr-decay-iters {decay}"
+            + (" (= --train-iters)" if config.schedule.lr_decay_iters is None else "")
+            + f": lower it, e.g. --lr-warmup-iters {max(0, decay // 10)} for a short run."
+        )
+    if config.schedule.lr_decay_style == "WSD" and warmup + wsd > decay:
+        raise ConfigError(
+            f"WSD: warm-up ({warmup}) + decay ({wsd}) iterations exceed --lr-decay-iters "
+            f"{decay}; lower --lr-warmup-iters or --lr-wsd-decay-ratio."
+        )
+
+
+def _validate_moe(config: RunConfig) -> None:
+    moe, p = config.moe, config.parallel
+    if not moe.num_moe_experts:
+        if p.expert_model_parallel_size > 1:
+            raise ConfigError("--expert-model-parallel-size needs a MoE model (--num-experts).")
+        return
+    experts, ep = moe.num_moe_experts, p.expert_model_parallel_size
+    if experts % ep:
+        raise ConfigError(
+            f"--num-experts {experts} is not divisible by --expert-model-parallel-size {ep}: "
+            f"choose an expert-parallel size that divides {experts}."
+        )
+    if not 1 <= moe.moe_router_topk <= experts:
+        raise ConfigError(
+            f"--moe-router-topk {moe.moe_router_topk} must be between 1 and --num-experts "
+            f"{experts}."
+        )
+    if moe.moe_ffn_hidden_size % p.tensor_model_parallel_size:
+        raise ConfigError(
+            f"--moe-ffn-hidden-size {moe.moe_ffn_hidden_size} is not divisible by "
+            f"--tensor-model-parallel-size {p.tensor_model_parallel_size}."
+        )
+    moe_pattern(config)
+
+
+def _validate_layout(config: RunConfig) -> None:
+    """Parallel layouts the code cannot run are refused by name, never run silently wrong."""
+    from megatron_nitp.device import has_cuda
+    from megatron_nitp.nitp.routing import target_stage
+
+    nitp, p, m = config.nitp_config, config.parallel, config.model
+    pp, tp = p.pipeline_model_parallel_size, p.tensor_model_parallel_size
+    if p.virtual_pipeline_model_parallel_size not in (None, 1):
+        raise ConfigError(
+            "--virtual-pipeline-model-parallel-size: the interleaved pipeline schedule is not "
+            "supported (the NITP target is routed per micro-batch in 1F1B order, which the "
+            "interleaved schedule does not keep); use a plain --pipeline-model-parallel-size."
+        )
+    if p.context_parallel_size > 1 and not config.dry_run:
+        from megatron_nitp.training.model import use_transformer_engine
+
+        if not use_transformer_engine(p.transformer_impl):
+            where = ("this machine has no CUDA" if not has_cuda() else
+                     "Transformer Engine is not importable here" if p.transformer_impl ==
+                     "transformer_engine" else "--transformer-impl local was given")
+            raise ConfigError(
+                f"--context-parallel-size {p.context_parallel_size} needs Transformer "
+                f"Engine's context-parallel attention on a GPU, and {where}; use "
+                "--context-parallel-size 1, or run in an image with TE (the Dockerfile's). "
+                "(NITP's context-parallel shift itself is tested on CPU.)"
+            )
+    if m.seq_length % (2 * p.context_parallel_size * (tp if p.sequence_parallel else 1)):
+        raise ConfigError(
+            f"--seq-length {m.seq_length} must be divisible by 2 x context-parallel size "
+            "(x tensor-parallel size with --sequence-parallel)."
+        )
+    if (nitp.enabled and not nitp.stop_gradient and pp > 1
+            and target_stage(nitp.target_layer, m.num_layers, pp, *pipeline_split(config))
+            != pp - 1):
+        raise ConfigError(
+            "--nitp-no-stop-gradient with the target layer on an earlier pipeline stage is not "
+            "supported: the routed target carries no gradient back across stages. Use "
+            "--pipeline-model-parallel-size 1 for this ablation."
+        )
+    if nitp.enabled and nitp.objective == "cosine_reg" and (
+            p.sequence_parallel or p.context_parallel_size > 1):
+        raise ConfigError("--nitp-objective cosine_reg needs whole sequences on a rank: drop "
+                          "--sequence-parallel / --context-parallel-size.")
+    if nitp.enabled and nitp.projector == "linear" and p.sequence_parallel:
+        raise ConfigError("--nitp-projector linear does not support --sequence-parallel; use "
+                          "swiglu (the paper's) or drop --sequence-parallel.")
+
+
+def _layout(config: RunConfig, world_size: int) -> tuple[int, int]:
+    """(data-parallel size, micro-batches per step) of ``world_size`` processes."""
+    p, t = config.parallel, config.training
+    tp, pp, cp, ep = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                      p.context_parallel_size, p.expert_model_parallel_size)
+    if world_size < 1:
+        raise ConfigError(f"world size {world_size} must be >= 1.")
+    if ep > 1 and (world_size // pp) % (ep * tp):
+        raise ConfigError(
+            f"--expert-model-parallel-size {ep} x TP {tp} does not divide the "
+            f"{world_size // pp} ranks of a pipeline stage: launch more processes or lower the "
+            "EP size."
+        )
+    if world_size % (tp * pp * cp):
+        raise ConfigError(
+            f"world size {world_size} is not divisible by TP x PP x CP = {tp * pp * cp}: "
+            "launch a multiple of that many processes."
+        )
+    dp = world_size // (tp * pp * cp)
+    per_step = t.micro_batch_size * dp
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
+            f"{t.micro_batch_size} x data-parallel size {dp} = {per_step}: choose a global batch "
+            f"that is a multiple of {per_step}."
+        )
+    return dp, t.global_batch_size // per_step
+
+
+def resolve(config: RunConfig, world_size: int,
+            tokenizer_vocab_size: Optional[int] = None) -> RunConfig:
+    """``config`` with every derived value computed for a job of ``world_size`` processes.
+
+    ``tokenizer_vocab_size``: the tokenizer's vocabulary, which ``--vocab-size`` must cover
+    (None in a dry run: ``--vocab-size``, else :data:`DEFAULT_VOCAB_SIZE`)."""
+    config = complete(config)
+    validate(config)
+    dp, micro = _layout(config, world_size)
+    given = config.model.vocab_size
+    if tokenizer_vocab_size is not None and given is not None and tokenizer_vocab_size > given:
+        raise ConfigError(
+            f"the tokenizer's vocabulary ({tokenizer_vocab_size}) is larger than --vocab-size "
+            f"{given}: raise --vocab-size or omit it to use the tokenizer's."
+        )
+    vocab = given or tokenizer_vocab_size or DEFAULT_VOCAB_SIZE
+    decay, wsd = schedule_iters(config)
+    derived = Derived(
+        world_size=world_size,
+        data_parallel_size=dp,
+        num_microbatches=micro,
+        vocab_size=vocab,
+        padded_vocab_size=padded_vocab(vocab, config.model.make_vocab_size_divisible_by,
+                                       config.parallel.tensor_model_parallel_size),
+        moe_layer_pattern=moe_pattern(config),
+        lr_decay_iters=decay,
+        lr_wsd_decay_iters=wsd,
+    )
+    return config.replace(derived=derived)

@@ -1,0 +1,444 @@
+"""The run configuration: one frozen, typed dataclass per concern, grouped in :class:`RunConfig`.
+
+Every setting is declared once, here: its type, its default and its help text. The command-line
+flags (Megatron-LM's names, ``training/arguments.py``), the presets, the checkpoint's stored
+configuration and ``--dry-run`` all read these declarations. A field's flag is ``--`` + its
+``dest`` with dashes (``dest`` is the field name unless :func:`flag` says otherwise); its help
+text is the docstring under the field.
+
+Values derived from settings (padded vocabulary, data-parallel size, micro-batches, the MoE
+layer pattern, the schedule's iterations) are not settings: :func:`megatron_nitp.config.resolve`
+computes them into :class:`Derived`, for training and ``--dry-run`` alike.
+
+A config is read two ways. ``config.model.hidden_size`` names the group. ``config.hidden_size``
+is the flat, Megatron-style view by flag ``dest``; after ``resolve`` it gives the value training
+uses (``config.vocab_size`` is then the tokenizer's vocabulary when ``--vocab-size`` was not
+given). Nothing can be assigned: a changed setting is a new config (:meth:`RunConfig.replace`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from megatron_nitp.nitp.config import NITPConfig
+
+
+def flag(default, *, dest: str | None = None, name: str | None = None,
+         negative: str | None = None, choices=None, nargs=None, group_help: str | None = None):
+    """A field with its command-line spelling.
+
+    ``dest``: the flat name (and flag) when it differs from the field name; ``name``: the flag
+    when it is not ``--`` + dest with dashes (``--num-experts``); ``negative``: a ``--no-...``
+    flag that sets a boolean to False (with ``name=""`` it is the only flag)."""
+    meta = {k: v for k, v in dict(dest=dest, name=name, negative=negative, choices=choices,
+                                  nargs=nargs).items() if v is not None}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The transformer's shape (Qwen2/Llama-style blocks)."""
+
+    num_layers: Optional[int] = None
+    """number of transformer layers"""
+    hidden_size: Optional[int] = None
+    """transformer hidden size d"""
+    ffn_hidden_size: Optional[int] = None
+    """SwiGLU FFN width (default 4d)"""
+    num_attention_heads: Optional[int] = None
+    """query heads"""
+    num_query_groups: Optional[int] = None
+    """key/value heads (GQA); default = heads"""
+    kv_channels: Optional[int] = None
+    """head dimension (default hidden/heads)"""
+    seq_length: Optional[int] = None
+    """sequence length"""
+    max_position_embeddings: Optional[int] = None
+    """default: --seq-length"""
+    vocab_size: Optional[int] = None
+    """vocabulary size (default: the tokenizer's)"""
+    make_vocab_size_divisible_by: int = 128
+    """pad the vocabulary to a multiple of this x TP (the embedding and output rows)"""
+    untie_embeddings_and_output_weights: bool = False
+    """separate input embedding and output layer"""
+    add_qkv_bias: bool = False
+    """bias on the QKV projection (Qwen2)"""
+    rotary_base: int = 10000
+    """RoPE base"""
+    norm_epsilon: float = 1e-6
+    """RMSNorm epsilon"""
+    init_method_std: float = 0.02
+    """standard deviation of the weights' normal initialization"""
+    hidden_dropout: float = 0.0
+    """dropout after attention and FFN"""
+    attention_dropout: float = 0.0
+    """dropout of the attention probabilities"""
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """DeepSeek-V2-style mixture of experts (``pretrain_moe_nitp.py``)."""
+
+    num_moe_experts: Optional[int] = flag(None, name="--num-experts")
+    """routed experts per MoE layer"""
+    moe_router_topk: Optional[int] = None
+    """experts per token (default 2)"""
+    moe_ffn_hidden_size: Optional[int] = None
+    """routed expert width (default: --ffn-hidden-size)"""
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    """shared expert width (0 or unset: no shared expert)"""
+    moe_layer_freq: Union[int, str, None] = None
+    """which layers are MoE: an int N (every N-th) or e.g. '[0]*1+[1]*15' (DeepSeek-V2: a
+    shallow dense stage first)"""
+    moe_aux_loss_coeff: float = 1e-2
+    """load-balancing auxiliary loss coefficient"""
+    moe_token_dispatcher_type: str = flag("alltoall", choices=("allgather", "alltoall"))
+    """how tokens reach their experts' ranks"""
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Batch, length of the run, precision and the optimizer's numerics."""
+
+    micro_batch_size: Optional[int] = None
+    """sequences per micro-batch per rank"""
+    global_batch_size: Optional[int] = None
+    """sequences per optimizer step"""
+    train_iters: Optional[int] = None
+    """optimizer steps"""
+    seed: int = 1234
+    """random seed (initialization, data order)"""
+    weight_decay: float = 0.1
+    """AdamW weight decay"""
+    adam_beta1: float = 0.9
+    """Adam beta1"""
+    adam_beta2: float = 0.95
+    """Adam beta2"""
+    adam_eps: float = 1e-8
+    """Adam epsilon"""
+    clip_grad: float = 1.0
+    """gradient clipping by global norm"""
+    use_distributed_optimizer: bool = False
+    """shard the optimizer states over the data-parallel ranks"""
+    bf16: bool = False
+    """bf16 params/compute, fp32 main params"""
+    fp16: bool = False
+    """fp16 with dynamic loss scaling"""
+    loss_scale: Optional[float] = None
+    """static loss scale for fp16"""
+    initial_loss_scale: float = 2.0**32
+    """initial dynamic loss scale for fp16"""
+    nan_policy: str = flag("skip", choices=("skip", "stop"))
+    """a NaN/Inf loss or gradient: skip the step (and count it) or stop after writing
+    diagnostics; the weights are never updated with it"""
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """The learning-rate schedule."""
+
+    lr: Optional[float] = None
+    """peak learning rate"""
+    min_lr: float = 0.0
+    """learning rate at the end of the decay"""
+    lr_decay_style: str = flag("WSD", choices=("constant", "linear", "cosine",
+                                               "inverse-square-root", "WSD"))
+    """shape of the decay"""
+    lr_warmup_iters: int = 0
+    """linear warm-up iterations"""
+    lr_decay_iters: Optional[int] = None
+    """default: --train-iters"""
+    lr_wsd_decay_ratio: float = 0.2
+    """WSD: fraction of the decay iterations spent decaying (paper: 0.2)"""
+    lr_wsd_decay_iters: Optional[int] = None
+    """WSD: decay iterations (overrides --lr-wsd-decay-ratio)"""
+    lr_wsd_decay_style: str = flag("linear", choices=("linear", "cosine", "exponential",
+                                                      "minus_sqrt"))
+    """WSD: shape of the final decay"""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the tokens come from."""
+
+    data_path: Optional[tuple] = flag(None, nargs="*")
+    """megatron indexed dataset prefix(es), optionally weighted: [w1] p1 [w2] p2; default: the
+    built-in corpus, prepared on first run"""
+    split: str = "969,30,1"
+    """train,valid,test proportions"""
+    tokenizer_model: Optional[str] = None
+    """SentencePiece .model of the data"""
+    data_cache_path: Optional[str] = None
+    """where dataset indices are cached"""
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """The parallel layout and the distributed runtime."""
+
+    tensor_model_parallel_size: int = 1
+    """tensor parallelism (TP)"""
+    pipeline_model_parallel_size: int = 1
+    """pipeline parallelism (PP)"""
+    sequence_parallel: bool = False
+    """shard the norms' and dropouts' activations over TP (on only with TP > 1)"""
+    context_parallel_size: int = 1
+    """context parallelism (attention needs Transformer Engine: GPU only)"""
+    expert_model_parallel_size: int = 1
+    """expert parallelism (EP)"""
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    """interleaved pipeline schedule: not supported with NITP (refused)"""
+    decoder_first_pipeline_num_layers: Optional[int] = None
+    """uneven pipeline: layers on the first stage (the other stages share the rest evenly);
+    megatron-core's num_layers_in_first_pipeline_stage"""
+    decoder_last_pipeline_num_layers: Optional[int] = None
+    """uneven pipeline: layers on the last stage; megatron-core's
+    num_layers_in_last_pipeline_stage"""
+    distributed_backend: Optional[str] = flag(None, choices=("nccl", "gloo"))
+    """default: nccl with CUDA, gloo without"""
+    transformer_impl: str = flag("transformer_engine", choices=("transformer_engine", "local"))
+    """layer spec: Transformer Engine's (when TE and CUDA are present, else megatron-core's local
+    modules) or always the local modules"""
+    distributed_timeout_minutes: int = 10
+    """timeout of collectives (init_process_group); a rank that waits longer fails with an
+    error instead of hanging"""
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Validation, logging and the run folder."""
+
+    eval_interval: int = 100
+    """validate every N iterations (0 = never)"""
+    eval_iters: int = 10
+    """global batches per validation"""
+    log_interval: int = 10
+    """log every N iterations"""
+    geometry_interval: int = 20
+    """log effective rank and pairwise cosine of the last hidden states every N iterations
+    (0 = never)"""
+    log_throughput: bool = flag(True, negative="--no-log-throughput")
+    """log model TFLOP/s per device (NITP's FLOPs counted) and, on GPU, MFU"""
+    peak_tflops: Optional[float] = None
+    """device peak TFLOP/s for MFU (default: known GPUs' bf16 dense peak)"""
+    run_dir: Optional[str] = None
+    """run folder (TensorBoard events, checkpoint, plot, summary); default
+    runs/<preset>-<nitp|ntp>-<time>"""
+    tensorboard_dir: Optional[str] = None
+    """default: <run-dir>/tensorboard"""
+    plot: bool = flag(True, name="", negative="--no-plot")
+    """plot the curves to <run-dir>/training.png"""
+    progress_bar: bool = flag(True, name="", negative="--no-progress-bar")
+    """a progress bar between log lines"""
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Saving and resuming."""
+
+    save: Optional[str] = None
+    """checkpoint folder (default <run-dir>/checkpoints)"""
+    save_interval: Optional[int] = None
+    """write a checkpoint every N iterations (and at the end)"""
+    save_keep_last: Optional[int] = None
+    """keep only the newest K complete checkpoints"""
+    save_final: bool = flag(True, name="", negative="--no-save")
+    """write the final checkpoint"""
+    load: Optional[str] = None
+    """resume from the latest checkpoint in this folder (model, optimizer, scheduler,
+    iteration, data position, RNG; any parallel layout)"""
+    finetune: bool = False
+    """with --load: load the model weights only and start at iteration 0"""
+    load_fallback: bool = False
+    """if the latest checkpoint is incomplete or corrupted, load the newest intact one before
+    it"""
+    override_config: bool = False
+    """load a checkpoint whose model or NITP config differs from the flags"""
+    inject_fault: Optional[str] = None
+    """testing only: KIND@ITER with KIND one of nan-loss, nan-grad, sigterm, sigkill,
+    crash-in-save"""
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Values computed from the settings by :func:`megatron_nitp.config.resolve`, never given."""
+
+    world_size: int
+    data_parallel_size: int
+    num_microbatches: int
+    vocab_size: int
+    """the vocabulary the data uses: --vocab-size, else the tokenizer's"""
+    padded_vocab_size: int
+    """rows of the embedding and output layer: a multiple of make-vocab-size-divisible-by x TP"""
+    moe_layer_pattern: Optional[tuple]
+    """per layer 1 (MoE) or 0 (dense); None for a dense model"""
+    lr_decay_iters: int
+    lr_wsd_decay_iters: int
+
+
+#: The groups of a RunConfig, in the order the help lists them, with their help titles.
+GROUPS = {
+    "model": (ModelConfig, "model"),
+    "moe": (MoEConfig, "mixture of experts (pretrain_moe_nitp.py)"),
+    "nitp_config": (NITPConfig, "NITP (Next Implicit Token Prediction)"),
+    "training": (TrainingConfig, "training"),
+    "schedule": (ScheduleConfig, "learning rate"),
+    "data": (DataConfig, "data"),
+    "parallel": (ParallelConfig, "parallelism"),
+    "logging": (LoggingConfig, "validation, logging and output"),
+    "checkpoint": (CheckpointConfig, "checkpoints"),
+}
+
+
+def field_dest(group_cls, f: dataclasses.Field) -> str:
+    """The flat name of a field: its ``dest`` (NITP fields: ``nitp_<name>``, ``enabled`` is
+    ``nitp``)."""
+    if "dest" in f.metadata:
+        return f.metadata["dest"]
+    if group_cls is NITPConfig:
+        return "nitp" if f.name == "enabled" else f"nitp_{f.name}"
+    return f.name
+
+
+def _index() -> dict[str, tuple[str, str]]:
+    index = {}
+    for group, (cls, _) in GROUPS.items():
+        for f in dataclasses.fields(cls):
+            dest = field_dest(cls, f)
+            assert dest not in index, f"flat name {dest} declared twice"
+            index[dest] = (group, f.name)
+    return index
+
+
+#: flat name (flag dest) -> (group, field)
+FLAT = _index()
+DERIVED = {f.name for f in dataclasses.fields(Derived)}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of a run, by concern; ``derived`` is filled by ``resolve``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    nitp_config: NITPConfig = field(default_factory=NITPConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    preset: str = "tiny-dense"
+    model_type: str = "dense"
+    """dense (pretrain_gpt_nitp.py) or moe (pretrain_moe_nitp.py)"""
+    dry_run: bool = False
+    """--dry-run: plan the job and exit"""
+    planned_world_size: Optional[int] = None
+    """--world-size with --dry-run"""
+    derived: Optional[Derived] = None
+
+    def __getattr__(self, name: str):
+        """The flat view: ``config.hidden_size`` is ``config.model.hidden_size``; after
+        ``resolve`` a derived value takes the place of the setting of the same name
+        (``vocab_size``, ``lr_decay_iters``, ``lr_wsd_decay_iters``)."""
+        if name.startswith("__"):
+            raise AttributeError(name)
+        derived = self.__dict__.get("derived")
+        if name in DERIVED and derived is not None:
+            return getattr(derived, name)
+        if name in FLAT and FLAT[name][0] in self.__dict__:
+            group, attr = FLAT[name]
+            return getattr(self.__dict__[group], attr)
+        if name in DERIVED:
+            raise AttributeError(
+                f"{name} is derived: call megatron_nitp.config.resolve(config, world_size) "
+                "first")
+        raise AttributeError(f"RunConfig has no setting {name!r}")
+
+    @property
+    def world_size(self) -> Optional[int]:
+        """Megatron's ``args.world_size``: the resolved world, else the planned one."""
+        derived = self.__dict__.get("derived")
+        return derived.world_size if derived is not None else self.planned_world_size
+
+    @property
+    def nitp_enabled(self) -> bool:
+        return self.nitp_config.enabled
+
+    @classmethod
+    def from_flat(cls, values: dict, **top) -> "RunConfig":
+        """From flat names (flag dests, preset keys); unknown names raise ``KeyError``."""
+        groups: dict[str, dict] = {g: {} for g in GROUPS}
+        for name, value in values.items():
+            if name not in FLAT:
+                raise KeyError(f"unknown setting {name!r}")
+            group, attr = FLAT[name]
+            groups[group][attr] = value
+        return cls(**{g: GROUPS[g][0](**kw) for g, kw in groups.items()}, **top)
+
+    def replace(self, **flat) -> "RunConfig":
+        """A copy with some settings changed (flat names); ``derived`` is dropped unless
+        nothing it depends on could change (it is recomputed by ``resolve``)."""
+        groups: dict[str, dict] = {}
+        top = {}
+        for name, value in flat.items():
+            if name in FLAT:
+                group, attr = FLAT[name]
+                groups.setdefault(group, {})[attr] = value
+            elif name in {f.name for f in dataclasses.fields(RunConfig)}:
+                top[name] = value
+            else:
+                raise KeyError(f"unknown setting {name!r}")
+        changes = {g: dataclasses.replace(getattr(self, g), **kw) for g, kw in groups.items()}
+        changes.update(top)
+        if "derived" not in top:
+            changes["derived"] = None
+        return dataclasses.replace(self, **changes)
+
+    def flat(self) -> dict:
+        """Every setting by flat name (the values training uses: derived ones after
+        ``resolve``), like Megatron-LM's ``vars(args)``."""
+        out = {name: getattr(self.__dict__[group], attr) for name, (group, attr) in FLAT.items()}
+        if self.derived is not None:
+            out.update(dataclasses.asdict(self.derived))
+        return out
+
+    def to_dict(self) -> dict:
+        """Every setting by group (JSON-safe): what a checkpoint stores."""
+        out = {g: dataclasses.asdict(getattr(self, g)) for g in GROUPS}
+        for f in dataclasses.fields(RunConfig):
+            if f.name not in GROUPS and f.name != "derived":
+                out[f.name] = getattr(self, f.name)
+        if self.derived is not None:
+            out["derived"] = dataclasses.asdict(self.derived)
+        return _jsonable(out)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunConfig":
+        """The inverse of :meth:`to_dict` (fields unknown to this version are ignored)."""
+        kwargs = {}
+        for g, (group_cls, _) in GROUPS.items():
+            names = {f.name for f in dataclasses.fields(group_cls)}
+            values = {k: v for k, v in data.get(g, {}).items() if k in names}
+            if g == "data" and values.get("data_path") is not None:
+                values["data_path"] = tuple(values["data_path"])
+            kwargs[g] = group_cls(**values)
+        for f in dataclasses.fields(RunConfig):
+            if f.name not in GROUPS and f.name != "derived" and f.name in data:
+                kwargs[f.name] = data[f.name]
+        if data.get("derived"):
+            derived = dict(data["derived"])
+            if derived.get("moe_layer_pattern") is not None:
+                derived["moe_layer_pattern"] = tuple(derived["moe_layer_pattern"])
+            kwargs["derived"] = Derived(**derived)
+        return cls(**kwargs)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value

@@ -1,0 +1,155 @@
+"""The typed run config: one declaration per setting, Megatron-LM's flag names, frozen values,
+one pure ``resolve`` for training and ``--dry-run``, and a lossless round trip through JSON
+(what a checkpoint stores)."""
+
+import dataclasses
+import json
+
+import pytest
+
+from megatron_nitp.config import (FLAT, GROUPS, ConfigError, RunConfig, complete, preset_config,
+                                  resolve, validate)
+from megatron_nitp.presets import PRESETS
+from megatron_nitp.training.arguments import build_parser, field_docs, parse_args
+
+# Megatron-LM's spellings (megatron/training/arguments.py) for the settings both have: renaming
+# one breaks every launch script written for Megatron-LM.
+MEGATRON_LM_FLAGS = {
+    "--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads",
+    "--num-query-groups", "--kv-channels", "--seq-length", "--max-position-embeddings",
+    "--vocab-size", "--make-vocab-size-divisible-by", "--untie-embeddings-and-output-weights",
+    "--add-qkv-bias", "--rotary-base", "--norm-epsilon", "--init-method-std", "--hidden-dropout",
+    "--attention-dropout", "--num-experts", "--moe-router-topk", "--moe-ffn-hidden-size",
+    "--moe-shared-expert-intermediate-size", "--moe-layer-freq", "--moe-aux-loss-coeff",
+    "--moe-token-dispatcher-type", "--expert-model-parallel-size", "--micro-batch-size",
+    "--global-batch-size", "--train-iters", "--seed", "--weight-decay", "--adam-beta1",
+    "--adam-beta2", "--adam-eps", "--clip-grad", "--use-distributed-optimizer", "--bf16",
+    "--fp16", "--loss-scale", "--initial-loss-scale", "--lr", "--min-lr", "--lr-decay-style",
+    "--lr-warmup-iters", "--lr-decay-iters", "--lr-wsd-decay-style", "--lr-wsd-decay-iters",
+    "--data-path", "--split", "--tokenizer-model", "--data-cache-path",
+    "--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--sequence-parallel",
+    "--context-parallel-size", "--virtual-pipeline-model-parallel-size",
+    "--decoder-first-pipeline-num-layers", "--decoder-last-pipeline-num-layers",
+    "--distributed-backend", "--transformer-impl", "--distributed-timeout-minutes",
+    "--eval-interval", "--eval-iters", "--log-interval", "--log-throughput", "--tensorboard-dir",
+    "--save", "--save-interval", "--load", "--finetune",
+}
+
+TINY = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
+        "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "8",
+        "--train-iters", "10", "--lr-warmup-iters", "0"]
+
+
+def test_every_flag_is_one_field_and_keeps_megatron_lm_names():
+    parser = build_parser("moe")
+    flags = {s for a in parser._actions for s in a.option_strings} - {"-h", "--help"}
+    assert MEGATRON_LM_FLAGS <= flags, sorted(MEGATRON_LM_FLAGS - flags)
+    dests = {a.dest for a in parser._actions if a.option_strings} - {"help"}
+    launch_only = {"preset", "list_presets", "json", "dry_run", "planned_world_size"}
+    assert dests - launch_only == set(FLAT)  # no flag without a field, no field without a flag
+
+
+def test_every_field_has_help_text():
+    for cls, _ in GROUPS.values():
+        docs = field_docs(cls)
+        missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+        assert not missing, (cls.__name__, missing)
+
+
+def test_the_config_is_frozen_and_changes_make_a_new_one():
+    config = parse_args(TINY)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.model.hidden_size = 64
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.derived = None
+    wider = config.replace(hidden_size=64, nitp_target_layer=2)
+    assert (config.hidden_size, config.nitp_target_layer) == (32, 1)
+    assert (wider.model.hidden_size, wider.nitp_config.target_layer) == (64, 2)
+    with pytest.raises(KeyError, match="unknown setting 'hiden_size'"):
+        config.replace(hiden_size=64)
+
+
+def test_flat_view_names_each_group_field():
+    config = parse_args(TINY + ["--num-experts", "4", "--no-nitp"], "moe")
+    assert config.num_moe_experts == config.moe.num_moe_experts == 4
+    assert config.nitp is False and config.nitp_config.enabled is False
+    assert config.ffn_hidden_size == 352  # the preset's
+    assert complete(config.replace(ffn_hidden_size=None)).ffn_hidden_size == 4 * 32
+    with pytest.raises(AttributeError, match="derived: call megatron_nitp.config.resolve"):
+        config.num_microbatches
+
+
+def test_resolve_computes_every_derived_value_and_is_pure():
+    config = parse_args(TINY + ["--num-experts", "4", "--moe-layer-freq", "[0]*1+[1]*3",
+                                "--tensor-model-parallel-size", "2", "--vocab-size", "1000",
+                                "--lr-decay-style", "WSD", "--lr-wsd-decay-ratio", "0.3"], "moe")
+    before = config.to_dict()
+    resolved = resolve(config, 8, tokenizer_vocab_size=900)
+    assert config.to_dict() == before and config.derived is None  # the input is untouched
+    assert resolved == resolve(config, 8, tokenizer_vocab_size=900)
+    d = resolved.derived
+    assert (d.world_size, d.data_parallel_size, d.num_microbatches) == (8, 4, 1)
+    assert (d.vocab_size, d.padded_vocab_size) == (1000, 1024)  # 128 x TP 2 = 256 | 1024
+    assert d.moe_layer_pattern == (0, 1, 1, 1)
+    assert (d.lr_decay_iters, d.lr_wsd_decay_iters) == (10, 3)
+    assert resolved.vocab_size == 1000 and resolved.model.vocab_size == 1000
+    tokenizer_sized = resolve(config.replace(vocab_size=None), 8, tokenizer_vocab_size=900)
+    assert (tokenizer_sized.vocab_size, tokenizer_sized.padded_vocab_size) == (900, 1024)
+
+
+@pytest.mark.parametrize("world,tokens,message", [
+    (3, None, "world size 3 is not divisible by TP x PP x CP = 2"),
+    (4, None, "--global-batch-size 6 is not divisible by --micro-batch-size 2 x data-parallel "
+              "size 2 = 4"),
+    (8, 2000, "the tokenizer's vocabulary (2000) is larger than --vocab-size 1000"),
+])
+def test_resolve_refuses_what_cannot_run(world, tokens, message):
+    config = parse_args(TINY + ["--tensor-model-parallel-size", "2", "--vocab-size", "1000",
+                                "--global-batch-size", "6" if world == 4 else "8"])
+    with pytest.raises(ConfigError) as err:
+        resolve(config, world, tokens)
+    assert message in str(err.value)
+
+
+def test_short_run_below_the_warmup_names_the_fix():
+    with pytest.raises(ConfigError, match=r"--lr-warmup-iters 30 exceeds --lr-decay-iters 10 "
+                                          r"\(= --train-iters\): lower it, e.g. "
+                                          r"--lr-warmup-iters 1"):
+        validate(preset_config("tiny-dense", train_iters=10))
+
+
+def test_dry_run_plans_with_the_resolved_values(capsys):
+    from megatron_nitp.training.plan import dry_run
+
+    config = parse_args(["--preset", "dense-2b", "--micro-batch-size", "1", "--train-iters", "5000",
+                         "--tensor-model-parallel-size", "2", "--world-size", "64", "--dry-run"])
+    assert dry_run(config) == 0
+    out = capsys.readouterr().out
+    resolved = resolve(config, 64)
+    assert (f"micro-batch 1 x DP {resolved.data_parallel_size} x {resolved.num_microbatches} "
+            "micro-batches") in out
+    assert f"padded {resolved.padded_vocab_size}" in out
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_are_configs_equal_to_their_flags(name):
+    moe = PRESETS[name].get("model_type") == "moe"
+    extra = {} if "micro_batch_size" in PRESETS[name] else {"micro_batch_size": 1}
+    extra.update({} if "train_iters" in PRESETS[name] else {"train_iters": 5000})
+    flags = ["--preset", name] + [x for k, v in extra.items()
+                                  for x in ("--" + k.replace("_", "-"), str(v))]
+    parsed = parse_args(flags, "moe" if moe else "dense")
+    assert preset_config(name, **extra) == parsed
+    for key, value in PRESETS[name].items():
+        if key in FLAT:
+            assert getattr(parsed, key) == value, key
+
+
+def test_json_round_trip_is_lossless():
+    config = resolve(parse_args(TINY + ["--num-experts", "4", "--data-path", "0.3", "a", "0.7",
+                                        "b", "--tokenizer-model", "t.model"], "moe"), 2)
+    text = json.dumps(config.to_dict())
+    back = RunConfig.from_dict(json.loads(text))
+    assert back == config
+    assert back.data_path == ("0.3", "a", "0.7", "b")
+    assert back.moe_layer_pattern == config.moe_layer_pattern
