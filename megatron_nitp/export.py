@@ -20,6 +20,27 @@ import os
 import torch
 
 
+def load_checkpoint_model(checkpoint_root: str):
+    """(model, config): the single-process model of a checkpoint, built from the run config it
+    stores and loaded with its weights (resharded from any training layout). Export, the
+    evaluation tools and the lm-eval bridge start here."""
+    from megatron_nitp.training.checkpointing import (config_from_meta, find_checkpoint,
+                                                      load_model_weights, read_meta)
+    from megatron_nitp.training.initialize import initialize_distributed, set_seed
+    from megatron_nitp.training.model import build_model
+
+    meta = read_meta(find_checkpoint(checkpoint_root))
+    if meta["model"].get("num_moe_experts"):
+        raise SystemExit("error: Hugging Face export supports dense models only (this "
+                         "checkpoint is a mixture-of-experts model).")
+    config = config_from_meta(meta)
+    initialize_distributed()
+    set_seed(0)
+    net = build_model(config, pre_process=True, post_process=True)
+    load_model_weights(checkpoint_root, net)
+    return net, config
+
+
 def _get(state: dict, *names: str) -> torch.Tensor:
     for name in names:
         if name in state and state[name] is not None:

@@ -270,6 +270,25 @@ def mtp_flops(model, num_layers: int = 1, causal: bool = True) -> float:
 # --------------------------------------------------------------------------------------------
 
 
+def layer_parameters(model, moe: bool, tp: int = 1, ep: int = 1) -> tuple[int, int]:
+    """``(dense, expert)`` parameters of one layer on one rank of a TP x EP layout: dense ones
+    (norms, attention, dense FFN, router, shared expert) are replicated over data-parallel
+    ranks, routed experts over the expert data-parallel ranks. Matrices are split over TP
+    (norms and the router are replicated); routed experts over EP and the expert TP (= TP).
+    The one per-layer count: ``parameter_counts`` (TP = EP = 1) and ``--dry-run``'s memory plan
+    (``training/plan.py``) both use it."""
+    m = _shape(model)
+    d, q, kv = m.hidden_size, m.q_size, m.kv_size
+    attention = (d * (q + 2 * kv) + q * d + (q + 2 * kv if m.add_qkv_bias else 0)) // tp
+    norms = 2 * d
+    if not moe:
+        return norms + attention + 3 * d * m.ffn_hidden_size // tp, 0
+    shared = 3 * d * m.shared_ffn // tp
+    router = m.num_moe_experts * d
+    experts = m.num_moe_experts // ep * 3 * d * m.moe_ffn_hidden_size // tp
+    return norms + attention + router + shared, experts
+
+
 def parameter_counts(preset_dict) -> dict[str, int]:
     """Parameters of the model as built (local or TE spec, TP = 1), analytically.
 
@@ -285,19 +304,13 @@ def parameter_counts(preset_dict) -> dict[str, int]:
     ``E x 3 d f_e``, shared expert ``3 d f_s``.
     """
     m = _shape(preset_dict)
-    d, q, kv = m.hidden_size, m.q_size, m.kv_size
-    attention = d * (q + 2 * kv) + q * d + (q + 2 * kv if m.add_qkv_bias else 0)
-    norms = 2 * d
+    d = m.hidden_size
     total = activated = 0
     for moe in m.moe_layers:
-        if moe:
-            expert = 3 * d * m.moe_ffn_hidden_size
-            mlp = m.num_moe_experts * (d + expert) + 3 * d * m.shared_ffn
-            skipped = (m.num_moe_experts - m.moe_router_topk) * expert
-        else:
-            mlp, skipped = 3 * d * m.ffn_hidden_size, 0
-        total += norms + attention + mlp
-        activated += norms + attention + mlp - skipped
+        dense, experts = layer_parameters(m, bool(moe))
+        skipped = (m.num_moe_experts - m.moe_router_topk) * 3 * d * m.moe_ffn_hidden_size if moe else 0
+        total += dense + experts
+        activated += dense + experts - skipped
     embedding = m.padded_vocab_size * d
     output_layer = embedding if m.untie_embeddings_and_output_weights else 0
     outside = embedding + output_layer + d  # + final norm

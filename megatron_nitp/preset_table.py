@@ -1,6 +1,9 @@
-"""Parameter counts of the presets, measured on megatron-core's built modules.
+"""The preset table (``--list-presets``) and the measurement that checks its counts.
 
-Each preset is built at reduced depth - one dense layer and (for MoE) one MoE layer, with its
+The table's parameter counts come from the one parameter model, ``flops.parameter_counts``
+(also used by ``--dry-run``'s plan and ``tools/flops_overhead.py``). :func:`measured_counts`
+counts megatron-core's built modules instead, for the tests that hold the model to them: each
+preset is built at reduced depth - one dense layer and (for MoE) one MoE layer, with its
 real widths, experts and vocabulary - on CPU with uninitialized storage (no weights are
 computed or touched), and the counts are extrapolated to the preset's depth layer by layer:
 
@@ -78,12 +81,41 @@ def measured_counts(name: str) -> dict:
     }
 
 
+def preset_counts(name: str) -> dict:
+    """The table's row of preset ``name``: counts from ``flops.parameter_counts``."""
+    from megatron_nitp.flops import ModelShape, parameter_counts
+
+    preset = get_preset(name)
+    moe = preset.get("model_type") == "moe"
+    shape = ModelShape.from_dict(preset)
+    counts = parameter_counts(shape)
+    pattern = shape.moe_layers
+    return {
+        "preset": name,
+        "kind": "moe" if moe else "dense",
+        "total_params": counts["total"],
+        "active_params": counts["activated"],
+        "projector_params": counts["nitp_projector"],
+        "layers": shape.num_layers,
+        "dense_layers": len(pattern) - sum(pattern),
+        "moe_layers": sum(pattern),
+        "hidden_size": shape.hidden_size,
+        "experts": f"{shape.num_moe_experts}+{1 if shape.shared_ffn else 0} "
+                   f"top-{shape.moe_router_topk}" if moe else "-",
+        "tied_embeddings": not shape.untie_embeddings_and_output_weights,
+        "nitp_target_layer": preset["nitp_target_layer"],
+        "nitp_loss_weight": preset["nitp_loss_weight"],
+        "lr": preset["lr"],
+        "global_batch_size": preset["global_batch_size"],
+    }
+
+
 def _billions(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
 
 
 def print_presets(as_json: bool = False) -> None:
-    rows = [measured_counts(name) for name in PRESETS]
+    rows = [preset_counts(name) for name in PRESETS]
     if as_json:
         print(json.dumps(rows, indent=2))
         return

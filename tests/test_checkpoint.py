@@ -18,8 +18,12 @@ TINY = ["--num-layers", "4", "--hidden-size", "32", "--ffn-hidden-size", "64",
         "--geometry-interval", "0", "--log-interval", "1"]
 
 
-def _run(run_dir, *flags, nproc=1, expect=0):
-    env = clean_env()
+def _run(run_dir, *flags, nproc=1, expect=0, fault=None):
+    """One training job; ``fault`` KIND@ITER is injected through the test hook
+    (megatron_nitp/training/faults.py)."""
+    from megatron_nitp.training import faults
+
+    env = clean_env(**({faults.ENV: fault} if fault else {}))
     script = os.path.join(ROOT, "pretrain_gpt_nitp.py")
     cmd = [sys.executable, script] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
@@ -66,7 +70,7 @@ def test_sigkill_then_resume_is_bitwise_identical(uninterrupted):
     root, full = uninterrupted
     killed = root / "killed"
     proc = _run(killed, "--train-iters", "6", "--save-interval", "2",
-                "--inject-fault", "sigkill@5", expect=-signal.SIGKILL)
+                fault="sigkill@5", expect=-signal.SIGKILL)
     assert "saved checkpoint" in proc.stdout
     assert _latest(killed / "checkpoints") == 4
     resumed = root / "resumed"
@@ -83,8 +87,7 @@ def test_sigkill_then_resume_is_bitwise_identical(uninterrupted):
 def test_crash_during_save_leaves_previous_checkpoint_loadable(uninterrupted, tmp_path):
     root, full = uninterrupted
     run = tmp_path / "crash"
-    _run(run, "--train-iters", "6", "--save-interval", "2", "--inject-fault",
-         "crash-in-save@4", expect=17)
+    _run(run, "--train-iters", "6", "--save-interval", "2", fault="crash-in-save@4", expect=17)
     ckpt = run / "checkpoints"
     assert _latest(ckpt) == 2
     assert (ckpt / "iter_0000004").is_dir()
@@ -122,7 +125,7 @@ def test_corrupted_checkpoint_is_named_and_fallback_loads_the_previous(uninterru
 def test_sigterm_writes_a_checkpoint_and_exits_75(uninterrupted, tmp_path):
     root, full = uninterrupted
     run = tmp_path / "term"
-    proc = _run(run, "--train-iters", "6", "--inject-fault", "sigterm@3", expect=75)
+    proc = _run(run, "--train-iters", "6", fault="sigterm@3", expect=75)
     assert "SIGTERM: saved checkpoint" in proc.stdout
     assert _latest(run / "checkpoints") == 3
     _run(tmp_path / "after-term", "--train-iters", "6", "--load", str(run / "checkpoints"),
@@ -155,7 +158,7 @@ def test_nan_skip_policy_never_updates_the_weights(dist, tmp_path):
     import torch
 
     run = tmp_path / "nan"
-    _run(run, "--train-iters", "3", "--save-interval", "1", "--inject-fault", "nan-grad@2")
+    _run(run, "--train-iters", "3", "--save-interval", "1", fault="nan-grad@2")
     got = _history(run)
     assert got["skipped"] == {1: 0.0, 2: 1.0, 3: 0.0}
     assert all(torch.isfinite(torch.tensor(v)) for v in got["lm loss"].values())
@@ -172,7 +175,7 @@ def test_nan_skip_policy_never_updates_the_weights(dist, tmp_path):
 def test_nan_stop_policy_writes_diagnostics_and_exits_3(tmp_path):
     run = tmp_path / "stop"
     proc = _run(run, "--train-iters", "4", "--save-interval", "1", "--nan-policy", "stop",
-                "--inject-fault", "nan-loss@3", expect=3)
+                fault="nan-loss@3", expect=3)
     assert "non-finite values at iteration 3" in proc.stdout
     diag = json.load(open(run / "non_finite_iter_0000003.json"))
     assert diag["non_finite"] == "loss"

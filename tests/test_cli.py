@@ -1,5 +1,8 @@
-"""Bad input is refused before any work, with a message that names the fix."""
+"""Bad input is refused before any work, with a message that names the fix; --help works for
+both entry scripts and every tool."""
 
+import glob
+import os
 import subprocess
 import sys
 
@@ -7,7 +10,7 @@ import pytest
 
 from megatron_nitp.training.arguments import parse_args
 from megatron_nitp.training.loop import UsageError, pretrain
-from tests.conftest import ROOT
+from tests.conftest import ROOT, clean_env
 
 
 def _parse_error(capsys, *argv):
@@ -160,3 +163,19 @@ def test_help_lists_the_flags(script):
                  "--distributed-timeout-minutes", "--data-cache-path"):
         assert flag in proc.stdout, flag
     assert "20% of depth" in proc.stdout
+
+
+TOOLS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "tools", "*.py")))
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_every_tool_runs_its_help_from_anywhere(tool, tmp_path):
+    """``python tools/x.py --help`` works from any folder, with the package found as installed
+    (no PYTHONPATH, no sys.path edits in the tool)."""
+    source = open(os.path.join(ROOT, "tools", tool)).read()
+    assert "sys.path" not in source, f"tools/{tool} edits sys.path"
+    env = {k: v for k, v in clean_env().items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", tool), "--help"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("usage:"), proc.stdout[:300]

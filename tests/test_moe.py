@@ -12,7 +12,7 @@ with every replicated copy equal to the saved one. Layouts of one world size run
 
 import pytest
 
-from megatron_nitp.preset_table import measured_counts
+from megatron_nitp.preset_table import measured_counts, preset_counts
 from megatron_nitp.training.arguments import parse_args
 from megatron_nitp.training.loop import pretrain
 from tests.test_parallel import FLAGS, Launcher, assert_state_close
@@ -115,6 +115,7 @@ def test_tiny_moe_learns_and_every_expert_receives_tokens(dist, tmp_path):
 ])
 def test_paper_preset_parameter_counts_match_their_names(dist, name, total, active):
     counts = measured_counts(name)
+    assert preset_counts(name) == counts  # the --list-presets table counts what is built
     assert counts["total_params"] == pytest.approx(total, rel=0.10)
     assert counts["active_params"] == pytest.approx(active, rel=0.10)
     d = counts["hidden_size"]

@@ -44,12 +44,17 @@ def _layout(args, world):
 
 
 @pytest.mark.parametrize("name", PAPER + ["tiny-dense", "tiny-moe"])
-def test_model_parameters_agree_with_the_analytic_counts(name):
+def test_the_one_parameter_model_matches_megatron_cores_built_modules(dist, name):
+    """plan, preset table and FLOPs tool share flops.parameter_counts; it must count what
+    megatron-core builds (preset_table.measured_counts: the modules, reduced depth)."""
+    from megatron_nitp.preset_table import measured_counts
+
     counts = plan.model_parameters(_args("--preset", name))
-    reference = parameter_counts(PRESETS[name])
-    assert counts["total"] == reference["total"]
-    assert counts["active"] == reference["activated"]
-    assert counts["projector"] == reference["nitp_projector"]
+    built = measured_counts(name)
+    assert counts["total"] == built["total_params"]
+    assert counts["active"] == built["active_params"]
+    assert counts["projector"] == built["projector_params"]
+    assert parameter_counts(PRESETS[name])["total"] == built["total_params"]
 
 
 def _built_stage(args, stage, pp):

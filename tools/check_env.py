@@ -13,18 +13,15 @@ default command of the Docker image.
 """
 
 import argparse
-import os
 import platform
 import sys
 import tempfile
 import time
 import traceback
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import megatron_nitp  # noqa: E402  (before any megatron import: CPU import stubs)
+import megatron_nitp  # (before any megatron import: CPU import stubs)
 
-import torch  # noqa: E402
+import torch
 
 TINY_RUN = ["--preset", "tiny-dense", "--train-iters", "1", "--lr-warmup-iters", "0",
             "--eval-interval", "0", "--log-interval", "1", "--geometry-interval", "0",

@@ -23,12 +23,10 @@ import json
 import math
 import os
 import re
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import megatron_nitp  # noqa: E402,F401
+import megatron_nitp  # noqa: F401
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 # (history key in summary.json, TensorBoard tag, panel title, y label)
 METRICS = (

@@ -27,22 +27,15 @@ Works with NTP and NITP checkpoints of dense models (the projector is never used
 import argparse
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import megatron_nitp  # noqa: E402,F401
+import megatron_nitp  # noqa: F401
 
 
 def _load_model(checkpoint: str):
-    import importlib.util
+    from megatron_nitp.export import load_checkpoint_model
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    spec = importlib.util.spec_from_file_location(
-        "export_checkpoint", os.path.join(here, "export_checkpoint.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.load_for_export(checkpoint)
+    return load_checkpoint_model(checkpoint)
 
 
 def _read_lines(path: str) -> list[str]:

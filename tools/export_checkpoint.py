@@ -10,30 +10,9 @@ writes the projector apart for analysis. The SentencePiece tokenizer is copied b
 import argparse
 import os
 import shutil
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import megatron_nitp  # noqa: E402,F401
-
-
-def load_for_export(checkpoint_root: str):
-    """Builds the single-process model of a checkpoint from its stored run config and loads its
-    weights (resharded from any training layout)."""
-    from megatron_nitp.training.checkpointing import (config_from_meta, find_checkpoint,
-                                                      load_model_weights, read_meta)
-    from megatron_nitp.training.initialize import initialize_distributed, set_seed
-    from megatron_nitp.training.model import build_model
-
-    meta = read_meta(find_checkpoint(checkpoint_root))
-    if meta["model"].get("num_moe_experts"):
-        raise SystemExit("error: Hugging Face export supports dense models only (this "
-                         "checkpoint is a mixture-of-experts model).")
-    args = config_from_meta(meta)
-    initialize_distributed()
-    set_seed(0)
-    net = build_model(args, pre_process=True, post_process=True)
-    load_model_weights(checkpoint_root, net)
-    return net, args
+import megatron_nitp  # noqa: F401  (CPU import stubs must precede megatron-core)
+from megatron_nitp.export import load_checkpoint_model as load_for_export
 
 
 def main(argv=None):

@@ -21,12 +21,10 @@ import statistics
 import sys
 import time
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
-import megatron_nitp  # noqa: E402,F401  (CPU import stubs must precede megatron-core)
+import megatron_nitp  # noqa: F401  (CPU import stubs must precede megatron-core)
 
-from megatron_nitp import flops  # noqa: E402
-from megatron_nitp.presets import PRESETS, get_preset  # noqa: E402
+from megatron_nitp import flops
+from megatron_nitp.presets import PRESETS, get_preset
 
 # (flag, type) of the model shape; dest names match megatron_nitp.flops.ModelShape
 MODEL_FLAGS = [

@@ -17,12 +17,10 @@ import datetime
 import json
 import os
 import platform
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import megatron_nitp  # noqa: E402,F401
+import megatron_nitp  # noqa: F401
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 KINDS = ("ntp", "nitp")
 NAMES = {"ntp": "NTP", "nitp": "NITP"}

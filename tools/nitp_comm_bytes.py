@@ -10,14 +10,11 @@ for scale. Nothing travels backward (the target needs no gradient).
 
 import argparse
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import megatron_nitp  # noqa: E402,F401
+import megatron_nitp  # noqa: F401
 
-from megatron_nitp.nitp.routing import routed_bytes_per_step  # noqa: E402
-from megatron_nitp.presets import PRESETS, get_preset  # noqa: E402
+from megatron_nitp.nitp.routing import routed_bytes_per_step
+from megatron_nitp.presets import PRESETS, get_preset
 
 
 def _human(n: float) -> str:

@@ -6,11 +6,8 @@ Example:
 """
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import megatron_nitp  # noqa: E402,F401  (CPU import stubs must precede megatron-core)
+import megatron_nitp  # noqa: F401  (CPU import stubs must precede megatron-core)
 
 from megatron_nitp.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
 

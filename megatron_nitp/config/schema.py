@@ -256,9 +256,6 @@ class CheckpointConfig:
     it"""
     override_config: bool = False
     """load a checkpoint whose model or NITP config differs from the flags"""
-    inject_fault: Optional[str] = None
-    """testing only: KIND@ITER with KIND one of nan-loss, nan-grad, sigterm, sigkill,
-    crash-in-save"""
 
 
 @dataclass(frozen=True)

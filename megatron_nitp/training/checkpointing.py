@@ -29,6 +29,7 @@ import torch
 from megatron.core import dist_checkpointing, tensor_parallel
 
 from megatron_nitp import device
+from megatron_nitp.training import faults
 from megatron_nitp.training.model import unwrap
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -113,12 +114,9 @@ def _sharded_state(model, optimizer, is_loading: bool) -> dict:
 
 
 def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args,
-                    consumed_samples: int = 0, keep_last: int | None = None,
-                    crash_before_manifest: bool = False) -> str:
-    """Writes a complete checkpoint of ``iteration`` and then moves the tracker to it.
-
-    ``crash_before_manifest`` (fault injection, tests only) kills the process after the shards
-    are written and before the checkpoint is made visible."""
+                    consumed_samples: int = 0, keep_last: int | None = None) -> str:
+    """Writes a complete checkpoint of ``iteration`` and then moves the tracker to it (the
+    ``crash-in-save`` test fault stops the process in between: ``training/faults.py``)."""
     path = checkpoint_dir(root, iteration)
     rank = torch.distributed.get_rank()
     if rank == 0:
@@ -131,8 +129,8 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args
     dist_checkpointing.save(state, path)
     torch.save(_rng_state(), os.path.join(path, "rng", f"rank_{rank:05d}.pt"))
     torch.distributed.barrier()
-    if crash_before_manifest:
-        os._exit(17)
+    if faults.due("crash-in-save", iteration):
+        os._exit(faults.EXIT_CRASH_IN_SAVE)
     if rank == 0:
         meta = {
             "iteration": iteration,
@@ -283,7 +281,7 @@ def config_from_meta(meta: dict):
         expert_model_parallel_size=1, context_parallel_size=1, sequence_parallel=False,
         use_distributed_optimizer=False, decoder_first_pipeline_num_layers=None,
         decoder_last_pipeline_num_layers=None, micro_batch_size=1, global_batch_size=1,
-        load=None, save=None, inject_fault=None))
+        load=None, save=None))
     resolved = resolve(config, 1)
     padded = meta["model"]["padded_vocab_size"]
     return resolved.replace(derived=dataclasses.replace(resolved.derived,

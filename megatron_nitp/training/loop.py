@@ -188,16 +188,6 @@ class _Preemption:
         return flag.item() > 0
 
 
-def _parse_fault(spec: str | None) -> tuple[str | None, int]:
-    if not spec:
-        return None, -1
-    kind, _, when = spec.partition("@")
-    kinds = ("nan-loss", "nan-grad", "sigterm", "sigkill", "crash-in-save")
-    if kind not in kinds or not when.isdigit():
-        raise UsageError(f"--inject-fault {spec!r}: use KIND@ITER with KIND in {', '.join(kinds)}")
-    return kind, int(when)
-
-
 def pretrain(args: RunConfig) -> dict:
     """Train; returns the run summary (final metrics). Exits with EXIT_PREEMPTED after a
     SIGTERM checkpoint and EXIT_NON_FINITE under ``--nan-policy stop``."""
@@ -206,8 +196,13 @@ def pretrain(args: RunConfig) -> dict:
     from megatron_nitp.training.checkpointing import save_checkpoint
     from megatron_nitp.training.step import NonFiniteError
 
+    from megatron_nitp.training import faults
+
     start = time.perf_counter()
-    fault, fault_iter = _parse_fault(args.inject_fault)
+    try:
+        faults.planned()  # a malformed test fault fails before any work
+    except ValueError as err:
+        raise UsageError(str(err)) from err
     run = setup(args)
     args = run.args
     model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
@@ -219,10 +214,10 @@ def pretrain(args: RunConfig) -> dict:
     save_dir = args.save or os.path.join(run_dir, "checkpoints")
     preemption = _Preemption()
 
-    def save(iteration: int, crash: bool = False) -> str:
+    def save(iteration: int) -> str:
         return save_checkpoint(save_dir, iteration, model, optimizer, scheduler, args,
                                consumed_samples=train_iter.consumed_samples,
-                               keep_last=args.save_keep_last, crash_before_manifest=crash)
+                               keep_last=args.save_keep_last)
 
     logger = TrainingLogger(args, tensorboard_dir)
     params = sum(p.numel() for p in model.parameters())
@@ -244,17 +239,16 @@ def pretrain(args: RunConfig) -> dict:
     iteration = run.start_iteration
     while iteration < args.train_iters:
         iteration += 1
-        if fault == "sigkill" and iteration == fault_iter:
+        if faults.due("sigkill", iteration):
             os.kill(os.getpid(), signal.SIGKILL)
-        if fault == "sigterm" and iteration == fault_iter:
+        if faults.due("sigterm", iteration):
             os.kill(os.getpid(), signal.SIGTERM)
         geometry = bool(args.geometry_interval) and (
             iteration % args.geometry_interval == 0 or iteration in (1, args.train_iters)
         )
-        step_fault = fault if fault in ("nan-loss", "nan-grad") and iteration == fault_iter else None
         try:
             metrics = train_step(model, optimizer, scheduler, train_iter, args, iteration - 1,
-                                 geometry, fault=step_fault)
+                                 geometry)
         except NonFiniteError as err:
             logger.close()
             if is_logging_rank():
@@ -273,8 +267,7 @@ def pretrain(args: RunConfig) -> dict:
             logger.log_eval(iteration, evaluate(model, valid_iter(), args, args.eval_iters))
             throughput.lap()
         if args.save_interval and iteration % args.save_interval == 0 and iteration < args.train_iters:
-            crash = fault == "crash-in-save" and iteration == fault_iter
-            logger.print(f"> saved checkpoint {save(iteration, crash)}")
+            logger.print(f"> saved checkpoint {save(iteration)}")
             throughput.lap()
         if preemption.agreed():
             path = save(iteration)

@@ -139,19 +139,18 @@ def _moe_pattern(args: RunConfig) -> list[int]:
     return list(moe_pattern(args) or [0] * args.num_layers)
 
 
+def _shape(args: RunConfig):
+    from megatron_nitp.flops import ModelShape
+
+    return ModelShape.from_dict({**args.flat(), "tensor_model_parallel_size": 1})
+
+
 def layer_parameters(args: RunConfig, moe: bool, tp: int = 1, ep: int = 1
                      ) -> tuple[int, int]:
-    """``(dense, expert)`` parameters of one layer on one rank: dense ones are replicated over
-    data-parallel ranks, routed experts over the expert data-parallel ranks."""
-    d, q, kv = _widths(args)
-    attention = (d * (q + 2 * kv) + q * d + (q + 2 * kv if args.add_qkv_bias else 0)) // tp
-    norms = 2 * d
-    if not moe:
-        return norms + attention + 3 * d * args.ffn_hidden_size // tp, 0
-    shared = 3 * d * (args.moe_shared_expert_intermediate_size or 0) // tp
-    router = args.num_moe_experts * d
-    experts = args.num_moe_experts // ep * 3 * d * args.moe_ffn_hidden_size // tp
-    return norms + attention + router + shared, experts
+    """``(dense, expert)`` parameters of one layer on one rank (``flops.layer_parameters``)."""
+    from megatron_nitp.flops import layer_parameters as count
+
+    return count(_shape(args), moe, tp, ep)
 
 
 def projector_parameters(args: RunConfig, tp: int = 1) -> int:
@@ -199,16 +198,13 @@ def stage_parameters(args: RunConfig, layout: Layout, stage: int) -> tuple[int, 
 
 
 def model_parameters(args: RunConfig) -> dict[str, int]:
-    """Total and active parameters of the model for inference (no projector), TP = 1."""
-    single = Layout(world=1, tp=1, pp=1, cp=1, ep=1, dp=1, sp=False)
-    dense, expert = stage_parameters(args, single, 0)
-    projector = projector_parameters(args)
-    total = dense + expert - projector
-    skipped = 0
-    if args.num_moe_experts:
-        per_expert = 3 * args.hidden_size * args.moe_ffn_hidden_size
-        skipped = sum(_moe_pattern(args)) * (args.num_moe_experts - args.moe_router_topk) * per_expert
-    return {"total": total, "active": total - skipped, "projector": projector}
+    """Total and active parameters of the model for inference (no projector), TP = 1: the
+    FLOPs model's count (``flops.parameter_counts``) with this run's vocabulary."""
+    from megatron_nitp.flops import parameter_counts
+
+    counts = parameter_counts(_shape(args))
+    return {"total": counts["total"], "active": counts["activated"],
+            "projector": projector_parameters(args)}
 
 
 def activation_bytes_per_token(args: RunConfig, moe: bool, layout: Layout) -> float:

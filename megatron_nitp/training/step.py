@@ -25,6 +25,7 @@ from megatron.core.utils import get_batch_on_this_cp_rank
 from megatron_nitp.device import device, to_device
 from megatron_nitp.geometry import effective_rank, mean_pairwise_cosine, valid_token_states
 from megatron_nitp.nitp.loss import num_contributing_positions
+from megatron_nitp.training import faults
 from megatron_nitp.training.model import unwrap
 
 REPORT_KEYS = ("lm loss", "nitp loss", "effective rank", "cosine similarity")
@@ -160,30 +161,31 @@ def _grads_finite(model) -> bool:
 
 def train_step(
     model, optimizer, scheduler, data_iterator: Iterator, args, iteration: int, geometry: bool,
-    fault: str | None = None,
 ) -> dict[str, float]:
     """Forward/backward over ``args.num_microbatches`` micro-batches, then one optimizer step.
 
     Returns the global lm loss, nitp loss, total loss, grad norm, lr (and geometry if asked).
     A NaN/Inf in a loss or a gradient is caught before the optimizer step: the step is skipped
     (``--nan-policy skip``, reported as ``skipped``) or NonFiniteError is raised (``stop``). The
-    weights are never updated with it. ``fault`` injects ``nan-loss`` or ``nan-grad`` (tests).
+    weights are never updated with it. The ``nan-loss`` and ``nan-grad`` test faults
+    (``training/faults.py``) strike here.
     """
     batches = [to_device(next(data_iterator)) for _ in range(args.num_microbatches)]
     weight = args.nitp_config.weight_at(iteration)
     n_ntp, n_nitp = _global_counts(batches, args.nitp_config.shift)
     nitp_scale = weight * n_ntp / n_nitp if n_nitp > 0 else 0.0
-    if fault == "nan-loss":
+    nan_loss = faults.due("nan-loss", iteration + 1)
+    if nan_loss:
         nitp_scale = float("nan")
 
     model.zero_grad_buffer()
     optimizer.zero_grad()
     reports = _run_schedule(model, batches, args, nitp_scale, False, geometry)
-    if fault == "nan-grad":
+    if faults.due("nan-grad", iteration + 1):
         model.buffers[0].grad_data.view(-1)[0] = float("nan")
     metrics = reduce_report(reports)
     losses_finite = all(math.isfinite(metrics.get(k, 0.0)) for k in ("lm loss", "nitp loss"))
-    if fault == "nan-loss":
+    if nan_loss:
         losses_finite = False
     if not (losses_finite and _grads_finite(model)):
         diagnostics = {"iteration": iteration + 1, "losses": metrics,
