@@ -186,46 +186,18 @@ def _training_config(args):
         save_final=False, plot=False, progress_bar=False, bf16=bool(args.bf16))
 
 
-def _build_mtp_model(args, **kwargs):
-    """The NTP model plus megatron-core's MTP block (one depth), built the way
-    ``training.model.build_model`` builds the others."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
-
-    from megatron_nitp.models import NITPGPTModel
-    from megatron_nitp.training.model import (layer_spec, transformer_config,
-                                              use_transformer_engine)
-
-    config = transformer_config(args)
-    config.mtp_num_layers = 1  # mtp_loss_scaling_factor keeps megatron-core's default 0.1
-    spec = layer_spec(config)
-    mtp_spec = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=use_transformer_engine())
-    return NITPGPTModel(
-        config, args.nitp_config, transformer_layer_spec=spec, mtp_block_spec=mtp_spec,
-        vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type="rope", rotary_base=args.rotary_base,
-    )
-
-
 def build_arm(arm: str, config):
     """One arm's Run through ``training.loop.setup`` (data, model, optimizer): ``ntp`` with
-    ``--no-nitp``, ``nitp`` as given, ``mtp`` = ``ntp`` plus megatron-core's MTP block.
-    Every arm uses the same seed (same initial backbone) and the same batches."""
+    NITP off, ``nitp`` as given, ``mtp`` = ``ntp`` plus megatron-core's MTP at depth 1 (the
+    MTP objective of ``training/objectives.py``, megatron-core's default factor 0.1). Every arm
+    uses the same seed (same initial backbone) and the same batches."""
     from megatron_nitp.config import validate
-    from megatron_nitp.training import loop, model as model_module
+    from megatron_nitp.training import loop
 
-    args = config if arm == "nitp" else config.replace(nitp=False)
+    args = {"nitp": config, "ntp": config.replace(nitp=False),
+            "mtp": config.replace(nitp=False, mtp_num_layers=1)}[arm]
     validate(args)
-    if arm != "mtp":
-        return loop.setup(args)
-    # setup() imports build_model when it runs: swapping the module attribute builds the MTP
-    # model through the very same set-up path.
-    original = model_module.build_model
-    model_module.build_model = _build_mtp_model
-    try:
-        return loop.setup(args)
-    finally:
-        model_module.build_model = original
+    return loop.setup(args)
 
 
 def _step(run, iteration: int) -> float:

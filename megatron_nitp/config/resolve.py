@@ -133,6 +133,9 @@ def validate(config: RunConfig) -> None:
         )
     _validate_layout(config)
     _validate_moe(config)
+    if config.mtp.mtp_num_layers is not None and config.mtp.mtp_num_layers < 1:
+        raise ConfigError(f"--mtp-num-layers {config.mtp.mtp_num_layers} must be >= 1 (omit it "
+                          "to train without multi-token prediction).")
     if t.micro_batch_size <= 0 or t.global_batch_size <= 0 or t.train_iters <= 0:
         raise ConfigError("--micro-batch-size, --global-batch-size and --train-iters must be > 0.")
     decay, wsd = schedule_iters(config)

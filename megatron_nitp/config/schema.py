@@ -99,6 +99,18 @@ class MoEConfig:
 
 
 @dataclass(frozen=True)
+class MTPConfig:
+    """megatron-core's multi-token prediction as a training objective (beside or instead of
+    NITP; ``training/objectives.py``)."""
+
+    mtp_num_layers: Optional[int] = None
+    """MTP depth D: extra blocks on the last stage, the d-th predicting token t+1+d (unset: no
+    MTP)"""
+    mtp_loss_scaling_factor: float = 0.1
+    """weight of the MTP loss (the mean cross entropy over the D depths)"""
+
+
+@dataclass(frozen=True)
 class TrainingConfig:
     """Batch, length of the run, precision and the optimizer's numerics."""
 
@@ -280,6 +292,7 @@ GROUPS = {
     "model": (ModelConfig, "model"),
     "moe": (MoEConfig, "mixture of experts (pretrain_moe_nitp.py)"),
     "nitp_config": (NITPConfig, "NITP (Next Implicit Token Prediction)"),
+    "mtp": (MTPConfig, "multi-token prediction (megatron-core)"),
     "training": (TrainingConfig, "training"),
     "schedule": (ScheduleConfig, "learning rate"),
     "data": (DataConfig, "data"),
@@ -321,6 +334,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     nitp_config: NITPConfig = field(default_factory=NITPConfig)
+    mtp: MTPConfig = field(default_factory=MTPConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     data: DataConfig = field(default_factory=DataConfig)

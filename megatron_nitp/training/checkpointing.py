@@ -39,7 +39,7 @@ MODEL_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_he
                "num_query_groups", "kv_channels", "padded_vocab_size",
                "untie_embeddings_and_output_weights", "add_qkv_bias", "num_moe_experts",
                "moe_router_topk", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
-               "moe_layer_pattern")
+               "moe_layer_pattern", "mtp_num_layers")
 
 
 class CheckpointError(RuntimeError):

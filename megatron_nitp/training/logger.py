@@ -17,7 +17,7 @@ from megatron_nitp.device import has_cuda
 from megatron_nitp.device import name as device_name
 
 # Console order.
-CONSOLE_KEYS = ("lm loss", "nitp loss", "load balancing loss", "total loss", "grad norm",
+CONSOLE_KEYS = ("lm loss", "nitp loss", "mtp loss", "load balancing loss", "total loss", "grad norm",
                 "effective rank", "cosine similarity")
 # TensorBoard tags in Megatron-LM's naming (losses keep their names; validation values are
 # "<key> validation").
@@ -55,11 +55,15 @@ def peak_tflops(args) -> float | None:
 
 
 def training_flops_per_token(args) -> float:
-    """Exact training FLOPs per token of the model (forward + backward), NITP's included."""
-    from megatron_nitp.flops import exact_flops
+    """Exact training FLOPs per token of the model (forward + backward), NITP's and MTP's
+    included."""
+    from megatron_nitp.flops import exact_flops, mtp_flops
 
     flops = exact_flops(args.flat())
-    return flops.ntp_total + (flops.nitp if args.nitp else 0.0)
+    total = flops.ntp_total + (flops.nitp if args.nitp else 0.0)
+    if args.mtp_num_layers:
+        total += mtp_flops(args.flat(), args.mtp_num_layers)
+    return total
 
 
 class TrainingLogger:

@@ -221,8 +221,9 @@ def pretrain(args: RunConfig) -> dict:
 
     logger = TrainingLogger(args, tensorboard_dir)
     params = sum(p.numel() for p in model.parameters())
-    what = (f"NITP (k={args.nitp_target_layer}, lambda={args.nitp_loss_weight:g})"
-            if args.nitp else "NTP baseline")
+    from megatron_nitp.training.objectives import describe
+
+    what = describe(args)
     logger.print(
         f"> run folder {run_dir} | {what} | parameters on rank 0: {params:,} | vocab "
         f"{run.tokenizer.vocab_size} (padded {args.padded_vocab_size}) | world "
@@ -284,7 +285,7 @@ def pretrain(args: RunConfig) -> dict:
         if args.plot:
             from megatron_nitp.training.plot import plot_run
 
-            title = f"{args.preset}: {'NITP' if args.nitp else 'NTP baseline'}"
+            title = f"{args.preset}: {describe(args)}"
             png = plot_run(logger.history, os.path.join(run_dir, "training.png"), title)
             print(f"> plot {png}")
         with open(os.path.join(run_dir, "summary.json"), "w") as f:

@@ -82,10 +82,16 @@ def transformer_config(args, perform_initialization: bool = True) -> Transformer
     """Qwen2/Llama-style blocks: RMSNorm, SwiGLU, RoPE, GQA, no linear biases, from a resolved
     run config. ``perform_initialization=False`` leaves the weights' storage uninitialized
     (counting parameters of the paper's models without computing them)."""
+    from megatron_nitp.training.objectives import build_objectives
+
     on_gpu = has_cuda()
     dtype = params_dtype(args)
+    objective_fields = {}
+    for objective in build_objectives(args):
+        objective_fields.update(objective.transformer_config())
     return TransformerConfig(
         **moe_config(args),
+        **objective_fields,
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
         ffn_hidden_size=args.ffn_hidden_size,
@@ -173,15 +179,23 @@ def build_model(
     local spec's norms (``torch.nn.RMSNorm``) and the MoE router on the default device, the
     CPU: every caller (training, export, evaluation) gets the whole model on one device.
     """
+    from megatron_nitp.training.objectives import build_objectives
+
     config = transformer_config(args, perform_initialization)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
+    spec = layer_spec(config, args.transformer_impl)
+    extra = {}
+    for objective in build_objectives(args):
+        extra.update(objective.model_kwargs(config, spec,
+                                            use_transformer_engine(args.transformer_impl)))
     model = NITPGPTModel(
         config,
         nitp if nitp is not None else args.nitp_config,
-        transformer_layer_spec=layer_spec(config, args.transformer_impl),
+        transformer_layer_spec=spec,
+        **extra,
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=pre_process,

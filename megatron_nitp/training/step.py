@@ -28,7 +28,7 @@ from megatron_nitp.nitp.loss import num_contributing_positions
 from megatron_nitp.training import faults
 from megatron_nitp.training.model import unwrap
 
-REPORT_KEYS = ("lm loss", "nitp loss", "effective rank", "cosine similarity")
+REPORT_KEYS = ("lm loss", "nitp loss", "mtp loss", "effective rank", "cosine similarity")
 
 
 class NonFiniteError(RuntimeError):
@@ -170,10 +170,13 @@ def train_step(
     weights are never updated with it. The ``nan-loss`` and ``nan-grad`` test faults
     (``training/faults.py``) strike here.
     """
+    from megatron_nitp.training.objectives import build_objectives
+
+    objectives = build_objectives(args)
     batches = [to_device(next(data_iterator)) for _ in range(args.num_microbatches)]
     weight = args.nitp_config.weight_at(iteration)
     n_ntp, n_nitp = _global_counts(batches, args.nitp_config.shift)
-    nitp_scale = weight * n_ntp / n_nitp if n_nitp > 0 else 0.0
+    nitp_scale = sum(o.aux_scale(iteration, n_ntp, n_nitp) for o in objectives)
     nan_loss = faults.due("nan-loss", iteration + 1)
     if nan_loss:
         nitp_scale = float("nan")
@@ -181,10 +184,13 @@ def train_step(
     model.zero_grad_buffer()
     optimizer.zero_grad()
     reports = _run_schedule(model, batches, args, nitp_scale, False, geometry)
+    for objective in objectives:
+        reports.append(objective.reports(len(batches)))
     if faults.due("nan-grad", iteration + 1):
         model.buffers[0].grad_data.view(-1)[0] = float("nan")
     metrics = reduce_report(reports)
-    losses_finite = all(math.isfinite(metrics.get(k, 0.0)) for k in ("lm loss", "nitp loss"))
+    losses_finite = all(math.isfinite(metrics.get(k, 0.0))
+                        for k in ("lm loss", "nitp loss", "mtp loss"))
     if nan_loss:
         losses_finite = False
     if not (losses_finite and _grads_finite(model)):
@@ -204,7 +210,8 @@ def train_step(
     if update_successful:
         scheduler.step(increment=1)
 
-    metrics["total loss"] = metrics["lm loss"] + weight * metrics.get("nitp loss", 0.0)
+    metrics["total loss"] = (metrics["lm loss"] + weight * metrics.get("nitp loss", 0.0)
+                             + args.mtp_loss_scaling_factor * metrics.get("mtp loss", 0.0))
     metrics["grad norm"] = float(grad_norm) if grad_norm is not None else float("nan")
     metrics["learning rate"] = optimizer.param_groups[0]["lr"]
     metrics["nitp weight"] = weight

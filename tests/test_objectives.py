@@ -1,0 +1,106 @@
+"""The objective seam: NTP, NITP, cosine regularization and megatron-core's multi-token
+prediction are interchangeable training objectives (training/objectives.py): each trains and
+lowers its own loss, MTP's term enters the gradient with its factor (0 gives the baseline's
+trajectory exactly), NITP + MTP train together, and the FLOPs tool's MTP arm is built through the
+same seam."""
+
+import json
+import os
+
+import pytest
+
+from megatron_nitp.training.arguments import parse_args
+from megatron_nitp.training.loop import pretrain
+
+SMALL = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
+         "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "64",
+         "--micro-batch-size", "4", "--global-batch-size", "8", "--lr", "3e-3",
+         "--lr-warmup-iters", "1", "--eval-interval", "0", "--no-save", "--no-plot",
+         "--no-progress-bar", "--log-interval", "1000", "--geometry-interval", "0"]
+
+
+def _train(tmp_path, name, *flags, iters=12):
+    run_dir = str(tmp_path / name)
+    pretrain(parse_args(SMALL + ["--train-iters", str(iters), "--run-dir", run_dir]
+                        + list(flags)))
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        history = json.load(f)["history"]
+    return {k: [v for _, v in points] for k, points in history.items()}
+
+
+def _falls(values, by):
+    return sum(values[-3:]) / 3 < values[0] - by
+
+
+OBJECTIVES = {
+    "ntp": (["--no-nitp"], {"lm loss": 0.8}),
+    "nitp": ([], {"lm loss": 0.8, "nitp loss": 0.3}),
+    "cosine_reg": (["--nitp-objective", "cosine_reg"], {"lm loss": 0.3, "total loss": 0.3}),
+    "mtp": (["--no-nitp", "--mtp-num-layers", "1"], {"lm loss": 0.8, "mtp loss": 0.8}),
+    "nitp+mtp": (["--mtp-num-layers", "1"], {"lm loss": 0.8, "nitp loss": 0.3,
+                                             "mtp loss": 0.8}),
+}
+
+
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+def test_each_objective_lowers_its_losses(dist, tmp_path, name):
+    flags, drops = OBJECTIVES[name]
+    history = _train(tmp_path, name, *flags)
+    for key, by in drops.items():
+        assert len(history[key]) == 12, key
+        assert _falls(history[key], by), (key, history[key])
+    assert ("mtp loss" in history) == ("mtp" in name)
+    for i, total in enumerate(history["total loss"]):  # lm + lambda nitp + factor mtp
+        expected = (history["lm loss"][i] + history["nitp weight"][i] * history["nitp loss"][i]
+                    + 0.1 * history.get("mtp loss", [0.0] * 12)[i])
+        assert total == pytest.approx(expected, rel=1e-9)
+
+
+def test_cosine_regularization_holds_the_cosine_down(dist, tmp_path):
+    """Tokens' hidden states grow alike as the language model learns (the mean pairwise cosine
+    rises from ~0.06); the regularizer's weight is what holds it down."""
+    free = _train(tmp_path, "free", "--nitp-objective", "cosine_reg", "--nitp-loss-weight", "0")
+    held = _train(tmp_path, "held", "--nitp-objective", "cosine_reg", "--nitp-loss-weight", "10")
+    assert free["nitp loss"][0] == pytest.approx(held["nitp loss"][0], rel=1e-6)
+    assert sum(free["nitp loss"][-3:]) / 3 > 2 * sum(free["nitp loss"][:3]) / 3
+    assert sum(held["nitp loss"][-3:]) < 0.5 * sum(free["nitp loss"][-3:])
+
+
+def test_mtp_enters_the_gradient_with_its_factor(dist, tmp_path):
+    """The same seed and batches: MTP at factor 0 leaves the backbone's trajectory exactly as
+    the baseline's (its blocks get no gradient into the backbone and are initialized from their
+    own names), at factor 0.5 it changes it from the second iteration on."""
+    base = _train(tmp_path, "base", "--no-nitp", iters=3)
+    off = _train(tmp_path, "off", "--no-nitp", "--mtp-num-layers", "1",
+                 "--mtp-loss-scaling-factor", "0", iters=3)
+    on = _train(tmp_path, "on", "--no-nitp", "--mtp-num-layers", "1",
+                "--mtp-loss-scaling-factor", "0.5", iters=3)
+    assert off["lm loss"] == pytest.approx(base["lm loss"], rel=1e-6)
+    assert on["lm loss"][0] == pytest.approx(base["lm loss"][0], rel=1e-6)
+    assert on["lm loss"][2] != pytest.approx(base["lm loss"][2], rel=1e-4)
+    assert on["mtp loss"][0] == pytest.approx(off["mtp loss"][0], rel=1e-6)
+
+
+def test_bad_mtp_depth_is_refused(capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(SMALL + ["--train-iters", "2", "--mtp-num-layers", "0"])
+    assert exc.value.code == 2
+    assert "--mtp-num-layers 0 must be >= 1" in capsys.readouterr().err
+
+
+def test_flops_tool_builds_its_mtp_arm_through_the_seam(dist):
+    import importlib.util
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location(
+        "flops_overhead", os.path.join(ROOT, "tools", "flops_overhead.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    config = parse_args(SMALL + ["--train-iters", "2"])
+    run = tool.build_arm("mtp", config)
+    from megatron_nitp.training.model import unwrap
+
+    model = unwrap(run.model)
+    assert model.config.mtp_num_layers == 1 and model.mtp is not None
+    assert model.projector is None and not run.args.nitp
