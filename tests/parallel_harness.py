@@ -235,6 +235,7 @@ def run_layout(out, argv):
     args = parse_args(argv + ["--eval-interval", "0" if evaluate_at is None else "1",
                               "--no-progress-bar"], model_type)
     run = setup(args)
+    args = run.args  # resolved for this world: micro-batches per step, padded vocabulary
     os.makedirs(out, exist_ok=True)
     if dump_init:
         initial = gathered_initial_weights(run.model)

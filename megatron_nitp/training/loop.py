@@ -289,7 +289,9 @@ def pretrain(args: RunConfig) -> dict:
             png = plot_run(logger.history, os.path.join(run_dir, "training.png"), title)
             print(f"> plot {png}")
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump({"summary": summary, "history": logger.history}, f, indent=1)
+            # the resolved run config: reports and tools read the run's facts from it
+            json.dump({"summary": summary, "config": args.to_dict(),
+                       "history": logger.history}, f, indent=1)
         _print_summary(summary, run_dir)
     _barrier()
     return summary
