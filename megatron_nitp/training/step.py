@@ -232,7 +232,7 @@ def load_balancing_loss(args) -> float:
     track_moe_metrics(
         loss_scale=1.0 / args.num_microbatches, iteration=0, total_loss_dict=totals,
         force_initialize=True, track_names=[name], num_layers=args.num_layers,
-        moe_layer_freq=args.moe_layer_pattern,
+        moe_layer_freq=list(args.moe_layer_pattern),
     )
     return float(totals[name])
 
