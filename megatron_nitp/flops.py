@@ -89,10 +89,12 @@ class ModelShape:
 
     @property
     def padded_vocab_size(self) -> int:
-        """The vocabulary the model is built with (rows of the embedding and output layer), as
-        ``training.arguments.validate_vocab`` pads it."""
-        multiple = self.make_vocab_size_divisible_by * self.tensor_model_parallel_size
-        return -(-self.vocab_size // multiple) * multiple
+        """The vocabulary the model is built with (rows of the embedding and output layer),
+        padded as the run config resolves it (``config.padded_vocab``)."""
+        from megatron_nitp.config.resolve import padded_vocab
+
+        return padded_vocab(self.vocab_size, self.make_vocab_size_divisible_by,
+                            self.tensor_model_parallel_size)
 
     @property
     def shared_ffn(self) -> int:
