@@ -41,6 +41,21 @@ def load_checkpoint_model(checkpoint_root: str):
     return net, config
 
 
+def export_checkpoint(checkpoint_root: str, out_dir: str, keep_projector: bool = False
+                      ) -> tuple[list[str], int]:
+    """A checkpoint (any layout) as a Hugging Face model folder with its tokenizer: (files
+    written, parameters exported). ``tools/export_checkpoint.py`` and the lm-eval bridge."""
+    import shutil
+
+    model, config = load_checkpoint_model(checkpoint_root)
+    written = export_hf(model, config, out_dir, keep_projector=keep_projector)
+    if config.tokenizer_model and os.path.exists(config.tokenizer_model):
+        shutil.copy(config.tokenizer_model, os.path.join(out_dir, "tokenizer.model"))
+        written.append("tokenizer.model")
+    total = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("projector."))
+    return written, total
+
+
 def _get(state: dict, *names: str) -> torch.Tensor:
     for name in names:
         if name in state and state[name] is not None:

@@ -33,7 +33,9 @@ def test_export_loads_in_transformers_with_equal_logits(dist, tmp_path, variant)
     assert config["architectures"] == (["Qwen2ForCausalLM"] if variant else ["LlamaForCausalLM"])
     assert (out / "nitp_projector.safetensors").exists() and (out / "tokenizer.model").exists()
 
-    ours, args = tool.load_for_export(str(ckpt))
+    from megatron_nitp.export import load_checkpoint_model
+
+    ours, args = load_checkpoint_model(str(ckpt))
     ours.eval()
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
     hf.eval()

@@ -146,7 +146,8 @@ import importlib.util
 spec = importlib.util.spec_from_file_location('export', {ROOT!r} + '/tools/export_checkpoint.py')
 tool = importlib.util.module_from_spec(spec); spec.loader.exec_module(tool)
 tool.main(['--load', {str(root / 'ckpt')!r}, '--output', {str(tmp_path / 'hf')!r}])
-ours, args = tool.load_for_export({str(root / 'ckpt')!r})
+from megatron_nitp.export import load_checkpoint_model
+ours, args = load_checkpoint_model({str(root / 'ckpt')!r})
 ours.eval()
 hf = transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path / 'hf')!r},
                                                        dtype=torch.float32).cuda().eval()

@@ -8,11 +8,8 @@ writes the projector apart for analysis. The SentencePiece tokenizer is copied b
 """
 
 import argparse
-import os
-import shutil
 
 import megatron_nitp  # noqa: F401  (CPU import stubs must precede megatron-core)
-from megatron_nitp.export import load_checkpoint_model as load_for_export
 
 
 def main(argv=None):
@@ -22,18 +19,13 @@ def main(argv=None):
     p.add_argument("--keep-projector", action="store_true",
                    help="also write the NITP projector (nitp_projector.safetensors)")
     args = p.parse_args(argv)
-    from megatron_nitp.export import export_hf
+    from megatron_nitp.export import export_checkpoint
     from megatron_nitp.training.checkpointing import CheckpointError
 
     try:
-        model, margs = load_for_export(args.load)
+        written, total = export_checkpoint(args.load, args.output, args.keep_projector)
     except CheckpointError as err:
         raise SystemExit(f"error: {err}")
-    written = export_hf(model, margs, args.output, keep_projector=args.keep_projector)
-    if margs.tokenizer_model and os.path.exists(margs.tokenizer_model):
-        shutil.copy(margs.tokenizer_model, os.path.join(args.output, "tokenizer.model"))
-        written.append("tokenizer.model")
-    total = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("projector."))
     print(f"> exported {args.load} -> {args.output}: {', '.join(written)} "
           f"({total:,} parameters, projector {'kept apart' if args.keep_projector else 'dropped'})")
 

@@ -25,11 +25,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import megatron_nitp  # noqa: E402,F401
+import megatron_nitp  # noqa: F401  (CPU import stubs must precede megatron-core)
 
 INSTALL_HINT = ("lm-eval is not installed: `pip install lm-eval==0.4.13`, then rerun. Its "
                 "built-in tasks need the Hugging Face Hub; offline, pass a local task YAML "
@@ -254,15 +252,10 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="nitp-export-") as tmp:
         model_dir = args.model_dir
         if args.load:
-            import importlib.util
+            from megatron_nitp.export import export_checkpoint
 
-            here = os.path.dirname(os.path.abspath(__file__))
-            spec = importlib.util.spec_from_file_location(
-                "export_checkpoint", os.path.join(here, "export_checkpoint.py"))
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
             model_dir = os.path.join(tmp, "hf")
-            module.main(["--load", args.load, "--output", model_dir])
+            export_checkpoint(args.load, model_dir)
         results = run(model_dir, tasks, args.include_path, args.limit, args.num_fewshot,
                       args.batch_size, args.max_length, args.tokenizer_model, args.seed,
                       args.device, args.log_samples)
