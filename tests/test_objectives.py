@@ -81,11 +81,17 @@ def test_mtp_enters_the_gradient_with_its_factor(dist, tmp_path):
     assert on["mtp loss"][0] == pytest.approx(off["mtp loss"][0], rel=1e-6)
 
 
-def test_bad_mtp_depth_is_refused(capsys):
+@pytest.mark.parametrize("flags,message", [
+    (["--mtp-num-layers", "0"], "--mtp-num-layers 0 must be >= 1"),
+    (["--mtp-num-layers", "1", "--pipeline-model-parallel-size", "2"],
+     "--mtp-num-layers with --pipeline-model-parallel-size > 1 needs "
+     "--untie-embeddings-and-output-weights"),
+])
+def test_mtp_that_cannot_run_is_refused(capsys, flags, message):
     with pytest.raises(SystemExit) as exc:
-        parse_args(SMALL + ["--train-iters", "2", "--mtp-num-layers", "0"])
+        parse_args(SMALL + ["--train-iters", "2"] + flags)
     assert exc.value.code == 2
-    assert "--mtp-num-layers 0 must be >= 1" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_flops_tool_builds_its_mtp_arm_through_the_seam(dist):

@@ -22,6 +22,8 @@ NITP target layer k:
   gradients, optimizer state, scheduler, data position, RNG states and train/eval modes
   bitwise unchanged; the training after it must still equal the reference, which never
   evaluates. In one process, the same run with and without the call trains bit-identically.
+- test_mtp_under_pipeline_parallelism_equals_single_process: NITP with megatron-core's
+  multi-token prediction under PP=2 equals one process (losses incl. the mtp loss, state).
 
 Runs of one world size go one after the other in one launch (``parallel_harness.py --runs``):
 the interpreter and megatron-core are imported once per world size, which keeps this module
@@ -142,6 +144,9 @@ REFERENCE_FLAGS = {
     "ref3": ["--nitp-target-layer", "3"],
     "ref1-evaluate": ["--nitp-target-layer", "1"] + EVALUATE,
 }
+# untied: megatron-core cannot checkpoint the MTP stage of a PP model with tied embeddings
+# (refused by validate; tests/test_objectives.py)
+MTP = ["--nitp-target-layer", "1", "--mtp-num-layers", "1", "--untie-embeddings-and-output-weights"]
 SP = ["--sequence-parallel"]
 # name: (k, tp, pp, dp, more flags). The 4 layers are split evenly over the pipeline stages.
 LAYOUTS = {
@@ -175,9 +180,14 @@ def results(tmp_path_factory):
     references = {name: FLAGS + flags + (["--save-init", str(init)] if name == "ref1"
                                         else ["--load", str(init)])
                   for name, flags in REFERENCE_FLAGS.items()}
+    # NITP + megatron-core's MTP (its blocks on the last stage): a model with more
+    # parameters, so its own initial checkpoint
+    references["ref-mtp"] = FLAGS + MTP + ["--save-init", str(root / "init-mtp")]
     groups = {1: references}
     for name, (k, tp, pp, dp, flags) in LAYOUTS.items():
         groups.setdefault(tp * pp * dp, {})[name] = _layout_flags(name, init)
+    groups[2]["pp2-mtp"] = FLAGS + MTP + ["--load", str(root / "init-mtp"),
+                                          "--pipeline-model-parallel-size", "2"]
     launcher = Launcher(root, groups)
 
     def get(name):
@@ -209,6 +219,19 @@ def test_layout_equals_single_process(results, name):
         for key in ("lm loss", "nitp loss", "grad norm", "effective rank"):
             assert got[key] == pytest.approx(want[key], rel=1e-5), (name, step, key)
     assert_state_close(state, ref_state, name)
+
+
+def test_mtp_under_pipeline_parallelism_equals_single_process(results):
+    """The MTP objective beside NITP under PP=2 (MTP blocks and an embedding copy on the last
+    stage, layer k on the first): losses, grad norm and the whole state equal one process."""
+    ref_metrics, ref_state, _ = results("ref-mtp")
+    metrics, state, _ = results("pp2-mtp")
+    assert any(key.startswith("model.mtp.") for key in state["tensors"])
+    for step, (got, want) in enumerate(zip(metrics, ref_metrics)):
+        assert got["mtp loss"] > 0 and got["nitp loss"] > 0, step
+        for key in ("lm loss", "nitp loss", "mtp loss", "grad norm"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5), (step, key)
+    assert_state_close(state, ref_state, "pp2-mtp")
 
 
 def test_evaluate_in_one_process_changes_nothing(results):

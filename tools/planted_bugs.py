@@ -84,17 +84,17 @@ BUGS = [
     Bug(
         "lambda-twice",
         "the NITP term is weighted by lambda once",
-        "megatron_nitp/training/step.py",
-        "    nitp_scale = weight * n_ntp / n_nitp if n_nitp > 0 else 0.0\n",
-        "    nitp_scale = weight * weight * n_ntp / n_nitp if n_nitp > 0 else 0.0\n",
+        "megatron_nitp/training/objectives.py",
+        "        return weight * n_ntp / n_aux if n_aux > 0 else 0.0\n",
+        "        return weight * weight * n_ntp / n_aux if n_aux > 0 else 0.0\n",
         (ACCOUNTING,),
     ),
     Bug(
         "n-nitp-as-n-ntp",
         "the NITP sum is normalized by N_nitp (positions with a target), not N_ntp",
-        "megatron_nitp/training/step.py",
-        "    nitp_scale = weight * n_ntp / n_nitp if n_nitp > 0 else 0.0\n",
-        "    nitp_scale = weight * n_ntp / n_ntp if n_nitp > 0 else 0.0\n",
+        "megatron_nitp/training/objectives.py",
+        "        return weight * n_ntp / n_aux if n_aux > 0 else 0.0\n",
+        "        return weight * n_ntp / n_ntp if n_aux > 0 else 0.0\n",
         (ACCOUNTING,),
     ),
     Bug(

@@ -136,6 +136,15 @@ def validate(config: RunConfig) -> None:
     if config.mtp.mtp_num_layers is not None and config.mtp.mtp_num_layers < 1:
         raise ConfigError(f"--mtp-num-layers {config.mtp.mtp_num_layers} must be >= 1 (omit it "
                           "to train without multi-token prediction).")
+    if (config.mtp.mtp_num_layers and p.pipeline_model_parallel_size > 1
+            and not m.untie_embeddings_and_output_weights):
+        raise ConfigError(
+            "--mtp-num-layers with --pipeline-model-parallel-size > 1 needs "
+            "--untie-embeddings-and-output-weights: with tied embeddings megatron-core (0.16 to "
+            "0.19) keeps an output-layer weight beside the embedding copy on the MTP stage and "
+            "cannot build that stage's checkpoint state "
+            "(LanguageModule.tie_embeddings_and_output_weights_state_dict asserts). Untie the "
+            "embeddings (the MoE presets do) or use one pipeline stage.")
     if t.micro_batch_size <= 0 or t.global_batch_size <= 0 or t.train_iters <= 0:
         raise ConfigError("--micro-batch-size, --global-batch-size and --train-iters must be > 0.")
     decay, wsd = schedule_iters(config)

@@ -161,6 +161,17 @@ class NITPGPTModel(GPTModel):
             hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
         return hidden
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: Optional[dict] = None):
+        """GPTModel's, with ``metadata['dp_cp_group']`` filled as Megatron-LM's checkpointing
+        passes it: megatron-core 0.16 reads that entry for an MTP stage that is not the first
+        pipeline stage (its tied embedding copy) and fails on the default ``metadata=None``
+        that layout-invariant initialization, checkpoints and export use."""
+        metadata = dict(metadata or {})
+        metadata.setdefault("dp_cp_group",
+                            parallel_state.get_data_parallel_group(with_context_parallel=True))
+        return super().sharded_state_dict(prefix, sharded_offsets, metadata)
+
     @property
     def routed_bytes(self) -> int:
         """Bytes of layer-k targets this rank has sent to the last stage so far."""
