@@ -153,3 +153,46 @@ def test_json_round_trip_is_lossless():
     assert back == config
     assert back.data_path == ("0.3", "a", "0.7", "b")
     assert back.moe_layer_pattern == config.moe_layer_pattern
+
+
+def test_every_value_says_where_it_came_from():
+    config = parse_args(["--num-attention-heads", "8", "--lr", "1e-3"])
+    assert config.source("num_attention_heads") == config.source("lr") == "flag"
+    assert config.source("num_query_groups") == "preset tiny-dense"
+    assert config.source("seed") == "default" and config.source("preset") == "default"
+    resolved = resolve(config, 1, 4000)
+    assert resolved.source("padded_vocab_size") == "derived"
+    assert resolved.source("vocab_size") == "derived"  # the tokenizer's, no flag gave one
+    assert RunConfig.from_dict(json.loads(json.dumps(resolved.to_dict()))).sources == \
+        config.sources
+    from megatron_nitp.training.arguments import kept_preset_fields
+
+    kept = kept_preset_fields(config)
+    assert "num_query_groups" in kept and "min_lr" in kept and "lr" not in kept
+    assert kept_preset_fields(parse_args(["--preset", "tiny-dense", "--num-layers", "2"])) == []
+    assert kept_preset_fields(parse_args(["--train-iters", "50"])) == []  # no model flag
+
+
+def test_a_value_no_flag_gave_is_named_in_the_error(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--num-attention-heads", "3"])
+    err = capsys.readouterr().err
+    assert ("--num-attention-heads 3 is not divisible by --num-query-groups 2 "
+            "(--num-query-groups 2 is the preset tiny-dense's value, not a flag you gave") in err
+
+
+def test_a_run_prints_and_keeps_its_configuration(dist, tmp_path, capsys):
+    from megatron_nitp.training.loop import pretrain
+
+    run_dir = tmp_path / "run"
+    summary = pretrain(parse_args(TINY + ["--train-iters", "1", "--eval-interval", "0",
+                                          "--no-save", "--no-plot", "--no-progress-bar",
+                                          "--run-dir", str(run_dir)]))
+    out = capsys.readouterr().out
+    assert "> no --preset given: the default preset tiny-dense's values apply" in out
+    assert "min_lr" in out.split("> no --preset given")[1].split("\n")[0]
+    line = next(x for x in out.splitlines() if x.strip().startswith("hidden_size "))
+    assert line.split()[2] == "32" and line.split()[-1] == "flag"
+    saved = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    assert saved.hidden_size == 32 and saved.source("min_lr") == "preset tiny-dense"
+    assert summary["preset"].startswith("tiny-dense (default; flags override part of it")

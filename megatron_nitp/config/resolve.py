@@ -109,14 +109,15 @@ def validate(config: RunConfig) -> None:
     if m.num_attention_heads % m.num_query_groups:
         raise ConfigError(
             f"--num-attention-heads {m.num_attention_heads} is not divisible by "
-            f"--num-query-groups {m.num_query_groups}."
+            f"--num-query-groups {m.num_query_groups}"
+            + _origin(config, "num_query_groups", "num_attention_heads") + "."
         )
     tp = p.tensor_model_parallel_size
     for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
         if getattr(m, name) % tp:
             raise ConfigError(
                 f"--{name.replace('_', '-')} {getattr(m, name)} is not divisible by "
-                f"--tensor-model-parallel-size {tp}."
+                f"--tensor-model-parallel-size {tp}" + _origin(config, name) + "."
             )
     if pipeline_split(config) != (None, None):
         from megatron_nitp.nitp.routing import stage_layer_counts
@@ -160,6 +161,15 @@ def validate(config: RunConfig) -> None:
             f"WSD: warm-up ({warmup}) + decay ({wsd}) iterations exceed --lr-decay-iters "
             f"{decay}; lower --lr-warmup-iters or --lr-wsd-decay-ratio."
         )
+
+
+def _origin(config: RunConfig, *names: str) -> str:
+    """For an error message: which of ``names`` no flag gave (a preset's value), so the user
+    sees why a value they never typed is involved."""
+    unsaid = [(n, config.source(n)) for n in names if config.source(n).startswith("preset ")]
+    return "".join(f" (--{n.replace('_', '-')} {getattr(config, n)} is the {where}'s value, not "
+                   f"a flag you gave: give --{n.replace('_', '-')} or choose a --preset)"
+                   for n, where in unsaid)
 
 
 def _validate_moe(config: RunConfig) -> None:

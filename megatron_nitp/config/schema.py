@@ -349,6 +349,9 @@ class RunConfig:
     planned_world_size: Optional[int] = None
     """--world-size with --dry-run"""
     derived: Optional[Derived] = None
+    sources: tuple = field(default=(), compare=False)
+    """(flat name, where its value came from: "flag", "preset NAME" or "default") pairs, from
+    the command line; not part of the config's identity"""
 
     def __getattr__(self, name: str):
         """The flat view: ``config.hidden_size`` is ``config.model.hidden_size``; after
@@ -416,12 +419,23 @@ class RunConfig:
             out.update(dataclasses.asdict(self.derived))
         return out
 
+    def source(self, name: str) -> str:
+        """Where the setting ``name`` (flat) came from: "flag", "preset NAME", "default", or
+        "derived" (after ``resolve``); "" when the config was not built from a command line."""
+        if self.derived is not None and name in DERIVED:
+            if name not in FLAT or getattr(self.derived, name) != getattr(
+                    getattr(self, FLAT[name][0]), FLAT[name][1]):
+                return "derived"
+        return dict(self.sources).get(name, "")
+
     def to_dict(self) -> dict:
         """Every setting by group (JSON-safe): what a checkpoint stores."""
         out = {g: dataclasses.asdict(getattr(self, g)) for g in GROUPS}
         for f in dataclasses.fields(RunConfig):
-            if f.name not in GROUPS and f.name != "derived":
+            if f.name not in GROUPS and f.name not in ("derived", "sources"):
                 out[f.name] = getattr(self, f.name)
+        if self.sources:
+            out["sources"] = dict(self.sources)
         if self.derived is not None:
             out["derived"] = dataclasses.asdict(self.derived)
         return _jsonable(out)
@@ -437,8 +451,10 @@ class RunConfig:
                 values["data_path"] = tuple(values["data_path"])
             kwargs[g] = group_cls(**values)
         for f in dataclasses.fields(RunConfig):
-            if f.name not in GROUPS and f.name != "derived" and f.name in data:
+            if f.name not in GROUPS and f.name not in ("derived", "sources") and f.name in data:
                 kwargs[f.name] = data[f.name]
+        if data.get("sources"):
+            kwargs["sources"] = tuple(sorted(data["sources"].items()))
         if data.get("derived"):
             derived = dict(data["derived"])
             if derived.get("moe_layer_pattern") is not None:

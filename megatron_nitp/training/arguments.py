@@ -99,6 +99,51 @@ def build_parser(model_type: str = "dense") -> argparse.ArgumentParser:
     return p
 
 
+def given_flags(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> set[str]:
+    """The dests the command line sets itself (not a preset or a default): ``argv`` parsed
+    again with every default suppressed."""
+    import copy
+
+    unset = object()  # not a string: argparse converts string defaults with the flag's type
+    bare = copy.deepcopy(parser)
+    for action in bare._actions:
+        action.default = unset
+    bare._defaults = {dest: unset for dest in bare._defaults}
+    known, _ = bare.parse_known_args(argv)
+    return {dest for dest, value in vars(known).items() if value is not unset}
+
+
+def describe_sources(config: RunConfig) -> str:
+    """The config dump a run prints and keeps: every setting with where it came from."""
+    from megatron_nitp.config import FLAT
+
+    width = max(len(name) for name in FLAT)
+    lines = [f"  {'preset':<{width}} = {config.preset!r:<24} {config.source('preset')}"]
+    for group in GROUPS:
+        for name, (g, attr) in FLAT.items():
+            if g == group:
+                value = getattr(getattr(config, group), attr)
+                lines.append(f"  {name:<{width}} = {value!r:<24} {config.source(name)}")
+    if config.derived is not None:
+        for name, value in dataclasses.asdict(config.derived).items():
+            if name != "moe_layer_pattern" or value is not None:
+                lines.append(f"  {name:<{width}} = {value!r:<24} derived")
+    return "\n".join(lines)
+
+
+def kept_preset_fields(config: RunConfig) -> list[str]:
+    """Without ``--preset``, the default preset's values that apply although the command line
+    set other model fields: said plainly at start, since the user may not expect them."""
+    sources = dict(config.sources)
+    if sources.get("preset", "flag") == "flag":  # chosen, or not from a command line
+        return []
+    shaped = any(sources.get(n) == "flag" for n in FLAT if FLAT[n][0] in ("model", "moe"))
+    if not shaped:
+        return []
+    return sorted(n for n, where in sources.items()
+                  if n in FLAT and where.startswith("preset "))
+
+
 MOE_FLAGS = ("num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size",
              "moe_shared_expert_intermediate_size", "moe_layer_freq")
 
@@ -134,8 +179,14 @@ def parse_args(argv: Optional[Sequence[str]] = None, model_type: str = "dense") 
     values = {dest: getattr(ns, dest) for dest in FLAT}
     if values["data_path"] is not None:
         values["data_path"] = tuple(values["data_path"])
+    given = given_flags(parser, argv)
+    sources = tuple(sorted(
+        [(dest, "flag" if dest in given else f"preset {ns.preset}" if dest in preset
+          else "default") for dest in FLAT]
+        + [("preset", "flag" if "preset" in given else "default")]))
     config = RunConfig.from_flat(values, preset=ns.preset, model_type=model_type,
-                                 dry_run=ns.dry_run, planned_world_size=ns.planned_world_size)
+                                 dry_run=ns.dry_run, planned_world_size=ns.planned_world_size,
+                                 sources=sources)
     try:
         config = complete(config)
         validate(config)

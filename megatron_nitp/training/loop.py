@@ -79,7 +79,9 @@ def _summary(args, logger, wall: float) -> dict:
         return points[-1][1] if points else None
 
     return {
-        "preset": args.preset,
+        "preset": args.preset if args.source("preset") != "default" or not
+        arguments.kept_preset_fields(args) else f"{args.preset} (default; flags override "
+        "part of it: see config.json)",
         "nitp": args.nitp,
         "iterations": args.train_iters,
         "wall time (s)": round(wall, 1),
@@ -232,6 +234,16 @@ def pretrain(args: RunConfig) -> dict:
         f"{args.data_parallel_size}) | micro-batches per step {args.num_microbatches} | "
         f"backend {torch.distributed.get_backend()}, device {device()} ({device_name()})"
     )
+    kept = arguments.kept_preset_fields(args)
+    if kept:
+        logger.print(f"> no --preset given: the default preset {args.preset}'s values apply to "
+                     f"the settings no flag gave: {', '.join(kept)} (give --preset NAME or the "
+                     "flags to choose them)")
+    logger.print("> configuration (value, then where it came from):\n"
+                 + arguments.describe_sources(args))
+    if is_logging_rank():
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(args.to_dict(), f, indent=1)
     if run.start_iteration:
         logger.print(f"> resumed from {args.load} at iteration {run.start_iteration} "
                      f"({train_iter.consumed_samples} samples consumed)")
