@@ -296,3 +296,47 @@ def test_command_line_tools(tmp_path, corpus):
     with open(corpus["prefix"] + ".bin", "rb") as a, open(tmp_path / "cli_text_document.bin", "rb") as b:
         assert a.read() == b.read()
     assert f"{len(corpus['documents'])} documents" in out
+
+
+def test_per_split_paths_and_a_validation_set_independent_of_the_seed(corpus, tokenizer,
+                                                                      tmp_path):
+    """--train/valid/test-data-path: each split reads its own prefixes (megatron-core's
+    blend_per_split); the validation batches are the same whatever --seed is, the training
+    order is not."""
+    def make(name, documents):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
+        return preprocess([str(path)], corpus["model"], str(tmp_path / name))
+
+    train_prefix = make("train", corpus["documents"][:30])
+    valid_prefix = make("valid", corpus["documents"][30:])
+    held_out = IndexedDataset(valid_prefix)  # kept alive: its items are views of its mmap
+    valid_tokens = {int(t) for i in range(len(held_out)) for t in held_out[i]}
+
+    def build(seed):
+        return build_datasets([], tokenizer, SEQ_LENGTH, seed, None, (16, 8, 0),
+                              str(tmp_path / "index-cache"),
+                              per_split=[[train_prefix], [valid_prefix], None])
+
+    train_a, valid_a, test_a = build(1)
+    train_b, valid_b, _ = build(2)
+    assert test_a is None and len(valid_a) == len(valid_b) >= 8
+    for i in range(8):
+        assert {int(t) for t in valid_a[i]["tokens"]} <= valid_tokens
+        assert torch.equal(valid_a[i]["tokens"], valid_b[i]["tokens"])
+    assert any(not torch.equal(train_a[i]["tokens"], train_b[i]["tokens"]) for i in range(16))
+
+
+def test_per_split_paths_are_checked_before_any_work(capsys):
+    from megatron_nitp.training.arguments import parse_args
+
+    def error(*flags):
+        with pytest.raises(SystemExit):
+            parse_args(list(flags) + ["--train-iters", "50"])
+        return capsys.readouterr().err
+
+    assert "are exclusive" in error("--data-path", "a", "--train-data-path", "b",
+                                    "--tokenizer-model", "t.model")
+    assert "--valid-data-path / --test-data-path need --train-data-path" in error(
+        "--valid-data-path", "v", "--tokenizer-model", "t.model")
+    assert "--train-data-path needs --tokenizer-model" in error("--train-data-path", "b")

@@ -134,6 +134,7 @@ def validate(config: RunConfig) -> None:
         )
     _validate_layout(config)
     _validate_moe(config)
+    _validate_data(config)
     if config.mtp.mtp_num_layers is not None and config.mtp.mtp_num_layers < 1:
         raise ConfigError(f"--mtp-num-layers {config.mtp.mtp_num_layers} must be >= 1 (omit it "
                           "to train without multi-token prediction).")
@@ -161,6 +162,20 @@ def validate(config: RunConfig) -> None:
             f"WSD: warm-up ({warmup}) + decay ({wsd}) iterations exceed --lr-decay-iters "
             f"{decay}; lower --lr-warmup-iters or --lr-wsd-decay-ratio."
         )
+
+
+def _validate_data(config: RunConfig) -> None:
+    d = config.data
+    per_split = (d.train_data_path, d.valid_data_path, d.test_data_path)
+    if any(p is not None for p in per_split):
+        if d.data_path is not None:
+            raise ConfigError("--data-path and --train/valid/test-data-path are exclusive: give "
+                              "one blend split by --split, or each split's own prefixes.")
+        if not d.train_data_path:
+            raise ConfigError("--valid-data-path / --test-data-path need --train-data-path.")
+        if d.tokenizer_model is None:
+            raise ConfigError("--train-data-path needs --tokenizer-model (the SentencePiece "
+                              ".model the data was preprocessed with).")
 
 
 def _origin(config: RunConfig, *names: str) -> str:

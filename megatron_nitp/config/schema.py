@@ -180,6 +180,13 @@ class DataConfig:
     built-in corpus, prepared on first run"""
     split: str = "969,30,1"
     """train,valid,test proportions"""
+    train_data_path: Optional[tuple] = flag(None, nargs="*")
+    """the training split's own prefix(es) (weighted as --data-path), instead of --data-path and
+    --split"""
+    valid_data_path: Optional[tuple] = flag(None, nargs="*")
+    """the validation split's own prefix(es) (with --train-data-path)"""
+    test_data_path: Optional[tuple] = flag(None, nargs="*")
+    """the test split's own prefix(es) (with --train-data-path)"""
     tokenizer_model: Optional[str] = None
     """SentencePiece .model of the data"""
     data_cache_path: Optional[str] = None
@@ -447,8 +454,11 @@ class RunConfig:
         for g, (group_cls, _) in GROUPS.items():
             names = {f.name for f in dataclasses.fields(group_cls)}
             values = {k: v for k, v in data.get(g, {}).items() if k in names}
-            if g == "data" and values.get("data_path") is not None:
-                values["data_path"] = tuple(values["data_path"])
+            if g == "data":
+                for name in ("data_path", "train_data_path", "valid_data_path",
+                             "test_data_path"):
+                    if values.get(name) is not None:
+                        values[name] = tuple(values[name])
             kwargs[g] = group_cls(**values)
         for f in dataclasses.fields(RunConfig):
             if f.name not in GROUPS and f.name not in ("derived", "sources") and f.name in data:

@@ -26,6 +26,9 @@ from torch.utils.data import Dataset
 from megatron_nitp.data.corpus import default_cache_root
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+#: Seed of the validation and test splits' sample order, whatever ``--seed`` is: runs that
+#: differ only in their seed are validated on the same batches.
+EVAL_SEED = 1234
 
 
 def _normalize_blend(data_prefix: str | Sequence) -> tuple[list[str], list[float] | None]:
@@ -75,6 +78,8 @@ def build_datasets(
     split: str,
     num_samples: tuple[int | None, int | None, int | None],
     cache_dir: str | None = None,
+    per_split: Sequence | None = None,
+    eval_seed: int | None = EVAL_SEED,
 ) -> tuple[Dataset | None, Dataset | None, Dataset | None]:
     """Builds the train, valid and test GPT datasets of one data blend.
 
@@ -94,6 +99,11 @@ def build_datasets(
             A split with weight 0 in `split` is returned as None.
         cache_dir: Folder for megatron-core's index cache; defaults to
             `default_cache_root()/dataset-index`.
+        per_split: Megatron-LM's `--train/valid/test-data-path`: three blends (each in
+            `--data-path` format, or None for no such split) used instead of `data_prefix`
+            and `split`.
+        eval_seed: Seed of the validation and test splits' sample order (None: `seed`). Fixed
+            by default, so runs with different `--seed`s are validated on the same batches.
 
     Returns:
         The `(train, valid, test)` datasets: `GPTDataset`s, or `BlendedDataset`s for several
@@ -103,32 +113,42 @@ def build_datasets(
     Raises:
         FileNotFoundError: If a `.bin`/`.idx` file of the blend is missing.
     """
-    prefixes, weights = _normalize_blend(data_prefix)
+    blends = ([_normalize_blend(p) if p else None for p in per_split] if per_split
+              else [_normalize_blend(data_prefix)])
+    prefixes = [p for blend in blends if blend for p in blend[0]]
     check_data_prefixes(prefixes)
     cache_dir = cache_dir or os.path.join(default_cache_root(), "dataset-index")
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     # Without torch.distributed, megatron-core's BlendedDataset calls get_rank() before
     # writing its cache and fails; the blend is then built in memory, and its GPTDataset
     # indices go to megatron-core's default cache folder next to each data prefix.
-    path_to_cache = cache_dir if distributed or len(prefixes) == 1 else None
-    config = GPTDatasetConfig(
-        random_seed=seed,
-        sequence_length=seq_length,
-        blend=(prefixes, weights),
-        split=split,
-        path_to_cache=path_to_cache,
-        tokenizer=tokenizer,
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,
-    )
-    builder = BlendedMegatronDatasetBuilder(
-        GPTDataset, list(num_samples), is_built_on_rank=lambda: True, config=config
-    )
+    blended = any(blend and len(blend[0]) > 1 for blend in blends)
+    path_to_cache = cache_dir if distributed or not blended else None
+
+    def build(random_seed: int):
+        config = GPTDatasetConfig(
+            random_seed=random_seed,
+            sequence_length=seq_length,
+            blend=None if per_split else blends[0],
+            blend_per_split=blends if per_split else None,
+            split=None if per_split else split,
+            path_to_cache=path_to_cache,
+            tokenizer=tokenizer,
+            reset_position_ids=False,
+            reset_attention_mask=False,
+            eod_mask_loss=False,
+            create_attention_mask=False,
+        )
+        builder = BlendedMegatronDatasetBuilder(
+            GPTDataset, list(num_samples), is_built_on_rank=lambda: True, config=config
+        )
+        return builder.build()
+
     lock = contextlib.nullcontext() if distributed else _exclusive_lock(cache_dir)
     with lock:
-        train, valid, test = builder.build()
+        train, valid, test = build(seed)
+        if eval_seed is not None and eval_seed != seed:
+            _, valid, test = build(eval_seed)
     return train, valid, test
 
 

@@ -177,8 +177,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, model_type: str = "dense") 
     parser.set_defaults(**preset)
     ns = parser.parse_args(argv)
     values = {dest: getattr(ns, dest) for dest in FLAT}
-    if values["data_path"] is not None:
-        values["data_path"] = tuple(values["data_path"])
+    for name in ("data_path", "train_data_path", "valid_data_path", "test_data_path"):
+        if values[name] is not None:
+            values[name] = tuple(values[name])
     given = given_flags(parser, argv)
     sources = tuple(sorted(
         [(dest, "flag" if dest in given else f"preset {ns.preset}" if dest in preset

@@ -41,7 +41,12 @@ def prepare_data(args: RunConfig):
     from megatron_nitp.data.datasets import MicroBatchIterator, build_datasets, check_data_prefixes
     from megatron_nitp.data.tokenizer import SentencePieceTokenizer
 
-    if args.data_path is None:
+    per_split = (args.train_data_path, args.valid_data_path, args.test_data_path)
+    if args.train_data_path:
+        for blend in per_split:
+            if blend:
+                check_data_prefixes(get_blend_from_list(list(blend))[0])
+    elif args.data_path is None:
         if args.tokenizer_model is not None:
             raise ValueError("--tokenizer-model was given without --data-path: give both, or "
                              "neither to use the built-in corpus.")
@@ -50,7 +55,8 @@ def prepare_data(args: RunConfig):
     elif args.tokenizer_model is None:
         raise ValueError("--data-path needs --tokenizer-model (the SentencePiece .model the data "
                          "was preprocessed with; see tools/train_tokenizer.py).")
-    check_data_prefixes(get_blend_from_list(list(args.data_path))[0])
+    if not args.train_data_path:
+        check_data_prefixes(get_blend_from_list(list(args.data_path))[0])
     tokenizer = SentencePieceTokenizer(args.tokenizer_model)
     args = resolve(args, torch.distributed.get_world_size(), tokenizer.vocab_size)
     dp_size = parallel_state.get_data_parallel_world_size()
@@ -61,8 +67,9 @@ def prepare_data(args: RunConfig):
         0,
     )
     train_ds, valid_ds, _ = build_datasets(
-        list(args.data_path), tokenizer, args.seq_length, args.seed, args.split, num_samples,
-        args.data_cache_path,
+        list(args.data_path or ()), tokenizer, args.seq_length, args.seed, args.split,
+        num_samples, args.data_cache_path,
+        per_split=[list(p) if p else None for p in per_split] if args.train_data_path else None,
     )
     train = MicroBatchIterator(train_ds, args.micro_batch_size, dp_rank, dp_size)
 
