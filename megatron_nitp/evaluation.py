@@ -1,12 +1,13 @@
 """Frozen-model evaluation of a trained checkpoint: representation geometry, a linear probe and
 last-word cloze accuracy (``tools/evaluate_representations.py`` is the command line).
 
-Everything here works on the plain decoder (the NITP projector is never used), so NTP and NITP
-checkpoints are evaluated identically:
+Everything here works on the plain decoder, so NTP and NITP checkpoints are evaluated
+identically (the NITP projector is used only for the held-out NITP loss, None without one):
 
 - geometry: effective rank and mean pairwise cosine (``megatron_nitp.geometry``) of the final
-  hidden states (after the final norm, what the unembedding sees) on held-out text, plus the
-  held-out cross-entropy;
+  hidden states (after the final norm, what the unembedding sees) and of layer k's output
+  states on held-out windows spread over the whole text, plus the held-out cross-entropy and
+  the model's own NITP loss;
 - probe: mean-pooled final hidden states of short texts, a multinomial logistic regression and a
   nearest-centroid classifier trained on a fixed, seeded split (torch only, no scikit-learn);
 - cloze: for each item, does the argmax next-token prediction at the end of the context equal
@@ -153,9 +154,11 @@ def cloze_items_kjv(split: str = "969,30,1", min_words: int = 4) -> list[str]:
 
 
 class FrozenLM:
-    """A checkpoint's decoder, frozen: logits and final hidden states of token batches."""
+    """A checkpoint's decoder, frozen: logits and final hidden states of token batches (and,
+    with ``target_layer`` k, layer k's output states, kept in ``layer_k`` after each forward)."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, seq_length: int):
+    def __init__(self, model: torch.nn.Module, tokenizer, seq_length: int,
+                 target_layer: int | None = None):
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -163,13 +166,26 @@ class FrozenLM:
         self.seq_length = seq_length
         self.vocab_size = tokenizer.vocab_size
         self._hidden = None
+        self._layer_k = None
+        self.layer_k = None  # [b, s, h] on the CPU after forward(), with target_layer
+        self.target_layer = target_layer
         decoder = getattr(model, "decoder", None)
         if decoder is None:
             raise ValueError("the model has no .decoder: not a megatron-core GPTModel")
         decoder.register_forward_hook(self._keep)
+        if target_layer is not None:
+            from megatron_nitp.nitp.capture import find_target_module
+
+            module = find_target_module(model, target_layer)
+            if module is None:
+                raise ValueError(f"layer {target_layer} is not in the model")
+            module.register_forward_hook(self._keep_layer_k)
 
     def _keep(self, module, inputs, output):
         self._hidden = output[0] if isinstance(output, tuple) else output
+
+    def _keep_layer_k(self, module, inputs, output):
+        self._layer_k = output[0] if isinstance(output, tuple) else output
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,12 +193,34 @@ class FrozenLM:
         both on the CPU (where the probes run) whatever device the model is on."""
         tokens = tokens.to(device())
         positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
-        self._hidden = None
+        self._hidden = self._layer_k = None
         logits = self.model(tokens, positions.expand_as(tokens), None)
         if isinstance(logits, tuple):
             logits = logits[0]
         hidden = self._hidden.transpose(0, 1).float().cpu()  # [s, b, h] -> [b, s, h]
+        if self._layer_k is not None:
+            self.layer_k = self._layer_k.transpose(0, 1).float().cpu()
         return logits[..., : self.vocab_size].float().cpu(), hidden
+
+    @property
+    def has_nitp_loss(self) -> bool:
+        """Whether the model computes the NITP objective (an NITP checkpoint with its
+        projector); NTP checkpoints have none."""
+        return getattr(self.model, "projector", None) is not None
+
+    @torch.no_grad()
+    def nitp_loss(self, tokens: torch.Tensor, labels: torch.Tensor,
+                  loss_mask: torch.Tensor) -> tuple[float, int]:
+        """The model's own NITP objective on a batch: its forward with labels returns
+        ``(lm_loss, nitp_loss, nitp_mask, hidden)``; returns the sum of ``nitp_loss`` over
+        ``nitp_mask`` and the mask's count."""
+        dev = device()
+        tokens = tokens.to(dev)
+        positions = torch.arange(tokens.shape[1], device=dev).unsqueeze(0).expand_as(tokens)
+        _, nitp, mask, _ = self.model(tokens, positions, None, labels=labels.to(dev),
+                                      loss_mask=loss_mask.to(dev).float())
+        mask = mask.float()
+        return float((nitp.float() * mask).double().sum()), int(mask.sum())
 
     def padded_batches(self, sequences: list[list[int]], batch_size: int):
         """Right-padded batches of sequences (each at most seq_length) and their lengths; the
@@ -200,20 +238,51 @@ class FrozenLM:
 # --------------------------------------------------------------------------- (a) geometry
 
 
+def window_starts(stream_tokens: int, seq_length: int, max_windows: int) -> list[int]:
+    """Starts of the held-out windows (``seq_length + 1`` tokens each) in a token stream of
+    ``stream_tokens``: if the whole stream fits in ``max_windows`` consecutive windows, all of
+    them (``0, seq_length, 2·seq_length, ...``, the last one possibly short); otherwise
+    ``max_windows`` windows with evenly spaced starts over the whole stream,
+    ``round(i · (stream_tokens - seq_length - 1) / (max_windows - 1))``, so the first starts
+    at the text's beginning and the last ends at its end."""
+    width = seq_length + 1
+    tiled = list(range(0, max(stream_tokens - 1, 1), seq_length))
+    if len(tiled) <= max_windows:
+        return tiled
+    last = stream_tokens - width
+    if max_windows == 1:
+        return [last // 2]
+    return [int(round(i * last / (max_windows - 1))) for i in range(max_windows)]
+
+
+def _states_geometry(states: torch.Tensor, num_pairs: int, seed: int) -> tuple[float, float]:
+    generator = torch.Generator().manual_seed(seed)
+    return (float(effective_rank(states)),
+            float(mean_pairwise_cosine(states, num_pairs, generator)))
+
+
 def held_out_geometry(lm: FrozenLM, documents: list[str], batch_size: int = 8,
                       max_tokens: int = 65536, num_pairs: int = 100_000, seed: int = 0) -> dict:
-    """Documents joined with EOD (as in training), cut into windows of seq_length + 1 tokens;
-    returns effective rank and mean pairwise cosine of the final hidden states of every
-    position (up to ``max_tokens``), and the held-out cross-entropy."""
+    """Documents joined with EOD (as in training), read in windows of seq_length + 1 tokens
+    spread over the whole text (``window_starts``, at most ``max_tokens // seq_length``
+    windows); returns effective rank and mean pairwise cosine of the final hidden states of
+    every position, the held-out cross-entropy, and - with ``lm.target_layer`` k - the same
+    geometry of layer k's output states (``layer_k``) and the model's own NITP loss on the
+    windows (``nitp_loss``, masked mean; None for a model without the NITP projector)."""
     stream: list[int] = []
     for doc in documents:
         stream += lm.tokenizer.tokenize(doc) + [lm.tokenizer.eod]
     width = lm.seq_length + 1
-    windows = [stream[i: i + width] for i in range(0, len(stream) - 1, lm.seq_length)]
-    windows = [w for w in windows if len(w) >= 2]
     budget = max(1, max_tokens // lm.seq_length)
-    windows = windows[:budget]
-    states, nll_sum, count = [], 0.0, 0
+    starts = window_starts(len(stream), lm.seq_length, budget)
+    windows = [stream[i: i + width] for i in starts]
+    keep = [len(w) >= 2 for w in windows]
+    starts = [i for i, k in zip(starts, keep) if k]
+    windows = [w for w, k in zip(windows, keep) if k]
+    with_nitp = lm.target_layer is not None and lm.has_nitp_loss
+    shift = int(getattr(getattr(lm.model, "nitp", None), "shift", 1))
+    states, layer_k, nll_sum, count = [], [], 0.0, 0
+    nitp_sum, nitp_count = 0.0, 0
     for tokens, lengths in lm.padded_batches(windows, batch_size):
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
         logits, hidden = lm.forward(inputs)
@@ -223,18 +292,35 @@ def held_out_geometry(lm: FrozenLM, documents: list[str], batch_size: int = 8,
         nll_sum += float(nll[valid].double().sum())
         count += int(valid.sum())
         states.append(hidden[valid])
+        if lm.target_layer is not None:
+            layer_k.append(lm.layer_k[valid])
+        if with_nitp:
+            # a position's NITP target is layer k at t + shift: it must be a real token too
+            mask = steps + shift < (lengths - 1).unsqueeze(1)
+            s, c = lm.nitp_loss(inputs, labels, mask)
+            nitp_sum, nitp_count = nitp_sum + s, nitp_count + c
     states = torch.cat(states)
-    generator = torch.Generator().manual_seed(seed)
+    erank, cosine = _states_geometry(states, num_pairs, seed)
     loss = nll_sum / count
-    return {
-        "effective_rank": float(effective_rank(states)),
-        "cosine_similarity": float(mean_pairwise_cosine(states, num_pairs, generator)),
+    result = {
+        "effective_rank": erank,
+        "cosine_similarity": cosine,
         "lm_loss": loss,
         "perplexity": math.exp(min(loss, 50.0)),
         "tokens": int(states.shape[0]),
         "windows": len(windows),
+        "window_starts": starts,
+        "window_span": [starts[0], starts[-1] + len(windows[-1])],
+        "stream_tokens": len(stream),
         "hidden_size": int(states.shape[1]),
     }
+    if lm.target_layer is not None:
+        k_states = torch.cat(layer_k)
+        k_erank, k_cosine = _states_geometry(k_states, num_pairs, seed)
+        result["layer_k"] = {"layer": lm.target_layer, "effective_rank": k_erank,
+                             "cosine_similarity": k_cosine}
+        result["nitp_loss"] = (nitp_sum / nitp_count) if with_nitp and nitp_count else None
+    return result
 
 
 # --------------------------------------------------------------------------- (b) probe

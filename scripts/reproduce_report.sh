@@ -88,6 +88,7 @@ if [ "$STAGE" = all ] || [ "$STAGE" = report ]; then
         while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 1; done
         name=$(basename "$dir")
         "$PYTHON" tools/evaluate_representations.py --load "$dir/checkpoints" \
+            --evaluations geometry,probe,cloze \
             --json "$DOCS/results/eval-$name.json" > "$RUNS/eval-$name.log" 2>&1 &
         pids+=($!)
     done

@@ -132,10 +132,16 @@ def test_compare_runs_falls_back_to_summary_json(runs, tmp_path):
 # ------------------------------------------------------------ evaluate_representations
 
 
+ALL = ["--evaluations", "cloze,geometry,probe"]
+
+
 def _check_result(result, hidden=32):
     g, p, c = result["geometry"], result["probe"], result["cloze"]
+    assert result["evaluations"] == ["geometry", "probe", "cloze"]
     assert 1.0 <= g["effective_rank"] <= hidden
     assert -1.0 <= g["cosine_similarity"] <= 1.0
+    assert 1.0 <= g["layer_k"]["effective_rank"] <= hidden
+    assert -1.0 <= g["layer_k"]["cosine_similarity"] <= 1.0
     assert g["lm_loss"] > 0 and _close(g["perplexity"], math.exp(g["lm_loss"]))
     assert g["tokens"] > 0
     for key in ("logreg_accuracy", "logreg_train_accuracy", "centroid_accuracy",
@@ -149,7 +155,7 @@ def test_evaluate_representations_default_data(dist, runs, tmp_path, capsys):
     out = tmp_path / "eval.json"
     result = tool.main(["--load", os.path.join(runs["nitp"], "checkpoints"), "--json", str(out),
                         "--max-tokens", "2048", "--probe-train-per-class", "12",
-                        "--probe-test-per-class", "6", "--cloze-max-items", "40"])
+                        "--probe-test-per-class", "6", "--cloze-max-items", "40", *ALL])
     saved = json.load(open(out))
     assert set(saved) >= {"checkpoint", "iteration", "nitp", "geometry", "probe", "cloze"}
     assert saved["nitp"] is True and saved["iteration"] == 3
@@ -166,6 +172,71 @@ def test_evaluate_representations_default_data(dist, runs, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "effective rank" in printed and "first-token accuracy" in printed
     assert result["geometry"] == saved["geometry"]
+    assert "NITP loss" in printed and "layer 1 effective rank" in printed
+    _check_held_out(saved, runs["nitp"], max_tokens=2048, nitp=True)
+
+
+def _check_held_out(result, run_dir, max_tokens, nitp, text=None):
+    """The windows, layer k's geometry and the NITP loss, recomputed here: the windows from the
+    held-out token stream, layer k's states with a hook of this test's own, the NITP loss as
+    the masked mean of the model's own (nitp_loss, nitp_mask)."""
+    import torch
+
+    from megatron_nitp.data.tokenizer import SentencePieceTokenizer, iter_documents
+    from megatron_nitp.evaluation import held_out_chapters
+    from megatron_nitp.export import load_checkpoint_model
+    from megatron_nitp.geometry import effective_rank, mean_pairwise_cosine
+
+    g = result["geometry"]
+    model, config = load_checkpoint_model(os.path.join(run_dir, "checkpoints"))
+    model.eval()
+    k = config.nitp_config.target_layer
+    assert g["layer_k"]["layer"] == k == result["nitp_target_layer"]
+    tok = SentencePieceTokenizer(config.tokenizer_model)
+    docs = list(iter_documents([text])) if text else held_out_chapters()[0]
+    stream = [t for d in docs for t in tok.tokenize(d) + [tok.eod]]
+    seq = config.seq_length
+    assert g["stream_tokens"] == len(stream)
+    n = max_tokens // seq
+    if len(stream) - 1 > n * seq:  # more text than the budget: n windows spread over all of it
+        expected = [round(i * (len(stream) - seq - 1) / (n - 1)) for i in range(n)]
+        assert g["window_starts"] == expected and g["windows"] == n
+        assert g["window_span"] == [0, len(stream)]  # from the first token to the last
+        gaps = np.diff(expected)
+        assert gaps.min() >= seq and gaps.max() - gaps.min() <= 1  # evenly spaced, no overlap
+        assert g["tokens"] == n * seq
+    else:  # it all fits: consecutive windows over the whole text
+        assert g["window_starts"] == list(range(0, len(stream) - 1, seq))
+        assert g["window_span"] == [0, len(stream)]
+        assert g["tokens"] == len(stream) - 1
+
+    captured = []
+    layer = next(m for m in model.decoder.layers if m.layer_number == k)
+    hook = layer.register_forward_hook(lambda m, i, o: captured.append(o[0].transpose(0, 1)))
+    states, nitp_sum, nitp_count = [], 0.0, 0
+    with torch.no_grad():
+        for start in g["window_starts"]:
+            window = torch.tensor([stream[start: start + seq + 1]])
+            inputs, labels = window[:, :-1], window[:, 1:]
+            positions = torch.arange(inputs.shape[1]).unsqueeze(0)
+            _, nitp_loss, nitp_mask, _ = model(inputs, positions, None, labels=labels)
+            nitp_sum += float((nitp_loss * nitp_mask).double().sum())
+            nitp_count += int(nitp_mask.sum())
+            states.append(captured.pop()[0].float())
+    hook.remove()
+    states = torch.cat(states)
+    assert states.shape[0] == g["tokens"]
+    assert _close(g["layer_k"]["effective_rank"], float(effective_rank(states)), rel=1e-4)
+    cosine = float(mean_pairwise_cosine(states, 100_000, torch.Generator().manual_seed(
+        result["seed"])))
+    assert _close(g["layer_k"]["cosine_similarity"], cosine, rel=1e-4)
+    # layer k is not the final layer's geometry
+    assert not _close(g["layer_k"]["effective_rank"], g["effective_rank"], rel=1e-3)
+    if nitp:
+        assert nitp_count > 0 and 0.0 < g["nitp_loss"] <= 2.0  # a cosine distance
+        assert _close(g["nitp_loss"], nitp_sum / nitp_count, rel=1e-4)
+    else:
+        assert g["nitp_loss"] is None and nitp_sum == 0.0
 
 
 def test_evaluate_representations_user_files_ntp(dist, runs, tmp_path):
@@ -183,13 +254,38 @@ def test_evaluate_representations_user_files_ntp(dist, runs, tmp_path):
             f.write(json.dumps({"text": f"the king and the city gate {i}", "label": "city"})
                     + "\n")
     result = tool.main(["--load", os.path.join(runs["ntp"], "checkpoints"), "--text", str(text),
-                        "--probe-file", str(probe), "--seed", "3"])
+                        "--probe-file", str(probe), "--seed", "3", *ALL])
     assert result["nitp"] is False
     _check_result(result)
     assert result["probe"]["classes"] == ["animal", "city"]
     assert result["probe"]["test_items"] == 2 * 4 and result["probe"]["train_items"] == 2 * 8
     assert result["cloze"]["items"] == 4  # the lines of --text
     assert result["geometry"]["source"] == str(text)
+    _check_held_out(result, runs["ntp"], max_tokens=65536, nitp=False, text=str(text))
+
+
+def test_evaluate_representations_runs_what_is_asked(dist, runs, monkeypatch, capsys):
+    from megatron_nitp import evaluation
+
+    tool = _tool("evaluate_representations")
+    load = ["--load", os.path.join(runs["nitp"], "checkpoints"), "--max-tokens", "256"]
+    with pytest.raises(SystemExit, match="unknown evaluation.*kjv.*valid: geometry, probe, "
+                                         "cloze"):
+        tool.main([*load, "--evaluations", "geometry,kjv"])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("not asked for")
+
+    for name in ("probe", "probe_dataset_kjv", "cloze", "cloze_items_kjv"):
+        monkeypatch.setattr(evaluation, name, refuse)
+    result = tool.main(load)  # default: geometry only, the KJV probe and the cloze never run
+    assert result["evaluations"] == ["geometry"]
+    assert "probe" not in result and "cloze" not in result
+    g = result["geometry"]
+    assert g["windows"] == 256 // 32 and g["nitp_loss"] > 0
+    assert g["window_span"] == [0, g["stream_tokens"]]
+    printed = capsys.readouterr().out
+    assert "effective rank" in printed and "probe" not in printed and "cloze" not in printed
 
 
 def test_cloze_target_is_first_token_of_final_word():
@@ -504,7 +600,7 @@ def test_make_report_from_tiny_runs(dist, runs, tmp_path):
         evaluate.main(["--load", os.path.join(runs[kind], "checkpoints"), "--json",
                        str(results / f"eval-{kind}-seed1.json"), "--max-tokens", "1024",
                        "--probe-train-per-class", "8", "--probe-test-per-class", "4",
-                       "--cloze-max-items", "20"])
+                       "--cloze-max-items", "20", "--evaluations", "geometry,probe,cloze"])
     output = tmp_path / "results.md"
     make_report = _tool("make_report")
     make_report.main(["--runs", base, "--seeds", "1", "--results", str(results), "--output",

@@ -1,27 +1,40 @@
 """Evaluate a trained checkpoint, frozen: representation geometry, a linear probe, cloze.
 
     python tools/evaluate_representations.py --load runs/x/checkpoints [--json out.json]
+        [--evaluations geometry,probe,cloze]
 
-One table (and with ``--json`` one JSON file) with:
+One table (and with ``--json`` one JSON file) with the evaluations asked for by
+``--evaluations`` (comma-separated, any of geometry, probe, cloze; default: geometry). The
+JSON has a key for each evaluation that ran (and "evaluations", their list).
 
 (a) geometry on held-out text: effective rank and mean pairwise cosine of the final hidden
-    states (after the final norm), and the held-out cross-entropy. ``--text FILE`` (plain text,
-    documents separated by blank lines, or JSON lines with "text"); default: the chapters of the
-    built-in corpus that the training split never uses (``--split`` as in training, default
-    969,30,1: the last 37 of 1,189 KJV chapters, 1 Peter 2 - Revelation 22).
-(b) a probe on mean-pooled final hidden states: multinomial logistic regression (L-BFGS, L2)
-    and nearest centroid, on a split fixed by ``--seed``. Default task: single KJV verses
-    (>= 6 words) classified into the Bible's 7 traditional divisions (law, history, wisdom,
-    major prophets, minor prophets, gospels and acts, epistles and revelation), 150 train and
-    100 test verses per class. These verses are mostly from the pretraining text: the probe
-    measures what the frozen features separate linearly, not generalization to unseen text.
-    ``--probe-file FILE.jsonl`` ({"text": ..., "label": ...} per line) replaces it.
-(c) last-word cloze: for each item, is the argmax next-token prediction after the context the
-    first token of the item's final word. ``--cloze-file FILE`` (one item per line); default:
-    the lines of ``--text`` when given, else every verse (>= 4 words) of the held-out chapters
-    with the chapter's preceding verses as context (left-truncated to the sequence length).
+    states (after the final norm), the held-out cross-entropy, the same geometry of layer k's
+    output states (k = the checkpoint's NITP target layer, also for an NTP checkpoint:
+    "layer_k") and the model's own NITP loss (its training objective, masked mean over the
+    windows: "nitp_loss"; null for an NTP checkpoint, which has no projector). The text is
+    joined with EOD and read in windows of seq_length + 1 tokens: all of them if they fit in
+    ``--max-tokens``, else ``--max-tokens // seq_length`` windows with evenly spaced starts
+    from the text's beginning to its end ("windows", "window_starts", "window_span",
+    "stream_tokens"). ``--text FILE`` (plain text, documents separated by blank lines, or JSON
+    lines with "text"); default: the chapters of the built-in corpus that the training split
+    never uses (``--split`` as in training, default 969,30,1: the last 37 of 1,189 KJV
+    chapters, 1 Peter 2 - Revelation 22).
+(b) probe (only when asked for): mean-pooled final hidden states, multinomial logistic
+    regression (L-BFGS, L2) and nearest centroid, on a split fixed by ``--seed``. Default
+    task: single KJV verses (>= 6 words) classified into the Bible's 7 traditional divisions
+    (law, history, wisdom, major prophets, minor prophets, gospels and acts, epistles and
+    revelation), 150 train and 100 test verses per class. These verses are mostly from the
+    pretraining text: the probe measures what the frozen features separate linearly, not
+    generalization to unseen text. ``--probe-file FILE.jsonl`` ({"text": ..., "label": ...}
+    per line) replaces it.
+(c) last-word cloze (only when asked for): for each item, is the argmax next-token
+    prediction after the context the first token of the item's final word. ``--cloze-file
+    FILE`` (one item per line); default: the lines of ``--text`` when given, else every verse
+    (>= 4 words) of the held-out chapters with the chapter's preceding verses as context
+    (left-truncated to the sequence length).
 
-Works with NTP and NITP checkpoints of dense models (the projector is never used).
+Works with NTP and NITP checkpoints of dense models (the projector is used only for the NITP
+loss).
 """
 
 import argparse
@@ -30,6 +43,19 @@ import os
 import time
 
 import megatron_nitp  # noqa: F401
+
+EVALUATIONS = ("geometry", "probe", "cloze")
+
+
+def parse_evaluations(value: str) -> list[str]:
+    """``geometry,cloze`` -> ["geometry", "cloze"] (in the order of EVALUATIONS); an unknown
+    or empty selection is refused with the valid names."""
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in EVALUATIONS]
+    if unknown or not names:
+        raise SystemExit(f"error: unknown evaluation(s) {', '.join(unknown) or repr(value)} "
+                         f"in --evaluations; valid: {', '.join(EVALUATIONS)}")
+    return [n for n in EVALUATIONS if n in names]
 
 
 def _load_model(checkpoint: str):
@@ -60,24 +86,45 @@ def _read_probe_file(path: str):
 
 
 def format_table(result: dict) -> str:
-    g, p, c = result["geometry"], result["probe"], result["cloze"]
     rows = [
         ("checkpoint", f"{result['checkpoint']} (iteration {result['iteration']}, "
                        f"{'NITP' if result['nitp'] else 'NTP'})"),
-        ("(a) held-out text", f"{g['source']}: {g['tokens']} tokens"),
-        ("    effective rank", f"{g['effective_rank']:.3f}  (of at most {g['hidden_size']})"),
-        ("    mean pairwise cosine", f"{g['cosine_similarity']:.4f}"),
-        ("    lm loss / perplexity", f"{g['lm_loss']:.4f} / {g['perplexity']:.2f}"),
-        ("(b) probe", f"{p['task']}: {len(p['classes'])} classes, {p['train_items']} train / "
-                      f"{p['test_items']} test"),
-        ("    logistic regression acc.", f"{p['logreg_accuracy']:.4f}  (train "
-                                          f"{p['logreg_train_accuracy']:.4f})"),
-        ("    nearest centroid acc.", f"{p['centroid_accuracy']:.4f}"),
-        ("    majority class", f"{p['majority_accuracy']:.4f}"),
-        ("(c) last-word cloze", f"{c['source']}: {c['items']} items"),
-        ("    first-token accuracy", f"{c['accuracy']:.4f}"),
-        ("    target NLL", f"{c['target_nll']:.4f}"),
     ]
+    if "geometry" in result:
+        g = result["geometry"]
+        rows += [
+            ("(a) held-out text", f"{g['source']}: {g['tokens']} tokens in {g['windows']} "
+                                  f"windows over tokens {g['window_span'][0]}-"
+                                  f"{g['window_span'][1]} of {g['stream_tokens']}"),
+            ("    effective rank", f"{g['effective_rank']:.3f}  (of at most {g['hidden_size']})"),
+            ("    mean pairwise cosine", f"{g['cosine_similarity']:.4f}"),
+            ("    lm loss / perplexity", f"{g['lm_loss']:.4f} / {g['perplexity']:.2f}"),
+        ]
+        if "layer_k" in g:
+            k = g["layer_k"]
+            rows += [
+                (f"    layer {k['layer']} effective rank", f"{k['effective_rank']:.3f}"),
+                (f"    layer {k['layer']} pairwise cosine", f"{k['cosine_similarity']:.4f}"),
+                ("    NITP loss", "n/a (no projector)" if g["nitp_loss"] is None
+                 else f"{g['nitp_loss']:.4f}"),
+            ]
+    if "probe" in result:
+        p = result["probe"]
+        rows += [
+            ("(b) probe", f"{p['task']}: {len(p['classes'])} classes, {p['train_items']} train / "
+                          f"{p['test_items']} test"),
+            ("    logistic regression acc.", f"{p['logreg_accuracy']:.4f}  (train "
+                                              f"{p['logreg_train_accuracy']:.4f})"),
+            ("    nearest centroid acc.", f"{p['centroid_accuracy']:.4f}"),
+            ("    majority class", f"{p['majority_accuracy']:.4f}"),
+        ]
+    if "cloze" in result:
+        c = result["cloze"]
+        rows += [
+            ("(c) last-word cloze", f"{c['source']}: {c['items']} items"),
+            ("    first-token accuracy", f"{c['accuracy']:.4f}"),
+            ("    target NLL", f"{c['target_nll']:.4f}"),
+        ]
     width = max(len(r[0]) for r in rows)
     line = "-" * (width + 2 + max(len(r[1]) for r in rows))
     return "\n".join([line] + [f"{k:<{width}}  {v}" for k, v in rows] + [line])
@@ -90,6 +137,7 @@ def evaluate(args) -> dict:
     from megatron_nitp.data.tokenizer import SentencePieceTokenizer, iter_documents
     from megatron_nitp.training.checkpointing import CheckpointError, find_checkpoint, read_meta
 
+    evaluations = parse_evaluations(args.evaluations)
     try:
         meta = read_meta(find_checkpoint(args.load))
         model, margs = _load_model(args.load)
@@ -106,44 +154,11 @@ def evaluate(args) -> dict:
                              "(pass --tokenizer-model)")
     tokenizer = SentencePieceTokenizer(tokenizer_model)
     seq_length = args.seq_length or margs.seq_length
-    lm = ev.FrozenLM(model, tokenizer, seq_length)
+    target_layer = margs.nitp_config.target_layer
+    lm = ev.FrozenLM(model, tokenizer, seq_length, target_layer=target_layer)
     torch.manual_seed(args.seed)
 
-    if args.text:
-        documents = list(iter_documents([args.text]))
-        source = args.text
-    else:
-        documents, chapters = ev.held_out_chapters(args.split)
-        source = (f"KJV chapters {chapters.start}-{chapters.stop - 1} (held out by split "
-                  f"{args.split}; {len(documents)} chapters)")
-    geometry = ev.held_out_geometry(lm, documents, args.batch_size, args.max_tokens,
-                                    seed=args.seed)
-    geometry["source"] = source
-    geometry["documents"] = len(documents)
-
-    if args.probe_file:
-        texts, labels = _read_probe_file(args.probe_file)
-        data = ev.split_labelled(texts, labels, args.probe_test_fraction, args.seed)
-        task = args.probe_file
-    else:
-        data = ev.probe_dataset_kjv(args.probe_train_per_class, args.probe_test_per_class,
-                                    args.seed)
-        task = "KJV verse -> division"
-    probe = ev.probe(lm, *data, l2=args.probe_l2)
-    probe["task"] = task
-
-    if args.cloze_file or args.text:
-        path = args.cloze_file or args.text
-        items, cloze_source = _read_lines(path), path
-    else:
-        items = ev.cloze_items_kjv(args.split)
-        cloze_source = "held-out KJV verses in chapter context"
-    if args.cloze_max_items:
-        items = items[: args.cloze_max_items]
-    cloze = ev.cloze(lm, items, args.batch_size)
-    cloze["source"] = cloze_source
-
-    return {
+    result = {
         "checkpoint": args.load,
         "iteration": meta["iteration"],
         "nitp": bool(meta["nitp"]["enabled"]),
@@ -152,10 +167,49 @@ def evaluate(args) -> dict:
                                                      "num_attention_heads")},
         "seq_length": seq_length,
         "seed": args.seed,
-        "geometry": geometry,
-        "probe": probe,
-        "cloze": cloze,
+        "evaluations": evaluations,
     }
+
+    if "geometry" in evaluations:
+        if args.text:
+            documents = list(iter_documents([args.text]))
+            source = args.text
+        else:
+            documents, chapters = ev.held_out_chapters(args.split)
+            source = (f"KJV chapters {chapters.start}-{chapters.stop - 1} (held out by split "
+                      f"{args.split}; {len(documents)} chapters)")
+        geometry = ev.held_out_geometry(lm, documents, args.batch_size, args.max_tokens,
+                                        seed=args.seed)
+        geometry["source"] = source
+        geometry["documents"] = len(documents)
+        result["geometry"] = geometry
+
+    if "probe" in evaluations:
+        if args.probe_file:
+            texts, labels = _read_probe_file(args.probe_file)
+            data = ev.split_labelled(texts, labels, args.probe_test_fraction, args.seed)
+            task = args.probe_file
+        else:
+            data = ev.probe_dataset_kjv(args.probe_train_per_class, args.probe_test_per_class,
+                                        args.seed)
+            task = "KJV verse -> division"
+        probe = ev.probe(lm, *data, l2=args.probe_l2)
+        probe["task"] = task
+        result["probe"] = probe
+
+    if "cloze" in evaluations:
+        if args.cloze_file or args.text:
+            path = args.cloze_file or args.text
+            items, cloze_source = _read_lines(path), path
+        else:
+            items = ev.cloze_items_kjv(args.split)
+            cloze_source = "held-out KJV verses in chapter context"
+        if args.cloze_max_items:
+            items = items[: args.cloze_max_items]
+        cloze = ev.cloze(lm, items, args.batch_size)
+        cloze["source"] = cloze_source
+        result["cloze"] = cloze
+    return result
 
 
 def main(argv=None) -> dict:
@@ -164,11 +218,15 @@ def main(argv=None) -> dict:
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--load", required=True, help="checkpoint folder (a run's checkpoints/)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
+    p.add_argument("--evaluations", default="geometry", metavar="NAMES",
+                   help=f"comma-separated, of {','.join(EVALUATIONS)} (default: geometry; the "
+                        "KJV probe and the cloze run only when named)")
     p.add_argument("--text", default=None, help="held-out text for (a) (and (c) by default)")
     p.add_argument("--split", default="969,30,1",
                    help="the training --split, to find the held-out chapters (969,30,1)")
     p.add_argument("--max-tokens", type=int, default=65536,
-                   help="at most this many held-out tokens for (a)")
+                   help="at most this many held-out tokens for (a), in windows spread over the "
+                        "text")
     p.add_argument("--probe-file", default=None, help="JSON lines with text and label")
     p.add_argument("--probe-test-fraction", type=float, default=0.3)
     p.add_argument("--probe-train-per-class", type=int, default=150)
@@ -183,6 +241,7 @@ def main(argv=None) -> dict:
     p.add_argument("--tokenizer-model", default=None,
                    help="default: the one recorded in the checkpoint")
     args = p.parse_args(argv)
+    parse_evaluations(args.evaluations)  # refused before the checkpoint is loaded
     start = time.perf_counter()
     result = evaluate(args)
     result["seconds"] = round(time.perf_counter() - start, 1)

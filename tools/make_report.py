@@ -941,7 +941,8 @@ def build_report(args) -> str:
     add(f"python tools/compare_runs.py --label NTP={dir0.format(kind='ntp')} "
         f"--label NITP={dir0.format(kind='nitp')} --output {args.results}/compare")
     add(f"python tools/evaluate_representations.py --load {dir0.format(kind='nitp')}/checkpoints "
-        f"--split {config.split} --json {args.results}/eval-nitp-seed{labels[0]}.json")
+        f"--split {config.split} --evaluations geometry,probe,cloze "
+        f"--json {args.results}/eval-nitp-seed{labels[0]}.json")
     add("```")
     add("")
     return "\n".join(lines)
