@@ -66,6 +66,23 @@ def uninterrupted(tmp_path_factory):
     return root, _history(root / "full")
 
 
+def test_fresh_saves_do_not_warn_about_overwriting(uninterrupted):
+    """Each iteration folder is empty when dist_checkpointing writes into it (the RNG files
+    come after the shards), so megatron-core's "Overwriting old incomplete / corrupted
+    checkpoint..." warning never shows on a fresh save; the files are all in the manifest."""
+    root, _ = uninterrupted
+    out = open(f"{root / 'full'}.stdout").read()
+    err = open(f"{root / 'full'}.stderr").read()
+    assert out.count("> saved checkpoint") == 3  # iterations 2 and 4, and the final one
+    assert "Overwriting" not in out + err
+    for iteration in (2, 4, 6):
+        folder = root / "full" / "checkpoints" / f"iter_{iteration:07d}"
+        with open(folder / "manifest.json") as f:
+            manifest = json.load(f)
+        assert "rng/rank_00000.pt" in manifest and "nitp.json" in manifest
+        assert any(name.endswith(".distcp") for name in manifest)
+
+
 def test_sigkill_then_resume_is_bitwise_identical(uninterrupted):
     root, full = uninterrupted
     killed = root / "killed"

@@ -193,6 +193,76 @@ def test_pipeline_plan_names_the_target_stage_and_routing_bytes(capsys):
     assert "memory stage 3" in out
 
 
+def _plan_numbers(out):
+    """(vocab, padded, total parameters, memory of the one stage in bytes) from a plan."""
+    import re
+
+    vocab, padded = map(int, re.search(r"vocab (\d+) .*?, padded (\d+)", out).groups())
+    total = re.search(r"parameters +total (\S+),", out).group(1)
+    memory = re.search(r"memory/GPU +(\S+ \S+) =", out).group(1)
+    return vocab, padded, total, memory
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer(tmp_path_factory):
+    """A SentencePiece model of 1000 pieces trained on the built-in corpus's first chapters."""
+    from megatron_nitp.data.corpus import kjv_chapters
+    from megatron_nitp.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+
+    root = tmp_path_factory.mktemp("tok")
+    text = root / "chapters.txt"
+    text.write_text("\n\n".join(kjv_chapters()[:60]))
+    model = train_sentencepiece([str(text)], str(root / "tok"), vocab_size=1000)
+    assert SentencePieceTokenizer(model).vocab_size == 1000
+    return model
+
+
+def test_dry_run_reads_the_tokenizers_vocabulary(capsys, small_tokenizer):
+    from megatron_nitp.data.corpus import prepare_default_corpus
+    from megatron_nitp.data.tokenizer import SentencePieceTokenizer
+
+    # the built-in corpus's tokenizer: its own vocabulary, named as the tokenizer's, and the
+    # plan equals one given that vocabulary with --vocab-size
+    _, model = prepare_default_corpus()
+    real = SentencePieceTokenizer(model).vocab_size
+    code, out, err = _dry(capsys, "--preset", "tiny-dense", "--tokenizer-model", model)
+    assert code == 0, err
+    assert f"vocab {real} (the tokenizer's, {model}), padded {real}" in out
+    code, given, _ = _dry(capsys, "--preset", "tiny-dense", "--vocab-size", str(real))
+    assert code == 0 and _plan_numbers(out) == _plan_numbers(given)
+
+    # another tokenizer's vocabulary (1000 pieces, padded to 1024) changes the plan by exactly
+    # its embedding rows: tiny-dense ties embedding and output layer, one matrix of d x V
+    code, out, err = _dry(capsys, "--preset", "tiny-dense", "--tokenizer-model", small_tokenizer)
+    assert code == 0, err
+    assert f"vocab 1000 (the tokenizer's, {small_tokenizer}), padded 1024" in out
+    args = plan.resolve(_args("--preset", "tiny-dense"), 1)
+    small = plan.model_parameters(args.replace(derived=dataclasses.replace(
+        args.derived, vocab_size=1000, padded_vocab_size=1024)))
+    default = plan.model_parameters(args)
+    assert args.vocab_size == 4096 and not args.untie_embeddings_and_output_weights
+    assert default["total"] - small["total"] == (4096 - 1024) * args.hidden_size
+    assert _plan_numbers(out)[2] == plan._count(small["total"])
+    layout = plan.Layout(world=1, tp=1, pp=1, cp=1, ep=1, dp=1, sp=False)
+    tokenizer_args = plan.resolve(_args("--preset", "tiny-dense", "--tokenizer-model",
+                                        small_tokenizer), 1, 1000)
+    m = plan.stage_memory(tokenizer_args, layout, tokenizer_args.num_microbatches, 0)
+    assert _plan_numbers(out)[3] == plan._bytes(m.total)
+    assert m.parameters == plan.stage_parameters(args, layout, 0)[0] - 3072 * args.hidden_size
+
+    # without a tokenizer the default is named as assumed
+    code, out, _ = _dry(capsys, "--preset", "tiny-dense")
+    assert code == 0 and "vocab 4096 (assumed: give --tokenizer-model" in out
+
+
+def test_dry_run_refuses_a_missing_tokenizer_or_one_larger_than_vocab_size(capsys,
+                                                                            small_tokenizer):
+    code, out, err = _dry(capsys, "--tokenizer-model", "/nonexistent/tok.model")
+    assert code == 2 and "tokenizer model not found: /nonexistent/tok.model" in err
+    code, out, err = _dry(capsys, "--tokenizer-model", small_tokenizer, "--vocab-size", "512")
+    assert code == 2 and "the tokenizer's vocabulary (1000) is larger than --vocab-size 512" in err
+
+
 @pytest.mark.parametrize("flags,message", [
     (("--tensor-model-parallel-size", "2", "--world-size", "3"),
      "world size 3 is not divisible by TP x PP x CP = 2"),

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -32,15 +33,65 @@ def test_thirty_iterations_lm_and_nitp_losses_fall(dist, tmp_path):
     assert nitp[0] == pytest.approx(1.0, abs=0.1)
     assert sum(lm[-5:]) / 5 < lm[0] - 1.5
     assert sum(nitp[-5:]) / 5 < 0.5 * nitp[0]
-    assert summary["nitp loss"] == pytest.approx(nitp[-1])
+    # the summary's losses are means over the last logging interval: here (--log-interval
+    # 1000) the one console line at iteration 30 averages all 30 iterations
+    assert summary["nitp loss"] == pytest.approx(sum(nitp) / 30, rel=1e-12)
+    assert summary["lm loss"] == pytest.approx(sum(lm) / 30, rel=1e-12)
+    assert summary["nitp loss"] != pytest.approx(nitp[-1], rel=1e-3)
     # the logged total is lm + lambda * nitp, iteration by iteration
     for total, a, b in zip(history["total loss"], lm, nitp):
         assert total == pytest.approx(a + b, rel=1e-9)
 
 
-def test_baseline_and_start_iteration(dist, tmp_path):
-    _, base = _run(tmp_path / "ntp", "--train-iters", "4", "--lr-warmup-iters", "0", "--no-nitp")
+def _console_losses(out):
+    """{iteration: {loss: value}} of the console's training lines."""
+    lines = {}
+    for line in out.splitlines():
+        match = re.match(r" iteration +(\d+)/", line)
+        if match:
+            lines[int(match.group(1))] = {k: float(v) for k, v in
+                                          re.findall(r"\| ([a-z ]+ loss): (\S+)", line)}
+    return lines
+
+
+def test_console_and_summary_losses_are_means_over_the_logging_interval(dist, tmp_path, capsys):
+    """Megatron-LM's convention: the line at iteration N shows each loss averaged over the
+    iterations since the previous line; history keeps every iteration's value."""
+    run_dir = tmp_path / "run"
+    summary = pretrain(parse_args(["--train-iters", "6", "--lr-warmup-iters", "0",
+                                   "--log-interval", "4", "--eval-interval", "0", "--no-save",
+                                   "--no-plot", "--no-progress-bar", "--geometry-interval", "0",
+                                   "--run-dir", str(run_dir)]))
+    out = capsys.readouterr().out
+    with open(run_dir / "summary.json") as f:
+        saved = json.load(f)
+    history = {k: [v for _, v in points] for k, points in saved["history"].items()}
+    assert [i for i, _ in saved["history"]["lm loss"]] == [1, 2, 3, 4, 5, 6]
+    console = _console_losses(out)
+    assert sorted(console) == [4, 6]
+    for key in ("lm loss", "nitp loss", "total loss"):
+        values = history[key]
+        assert len(values) == 6 and len(set(values)) == 6
+        # printed with 7 significant digits
+        assert console[4][key] == pytest.approx(sum(values[:4]) / 4, rel=1e-6)
+        assert console[6][key] == pytest.approx(sum(values[4:]) / 2, rel=1e-6)
+        assert console[6][key] != pytest.approx(values[-1], rel=1e-4)
+    for key in ("lm loss", "nitp loss"):
+        assert summary[key] == pytest.approx(sum(history[key][4:]) / 2, rel=1e-12)
+        assert saved["summary"][key] == summary[key]
+    assert "lm loss (mean of iterations 5-6)" in out
+    assert "nitp loss (mean of iterations 5-6)" in out
+
+
+def test_baseline_and_start_iteration(dist, tmp_path, capsys):
+    summary, base = _run(tmp_path / "ntp", "--train-iters", "4", "--lr-warmup-iters", "0",
+                         "--no-nitp")
     assert base["nitp loss"] == [0.0] * 4
+    # an NTP run has no nitp loss: not on the console line, nor in the printed run summary
+    out = capsys.readouterr().out
+    assert _console_losses(out)[4]["lm loss"] == pytest.approx(sum(base["lm loss"]) / 4, rel=1e-6)
+    assert "nitp loss" not in out
+    assert summary["nitp loss"] is None
     _, late = _run(tmp_path / "late", "--train-iters", "4", "--lr-warmup-iters", "0",
                    "--nitp-start-iter", "2")
     assert late["nitp weight"] == [0.0, 0.0, 1.0, 1.0]

@@ -122,11 +122,15 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args
     if rank == 0:
         if os.path.isdir(path):  # a leftover of an interrupted save of this same iteration
             shutil.rmtree(path)
-        os.makedirs(os.path.join(path, "rng"), exist_ok=True)
+        # empty: dist_checkpointing.save warns "Overwriting old incomplete / corrupted
+        # checkpoint..." on a folder that holds anything
+        os.makedirs(path)
     torch.distributed.barrier()
     state = _sharded_state(model, optimizer, is_loading=False)
     state["scheduler"] = scheduler.state_dict()
     dist_checkpointing.save(state, path)
+    # the per-rank RNG states after the shards (still before the manifest and the tracker)
+    os.makedirs(os.path.join(path, "rng"), exist_ok=True)
     torch.save(_rng_state(), os.path.join(path, "rng", f"rank_{rank:05d}.pt"))
     torch.distributed.barrier()
     if faults.due("crash-in-save", iteration):

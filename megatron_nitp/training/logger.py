@@ -19,6 +19,10 @@ from megatron_nitp.device import name as device_name
 # Console order.
 CONSOLE_KEYS = ("lm loss", "nitp loss", "mtp loss", "load balancing loss", "total loss", "grad norm",
                 "effective rank", "cosine similarity")
+# Shown on the console (and in the run summary) as their mean over the logging interval, as
+# Megatron-LM's ``training_log`` does: the line at iteration N averages the iterations since the
+# previous line, skipped ones left out. The other console values are the iteration's own.
+INTERVAL_MEAN_KEYS = ("lm loss", "nitp loss", "mtp loss", "load balancing loss", "total loss")
 # TensorBoard tags in Megatron-LM's naming (losses keep their names; validation values are
 # "<key> validation").
 TENSORBOARD_TAGS = {
@@ -79,6 +83,14 @@ class TrainingLogger:
         self.bar = None
         self.skipped = 0
         self._interval_seconds, self._interval_iters = 0.0, 0
+        self._loss_sums: dict[str, float] = defaultdict(float)
+        self._loss_iters = 0
+        self._interval_first: int | None = None
+        #: (first, last) iteration the last console line averaged over
+        self.interval_span: tuple[int, int] | None = None
+        #: the means of INTERVAL_MEAN_KEYS shown on the last console line (the run summary's
+        #: losses); empty before the first line
+        self.interval_means: dict[str, float] = {}
         if not self.enabled:
             return
         if tensorboard_dir:
@@ -106,20 +118,44 @@ class TrainingLogger:
             if self.writer is not None and math.isfinite(value):
                 self.writer.add_scalar(tensorboard_tag(key, validation), value, iteration)
 
+    def _shown(self, key: str) -> bool:
+        """An NTP run (``--no-nitp``) has no nitp loss to show (its history keeps the zeros)."""
+        return key != "nitp loss" or bool(self.args.nitp)
+
     def log_train(self, iteration: int, metrics: dict[str, float], iter_seconds: float) -> None:
+        """Records the iteration's values (history and TensorBoard per iteration) and, every
+        ``--log-interval`` iterations and at the last one, prints a console line whose losses
+        are means over the iterations since the previous line (:data:`INTERVAL_MEAN_KEYS`)."""
         self.record(iteration, metrics)
-        self.skipped += int(metrics.get("skipped", 0))
+        skipped = bool(metrics.get("skipped", 0))
+        self.skipped += int(skipped)
         self._interval_seconds += iter_seconds
         self._interval_iters += 1
+        if self._interval_first is None:
+            self._interval_first = iteration
+        if not skipped:  # Megatron-LM leaves skipped iterations out of the averages
+            self._loss_iters += 1
+            for key in INTERVAL_MEAN_KEYS:
+                if key in metrics:
+                    self._loss_sums[key] += metrics[key]
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(lm=f"{metrics['lm loss']:.3f}",
-                                 nitp=f"{metrics.get('nitp loss', float('nan')):.3f}")
+            postfix = {"lm": f"{metrics['lm loss']:.3f}"}
+            if self._shown("nitp loss"):
+                postfix["nitp"] = f"{metrics.get('nitp loss', float('nan')):.3f}"
+            self.bar.set_postfix(**postfix)
         if iteration % self.args.log_interval and iteration != self.args.train_iters:
             return
         args = self.args
         seconds = self._interval_seconds / self._interval_iters
         self._interval_seconds, self._interval_iters = 0.0, 0
+        self.interval_means = {
+            key: (self._loss_sums[key] / self._loss_iters if self._loss_iters else float("nan"))
+            for key in INTERVAL_MEAN_KEYS if key in metrics}
+        self._loss_sums.clear()
+        self._loss_iters = 0
+        self.interval_span, self._interval_first = (self._interval_first, iteration), None
+        shown = {**metrics, **self.interval_means}
         parts = [
             f" iteration {iteration:8d}/{args.train_iters:8d}",
             f"consumed samples: {iteration * args.global_batch_size:10d}",
@@ -129,7 +165,7 @@ class TrainingLogger:
             f"learning rate: {metrics['learning rate']:.3E}",
             f"global batch size: {args.global_batch_size:5d}",
         ]
-        parts += [f"{k}: {metrics[k]:.6E}" for k in CONSOLE_KEYS if k in metrics]
+        parts += [f"{k}: {shown[k]:.6E}" for k in CONSOLE_KEYS if k in shown and self._shown(k)]
         if self.skipped:
             parts.append(f"number of skipped iterations: {self.skipped:3d}")
         self.print(" | ".join(parts) + " |")

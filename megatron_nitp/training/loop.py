@@ -81,6 +81,10 @@ def prepare_data(args: RunConfig):
 
 
 def _summary(args, logger, wall: float) -> dict:
+    """The run summary. "lm loss" and "nitp loss" are the means over the last logging
+    interval (the iterations the last console line averaged, as Megatron-LM logs losses; the
+    per-iteration values are in the history and TensorBoard); "nitp loss" is None for an NTP
+    run. Validation loss and geometry are their last measured values."""
     def last(key):
         points = logger.history.get(key)
         return points[-1][1] if points else None
@@ -92,20 +96,29 @@ def _summary(args, logger, wall: float) -> dict:
         "nitp": args.nitp,
         "iterations": args.train_iters,
         "wall time (s)": round(wall, 1),
-        "lm loss": last("lm loss"),
-        "nitp loss": last("nitp loss") if args.nitp else None,
+        "lm loss": logger.interval_means.get("lm loss"),
+        "nitp loss": logger.interval_means.get("nitp loss") if args.nitp else None,
         "validation lm loss": last("validation lm loss"),
         "effective rank": last("effective rank"),
         "cosine similarity": last("cosine similarity"),
     }
 
 
-def _print_summary(summary: dict, run_dir: str) -> None:
-    width = max(len(k) for k in summary)
+def _print_summary(summary: dict, run_dir: str, span: tuple[int, int] | None) -> None:
+    """The summary's rows; an NTP run shows no nitp loss. The losses are labelled as the means
+    over the last logging interval (iterations ``span``) they are."""
+    rows = {}
+    for key, value in summary.items():
+        if key == "nitp loss" and not summary["nitp"]:
+            continue
+        if key in ("lm loss", "nitp loss") and span is not None:
+            key = f"{key} (mean of iterations {span[0]}-{span[1]})"
+        rows[key] = value
+    width = max(len(k) for k in rows)
     print("\n" + "=" * (width + 24))
     print(f" run summary ({run_dir})")
     print("-" * (width + 24))
-    for key, value in summary.items():
+    for key, value in rows.items():
         shown = f"{value:.4f}" if isinstance(value, float) else str(value)
         print(f" {key:<{width}}  {shown}")
     print("=" * (width + 24) + "\n", flush=True)
@@ -311,6 +324,6 @@ def pretrain(args: RunConfig) -> dict:
             # the resolved run config: reports and tools read the run's facts from it
             json.dump({"summary": summary, "config": args.to_dict(),
                        "history": logger.history}, f, indent=1)
-        _print_summary(summary, run_dir)
+        _print_summary(summary, run_dir, logger.interval_span)
     _barrier()
     return summary

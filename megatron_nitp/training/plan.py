@@ -120,11 +120,26 @@ def gpu_memory_gib() -> float:
 
 
 def _vocab(args: RunConfig, tp: int) -> tuple[int, int]:
-    """The vocabulary and its padded size (a multiple of make-vocab-size-divisible-by x TP)."""
+    """The vocabulary and its padded size (a multiple of make-vocab-size-divisible-by x TP):
+    the resolved one (``--vocab-size``, else the tokenizer's) of a resolved config, else
+    ``--vocab-size`` or :data:`DEFAULT_VOCAB_SIZE`."""
     from megatron_nitp.config import DEFAULT_VOCAB_SIZE, padded_vocab
 
-    vocab = args.model.vocab_size or DEFAULT_VOCAB_SIZE
+    if args.derived is not None:
+        vocab = args.derived.vocab_size
+    else:
+        vocab = args.model.vocab_size or DEFAULT_VOCAB_SIZE
     return vocab, padded_vocab(vocab, args.make_vocab_size_divisible_by, tp)
+
+
+def tokenizer_vocab_size(args: RunConfig) -> int | None:
+    """The vocabulary of ``--tokenizer-model`` (a SentencePiece .model), None without one.
+    Raises FileNotFoundError or ValueError for a missing or unreadable model."""
+    if args.tokenizer_model is None:
+        return None
+    from megatron_nitp.data.tokenizer import SentencePieceTokenizer
+
+    return SentencePieceTokenizer(args.tokenizer_model).vocab_size
 
 
 def _widths(args: RunConfig) -> tuple[int, int, int]:
@@ -295,6 +310,14 @@ def _advice(args: RunConfig, layout: Layout, worst: StageMemory) -> list[str]:
     return [text for _, text in sorted(fixes, key=lambda item: -item[0])]
 
 
+def _vocab_source(args: RunConfig) -> str:
+    if args.model.vocab_size:
+        return " (--vocab-size)"
+    if args.tokenizer_model is not None:
+        return f" (the tokenizer's, {args.tokenizer_model})"
+    return " (assumed: give --tokenizer-model or --vocab-size for the real one)"
+
+
 def dry_run(args: RunConfig) -> int:
     """Checks the layout, prints the plan; returns the exit code (0 = the job can start,
     2 = impossible layout, 3 = does not fit in GPU memory)."""
@@ -302,9 +325,9 @@ def dry_run(args: RunConfig) -> int:
 
     try:
         world = world_size(args)
-        args = resolve(args, world)
+        args = resolve(args, world, tokenizer_vocab_size(args))
         gpu_gib = gpu_memory_gib()
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     layout = Layout(world=world, tp=args.tensor_model_parallel_size,
@@ -329,9 +352,8 @@ def dry_run(args: RunConfig) -> int:
         "NITP job plan (dry run: no process group started, no model built)",
         ("model", f"{args.preset} ({kind}): {args.num_layers} layers, hidden {args.hidden_size}, "
                   f"{ffn}, {args.num_attention_heads} heads / {args.num_query_groups} KV groups, "
-                  f"seq {args.seq_length}, vocab {vocab}"
-                  + (" (tokenizer's: not known in a dry run, assumed)" if not args.model.vocab_size
-                     else "") + f", padded {padded}"),
+                  f"seq {args.seq_length}, vocab {vocab}" + _vocab_source(args)
+                  + f", padded {padded}"),
         ("parameters", f"total {_count(counts['total'])}, active {_count(counts['active'])}"
                        + (f"; NITP projector {_count(counts['projector'])} (training only)"
                           if counts["projector"] else "")),
