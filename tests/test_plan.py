@@ -259,6 +259,11 @@ def test_dry_run_refuses_a_missing_tokenizer_or_one_larger_than_vocab_size(capsy
                                                                             small_tokenizer):
     code, out, err = _dry(capsys, "--tokenizer-model", "/nonexistent/tok.model")
     assert code == 2 and "tokenizer model not found: /nonexistent/tok.model" in err
+    # planned elsewhere than the job runs: with a vocabulary given, the plan goes on and says
+    code, out, err = _dry(capsys, "--tokenizer-model", "/nonexistent/tok.model",
+                          "--vocab-size", "4096")
+    assert code == 0 and "tokenizer model not found: /nonexistent/tok.model" in out
+    assert "planned with --vocab-size 4096" in out and "vocab 4096 (--vocab-size)" in out
     code, out, err = _dry(capsys, "--tokenizer-model", small_tokenizer, "--vocab-size", "512")
     assert code == 2 and "the tokenizer's vocabulary (1000) is larger than --vocab-size 512" in err
 

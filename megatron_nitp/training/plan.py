@@ -323,9 +323,18 @@ def dry_run(args: RunConfig) -> int:
     2 = impossible layout, 3 = does not fit in GPU memory)."""
     from megatron_nitp.nitp.routing import routed_bytes_per_step
 
+    missing = None
     try:
         world = world_size(args)
-        args = resolve(args, world, tokenizer_vocab_size(args))
+        try:
+            tokenizer_vocab = tokenizer_vocab_size(args)
+        except FileNotFoundError as err:
+            if not args.model.vocab_size:
+                raise
+            # planning on another machine (a laptop, a login node) than the job's: the
+            # vocabulary is known from --vocab-size or the preset, say what the job will need
+            tokenizer_vocab, missing = None, str(err)
+        args = resolve(args, world, tokenizer_vocab)
         gpu_gib = gpu_memory_gib()
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -368,6 +377,9 @@ def dry_run(args: RunConfig) -> int:
         ("training", f"{precision}, lr {args.lr:g} ({args.lr_decay_style}), distributed "
                      f"optimizer {'on' if args.use_distributed_optimizer else 'off'}"),
     ]
+    if missing:
+        lines.append(("tokenizer", f"{missing}: planned with --vocab-size "
+                                   f"{args.model.vocab_size}; the job reads it at start"))
     if args.nitp:
         owner = _target_stage(args, layout)
         routed = routed_bytes_per_step(
