@@ -238,7 +238,8 @@ PAPER = {
 }
 # Settings that differ from run to run by design: the arm, the seed and where a run writes.
 PER_RUN = {("nitp_config", "enabled"), ("training", "seed"), ("logging", "run_dir"),
-           ("logging", "tensorboard_dir"), ("checkpoint", "save"), ("checkpoint", "load")}
+           ("logging", "tensorboard_dir"), ("checkpoint", "save"), ("checkpoint", "load"),
+           ("sources",)}  # where each value came from (flag, preset, default): not a setting
 # Settings the step-by-step commands of the report give explicitly, or that name run folders.
 NOT_FLAGS = {"nitp", "seed", "run_dir", "tensorboard_dir", "save", "load", "data_cache_path"}
 
