@@ -17,12 +17,13 @@ from megatron_nitp.device import has_cuda
 from megatron_nitp.device import name as device_name
 
 # Console order.
-CONSOLE_KEYS = ("lm loss", "nitp loss", "mtp loss", "load balancing loss", "total loss", "grad norm",
-                "effective rank", "cosine similarity")
+CONSOLE_KEYS = ("lm loss", "nitp loss", "mtp loss", "load balancing loss", "z loss", "total loss",
+                "grad norm", "effective rank", "cosine similarity")
 # Shown on the console (and in the run summary) as their mean over the logging interval, as
 # Megatron-LM's ``training_log`` does: the line at iteration N averages the iterations since the
 # previous line, skipped ones left out. The other console values are the iteration's own.
-INTERVAL_MEAN_KEYS = ("lm loss", "nitp loss", "mtp loss", "load balancing loss", "total loss")
+INTERVAL_MEAN_KEYS = ("lm loss", "nitp loss", "mtp loss", "load balancing loss", "z loss",
+                      "total loss")
 # TensorBoard tags in Megatron-LM's naming (losses keep their names; validation values are
 # "<key> validation").
 TENSORBOARD_TAGS = {
@@ -32,6 +33,7 @@ TENSORBOARD_TAGS = {
     "nitp weight": "nitp-loss-weight",
     "skipped": "skipped-iteration",
     "load balancing loss": "load_balancing_loss",
+    "z loss": "z_loss",
 }
 
 

@@ -20,6 +20,7 @@ from megatron_nitp.device import name as device_name
 from megatron_nitp.training import arguments
 from megatron_nitp.training.initialize import initialize_distributed, set_seed
 from megatron_nitp.training.logger import Throughput, TrainingLogger, is_logging_rank
+from megatron_nitp.training.model import params_synced
 from megatron_nitp.training.step import evaluate, train_step
 
 
@@ -149,6 +150,7 @@ def setup(args: RunConfig) -> Run:
         args.distributed_backend,
         args.expert_model_parallel_size,
         timeout_minutes=args.distributed_timeout_minutes,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
     )
     try:
         arguments.validate_data_cache(args)
@@ -237,9 +239,10 @@ def pretrain(args: RunConfig) -> dict:
     preemption = _Preemption()
 
     def save(iteration: int) -> str:
-        return save_checkpoint(save_dir, iteration, model, optimizer, scheduler, args,
-                               consumed_samples=train_iter.consumed_samples,
-                               keep_last=args.save_keep_last)
+        with params_synced(model):
+            return save_checkpoint(save_dir, iteration, model, optimizer, scheduler, args,
+                                   consumed_samples=train_iter.consumed_samples,
+                                   keep_last=args.save_keep_last)
 
     logger = TrainingLogger(args, tensorboard_dir)
     params = sum(p.numel() for p in model.parameters())
@@ -297,7 +300,8 @@ def pretrain(args: RunConfig) -> dict:
         if valid_iter is not None and (
             iteration % args.eval_interval == 0 or iteration == args.train_iters
         ):
-            logger.log_eval(iteration, evaluate(model, valid_iter(), args, args.eval_iters))
+            with params_synced(model):
+                logger.log_eval(iteration, evaluate(model, valid_iter(), args, args.eval_iters))
             throughput.lap()
         if args.save_interval and iteration % args.save_interval == 0 and iteration < args.train_iters:
             logger.print(f"> saved checkpoint {save(iteration)}")
