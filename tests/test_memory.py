@@ -24,11 +24,14 @@ def test_cpu_peak_is_per_interval(dist):
     """A large tensor in one interval raises that interval's peak RSS; the next interval,
     without it, peaks lower: the reset between lines works."""
     monitor = MemoryMonitor("proc")
-    monitor.reset()
+    monitor.begin()
     rss_before = monitor.local()["rss"] / MB
     _touch_big_tensor()
     first = monitor.measure()
+    # what was resident at begin(), reduced with the first measure() and only with it
+    assert monitor.start_mb == pytest.approx(rss_before, rel=0.05)
     second = monitor.measure()
+    assert monitor.start_mb == pytest.approx(rss_before, rel=0.05)
     for figures in (first, second):
         assert set(figures) == {key("rss"), key("max rss")}
         assert 0 < figures[key("rss")] <= figures[key("max rss")]
@@ -77,9 +80,13 @@ def test_planned_vs_measured_line():
                           "ranks; the RSS includes the Python/torch runtime")
     assert f"vs {model / plan.GIB:.2f} GiB planned per rank by --dry-run (weights " in cpu
     assert "runtime allowance left out on CPU" in cpu
-    gpu = MemoryMonitor("cuda").planned_vs_measured(
+    assert "before the first step" not in cpu
+    on_gpu = MemoryMonitor("cuda")
+    on_gpu.start_mb = 512.0
+    gpu = on_gpu.planned_vs_measured(
         10, {key("max allocated"): 2048.0, key("max reserved"): 3072.0}, planned, 2)
     assert "peak 2.00 GiB allocated, 3.00 GiB reserved measured (max over ranks" in gpu
+    assert "; 0.50 GiB allocated before the first step) vs " in gpu
     assert re.search(rf"vs {planned.total / plan.GIB:.2f} GiB planned per rank by --dry-run, "
                      rf"pipeline stage {planned.stage} \(the largest\) \(weights .* \+ runtime ",
                      gpu)

@@ -281,7 +281,7 @@ def pretrain(args: RunConfig) -> dict:
     model.train()
     throughput = Throughput(args.global_batch_size * args.seq_length)
     iteration = run.start_iteration
-    memory.reset()  # the first interval's peak counts from the first step, set-up left out
+    memory.begin()  # the first interval's peak counts from the first step, set-up left out
     while iteration < args.train_iters:
         iteration += 1
         if faults.due("sigkill", iteration):

@@ -83,7 +83,7 @@ class MemoryMonitor:
 
     ``source`` is ``"cuda"`` (the caching allocator), ``"proc"`` (``VmRSS``/``VmHWM``, reset per
     interval) or ``"rusage"`` (peak since start); by default the first that this process can
-    use. Call :meth:`reset` where the first interval starts and :meth:`measure` on every rank
+    use. Call :meth:`begin` where the first interval starts and :meth:`measure` on every rank
     at each console line.
     """
 
@@ -95,6 +95,11 @@ class MemoryMonitor:
             raise ValueError(f"unknown memory source {source!r}")
         self.source = source
         self.names = {"cuda": GPU_NAMES, "proc": CPU_NAMES, "rusage": RUSAGE_NAMES}[source]
+        self._start_bytes: float | None = None
+        #: MB allocated (GPU) or resident (CPU) when the first step started, max over ranks:
+        #: what the planned-vs-measured line says was there before training (known after the
+        #: first :meth:`measure`, None before)
+        self.start_mb: float | None = None
 
     @property
     def peak_key(self) -> str:
@@ -109,6 +114,13 @@ class MemoryMonitor:
             devices.reset_peak_memory_stats()
         elif self.source == "proc":
             _clear_refs_writable()
+
+    def begin(self) -> None:
+        """Where the first interval starts: notes this rank's current figure (reduced with the
+        first :meth:`measure`, no collective of its own) and resets the peaks, so set-up is
+        not in the first line's peak."""
+        self._start_bytes = self.local()[self.names[0]]
+        self.reset()
 
     def local(self) -> dict[str, float]:
         """This rank's figures in bytes, ``{name: bytes}`` in :attr:`names` order."""
@@ -128,11 +140,16 @@ class MemoryMonitor:
         :meth:`reset`. A collective under a process group: every rank calls it at the same
         iteration."""
         values = self.local()
-        figures = torch.tensor(list(values.values()), dtype=torch.float64, device=device())
+        start = [] if self._start_bytes is None else [self._start_bytes]
+        figures = torch.tensor(list(values.values()) + start, dtype=torch.float64,
+                               device=device())
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(figures, op=torch.distributed.ReduceOp.MAX)
         self.reset()
-        return {key(name): value / MB for name, value in zip(values, figures.tolist())}
+        figures = figures.tolist()
+        if start:
+            self.start_mb, self._start_bytes = figures.pop() / MB, None
+        return {key(name): value / MB for name, value in zip(values, figures)}
 
     def console(self, metrics: dict[str, float]) -> list[str]:
         """The console line's memory parts (Megatron's ``report_memory`` wording): the label,
@@ -154,7 +171,8 @@ class MemoryMonitor:
         if self.source == "cuda":
             measured = (f"peak {metrics[key('max allocated')] * MB / GIB:.2f} GiB allocated, "
                         f"{metrics[key('max reserved')] * MB / GIB:.2f} GiB reserved measured "
-                        "(max over ranks; the CUDA context and NCCL buffers not counted)")
+                        "(max over ranks; the CUDA context and NCCL buffers not counted"
+                        + self._before("; ", "allocated") + ")")
             total = planned.total
             terms = (memory_terms(planned) + ": the plan's allowance for the CUDA context, NCCL, "
                      "workspaces and fragmentation")
@@ -162,9 +180,17 @@ class MemoryMonitor:
             since = " since start" if self.source == "rusage" else ""
             measured = (f"peak {metrics[self.peak_key] * MB / GIB:.2f} GiB RSS{since} measured "
                         "(max over ranks; the RSS includes the Python/torch runtime and the "
-                        "data pipeline)")
+                        "data pipeline" + self._before(": ", "were resident") + ")")
             total = planned.total - planned.runtime
             terms = (memory_terms(planned, runtime=False) + f"; the plan's "
                      f"{planned.runtime / GIB:g} GiB GPU runtime allowance left out on CPU")
         return (f"> memory after iteration {iteration}: {measured} vs {total / GIB:.2f} GiB "
                 f"planned per rank by --dry-run{stage} ({terms})")
+
+    def _before(self, joint: str, what: str) -> str:
+        """``<joint>X GiB <what> before the first step`` once :meth:`begin`'s figure is known
+        (the part of the peak that set-up left: weights, gradient buffers, and on CPU the
+        runtime), else nothing."""
+        if self.start_mb is None:
+            return ""
+        return f"{joint}{self.start_mb * MB / GIB:.2f} GiB {what} before the first step"
