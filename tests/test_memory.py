@@ -78,7 +78,7 @@ def test_planned_vs_measured_line():
         10, {key("rss"): 500.0, key("max rss"): 1024.0}, planned)
     assert cpu.startswith("> memory after iteration 10: peak 1.00 GiB RSS measured (max over "
                           "ranks; the RSS includes the Python/torch runtime")
-    assert f"vs {model / plan.GIB:.2f} GiB planned per rank by --dry-run (weights " in cpu
+    assert f"vs {memory.readable(model)} planned per rank by --dry-run (weights " in cpu
     assert "runtime allowance left out on CPU" in cpu
     assert "before the first step" not in cpu
     on_gpu = MemoryMonitor("cuda")
@@ -86,7 +86,9 @@ def test_planned_vs_measured_line():
     gpu = on_gpu.planned_vs_measured(
         10, {key("max allocated"): 2048.0, key("max reserved"): 3072.0}, planned, 2)
     assert "peak 2.00 GiB allocated, 3.00 GiB reserved measured (max over ranks" in gpu
-    assert "; 0.50 GiB allocated before the first step) vs " in gpu
-    assert re.search(rf"vs {planned.total / plan.GIB:.2f} GiB planned per rank by --dry-run, "
-                     rf"pipeline stage {planned.stage} \(the largest\) \(weights .* \+ runtime ",
+    assert "; 512.0 MiB allocated before the first step) vs " in gpu
+    assert re.search(rf"vs {planned.total / plan.GIB:.2f} GiB planned per rank by --dry-run for "
+                     rf"pipeline stage {planned.stage}, the largest, \(weights .* \+ runtime ",
                      gpu)
+    assert memory.readable(1.5 * plan.GIB) == "1.50 GiB"
+    assert memory.readable(3 * MB) == "3.0 MiB"

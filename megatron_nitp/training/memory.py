@@ -46,6 +46,13 @@ PROC_STATUS = "/proc/self/status"
 CLEAR_REFS = "/proc/self/clear_refs"
 
 
+def readable(nbytes: float) -> str:
+    """Bytes as GiB with two decimals, or MiB below 1 GiB (tiny CPU models plan a few MiB)."""
+    if nbytes >= GIB:
+        return f"{nbytes / GIB:.2f} GiB"
+    return f"{nbytes / MB:.1f} MiB"
+
+
 def key(name: str) -> str:
     """The history key of a memory figure: ``memory <name> (MB)``."""
     return f"memory {name} (MB)"
@@ -167,10 +174,10 @@ class MemoryMonitor:
         interval (``metrics`` from :meth:`measure`), with what each figure counts."""
         from megatron_nitp.training.plan import memory_terms
 
-        stage = f", pipeline stage {planned.stage} (the largest)" if stage_count > 1 else ""
+        stage = f" for pipeline stage {planned.stage}, the largest," if stage_count > 1 else ""
         if self.source == "cuda":
-            measured = (f"peak {metrics[key('max allocated')] * MB / GIB:.2f} GiB allocated, "
-                        f"{metrics[key('max reserved')] * MB / GIB:.2f} GiB reserved measured "
+            measured = (f"peak {readable(metrics[key('max allocated')] * MB)} allocated, "
+                        f"{readable(metrics[key('max reserved')] * MB)} reserved measured "
                         "(max over ranks; the CUDA context and NCCL buffers not counted"
                         + self._before("; ", "allocated") + ")")
             total = planned.total
@@ -178,13 +185,13 @@ class MemoryMonitor:
                      "workspaces and fragmentation")
         else:
             since = " since start" if self.source == "rusage" else ""
-            measured = (f"peak {metrics[self.peak_key] * MB / GIB:.2f} GiB RSS{since} measured "
+            measured = (f"peak {readable(metrics[self.peak_key] * MB)} RSS{since} measured "
                         "(max over ranks; the RSS includes the Python/torch runtime and the "
                         "data pipeline" + self._before(": ", "were resident") + ")")
             total = planned.total - planned.runtime
             terms = (memory_terms(planned, runtime=False) + f"; the plan's "
                      f"{planned.runtime / GIB:g} GiB GPU runtime allowance left out on CPU")
-        return (f"> memory after iteration {iteration}: {measured} vs {total / GIB:.2f} GiB "
+        return (f"> memory after iteration {iteration}: {measured} vs {readable(total)} "
                 f"planned per rank by --dry-run{stage} ({terms})")
 
     def _before(self, joint: str, what: str) -> str:
@@ -193,4 +200,4 @@ class MemoryMonitor:
         runtime), else nothing."""
         if self.start_mb is None:
             return ""
-        return f"{joint}{self.start_mb * MB / GIB:.2f} GiB {what} before the first step"
+        return f"{joint}{readable(self.start_mb * MB)} {what} before the first step"
