@@ -40,8 +40,8 @@ The memory estimate, per GPU, for each pipeline stage (the largest is reported),
 - **Runtime**: a fixed ``RUNTIME_OVERHEAD_GIB`` for the CUDA context, NCCL buffers, cuBLAS/TE
   workspaces and allocator fragmentation.
 
-It is an estimate for choosing a layout, not a guarantee: check the first iterations' peak
-memory (``torch.cuda.max_memory_allocated``) on the cluster.
+It is an estimate for choosing a layout, not a guarantee: a training run prints it beside the
+measured peak after its first logging interval (:func:`planned_memory`, ``training/memory.py``).
 """
 
 from __future__ import annotations
@@ -273,6 +273,40 @@ def stage_memory(args: RunConfig, layout: Layout, num_microbatches: int,
     )
 
 
+def layout_of(args: RunConfig) -> Layout:
+    """The layout of a resolved config (``config.resolve``: world and data-parallel size
+    known)."""
+    return Layout(world=args.world_size, tp=args.tensor_model_parallel_size,
+                  pp=args.pipeline_model_parallel_size, cp=args.context_parallel_size,
+                  ep=args.expert_model_parallel_size, dp=args.data_parallel_size,
+                  sp=bool(args.sequence_parallel))
+
+
+def stage_memories(args: RunConfig) -> list[StageMemory]:
+    """The estimate of every pipeline stage of a resolved config, stage 0 first."""
+    layout = layout_of(args)
+    return [stage_memory(args, layout, args.num_microbatches, i) for i in range(layout.pp)]
+
+
+def planned_memory(args: RunConfig) -> StageMemory:
+    """The per-GPU estimate ``--dry-run`` reports for a resolved config: the largest stage's.
+    Arithmetic on the config only (no model, no tokenizer), so the training loop calls it to
+    print the plan beside the measured peak (``training/memory.py``)."""
+    return max(stage_memories(args), key=lambda m: m.total)
+
+
+def memory_terms(m: StageMemory, runtime: bool = True) -> str:
+    """``weights + gradients + optimizer + activations [+ runtime]`` in readable units."""
+    return (f"weights {_bytes(m.weights)} + gradients {_bytes(m.gradients)} + optimizer "
+            f"{_bytes(m.optimizer)} + activations {_bytes(m.activations)}"
+            + (f" + runtime {_bytes(m.runtime)}" if runtime else ""))
+
+
+def describe_memory(m: StageMemory) -> str:
+    """``total = weights + gradients + optimizer + activations + runtime`` in readable units."""
+    return f"{_bytes(m.total)} = {memory_terms(m)}"
+
+
 def _count(n: float) -> str:
     for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= scale:
@@ -339,14 +373,11 @@ def dry_run(args: RunConfig) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    layout = Layout(world=world, tp=args.tensor_model_parallel_size,
-                    pp=args.pipeline_model_parallel_size, cp=args.context_parallel_size,
-                    ep=args.expert_model_parallel_size, dp=args.data_parallel_size,
-                    sp=bool(args.sequence_parallel))
+    layout = layout_of(args)
     micro = args.num_microbatches
     counts = model_parameters(args)
     vocab, padded = _vocab(args, layout.tp)
-    stages = [stage_memory(args, layout, micro, i) for i in range(layout.pp)]
+    stages = stage_memories(args)
     worst = max(stages, key=lambda m: m.total)
     fits = worst.total <= gpu_gib * GIB
 
@@ -406,10 +437,8 @@ def dry_run(args: RunConfig) -> int:
         lines.append(("NITP", "off (NTP baseline)"))
     for m in stages:
         label = "memory/GPU" if layout.pp == 1 else f"memory stage {m.stage}"
-        lines.append((label, f"{_bytes(m.total)} = weights {_bytes(m.weights)} + gradients "
-                             f"{_bytes(m.gradients)} + optimizer {_bytes(m.optimizer)} + activations "
-                             f"{_bytes(m.activations)} + runtime {_bytes(m.runtime)} "
-                             f"({_count(m.parameters)} parameters on this GPU"
+        lines.append((label, describe_memory(m) + f" ({_count(m.parameters)} parameters on "
+                             "this GPU"
                              + (", NITP projector included)" if m.stage == layout.pp - 1
                                 and counts["projector"] else ")")))
     verdict = "fits" if fits else "DOES NOT FIT"
