@@ -126,6 +126,37 @@ def test_memory_terms_by_hand():
                                     + plan.RUNTIME_OVERHEAD_GIB * plan.GIB)
 
 
+@pytest.mark.parametrize("recompute,kept_layers,rebuilt_layers,dropped", [
+    ([], 0, 0, 0),
+    (["--recompute-granularity", "full", "--recompute-method", "uniform",
+      "--recompute-num-layers", "1"], 4, 1, 0),
+    (["--recompute-granularity", "full", "--recompute-method", "uniform",
+      "--recompute-num-layers", "2"], 4, 2, 0),
+    (["--recompute-granularity", "full", "--recompute-method", "block",
+      "--recompute-num-layers", "3"], 3, 1, 0),
+    (["--recompute-granularity", "selective"], 0, 0, 0),  # flash attention: nothing to drop
+    (["--recompute-granularity", "selective", "--recompute-modules", "mlp"], 0, 0, 3 * 128),
+], ids=["none", "full-uniform-1", "full-uniform-2", "full-block-3", "selective-core_attn",
+        "selective-mlp"])
+def test_recomputation_in_the_memory_estimate_by_hand(recompute, kept_layers, rebuilt_layers,
+                                                      dropped):
+    """Full recompute: a recomputed layer keeps only its input [s, b, d], and the backward pass
+    rebuilds one checkpoint (its layers' whole activations, one micro-batch) at a time;
+    selective mlp drops the FFN's 3f per token and layer."""
+    args = _args("--num-layers", "4", "--hidden-size", "64", "--ffn-hidden-size", "128",
+                 "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "32",
+                 "--micro-batch-size", "2", "--global-batch-size", "2", "--bf16", "--no-nitp",
+                 "--vocab-size", "256", "--nitp-target-layer", "0", *recompute)
+    args, layout = _layout(args, 1)
+    d, q, kv, f, tokens = 64, 64, 32, 128, 64
+    full = 2 * (4 * d + 2 * q + 2 * kv + 3 * f)
+    logits = tokens * 256 * (2 + 4) + tokens * d * 2
+    layers = (kept_layers * 2 * d + (4 - kept_layers) * (full - 2 * dropped)
+              + rebuilt_layers * full)
+    m = plan.stage_memory(args, layout, args.num_microbatches, 0)
+    assert m.activations == pytest.approx(tokens * layers + logits)
+
+
 def test_pipeline_stages_hold_micro_batches_in_flight_and_the_routing_buffers():
     args = _args("--preset", "dense-2b", "--pipeline-model-parallel-size", "4",
                  "--micro-batch-size", "1")

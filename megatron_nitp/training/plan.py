@@ -30,7 +30,10 @@ The memory estimate, per GPU, for each pipeline stage (the largest is reported),
   expert), these divided by TP. This is Korthikanti et al. (2022)'s ``34 s b h`` for a GPT
   (bytes; 32 here without dropout masks) generalized to GQA and SwiGLU. Tokens per micro-batch:
   ``s / CP x b``. Under the 1F1B schedule stage ``i`` holds ``min(PP - i, micro-batches)``
-  micro-batches in flight.
+  micro-batches in flight. With ``--recompute-granularity full`` a recomputed layer keeps only
+  its input (``d``), and the backward pass rebuilds one checkpoint's layers at a time (one
+  micro-batch, added once); ``selective`` drops the ``--recompute-modules`` parts
+  (``activation_bytes_per_token``).
 - **Last stage, one micro-batch**: logits ``s b V/TP`` in the activation dtype plus their fp32
   copy for the cross entropy (``+ 4 B``); the output layer input; the NITP projector's
   ``3 r d / TP`` activations, the target ``z`` and the fp32 copies of prediction and target for
@@ -222,17 +225,54 @@ def model_parameters(args: RunConfig) -> dict[str, int]:
             "projector": projector_parameters(args)}
 
 
-def activation_bytes_per_token(args: RunConfig, moe: bool, layout: Layout) -> float:
-    """Bytes kept for backward per token by one layer on one rank (see the module docstring)."""
+def activation_bytes_per_token(args: RunConfig, moe: bool, layout: Layout,
+                               full_recompute: bool = False) -> float:
+    """Bytes kept for backward per token by one layer on one rank (see the module docstring).
+
+    ``full_recompute``: the layer is inside a full-recompute checkpoint, which keeps only its
+    input (``d``, divided by TP under SP). Selective recomputation drops the parts named by
+    ``--recompute-modules``: ``mlp`` the dense FFN's ``3f``, ``moe`` the MoE FFN, ``moe_act``
+    the experts' product ``k f_e``, ``shared_experts`` the shared expert's ``3 f_s``,
+    ``layernorm`` the two norm outputs (``2d`` of the ``4d``); ``core_attn`` nothing here,
+    since the estimate already assumes flash attention (no ``s x s`` scores to drop)."""
     d, q, kv = _widths(args)
     dtype = 2 if (args.bf16 or args.fp16) else 4
-    wide = 4 * d / (layout.tp if layout.sp else 1)
+    sp = layout.tp if layout.sp else 1
+    if full_recompute:
+        return dtype * d / sp
+    recomputed = set()
+    if args.recompute_granularity == "selective":
+        recomputed = set(args.recompute_modules or ("core_attn",))
+    wide = (2 if "layernorm" in recomputed else 4) * d / sp
     if moe:
-        ffn = (args.moe_router_topk * (d + 3 * args.moe_ffn_hidden_size)
-               + 3 * (args.moe_shared_expert_intermediate_size or 0))
+        experts = 0 if "moe" in recomputed else args.moe_router_topk * (
+            d + (2 if "moe_act" in recomputed else 3) * args.moe_ffn_hidden_size)
+        shared = 0 if recomputed & {"moe", "shared_experts"} else 3 * (
+            args.moe_shared_expert_intermediate_size or 0)
+        ffn = experts + shared
     else:
-        ffn = 3 * args.ffn_hidden_size
+        ffn = 0 if "mlp" in recomputed else 3 * args.ffn_hidden_size
     return dtype * (wide + (2 * q + 2 * kv + ffn) / layout.tp)
+
+
+def _stage_activations(args: RunConfig, layout: Layout, stage: int, tokens: int) -> tuple:
+    """(bytes one micro-batch keeps on stage ``stage``, bytes the backward pass of a
+    full-recompute chunk rebuilds at once: its layers' whole activations, one chunk at a
+    time)."""
+    layers = _stage_layers(args, layout, stage)
+    pattern = _moe_pattern(args)[layers]
+    if args.recompute_granularity != "full":
+        return tokens * sum(activation_bytes_per_token(args, bool(m), layout)
+                            for m in pattern), 0.0
+    n = args.recompute_num_layers
+    covered = len(pattern) if args.recompute_method == "uniform" else min(n, len(pattern))
+    kept = sum(activation_bytes_per_token(args, bool(m), layout, full_recompute=i < covered)
+               for i, m in enumerate(pattern))
+    chunk = n if args.recompute_method == "uniform" else 1
+    rebuilt = max((sum(activation_bytes_per_token(args, bool(m), layout)
+                       for m in pattern[i:i + chunk]) for i in range(0, covered, chunk)),
+                  default=0.0)
+    return tokens * kept, tokens * rebuilt
 
 
 def stage_memory(args: RunConfig, layout: Layout, num_microbatches: int,
@@ -248,9 +288,8 @@ def stage_memory(args: RunConfig, layout: Layout, num_microbatches: int,
     d = args.hidden_size
     tokens = args.seq_length // layout.cp * args.micro_batch_size
     sp_split = layout.tp if layout.sp else 1
-    pattern = _moe_pattern(args)[_stage_layers(args, layout, stage)]
-    per_micro = tokens * sum(activation_bytes_per_token(args, bool(m), layout) for m in pattern)
-    activations = min(layout.pp - stage, num_microbatches) * per_micro
+    per_micro, rebuilt = _stage_activations(args, layout, stage, tokens)
+    activations = min(layout.pp - stage, num_microbatches) * per_micro + rebuilt
     if stage == layout.pp - 1:
         padded = _vocab(args, layout.tp)[1]
         activations += tokens * padded / layout.tp * (dtype + 4)  # logits + fp32 copy
@@ -339,6 +378,9 @@ def _advice(args: RunConfig, layout: Layout, worst: StageMemory) -> list[str]:
         act.append(f"lower --micro-batch-size (now {args.micro_batch_size})")
     if layout.tp > 1 and not layout.sp:
         act.append("add --sequence-parallel")
+    if args.recompute_granularity != "full":
+        act.append("add --recompute-granularity full --recompute-method uniform "
+                   "--recompute-num-layers 1 (each layer keeps only its input)")
     act.append("raise --tensor-model-parallel-size or --context-parallel-size")
     fixes.append((worst.activations, ", ".join(act) + " to shrink the activations"))
     return [text for _, text in sorted(fixes, key=lambda item: -item[0])]
