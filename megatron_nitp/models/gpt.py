@@ -14,7 +14,8 @@ inference - has no projector and exactly GPTModel's parameters.
 
 Parallelism: when layer k is on an earlier pipeline stage (the stage whose built model holds it,
 found by one all-reduce at construction), that stage sends z to the last stage
-(`nitp.routing`). Under sequence and/or context parallelism the local rows are a shard of the
+(`nitp.routing`: without sequence parallelism each TP rank sends 1/TP of the rows and the last
+stage all-gathers them over TP). Under sequence and/or context parallelism the local rows are a shard of the
 sequence, and the shift fetches the next shard's first row (`nitp.shift`); the per-position
 distances are then gathered over TP so the returned losses are ``[b, s/cp]`` like the lm loss.
 
@@ -70,7 +71,9 @@ class NITPGPTModel(GPTModel):
             pp_size = config.pipeline_model_parallel_size
             self.target_owner_stage = owner_stage(target is not None) if pp_size > 1 else 0
             if pp_size > 1 and self.target_owner_stage != pp_size - 1:
-                self._router = TargetRouter(self.target_owner_stage)
+                # without SP the TP ranks hold the same z: each routes 1/TP of its rows
+                self._router = TargetRouter(self.target_owner_stage,
+                                            split_over_tp=not config.sequence_parallel)
         self._final = ActivationCapture(None, detach=False)
         if self.post_process:
             # The final norm runs outside any activation-recomputation checkpoint: its input
@@ -117,7 +120,8 @@ class NITPGPTModel(GPTModel):
         hidden = self._final.pop()
         shallow = self._shallow.pop() if self._shallow is not None else None
         if shallow is not None and self._router is not None and not self.post_process:
-            self._router.send(shallow)
+            # the stage's output carries the backward hook that releases this send's buffer
+            self._router.send(shallow, output)
         if labels is None or not self.post_process:
             return output
         loss_mask = torch.ones_like(labels) if loss_mask is None else loss_mask
