@@ -287,17 +287,20 @@ class TargetRouter:
             output.register_hook(partial(self._backward_reached, pending.index))
 
     def _share(self, state: torch.Tensor) -> torch.Tensor:
-        """This TP rank's ``[ceil(L/tp), b, h]`` rows of ``state`` ``[L, b, h]`` (a view when TP
-        divides L; the last share zero-padded otherwise), or all of it (no split)."""
+        """This TP rank's ``[ceil(L/tp), b, h]`` rows of ``state`` ``[L, b, h]`` (the last
+        shares zero-padded when TP does not divide L), or all of it (no split).
+
+        A share is a copy, not a view: a pending send then keeps exactly the bytes it sends
+        alive, never the whole ``[L, b, h]`` layer-k output behind it (which megatron-core
+        frees early when it is the stage's output)."""
         if self.tp_split == 1:
             return state.contiguous()
         chunk = routed_rows(state.shape[0], self.tp_split, False)
         part = state[self.tp_rank * chunk: (self.tp_rank + 1) * chunk]
-        if part.shape[0] == chunk:
-            return part.contiguous()
-        padded = torch.zeros((chunk, *state.shape[1:]), dtype=state.dtype, device=device())
-        padded[: part.shape[0]] = part
-        return padded
+        share = torch.empty((chunk, *state.shape[1:]), dtype=state.dtype, device=device())
+        share[: part.shape[0]] = part
+        share[part.shape[0]:] = 0
+        return share
 
     def _backward_reached(self, index: int, grad: torch.Tensor) -> None:
         """Gradient hook on the owner's output of micro-batch ``index``: the last stage has
