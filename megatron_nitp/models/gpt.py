@@ -15,9 +15,10 @@ inference - has no projector and exactly GPTModel's parameters.
 Parallelism: when layer k is on an earlier pipeline stage (the stage whose built model holds it,
 found by one all-reduce at construction), that stage sends z to the last stage
 (`nitp.routing`: without sequence parallelism each TP rank sends 1/TP of the rows and the last
-stage all-gathers them over TP). Under sequence and/or context parallelism the local rows are a shard of the
-sequence, and the shift fetches the next shard's first row (`nitp.shift`); the per-position
-distances are then gathered over TP so the returned losses are ``[b, s/cp]`` like the lm loss.
+stage all-gathers them over TP). Under sequence and/or context parallelism the local rows are
+a shard of the sequence, and the shift fetches the next shard's first row (`nitp.shift`); the
+per-position distances are then gathered over TP so the returned losses are ``[b, s/cp]`` like
+the lm loss.
 
 The final hidden states are returned only when the caller asks (``return_hidden=True``: the
 step's representation-geometry micro-batch): under sequence parallelism returning them costs an
@@ -203,7 +204,8 @@ class NITPGPTModel(GPTModel):
         return self._router.peak_bytes_held if self._router is not None else 0
 
     def finish_step(self) -> None:
-        """Completes this step's outstanding target sends (owning pipeline stage)."""
+        """Completes this step's outstanding target sends (owning pipeline stage) and closes
+        its accounting (``routed_peak_bytes_held``)."""
         if self._router is not None:
             self._router.wait()
 
