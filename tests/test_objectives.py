@@ -95,14 +95,9 @@ def test_mtp_that_cannot_run_is_refused(capsys, flags, message):
 
 
 def test_flops_tool_builds_its_mtp_arm_through_the_seam(dist):
-    import importlib.util
+    from tests.helpers import load_tool
 
-    from tests.conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location(
-        "flops_overhead", os.path.join(ROOT, "tools", "flops_overhead.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("flops_overhead")
     config = parse_args(SMALL + ["--train-iters", "2"])
     run = tool.build_arm("mtp", config)
     from megatron_nitp.training.model import unwrap

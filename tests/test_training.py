@@ -100,6 +100,7 @@ def test_baseline_and_start_iteration(dist, tmp_path, capsys):
     assert late["lm loss"][3] != pytest.approx(base["lm loss"][3], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_bf16_run_is_finite_and_close_to_fp32(dist, tmp_path, monkeypatch):
     from megatron.core.transformer.module import Float16Module
 
