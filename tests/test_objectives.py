@@ -42,6 +42,7 @@ OBJECTIVES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(OBJECTIVES))
 def test_each_objective_lowers_its_losses(dist, tmp_path, name):
     flags, drops = OBJECTIVES[name]
@@ -56,6 +57,7 @@ def test_each_objective_lowers_its_losses(dist, tmp_path, name):
         assert total == pytest.approx(expected, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_cosine_regularization_holds_the_cosine_down(dist, tmp_path):
     """Tokens' hidden states grow alike as the language model learns (the mean pairwise cosine
     rises from ~0.06); the regularizer's weight is what holds it down."""
