@@ -263,7 +263,7 @@ def test_evaluate_representations_user_files_ntp(dist, runs, tmp_path):
 def test_evaluate_representations_runs_what_is_asked(dist, runs, monkeypatch, capsys):
     from megatron_nitp import evaluation
 
-    tool = _tool("evaluate_representations")
+    tool = load_tool("evaluate_representations")
     load = ["--load", os.path.join(runs["nitp"], "checkpoints"), "--max-tokens", "256"]
     with pytest.raises(SystemExit, match="unknown evaluation.*kjv.*valid: geometry, probe, "
                                          "cloze"):
