@@ -9,7 +9,7 @@ from megatron_nitp.nitp.config import NITPConfig
 from megatron_nitp.nitp.loss import cosine_regularization, implicit_token_loss, token_distance
 from megatron_nitp.training.initialize import set_seed
 from megatron_nitp.training.model import build_model
-from tests.conftest import tiny_args
+from tests.helpers import tiny_args
 
 
 def _inputs(args, seed=0):

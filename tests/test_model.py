@@ -8,7 +8,7 @@ from megatron_nitp.nitp.loss import implicit_token_loss
 from megatron_nitp.nitp.projector import SwiGLUProjector
 from megatron_nitp.training.initialize import set_seed
 from megatron_nitp.training.model import build_model, layer_spec, transformer_config
-from tests.conftest import tiny_args
+from tests.helpers import tiny_args
 
 
 def _numel(module):

@@ -37,13 +37,12 @@ within a CI budget of two CPU cores.
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
 from megatron_nitp.nitp.routing import routed_bytes_per_step
-from tests.conftest import ROOT, clean_env, free_port
+from tests.helpers import launch_runs
 
 FLAGS = [
     "--num-layers", "4", "--hidden-size", "32", "--ffn-hidden-size", "64",
@@ -51,24 +50,9 @@ FLAGS = [
     "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "3",
     "--lr-warmup-iters", "0",
 ]
-HARNESS = os.path.join(ROOT, "tests", "parallel_harness.py")
 EVAL_ITERS = 2
 EVALUATE = ["--evaluate-at", "1", "--eval-iters", str(EVAL_ITERS)]
 MAIN_PARAM = "optimizer.state.param."
-
-
-def launch_runs(root, nproc, runs):
-    """One process launch that runs ``runs`` ({name: flags}, in order) one after the other,
-    each writing its files to ``root/name``."""
-    spec = root / f"runs-{nproc}.json"
-    spec.write_text(json.dumps([[str(root / name), list(flags)] for name, flags in runs.items()]))
-    cmd = [HARNESS, "--runs", str(spec)]
-    if nproc > 1:
-        cmd = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-port", str(free_port())] + cmd
-    proc = subprocess.run([sys.executable] + cmd, cwd=ROOT, env=clean_env(),
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
 def load_result(out):
@@ -217,6 +201,7 @@ def _routed_bytes(name):
     return _routing(name)["bytes_per_step_total"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_equals_single_process(results, name):
     k = LAYOUTS[name][0]

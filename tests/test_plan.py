@@ -1,8 +1,6 @@
 """`--dry-run`: world checks, parameter counts per rank, memory estimate, exit codes."""
 
 import dataclasses
-import subprocess
-import sys
 
 import pytest
 
@@ -10,7 +8,7 @@ from megatron_nitp.flops import parameter_counts
 from megatron_nitp.presets import PRESETS
 from megatron_nitp.training import plan
 from megatron_nitp.training.arguments import parse_args
-from tests.conftest import ROOT, clean_env
+from tests.helpers import run_python_code
 
 PAPER = [name for name in PRESETS if not name.startswith("tiny")]
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -319,8 +317,7 @@ def test_entry_script_dry_run_starts_no_process_group():
         "    print('EXIT', exit.code)\n"
         "print('DIST', torch.distributed.is_initialized())\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean_env(),
-                          capture_output=True, text=True, timeout=120)
+    proc = run_python_code(code, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "EXIT 0" in proc.stdout and "DIST False" in proc.stdout
     assert "moe-1.9b-a0.3b (MoE GPT)" in proc.stdout
