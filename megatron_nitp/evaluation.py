@@ -212,8 +212,9 @@ class FrozenLM:
     def nitp_loss(self, tokens: torch.Tensor, labels: torch.Tensor,
                   loss_mask: torch.Tensor) -> tuple[float, int]:
         """The model's own NITP objective on a batch: its forward with labels returns
-        ``(lm_loss, nitp_loss, nitp_mask, hidden)``; returns the sum of ``nitp_loss`` over
-        ``nitp_mask`` and the mask's count."""
+        ``(lm_loss, nitp_loss, nitp_mask, None)`` (no ``return_hidden``: the hidden states are
+        not needed here); returns the sum of ``nitp_loss`` over ``nitp_mask`` and the mask's
+        count."""
         dev = device()
         tokens = tokens.to(dev)
         positions = torch.arange(tokens.shape[1], device=dev).unsqueeze(0).expand_as(tokens)

@@ -1,7 +1,19 @@
-"""Shared fixtures: one single-process gloo group for in-process tests, tiny model flags."""
+"""Shared fixtures (one single-process gloo group for in-process tests) and the test tiers.
 
+Every test gets a tier at collection (``pytest -m unit`` is the fast local selection):
+
+* ``gpu``: marked by hand (tests/test_gpu.py); needs a CUDA GPU, skipped without one.
+* ``distributed``: the test starts other processes (torchrun, a training subprocess, a script)
+  : it, one of its fixtures, or a tests/ helper it calls uses a name in
+  ``tests.helpers.LAUNCHERS`` (subprocess, multiprocessing, torchrun_file, launch_runs, ...).
+* ``slow``: marked by hand on tests that take more than ~20 s each on a 2-core CPU machine.
+* ``unit``: everything else: in-process, no launched process, not slow.
+
+The helpers tests share live in tests/helpers.py (re-exported here for older imports).
+"""
+
+import inspect
 import os
-import socket
 import sys
 
 import pytest
@@ -11,6 +23,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import megatron_nitp  # noqa: E402,F401  (registers CPU import stubs before megatron-core loads)
+from tests.helpers import (  # noqa: E402,F401  (re-exported)
+    LAUNCHERS, clean_env, free_port, tiny_args, torchrun_file,
+)
 
 
 @pytest.fixture(scope="session")
@@ -22,49 +37,65 @@ def dist():
     yield
 
 
-def tiny_args(*extra):
-    """The run config of a very small model (fast on CPU), resolved for one model replica
-    (world TP x PP x CP) and a 128-token vocabulary."""
-    from megatron_nitp.config import resolve
-    from megatron_nitp.training.arguments import parse_args
+# ------------------------------------------------------------------------------------ tiers
 
-    base = [
-        "--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",
-        "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "16",
-        "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "4",
-        "--lr-warmup-iters", "0", "--nitp-target-layer", "1",
-    ]
-    args = parse_args(base + list(extra))
-    world = (args.tensor_model_parallel_size * args.pipeline_model_parallel_size
-             * args.context_parallel_size)
-    return resolve(args, world, 128)
+def _code_names(code):
+    """Every global and attribute name a code object (and the code nested in it) uses."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if inspect.iscode(const):
+            names |= _code_names(const)
+    return names
 
 
-def free_port() -> int:
-    """A free loopback port for a torchrun rendezvous."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _in_tests(obj) -> bool:
+    """Whether ``obj`` is defined in a file under tests/ (imported as ``tests.x`` or, by
+    pytest, as ``x``)."""
+    path = getattr(sys.modules.get(getattr(obj, "__module__", None)), "__file__", None) or ""
+    return os.path.dirname(os.path.abspath(path)) == os.path.join(ROOT, "tests")
 
 
-def clean_env(**extra) -> dict:
-    """The environment for a launched job: without the in-process tests' rendezvous variables
-    (they would point the job at this process's store), one thread per process."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    env.update(extra)
-    return env
+def _launches(obj, seen) -> bool:
+    """Whether ``obj`` (a function or class) uses a launcher, directly or through the
+    functions and classes of tests/ that it names."""
+    if id(obj) in seen:
+        return False
+    seen.add(id(obj))
+    if inspect.isclass(obj):
+        namespace = vars(sys.modules[obj.__module__])
+        codes = [f.__code__ for f in vars(obj).values() if inspect.isfunction(f)]
+    else:
+        obj = inspect.unwrap(getattr(obj, "__func__", obj))
+        if not hasattr(obj, "__code__"):
+            return False
+        namespace, codes = obj.__globals__, [obj.__code__]
+    for code in codes:
+        for name in _code_names(code):
+            if name in LAUNCHERS:
+                return True
+            target = namespace.get(name)
+            if ((inspect.isfunction(target) or inspect.isclass(target))
+                    and _in_tests(target) and _launches(target, seen)):
+                return True
+    return False
 
 
-def torchrun_file(path: str, nproc: int, timeout: int = 600):
-    """Runs a test module as a script under torchrun with ``nproc`` processes (the module's
-    ``__main__`` does the distributed part); fails the test with the job's output if it fails."""
-    import subprocess
+def _tier(item) -> str:
+    if item.get_closest_marker("gpu"):
+        return "gpu"
+    seen = set()
+    funcs = [getattr(item, "function", None)]
+    fixtureinfo = getattr(item, "_fixtureinfo", None)
+    if fixtureinfo is not None:
+        for defs in fixtureinfo.name2fixturedefs.values():
+            funcs += [d.func for d in defs]
+    if any(f is not None and _launches(f, seen) for f in funcs):
+        return "distributed"
+    return "slow" if item.get_closest_marker("slow") else "unit"
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-port", str(free_port()), os.path.abspath(path)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(PYTHONPATH=ROOT), capture_output=True,
-                          text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        tier = _tier(item)
+        if tier in ("unit", "distributed"):
+            item.add_marker(tier)

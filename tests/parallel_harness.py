@@ -4,7 +4,8 @@
     torchrun --nproc-per-node N tests/parallel_harness.py OUT --load CKPT <flags>
     torchrun --nproc-per-node N tests/parallel_harness.py --runs RUNS.json   # several layouts
 
-Writes ``OUT/metrics.json`` (per-iteration lm loss, nitp loss, grad norm, ...),
+Writes ``OUT/metrics.json`` (per-iteration lm loss, nitp loss, grad norm, ..., the layer-k
+bytes routed per step and the most routing send-buffer bytes any rank held at once),
 ``OUT/state.pt`` (the whole checkpoint state after the steps as full global tensors by key:
 every model tensor, backbone and projector, and the optimizer's per-parameter state; plus, per
 key, the largest difference of any replicated copy from the saved one) and ``OUT/projector.pt``
@@ -228,6 +229,7 @@ def run_layout(out, argv):
     from megatron_nitp.training.arguments import parse_args
     from megatron_nitp.training.checkpointing import save_checkpoint
     from megatron_nitp.training.loop import setup
+    from megatron_nitp.training.model import params_synced, unwrap
     from megatron_nitp.training.step import train_step
 
     if "--load" in argv and "--finetune" not in argv:
@@ -251,11 +253,13 @@ def run_layout(out, argv):
     for iteration in range(args.train_iters):
         metrics = train_step(run.model, run.optimizer, run.scheduler, run.train_iter, args,
                              iteration, geometry=True)
+        # the most layer-k send-buffer bytes any rank held at once during this step
+        held = torch.tensor([unwrap(run.model).routed_peak_bytes_held], dtype=torch.float64)
+        dist.all_reduce(held, op=dist.ReduceOp.MAX)
+        metrics["routing peak bytes held"] = held.item()
         history.append(metrics)
         if evaluate_at is not None and iteration + 1 == int(evaluate_at):
             evaluation = evaluate_without_side_effects(run, args)
-    from megatron_nitp.training.model import params_synced, unwrap
-
     routed = torch.tensor([unwrap(run.model).routed_bytes], dtype=torch.float64)
     dist.all_reduce(routed)
     training_bytes = routed.item() - (evaluation["routed bytes"] if evaluation else 0.0)

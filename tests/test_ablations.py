@@ -9,7 +9,7 @@ from megatron_nitp.nitp.config import NITPConfig
 from megatron_nitp.nitp.loss import cosine_regularization, implicit_token_loss, token_distance
 from megatron_nitp.training.initialize import set_seed
 from megatron_nitp.training.model import build_model
-from tests.conftest import tiny_args
+from tests.helpers import tiny_args
 
 
 def _inputs(args, seed=0):
@@ -44,7 +44,8 @@ def test_same_position_target_pairs_t_with_t(dist):
     seen = {}
     model.decoder.layers[0].register_forward_hook(lambda m, i, o: seen.update(z=o[0].detach()) or None)
     tokens, positions, mask = _inputs(args)
-    _, nitp, nitp_mask, hidden = model(tokens, positions, None, labels=tokens, loss_mask=mask)
+    _, nitp, nitp_mask, hidden = model(tokens, positions, None, labels=tokens,
+                                       loss_mask=mask, return_hidden=True)
     with torch.no_grad():
         expected = implicit_token_loss(model.projector(hidden), seen["z"], mask, shift=0)
     torch.testing.assert_close(nitp, expected)
@@ -59,7 +60,8 @@ def test_loss_kinds_use_their_distance(dist, kind):
     seen = {}
     model.decoder.layers[0].register_forward_hook(lambda m, i, o: seen.update(z=o[0].detach()) or None)
     tokens, positions, mask = _inputs(args)
-    _, nitp, _, hidden = model(tokens, positions, None, labels=tokens, loss_mask=mask)
+    _, nitp, _, hidden = model(tokens, positions, None, labels=tokens,
+                               loss_mask=mask, return_hidden=True)
     with torch.no_grad():
         predictions = model.projector(hidden)
         d = token_distance(predictions[:-1], seen["z"][1:], kind).t()
@@ -75,7 +77,8 @@ def test_projector_kinds(dist):
     tokens, positions, mask = _inputs(args)
     seen = {}
     none.decoder.layers[0].register_forward_hook(lambda m, i, o: seen.update(z=o[0].detach()) or None)
-    _, nitp, _, hidden = none(tokens, positions, None, labels=tokens, loss_mask=mask)
+    _, nitp, _, hidden = none(tokens, positions, None, labels=tokens,
+                              loss_mask=mask, return_hidden=True)
     torch.testing.assert_close(nitp, implicit_token_loss(hidden, seen["z"], mask))
 
 
@@ -97,7 +100,8 @@ def test_cosine_regularization_baseline(dist):
     model = _model(args, objective="cosine_reg")
     assert model.projector is None
     tokens, positions, mask = _inputs(args)
-    _, reg, _, hidden = model(tokens, positions, None, labels=tokens, loss_mask=mask)
+    _, reg, _, hidden = model(tokens, positions, None, labels=tokens,
+                              loss_mask=mask, return_hidden=True)
     torch.testing.assert_close(reg, cosine_regularization(hidden, mask))
     reg.sum().backward()
     assert model.decoder.final_layernorm.weight.grad.abs().sum() > 0
@@ -111,7 +115,8 @@ def test_hidden_source_before_the_final_norm(dist):
     model.decoder.layers[-1].register_forward_hook(lambda m, i, o: seen.update(h=o[0].detach()) or None)
     model.decoder.final_layernorm.register_forward_hook(lambda m, i, o: seen.update(n=o.detach()) or None)
     tokens, positions, mask = _inputs(args)
-    _, nitp, _, hidden = model(tokens, positions, None, labels=tokens, loss_mask=mask)
+    _, nitp, _, hidden = model(tokens, positions, None, labels=tokens,
+                               loss_mask=mask, return_hidden=True)
     torch.testing.assert_close(hidden, seen["h"])
     assert not torch.allclose(seen["h"], seen["n"])
     with torch.no_grad():

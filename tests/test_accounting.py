@@ -120,7 +120,7 @@ def check_accounting(dp_rank: int, dp_size: int) -> None:
     from megatron_nitp.training.model import build_model, unwrap, wrap_model
     from megatron_nitp.training.optimizer import build_optimizer
     from megatron_nitp.training.step import train_step
-    from tests.conftest import tiny_args
+    from tests.helpers import tiny_args
 
     args = tiny_args("--nitp-loss-weight", str(LAMBDA), "--micro-batch-size", str(MBS),
                      "--global-batch-size", str(MBS * NUM_MICROBATCHES * dp_size),
@@ -195,7 +195,7 @@ def test_accounting_single_process(dist):
 
 
 def test_accounting_data_parallel_uneven_masks():
-    from tests.conftest import torchrun_file
+    from tests.helpers import torchrun_file
 
     proc = torchrun_file(__file__, 2, timeout=300)
     assert proc.stdout.count("ACCOUNTING OK") == 2, proc.stdout + proc.stderr[-3000:]

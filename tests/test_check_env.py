@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import ROOT, clean_env
+from tests.helpers import ROOT, clean_env
 
 
 def _check_env(*argv):

@@ -4,12 +4,10 @@ NaN policies, config mismatches, and resharding across layouts."""
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import ROOT, clean_env, free_port
+from tests.helpers import ROOT, clean_env, python_command, run_in_own_session
 
 TINY = ["--num-layers", "4", "--hidden-size", "32", "--ffn-hidden-size", "64",
         "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "32",
@@ -24,25 +22,14 @@ def _run(run_dir, *flags, nproc=1, expect=0, fault=None):
     from megatron_nitp.training import faults
 
     env = clean_env(**({faults.ENV: fault} if fault else {}))
-    script = os.path.join(ROOT, "pretrain_gpt_nitp.py")
-    cmd = [sys.executable, script] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        "--master-port", str(free_port()), script]
-    # Own session, output to files: a SIGKILLed trainer leaves dist_checkpointing's helper
-    # processes orphaned with our pipes open; the whole group is killed once the trainer is done.
+    cmd = python_command(os.path.join(ROOT, "pretrain_gpt_nitp.py"), nproc)
+    # Output to files: a SIGKILLed trainer leaves dist_checkpointing's helper processes
+    # orphaned with our pipes open; the whole group is killed once the trainer is done.
     os.makedirs(run_dir, exist_ok=True)
     out_path, err_path = f"{run_dir}.stdout", f"{run_dir}.stderr"
     with open(out_path, "w") as out, open(err_path, "w") as err:
-        proc = subprocess.Popen(cmd + TINY + ["--run-dir", str(run_dir)] + list(flags),
-                                cwd=ROOT, env=env, stdout=out, stderr=err, text=True,
-                                start_new_session=True)
-        try:
-            proc.wait(timeout=600)
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        proc = run_in_own_session(cmd + TINY + ["--run-dir", str(run_dir)] + list(flags),
+                                  timeout=600, env=env, stdout=out, stderr=err)
     proc.stdout, proc.stderr = open(out_path).read(), open(err_path).read()
     assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
@@ -83,6 +70,7 @@ def test_fresh_saves_do_not_warn_about_overwriting(uninterrupted):
         assert any(name.endswith(".distcp") for name in manifest)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bitwise_identical(uninterrupted):
     root, full = uninterrupted
     killed = root / "killed"
@@ -101,6 +89,7 @@ def test_sigkill_then_resume_is_bitwise_identical(uninterrupted):
             assert got[key][it] == full[key][it], (key, it)  # bitwise on CPU fp32
 
 
+@pytest.mark.slow
 def test_crash_during_save_leaves_previous_checkpoint_loadable(uninterrupted, tmp_path):
     root, full = uninterrupted
     run = tmp_path / "crash"
@@ -115,6 +104,7 @@ def test_crash_during_save_leaves_previous_checkpoint_loadable(uninterrupted, tm
     assert got["lm loss"][3] == full["lm loss"][3] and got["lm loss"][4] == full["lm loss"][4]
 
 
+@pytest.mark.slow
 def test_corrupted_checkpoint_is_named_and_fallback_loads_the_previous(uninterrupted, tmp_path):
     import shutil
 
@@ -139,6 +129,7 @@ def test_corrupted_checkpoint_is_named_and_fallback_loads_the_previous(uninterru
     assert "checkpoint file missing" in proc.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_exits_75(uninterrupted, tmp_path):
     root, full = uninterrupted
     run = tmp_path / "term"
@@ -171,6 +162,7 @@ def _weights_at(dist_ckpt, iteration, tmp_path):
     return {k: v.clone() for k, v in model.state_dict().items() if v is not None and "extra" not in k}
 
 
+@pytest.mark.slow
 def test_nan_skip_policy_never_updates_the_weights(dist, tmp_path):
     import torch
 
@@ -189,6 +181,7 @@ def test_nan_skip_policy_never_updates_the_weights(dist, tmp_path):
     assert all(torch.isfinite(v).all() for v in three.values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_nan_stop_policy_writes_diagnostics_and_exits_3(tmp_path):
     run = tmp_path / "stop"
     proc = _run(run, "--train-iters", "4", "--save-interval", "1", "--nan-policy", "stop",
@@ -218,6 +211,7 @@ def test_mismatched_checkpoint_lists_the_fields(uninterrupted, tmp_path):
     ([], ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
     ([], ["DP2"]),
 ])
+@pytest.mark.slow
 def test_resharding_resumes_with_the_same_next_iteration(uninterrupted, tmp_path, first, second):
     root, full = uninterrupted
     init = root / "full" / "checkpoints"
@@ -246,6 +240,7 @@ def test_resharding_resumes_with_the_same_next_iteration(uninterrupted, tmp_path
         assert b[key][4] == pytest.approx(full[key][4], rel=1e-5), key
 
 
+@pytest.mark.slow
 def test_distributed_optimizer_checkpoint_resumes_exactly(tmp_path):
     """Two iterations after the resume: the first only sees the restored weights, the second
     also the restored optimizer step (torch Adam's per-parameter "step" must not come back as

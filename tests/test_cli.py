@@ -10,7 +10,7 @@ import pytest
 
 from megatron_nitp.training.arguments import parse_args
 from megatron_nitp.training.loop import UsageError, pretrain
-from tests.conftest import ROOT, clean_env
+from tests.helpers import ROOT, clean_env
 
 
 def _parse_error(capsys, *argv):
@@ -154,7 +154,7 @@ def test_help_lists_the_flags(script):
     import subprocess
     import sys
 
-    from tests.conftest import ROOT, clean_env
+    from tests.helpers import ROOT, clean_env
 
     proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], cwd=ROOT,
                           env=clean_env(), capture_output=True, text=True, timeout=120)

@@ -2,15 +2,13 @@
 Transformer Engine and Apex), on which megatron-core versions, and that each one documents the
 call it fixes."""
 
-import subprocess
-import sys
 
 import pytest
 from packaging.version import Version
 
 from megatron_nitp import compat
 from megatron_nitp.compat import cpu, te
-from tests.conftest import ROOT, clean_env
+from tests.helpers import run_python_code
 
 CUDA_ONLY = {"patch_cuda_runtime", "patch_rng_tracker", "patch_moe_split_sizes",
              "enter_cuda_to_cpu_mode"}
@@ -100,8 +98,7 @@ def test_apply_decides_by_itself_in_a_fresh_process():
         "from megatron.core.transformer.moe import moe_utils\n"
         "print(env.mcore, ','.join(want), moe_utils.te_general_gemm)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean_env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = run_python_code(code, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("None")
 

@@ -11,6 +11,7 @@ runs on CPU. Runs under both megatron-core versions (scripts/test_019.sh).
 import os
 import sys
 
+import pytest
 import torch
 
 SEQ, BATCH, CP = 16, 2, 2
@@ -55,8 +56,9 @@ def _worker() -> None:
     destroy_distributed()
 
 
+@pytest.mark.slow
 def test_every_rank_gets_chunks_r_and_2cp_minus_1_minus_r():
-    from tests.conftest import torchrun_file
+    from tests.helpers import torchrun_file
 
     proc = torchrun_file(__file__, 4)
     assert proc.stdout.count(" ok") == 4, proc.stdout

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from megatron_nitp.presets import PRESETS, get_preset
-from tests.conftest import ROOT, clean_env, free_port
+from tests.helpers import ROOT, clean_env, free_port
 
 PRETRAIN = os.path.join(ROOT, "examples", "pretrain.sh")
 TABLE = os.path.join(ROOT, "examples", "models.txt")
@@ -266,6 +266,7 @@ def test_dry_run_refuses_a_layout_that_does_not_fit():
     assert "DOES NOT FIT" in proc.stdout and "exceeds the GPU memory" in proc.stderr
 
 
+@pytest.mark.slow
 def test_launcher_runs_torchrun_on_cpu(tmp_path):
     """The non-dry path: torchrun with a c10d rendezvous, 2 processes, the 0.5B model's launch
     overridden down to the tiny model (extra flags come last and win)."""

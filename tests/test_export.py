@@ -1,24 +1,14 @@
 """Hugging Face export: no projector, the baseline's parameter count, and the same logits."""
 
-import importlib.util
 import json
-import os
 
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.helpers import load_tool
 from tests.test_checkpoint import _run
 
 transformers = pytest.importorskip("transformers")
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "export_checkpoint", os.path.join(ROOT, "tools", "export_checkpoint.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("variant", [[], ["--add-qkv-bias", "--untie-embeddings-and-output-weights"]])
@@ -27,7 +17,7 @@ def test_export_loads_in_transformers_with_equal_logits(dist, tmp_path, variant)
     _run(run, "--train-iters", "2", *variant)
     ckpt = run / "checkpoints"
     out = tmp_path / "hf"
-    tool = _tool()
+    tool = load_tool("export_checkpoint")
     tool.main(["--load", str(ckpt), "--output", str(out), "--keep-projector"])
     config = json.load(open(out / "config.json"))
     assert config["architectures"] == (["Qwen2ForCausalLM"] if variant else ["LlamaForCausalLM"])

@@ -17,7 +17,7 @@ from megatron_nitp.flops import (
 )
 from megatron_nitp.presets import PRESETS
 
-from tests.conftest import ROOT, clean_env  # noqa: E402
+from tests.helpers import ROOT, clean_env  # noqa: E402
 
 TOOL = os.path.join(ROOT, "tools", "flops_overhead.py")
 

@@ -9,13 +9,14 @@ layer spec where Transformer Engine is installed and megatron-core's local spec 
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import ROOT, clean_env, free_port
+from tests.helpers import (
+    HARNESS, ROOT, clean_env, python_command, run_in_own_session, run_python_code,
+)
 
 try:
     import torch
@@ -47,21 +48,11 @@ MOE = ["--preset", "tiny-moe"] + COMMON
 
 def _launch(script, run_dir, flags, nproc=1):
     """Runs an entry point (torchrun for nproc > 1); returns (stdout, stderr)."""
-    path = os.path.join(ROOT, script)
-    cmd = [sys.executable, path] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        "--master-port", str(free_port()), path]
+    cmd = python_command(os.path.join(ROOT, script), nproc)
     env = clean_env(CUBLAS_WORKSPACE_CONFIG=":4096:8")
-    proc = subprocess.Popen(cmd + ["--run-dir", str(run_dir)] + list(flags), cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=180)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    proc = run_in_own_session(cmd + ["--run-dir", str(run_dir)] + list(flags), timeout=180,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.stdout, proc.stderr
     assert proc.returncode == 0, out[-4000:] + err[-6000:]
     return out, err
 
@@ -168,8 +159,7 @@ with torch.no_grad():
 print('max abs diff', (mine - theirs).abs().max().item(), 'device', next(ours.parameters()).device)
 assert (mine - theirs).abs().max().item() < 2e-3
 """
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean_env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = run_python_code(code, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "device cuda" in proc.stdout
 
@@ -190,9 +180,7 @@ PARALLEL = ["--num-layers", "4", "--hidden-size", "64", "--ffn-hidden-size", "12
 
 
 def _harness(out, flags, nproc):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-port", str(free_port()), os.path.join(ROOT, "tests", "parallel_harness.py"),
-           str(out)] + flags
+    cmd = python_command(HARNESS, nproc) + [str(out)] + flags
     proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

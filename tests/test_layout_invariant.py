@@ -9,14 +9,11 @@ weights after the steps. Layouts of one world size run one after the other in on
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.conftest import ROOT, clean_env, free_port
+from tests.helpers import launch_runs
 
 DENSE = [
     "--num-layers", "4", "--hidden-size", "32", "--ffn-hidden-size", "64",
@@ -41,21 +38,12 @@ LAYOUTS = {
     "tp2xpp2": (4, "ref", DENSE + TP2 + PP2),
 }
 REFERENCES = {"ref": DENSE, "ref-moe": MOE}
-HARNESS = os.path.join(ROOT, "tests", "parallel_harness.py")
 
 
 def _launch(root, nproc, runs):
     """One process launch that runs ``runs`` ({name: flags}) one after the other."""
-    spec = root / f"runs-{nproc}.json"
-    spec.write_text(json.dumps([[str(root / name), flags + ["--dump-init"]]
-                                for name, flags in runs.items()]))
-    cmd = [sys.executable, HARNESS, "--runs", str(spec)]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-port", str(free_port())] + cmd[1:]
-    proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    launch_runs(root, nproc, {name: flags + ["--dump-init"] for name, flags in runs.items()},
+                timeout=600)
 
 
 def _result(root, name):
@@ -83,6 +71,7 @@ def results(tmp_path_factory):
     return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_from_scratch_equals_single_process(results, name):
     _, reference, _ = LAYOUTS[name]
@@ -138,7 +127,7 @@ def _layer(weights, index):
 
 
 def test_pipeline_stages_draw_their_global_layers_and_the_seed_matters(dist, monkeypatch):
-    from tests.conftest import tiny_args
+    from tests.helpers import tiny_args
 
     args = tiny_args("--num-layers", "4", "--untie-embeddings-and-output-weights")
     full = _stage(monkeypatch, args, 0, 1, seed=7)
@@ -166,7 +155,7 @@ def test_rules_follow_megatron(dist):
     from megatron_nitp.nitp.config import NITPConfig
     from megatron_nitp.training.initialize import set_seed
     from megatron_nitp.training.model import build_model
-    from tests.conftest import tiny_args
+    from tests.helpers import tiny_args
 
     set_seed(1)
     args = tiny_args("--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "256",

@@ -7,7 +7,7 @@ import torch
 
 from megatron_nitp.training import memory, plan
 from megatron_nitp.training.memory import MB, MemoryMonitor, key
-from tests.conftest import tiny_args
+from tests.helpers import tiny_args
 
 BIG_MB = 256
 

@@ -8,7 +8,7 @@ from megatron_nitp.nitp.loss import implicit_token_loss
 from megatron_nitp.nitp.projector import SwiGLUProjector
 from megatron_nitp.training.initialize import set_seed
 from megatron_nitp.training.model import build_model, layer_spec, transformer_config
-from tests.conftest import tiny_args
+from tests.helpers import tiny_args
 
 
 def _numel(module):
@@ -53,10 +53,16 @@ def test_forward_returns_per_token_losses_and_backward_reaches_projector(dist):
     set_seed(2)
     model = build_model(args, NITPConfig(target_layer=1), True, True)
     tokens, positions = _batch(args)
-    lm, nitp, nitp_mask, hidden = model(tokens, positions, None, labels=tokens, loss_mask=torch.ones(2, 16))
+    lm, nitp, nitp_mask, hidden = model(tokens, positions, None, labels=tokens,
+                                        loss_mask=torch.ones(2, 16), return_hidden=True)
     assert nitp_mask.sum() == 2 * 15 and torch.all(nitp_mask[:, -1] == 0)
     assert lm.shape == (2, 16) and nitp.shape == (2, 16) and hidden.shape == (16, 2, 32)
     assert torch.all(nitp[:, -1] == 0) and torch.all(nitp[:, :-1] > 0)
+    # the hidden states only when asked for (the step asks on its geometry micro-batch)
+    lm_only, nitp_only, _, none = model(tokens, positions, None, labels=tokens,
+                                        loss_mask=torch.ones(2, 16))
+    assert none is None
+    assert torch.equal(lm_only, lm) and torch.equal(nitp_only, nitp)
     (lm.mean() + nitp.sum() / 30).backward()
     for name, p in model.projector.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -71,7 +77,8 @@ def test_target_layer_zero_is_the_embedding_output(dist):
     model = build_model(args, NITPConfig(target_layer=0), True, True)
     tokens, positions = _batch(args, seed=1)
     mask = torch.ones(2, 16)
-    _, nitp, _, hidden = model(tokens, positions, None, labels=tokens, loss_mask=mask)
+    _, nitp, _, hidden = model(tokens, positions, None, labels=tokens,
+                               loss_mask=mask, return_hidden=True)
     with torch.no_grad():
         embedded = model.embedding(input_ids=tokens, position_ids=positions)
         expected = implicit_token_loss(model.projector(hidden), embedded, mask)
@@ -90,7 +97,8 @@ def test_target_layer_k_is_the_kth_layer_output(dist):
     model.decoder.layers[1].register_forward_hook(keep)
     tokens, positions = _batch(args, seed=2)
     mask = torch.ones(2, 16)
-    _, nitp, _, hidden = model(tokens, positions, None, labels=tokens, loss_mask=mask)
+    _, nitp, _, hidden = model(tokens, positions, None, labels=tokens,
+                               loss_mask=mask, return_hidden=True)
     with torch.no_grad():
         expected = implicit_token_loss(model.projector(hidden), seen["z"], mask)
     torch.testing.assert_close(nitp, expected)

@@ -67,6 +67,7 @@ def moe_results(tmp_path_factory):
     return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dispatcher", DISPATCHERS)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_expert_parallel_equals_single_process(moe_results, dispatcher, layout):
@@ -97,6 +98,7 @@ def test_router_settings_under_tp_sp_ep_equal_single_process(moe_results):
     assert_state_close(state, ref_state, "tp2-sp-ep2-router")
 
 
+@pytest.mark.slow
 def test_tiny_moe_learns_and_every_expert_receives_tokens(dist, tmp_path):
     from megatron.core.transformer.moe.router import TopKRouter
 

@@ -42,6 +42,7 @@ OBJECTIVES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(OBJECTIVES))
 def test_each_objective_lowers_its_losses(dist, tmp_path, name):
     flags, drops = OBJECTIVES[name]
@@ -56,6 +57,7 @@ def test_each_objective_lowers_its_losses(dist, tmp_path, name):
         assert total == pytest.approx(expected, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_cosine_regularization_holds_the_cosine_down(dist, tmp_path):
     """Tokens' hidden states grow alike as the language model learns (the mean pairwise cosine
     rises from ~0.06); the regularizer's weight is what holds it down."""
@@ -95,14 +97,9 @@ def test_mtp_that_cannot_run_is_refused(capsys, flags, message):
 
 
 def test_flops_tool_builds_its_mtp_arm_through_the_seam(dist):
-    import importlib.util
+    from tests.helpers import load_tool
 
-    from tests.conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location(
-        "flops_overhead", os.path.join(ROOT, "tools", "flops_overhead.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("flops_overhead")
     config = parse_args(SMALL + ["--train-iters", "2"])
     run = tool.build_arm("mtp", config)
     from megatron_nitp.training.model import unwrap

@@ -8,7 +8,8 @@ NITP target layer k:
 - test_layout_equals_single_process: per-iteration lm loss, nitp loss, global grad norm and
   effective rank to a relative 1e-5; the nitp loss is > 0 at every step (NITP is on, so a zero
   would mean the auxiliary loss silently dropped out on the last stage); the bytes of layer-k
-  targets routed between pipeline stages equal ``routed_bytes_per_step``; and the whole
+  targets routed between pipeline stages, and the most of them an owning rank holds in pending
+  sends at once, equal ``routed_bytes_per_step``; and the whole
   checkpoint state after the steps (every backbone and projector weight, and the optimizer's
   exp_avg and exp_avg_sq of every parameter, assembled into global tensors from all ranks)
   has the reference's keys and values (see ``assert_state_close``), while every replicated
@@ -22,6 +23,9 @@ NITP target layer k:
   gradients, optimizer state, scheduler, data position, RNG states and train/eval modes
   bitwise unchanged; the training after it must still equal the reference, which never
   evaluates. In one process, the same run with and without the call trains bit-identically.
+- test_routing_buffers_are_released_during_the_step: each TP rank routes 1/TP of the target
+  rows (its own shard under SP), and the send buffers held at once stay below the step's M
+  micro-batches wherever 1F1B has a steady phase on the owning stage.
 - test_mtp_under_pipeline_parallelism_equals_single_process: NITP with megatron-core's
   multi-token prediction under PP=2 equals one process (losses incl. the mtp loss, state).
 
@@ -33,13 +37,12 @@ within a CI budget of two CPU cores.
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
 from megatron_nitp.nitp.routing import routed_bytes_per_step
-from tests.conftest import ROOT, clean_env, free_port
+from tests.helpers import launch_runs
 
 FLAGS = [
     "--num-layers", "4", "--hidden-size", "32", "--ffn-hidden-size", "64",
@@ -47,24 +50,9 @@ FLAGS = [
     "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "3",
     "--lr-warmup-iters", "0",
 ]
-HARNESS = os.path.join(ROOT, "tests", "parallel_harness.py")
 EVAL_ITERS = 2
 EVALUATE = ["--evaluate-at", "1", "--eval-iters", str(EVAL_ITERS)]
 MAIN_PARAM = "optimizer.state.param."
-
-
-def launch_runs(root, nproc, runs):
-    """One process launch that runs ``runs`` ({name: flags}, in order) one after the other,
-    each writing its files to ``root/name``."""
-    spec = root / f"runs-{nproc}.json"
-    spec.write_text(json.dumps([[str(root / name), list(flags)] for name, flags in runs.items()]))
-    cmd = [HARNESS, "--runs", str(spec)]
-    if nproc > 1:
-        cmd = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-port", str(free_port())] + cmd
-    proc = subprocess.run([sys.executable] + cmd, cwd=ROOT, env=clean_env(),
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
 def load_result(out):
@@ -209,16 +197,23 @@ def results(tmp_path_factory):
     return get
 
 
-def _routed_bytes(name):
-    """Layer-k target bytes one global batch routes to the last stage under layout ``name``."""
+def _routing(name):
+    """``routed_bytes_per_step`` for layout ``name``: the layer-k target bytes one global
+    batch routes to the last stage, and the send buffers an owning rank holds at once."""
     k, tp, pp, dp, flags = LAYOUTS[name]
     return routed_bytes_per_step(
         seq_length=32, micro_batch_size=2, hidden_size=32, target_layer=k, num_layers=4,
         num_microbatches=8 // 2 // dp, tensor_parallel=tp, pipeline_parallel=pp,
         data_parallel=dp, sequence_parallel="--sequence-parallel" in flags, dtype_bytes=4,
-    )["bytes_per_step_total"]
+    )
 
 
+def _routed_bytes(name):
+    """Layer-k target bytes one global batch routes to the last stage under layout ``name``."""
+    return _routing(name)["bytes_per_step_total"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_equals_single_process(results, name):
     k = LAYOUTS[name][0]
@@ -226,11 +221,57 @@ def test_layout_equals_single_process(results, name):
     metrics, state, _ = results(name)
     assert len(metrics) == len(ref_metrics) == 3
     assert metrics[0]["routed bytes per step"] == _routed_bytes(name)
+    for got in metrics:
+        assert got["routing peak bytes held"] == _routing(name)["peak_bytes_held_per_rank"]
     for step, (got, want) in enumerate(zip(metrics, ref_metrics)):
         assert got["nitp loss"] > 0 and want["nitp loss"] > 0, (name, step)
         for key in ("lm loss", "nitp loss", "grad norm", "effective rank"):
             assert got[key] == pytest.approx(want[key], rel=1e-5), (name, step, key)
     assert_state_close(state, ref_state, name)
+
+
+ROUTED = [name for name in LAYOUTS if _routing(name)["routed"]]
+
+
+@pytest.mark.parametrize("rows,tp", [(32, 2), (30, 4), (5, 4), (3, 4)])
+def test_tp_shares_of_the_target_cover_it(rows, tp):
+    """Without SP, TP rank r routes rows ``[r c, (r + 1) c)`` of z, ``c = ceil(L / tp)``, the
+    last shares zero-padded to c rows: the last stage's all-gather of the shares, trimmed to L
+    rows, is z. ``routed_bytes_per_step`` counts the padded shares."""
+    from megatron_nitp.nitp.routing import TargetRouter, routed_rows
+
+    z = torch.randn(rows, 2, 3)
+    chunk = routed_rows(rows, tp, sequence_parallel=False)
+    assert chunk == -(-rows // tp) and routed_rows(rows, tp, sequence_parallel=True) == rows
+    shares = []
+    for rank in range(tp):
+        router = object.__new__(TargetRouter)  # only the slicing: no process group
+        router.tp_split, router.tp_rank = tp, rank
+        shares.append(router._share(z))
+        assert shares[-1].shape == (chunk, 2, 3) and shares[-1].is_contiguous()
+    gathered = torch.cat(shares)
+    assert torch.equal(gathered[:rows], z) and not gathered[rows:].any()
+    per_micro = routed_bytes_per_step(
+        seq_length=rows, micro_batch_size=2, hidden_size=3, num_microbatches=1, target_layer=1,
+        num_layers=2, tensor_parallel=tp, pipeline_parallel=2, dtype_bytes=4,
+    )["bytes_per_microbatch_per_rank"]
+    assert per_micro == chunk * 2 * 3 * 4
+
+
+@pytest.mark.parametrize("name", ROUTED)
+def test_routing_buffers_are_released_during_the_step(results, name):
+    """An owning rank's pending layer-k sends hold at most ``min(PP - owner, M)``
+    micro-batches' targets at once, released as the backward reaches the owner, not all M
+    until the end of the step; without SP each TP rank routes 1/TP of the rows."""
+    _, tp, pp, dp, _ = LAYOUTS[name]
+    routing = _routing(name)
+    metrics, _, _ = results(name)
+    micro, per_micro = 8 // 2 // dp, routing["bytes_per_microbatch_per_rank"]
+    assert per_micro == 32 // tp * 2 * 32 * 4  # [s/tp, b, h] fp32, with or without SP
+    for got in metrics:
+        assert 0 < got["routing peak bytes held"] <= micro * per_micro
+        if pp - routing["owner_stage"] < micro:  # the steady 1F1B phase releases buffers
+            assert got["routing peak bytes held"] < micro * per_micro
 
 
 def test_mtp_under_pipeline_parallelism_equals_single_process(results):

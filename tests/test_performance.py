@@ -9,7 +9,7 @@ import pytest
 from megatron_nitp.config import performance
 from megatron_nitp.training import model as model_module
 from megatron_nitp.training.arguments import parse_args
-from tests.conftest import tiny_args
+from tests.helpers import tiny_args
 
 MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "32"]
 
@@ -195,7 +195,7 @@ def test_no_stop_gradient_with_layer_k_outside_recomputation_is_accepted():
 def test_memory_benchmark_shows_recomputation_saving_memory(dist, capsys):
     """tools/memory_benchmark.py on a tiny model: full recomputation keeps less than selective,
     selective less than none, for NTP and NITP alike, and NITP adds its projector's share."""
-    from tests.conftest import load_tool
+    from tests.helpers import load_tool
 
     report = load_tool("memory_benchmark").main([
         "--num-layers", "2", "--hidden-size", "64", "--seq-length", "64",

@@ -1,8 +1,6 @@
 """`--dry-run`: world checks, parameter counts per rank, memory estimate, exit codes."""
 
 import dataclasses
-import subprocess
-import sys
 
 import pytest
 
@@ -10,7 +8,7 @@ from megatron_nitp.flops import parameter_counts
 from megatron_nitp.presets import PRESETS
 from megatron_nitp.training import plan
 from megatron_nitp.training.arguments import parse_args
-from tests.conftest import ROOT, clean_env
+from tests.helpers import run_python_code
 
 PAPER = [name for name in PRESETS if not name.startswith("tiny")]
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -163,9 +161,11 @@ def test_pipeline_stages_hold_micro_batches_in_flight_and_the_routing_buffers():
     args, layout = _layout(args, 32)
     m = args.num_microbatches
     stages = [plan.stage_memory(args, layout, m, i) for i in range(4)]
-    # stage 0 owns layer 6 (layers 1-7): it keeps one send buffer per micro-batch of the step
+    # stage 0 owns layer 6 (layers 1-7): it keeps the send buffers of the 4 micro-batches in
+    # flight (each released when the backward of its micro-batch reaches the stage)
     tokens, d = args.seq_length, args.hidden_size
-    routing = m * tokens * d * 2
+    assert m > 4
+    routing = 4 * tokens * d * 2
     per_layer = tokens * plan.activation_bytes_per_token(args, False, layout)
     assert stages[0].activations == pytest.approx(4 * 7 * per_layer + routing)
     assert stages[1].activations == pytest.approx(3 * 7 * per_layer)
@@ -348,9 +348,38 @@ def test_entry_script_dry_run_starts_no_process_group():
         "    print('EXIT', exit.code)\n"
         "print('DIST', torch.distributed.is_initialized())\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean_env(),
-                          capture_output=True, text=True, timeout=120)
+    proc = run_python_code(code, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "EXIT 0" in proc.stdout and "DIST False" in proc.stdout
     assert "moe-1.9b-a0.3b (MoE GPT)" in proc.stdout
     assert "EP 8 (expert DP 2)" in proc.stdout
+
+
+def test_comm_bytes_tool_compares_the_routing_with_before_issue_14(capsys):
+    """tools/nitp_comm_bytes.py --compare: without SP each TP rank routes half the bytes it did
+    before, and the send buffers held at once are min(PP - owner, M) micro-batches' instead of
+    the step's M; under SP only the buffers change."""
+    import importlib.util
+    import json
+    import os
+
+    spec = importlib.util.spec_from_file_location(
+        "nitp_comm_bytes", os.path.join(ROOT, "tools", "nitp_comm_bytes.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    flags = ["--preset", "tiny-dense", "--num-layers", "4", "--nitp-target-layer", "1",
+             "--pipeline-model-parallel-size", "2", "--tensor-model-parallel-size", "2",
+             "--micro-batch-size", "1", "--global-batch-size", "8", "--compare", "--json"]
+    for sp in (False, True):
+        tool.main(flags + (["--sequence-parallel"] if sp else []))
+        result = json.loads(capsys.readouterr().out)
+        before, micro = result["before_issue_14"], result["num_microbatches"]
+        per_micro = result["bytes_per_microbatch_per_rank"]
+        assert micro == 8 and result["owner_stage"] == 0
+        assert before["bytes_per_microbatch_per_rank"] == per_micro * (1 if sp else 2)
+        assert result["peak_bytes_held_per_rank"] == 2 * per_micro
+        assert before["peak_bytes_held_per_rank"] == micro * before[
+            "bytes_per_microbatch_per_rank"]
+    tool.main(flags[:-1])
+    out = capsys.readouterr().out
+    assert "before #14" in out and "send buffers held at once" in out

@@ -16,7 +16,7 @@ from megatron_nitp.device import device
 from megatron_nitp.nitp.config import NITPConfig
 from megatron_nitp.training import model as model_module
 from megatron_nitp.training.initialize import set_seed
-from tests.conftest import tiny_args
+from tests.helpers import tiny_args
 
 FULL_RECOMPUTE = dict(recompute_granularity="full", recompute_method="uniform",
                       recompute_num_layers=1)

@@ -3,19 +3,18 @@
 Two tiny runs (NITP and the NTP baseline, 3 iterations) are trained once for the module, in
 parallel subprocesses."""
 
-import importlib.util
+import importlib
 import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, clean_env
+from tests.helpers import ROOT, clean_env, kill_group, load_tool
 
 TINY = ["--train-iters", "3", "--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size",
         "64", "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "32",
@@ -24,18 +23,10 @@ TINY = ["--train-iters", "3", "--num-layers", "2", "--hidden-size", "32", "--ffn
 METRICS = ("lm loss", "nitp loss", "validation lm loss", "effective rank", "cosine similarity")
 
 
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """{"nitp": run folder, "ntp": run folder}, trained at the same time."""
     base = tmp_path_factory.mktemp("research-runs")
-    env = clean_env()
     procs = {}
     for kind, flags in (("nitp", []), ("ntp", ["--no-nitp"])):
         run_dir = base / f"{kind}-seed1"
@@ -43,16 +34,13 @@ def runs(tmp_path_factory):
         # own session: dist_checkpointing helpers are killed with the group afterwards
         procs[kind] = (subprocess.Popen(
             [sys.executable, os.path.join(ROOT, "pretrain_gpt_nitp.py"), *TINY, *flags,
-             "--run-dir", str(run_dir)], cwd=ROOT, env=env, stdout=log,
+             "--run-dir", str(run_dir)], cwd=ROOT, env=clean_env(), stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True), run_dir, log)
     for kind, (proc, run_dir, log) in procs.items():
         try:
             proc.wait(timeout=300)
         finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            kill_group(proc)
             log.close()
         assert proc.returncode == 0, open(base / f"{kind}.log").read()[-4000:]
     return {kind: str(run_dir) for kind, (_, run_dir, _) in procs.items()}
@@ -71,7 +59,7 @@ def _close(a, b, rel=1e-5):
 
 
 def test_group_names():
-    group = _tool("compare_runs").group_name
+    group = load_tool("compare_runs").group_name
     assert group("runs/report/ntp-seed1") == "ntp"
     assert group("runs/report/nitp_s3/") == "nitp"
     assert group("runs/tiny-dense-nitp-20250101-120000") == "tiny-dense-nitp"
@@ -80,7 +68,7 @@ def test_group_names():
 
 
 def test_compare_runs_writes_plots_and_final_values(runs, tmp_path, capsys):
-    tool = _tool("compare_runs")
+    tool = load_tool("compare_runs")
     prefix = tmp_path / "cmp"
     table = tool.main(["--label", f"NTP={runs['ntp']}", "--label", f"NITP={runs['nitp']}",
                        "--label", f"both={runs['ntp']},{runs['nitp']}",
@@ -122,7 +110,7 @@ def test_compare_runs_writes_plots_and_final_values(runs, tmp_path, capsys):
 
 
 def test_compare_runs_falls_back_to_summary_json(runs, tmp_path):
-    tool = _tool("compare_runs")
+    tool = load_tool("compare_runs")
     copy = tmp_path / "nitp-seed7"
     shutil.copytree(runs["nitp"], copy, ignore=shutil.ignore_patterns("tensorboard",
                                                                       "checkpoints"))
@@ -159,7 +147,7 @@ def _check_result(result, hidden=32):
 
 
 def test_evaluate_representations_default_data(dist, runs, tmp_path, capsys):
-    tool = _tool("evaluate_representations")
+    tool = load_tool("evaluate_representations")
     out = tmp_path / "eval.json"
     result = tool.main(["--load", os.path.join(runs["nitp"], "checkpoints"), "--json", str(out),
                         "--max-tokens", "2048", "--probe-train-per-class", "12",
@@ -248,7 +236,7 @@ def _check_held_out(result, run_dir, max_tokens, nitp, text=None):
 
 
 def test_evaluate_representations_user_files_ntp(dist, runs, tmp_path):
-    tool = _tool("evaluate_representations")
+    tool = load_tool("evaluate_representations")
     text = tmp_path / "held.txt"
     text.write_text("In the beginning God created the heaven and the earth.\n"
                     "And the earth was without form, and void.\n\n"
@@ -275,7 +263,7 @@ def test_evaluate_representations_user_files_ntp(dist, runs, tmp_path):
 def test_evaluate_representations_runs_what_is_asked(dist, runs, monkeypatch, capsys):
     from megatron_nitp import evaluation
 
-    tool = _tool("evaluate_representations")
+    tool = load_tool("evaluate_representations")
     load = ["--load", os.path.join(runs["nitp"], "checkpoints"), "--max-tokens", "256"]
     with pytest.raises(SystemExit, match="unknown evaluation.*kjv.*valid: geometry, probe, "
                                          "cloze"):
@@ -337,9 +325,9 @@ def exported(lm_eval_transformers, dist, runs, tmp_path_factory):
     import torch
 
     hf = tmp_path_factory.mktemp("lm-eval") / "hf"
-    _tool("export_checkpoint").main(["--load", os.path.join(runs["nitp"], "checkpoints"),
+    load_tool("export_checkpoint").main(["--load", os.path.join(runs["nitp"], "checkpoints"),
                                      "--output", str(hf)])
-    bridge = _tool("lm_eval_bridge")
+    bridge = load_tool("lm_eval_bridge")
     # batch size 3: the requests below fill more than one batch, some of them padded
     lm = bridge.make_lm_class()(str(hf), batch_size=3, device="cpu")
     model = lm_eval_transformers.AutoModelForCausalLM.from_pretrained(
@@ -600,17 +588,17 @@ def test_make_report_from_tiny_runs(dist, runs, tmp_path):
 
     results = tmp_path / "results"
     base = os.path.dirname(runs["nitp"])
-    _tool("compare_runs").main(["--label", f"NTP={runs['ntp']}", "--label", f"NITP={runs['nitp']}",
+    load_tool("compare_runs").main(["--label", f"NTP={runs['ntp']}", "--label", f"NITP={runs['nitp']}",
                                 "--output", str(results / "compare"),
                                 "--json", str(results / "compare.json")])
-    evaluate = _tool("evaluate_representations")
+    evaluate = load_tool("evaluate_representations")
     for kind in ("ntp", "nitp"):
         evaluate.main(["--load", os.path.join(runs[kind], "checkpoints"), "--json",
                        str(results / f"eval-{kind}-seed1.json"), "--max-tokens", "1024",
                        "--probe-train-per-class", "8", "--probe-test-per-class", "4",
                        "--cloze-max-items", "20", "--evaluations", "geometry,probe,cloze"])
     output = tmp_path / "results.md"
-    make_report = _tool("make_report")
+    make_report = load_tool("make_report")
     make_report.main(["--runs", base, "--seeds", "1", "--results", str(results), "--output",
                       str(output)])
     text = output.read_text()

@@ -1,7 +1,6 @@
 """The SP / CP shift on gloo groups of 2 and 4 ranks equals the unsharded shift and loss."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -10,14 +9,9 @@ import torch.multiprocessing as mp
 
 from megatron_nitp.nitp.loss import implicit_token_loss, token_distance
 from megatron_nitp.nitp.shift import local_positions, shift_targets, shift_targets_sharded
+from tests.helpers import free_port
 
 SEQ, BATCH, HIDDEN = 16, 2, 6
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world, port, tp, cp, mask_kind):
@@ -65,7 +59,7 @@ def _worker(rank, world, port, tp, cp, mask_kind):
     ],
 )
 def test_sharded_shift_equals_unsharded(world, tp, cp, mask_kind):
-    mp.spawn(_worker, args=(world, _free_port(), tp, cp, mask_kind), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), tp, cp, mask_kind), nprocs=world, join=True)
 
 
 def test_local_positions_follow_megatron_cp_chunking():

@@ -24,6 +24,7 @@ def _run(tmp_path, *flags):
     return summary, {k: [v for _, v in points] for k, points in history.items()}
 
 
+@pytest.mark.slow
 def test_thirty_iterations_lm_and_nitp_losses_fall(dist, tmp_path):
     summary, history = _run(tmp_path, "--train-iters", "30", "--lr-warmup-iters", "3")
     lm, nitp = history["lm loss"], history["nitp loss"]
@@ -54,6 +55,7 @@ def _console_losses(out):
     return lines
 
 
+@pytest.mark.slow
 def test_console_and_summary_losses_are_means_over_the_logging_interval(dist, tmp_path, capsys):
     """Megatron-LM's convention: the line at iteration N shows each loss averaged over the
     iterations since the previous line; history keeps every iteration's value."""
@@ -83,6 +85,7 @@ def test_console_and_summary_losses_are_means_over_the_logging_interval(dist, tm
     assert "nitp loss (mean of iterations 5-6)" in out
 
 
+@pytest.mark.slow
 def test_baseline_and_start_iteration(dist, tmp_path, capsys):
     summary, base = _run(tmp_path / "ntp", "--train-iters", "4", "--lr-warmup-iters", "0",
                          "--no-nitp")
@@ -100,6 +103,7 @@ def test_baseline_and_start_iteration(dist, tmp_path, capsys):
     assert late["lm loss"][3] != pytest.approx(base["lm loss"][3], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_bf16_run_is_finite_and_close_to_fp32(dist, tmp_path, monkeypatch):
     from megatron.core.transformer.module import Float16Module
 
@@ -147,6 +151,7 @@ def test_bf16_run_is_finite_and_close_to_fp32(dist, tmp_path, monkeypatch):
     assert bf16["lm loss"] != fp32["lm loss"]
 
 
+@pytest.mark.slow
 def test_geometry_is_logged_and_the_run_folder_is_complete(dist, tmp_path):
     run_dir = tmp_path / "full"
     args = parse_args(["--train-iters", "4", "--lr-warmup-iters", "0", "--geometry-interval", "2",

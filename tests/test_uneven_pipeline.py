@@ -110,7 +110,7 @@ def _worker() -> None:
     )
     from megatron_nitp.training.model import build_model
     from megatron_nitp.training.step import _run_schedule
-    from tests.conftest import tiny_args
+    from tests.helpers import tiny_args
 
     initialize_distributed(1, 2, 1)
     stage = parallel_state.get_pipeline_model_parallel_rank()
@@ -147,7 +147,7 @@ def _worker() -> None:
 
 
 def test_model_decides_the_owner_from_the_built_stages():
-    from tests.conftest import torchrun_file
+    from tests.helpers import torchrun_file
 
     proc = torchrun_file(__file__, 2)
     assert proc.stdout.count(" ok") == 2 * len(CASES), proc.stdout

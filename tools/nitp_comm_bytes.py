@@ -4,8 +4,14 @@
         --tensor-model-parallel-size 2 --sequence-parallel --micro-batch-size 1 --world-size 64
 
 Prints where layer k lives, the bytes of layer-k targets sent to the last stage per micro-batch
-and per step (per sending rank and for the whole job), and megatron-core's own pipeline traffic
-for scale. Nothing travels backward (the target needs no gradient).
+and per step (per sending rank and for the whole job), the send buffers a sending rank holds at
+once, and megatron-core's own pipeline traffic for scale. Nothing travels backward (the target
+needs no gradient). ``--compare`` puts beside them the figures of the routing before issue 14,
+when every TP rank sent the whole ``[s/cp, b, h]`` z without sequence parallelism and kept
+every send buffer of the step until its end:
+
+    python tools/nitp_comm_bytes.py --preset dense-3b --pipeline-model-parallel-size 2 \
+        --tensor-model-parallel-size 2 --micro-batch-size 2 --compare
 """
 
 import argparse
@@ -37,6 +43,20 @@ def _routed(args, num_micro, tp, pp, cp, dp, dtype_bytes):
     )
 
 
+def before_issue_14(args, result: dict, tp: int, cp: int, dtype_bytes: int) -> dict:
+    """The same figures for the routing before issue 14: each TP rank sent its whole
+    ``[s/cp (/tp under SP), b, h]`` z, and held every send buffer of the step until its end
+    (M micro-batches)."""
+    rows = args.seq_length // cp // (tp if args.sequence_parallel else 1)
+    per_micro = rows * args.micro_batch_size * args.hidden_size * dtype_bytes
+    per_micro *= result["routed"]
+    micro, senders = result["num_microbatches"], result["senders"]
+    return {"bytes_per_microbatch_per_rank": per_micro,
+            "bytes_per_step_per_rank": per_micro * micro,
+            "bytes_per_step_total": per_micro * micro * senders,
+            "peak_bytes_held_per_rank": per_micro * micro}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tiny-dense", help=", ".join(PRESETS))
@@ -56,12 +76,14 @@ def main(argv=None):
     p.add_argument("--context-parallel-size", type=int, default=1)
     p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--fp32", action="store_true", help="fp32 activations (default bf16)")
+    p.add_argument("--compare", action="store_true",
+                   help="also print the figures of the routing before issue 14")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     from megatron_nitp.config import preset_config, resolve
 
     given = {k: v for k, v in vars(args).items() if v is not None and k not in (
-        "preset", "world_size", "fp32", "json")}
+        "preset", "world_size", "fp32", "json", "compare")}
     if "global_batch_size" not in given and "global_batch_size" not in get_preset(args.preset):
         given["global_batch_size"] = given["micro_batch_size"]
     try:
@@ -73,10 +95,14 @@ def main(argv=None):
         result = _routed(config, num_micro, tp, pp, cp, dp, 4 if args.fp32 else 2)
     except ValueError as err:  # ConfigError: an impossible layout or (uneven) pipeline split
         p.error(str(err))
-    args = argparse.Namespace(preset=args.preset, json=args.json, **config.flat())
+    args = argparse.Namespace(preset=args.preset, json=args.json, compare=args.compare,
+                              dtype_bytes=4 if args.fp32 else 2, **config.flat())
     result.update(preset=args.preset, layout=dict(TP=tp, PP=pp, CP=cp, DP=dp,
                                                   SP=args.sequence_parallel),
-                  num_microbatches=num_micro)
+                  num_microbatches=num_micro, senders=tp * cp * dp)
+    before = before_issue_14(args, result, tp, cp, args.dtype_bytes) if args.compare else None
+    if before is not None:
+        result["before_issue_14"] = before
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -87,15 +113,21 @@ def main(argv=None):
         print("  the target is on the last stage: NITP adds no pipeline communication")
         return
     rows = [
-        ("per micro-batch, per sending rank", result["bytes_per_microbatch_per_rank"]),
-        ("per step, per sending rank", result["bytes_per_step_per_rank"]),
-        ("per step, whole job", result["bytes_per_step_total"]),
-        ("backward", 0),
+        ("per micro-batch, per sending rank", "bytes_per_microbatch_per_rank"),
+        ("per step, per sending rank", "bytes_per_step_per_rank"),
+        ("per step, whole job", "bytes_per_step_total"),
+        ("send buffers held at once, per sending rank (1F1B peak)", "peak_bytes_held_per_rank"),
+        ("backward", "backward_bytes"),
         ("megatron-core pipeline traffic per step per rank (for scale)",
-         result["pipeline_bytes_per_step_per_rank"]),
+         "pipeline_bytes_per_step_per_rank"),
     ]
-    for label, value in rows:
-        print(f"  {label:<62} {_human(value):>12}")
+    if before is not None:
+        print(f"  {'':<62} {'now':>12} {'before #14':>12}")
+    for label, key in rows:
+        line = f"  {label:<62} {_human(result[key]):>12}"
+        if before is not None:
+            line += f" {_human(before.get(key, result[key])):>12}"
+        print(line)
     share = result["bytes_per_step_per_rank"] / max(1, result["pipeline_bytes_per_step_per_rank"])
     print(f"  NITP routing / pipeline traffic: {100 * share:.1f}%")
 

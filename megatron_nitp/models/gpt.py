@@ -14,9 +14,15 @@ inference - has no projector and exactly GPTModel's parameters.
 
 Parallelism: when layer k is on an earlier pipeline stage (the stage whose built model holds it,
 found by one all-reduce at construction), that stage sends z to the last stage
-(`nitp.routing`). Under sequence and/or context parallelism the local rows are a shard of the
-sequence, and the shift fetches the next shard's first row (`nitp.shift`); the per-position
-distances are then gathered over TP so the returned losses are ``[b, s/cp]`` like the lm loss.
+(`nitp.routing`: without sequence parallelism each TP rank sends 1/TP of the rows and the last
+stage all-gathers them over TP). Under sequence and/or context parallelism the local rows are
+a shard of the sequence, and the shift fetches the next shard's first row (`nitp.shift`); the
+per-position distances are then gathered over TP so the returned losses are ``[b, s/cp]`` like
+the lm loss.
+
+The final hidden states are returned only when the caller asks (``return_hidden=True``: the
+step's representation-geometry micro-batch): under sequence parallelism returning them costs an
+all-gather of ``[s/cp, b, h]`` over TP, and Float16Module's fp32 copy of it, per micro-batch.
 """
 
 from __future__ import annotations
@@ -43,8 +49,9 @@ class NITPGPTModel(GPTModel):
     With ``labels`` on the last pipeline stage, ``forward`` returns the ``[b, s]`` NTP per-token
     loss, the ``[b, s]`` NITP per-token loss (zeros when NITP is off), the ``[b, s]`` mask of
     positions that carry an NITP loss (``loss_mask`` and a target exists: not the sequence's
-    last position) and the detached ``[s, b, h]`` final hidden states (for
-    representation-geometry metrics). Under context parallelism ``s`` is this rank's
+    last position) and, with ``return_hidden=True``, the detached ``[s, b, h]`` final hidden
+    states (for representation-geometry metrics; whole sequences over TP, gathered under
+    sequence parallelism), else None. Under context parallelism ``s`` is this rank's
     ``s / cp``. Otherwise it behaves as GPTModel.
     """
 
@@ -65,7 +72,9 @@ class NITPGPTModel(GPTModel):
             pp_size = config.pipeline_model_parallel_size
             self.target_owner_stage = owner_stage(target is not None) if pp_size > 1 else 0
             if pp_size > 1 and self.target_owner_stage != pp_size - 1:
-                self._router = TargetRouter(self.target_owner_stage)
+                # without SP the TP ranks hold the same z: each routes 1/TP of its rows
+                self._router = TargetRouter(self.target_owner_stage,
+                                            split_over_tp=not config.sequence_parallel)
         self._final = ActivationCapture(None, detach=False)
         if self.post_process:
             # The final norm runs outside any activation-recomputation checkpoint: its input
@@ -85,8 +94,16 @@ class NITPGPTModel(GPTModel):
         attention_mask: Optional[torch.Tensor],
         labels: Optional[torch.Tensor] = None,
         loss_mask: Optional[torch.Tensor] = None,
+        return_hidden: bool = False,
         **kwargs,
     ):
+        """GPTModel's forward plus the NITP terms (see the class docstring).
+
+        ``return_hidden``: also return the final hidden states ``[s, b, h]`` as the 4th output
+        (None otherwise). Only the last stage's value matters; the step passes it on every stage
+        for the micro-batch whose representation geometry it measures, so the TP all-gather
+        under sequence parallelism (and Float16Module's fp32 copy) is paid only there.
+        """
         grad_enabled = torch.is_grad_enabled()
         output = super().forward(
             input_ids, position_ids, attention_mask, labels=labels, loss_mask=loss_mask, **kwargs
@@ -104,20 +121,22 @@ class NITPGPTModel(GPTModel):
         hidden = self._final.pop()
         shallow = self._shallow.pop() if self._shallow is not None else None
         if shallow is not None and self._router is not None and not self.post_process:
-            self._router.send(shallow)
+            # the stage's output carries the backward hook that releases this send's buffer
+            self._router.send(shallow, output)
         if labels is None or not self.post_process:
             return output
         loss_mask = torch.ones_like(labels) if loss_mask is None else loss_mask
         loss_mask = loss_mask.float()
+        full = self._full(hidden) if return_hidden else None
         if self.nitp.enabled and self.nitp.objective == "cosine_reg":
-            return output, cosine_regularization(hidden, loss_mask), loss_mask, self._full(hidden)
+            return output, cosine_regularization(hidden, loss_mask), loss_mask, full
         if self.projector is None:
-            return output, torch.zeros_like(loss_mask), loss_mask, self._full(hidden)
+            return output, torch.zeros_like(loss_mask), loss_mask, full
         if shallow is None:
             shallow = self._router.recv(like=hidden)
         distance, valid = self._distance(self.projector(hidden), shallow)  # [s/cp, b], [s/cp]
         nitp_mask = loss_mask * valid.unsqueeze(0)
-        return output, distance.transpose(0, 1) * nitp_mask, nitp_mask, self._full(hidden)
+        return output, distance.transpose(0, 1) * nitp_mask, nitp_mask, full
 
     def _distance(self, predictions: torch.Tensor, shallow: torch.Tensor):
         """Per-position NITP distance ``[s/cp, b]`` over this rank's whole (CP-local) sequence,
@@ -155,7 +174,8 @@ class NITPGPTModel(GPTModel):
         return distance, valid.float()
 
     def _full(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Detached final hidden states, gathered over TP under sequence parallelism."""
+        """Detached final hidden states ``[s/cp, b, h]`` from this rank's ``[s/cp/tp, b, h]``
+        shard under sequence parallelism (an all-gather over TP), as they are otherwise."""
         hidden = hidden.detach()
         if self.config.sequence_parallel:
             hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
@@ -177,8 +197,15 @@ class NITPGPTModel(GPTModel):
         """Bytes of layer-k targets this rank has sent to the last stage so far."""
         return self._router.bytes_sent if self._router is not None else 0
 
+    @property
+    def routed_peak_bytes_held(self) -> int:
+        """Most bytes of layer-k targets this rank's pending sends held at once during the last
+        finished step (``finish_step``); 0 off the owning stage."""
+        return self._router.peak_bytes_held if self._router is not None else 0
+
     def finish_step(self) -> None:
-        """Completes this step's outstanding target sends (owning pipeline stage)."""
+        """Completes this step's outstanding target sends (owning pipeline stage) and closes
+        its accounting (``routed_peak_bytes_held``)."""
         if self._router is not None:
             self._router.wait()
 

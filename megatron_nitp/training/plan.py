@@ -38,8 +38,9 @@ The memory estimate, per GPU, for each pipeline stage (the largest is reported),
   copy for the cross entropy (``+ 4 B``); the output layer input; the NITP projector's
   ``3 r d / TP`` activations, the target ``z`` and the fp32 copies of prediction and target for
   the cosine.
-- **NITP routing**: a stage that sends the layer-k target keeps every micro-batch's send buffer
-  (``s/CP (/TP with SP) x b x d``) until the end of the step.
+- **NITP routing**: a stage that sends the layer-k target keeps each micro-batch's send buffer
+  (its 1/TP share of the rows, ``ceil(s/CP/TP) x b x d``, with or without SP) until the backward
+  of that micro-batch reaches it: ``min(PP - i, micro-batches)`` buffers, like the activations.
 - **Runtime**: a fixed ``RUNTIME_OVERHEAD_GIB`` for the CUDA context, NCCL buffers, cuBLAS/TE
   workspaces and allocator fragmentation.
 
@@ -300,7 +301,13 @@ def stage_memory(args: RunConfig, layout: Layout, num_microbatches: int,
                                      + d / sp_split * (dtype + 2 * 4))
     if (args.nitp and layout.pp > 1 and stage != layout.pp - 1
             and _target_stage(args, layout) == stage):
-        activations += num_microbatches * tokens * d / sp_split * dtype  # routed send buffers
+        from megatron_nitp.nitp.routing import routed_rows
+
+        # routed send buffers: this rank's [ceil(s/cp/tp), b, d] share of z (its shard under
+        # SP), held until the backward of its micro-batch reaches the stage
+        rows = routed_rows(args.seq_length // layout.cp // sp_split, layout.tp, layout.sp)
+        in_flight = min(layout.pp - stage, num_microbatches)
+        activations += in_flight * rows * args.micro_batch_size * d * dtype
     return StageMemory(
         stage=stage,
         parameters=dense + expert,
@@ -472,7 +479,8 @@ def dry_run(args: RunConfig) -> int:
             lines.append(("NITP routing", f"{_bytes(routed['bytes_per_microbatch_per_rank'])} per "
                           f"micro-batch per sending rank, {_bytes(routed['bytes_per_step_total'])} "
                           f"per step for the job (stage {owner} -> stage {layout.pp - 1}; "
-                          f"nothing backward)"))
+                          f"nothing backward); send buffers held at once: at most "
+                          f"{_bytes(routed['peak_bytes_held_per_rank'])} per sending rank"))
         else:
             lines.append(("NITP routing", "none (the target is on the last stage)"))
     else:

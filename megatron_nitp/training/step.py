@@ -42,7 +42,8 @@ class NonFiniteError(RuntimeError):
 
 def _loss_func(loss_mask, nitp_scale, geometry, output):
     """Reduces one micro-batch's model output
-    ``(lm [b, s], nitp [b, s], nitp_mask [b, s], hidden [s, b, h])``."""
+    ``(lm [b, s], nitp [b, s], nitp_mask [b, s], hidden [s, b, h] or None)``; ``hidden`` is
+    there (and read) only on the micro-batch whose geometry is measured (``geometry``)."""
     lm_loss, nitp_loss, nitp_mask, hidden = output
     mask = loss_mask.float()
     lm_sum = (lm_loss.float() * mask).sum()
@@ -65,6 +66,9 @@ def _loss_func(loss_mask, nitp_scale, geometry, output):
 
 
 def _forward_step(nitp_scale, geometry_first, data_iterator, model):
+    """megatron-core's forward step: one micro-batch through ``model``. The final hidden
+    states are asked for (``return_hidden``) only on the micro-batch whose representation
+    geometry is measured; every other one skips their TP all-gather under SP."""
     batch = dict(next(data_iterator))
     geometry = geometry_first and batch.pop("_first", False)
     # Context parallelism: this rank's 2 of the 2*CP load-balanced chunks of every sequence.
@@ -76,6 +80,7 @@ def _forward_step(nitp_scale, geometry_first, data_iterator, model):
         None,
         labels=batch["labels"],
         loss_mask=batch["loss_mask"],
+        return_hidden=geometry,
     )
     return output, partial(_loss_func, batch["loss_mask"], nitp_scale, geometry)
 

@@ -1,0 +1,125 @@
+"""Shared test helpers: paths, the tiny run config, launch environments and the process
+launchers the tests use (``conftest.py`` tiers a test ``distributed`` when it calls one of
+:data:`LAUNCHERS`, directly or through its fixtures and module helpers)."""
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HARNESS = os.path.join(ROOT, "tests", "parallel_harness.py")
+
+
+def tiny_args(*extra):
+    """The run config of a very small model (fast on CPU), resolved for one model replica
+    (world TP x PP x CP) and a 128-token vocabulary."""
+    from megatron_nitp.config import resolve
+    from megatron_nitp.training.arguments import parse_args
+
+    base = [
+        "--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",
+        "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "16",
+        "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "4",
+        "--lr-warmup-iters", "0", "--nitp-target-layer", "1",
+    ]
+    args = parse_args(base + list(extra))
+    world = (args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+             * args.context_parallel_size)
+    return resolve(args, world, 128)
+
+
+def free_port() -> int:
+    """A free loopback port for a torchrun rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def clean_env(**extra) -> dict:
+    """The environment for a launched job: without the in-process tests' rendezvous variables
+    (they would point the job at this process's store), one thread per process."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra)
+    return env
+
+
+def load_tool(name: str):
+    """``tools/<name>.py`` imported as a module (the tools are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def python_command(script: str, nproc: int = 1) -> list:
+    """``python SCRIPT`` for one process, ``python -m torch.distributed.run`` with ``nproc``
+    processes on a free port otherwise."""
+    if nproc == 1:
+        return [sys.executable, script]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--master-port", str(free_port()), script]
+
+
+def run_python_code(code: str, timeout: int, **env):
+    """``python -c CODE`` in the repository root with :func:`clean_env`; the finished process."""
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_in_own_session(cmd, timeout: int, env=None, **popen):
+    """Runs ``cmd`` in its own session and kills the whole process group when it is done (a
+    SIGKILLed trainer leaves dist_checkpointing's helper processes orphaned with our pipes
+    open). ``popen`` goes to Popen (stdout, stderr, ...); with pipes, the process's
+    ``stdout``/``stderr`` attributes hold the output afterwards. Returns the finished Popen."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=clean_env() if env is None else env, text=True,
+                            start_new_session=True, **popen)
+    try:
+        if popen.get("stdout") == subprocess.PIPE or popen.get("stderr") == subprocess.PIPE:
+            proc.stdout, proc.stderr = proc.communicate(timeout=timeout)
+        else:
+            proc.wait(timeout=timeout)
+    finally:
+        kill_group(proc)
+    return proc
+
+
+def kill_group(proc) -> None:
+    """SIGKILLs the process group of ``proc`` (started with ``start_new_session=True``)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def launch_runs(root, nproc, runs, timeout=900):
+    """One process launch of ``parallel_harness.py --runs`` that runs ``runs`` ({name: flags},
+    in order) one after the other, each writing its files to ``root/name``."""
+    spec = root / f"runs-{nproc}.json"
+    spec.write_text(json.dumps([[str(root / name), list(flags)] for name, flags in runs.items()]))
+    cmd = python_command(HARNESS, nproc) + ["--runs", str(spec)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def torchrun_file(path: str, nproc: int, timeout: int = 600):
+    """Runs a test module as a script under torchrun with ``nproc`` processes (the module's
+    ``__main__`` does the distributed part); fails the test with the job's output if it fails."""
+    cmd = python_command(os.path.abspath(path), nproc)
+    proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(PYTHONPATH=ROOT), capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+# Names whose use makes a test ``distributed`` (it starts other processes).
+LAUNCHERS = frozenset({
+    "subprocess", "Popen", "multiprocessing", "mp", "spawn", "torchrun_file", "launch_runs",
+    "run_in_own_session", "run_python_code", "python_command", "kill_group",
+})
