@@ -8,7 +8,7 @@ from megatron_nitp.flops import parameter_counts
 from megatron_nitp.presets import PRESETS
 from megatron_nitp.training import plan
 from megatron_nitp.training.arguments import parse_args
-from tests.helpers import run_python_code
+from tests.helpers import load_tool, run_python_code
 
 PAPER = [name for name in PRESETS if not name.startswith("tiny")]
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -100,6 +100,10 @@ def test_tensor_and_expert_parallel_divide_their_matrices():
     assert dense2 - replicated == (dense1 - replicated) // 2
     s1, s2 = plan.stage_parameters(args, one, 0), plan.stage_parameters(args, split, 0)
     assert s2[1] == s1[1] // 16
+    # --expert-tensor-parallel-size 1: whole experts per rank, twice the expert data parallelism
+    whole = dataclasses.replace(split, etp=1)
+    assert plan.stage_parameters(args, whole, 0) == (s2[0], s1[1] // 8)
+    assert (split.expert_dp, whole.expert_dp) == (1, 2)
 
 
 def test_memory_terms_by_hand():
@@ -359,14 +363,9 @@ def test_comm_bytes_tool_compares_the_routing_with_before_issue_14(capsys):
     """tools/nitp_comm_bytes.py --compare: without SP each TP rank routes half the bytes it did
     before, and the send buffers held at once are min(PP - owner, M) micro-batches' instead of
     the step's M; under SP only the buffers change."""
-    import importlib.util
     import json
-    import os
 
-    spec = importlib.util.spec_from_file_location(
-        "nitp_comm_bytes", os.path.join(ROOT, "tools", "nitp_comm_bytes.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("nitp_comm_bytes")
     flags = ["--preset", "tiny-dense", "--num-layers", "4", "--nitp-target-layer", "1",
              "--pipeline-model-parallel-size", "2", "--tensor-model-parallel-size", "2",
              "--micro-batch-size", "1", "--global-batch-size", "8", "--compare", "--json"]

@@ -60,11 +60,8 @@ def config(args, mode: dict, nitp: bool):
 
 
 def measure_arm(args, mode: dict, nitp: bool) -> dict:
-    from megatron.core import parallel_state
-
     from megatron_nitp.config import validate
     from megatron_nitp.device import synchronize
-    from megatron_nitp.nitp.routing import reset_routing_group
     from megatron_nitp.training import loop
     from megatron_nitp.training.memory import step_memory
     from megatron_nitp.training.plan import layout_of, stage_memory
@@ -81,9 +78,6 @@ def measure_arm(args, mode: dict, nitp: bool) -> dict:
     seconds = time.perf_counter() - start
     memory = step_memory(run, 2)
     planned = stage_memory(run.args, layout_of(run.args), run.args.num_microbatches, 0)
-    del run
-    parallel_state.destroy_model_parallel()
-    reset_routing_group()
     return dict(memory, planned_activations_mib=planned.activations / 2**20,
                 step_seconds=seconds)
 

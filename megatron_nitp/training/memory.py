@@ -248,12 +248,12 @@ def step_memory(run, iteration: int) -> dict:
     step = lambda: train_step(run.model, run.optimizer, run.scheduler,  # noqa: E731
                               run.train_iter, run.args, iteration, False)
     if devices.has_cuda():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
+        devices.synchronize()
+        devices.reset_peak_memory_stats()
+        start = devices.memory_stats()["allocated"]
         step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - start
+        devices.synchronize()
+        peak = devices.memory_stats()["max allocated"] - start
     else:
         from torch.profiler import ProfilerActivity, profile
 

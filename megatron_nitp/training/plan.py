@@ -12,8 +12,8 @@ The memory estimate, per GPU, for each pipeline stage (the largest is reported),
 
 - **Parameters of a rank**: its stage's layers (layers split evenly over PP), divided by TP for
   attention, dense FFN, shared expert, projector and vocabulary matrices (norms and the router are
-  replicated); routed experts divided by EP and by the expert tensor-parallel size (megatron-core's
-  default: equal to TP). The first stage holds the embedding; the last stage the final norm, the
+  replicated); routed experts divided by EP and by the expert tensor-parallel size
+  (``--expert-tensor-parallel-size``; megatron-core's default: equal to TP). The first stage holds the embedding; the last stage the final norm, the
   output layer (untied, or with PP > 1 a copy of the tied embedding) and the NITP projector.
 - **Per parameter**: weights 2 B in bf16/fp16 (4 B in fp32); gradients 4 B (megatron DDP keeps
   fp32 gradient buffers); optimizer 12 B in bf16/fp16 (fp32 main parameters and the two Adam
@@ -53,6 +53,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from typing import Optional
 
 from megatron_nitp.config import RunConfig, pipeline_split, resolve
 
@@ -75,11 +76,17 @@ class Layout:
     ep: int
     dp: int
     sp: bool
+    etp: Optional[int] = None
+    """--expert-tensor-parallel-size (None: TP)"""
+
+    @property
+    def expert_tp(self) -> int:
+        return self.tp if self.etp is None else self.etp
 
     @property
     def expert_dp(self) -> int:
         """Data-parallel size of the routed experts (megatron-core: world / (PP x EP x ETP))."""
-        return max(1, self.world // (self.pp * self.ep * self.tp))
+        return max(1, self.world // (self.pp * self.ep * self.expert_tp))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,12 +171,12 @@ def _shape(args: RunConfig):
     return ModelShape.from_dict({**args.flat(), "tensor_model_parallel_size": 1})
 
 
-def layer_parameters(args: RunConfig, moe: bool, tp: int = 1, ep: int = 1
-                     ) -> tuple[int, int]:
+def layer_parameters(args: RunConfig, moe: bool, tp: int = 1, ep: int = 1,
+                     etp: Optional[int] = None) -> tuple[int, int]:
     """``(dense, expert)`` parameters of one layer on one rank (``flops.layer_parameters``)."""
     from megatron_nitp.flops import layer_parameters as count
 
-    return count(_shape(args), moe, tp, ep)
+    return count(_shape(args), moe, tp, ep, etp)
 
 
 def projector_parameters(args: RunConfig, tp: int = 1) -> int:
@@ -203,7 +210,7 @@ def stage_parameters(args: RunConfig, layout: Layout, stage: int) -> tuple[int, 
     pattern = _moe_pattern(args)
     dense = expert = 0
     for moe in pattern[_stage_layers(args, layout, stage)]:
-        a, b = layer_parameters(args, bool(moe), layout.tp, layout.ep)
+        a, b = layer_parameters(args, bool(moe), layout.tp, layout.ep, layout.expert_tp)
         dense, expert = dense + a, expert + b
     d = args.hidden_size
     vocab_rows = _vocab(args, layout.tp)[1] // layout.tp * d
@@ -245,15 +252,15 @@ def activation_bytes_per_token(args: RunConfig, moe: bool, layout: Layout,
     if args.recompute_granularity == "selective":
         recomputed = set(args.recompute_modules or ("core_attn",))
     wide = (2 if "layernorm" in recomputed else 4) * d / sp
+    experts = 0.0
     if moe:
         experts = 0 if "moe" in recomputed else args.moe_router_topk * (
             d + (2 if "moe_act" in recomputed else 3) * args.moe_ffn_hidden_size)
-        shared = 0 if recomputed & {"moe", "shared_experts"} else 3 * (
+        ffn = 0 if recomputed & {"moe", "shared_experts"} else 3 * (
             args.moe_shared_expert_intermediate_size or 0)
-        ffn = experts + shared
     else:
         ffn = 0 if "mlp" in recomputed else 3 * args.ffn_hidden_size
-    return dtype * (wide + (2 * q + 2 * kv + ffn) / layout.tp)
+    return dtype * (wide + (2 * q + 2 * kv + ffn) / layout.tp + experts / layout.expert_tp)
 
 
 def _stage_activations(args: RunConfig, layout: Layout, stage: int, tokens: int) -> tuple:
@@ -325,7 +332,7 @@ def layout_of(args: RunConfig) -> Layout:
     return Layout(world=args.world_size, tp=args.tensor_model_parallel_size,
                   pp=args.pipeline_model_parallel_size, cp=args.context_parallel_size,
                   ep=args.expert_model_parallel_size, dp=args.data_parallel_size,
-                  sp=bool(args.sequence_parallel))
+                  sp=bool(args.sequence_parallel), etp=args.expert_tensor_parallel_size)
 
 
 def stage_memories(args: RunConfig) -> list[StageMemory]:
