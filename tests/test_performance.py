@@ -4,6 +4,8 @@ present. Equality of the runs they change: recompute in tests/test_recompute.py 
 in tests/test_parallel.py), communication overlap in tests/test_parallel.py, the router's
 settings in tests/test_moe.py."""
 
+import json
+
 import pytest
 
 from megatron_nitp.config import performance
@@ -212,3 +214,20 @@ def test_memory_benchmark_shows_recomputation_saving_memory(dist, capsys):
         assert arms[f"{mode}/nitp"]["step_peak_mib"] > arms[f"{mode}/ntp"]["step_peak_mib"]
         assert arms[f"{mode}/nitp"]["resident_mib"] > arms[f"{mode}/ntp"]["resident_mib"]
     assert '"arms"' in capsys.readouterr().out
+
+
+def test_moe_benchmark_times_the_expert_loop_and_refuses_grouped_gemm_on_cpu(dist, tmp_path):
+    """tools/moe_benchmark.py: the expert loop is timed (positive times and TFLOP/s); the
+    grouped-GEMM variants are refused on CPU with the reason, not run as the loop."""
+    from tests.helpers import load_tool
+
+    out = tmp_path / "moe.json"
+    report = load_tool("moe_benchmark").main([
+        "--preset", "tiny-moe", "--num-layers", "2", "--seq-length", "32", "--warmup-iters", "1",
+        "--measure-iters", "1", "--json-out", str(out)])
+    assert json.load(open(out)) == report
+    for objective in ("ntp", "nitp"):
+        loop = report["arms"][f"loop/{objective}"]
+        assert loop["step_seconds"] > 0 and loop["tflops"] > 0
+        for variant in ("grouped", "grouped+permute"):
+            assert "this machine has no CUDA" in report["arms"][f"{variant}/{objective}"]["refused"]

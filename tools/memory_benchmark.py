@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NITP's layer k (default: a quarter of the 12 layers)")
     p.add_argument("--bf16", action="store_true", help="bf16 (GPU)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.add_argument("--json-out", metavar="FILE", help="also write the figures to FILE as JSON")
     return p
 
 
@@ -96,6 +97,9 @@ def main(argv=None) -> dict:
                                             micro_batch_size=args.micro_batch_size,
                                             nitp_target_layer=args.nitp_target_layer),
                   arms=results)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(report, f, indent=2)
     if args.json:
         print(json.dumps(report, indent=2))
         return report
