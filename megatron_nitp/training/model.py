@@ -25,26 +25,28 @@ def params_dtype(args) -> torch.dtype:
     return torch.float32
 
 
-def aux_loss_gradient_correction(args) -> int:
-    """The factor by which megatron-core 0.16's load-balancing loss gradient is too small under
-    per-token loss (``calculate_per_token_loss``, which NITP's accounting uses) with TP or CP > 1.
+def router_loss_gradient_correction(args) -> int:
+    """The factor by which megatron-core < 0.19's router-loss gradients (load balancing and
+    z-loss) are too small under per-token loss (``calculate_per_token_loss``, which NITP's
+    accounting uses) with TP or CP > 1.
 
     ``TopKRouter.attach_and_log_load_balancing_loss`` multiplies each rank's partial aux loss
     (its own tokens' share; the shares of the TP x CP group sum to the aux loss) by the rank's
     *local* token count before ``finalize_model_grads`` divides every gradient by the global
-    token count. One process multiplies by the micro-batch's whole count, so with TP x CP > 1
-    the aux-loss gradient comes out 1/(TP x CP) of one process's (measured: the router's Adam
-    moments off by up to 80% after 3 steps at TP2+SP, EP2). A coefficient TP x CP times larger
-    compensates exactly; the router divides the logged value by the same coefficient, so the
-    reported load-balancing loss does not change. Later megatron-core multiplies by the count
-    reduced over the group (its ``aux_loss_scale_num_tokens`` argument): no correction there.
+    token count; ``apply_z_loss`` does the same with a coefficient already divided by TP x CP.
+    One process multiplies by the micro-batch's whole count, so with TP x CP > 1 both
+    gradients come out 1/(TP x CP) of one process's (measured: the router's Adam moments off by
+    up to 80% after 3 steps at TP2+SP, EP2). Coefficients TP x CP times larger compensate
+    exactly; the router divides the logged values by the same coefficients, so the reported
+    losses do not change. megatron-core 0.19 multiplies by ``num_local_tokens *
+    tp_cp_group.size()`` itself (0.16.1, 0.17.0 and 0.18.0 do not: their sources inspected):
+    no correction there.
     """
-    import inspect
+    from packaging.version import Version
 
-    from megatron.core.transformer.moe.router import TopKRouter
+    from megatron_nitp.compat import megatron_core_version
 
-    attach = getattr(TopKRouter, "attach_and_log_load_balancing_loss", None)
-    if attach is None or "aux_loss_scale_num_tokens" in inspect.signature(attach).parameters:
+    if megatron_core_version() >= Version("0.19.0rc0"):
         return 1
     return args.tensor_model_parallel_size * args.context_parallel_size
 
@@ -63,12 +65,13 @@ def moe_config(args) -> dict:
         moe_layer_freq=list(args.moe_layer_pattern),
         moe_router_load_balancing_type=args.moe_router_load_balancing_type,
         moe_aux_loss_coeff=(0.0 if args.moe_router_load_balancing_type == "none" else
-                            args.moe_aux_loss_coeff * aux_loss_gradient_correction(args)),
+                            args.moe_aux_loss_coeff * router_loss_gradient_correction(args)),
         moe_router_score_function=args.moe_router_score_function,
         moe_router_pre_softmax=args.moe_router_pre_softmax,
         moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
         moe_router_bias_update_rate=args.moe_router_bias_update_rate,
-        moe_z_loss_coeff=args.moe_z_loss_coeff,
+        moe_z_loss_coeff=(None if args.moe_z_loss_coeff is None else
+                          args.moe_z_loss_coeff * router_loss_gradient_correction(args)),
         moe_expert_capacity_factor=args.moe_expert_capacity_factor,
         moe_token_drop_policy=args.moe_token_drop_policy,
         moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,

@@ -244,6 +244,8 @@ def router_losses(args) -> dict[str, float]:
         names["z_loss"] = "z loss"
     if not names:
         return {}
+    if "z_loss" in names:
+        _average_z_loss_over_ranks()
     totals: dict = {}
     track_moe_metrics(
         loss_scale=1.0 / args.num_microbatches, iteration=0, total_loss_dict=totals,
@@ -251,6 +253,18 @@ def router_losses(args) -> dict[str, float]:
         moe_layer_freq=list(args.moe_layer_pattern),
     )
     return {label: float(totals[name]) for name, label in names.items()}
+
+
+def _average_z_loss_over_ranks() -> None:
+    """megatron-core < 0.19 records each rank's z-loss (the mean over its own tokens) without a
+    group to reduce it over, so the logged value was rank 0's shard; averaged over TP x CP x DP
+    (equal token counts), as megatron-core 0.19 records it, it is the micro-batch's mean."""
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    entry = get_moe_layer_wise_logging_tracker().get("z_loss")
+    if entry is not None and entry.get("avg_group") is None and entry.get("reduce_group") is None:
+        entry["avg_group"] = parallel_state.get_tensor_and_data_parallel_group(
+            with_context_parallel=True)
 
 
 @torch.no_grad()
