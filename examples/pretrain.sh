@@ -18,7 +18,9 @@
 # Environment (unset: the table's line and the preset): NNODES, GPUS_PER_NODE, TP, PP, EP,
 # MICRO_BATCH_SIZE, GLOBAL_BATCH_SIZE, TRAIN_TOKENS (e.g. 240B), TRAIN_ITERS, VOCAB_SIZE,
 # DATA_PATH, TOKENIZER_MODEL, RUN_DIR, CHECKPOINT_PATH, TENSORBOARD_DIR, DATA_CACHE_PATH,
-# SAVE_INTERVAL; MASTER_ADDR, MASTER_PORT, RDZV_ID, TORCHRUN, PYTHON, DRY_RUN (lib/launch.sh).
+# SAVE_INTERVAL; FAST (yes: megatron-core's fast GPU settings below; no: none of them, e.g. for
+# an image without Transformer Engine); MASTER_ADDR, MASTER_PORT, RDZV_ID, TORCHRUN, PYTHON,
+# DRY_RUN (lib/launch.sh).
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib/launch.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/launch.sh"
@@ -89,6 +91,19 @@ if [ "$last" != - ]; then
 fi
 if [ "$ENTRY" = pretrain_moe_nitp.py ]; then
   ARGS+=(--expert-model-parallel-size "${EP:-$ep}" --moe-token-dispatcher-type alltoall)
+fi
+# The fast GPU settings (the NGC image's Transformer Engine): gradient reduce-scatter and
+# parameter all-gather overlapped with compute; for MoE, whole experts per rank (expert TP 1:
+# EP stays inside a node), one grouped GEMM for a rank's experts and the fused permutation.
+# Gradient-accumulation and RoPE fusion are on by default where TE provides them.
+if [ "${FAST:-yes}" = yes ]; then
+  ARGS+=(--overlap-grad-reduce)
+  if [ "$distopt" = yes ]; then
+    ARGS+=(--overlap-param-gather)
+  fi
+  if [ "$ENTRY" = pretrain_moe_nitp.py ]; then
+    ARGS+=(--expert-tensor-parallel-size 1 --moe-grouped-gemm --moe-permute-fusion)
+  fi
 fi
 
 ARGS+=(

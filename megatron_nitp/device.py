@@ -54,6 +54,24 @@ def set_rng_state(state: torch.Tensor | None) -> None:
         torch.cuda.set_rng_state(state)
 
 
+def memory_stats() -> dict[str, int] | None:
+    """This process's CUDA caching-allocator figures in bytes, Megatron-LM's ``report_memory``
+    names: ``allocated`` and ``reserved`` now, ``max allocated`` and ``max reserved`` since the
+    last :func:`reset_peak_memory_stats`. None on CPU (``training/memory.py`` reads the RSS)."""
+    if not has_cuda():
+        return None
+    return {"allocated": torch.cuda.memory_allocated(),
+            "max allocated": torch.cuda.max_memory_allocated(),
+            "reserved": torch.cuda.memory_reserved(),
+            "max reserved": torch.cuda.max_memory_reserved()}
+
+
+def reset_peak_memory_stats() -> None:
+    """Starts a new peak for :func:`memory_stats`'s ``max`` figures (no-op on CPU)."""
+    if has_cuda():
+        torch.cuda.reset_peak_memory_stats()
+
+
 def name() -> str:
     """A human-readable device name for logs and benchmark reports."""
     return torch.cuda.get_device_name() if has_cuda() else "cpu"

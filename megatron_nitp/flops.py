@@ -272,7 +272,8 @@ def mtp_flops(model, num_layers: int = 1, causal: bool = True) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def layer_parameters(model, moe: bool, tp: int = 1, ep: int = 1) -> tuple[int, int]:
+def layer_parameters(model, moe: bool, tp: int = 1, ep: int = 1,
+                     etp: int | None = None) -> tuple[int, int]:
     """``(dense, expert)`` parameters of one layer on one rank of a TP x EP layout: dense ones
     (norms, attention, dense FFN, router, shared expert) are replicated over data-parallel
     ranks, routed experts over the expert data-parallel ranks. Matrices are split over TP
@@ -287,7 +288,7 @@ def layer_parameters(model, moe: bool, tp: int = 1, ep: int = 1) -> tuple[int, i
         return norms + attention + 3 * d * m.ffn_hidden_size // tp, 0
     shared = 3 * d * m.shared_ffn // tp
     router = m.num_moe_experts * d
-    experts = m.num_moe_experts // ep * 3 * d * m.moe_ffn_hidden_size // tp
+    experts = m.num_moe_experts // ep * 3 * d * m.moe_ffn_hidden_size // (etp or tp)
     return norms + attention + router + shared, experts
 
 

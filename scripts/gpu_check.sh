@@ -14,10 +14,14 @@
 #    check_env's tiny run; with 2+ GPUs TP2, TP2+SP, PP2 with routing, CP2 and EP2 against one
 #    GPU);
 # 4. measures NTP vs NITP on a dense-0.5b-shaped model (4 layers, seq 4096, bf16): step time,
-#    NITP's overhead against the exact analytic ratio, tokens/s, TFLOP/s and MFU, peak memory.
+#    NITP's overhead against the exact analytic ratio, tokens/s, TFLOP/s and MFU, peak memory;
+# 5. the step memory without recomputation, selective and full, NTP and NITP under each
+#    (tools/memory_benchmark.py, bf16), and the MoE step time with the expert loop, grouped
+#    GEMM and grouped GEMM + fused permutation, with tokens/s, TFLOP/s and MFU
+#    (tools/moe_benchmark.py, moe-1.9b-a0.3b shape, 4 layers).
 #
 # Everything lands in $GPU_CHECK_OUT (default runs/gpu_check-<time>): gpu_check.log, pytest.log,
-# benchmark.json. Exit status: 0 when every test passed and the benchmark ran.
+# benchmark.json, memory.json, moe.json. Exit status: 0 when every test passed and the benchmark ran.
 # Knobs: PYTHON (default python3), BENCH_LAYERS (4), BENCH_SEQ (4096), BENCH_MBS (2),
 # BENCH_ITERS (10), GPU_TESTS_K (a pytest -k expression), SKIP_TESTS=1, SKIP_BENCH=1.
 set -uo pipefail
@@ -100,6 +104,13 @@ sys.path.insert(0, "tools")
 from flops_overhead import print_measurement
 print_measurement(json.load(open(sys.argv[1])))
 EOF
+  echo
+  echo "> step memory: no recompute, selective, full; NTP and NITP"
+  "$PY" tools/memory_benchmark.py --bf16 --json-out "$OUT_DIR/memory.json" || status=1
+  echo
+  echo "> MoE step time: expert loop vs grouped GEMM (vs + fused permutation)"
+  "$PY" tools/moe_benchmark.py --seq-length "${BENCH_SEQ:-4096}" --json-out "$OUT_DIR/moe.json" \
+    || status=1
 fi
 
 echo

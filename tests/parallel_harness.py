@@ -186,14 +186,17 @@ def _same(a, b):
 def evaluate_without_side_effects(run, args):
     """evaluate() between two training steps: its metrics, the layer-k target bytes it routed
     between pipeline stages (all ranks), and what it changed (should be nothing) on any rank."""
-    from megatron_nitp.training.model import unwrap
+    from megatron_nitp.training.model import params_synced, unwrap
     from megatron_nitp.training.step import evaluate
 
-    before = _local_snapshot(run)
-    routed = unwrap(run.model).routed_bytes
-    metrics = evaluate(run.model, run.valid_iter(), args, args.eval_iters)
-    routed = torch.tensor([unwrap(run.model).routed_bytes - routed], dtype=torch.float64)
-    after = _local_snapshot(run)
+    # As the training loop does: with --overlap-param-gather the updated parameters are
+    # all-gathered first (hooks off), so the snapshot is taken with them.
+    with params_synced(run.model):
+        before = _local_snapshot(run)
+        routed = unwrap(run.model).routed_bytes
+        metrics = evaluate(run.model, run.valid_iter(), args, args.eval_iters)
+        routed = torch.tensor([unwrap(run.model).routed_bytes - routed], dtype=torch.float64)
+        after = _local_snapshot(run)
     changed = [name for name in before if not _same(before[name], after[name])]
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, changed)
@@ -226,7 +229,7 @@ def run_layout(out, argv):
     from megatron_nitp.training.arguments import parse_args
     from megatron_nitp.training.checkpointing import save_checkpoint
     from megatron_nitp.training.loop import setup
-    from megatron_nitp.training.model import unwrap
+    from megatron_nitp.training.model import params_synced, unwrap
     from megatron_nitp.training.step import train_step
 
     if "--load" in argv and "--finetune" not in argv:
@@ -262,7 +265,8 @@ def run_layout(out, argv):
     training_bytes = routed.item() - (evaluation["routed bytes"] if evaluation else 0.0)
     for metrics in history:
         metrics["routed bytes per step"] = training_bytes / args.train_iters
-    state = gathered_state(run.model, run.optimizer)
+    with params_synced(run.model):
+        state = gathered_state(run.model, run.optimizer)
     if dist.get_rank() == 0:
         with open(os.path.join(out, "metrics.json"), "w") as f:
             json.dump(history, f)

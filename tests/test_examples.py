@@ -162,6 +162,20 @@ def test_the_script_does_not_repeat_the_preset(command_lines, model):
     assert not repeated, f"{model}: {repeated} are the preset's"
 
 
+@pytest.mark.parametrize("model", PAPER)
+def test_the_paper_examples_use_the_fast_gpu_settings(command_lines, model):
+    """Communication overlap everywhere; for MoE whole experts per rank (expert TP 1), grouped
+    GEMM and fused permutation (examples/pretrain.sh, FAST=yes by default)."""
+    argv = command_lines[model]
+    assert "--overlap-grad-reduce" in argv
+    assert ("--overlap-param-gather" in argv) == ("--use-distributed-optimizer" in argv)
+    moe = model.startswith("moe-")
+    for flag in ("--moe-grouped-gemm", "--moe-permute-fusion"):
+        assert (flag in argv) == moe, flag
+    if moe:
+        assert argv[argv.index("--expert-tensor-parallel-size") + 1] == "1"
+
+
 def test_an_unknown_model_is_refused_with_the_list():
     for argv in ([PRETRAIN, "dense-7b"], [PRETRAIN], [SBATCH, "moe-1b"], [SBATCH]):
         proc = subprocess.run(["bash", *argv], cwd=ROOT, capture_output=True, text=True,

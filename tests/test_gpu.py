@@ -89,6 +89,14 @@ def test_dense_bf16_trains_on_nccl(dense_run):
     _, out, history = dense_run
     _assert_trained(history)
     assert "backend nccl" in out and "device cuda" in out, out[:2000]
+    # the caching allocator's figures per logging interval (MB, max over ranks; memory.py)
+    allocated, peak = history["memory allocated (MB)"], history["memory max allocated (MB)"]
+    assert sorted(peak) == list(range(1, 21))
+    assert all(0 < allocated[i] <= peak[i] <= history["memory max reserved (MB)"][i]
+               for i in peak)
+    assert "| memory (MB, max over ranks) allocated: " in out
+    planned = [line for line in out.splitlines() if line.startswith("> memory after iteration")]
+    assert len(planned) == 1 and "GiB allocated" in planned[0], planned
 
 
 def test_distributed_optimizer_resume_is_exact(dense_run):

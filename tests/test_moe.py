@@ -31,6 +31,12 @@ LAYOUTS = {
     "tp2-sp-ep2": (4, EP2 + ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
 }
 
+# DeepSeek-V3-style routing: sigmoid scores, the aux-loss-free expert bias (updated after each
+# step from the tokens each expert got), the per-sequence balancing loss, and ST-MoE's z-loss
+ROUTER = ["--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+          "--moe-router-bias-update-rate", "0.01",
+          "--moe-router-load-balancing-type", "seq_aux_loss", "--moe-z-loss-coeff", "1e-3"]
+
 
 @pytest.fixture(scope="module")
 def moe_results(tmp_path_factory):
@@ -46,9 +52,15 @@ def moe_results(tmp_path_factory):
         for layout, (nproc, flags) in LAYOUTS.items():
             groups.setdefault(nproc, {})[f"{layout}-{dispatcher}"] = (
                 MOE + ["--moe-token-dispatcher-type", dispatcher, "--load", init] + flags)
+    # the router's other settings, with their own initial checkpoint (the expert bias)
+    groups[1]["ref-router"] = MOE + ROUTER + ["--save-init", str(root / "init-router")]
+    groups[4]["tp2-sp-ep2-router"] = (MOE + ROUTER + ["--load", str(root / "init-router")]
+                                      + LAYOUTS["tp2-sp-ep2"][1])
     launcher = Launcher(root, groups)
 
     def get(name):
+        if name.endswith("router"):
+            launcher("ref-router")
         launcher(f"ref-{DISPATCHERS[0]}")  # every layout loads the initial checkpoint it writes
         return launcher(name)
 
@@ -68,6 +80,22 @@ def test_expert_parallel_equals_single_process(moe_results, dispatcher, layout):
         for key in ("lm loss", "nitp loss", "load balancing loss", "grad norm"):
             assert got[key] == pytest.approx(want[key], rel=1e-5), (name, step, key)
     assert_state_close(state, ref_state, name)
+
+
+def test_router_settings_under_tp_sp_ep_equal_single_process(moe_results):
+    """Sigmoid routing with the expert bias, the per-sequence balancing loss and the z-loss
+    under TP2+SP, EP2: the losses (z-loss included), the grad norm and the whole state (the
+    expert biases after their updates included) equal one process."""
+    ref_metrics, ref_state, _ = moe_results("ref-router")
+    metrics, state, _ = moe_results("tp2-sp-ep2-router")
+    biases = [key for key in ref_state["tensors"] if key.endswith("router.expert_bias")]
+    assert biases, "the expert bias is in the checkpoint state"
+    assert any(ref_state["tensors"][key].abs().sum() > 0 for key in biases), "updated"
+    for step, (got, want) in enumerate(zip(metrics, ref_metrics)):
+        assert got["z loss"] > 0 and got["load balancing loss"] > 0, step
+        for key in ("lm loss", "nitp loss", "load balancing loss", "z loss", "grad norm"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5), (step, key)
+    assert_state_close(state, ref_state, "tp2-sp-ep2-router")
 
 
 @pytest.mark.slow

@@ -144,6 +144,18 @@ LAYOUTS = {
     "pp2-k-on-last-stage": (3, 1, 2, 1, []),
     "dp2": (1, 1, 1, 2, EVALUATE),
     "dp2-distributed-optimizer": (1, 1, 1, 2, ["--use-distributed-optimizer"]),
+    # megatron-core's communication overlap (gloo runs it too): bucketed gradient reduce-scatter
+    # in the backward pass, parameter all-gather in the next forward's pre-hooks
+    "dp2-distributed-optimizer-overlap": (1, 1, 1, 2, ["--use-distributed-optimizer",
+                                                       "--overlap-grad-reduce",
+                                                       "--overlap-param-gather"] + EVALUATE),
+    # activation recomputation on both stages; layer k recomputed on the owner stage (its
+    # hook re-fires in the backward pass: ignored, one send per micro-batch)
+    "pp2-k-on-first-stage-full-recompute": (1, 1, 2, 1, ["--recompute-granularity", "full",
+                                                         "--recompute-method", "uniform",
+                                                         "--recompute-num-layers", "1"]),
+    "pp2-k-on-first-stage-selective-recompute": (1, 1, 2, 1, [
+        "--recompute-granularity", "selective", "--recompute-modules", "core_attn", "mlp"]),
     "pp4-k-on-stage-1": (2, 1, 4, 1, []),
     "tp2xpp2": (2, 2, 2, 1, []),
     "tp2-sp-pp2-k-before-last-stage": (1, 2, 2, 1, SP),

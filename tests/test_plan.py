@@ -8,7 +8,7 @@ from megatron_nitp.flops import parameter_counts
 from megatron_nitp.presets import PRESETS
 from megatron_nitp.training import plan
 from megatron_nitp.training.arguments import parse_args
-from tests.helpers import run_python_code
+from tests.helpers import load_tool, run_python_code
 
 PAPER = [name for name in PRESETS if not name.startswith("tiny")]
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -100,6 +100,10 @@ def test_tensor_and_expert_parallel_divide_their_matrices():
     assert dense2 - replicated == (dense1 - replicated) // 2
     s1, s2 = plan.stage_parameters(args, one, 0), plan.stage_parameters(args, split, 0)
     assert s2[1] == s1[1] // 16
+    # --expert-tensor-parallel-size 1: whole experts per rank, twice the expert data parallelism
+    whole = dataclasses.replace(split, etp=1)
+    assert plan.stage_parameters(args, whole, 0) == (s2[0], s1[1] // 8)
+    assert (split.expert_dp, whole.expert_dp) == (1, 2)
 
 
 def test_memory_terms_by_hand():
@@ -122,6 +126,37 @@ def test_memory_terms_by_hand():
     assert m.activations == pytest.approx(tokens * 2 * per_layer + logits)
     assert m.total == pytest.approx(m.weights + m.gradients + m.optimizer + m.activations
                                     + plan.RUNTIME_OVERHEAD_GIB * plan.GIB)
+
+
+@pytest.mark.parametrize("recompute,kept_layers,rebuilt_layers,dropped", [
+    ([], 0, 0, 0),
+    (["--recompute-granularity", "full", "--recompute-method", "uniform",
+      "--recompute-num-layers", "1"], 4, 1, 0),
+    (["--recompute-granularity", "full", "--recompute-method", "uniform",
+      "--recompute-num-layers", "2"], 4, 2, 0),
+    (["--recompute-granularity", "full", "--recompute-method", "block",
+      "--recompute-num-layers", "3"], 3, 1, 0),
+    (["--recompute-granularity", "selective"], 0, 0, 0),  # flash attention: nothing to drop
+    (["--recompute-granularity", "selective", "--recompute-modules", "mlp"], 0, 0, 3 * 128),
+], ids=["none", "full-uniform-1", "full-uniform-2", "full-block-3", "selective-core_attn",
+        "selective-mlp"])
+def test_recomputation_in_the_memory_estimate_by_hand(recompute, kept_layers, rebuilt_layers,
+                                                      dropped):
+    """Full recompute: a recomputed layer keeps only its input [s, b, d], and the backward pass
+    rebuilds one checkpoint (its layers' whole activations, one micro-batch) at a time;
+    selective mlp drops the FFN's 3f per token and layer."""
+    args = _args("--num-layers", "4", "--hidden-size", "64", "--ffn-hidden-size", "128",
+                 "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "32",
+                 "--micro-batch-size", "2", "--global-batch-size", "2", "--bf16", "--no-nitp",
+                 "--vocab-size", "256", "--nitp-target-layer", "0", *recompute)
+    args, layout = _layout(args, 1)
+    d, q, kv, f, tokens = 64, 64, 32, 128, 64
+    full = 2 * (4 * d + 2 * q + 2 * kv + 3 * f)
+    logits = tokens * 256 * (2 + 4) + tokens * d * 2
+    layers = (kept_layers * 2 * d + (4 - kept_layers) * (full - 2 * dropped)
+              + rebuilt_layers * full)
+    m = plan.stage_memory(args, layout, args.num_microbatches, 0)
+    assert m.activations == pytest.approx(tokens * layers + logits)
 
 
 def test_pipeline_stages_hold_micro_batches_in_flight_and_the_routing_buffers():
@@ -328,14 +363,9 @@ def test_comm_bytes_tool_compares_the_routing_with_before_issue_14(capsys):
     """tools/nitp_comm_bytes.py --compare: without SP each TP rank routes half the bytes it did
     before, and the send buffers held at once are min(PP - owner, M) micro-batches' instead of
     the step's M; under SP only the buffers change."""
-    import importlib.util
     import json
-    import os
 
-    spec = importlib.util.spec_from_file_location(
-        "nitp_comm_bytes", os.path.join(ROOT, "tools", "nitp_comm_bytes.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("nitp_comm_bytes")
     flags = ["--preset", "tiny-dense", "--num-layers", "4", "--nitp-target-layer", "1",
              "--pipeline-model-parallel-size", "2", "--tensor-model-parallel-size", "2",
              "--micro-batch-size", "1", "--global-batch-size", "8", "--compare", "--json"]

@@ -89,6 +89,64 @@ def test_full_recompute_equals_no_recompute(dist, monkeypatch, nitp):
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
+# --recompute-* flags -> megatron-core's recomputation (3 layers)
+MODES = {
+    "full-uniform-1": ["--recompute-granularity", "full", "--recompute-method", "uniform",
+                       "--recompute-num-layers", "1"],
+    "full-uniform-3": ["--recompute-granularity", "full", "--recompute-method", "uniform",
+                       "--recompute-num-layers", "3"],  # one checkpoint around all 3 layers
+    "full-block-2": ["--recompute-granularity", "full", "--recompute-method", "block",
+                     "--recompute-num-layers", "2"],
+    "selective-core_attn": ["--recompute-granularity", "selective"],
+    "selective-mlp": ["--recompute-granularity", "selective", "--recompute-modules", "mlp"],
+    "selective-core_attn-mlp": ["--recompute-granularity", "selective", "--recompute-modules",
+                                "core_attn", "mlp"],
+}
+ABLATIONS = {
+    "paper-default": dict(target_layer=1),
+    "k-embedding": dict(target_layer=0),
+    "last-layer-source": dict(target_layer=1, hidden_source="last_layer"),
+    # k = 3 is outside full-block-2's checkpoints; full-uniform covers it (refused at parse
+    # time: tests/test_performance.py)
+    "no-stop-gradient": dict(target_layer=3, stop_gradient=False),
+}
+CASES = [(mode, ablation) for mode in MODES for ablation in ABLATIONS
+         if not (ablation == "no-stop-gradient" and mode.startswith("full-uniform"))]
+
+
+def _build_from_flags(flags, **nitp):
+    args = tiny_args("--num-layers", "3", *flags)
+    set_seed(5)
+    model = model_module.build_model(args, NITPConfig(**nitp), True, True)
+    model.to(device())
+    model.train()
+    return model, args
+
+
+@pytest.mark.parametrize("mode,ablation", CASES, ids=[f"{m}-{a}" for m, a in CASES])
+def test_every_recompute_mode_equals_no_recompute(dist, mode, ablation):
+    """Each --recompute-* setting gives the losses and every gradient of the run without
+    recomputation (rel 1e-6), with NITP and each ablation of its target and hidden state."""
+    nitp = ABLATIONS[ablation]
+    plain, args = _build_from_flags([], **nitp)
+    lm_ref, nitp_ref, grads_ref = _step(plain, args)
+    model, args = _build_from_flags(MODES[mode], **nitp)
+    assert model.config.recompute_granularity == MODES[mode][1]
+    lm, loss, grads = _step(model, args)
+    if mode.startswith("full") and nitp["target_layer"] >= 1:
+        # layer k ran again in the backward pass (uniform: all layers; block: the first two)
+        assert (model._shallow.fires_in_backward > 0) == (nitp["target_layer"] <= 2
+                                                          or "uniform" in mode)
+    assert model._shallow.state is None and model._final.state is None
+    torch.testing.assert_close(lm, lm_ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(loss, nitp_ref, rtol=1e-6, atol=0)
+    assert loss.sum() > 0
+    assert grads.keys() == grads_ref.keys() == {n for n, _ in model.named_parameters()}
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-6, atol=1e-12,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_last_layer_source_trains_the_layers_through_the_projector(dist, monkeypatch):
     """Without a graph-connected hidden state, P(h) would train only the projector: with only
     the NITP loss, every decoder layer must still get a gradient under full recompute."""

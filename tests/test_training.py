@@ -164,3 +164,50 @@ def test_geometry_is_logged_and_the_run_folder_is_complete(dist, tmp_path):
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(run_dir / "tensorboard"))
     assert (run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == "4"
     assert summary["validation lm loss"] is not None
+
+
+def test_memory_is_logged_per_interval_with_the_plan_once(dist, tmp_path, capsys):
+    """Each console line carries the interval's memory (max over ranks), the history and
+    TensorBoard keep it at the logging iterations, the summary its peak, and --dry-run's
+    estimate is printed beside the measured peak once, after the first line."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megatron_nitp.training.memory import TENSORBOARD_TAGS, MemoryMonitor, key
+
+    run_dir = tmp_path / "run"
+    summary = pretrain(parse_args([
+        "--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",
+        "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "16",
+        "--micro-batch-size", "2", "--global-batch-size", "4", "--nitp-target-layer", "1",
+        "--train-iters", "4", "--lr-warmup-iters", "0", "--log-interval", "2",
+        "--eval-interval", "0", "--no-save", "--no-plot", "--no-progress-bar",
+        "--geometry-interval", "0", "--run-dir", str(run_dir)]))
+    out = capsys.readouterr().out
+    peak_key = MemoryMonitor().peak_key  # CPU: the peak RSS of the interval
+    with open(run_dir / "summary.json") as f:
+        history = json.load(f)["history"]
+    current = key("rss")
+    assert [i for i, _ in history[peak_key]] == [2, 4]
+    assert [i for i, _ in history[current]] == [2, 4]
+    for (_, peak), (_, now) in zip(history[peak_key], history[current]):
+        assert 50 < now <= peak < 100_000  # MB: a Python process with torch, below 100 GB
+    lines = [line for line in out.splitlines() if re.match(r" iteration +\d+/", line)]
+    assert len(lines) == 2
+    for line, (_, peak) in zip(lines, history[peak_key]):
+        assert "| memory (MB, max over ranks) rss: " in line
+        shown = re.search(r"\| max rss(?: since start)?: ([\d.]+) \|", line)
+        assert float(shown.group(1)) == pytest.approx(peak, abs=0.05)
+    assert summary["peak memory (MB, max over ranks)"] == max(v for _, v in history[peak_key])
+    planned = [line for line in out.splitlines() if line.startswith("> memory after iteration")]
+    assert len(planned) == 1 and planned[0].startswith("> memory after iteration 2: peak ")
+    assert re.search(r" vs [\d.]+ (GiB|MiB) planned per rank by --dry-run \(weights ", planned[0])
+    number, unit = re.search(r"([\d.]+) (GiB|MiB) were resident before the first step",
+                             planned[0]).groups()
+    before = float(number) * (1024 if unit == "GiB" else 1)  # MB
+    assert 50 < before <= history[peak_key][0][1] + 0.1
+    assert out.index(lines[0]) < out.index(planned[0]) < out.index(lines[1])
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    tag = TENSORBOARD_TAGS[peak_key]  # mem-max-rss-MB
+    assert [e.step for e in events.Scalars(tag)] == [2, 4]
+    assert events.Scalars(tag)[-1].value == pytest.approx(history[peak_key][-1][1], rel=1e-6)

@@ -217,74 +217,6 @@ def _step(run, iteration: int) -> float:
     return time.perf_counter() - start
 
 
-def _resident_tensor_bytes(run) -> int:
-    """Bytes of the tensors an arm keeps between steps: parameters, gradient buffers (DDP's
-    ``main_grad``), module buffers, the optimizer's main parameters and Adam states. Each
-    storage is counted once (gradients are views of one contiguous buffer)."""
-    import torch
-
-    def tensors():
-        yield from run.model.parameters()
-        yield from torch.nn.Module.buffers(run.model)  # DDP's own .buffers is its grad buffers
-        for buffer in getattr(run.model, "buffers", []):
-            yield from (t for t in (buffer.param_data, buffer.grad_data) if t is not None)
-        for p in run.model.parameters():
-            if getattr(p, "main_grad", None) is not None:
-                yield p.main_grad
-        for optimizer in getattr(run.optimizer, "chained_optimizers", [run.optimizer]):
-            inner = optimizer.optimizer
-            for group in inner.param_groups:
-                yield from group["params"]
-            for state in inner.state.values():
-                yield from (v for v in state.values() if torch.is_tensor(v))
-
-    storages = {}
-    for t in tensors():
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
-
-
-def step_memory(run, iteration: int) -> dict:
-    """Memory of one training step of one arm, in MiB, measured in this process (every arm's
-    model lives here, so process-wide figures such as peak RSS cannot tell the arms apart).
-
-    ``resident``: :func:`_resident_tensor_bytes`. ``step_peak``: the peak of the tensor bytes
-    allocated during the step above those live at its start (activations kept for the
-    backward, logits, temporaries). CPU: torch's CPU allocations are invisible to tracemalloc
-    and torch keeps no CPU peak counter, so the step runs under ``torch.profiler`` with
-    ``profile_memory=True`` and the allocation/free events are summed in time order. GPU:
-    ``torch.cuda.max_memory_allocated()`` minus the bytes allocated at the step's start.
-    Non-tensor memory (Python, libraries) is the same for every arm and is not counted.
-    """
-    import torch
-
-    from megatron_nitp.training.step import train_step
-
-    step = lambda: train_step(run.model, run.optimizer, run.scheduler,  # noqa: E731
-                              run.train_iter, run.args, iteration, False)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - start
-    else:
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            step()
-        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-        live = peak = 0
-        for event in sorted(events, key=lambda e: e.start_ns()):
-            live += event.nbytes()
-            peak = max(peak, live)
-    resident = _resident_tensor_bytes(run)
-    return {"resident_mib": resident / 2**20, "step_peak_mib": peak / 2**20,
-            "peak_mib": (resident + peak) / 2**20}
-
-
 def _model_params(run) -> int:
     """Parameters of the built model without the training-only heads (NITP projector, MTP)."""
     from megatron_nitp.training.model import unwrap
@@ -333,6 +265,8 @@ def measure(args) -> dict:
                 times[arm].append(seconds)
     load_after = os.getloadavg()
     iteration = args.warmup_iters + args.measure_iters
+    from megatron_nitp.training.memory import step_memory
+
     memory = {arm: step_memory(runs[arm], iteration) for arm in arms} if args.memory else {}
 
     tokens = train_args.micro_batch_size * train_args.seq_length

@@ -79,6 +79,7 @@ PATCHES: tuple[Patch, ...] = (
     Patch(cpu.patch_cuda_runtime, NO_CUDA),
     Patch(cpu.patch_rng_tracker, NO_CUDA),
     Patch(cpu.patch_moe_split_sizes, NO_CUDA),
+    Patch(cpu.patch_default_causal_mask, NO_CUDA),
     Patch(te.patch_moe_router_without_te, NO_TE, "<0.17"),
     Patch(te.patch_torch_norm_sequence_parallel, LOCAL_SPEC),
     Patch(te.patch_distributed_optimizer_step_state, TORCH_ADAM),

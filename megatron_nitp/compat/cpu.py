@@ -51,7 +51,8 @@ class CudaToCpuMode(TorchFunctionMode):
       optimizer (``megatron.core.distributed``, ``megatron.core.optimizer``, ``pipeline_parallel.p2p_communication``);
     - ``torch.zeros([], dtype=torch.int, device="cuda")`` in every schedule of
       ``pipeline_parallel.schedules`` (total_num_tokens);
-    - ``transformer.utils.get_default_causal_mask`` (``device="cuda"``);
+    - ``transformer.utils.get_default_causal_mask`` (``device="cuda"``; also patched by
+      ``patch_default_causal_mask`` for the recomputation in the backward pass);
     - ``tensor.cuda()`` / ``tensor.to("cuda")`` in ``optimizer.clip_grads`` and DDP;
     - ``param.type() == 'torch.cuda.FloatTensor'`` in the distributed optimizer's dtype checks,
       answered with the CUDA type name so the CPU tensors pass them.
@@ -204,6 +205,24 @@ def quiet_import_warnings() -> None:
     wanted = [f"ignore:{m}" for m in messages if f"ignore:{m}" not in inherited]
     os.environ["PYTHONWARNINGS"] = ",".join(inherited + wanted)
     logging.getLogger("megatron.core").setLevel(logging.WARNING)
+
+
+def patch_default_causal_mask() -> None:
+    """``transformer.utils.get_default_causal_mask`` (imported by name in
+    ``fusions.fused_softmax``) builds the ``[sq, sq]`` mask with ``device="cuda"``. The CUDA-to-CPU
+    function mode maps that in the forward pass, but activation recomputation runs attention
+    again inside the backward pass, where torch function modes are off: build it on the CPU."""
+    import functools
+
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils
+
+    @functools.lru_cache(maxsize=4)
+    def get_default_causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, device="cpu"), diagonal=1).bool()
+
+    utils.get_default_causal_mask = get_default_causal_mask
+    fused_softmax.get_default_causal_mask = get_default_causal_mask
 
 
 def patch_moe_split_sizes() -> None:

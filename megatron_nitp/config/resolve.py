@@ -134,6 +134,7 @@ def validate(config: RunConfig) -> None:
         )
     _validate_layout(config)
     _validate_moe(config)
+    _validate_performance(config)
     _validate_data(config)
     if config.mtp.mtp_num_layers is not None and config.mtp.mtp_num_layers < 1:
         raise ConfigError(f"--mtp-num-layers {config.mtp.mtp_num_layers} must be >= 1 (omit it "
@@ -162,6 +163,19 @@ def validate(config: RunConfig) -> None:
             f"WSD: warm-up ({warmup}) + decay ({wsd}) iterations exceed --lr-decay-iters "
             f"{decay}; lower --lr-warmup-iters or --lr-wsd-decay-ratio."
         )
+
+
+def _validate_performance(config: RunConfig) -> None:
+    from megatron_nitp.config.performance import validate_performance
+    from megatron_nitp.nitp.routing import stage_layer_counts
+
+    stages = stage_layer_counts(config.model.num_layers,
+                                config.parallel.pipeline_model_parallel_size,
+                                *pipeline_split(config))
+    try:
+        validate_performance(config, stages)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _validate_data(config: RunConfig) -> None:
@@ -267,9 +281,10 @@ def _layout(config: RunConfig, world_size: int) -> tuple[int, int]:
                       p.context_parallel_size, p.expert_model_parallel_size)
     if world_size < 1:
         raise ConfigError(f"world size {world_size} must be >= 1.")
-    if ep > 1 and (world_size // pp) % (ep * tp):
+    etp = tp if p.expert_tensor_parallel_size is None else p.expert_tensor_parallel_size
+    if (ep > 1 or etp != tp) and (world_size // pp) % (ep * etp):
         raise ConfigError(
-            f"--expert-model-parallel-size {ep} x TP {tp} does not divide the "
+            f"--expert-model-parallel-size {ep} x expert TP {etp} does not divide the "
             f"{world_size // pp} ranks of a pipeline stage: launch more processes or lower the "
             "EP size."
         )

@@ -96,6 +96,28 @@ class MoEConfig:
     """load-balancing auxiliary loss coefficient"""
     moe_token_dispatcher_type: str = flag("alltoall", choices=("allgather", "alltoall"))
     """how tokens reach their experts' ranks"""
+    moe_router_score_function: str = flag("softmax", choices=("softmax", "sigmoid"))
+    """the router's score of each expert (DeepSeek-V3: sigmoid)"""
+    moe_router_pre_softmax: bool = False
+    """softmax over all experts before the top-k (else over the chosen k)"""
+    moe_router_enable_expert_bias: bool = False
+    """aux-loss-free load balancing (DeepSeek-V3): a per-expert bias added to the scores for
+    the top-k choice, updated after each step from the tokens each expert received"""
+    moe_router_bias_update_rate: float = 1e-3
+    """step size of the expert-bias update"""
+    moe_router_load_balancing_type: str = flag("aux_loss",
+                                               choices=("aux_loss", "seq_aux_loss", "none"))
+    """load-balancing loss: over the micro-batch (aux_loss), per sequence (seq_aux_loss,
+    DeepSeek-V2/V3) or none (e.g. with --moe-router-enable-expert-bias)"""
+    moe_z_loss_coeff: Optional[float] = None
+    """router z-loss coefficient (ST-MoE; e.g. 1e-3; unset: no z-loss)"""
+    moe_expert_capacity_factor: Optional[float] = None
+    """token dropping: each expert takes at most this factor x its even share of tokens (unset:
+    no dropping)"""
+    moe_token_drop_policy: str = flag("probs", choices=("probs", "position"))
+    """with a capacity factor: drop the tokens of lowest routing probability or the last ones"""
+    moe_pad_expert_input_to_capacity: bool = False
+    """with a capacity factor: pad each expert's input to its capacity (static shapes)"""
 
 
 @dataclass(frozen=True)
@@ -207,6 +229,9 @@ class ParallelConfig:
     """context parallelism (attention needs Transformer Engine: GPU only)"""
     expert_model_parallel_size: int = 1
     """expert parallelism (EP)"""
+    expert_tensor_parallel_size: Optional[int] = None
+    """tensor parallelism inside each expert (default: --tensor-model-parallel-size); 1 keeps
+    whole experts on a rank, so EP can stay inside a node"""
     virtual_pipeline_model_parallel_size: Optional[int] = None
     """interleaved pipeline schedule: not supported with NITP (refused)"""
     decoder_first_pipeline_num_layers: Optional[int] = None
@@ -223,6 +248,52 @@ class ParallelConfig:
     distributed_timeout_minutes: int = 10
     """timeout of collectives (init_process_group); a rank that waits longer fails with an
     error instead of hanging"""
+
+
+@dataclass(frozen=True)
+class PerformanceConfig:
+    """Speed and memory: megatron-core's fused kernels, communication overlap, FP8 and
+    activation recomputation. A GPU feature asked for where it cannot run (no CUDA, no
+    Transformer Engine or Apex) is refused with the reason, never silently ignored; the
+    ``auto`` ones (neither flag given) are on where their kernel is present
+    (``config/performance.py``)."""
+
+    moe_grouped_gemm: bool = False
+    """one grouped GEMM for all local experts instead of a loop over them (TE's
+    TEGroupedMLP on GPU)"""
+    moe_permute_fusion: bool = False
+    """fused token permutation for the MoE dispatch (Transformer Engine)"""
+    overlap_grad_reduce: bool = False
+    """overlap the data-parallel gradient reduction with the backward pass"""
+    overlap_param_gather: bool = False
+    """with --use-distributed-optimizer: overlap the parameter all-gather with the next
+    forward pass"""
+    gradient_accumulation_fusion: Optional[bool] = flag(
+        None, negative="--no-gradient-accumulation-fusion")
+    """fuse the weight-gradient GEMM with the fp32 gradient accumulation (auto: on where TE's
+    layers or Apex's fused_weight_gradient_mlp_cuda provide it)"""
+    apply_rope_fusion: Optional[bool] = flag(None, negative="--no-rope-fusion")
+    """fused RoPE kernel (auto: on where Transformer Engine provides it)"""
+    cross_entropy_loss_fusion: bool = False
+    """fused vocabulary-parallel cross entropy"""
+    cross_entropy_fusion_impl: str = flag("native", choices=("native", "te"))
+    """the fused cross entropy's implementation: megatron-core's (native) or TE's"""
+    fp8: Optional[str] = flag(None, name="--fp8-format", choices=("e4m3", "hybrid"))
+    """FP8 GEMMs through Transformer Engine (hybrid: e4m3 forward, e5m2 gradients); needs
+    --bf16 and a GPU with FP8 (Hopper or newer)"""
+    fp8_recipe: str = flag("delayed", choices=("tensorwise", "delayed", "mxfp8", "blockwise"))
+    """FP8 scaling recipe"""
+    recompute_granularity: Optional[str] = flag(None, choices=("full", "selective"))
+    """activation recomputation: whole layers (full) or the memory-heavy parts
+    (selective, --recompute-modules); NITP stays exact under both"""
+    recompute_method: Optional[str] = flag(None, choices=("uniform", "block"))
+    """full recompute: every layer in chunks of --recompute-num-layers (uniform) or only the
+    first --recompute-num-layers layers of each pipeline stage (block)"""
+    recompute_num_layers: Optional[int] = None
+    """full recompute: layers per chunk (uniform) or recomputed layers per stage (block)"""
+    recompute_modules: Optional[tuple] = flag(None, nargs="*", choices=(
+        "core_attn", "mlp", "layernorm", "moe", "moe_act", "shared_experts"))
+    """selective recompute: the submodules recomputed (default: core_attn)"""
 
 
 @dataclass(frozen=True)
@@ -304,6 +375,7 @@ GROUPS = {
     "schedule": (ScheduleConfig, "learning rate"),
     "data": (DataConfig, "data"),
     "parallel": (ParallelConfig, "parallelism"),
+    "performance": (PerformanceConfig, "speed and memory (fused kernels, overlap, FP8, recompute)"),
     "logging": (LoggingConfig, "validation, logging and output"),
     "checkpoint": (CheckpointConfig, "checkpoints"),
 }
@@ -346,6 +418,7 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     preset: str = "tiny-dense"
@@ -459,6 +532,8 @@ class RunConfig:
                              "test_data_path"):
                     if values.get(name) is not None:
                         values[name] = tuple(values[name])
+            if g == "performance" and values.get("recompute_modules") is not None:
+                values["recompute_modules"] = tuple(values["recompute_modules"])
             kwargs[g] = group_cls(**values)
         for f in dataclasses.fields(RunConfig):
             if f.name not in GROUPS and f.name not in ("derived", "sources") and f.name in data:

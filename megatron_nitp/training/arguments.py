@@ -53,6 +53,13 @@ def _add_field(group, cls, f: dataclasses.Field, hint) -> None:
     meta = f.metadata
     help_text = field_docs(cls).get(f.name, "")
     name = meta.get("name", "--" + dest.replace("_", "-"))
+    if hint == Optional[bool]:  # three states: --x (on), --no-x (off), neither (auto)
+        group.add_argument(name, dest=dest, action="store_const", const=True,
+                           help=help_text)
+        group.add_argument(meta["negative"], dest=dest, action="store_const", const=False,
+                           help=f"turn off: {help_text}")
+        group.set_defaults(**{dest: f.default})
+        return
     if hint is bool:
         if meta.get("negative"):
             negative = meta["negative"]
@@ -144,6 +151,10 @@ def kept_preset_fields(config: RunConfig) -> list[str]:
                   if n in FLAT and where.startswith("preset "))
 
 
+#: settings given as several values (tuples in the config)
+NARGS = tuple(name for name, (group, attr) in FLAT.items()
+              if "nargs" in {f.name: f for f in dataclasses.fields(GROUPS[group][0])}[attr].metadata)
+
 MOE_FLAGS = ("num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size",
              "moe_shared_expert_intermediate_size", "moe_layer_freq")
 
@@ -177,7 +188,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, model_type: str = "dense") 
     parser.set_defaults(**preset)
     ns = parser.parse_args(argv)
     values = {dest: getattr(ns, dest) for dest in FLAT}
-    for name in ("data_path", "train_data_path", "valid_data_path", "test_data_path"):
+    for name in NARGS:
         if values[name] is not None:
             values[name] = tuple(values[name])
     given = given_flags(parser, argv)

@@ -31,6 +31,7 @@ def initialize_distributed(
     backend: str | None = None,
     expert_model_parallel_size: int = 1,
     timeout_minutes: int = 10,
+    expert_tensor_parallel_size: int | None = None,
 ) -> None:
     """Start torch.distributed (torchrun's env:// or a single local process) and megatron's
     parallel state. Idempotent.
@@ -64,6 +65,7 @@ def initialize_distributed(
             pipeline_model_parallel_size=pipeline_model_parallel_size,
             context_parallel_size=context_parallel_size,
             expert_model_parallel_size=expert_model_parallel_size,
+            expert_tensor_parallel_size=expert_tensor_parallel_size,
             distributed_timeout_minutes=timeout_minutes,
         )
 

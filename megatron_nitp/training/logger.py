@@ -15,14 +15,16 @@ import torch
 
 from megatron_nitp.device import has_cuda
 from megatron_nitp.device import name as device_name
+from megatron_nitp.training.memory import TENSORBOARD_TAGS as MEMORY_TAGS
 
 # Console order.
-CONSOLE_KEYS = ("lm loss", "nitp loss", "mtp loss", "load balancing loss", "total loss", "grad norm",
-                "effective rank", "cosine similarity")
+CONSOLE_KEYS = ("lm loss", "nitp loss", "mtp loss", "load balancing loss", "z loss", "total loss",
+                "grad norm", "effective rank", "cosine similarity")
 # Shown on the console (and in the run summary) as their mean over the logging interval, as
 # Megatron-LM's ``training_log`` does: the line at iteration N averages the iterations since the
 # previous line, skipped ones left out. The other console values are the iteration's own.
-INTERVAL_MEAN_KEYS = ("lm loss", "nitp loss", "mtp loss", "load balancing loss", "total loss")
+INTERVAL_MEAN_KEYS = ("lm loss", "nitp loss", "mtp loss", "load balancing loss", "z loss",
+                      "total loss")
 # TensorBoard tags in Megatron-LM's naming (losses keep their names; validation values are
 # "<key> validation").
 TENSORBOARD_TAGS = {
@@ -32,11 +34,14 @@ TENSORBOARD_TAGS = {
     "nitp weight": "nitp-loss-weight",
     "skipped": "skipped-iteration",
     "load balancing loss": "load_balancing_loss",
+    "z loss": "z_loss",
 }
 
 
 def tensorboard_tag(key: str, validation: bool = False) -> str:
-    return f"{key} validation" if validation else TENSORBOARD_TAGS.get(key, key)
+    if validation:
+        return f"{key} validation"
+    return TENSORBOARD_TAGS.get(key) or MEMORY_TAGS.get(key, key)
 
 
 def is_logging_rank() -> bool:
@@ -73,8 +78,11 @@ def training_flops_per_token(args) -> float:
 class TrainingLogger:
     """Writes console lines and TensorBoard scalars on rank 0 and keeps the history in memory."""
 
-    def __init__(self, args, tensorboard_dir: str | None):
+    def __init__(self, args, tensorboard_dir: str | None, memory=None):
         self.args = args
+        #: the ``memory.MemoryMonitor`` whose figures (in the metrics of a logging iteration)
+        #: the console line shows; None shows none
+        self.memory = memory
         self.flops_per_token = training_flops_per_token(args) if args.log_throughput else None
         self.peak = peak_tflops(args)
         self.enabled = is_logging_rank()
@@ -118,6 +126,11 @@ class TrainingLogger:
             if self.writer is not None and math.isfinite(value):
                 self.writer.add_scalar(tensorboard_tag(key, validation), value, iteration)
 
+    def is_log_iteration(self, iteration: int) -> bool:
+        """Whether ``iteration`` prints a console line: every ``--log-interval``, and the
+        last."""
+        return iteration % self.args.log_interval == 0 or iteration == self.args.train_iters
+
     def _shown(self, key: str) -> bool:
         """An NTP run (``--no-nitp``) has no nitp loss to show (its history keeps the zeros)."""
         return key != "nitp loss" or bool(self.args.nitp)
@@ -125,7 +138,9 @@ class TrainingLogger:
     def log_train(self, iteration: int, metrics: dict[str, float], iter_seconds: float) -> None:
         """Records the iteration's values (history and TensorBoard per iteration) and, every
         ``--log-interval`` iterations and at the last one, prints a console line whose losses
-        are means over the iterations since the previous line (:data:`INTERVAL_MEAN_KEYS`)."""
+        are means over the iterations since the previous line (:data:`INTERVAL_MEAN_KEYS`).
+        The metrics of such an iteration carry the interval's memory figures (``memory.py``:
+        peak since the previous line, max over ranks), which the line shows last."""
         self.record(iteration, metrics)
         skipped = bool(metrics.get("skipped", 0))
         self.skipped += int(skipped)
@@ -144,7 +159,7 @@ class TrainingLogger:
             if self._shown("nitp loss"):
                 postfix["nitp"] = f"{metrics.get('nitp loss', float('nan')):.3f}"
             self.bar.set_postfix(**postfix)
-        if iteration % self.args.log_interval and iteration != self.args.train_iters:
+        if not self.is_log_iteration(iteration):
             return
         args = self.args
         seconds = self._interval_seconds / self._interval_iters
@@ -166,6 +181,8 @@ class TrainingLogger:
             f"global batch size: {args.global_batch_size:5d}",
         ]
         parts += [f"{k}: {shown[k]:.6E}" for k in CONSOLE_KEYS if k in shown and self._shown(k)]
+        if self.memory is not None:
+            parts += self.memory.console(metrics)
         if self.skipped:
             parts.append(f"number of skipped iterations: {self.skipped:3d}")
         self.print(" | ".join(parts) + " |")

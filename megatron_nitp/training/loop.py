@@ -20,6 +20,8 @@ from megatron_nitp.device import name as device_name
 from megatron_nitp.training import arguments
 from megatron_nitp.training.initialize import initialize_distributed, set_seed
 from megatron_nitp.training.logger import Throughput, TrainingLogger, is_logging_rank
+from megatron_nitp.training.memory import MemoryMonitor
+from megatron_nitp.training.model import params_synced
 from megatron_nitp.training.step import evaluate, train_step
 
 
@@ -84,10 +86,14 @@ def _summary(args, logger, wall: float) -> dict:
     """The run summary. "lm loss" and "nitp loss" are the means over the last logging
     interval (the iterations the last console line averaged, as Megatron-LM logs losses; the
     per-iteration values are in the history and TensorBoard); "nitp loss" is None for an NTP
-    run. Validation loss and geometry are their last measured values."""
+    run. Validation loss and geometry are their last measured values. "peak memory" is the
+    largest interval peak of the run, MB, max over ranks (GPU: max allocated; CPU: peak RSS;
+    ``training/memory.py``)."""
     def last(key):
         points = logger.history.get(key)
         return points[-1][1] if points else None
+
+    peaks = logger.history.get(logger.memory.peak_key) if logger.memory is not None else None
 
     return {
         "preset": args.preset if args.source("preset") != "default" or not
@@ -101,6 +107,7 @@ def _summary(args, logger, wall: float) -> dict:
         "validation lm loss": last("validation lm loss"),
         "effective rank": last("effective rank"),
         "cosine similarity": last("cosine similarity"),
+        "peak memory (MB, max over ranks)": max(v for _, v in peaks) if peaks else None,
     }
 
 
@@ -149,6 +156,7 @@ def setup(args: RunConfig) -> Run:
         args.distributed_backend,
         args.expert_model_parallel_size,
         timeout_minutes=args.distributed_timeout_minutes,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
     )
     try:
         arguments.validate_data_cache(args)
@@ -237,11 +245,17 @@ def pretrain(args: RunConfig) -> dict:
     preemption = _Preemption()
 
     def save(iteration: int) -> str:
-        return save_checkpoint(save_dir, iteration, model, optimizer, scheduler, args,
-                               consumed_samples=train_iter.consumed_samples,
-                               keep_last=args.save_keep_last)
+        with params_synced(model):
+            return save_checkpoint(save_dir, iteration, model, optimizer, scheduler, args,
+                                   consumed_samples=train_iter.consumed_samples,
+                                   keep_last=args.save_keep_last)
 
-    logger = TrainingLogger(args, tensorboard_dir)
+    memory = MemoryMonitor()
+    logger = TrainingLogger(args, tensorboard_dir, memory)
+    from megatron_nitp.training.plan import planned_memory
+
+    # --dry-run's estimate for this config, printed beside the first interval's measured peak
+    planned = planned_memory(args)
     params = sum(p.numel() for p in model.parameters())
     from megatron_nitp.training.objectives import describe
 
@@ -270,6 +284,7 @@ def pretrain(args: RunConfig) -> dict:
     model.train()
     throughput = Throughput(args.global_batch_size * args.seq_length)
     iteration = run.start_iteration
+    memory.begin()  # the first interval's peak counts from the first step, set-up left out
     while iteration < args.train_iters:
         iteration += 1
         if faults.due("sigkill", iteration):
@@ -291,13 +306,21 @@ def pretrain(args: RunConfig) -> dict:
                 print(f"error: {err}; diagnostics in {path}; the weights were not updated "
                       f"(last checkpoint in {save_dir}).", flush=True)
             raise SystemExit(EXIT_NON_FINITE)
+        logged = logger.is_log_iteration(iteration)
+        if logged:
+            metrics.update(memory.measure())  # every rank: one all-reduce MAX, then reset
         seconds, tokens_per_second = throughput.lap()
         metrics["tokens per second"] = tokens_per_second
         logger.log_train(iteration, metrics, seconds)
+        if logged and planned is not None:
+            logger.print(memory.planned_vs_measured(iteration, metrics, planned,
+                                                    args.pipeline_model_parallel_size))
+            planned = None  # once per run
         if valid_iter is not None and (
             iteration % args.eval_interval == 0 or iteration == args.train_iters
         ):
-            logger.log_eval(iteration, evaluate(model, valid_iter(), args, args.eval_iters))
+            with params_synced(model):
+                logger.log_eval(iteration, evaluate(model, valid_iter(), args, args.eval_iters))
             throughput.lap()
         if args.save_interval and iteration % args.save_interval == 0 and iteration < args.train_iters:
             logger.print(f"> saved checkpoint {save(iteration)}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -9,6 +11,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_nitp.config import performance
 from megatron_nitp.device import device, has_cuda
 from megatron_nitp.models import NITPGPTModel
 from megatron_nitp.nitp.config import NITPConfig
@@ -22,26 +25,28 @@ def params_dtype(args) -> torch.dtype:
     return torch.float32
 
 
-def aux_loss_gradient_correction(args) -> int:
-    """The factor by which megatron-core 0.16's load-balancing loss gradient is too small under
-    per-token loss (``calculate_per_token_loss``, which NITP's accounting uses) with TP or CP > 1.
+def router_loss_gradient_correction(args) -> int:
+    """The factor by which megatron-core < 0.19's router-loss gradients (load balancing and
+    z-loss) are too small under per-token loss (``calculate_per_token_loss``, which NITP's
+    accounting uses) with TP or CP > 1.
 
     ``TopKRouter.attach_and_log_load_balancing_loss`` multiplies each rank's partial aux loss
     (its own tokens' share; the shares of the TP x CP group sum to the aux loss) by the rank's
     *local* token count before ``finalize_model_grads`` divides every gradient by the global
-    token count. One process multiplies by the micro-batch's whole count, so with TP x CP > 1
-    the aux-loss gradient comes out 1/(TP x CP) of one process's (measured: the router's Adam
-    moments off by up to 80% after 3 steps at TP2+SP, EP2). A coefficient TP x CP times larger
-    compensates exactly; the router divides the logged value by the same coefficient, so the
-    reported load-balancing loss does not change. Later megatron-core multiplies by the count
-    reduced over the group (its ``aux_loss_scale_num_tokens`` argument): no correction there.
+    token count; ``apply_z_loss`` does the same with a coefficient already divided by TP x CP.
+    One process multiplies by the micro-batch's whole count, so with TP x CP > 1 both
+    gradients come out 1/(TP x CP) of one process's (measured: the router's Adam moments off by
+    up to 80% after 3 steps at TP2+SP, EP2). Coefficients TP x CP times larger compensate
+    exactly; the router divides the logged values by the same coefficients, so the reported
+    losses do not change. megatron-core 0.19 multiplies by ``num_local_tokens *
+    tp_cp_group.size()`` itself (0.16.1, 0.17.0 and 0.18.0 do not: their sources inspected):
+    no correction there.
     """
-    import inspect
+    from packaging.version import Version
 
-    from megatron.core.transformer.moe.router import TopKRouter
+    from megatron_nitp.compat import megatron_core_version
 
-    attach = getattr(TopKRouter, "attach_and_log_load_balancing_loss", None)
-    if attach is None or "aux_loss_scale_num_tokens" in inspect.signature(attach).parameters:
+    if megatron_core_version() >= Version("0.19.0rc0"):
         return 1
     return args.tensor_model_parallel_size * args.context_parallel_size
 
@@ -58,11 +63,23 @@ def moe_config(args) -> dict:
         moe_ffn_hidden_size=args.moe_ffn_hidden_size,
         moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size or None,
         moe_layer_freq=list(args.moe_layer_pattern),
-        moe_router_load_balancing_type="aux_loss",
-        moe_aux_loss_coeff=args.moe_aux_loss_coeff * aux_loss_gradient_correction(args),
+        moe_router_load_balancing_type=args.moe_router_load_balancing_type,
+        moe_aux_loss_coeff=(0.0 if args.moe_router_load_balancing_type == "none" else
+                            args.moe_aux_loss_coeff * router_loss_gradient_correction(args)),
+        moe_router_score_function=args.moe_router_score_function,
+        moe_router_pre_softmax=args.moe_router_pre_softmax,
+        moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
+        moe_router_bias_update_rate=args.moe_router_bias_update_rate,
+        moe_z_loss_coeff=(None if args.moe_z_loss_coeff is None else
+                          args.moe_z_loss_coeff * router_loss_gradient_correction(args)),
+        moe_expert_capacity_factor=args.moe_expert_capacity_factor,
+        moe_token_drop_policy=args.moe_token_drop_policy,
+        moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,
         moe_token_dispatcher_type=args.moe_token_dispatcher_type,
         expert_model_parallel_size=args.expert_model_parallel_size,
-        moe_grouped_gemm=False,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+        moe_grouped_gemm=args.moe_grouped_gemm,
+        moe_permute_fusion=args.moe_permute_fusion,
         moe_router_dtype="fp32",
     )
 
@@ -92,6 +109,7 @@ def transformer_config(args, perform_initialization: bool = True) -> Transformer
     return TransformerConfig(
         **moe_config(args),
         **objective_fields,
+        **performance.transformer_config_fields(args),
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
         ffn_hidden_size=args.ffn_hidden_size,
@@ -121,8 +139,6 @@ def transformer_config(args, perform_initialization: bool = True) -> Transformer
         perform_initialization=perform_initialization,
         bias_dropout_fusion=on_gpu,
         masked_softmax_fusion=fused_softmax_available(),
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
         calculate_per_token_loss=True,
         # megatron-core's default synchronizes the whole device after every batched pipeline
         # send/recv, a workaround for a race in old PyTorch (< 1.13; we need >= 2.4). Under PP
@@ -214,10 +230,27 @@ def wrap_model(model: NITPGPTModel, args) -> DistributedDataParallel:
     module = Float16Module(config, model) if (args.bf16 or args.fp16) else model
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
         use_distributed_optimizer=args.use_distributed_optimizer,
+        **performance.ddp_config_fields(args),
     )
     return DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)
+
+
+@contextlib.contextmanager
+def params_synced(model: DistributedDataParallel):
+    """With ``--overlap-param-gather`` the distributed optimizer's updated parameters reach
+    each rank's model only in the next forward pass (DDP's forward pre-hooks start the
+    all-gather layer by layer). A checkpoint or an evaluation in between would read the old
+    weights: as Megatron-LM does, turn the hooks off around them, which all-gathers the
+    parameters first, and back on after. A no-op without overlap."""
+    hooked = getattr(model, "use_forward_hook", False)
+    if hooked:
+        model.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        if hooked:
+            model.enable_forward_pre_hook()
 
 
 def unwrap(model: torch.nn.Module) -> NITPGPTModel:

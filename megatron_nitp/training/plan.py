@@ -12,8 +12,8 @@ The memory estimate, per GPU, for each pipeline stage (the largest is reported),
 
 - **Parameters of a rank**: its stage's layers (layers split evenly over PP), divided by TP for
   attention, dense FFN, shared expert, projector and vocabulary matrices (norms and the router are
-  replicated); routed experts divided by EP and by the expert tensor-parallel size (megatron-core's
-  default: equal to TP). The first stage holds the embedding; the last stage the final norm, the
+  replicated); routed experts divided by EP and by the expert tensor-parallel size
+  (``--expert-tensor-parallel-size``; megatron-core's default: equal to TP). The first stage holds the embedding; the last stage the final norm, the
   output layer (untied, or with PP > 1 a copy of the tied embedding) and the NITP projector.
 - **Per parameter**: weights 2 B in bf16/fp16 (4 B in fp32); gradients 4 B (megatron DDP keeps
   fp32 gradient buffers); optimizer 12 B in bf16/fp16 (fp32 main parameters and the two Adam
@@ -30,7 +30,10 @@ The memory estimate, per GPU, for each pipeline stage (the largest is reported),
   expert), these divided by TP. This is Korthikanti et al. (2022)'s ``34 s b h`` for a GPT
   (bytes; 32 here without dropout masks) generalized to GQA and SwiGLU. Tokens per micro-batch:
   ``s / CP x b``. Under the 1F1B schedule stage ``i`` holds ``min(PP - i, micro-batches)``
-  micro-batches in flight.
+  micro-batches in flight. With ``--recompute-granularity full`` a recomputed layer keeps only
+  its input (``d``), and the backward pass rebuilds one checkpoint's layers at a time (one
+  micro-batch, added once); ``selective`` drops the ``--recompute-modules`` parts
+  (``activation_bytes_per_token``).
 - **Last stage, one micro-batch**: logits ``s b V/TP`` in the activation dtype plus their fp32
   copy for the cross entropy (``+ 4 B``); the output layer input; the NITP projector's
   ``3 r d / TP`` activations, the target ``z`` and the fp32 copies of prediction and target for
@@ -41,8 +44,8 @@ The memory estimate, per GPU, for each pipeline stage (the largest is reported),
 - **Runtime**: a fixed ``RUNTIME_OVERHEAD_GIB`` for the CUDA context, NCCL buffers, cuBLAS/TE
   workspaces and allocator fragmentation.
 
-It is an estimate for choosing a layout, not a guarantee: check the first iterations' peak
-memory (``torch.cuda.max_memory_allocated``) on the cluster.
+It is an estimate for choosing a layout, not a guarantee: a training run prints it beside the
+measured peak after its first logging interval (:func:`planned_memory`, ``training/memory.py``).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from typing import Optional
 
 from megatron_nitp.config import RunConfig, pipeline_split, resolve
 
@@ -72,11 +76,17 @@ class Layout:
     ep: int
     dp: int
     sp: bool
+    etp: Optional[int] = None
+    """--expert-tensor-parallel-size (None: TP)"""
+
+    @property
+    def expert_tp(self) -> int:
+        return self.tp if self.etp is None else self.etp
 
     @property
     def expert_dp(self) -> int:
         """Data-parallel size of the routed experts (megatron-core: world / (PP x EP x ETP))."""
-        return max(1, self.world // (self.pp * self.ep * self.tp))
+        return max(1, self.world // (self.pp * self.ep * self.expert_tp))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,12 +171,12 @@ def _shape(args: RunConfig):
     return ModelShape.from_dict({**args.flat(), "tensor_model_parallel_size": 1})
 
 
-def layer_parameters(args: RunConfig, moe: bool, tp: int = 1, ep: int = 1
-                     ) -> tuple[int, int]:
+def layer_parameters(args: RunConfig, moe: bool, tp: int = 1, ep: int = 1,
+                     etp: Optional[int] = None) -> tuple[int, int]:
     """``(dense, expert)`` parameters of one layer on one rank (``flops.layer_parameters``)."""
     from megatron_nitp.flops import layer_parameters as count
 
-    return count(_shape(args), moe, tp, ep)
+    return count(_shape(args), moe, tp, ep, etp)
 
 
 def projector_parameters(args: RunConfig, tp: int = 1) -> int:
@@ -200,7 +210,7 @@ def stage_parameters(args: RunConfig, layout: Layout, stage: int) -> tuple[int, 
     pattern = _moe_pattern(args)
     dense = expert = 0
     for moe in pattern[_stage_layers(args, layout, stage)]:
-        a, b = layer_parameters(args, bool(moe), layout.tp, layout.ep)
+        a, b = layer_parameters(args, bool(moe), layout.tp, layout.ep, layout.expert_tp)
         dense, expert = dense + a, expert + b
     d = args.hidden_size
     vocab_rows = _vocab(args, layout.tp)[1] // layout.tp * d
@@ -223,17 +233,54 @@ def model_parameters(args: RunConfig) -> dict[str, int]:
             "projector": projector_parameters(args)}
 
 
-def activation_bytes_per_token(args: RunConfig, moe: bool, layout: Layout) -> float:
-    """Bytes kept for backward per token by one layer on one rank (see the module docstring)."""
+def activation_bytes_per_token(args: RunConfig, moe: bool, layout: Layout,
+                               full_recompute: bool = False) -> float:
+    """Bytes kept for backward per token by one layer on one rank (see the module docstring).
+
+    ``full_recompute``: the layer is inside a full-recompute checkpoint, which keeps only its
+    input (``d``, divided by TP under SP). Selective recomputation drops the parts named by
+    ``--recompute-modules``: ``mlp`` the dense FFN's ``3f``, ``moe`` the MoE FFN, ``moe_act``
+    the experts' product ``k f_e``, ``shared_experts`` the shared expert's ``3 f_s``,
+    ``layernorm`` the two norm outputs (``2d`` of the ``4d``); ``core_attn`` nothing here,
+    since the estimate already assumes flash attention (no ``s x s`` scores to drop)."""
     d, q, kv = _widths(args)
     dtype = 2 if (args.bf16 or args.fp16) else 4
-    wide = 4 * d / (layout.tp if layout.sp else 1)
+    sp = layout.tp if layout.sp else 1
+    if full_recompute:
+        return dtype * d / sp
+    recomputed = set()
+    if args.recompute_granularity == "selective":
+        recomputed = set(args.recompute_modules or ("core_attn",))
+    wide = (2 if "layernorm" in recomputed else 4) * d / sp
+    experts = 0.0
     if moe:
-        ffn = (args.moe_router_topk * (d + 3 * args.moe_ffn_hidden_size)
-               + 3 * (args.moe_shared_expert_intermediate_size or 0))
+        experts = 0 if "moe" in recomputed else args.moe_router_topk * (
+            d + (2 if "moe_act" in recomputed else 3) * args.moe_ffn_hidden_size)
+        ffn = 0 if recomputed & {"moe", "shared_experts"} else 3 * (
+            args.moe_shared_expert_intermediate_size or 0)
     else:
-        ffn = 3 * args.ffn_hidden_size
-    return dtype * (wide + (2 * q + 2 * kv + ffn) / layout.tp)
+        ffn = 0 if "mlp" in recomputed else 3 * args.ffn_hidden_size
+    return dtype * (wide + (2 * q + 2 * kv + ffn) / layout.tp + experts / layout.expert_tp)
+
+
+def _stage_activations(args: RunConfig, layout: Layout, stage: int, tokens: int) -> tuple:
+    """(bytes one micro-batch keeps on stage ``stage``, bytes the backward pass of a
+    full-recompute chunk rebuilds at once: its layers' whole activations, one chunk at a
+    time)."""
+    layers = _stage_layers(args, layout, stage)
+    pattern = _moe_pattern(args)[layers]
+    if args.recompute_granularity != "full":
+        return tokens * sum(activation_bytes_per_token(args, bool(m), layout)
+                            for m in pattern), 0.0
+    n = args.recompute_num_layers
+    covered = len(pattern) if args.recompute_method == "uniform" else min(n, len(pattern))
+    kept = sum(activation_bytes_per_token(args, bool(m), layout, full_recompute=i < covered)
+               for i, m in enumerate(pattern))
+    chunk = n if args.recompute_method == "uniform" else 1
+    rebuilt = max((sum(activation_bytes_per_token(args, bool(m), layout)
+                       for m in pattern[i:i + chunk]) for i in range(0, covered, chunk)),
+                  default=0.0)
+    return tokens * kept, tokens * rebuilt
 
 
 def stage_memory(args: RunConfig, layout: Layout, num_microbatches: int,
@@ -249,9 +296,8 @@ def stage_memory(args: RunConfig, layout: Layout, num_microbatches: int,
     d = args.hidden_size
     tokens = args.seq_length // layout.cp * args.micro_batch_size
     sp_split = layout.tp if layout.sp else 1
-    pattern = _moe_pattern(args)[_stage_layers(args, layout, stage)]
-    per_micro = tokens * sum(activation_bytes_per_token(args, bool(m), layout) for m in pattern)
-    activations = min(layout.pp - stage, num_microbatches) * per_micro
+    per_micro, rebuilt = _stage_activations(args, layout, stage, tokens)
+    activations = min(layout.pp - stage, num_microbatches) * per_micro + rebuilt
     if stage == layout.pp - 1:
         padded = _vocab(args, layout.tp)[1]
         activations += tokens * padded / layout.tp * (dtype + 4)  # logits + fp32 copy
@@ -278,6 +324,40 @@ def stage_memory(args: RunConfig, layout: Layout, num_microbatches: int,
         activations=activations,
         runtime=RUNTIME_OVERHEAD_GIB * GIB,
     )
+
+
+def layout_of(args: RunConfig) -> Layout:
+    """The layout of a resolved config (``config.resolve``: world and data-parallel size
+    known)."""
+    return Layout(world=args.world_size, tp=args.tensor_model_parallel_size,
+                  pp=args.pipeline_model_parallel_size, cp=args.context_parallel_size,
+                  ep=args.expert_model_parallel_size, dp=args.data_parallel_size,
+                  sp=bool(args.sequence_parallel), etp=args.expert_tensor_parallel_size)
+
+
+def stage_memories(args: RunConfig) -> list[StageMemory]:
+    """The estimate of every pipeline stage of a resolved config, stage 0 first."""
+    layout = layout_of(args)
+    return [stage_memory(args, layout, args.num_microbatches, i) for i in range(layout.pp)]
+
+
+def planned_memory(args: RunConfig) -> StageMemory:
+    """The per-GPU estimate ``--dry-run`` reports for a resolved config: the largest stage's.
+    Arithmetic on the config only (no model, no tokenizer), so the training loop calls it to
+    print the plan beside the measured peak (``training/memory.py``)."""
+    return max(stage_memories(args), key=lambda m: m.total)
+
+
+def memory_terms(m: StageMemory, runtime: bool = True) -> str:
+    """``weights + gradients + optimizer + activations [+ runtime]`` in readable units."""
+    return (f"weights {_bytes(m.weights)} + gradients {_bytes(m.gradients)} + optimizer "
+            f"{_bytes(m.optimizer)} + activations {_bytes(m.activations)}"
+            + (f" + runtime {_bytes(m.runtime)}" if runtime else ""))
+
+
+def describe_memory(m: StageMemory) -> str:
+    """``total = weights + gradients + optimizer + activations + runtime`` in readable units."""
+    return f"{_bytes(m.total)} = {memory_terms(m)}"
 
 
 def _count(n: float) -> str:
@@ -312,6 +392,9 @@ def _advice(args: RunConfig, layout: Layout, worst: StageMemory) -> list[str]:
         act.append(f"lower --micro-batch-size (now {args.micro_batch_size})")
     if layout.tp > 1 and not layout.sp:
         act.append("add --sequence-parallel")
+    if args.recompute_granularity != "full":
+        act.append("add --recompute-granularity full --recompute-method uniform "
+                   "--recompute-num-layers 1 (each layer keeps only its input)")
     act.append("raise --tensor-model-parallel-size or --context-parallel-size")
     fixes.append((worst.activations, ", ".join(act) + " to shrink the activations"))
     return [text for _, text in sorted(fixes, key=lambda item: -item[0])]
@@ -346,14 +429,11 @@ def dry_run(args: RunConfig) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    layout = Layout(world=world, tp=args.tensor_model_parallel_size,
-                    pp=args.pipeline_model_parallel_size, cp=args.context_parallel_size,
-                    ep=args.expert_model_parallel_size, dp=args.data_parallel_size,
-                    sp=bool(args.sequence_parallel))
+    layout = layout_of(args)
     micro = args.num_microbatches
     counts = model_parameters(args)
     vocab, padded = _vocab(args, layout.tp)
-    stages = [stage_memory(args, layout, micro, i) for i in range(layout.pp)]
+    stages = stage_memories(args)
     worst = max(stages, key=lambda m: m.total)
     fits = worst.total <= gpu_gib * GIB
 
@@ -414,10 +494,8 @@ def dry_run(args: RunConfig) -> int:
         lines.append(("NITP", "off (NTP baseline)"))
     for m in stages:
         label = "memory/GPU" if layout.pp == 1 else f"memory stage {m.stage}"
-        lines.append((label, f"{_bytes(m.total)} = weights {_bytes(m.weights)} + gradients "
-                             f"{_bytes(m.gradients)} + optimizer {_bytes(m.optimizer)} + activations "
-                             f"{_bytes(m.activations)} + runtime {_bytes(m.runtime)} "
-                             f"({_count(m.parameters)} parameters on this GPU"
+        lines.append((label, describe_memory(m) + f" ({_count(m.parameters)} parameters on "
+                             "this GPU"
                              + (", NITP projector included)" if m.stage == layout.pp - 1
                                 and counts["projector"] else ")")))
     verdict = "fits" if fits else "DOES NOT FIT"

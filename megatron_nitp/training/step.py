@@ -209,7 +209,7 @@ def train_step(
         metrics.update({"total loss": float("nan"), "grad norm": float("nan"), "skipped": 1.0,
                         "learning rate": optimizer.param_groups[0]["lr"], "nitp weight": weight})
         if args.num_moe_experts:
-            metrics["load balancing loss"] = load_balancing_loss(args)
+            metrics.update(router_losses(args))
         return metrics
     update_successful, grad_norm, _ = optimizer.step()
     if update_successful:
@@ -222,24 +222,49 @@ def train_step(
     metrics["nitp weight"] = weight
     metrics["skipped"] = 0.0 if update_successful else 1.0
     if args.num_moe_experts:
-        metrics["load balancing loss"] = load_balancing_loss(args)
+        metrics.update(router_losses(args))
     return metrics
 
 
-def load_balancing_loss(args) -> float:
-    """Mean over MoE layers and micro-batches of the load-balancing loss (before its
-    coefficient), reduced over pipeline and data-parallel ranks by megatron-core's tracker,
-    which has one ``[num_layers]`` tensor on every rank. Clears the tracker."""
+def router_losses(args) -> dict[str, float]:
+    """The MoE router's losses (before their coefficients), each the mean over MoE layers and
+    micro-batches, reduced over pipeline and data-parallel ranks by megatron-core's tracker,
+    which has one ``[num_layers]`` tensor per loss on every rank: the load-balancing loss
+    (megatron-core's ``load_balancing_loss``, or ``seq_load_balancing_loss`` with
+    ``--moe-router-load-balancing-type seq_aux_loss``; none with ``none``) and the z-loss with
+    ``--moe-z-loss-coeff``. Clears the tracker."""
     from megatron.core.transformer.moe.moe_utils import track_moe_metrics
 
-    name = "load_balancing_loss"
+    names = {}
+    balancing = {"aux_loss": "load_balancing_loss",
+                 "seq_aux_loss": "seq_load_balancing_loss"}.get(args.moe_router_load_balancing_type)
+    if balancing:
+        names[balancing] = "load balancing loss"
+    if args.moe_z_loss_coeff is not None:
+        names["z_loss"] = "z loss"
+    if not names:
+        return {}
+    if "z_loss" in names:
+        _average_z_loss_over_ranks()
     totals: dict = {}
     track_moe_metrics(
         loss_scale=1.0 / args.num_microbatches, iteration=0, total_loss_dict=totals,
-        force_initialize=True, track_names=[name], num_layers=args.num_layers,
+        force_initialize=True, track_names=list(names), num_layers=args.num_layers,
         moe_layer_freq=list(args.moe_layer_pattern),
     )
-    return float(totals[name])
+    return {label: float(totals[name]) for name, label in names.items()}
+
+
+def _average_z_loss_over_ranks() -> None:
+    """megatron-core < 0.19 records each rank's z-loss (the mean over its own tokens) without a
+    group to reduce it over, so the logged value was rank 0's shard; averaged over TP x CP x DP
+    (equal token counts), as megatron-core 0.19 records it, it is the micro-batch's mean."""
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    entry = get_moe_layer_wise_logging_tracker().get("z_loss")
+    if entry is not None and entry.get("avg_group") is None and entry.get("reduce_group") is None:
+        entry["avg_group"] = parallel_state.get_tensor_and_data_parallel_group(
+            with_context_parallel=True)
 
 
 @torch.no_grad()

@@ -1,0 +1,94 @@
+"""Memory you can see: per-interval peaks (``training/memory.py``) and the plan beside them."""
+
+import re
+
+import pytest
+import torch
+
+from megatron_nitp.training import memory, plan
+from megatron_nitp.training.memory import MB, MemoryMonitor, key
+from tests.helpers import tiny_args
+
+BIG_MB = 256
+
+
+def _touch_big_tensor() -> None:
+    """Allocates and fills ``BIG_MB`` MB (every page resident), then frees it."""
+    big = torch.ones(BIG_MB * MB // 4, dtype=torch.float32, device="cpu")
+    assert float(big[-1]) == 1.0
+    del big
+
+
+@pytest.mark.skipif(not memory._clear_refs_writable(), reason="/proc/self/clear_refs not writable")
+def test_cpu_peak_is_per_interval(dist):
+    """A large tensor in one interval raises that interval's peak RSS; the next interval,
+    without it, peaks lower: the reset between lines works."""
+    monitor = MemoryMonitor("proc")
+    monitor.begin()
+    rss_before = monitor.local()["rss"] / MB
+    _touch_big_tensor()
+    first = monitor.measure()
+    # what was resident at begin(), reduced with the first measure() and only with it
+    assert monitor.start_mb == pytest.approx(rss_before, rel=0.05)
+    second = monitor.measure()
+    assert monitor.start_mb == pytest.approx(rss_before, rel=0.05)
+    for figures in (first, second):
+        assert set(figures) == {key("rss"), key("max rss")}
+        assert 0 < figures[key("rss")] <= figures[key("max rss")]
+    assert first[key("max rss")] >= rss_before + 0.9 * BIG_MB
+    assert second[key("max rss")] < first[key("max rss")] - 0.5 * BIG_MB
+    assert monitor.peak_key == key("max rss")
+
+
+def test_rusage_fallback_is_labelled_since_start(dist):
+    """Where the peak cannot be reset, the figure says it is the peak since start."""
+    monitor = MemoryMonitor("rusage")
+    figures = monitor.measure()
+    assert 0 < figures[key("rss")] <= figures[key("max rss since start")]
+    parts = monitor.console(figures)
+    assert parts[0].startswith("memory (MB, max over ranks) rss: ")
+    assert parts[1].startswith("max rss since start: ")
+    assert memory.TENSORBOARD_TAGS[monitor.peak_key] == "mem-max-rss-since-start-MB"
+
+
+def test_console_parts_follow_megatron_names():
+    monitor = MemoryMonitor("cuda")  # formatting only: no CUDA call
+    figures = {key("allocated"): 1.0, key("max allocated"): 2.0, key("reserved"): 3.0,
+               key("max reserved"): 4.0}
+    assert " | ".join(monitor.console(figures)) == (
+        "memory (MB, max over ranks) allocated: 1.0 | max allocated: 2.0 | reserved: 3.0 | "
+        "max reserved: 4.0")
+    assert monitor.console({"lm loss": 1.0}) == []
+    assert memory.TENSORBOARD_TAGS[key("max allocated")] == "mem-max-allocated-MB"
+
+
+def test_planned_memory_is_the_dry_runs_largest_stage():
+    args = tiny_args("--pipeline-model-parallel-size", "2")
+    stages = plan.stage_memories(args)
+    assert len(stages) == 2
+    assert plan.planned_memory(args) == max(stages, key=lambda m: m.total)
+    layout = plan.layout_of(args)
+    assert (layout.world, layout.pp, layout.dp) == (2, 2, 1)
+
+
+def test_planned_vs_measured_line():
+    planned = plan.planned_memory(tiny_args())
+    model = planned.total - planned.runtime
+    cpu = MemoryMonitor("proc").planned_vs_measured(
+        10, {key("rss"): 500.0, key("max rss"): 1024.0}, planned)
+    assert cpu.startswith("> memory after iteration 10: peak 1.00 GiB RSS measured (max over "
+                          "ranks; the RSS includes the Python/torch runtime")
+    assert f"vs {memory.readable(model)} planned per rank by --dry-run (weights " in cpu
+    assert "runtime allowance left out on CPU" in cpu
+    assert "before the first step" not in cpu
+    on_gpu = MemoryMonitor("cuda")
+    on_gpu.start_mb = 512.0
+    gpu = on_gpu.planned_vs_measured(
+        10, {key("max allocated"): 2048.0, key("max reserved"): 3072.0}, planned, 2)
+    assert "peak 2.00 GiB allocated, 3.00 GiB reserved measured (max over ranks" in gpu
+    assert "; 512.0 MiB allocated before the first step) vs " in gpu
+    assert re.search(rf"vs {planned.total / plan.GIB:.2f} GiB planned per rank by --dry-run for "
+                     rf"pipeline stage {planned.stage}, the largest, \(weights .* \+ runtime ",
+                     gpu)
+    assert memory.readable(1.5 * plan.GIB) == "1.50 GiB"
+    assert memory.readable(3 * MB) == "3.0 MiB"
