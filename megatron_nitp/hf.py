@@ -30,7 +30,7 @@ is ours exactly: megatron-core (``moe_router_pre_softmax`` False, no scaling fac
 top-k logits and a softmax over those k; Qwen2-MoE with ``norm_topk_prob`` takes a softmax
 over all experts, its top k, and renormalizes them to sum to one: the same probabilities
 (softmax restricted to a subset and renormalized is the softmax of that subset) and the same
-experts (softmax is monotone). Other routing settings are refused (:func:`_check_moe_exportable`).
+experts (softmax is monotone). Other routing settings are refused (:func:`check_moe_exportable`).
 """
 
 from __future__ import annotations
@@ -222,7 +222,7 @@ def load_into(model, state: dict) -> None:
 
 # ------------------------------------------------------------------------------- config.json
 
-def _check_moe_exportable(model_config) -> None:
+def check_moe_exportable(model_config) -> None:
     """Refuses MoE routing Qwen2-MoE cannot reproduce (module docstring)."""
     unsupported = {
         "moe_router_pre_softmax": False, "moe_router_topk_scaling_factor": None,
