@@ -175,3 +175,20 @@ def test_vocabulary_needs_no_padding_where_tp_divides_it():
     for vocab, tp in ((151936, 1), (151936, 2), (151936, 8), (32000, 4), (4096, 2)):
         assert padded_vocab(vocab, vocab_divisor(vocab, tp), tp) == vocab
     assert vocab_divisor(32001, 1) == 1
+
+
+def test_rope_base_and_norm_epsilon_are_compared_when_the_checkpoint_stores_them():
+    """An imported Qwen2 (RoPE base 1e6) loaded without --rotary-base would run with another
+    rotation: refused. Checkpoints saved before these fields were stored still load."""
+    from megatron_nitp.training.checkpointing import CheckpointError, check_compatible, model_meta
+    from tests.helpers import tiny_args
+
+    args = tiny_args()
+    meta = {"model": model_meta(args), "nitp": dict(args.nitp_config.__dict__)}
+    assert check_compatible(meta, args) == []
+    older = {**meta, "model": {k: v for k, v in meta["model"].items()
+                               if k not in ("rotary_base", "norm_epsilon")}}
+    assert check_compatible(older, args) == []
+    changed = {**meta, "model": {**meta["model"], "rotary_base": 1000000}}
+    with pytest.raises(CheckpointError, match="model.rotary_base: checkpoint 1000000, this run"):
+        check_compatible(changed, args)
