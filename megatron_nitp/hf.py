@@ -134,7 +134,8 @@ def rules(args) -> list[Rule]:
         experts = [p + f"mlp.experts.local_experts.{j}." for j in range(args.num_moe_experts)]
         out += [
             Rule((p + "mlp.router.weight",), (hf + "mlp.gate.weight",)),
-            _stack_rule([e + "linear_fc1.weight" for e in experts], hf + "mlp.experts.gate_up_proj"),
+            _stack_rule([e + "linear_fc1.weight" for e in experts],
+                        hf + "mlp.experts.gate_up_proj"),
             _stack_rule([e + "linear_fc2.weight" for e in experts], hf + "mlp.experts.down_proj"),
         ]
         if args.moe_shared_expert_intermediate_size:
@@ -154,18 +155,18 @@ def rules(args) -> list[Rule]:
     return out
 
 
+def canonical_name(key: str) -> str:
+    """A parameter's local-spec name (Transformer Engine's fused norm names translated)."""
+    for te, local in _TE_NORMS.items():
+        if key.endswith(te):
+            return key[: -len(te)] + local
+    return key
+
+
 def canonical_names(state: dict) -> dict:
-    """A model state dict with Transformer Engine's fused norm names as the local spec's and
-    without ``_extra_state`` entries."""
-    out = {}
-    for key, value in state.items():
-        if key.endswith("_extra_state") or value is None:
-            continue
-        for te, local in _TE_NORMS.items():
-            if key.endswith(te):
-                key = key[: -len(te)] + local
-        out[key] = value
-    return out
+    """A model state dict under local-spec names, without ``_extra_state`` entries."""
+    return {canonical_name(k): v for k, v in state.items()
+            if not k.endswith("_extra_state") and v is not None}
 
 
 def to_hf(model, args) -> dict[str, torch.Tensor]:
@@ -196,10 +197,7 @@ def load_into(model, state: dict) -> None:
     embedding and output rows past the checkpoint's are set to zero. Every decoder parameter
     must be covered (the NITP projector and MTP blocks keep their initialization)."""
     params = dict(model.named_parameters())
-    local = {}
-    for name in params:
-        canon = next(iter(canonical_names({name: 0})))
-        local[canon] = name
+    local = {canonical_name(name): name for name in params}
     for key, value in state.items():
         if key not in local:
             raise HFFormatError(f"our model has no tensor {key} (mapping and model disagree)")
@@ -224,12 +222,12 @@ def load_into(model, state: dict) -> None:
 
 def check_moe_exportable(model_config) -> None:
     """Refuses MoE routing Qwen2-MoE cannot reproduce (module docstring)."""
-    unsupported = {
+    required = {
         "moe_router_pre_softmax": False, "moe_router_topk_scaling_factor": None,
         "moe_router_score_function": "softmax", "moe_router_enable_expert_bias": False,
         "moe_shared_expert_gate": False, "moe_router_num_groups": None,
     }
-    for name, expected in unsupported.items():
+    for name, expected in required.items():
         value = getattr(model_config, name, expected)
         if value != expected:
             raise HFFormatError(f"Qwen2-MoE export: {name}={value!r} is not representable "

@@ -33,6 +33,10 @@ def main(argv=None):
     except (HFFormatError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}")
     print(f"> imported {args.hf} -> {path} (iteration 0, NITP projector freshly initialized)")
+    if config.padded_vocab_size > config.vocab_size:
+        print(f"> vocabulary {config.vocab_size} padded to {config.padded_vocab_size} rows "
+              "(zeros; TP does not divide it): never targets, they add to the softmax's sum "
+              "until trained down")
     print("> continue pretraining with:\n  python pretrain_gpt_nitp.py --load "
           f"{shlex.quote(args.save)} --finetune {shlex.join(continue_flags(config) + flags)} ...")
 
