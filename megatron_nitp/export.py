@@ -1,15 +1,10 @@
-"""Export a trained NITP model as a Hugging Face Llama / Qwen2 checkpoint, without the projector.
+"""Export a trained NITP model as a Hugging Face checkpoint, without the projector, with its
+tokenizer.
 
 The NITP projector is used in training only, so the exported model is the plain decoder: the
-same parameters as the NTP baseline. Tensor layouts translated from megatron-core:
-
-- ``linear_qkv.weight`` ``[groups * (q_per_group + 2) * head_dim, h]`` is grouped by key/value
-  head: for each group, its query heads, then its key, then its value. Split into
-  ``q_proj`` ``[heads * head_dim, h]``, ``k_proj`` and ``v_proj`` ``[groups * head_dim, h]``
-  (the same for the bias of Qwen2).
-- ``linear_fc1.weight`` ``[2 * ffn, h]`` is ``[gate; up]`` (SwiGLU): ``gate_proj``, ``up_proj``.
-- norms: the local spec's ``input_layernorm`` / ``pre_mlp_layernorm``, or TE's fused
-  ``layer_norm_weight`` on the following linear.
+same parameters as the NTP baseline. Dense models become ``LlamaForCausalLM`` (``Qwen2ForCausalLM``
+with QKV bias), the MoE presets ``Qwen2MoeForCausalLM``; the weight layouts, and why these
+architectures, are in ``megatron_nitp/hf.py`` (the same mapping imports).
 """
 
 from __future__ import annotations
@@ -17,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 
-import torch
+from megatron_nitp.hf import hf_config, to_hf  # noqa: F401  (hf_config: this module's API)
 
 
 def load_checkpoint_model(checkpoint_root: str):
@@ -30,9 +25,6 @@ def load_checkpoint_model(checkpoint_root: str):
     from megatron_nitp.training.model import build_model
 
     meta = read_meta(find_checkpoint(checkpoint_root))
-    if meta["model"].get("num_moe_experts"):
-        raise SystemExit("error: Hugging Face export supports dense models only (this "
-                         "checkpoint is a mixture-of-experts model).")
     config = config_from_meta(meta)
     initialize_distributed()
     set_seed(0)
@@ -45,85 +37,36 @@ def export_checkpoint(checkpoint_root: str, out_dir: str, keep_projector: bool =
                       ) -> tuple[list[str], int]:
     """A checkpoint (any layout) as a Hugging Face model folder with its tokenizer: (files
     written, parameters exported). ``tools/export_checkpoint.py`` and the lm-eval bridge."""
-    import shutil
-
     model, config = load_checkpoint_model(checkpoint_root)
     written = export_hf(model, config, out_dir, keep_projector=keep_projector)
     if config.tokenizer_model and os.path.exists(config.tokenizer_model):
-        shutil.copy(config.tokenizer_model, os.path.join(out_dir, "tokenizer.model"))
-        written.append("tokenizer.model")
+        written += export_tokenizer(config.tokenizer_model, out_dir)
     total = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("projector."))
     return written, total
 
 
-def _get(state: dict, *names: str) -> torch.Tensor:
-    for name in names:
-        if name in state and state[name] is not None:
-            return state[name]
-    raise KeyError(f"none of {names} in the model state")
+def export_tokenizer(tokenizer_model: str, out_dir: str) -> list[str]:
+    """The run's tokenizer as a transformers tokenizer in ``out_dir``, so that
+    ``AutoTokenizer.from_pretrained(out_dir)`` (and lm-eval's own ``hf`` model) encodes as
+    training did. The SentencePiece ``.model`` is copied as ``tokenizer.model`` and converted by
+    ``LlamaTokenizer`` (its BPE pieces, byte fallback and "▁" prefix) into ``tokenizer.json``,
+    adding no BOS/EOS (our documents have none but the EOD between them), with our unk/bos/eos/
+    pad pieces. Returns the names of the files written."""
+    import shutil
 
+    import sentencepiece
+    import transformers
 
-def hf_config(args) -> dict:
-    """config.json of the equivalent ``LlamaForCausalLM`` (or ``Qwen2ForCausalLM`` with QKV
-    bias)."""
-    head_dim = args.kv_channels or args.hidden_size // args.num_attention_heads
-    qwen = bool(args.add_qkv_bias)
-    config = {
-        "architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
-        "model_type": "qwen2" if qwen else "llama",
-        "hidden_size": args.hidden_size,
-        "intermediate_size": args.ffn_hidden_size,
-        "num_hidden_layers": args.num_layers,
-        "num_attention_heads": args.num_attention_heads,
-        "num_key_value_heads": args.num_query_groups,
-        "head_dim": head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": args.max_position_embeddings,
-        "rms_norm_eps": args.norm_epsilon,
-        "rope_theta": float(args.rotary_base),
-        "rope_parameters": {"rope_type": "default", "rope_theta": float(args.rotary_base)},
-        "vocab_size": args.padded_vocab_size,
-        "tie_word_embeddings": not args.untie_embeddings_and_output_weights,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "torch_dtype": "float32",
-    }
-    return config
-
-
-def hf_state_dict(model, args) -> dict[str, torch.Tensor]:
-    """The decoder's weights under Hugging Face Llama/Qwen2 names (no projector)."""
-    state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    heads, groups = args.num_attention_heads, args.num_query_groups
-    head_dim = args.kv_channels or args.hidden_size // heads
-    per_group = heads // groups
-    out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"]}
-    for i in range(args.num_layers):
-        p = f"decoder.layers.{i}."
-        hf = f"model.layers.{i}."
-        out[hf + "input_layernorm.weight"] = _get(
-            state, p + "input_layernorm.weight", p + "self_attention.linear_qkv.layer_norm_weight")
-        qkv = state[p + "self_attention.linear_qkv.weight"].view(
-            groups, per_group + 2, head_dim, args.hidden_size)
-        out[hf + "self_attn.q_proj.weight"] = qkv[:, :per_group].reshape(-1, args.hidden_size)
-        out[hf + "self_attn.k_proj.weight"] = qkv[:, per_group].reshape(-1, args.hidden_size)
-        out[hf + "self_attn.v_proj.weight"] = qkv[:, per_group + 1].reshape(-1, args.hidden_size)
-        if args.add_qkv_bias:
-            bias = state[p + "self_attention.linear_qkv.bias"].view(groups, per_group + 2, head_dim)
-            out[hf + "self_attn.q_proj.bias"] = bias[:, :per_group].reshape(-1)
-            out[hf + "self_attn.k_proj.bias"] = bias[:, per_group].reshape(-1)
-            out[hf + "self_attn.v_proj.bias"] = bias[:, per_group + 1].reshape(-1)
-        out[hf + "self_attn.o_proj.weight"] = state[p + "self_attention.linear_proj.weight"]
-        out[hf + "post_attention_layernorm.weight"] = _get(
-            state, p + "pre_mlp_layernorm.weight", p + "mlp.linear_fc1.layer_norm_weight")
-        gate, up = state[p + "mlp.linear_fc1.weight"].chunk(2, dim=0)
-        out[hf + "mlp.gate_proj.weight"] = gate
-        out[hf + "mlp.up_proj.weight"] = up
-        out[hf + "mlp.down_proj.weight"] = state[p + "mlp.linear_fc2.weight"]
-    out["model.norm.weight"] = state["decoder.final_layernorm.weight"]
-    if args.untie_embeddings_and_output_weights:
-        out["lm_head.weight"] = state["output_layer.weight"]
-    return {k: v.detach().float().contiguous().clone() for k, v in out.items()}
+    shutil.copy(tokenizer_model, os.path.join(out_dir, "tokenizer.model"))
+    sp = sentencepiece.SentencePieceProcessor()
+    sp.Load(tokenizer_model)
+    special = {name: sp.IdToPiece(i) for name, i in (
+        ("unk_token", sp.unk_id()), ("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()),
+        ("pad_token", sp.pad_id())) if i >= 0}
+    tokenizer = transformers.LlamaTokenizer.from_pretrained(
+        out_dir, add_bos_token=False, add_eos_token=False, legacy=False, **special)
+    saved = {os.path.basename(f) for f in tokenizer.save_pretrained(out_dir)}
+    return ["tokenizer.model"] + sorted(saved - {"tokenizer.model"})
 
 
 def export_hf(model, args, out_dir: str, keep_projector: bool = False) -> list[str]:
@@ -131,15 +74,16 @@ def export_hf(model, args, out_dir: str, keep_projector: bool = False) -> list[s
     projector apart in ``nitp_projector.safetensors`` + ``nitp_projector.json``)."""
     from safetensors.torch import save_file
 
+    from megatron_nitp.hf import check_moe_exportable
+
     if getattr(args, "num_moe_experts", None):
-        raise ValueError("Hugging Face export supports the dense presets' block type only; "
-                         "this checkpoint is a mixture-of-experts model.")
+        check_moe_exportable(model.config)
     os.makedirs(out_dir, exist_ok=True)
     written = []
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_config(args), f, indent=2)
     written.append("config.json")
-    save_file(hf_state_dict(model, args), os.path.join(out_dir, "model.safetensors"),
+    save_file(to_hf(model, args), os.path.join(out_dir, "model.safetensors"),
               metadata={"format": "pt"})
     written.append("model.safetensors")
     if keep_projector and model.projector is not None:

@@ -39,7 +39,9 @@ MODEL_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_he
                "num_query_groups", "kv_channels", "padded_vocab_size",
                "untie_embeddings_and_output_weights", "add_qkv_bias", "num_moe_experts",
                "moe_router_topk", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
-               "moe_layer_pattern", "mtp_num_layers")
+               "moe_layer_pattern", "mtp_num_layers", "rotary_base", "norm_epsilon")
+#: model flags added to MODEL_FLAGS later: compared only when the checkpoint stores them
+LATER_MODEL_FLAGS = ("rotary_base", "norm_epsilon")
 
 
 class CheckpointError(RuntimeError):
@@ -114,9 +116,12 @@ def _sharded_state(model, optimizer, is_loading: bool) -> dict:
 
 
 def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args,
-                    consumed_samples: int = 0, keep_last: int | None = None) -> str:
+                    consumed_samples: int = 0, keep_last: int | None = None,
+                    imported_from: str | None = None) -> str:
     """Writes a complete checkpoint of ``iteration`` and then moves the tracker to it (the
-    ``crash-in-save`` test fault stops the process in between: ``training/faults.py``)."""
+    ``crash-in-save`` test fault stops the process in between: ``training/faults.py``).
+    ``imported_from`` (``megatron_nitp/hf.py``): a weights-only checkpoint converted from that
+    Hugging Face folder, without optimizer and scheduler (loadable with ``--finetune`` only)."""
     path = checkpoint_dir(root, iteration)
     rank = torch.distributed.get_rank()
     if rank == 0:
@@ -127,7 +132,8 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args
         os.makedirs(path)
     torch.distributed.barrier()
     state = _sharded_state(model, optimizer, is_loading=False)
-    state["scheduler"] = scheduler.state_dict()
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
     dist_checkpointing.save(state, path)
     # the per-rank RNG states after the shards (still before the manifest and the tracker)
     os.makedirs(os.path.join(path, "rng"), exist_ok=True)
@@ -153,6 +159,8 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args
                 "seq_length", "max_position_embeddings", "rotary_base", "norm_epsilon",
                 "vocab_size", "tokenizer_model", "moe_layer_freq")},
         }
+        if imported_from:
+            meta["imported_from"] = imported_from
         with open(os.path.join(path, META), "w") as f:
             json.dump(meta, f, indent=2)
         manifest = {rel: {"bytes": os.path.getsize(os.path.join(path, rel)),
@@ -249,6 +257,8 @@ def check_compatible(meta: dict, args, override: bool = False,
         if weights_only and section == "nitp":
             keys &= set(SHAPE_NITP_FIELDS)
         for key in sorted(keys):
+            if section == "model" and key in LATER_MODEL_FLAGS and key not in meta.get("model", {}):
+                continue
             saved, current = meta.get(section, {}).get(key), ours[section].get(key)
             if isinstance(current, tuple):
                 current = list(current)
@@ -330,6 +340,10 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, args=None,
     """
     path = find_checkpoint(root, fallback)
     meta = read_meta(path)
+    if meta.get("imported_from") and not weights_only and optimizer is not None:
+        raise CheckpointError(
+            f"{path} was imported from {meta['imported_from']} (weights only: no optimizer, "
+            "scheduler or data position to resume): load it with --finetune.")
     if args is not None:
         check_compatible(meta, args, override, weights_only)
     if optimizer is not None and not weights_only and args is not None and args.use_distributed_optimizer:

@@ -143,6 +143,8 @@ class Run:
     train_iter: object
     valid_iter: object
     start_iteration: int = 0
+    loaded: dict | None = None
+    """the meta data (nitp.json) of the checkpoint ``--load`` read"""
 
 
 def setup(args: RunConfig) -> Run:
@@ -181,7 +183,7 @@ def setup(args: RunConfig) -> Run:
     config.no_sync_func = model.no_sync
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss if args.fp16 else None
-    start = 0
+    start, meta = 0, None
     if args.load:
         try:
             meta = load_checkpoint(args.load, model, optimizer, scheduler, args,
@@ -192,7 +194,7 @@ def setup(args: RunConfig) -> Run:
         if not args.finetune:
             start = meta["iteration"]
             train_iter.consumed_samples = meta["consumed_samples"]
-    return Run(args, model, optimizer, scheduler, tokenizer, train_iter, valid_iter, start)
+    return Run(args, model, optimizer, scheduler, tokenizer, train_iter, valid_iter, start, meta)
 
 
 EXIT_PREEMPTED = 75  # SIGTERM: a checkpoint was written; requeue the job to resume
@@ -278,6 +280,13 @@ def pretrain(args: RunConfig) -> dict:
     if is_logging_rank():
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump(args.to_dict(), f, indent=1)
+    if args.load and args.finetune:
+        source = run.loaded.get("imported_from")
+        logger.print(f"> --finetune: weights of {args.load} (saved at iteration "
+                     f"{run.loaded['iteration']}"
+                     + (f", imported from Hugging Face {source}" if source else "")
+                     + "); training starts at iteration 0 with a fresh optimizer, schedule and "
+                     "data position")
     if run.start_iteration:
         logger.print(f"> resumed from {args.load} at iteration {run.start_iteration} "
                      f"({train_iter.consumed_samples} samples consumed)")
