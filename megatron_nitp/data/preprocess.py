@@ -295,17 +295,19 @@ def _tokenize_partitions(input_files, keys, tokenizer_type, tokenizer_model, dat
             sender.close()
             processes.append((process, receiver))
         result = PreprocessResult(data_prefixes=dict(zip(keys, data_prefixes)))
-        outcomes = []
+        # In partition order, so that the error raised is the first in input order, as in a
+        # single run; the later partitions are then stopped (finally) rather than awaited.
         for process, receiver in processes:
             try:
-                outcomes.append(receiver.recv())
+                status, value = receiver.recv()
             except EOFError:
                 process.join()
-                outcomes.append(("error", RuntimeError(
+                raise RuntimeError(
                     f"a partition process died (exit code {process.exitcode}); out of memory? "
-                    "try fewer --partitions or --workers")))
+                    "try fewer --partitions or --workers") from None
+            finally:
+                receiver.close()
             process.join()
-        for status, value in outcomes:
             if status == "error":
                 raise value
             result.add(value)
