@@ -125,7 +125,7 @@ def test_tokenizer_missing_or_corrupt_file(tmp_path):
 
 
 def test_indexed_dataset_round_trip(corpus, tokenizer):
-    assert os.path.basename(corpus["prefix"]) == "docs_text_document"
+    assert os.path.basename(corpus["prefix"]) == "docs_content_document"
     dataset = IndexedDataset(corpus["prefix"])
     assert len(dataset.document_indices) - 1 == len(corpus["documents"])
     for i, document in enumerate(corpus["documents"]):
@@ -293,7 +293,8 @@ def test_command_line_tools(tmp_path, corpus):
         out, err = process.communicate(timeout=120)
         assert process.returncode == 0, err
     assert (tmp_path / "cli_tok.model").is_file()
-    with open(corpus["prefix"] + ".bin", "rb") as a, open(tmp_path / "cli_text_document.bin", "rb") as b:
+    cli_bin = tmp_path / "cli_content_document.bin"
+    with open(corpus["prefix"] + ".bin", "rb") as a, open(cli_bin, "rb") as b:
         assert a.read() == b.read()
     assert f"{len(corpus['documents'])} documents" in out
 

@@ -7,7 +7,7 @@ matching scripts in `tools/`).
 
 from megatron_nitp.data.corpus import prepare_default_corpus
 from megatron_nitp.data.datasets import MicroBatchIterator, build_datasets, check_data_prefixes
-from megatron_nitp.data.preprocess import preprocess
+from megatron_nitp.data.preprocess import merge_datasets, preprocess, preprocess_corpus
 from megatron_nitp.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
 __all__ = [
@@ -15,7 +15,9 @@ __all__ = [
     "SentencePieceTokenizer",
     "build_datasets",
     "check_data_prefixes",
+    "merge_datasets",
     "prepare_default_corpus",
     "preprocess",
+    "preprocess_corpus",
     "train_sentencepiece",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import os
 from typing import Sequence
 
@@ -52,13 +53,15 @@ def check_data_prefixes(prefixes: Sequence[str]) -> None:
             if os.path.isfile(path) and os.access(path, os.R_OK):
                 continue
             hint = ""
-            if os.path.isfile(prefix + "_text_document.idx"):
-                hint = f" Did you mean the data prefix {prefix}_text_document?"
+            candidates = sorted(glob.glob(glob.escape(prefix) + "_*_document.idx"))
+            if candidates:
+                hint = f" Did you mean the data prefix {candidates[0][:-len('.idx')]}?"
             raise FileNotFoundError(
                 f"dataset file missing or unreadable: {path} (data prefix {prefix!r}).{hint} "
                 "Create it with `python tools/preprocess_data.py --input FILE... "
                 "--tokenizer-model MODEL --output-prefix OUT`, which writes "
-                "OUT_text_document.bin/.idx; pass OUT_text_document as the data prefix."
+                "OUT_text_document.bin/.idx (OUT_<key>_document for --json-keys <key>); "
+                "pass OUT_text_document as the data prefix."
             )
 
 

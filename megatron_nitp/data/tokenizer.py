@@ -10,11 +10,12 @@ from EOD so megatron-core never confuses real EOD tokens with padding.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 from typing import Iterable, Iterator
 
 import sentencepiece
+
+from megatron_nitp.data import readers
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 
@@ -22,58 +23,36 @@ _MAX_SENTENCE_CHARS = 4096
 
 
 def iter_documents(input_files: Iterable[str], json_key: str = "text") -> Iterator[str]:
-    """Yields the documents of plain text and JSON-lines files, in file order.
+    """Yields the documents of the input files, in file order.
 
-    A `.jsonl`/`.json` file holds one JSON object per line and each line is one document,
-    taken from `json_key`. Any other file is plain text where documents are separated by one
-    or more blank lines, so a text file with no blank lines is a single document.
+    The formats are those of `readers`: JSON lines (optionally gzipped; the text is under
+    `json_key`), Parquet (the `json_key` column) and plain text, where documents are separated
+    by one or more blank lines, so a text file with no blank lines is a single document.
+    Empty documents are left out.
 
     Args:
         input_files: Paths of the files to read.
-        json_key: Key of the document text in JSON-lines records.
+        json_key: Key (Parquet: column) of the document text.
 
     Yields:
         The text of each non-empty document.
 
     Raises:
         FileNotFoundError: If an input file does not exist.
-        ValueError: If a JSON line is malformed or lacks `json_key`.
+        ValueError: If a record is malformed or lacks `json_key`; the message names its file
+            and line.
     """
+    input_files = list(input_files)
+    keys = (json_key,)
+    readers.check_inputs(input_files, keys)
     for path in input_files:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"input file not found: {path}")
-        if path.endswith((".jsonl", ".json")):
-            yield from _iter_jsonl(path, json_key)
-        else:
-            yield from _iter_text_blocks(path)
-
-
-def _iter_jsonl(path: str, json_key: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)[json_key]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(
-                    f"{path}:{line_number}: expected a JSON object with key {json_key!r} ({err})"
-                ) from err
-            if text:
-                yield text
-
-
-def _iter_text_blocks(path: str) -> Iterator[str]:
-    block: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                block.append(line)
-            elif block:
-                yield "".join(block).rstrip("\n")
-                block = []
-    if block:
-        yield "".join(block).rstrip("\n")
+        fmt = readers.input_format(path)
+        for line_number, raw in readers.iter_records(path, keys):
+            texts = readers.decode_record(fmt, raw, keys)
+            if isinstance(texts, str):
+                raise ValueError(f"{readers.location(path, fmt, line_number)}: {texts}")
+            if texts[0]:
+                yield texts[0]
 
 
 def _training_sentences(documents: Iterable[str]) -> Iterator[str]:
@@ -250,3 +229,28 @@ class SentencePieceTokenizer:
         processor.LoadFromSerializedProto(state["_processor"])
         state["_processor"] = processor
         self.__dict__.update(state)
+
+
+TOKENIZER_TYPES = ("SentencePieceTokenizer",)
+
+
+def build_tokenizer(tokenizer_type: str, tokenizer_model: str, vocab_size: int | None = None):
+    """The one place a tokenizer is constructed from its type and model file.
+
+    Preprocessing workers and training both go through here, so a new tokenizer type is
+    added once and every tool accepts it.
+
+    Args:
+        tokenizer_type: One of `TOKENIZER_TYPES`.
+        tokenizer_model: Path of the tokenizer's model file.
+        vocab_size: The vocabulary size of tokenizers that have no model file; a SentencePiece
+            model carries its own, so it is not used.
+
+    Raises:
+        ValueError: If `tokenizer_type` is not supported.
+    """
+    if tokenizer_type == "SentencePieceTokenizer":
+        return SentencePieceTokenizer(tokenizer_model)
+    raise ValueError(
+        f"unsupported tokenizer type {tokenizer_type!r}; supported: {', '.join(TOKENIZER_TYPES)}"
+    )
