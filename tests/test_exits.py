@@ -112,8 +112,14 @@ def _launch_ranks(run_dir, flags, world=2):
                         MASTER_ADDR="127.0.0.1", MASTER_PORT=port, PYTHONPATH=ROOT)
         out = open(f"{run_dir}.rank{rank}.out", "w")
         group = procs[0].pid if procs else 0  # rank 0 leads a new group, the others join
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out,
-                                      stderr=subprocess.STDOUT, text=True, process_group=group))
+        try:
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out,
+                                          stderr=subprocess.STDOUT, text=True,
+                                          process_group=group))
+        except OSError:
+            for proc in procs:
+                kill_group(proc)
+            raise
     return procs
 
 
