@@ -342,6 +342,9 @@ def _pretrain(args: RunConfig) -> dict:
                              f"{path}; exiting with code {code} (resume with --load "
                              f"{save_dir})")
                 logger.close()
+                # rank 0 has logged before any rank leaves: srun --kill-on-bad-exit ends the
+                # others as soon as one exits with this non-zero code
+                _barrier()
                 raise SystemExit(code)
     finally:
         exits.restore()
