@@ -29,7 +29,7 @@ from collections import defaultdict
 
 import torch
 
-from megatron_nitp.device import device, has_cuda
+from megatron_nitp.device import device, has_cuda, synchronize
 
 DATA = "data loading"
 FORWARD_BACKWARD = "forward-backward"
@@ -64,7 +64,7 @@ class Timers:
 
     def _sync(self) -> None:
         if self.synchronize:
-            torch.cuda.synchronize()
+            synchronize()
 
     @contextlib.contextmanager
     def phase(self, name: str):
