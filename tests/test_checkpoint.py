@@ -134,7 +134,8 @@ def test_sigterm_writes_a_checkpoint_and_exits_75(uninterrupted, tmp_path):
     root, full = uninterrupted
     run = tmp_path / "term"
     proc = _run(run, "--train-iters", "6", fault="sigterm@3", expect=75)
-    assert "SIGTERM: saved checkpoint" in proc.stdout
+    assert "> exit after iteration 3: SIGTERM (on this or another rank); saved checkpoint" \
+        in proc.stdout
     assert _latest(run / "checkpoints") == 3
     _run(tmp_path / "after-term", "--train-iters", "6", "--load", str(run / "checkpoints"),
          "--no-save")

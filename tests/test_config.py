@@ -33,6 +33,9 @@ MEGATRON_LM_FLAGS = {
     "--distributed-backend", "--transformer-impl", "--distributed-timeout-minutes",
     "--eval-interval", "--eval-iters", "--log-interval", "--log-throughput", "--tensorboard-dir",
     "--save", "--save-interval", "--load", "--finetune",
+    "--exit-duration-in-mins", "--exit-interval", "--exit-signal-handler", "--exit-signal",
+    "--wandb-project", "--wandb-exp-name", "--wandb-save-dir", "--log-memory-to-tensorboard",
+    "--timing-log-level", "--log-straggler",
 }
 
 TINY = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",

@@ -168,8 +168,9 @@ def test_geometry_is_logged_and_the_run_folder_is_complete(dist, tmp_path):
 
 def test_memory_is_logged_per_interval_with_the_plan_once(dist, tmp_path, capsys):
     """Each console line carries the interval's memory (max over ranks), the history and
-    TensorBoard keep it at the logging iterations, the summary its peak, and --dry-run's
-    estimate is printed beside the measured peak once, after the first line."""
+    TensorBoard (with --log-memory-to-tensorboard) keep it at the logging iterations, the
+    summary its peak, and --dry-run's estimate is printed beside the measured peak once, after
+    the first line."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from megatron_nitp.training.memory import TENSORBOARD_TAGS, MemoryMonitor, key
@@ -181,7 +182,7 @@ def test_memory_is_logged_per_interval_with_the_plan_once(dist, tmp_path, capsys
         "--micro-batch-size", "2", "--global-batch-size", "4", "--nitp-target-layer", "1",
         "--train-iters", "4", "--lr-warmup-iters", "0", "--log-interval", "2",
         "--eval-interval", "0", "--no-save", "--no-plot", "--no-progress-bar",
-        "--geometry-interval", "0", "--run-dir", str(run_dir)]))
+        "--geometry-interval", "0", "--log-memory-to-tensorboard", "--run-dir", str(run_dir)]))
     out = capsys.readouterr().out
     peak_key = MemoryMonitor().peak_key  # CPU: the peak RSS of the interval
     with open(run_dir / "summary.json") as f:

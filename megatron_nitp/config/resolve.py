@@ -106,6 +106,7 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(str(err)) from None
     if t.bf16 and t.fp16:
         raise ConfigError("--bf16 and --fp16 are exclusive: choose one.")
+    _validate_exit(config)
     if m.num_attention_heads % m.num_query_groups:
         raise ConfigError(
             f"--num-attention-heads {m.num_attention_heads} is not divisible by "
@@ -163,6 +164,22 @@ def validate(config: RunConfig) -> None:
             f"WSD: warm-up ({warmup}) + decay ({wsd}) iterations exceed --lr-decay-iters "
             f"{decay}; lower --lr-warmup-iters or --lr-wsd-decay-ratio."
         )
+
+
+def _validate_exit(config: RunConfig) -> None:
+    t = config.training
+    if t.exit_duration_in_mins is not None and t.exit_duration_in_mins <= 0:
+        raise ConfigError(f"--exit-duration-in-mins {t.exit_duration_in_mins} must be > 0 (omit "
+                          "it to train until --train-iters).")
+    if t.exit_interval is not None and t.exit_interval <= 0:
+        raise ConfigError(f"--exit-interval {t.exit_interval} must be > 0 (omit it to train "
+                          "until --train-iters).")
+    from megatron_nitp.training.exits import signal_number
+
+    try:
+        signal_number(t.exit_signal)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _validate_performance(config: RunConfig) -> None:

@@ -167,6 +167,18 @@ class TrainingConfig:
     nan_policy: str = flag("skip", choices=("skip", "stop"))
     """a NaN/Inf loss or gradient: skip the step (and count it) or stop after writing
     diagnostics; the weights are never updated with it"""
+    exit_duration_in_mins: Optional[float] = None
+    """stop after this many minutes of wall-clock time since start (decided by all ranks
+    together after a step), write a checkpoint and exit with code 76; set it below the job's
+    time limit by the time a checkpoint takes"""
+    exit_interval: Optional[int] = None
+    """stop after every iteration that is a multiple of N, write a checkpoint and exit with
+    code 77"""
+    exit_signal_handler: bool = flag(True, negative="--no-exit-signal-handler")
+    """on --exit-signal (and SIGTERM) finish the step, write a checkpoint and exit with code 75
+    (SLURM: #SBATCH --signal=B:USR1@600 and --exit-signal SIGUSR1)"""
+    exit_signal: str = "SIGTERM"
+    """the signal --exit-signal-handler catches besides SIGTERM, by name (SIGUSR1, USR1, ...)"""
 
 
 @dataclass(frozen=True)
@@ -322,6 +334,24 @@ class LoggingConfig:
     """plot the curves to <run-dir>/training.png"""
     progress_bar: bool = flag(True, name="", negative="--no-progress-bar")
     """a progress bar between log lines"""
+    log_memory_to_tensorboard: bool = False
+    """write the memory figures of each console line to TensorBoard (mem-* tags; the console
+    and the history keep them either way)"""
+    timing_log_level: int = flag(0, choices=(0, 1, 2))
+    """per-phase times on the console line and TensorBoard, ms per iteration, max over ranks:
+    0 none, 1 data loading, forward-backward and optimizer, 2 also the NITP routing wait and
+    the gradient reduction"""
+    log_straggler: bool = False
+    """each console line names the fastest and slowest rank by compute time (forward-backward
+    less the gradient reduction and the NITP routing wait) and the spread; one gather per
+    line"""
+    wandb_project: Optional[str] = None
+    """log the TensorBoard scalars to this Weights & Biases project too (needs the wandb
+    package; WANDB_MODE=offline works without a network)"""
+    wandb_exp_name: Optional[str] = None
+    """the W&B run name (default: the run folder's name)"""
+    wandb_save_dir: Optional[str] = None
+    """where W&B writes its files (default: <run-dir>/wandb)"""
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_nitp.device import device
+from megatron_nitp.training.initialize import distributed_timeout
+from megatron_nitp.training.timers import ROUTING_WAIT, TIMERS
 
 _GROUP = None
 
@@ -176,7 +178,9 @@ def routed_bytes_per_step(
 
 def routing_group():
     """A copy of this rank's pipeline group, created collectively once (every rank joins every
-    group's creation, in the same order, as ``new_group`` requires)."""
+    group's creation, in the same order, as ``new_group`` requires), with the
+    ``--distributed-timeout-minutes`` of the other groups: a stage that never sends fails the
+    receiving stage with an error instead of hanging it for the backend's default."""
     global _GROUP
     if _GROUP is None:
         pipeline_ranks = dist.get_process_group_ranks(
@@ -184,8 +188,9 @@ def routing_group():
         )
         every = [None] * dist.get_world_size()
         dist.all_gather_object(every, tuple(pipeline_ranks))
+        timeout = distributed_timeout()  # --distributed-timeout-minutes, as every group
         for ranks in sorted(set(every)):
-            group = dist.new_group(list(ranks))
+            group = dist.new_group(list(ranks), timeout=timeout)
             if dist.get_rank() in ranks:
                 _GROUP = group
     return _GROUP
@@ -324,15 +329,18 @@ class TargetRouter:
     def recv(self, like: torch.Tensor) -> torch.Tensor:
         """Blocking receive of the next micro-batch's ``[L, b, h]`` target, shaped like ``like``
         (last stage): the whole of it, or, split over TP, this rank's ``[ceil(L/tp), b, h]``
-        share followed by an all-gather of the shares over the TP group (trimmed to L rows)."""
+        share followed by an all-gather of the shares over the TP group (trimmed to L rows).
+        The receive is timed as the NITP routing wait (``--timing-log-level 2``)."""
         if self.tp_split == 1:
             buffer = torch.empty(like.shape, dtype=like.dtype, device=device())
-            dist.recv(buffer, self.source, group=self.group)
+            with TIMERS.phase(ROUTING_WAIT):
+                dist.recv(buffer, self.source, group=self.group)
             return buffer
         rows, rest = like.shape[0], tuple(like.shape[1:])
         chunk = routed_rows(rows, self.tp_split, False)
         share = torch.empty((chunk, *rest), dtype=like.dtype, device=device())
-        dist.recv(share, self.source, group=self.group)
+        with TIMERS.phase(ROUTING_WAIT):
+            dist.recv(share, self.source, group=self.group)
         full = torch.empty((chunk * self.tp_split, *rest), dtype=like.dtype, device=device())
         # torch >= 2.13 names it all_gather_single (all_gather_into_tensor is deprecated there)
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor

@@ -24,6 +24,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+#: --distributed-timeout-minutes of this process's groups (set by initialize_distributed)
+_TIMEOUT_MINUTES = 10
+
+
+def distributed_timeout() -> datetime.timedelta:
+    """The collective timeout of the groups created after initialization (the NITP routing
+    group), the same as the default group's and megatron-core's."""
+    return datetime.timedelta(minutes=_TIMEOUT_MINUTES)
+
+
 def initialize_distributed(
     tensor_model_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
@@ -41,12 +51,14 @@ def initialize_distributed(
     their first collective inside the pipeline schedule (where two ranks that reach different
     first collectives can deadlock); ``timeout_minutes`` turns a hang into an error.
     """
+    global _TIMEOUT_MINUTES
     compat.apply()  # each patch only where what it works around is missing (CUDA, TE, Apex)
     if not has_cuda():
         # Denormal floats (tiny gradients and Adam moments after some steps) make x86 CPU
         # arithmetic 10-50x slower; a training run loses nothing by flushing them to zero.
         torch.set_flush_denormal(True)
     if not torch.distributed.is_initialized():
+        _TIMEOUT_MINUTES = timeout_minutes
         if "RANK" not in os.environ:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))

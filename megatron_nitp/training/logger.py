@@ -15,6 +15,7 @@ import torch
 
 from megatron_nitp.device import has_cuda
 from megatron_nitp.device import name as device_name
+from megatron_nitp.training import timers
 from megatron_nitp.training.memory import TENSORBOARD_TAGS as MEMORY_TAGS
 
 # Console order.
@@ -41,7 +42,8 @@ TENSORBOARD_TAGS = {
 def tensorboard_tag(key: str, validation: bool = False) -> str:
     if validation:
         return f"{key} validation"
-    return TENSORBOARD_TAGS.get(key) or MEMORY_TAGS.get(key, key)
+    return (TENSORBOARD_TAGS.get(key) or MEMORY_TAGS.get(key)
+            or timers.TENSORBOARD_TAGS.get(key, key))
 
 
 def is_logging_rank() -> bool:
@@ -76,9 +78,15 @@ def training_flops_per_token(args) -> float:
 
 
 class TrainingLogger:
-    """Writes console lines and TensorBoard scalars on rank 0 and keeps the history in memory."""
+    """Writes console lines and TensorBoard scalars on rank 0 and keeps the history in memory.
 
-    def __init__(self, args, tensorboard_dir: str | None, memory=None):
+    With ``--wandb-project`` the same scalars, under the same tags, go to Weights & Biases
+    (rank 0, imported only then: it is an optional dependency). The memory figures go to
+    TensorBoard and W&B only with ``--log-memory-to-tensorboard``, as in Megatron-LM; the
+    console and the history keep them."""
+
+    def __init__(self, args, tensorboard_dir: str | None, memory=None,
+                 run_dir: str | None = None):
         self.args = args
         #: the ``memory.MemoryMonitor`` whose figures (in the metrics of a logging iteration)
         #: the console line shows; None shows none
@@ -88,6 +96,7 @@ class TrainingLogger:
         self.enabled = is_logging_rank()
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
         self.writer = None
+        self.wandb = None
         self.bar = None
         self.skipped = 0
         self._interval_seconds, self._interval_iters = 0.0, 0
@@ -105,6 +114,8 @@ class TrainingLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=tensorboard_dir, max_queue=100)
+        if args.wandb_project:
+            self.wandb = _start_wandb(args, run_dir)
         if args.progress_bar and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -120,11 +131,20 @@ class TrainingLogger:
 
     def record(self, iteration: int, metrics: dict[str, float], validation: bool = False) -> None:
         """Keeps every metric in the history (validation ones as ``"validation <key>"``) and
-        writes it to TensorBoard."""
+        writes it to TensorBoard and W&B (memory figures only with
+        ``--log-memory-to-tensorboard``)."""
+        scalars = {}
         for key, value in metrics.items():
             self.history[("validation " if validation else "") + key].append((iteration, value))
-            if self.writer is not None and math.isfinite(value):
-                self.writer.add_scalar(tensorboard_tag(key, validation), value, iteration)
+            if key in MEMORY_TAGS and not self.args.log_memory_to_tensorboard:
+                continue
+            if math.isfinite(value):
+                scalars[tensorboard_tag(key, validation)] = value
+        if self.writer is not None:
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, iteration)
+        if self.wandb is not None and scalars:
+            self.wandb.log(scalars, step=iteration)
 
     def is_log_iteration(self, iteration: int) -> bool:
         """Whether ``iteration`` prints a console line: every ``--log-interval``, and the
@@ -183,6 +203,7 @@ class TrainingLogger:
         parts += [f"{k}: {shown[k]:.6E}" for k in CONSOLE_KEYS if k in shown and self._shown(k)]
         if self.memory is not None:
             parts += self.memory.console(metrics)
+        parts += timers.console(metrics)
         if self.skipped:
             parts.append(f"number of skipped iterations: {self.skipped:3d}")
         self.print(" | ".join(parts) + " |")
@@ -213,6 +234,28 @@ class TrainingLogger:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+            self.writer = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _start_wandb(args, run_dir: str | None):
+    """A W&B run for ``--wandb-project`` (name ``--wandb-exp-name`` or the run folder's, files
+    in ``--wandb-save-dir`` or ``<run-dir>/wandb``), the run config attached."""
+    import os
+
+    try:
+        import wandb
+    except ImportError as err:
+        raise RuntimeError("--wandb-project needs the wandb package: pip install wandb, or drop "
+                           "--wandb-project.") from err
+    run_dir = run_dir or args.run_dir or "."
+    save_dir = args.wandb_save_dir or os.path.join(run_dir, "wandb")
+    os.makedirs(save_dir, exist_ok=True)
+    return wandb.init(project=args.wandb_project,
+                      name=args.wandb_exp_name or os.path.basename(os.path.normpath(run_dir)),
+                      dir=save_dir, config=args.to_dict())
 
 
 class Throughput:

@@ -20,9 +20,11 @@ from megatron_nitp.device import name as device_name
 from megatron_nitp.training import arguments
 from megatron_nitp.training.initialize import initialize_distributed, set_seed
 from megatron_nitp.training.logger import Throughput, TrainingLogger, is_logging_rank
+from megatron_nitp.training.exits import EXIT_NON_FINITE, ExitConditions
 from megatron_nitp.training.memory import MemoryMonitor
 from megatron_nitp.training.model import params_synced
 from megatron_nitp.training.step import evaluate, train_step
+from megatron_nitp.training.timers import GRAD_REDUCE, TIMERS, IntervalTimes
 
 
 class UsageError(Exception):
@@ -181,7 +183,7 @@ def setup(args: RunConfig) -> Run:
     optimizer, scheduler = build_optimizer(model, args)
     config = model.config
     config.no_sync_func = model.no_sync
-    config.finalize_model_grads_func = finalize_model_grads
+    config.finalize_model_grads_func = TIMERS.wrap(GRAD_REDUCE, finalize_model_grads)
     config.grad_scale_func = optimizer.scale_loss if args.fp16 else None
     start, meta = 0, None
     if args.load:
@@ -197,32 +199,28 @@ def setup(args: RunConfig) -> Run:
     return Run(args, model, optimizer, scheduler, tokenizer, train_iter, valid_iter, start, meta)
 
 
-EXIT_PREEMPTED = 75  # SIGTERM: a checkpoint was written; requeue the job to resume
-EXIT_NON_FINITE = 3  # --nan-policy stop: diagnostics written, weights untouched
+def check_wandb(args) -> None:
+    """``--wandb-project`` needs the optional wandb package: said before any work, on every
+    rank (only rank 0 imports it later)."""
+    import importlib.util
 
-
-class _Preemption:
-    """SIGTERM (what SLURM sends before pre-emption) sets a flag; the loop checks it after each
-    step, on every rank together, writes a checkpoint and exits with EXIT_PREEMPTED."""
-
-    def __init__(self):
-        import signal
-
-        self.requested = False
-        signal.signal(signal.SIGTERM, self._handler)
-
-    def _handler(self, signum, frame):
-        self.requested = True
-
-    def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device())
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return flag.item() > 0
+    if args.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise UsageError("--wandb-project needs the wandb package, which is not installed: "
+                         "pip install wandb (WANDB_MODE=offline logs without a network), or "
+                         "drop --wandb-project.")
 
 
 def pretrain(args: RunConfig) -> dict:
-    """Train; returns the run summary (final metrics). Exits with EXIT_PREEMPTED after a
-    SIGTERM checkpoint and EXIT_NON_FINITE under ``--nan-policy stop``."""
+    """Train; returns the run summary (final metrics). Exits early with a checkpoint and the
+    codes of ``training/exits.py`` (a signal, ``--exit-duration-in-mins``,
+    ``--exit-interval``), and with EXIT_NON_FINITE under ``--nan-policy stop``."""
+    try:
+        return _pretrain(args)
+    finally:
+        TIMERS.synchronize = False
+
+
+def _pretrain(args: RunConfig) -> dict:
     import signal
 
     from megatron_nitp.training.checkpointing import save_checkpoint
@@ -235,6 +233,7 @@ def pretrain(args: RunConfig) -> dict:
         faults.planned()  # a malformed test fault fails before any work
     except ValueError as err:
         raise UsageError(str(err)) from err
+    check_wandb(args)
     run = setup(args)
     args = run.args
     model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
@@ -244,7 +243,6 @@ def pretrain(args: RunConfig) -> dict:
         os.makedirs(run_dir, exist_ok=True)
     tensorboard_dir = args.tensorboard_dir or os.path.join(run_dir, "tensorboard")
     save_dir = args.save or os.path.join(run_dir, "checkpoints")
-    preemption = _Preemption()
 
     def save(iteration: int) -> str:
         with params_synced(model):
@@ -253,7 +251,8 @@ def pretrain(args: RunConfig) -> dict:
                                    keep_last=args.save_keep_last)
 
     memory = MemoryMonitor()
-    logger = TrainingLogger(args, tensorboard_dir, memory)
+    logger = TrainingLogger(args, tensorboard_dir, memory, run_dir=run_dir)
+    times = IntervalTimes(args.timing_log_level, args.log_straggler)
     from megatron_nitp.training.plan import planned_memory
 
     # --dry-run's estimate for this config, printed beside the first interval's measured peak
@@ -294,52 +293,70 @@ def pretrain(args: RunConfig) -> dict:
     throughput = Throughput(args.global_batch_size * args.seq_length)
     iteration = run.start_iteration
     memory.begin()  # the first interval's peak counts from the first step, set-up left out
-    while iteration < args.train_iters:
-        iteration += 1
-        if faults.due("sigkill", iteration):
-            os.kill(os.getpid(), signal.SIGKILL)
-        if faults.due("sigterm", iteration):
-            os.kill(os.getpid(), signal.SIGTERM)
-        geometry = bool(args.geometry_interval) and (
-            iteration % args.geometry_interval == 0 or iteration in (1, args.train_iters)
-        )
-        try:
-            metrics = train_step(model, optimizer, scheduler, train_iter, args, iteration - 1,
-                                 geometry)
-        except NonFiniteError as err:
-            logger.close()
-            if is_logging_rank():
-                path = os.path.join(run_dir, f"non_finite_iter_{iteration:07d}.json")
-                with open(path, "w") as f:
-                    json.dump(err.diagnostics, f, indent=2)
-                print(f"error: {err}; diagnostics in {path}; the weights were not updated "
-                      f"(last checkpoint in {save_dir}).", flush=True)
-            raise SystemExit(EXIT_NON_FINITE)
-        logged = logger.is_log_iteration(iteration)
-        if logged:
-            metrics.update(memory.measure())  # every rank: one all-reduce MAX, then reset
-        seconds, tokens_per_second = throughput.lap()
-        metrics["tokens per second"] = tokens_per_second
-        logger.log_train(iteration, metrics, seconds)
-        if logged and planned is not None:
-            logger.print(memory.planned_vs_measured(iteration, metrics, planned,
-                                                    args.pipeline_model_parallel_size))
-            planned = None  # once per run
-        if valid_iter is not None and (
-            iteration % args.eval_interval == 0 or iteration == args.train_iters
-        ):
-            with params_synced(model):
-                logger.log_eval(iteration, evaluate(model, valid_iter(), args, args.eval_iters))
-            throughput.lap()
-        if args.save_interval and iteration % args.save_interval == 0 and iteration < args.train_iters:
-            logger.print(f"> saved checkpoint {save(iteration)}")
-            throughput.lap()
-        if preemption.agreed():
-            path = save(iteration)
-            logger.print(f"> SIGTERM: saved checkpoint {path} at iteration {iteration}; exiting "
-                         f"with code {EXIT_PREEMPTED} (resume with --load {save_dir})")
-            logger.close()
-            raise SystemExit(EXIT_PREEMPTED)
+    exits = ExitConditions(args, start)
+    exits.install()
+    try:
+        while iteration < args.train_iters:
+            iteration += 1
+            if faults.due("sigkill", iteration):
+                os.kill(os.getpid(), signal.SIGKILL)
+            if faults.due("sigterm", iteration):
+                os.kill(os.getpid(), signal.SIGTERM)
+            geometry = bool(args.geometry_interval) and (
+                iteration % args.geometry_interval == 0 or iteration in (1, args.train_iters)
+            )
+            TIMERS.take()  # what evaluation and saving timed belongs to no step
+            try:
+                metrics = train_step(model, optimizer, scheduler, train_iter, args,
+                                     iteration - 1, geometry)
+            except NonFiniteError as err:
+                logger.close()
+                if is_logging_rank():
+                    path = os.path.join(run_dir, f"non_finite_iter_{iteration:07d}.json")
+                    with open(path, "w") as f:
+                        json.dump(err.diagnostics, f, indent=2)
+                    print(f"error: {err}; diagnostics in {path}; the weights were not updated "
+                          f"(last checkpoint in {save_dir}).", flush=True)
+                raise SystemExit(EXIT_NON_FINITE)
+            times.add(TIMERS.take())
+            logged = logger.is_log_iteration(iteration)
+            if logged:
+                metrics.update(memory.measure())  # every rank: one all-reduce MAX, then reset
+                metrics.update(times.measure())  # --timing-log-level, --log-straggler
+            seconds, tokens_per_second = throughput.lap()
+            metrics["tokens per second"] = tokens_per_second
+            logger.log_train(iteration, metrics, seconds)
+            if logged and planned is not None:
+                logger.print(memory.planned_vs_measured(iteration, metrics, planned,
+                                                        args.pipeline_model_parallel_size))
+                planned = None  # once per run
+            if valid_iter is not None and (
+                iteration % args.eval_interval == 0 or iteration == args.train_iters
+            ):
+                with params_synced(model):
+                    logger.log_eval(iteration,
+                                    evaluate(model, valid_iter(), args, args.eval_iters))
+                throughput.lap()
+            saved = None
+            if (args.save_interval and iteration % args.save_interval == 0
+                    and iteration < args.train_iters):
+                saved = save(iteration)
+                logger.print(f"> saved checkpoint {saved}")
+                throughput.lap()
+            decision = exits.decide(iteration, args.train_iters)
+            if decision is not None:
+                code, reason = decision
+                path = saved or save(iteration)
+                logger.print(f"> exit after iteration {iteration}: {reason}; saved checkpoint "
+                             f"{path}; exiting with code {code} (resume with --load "
+                             f"{save_dir})")
+                logger.close()
+                # rank 0 has logged before any rank leaves: srun --kill-on-bad-exit ends the
+                # others as soon as one exits with this non-zero code
+                _barrier()
+                raise SystemExit(code)
+    finally:
+        exits.restore()
     logger.close()
 
     if args.save_final or args.save:

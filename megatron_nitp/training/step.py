@@ -25,8 +25,9 @@ from megatron.core.utils import get_batch_on_this_cp_rank
 from megatron_nitp.device import device, to_device
 from megatron_nitp.geometry import effective_rank, mean_pairwise_cosine, valid_token_states
 from megatron_nitp.nitp.loss import num_contributing_positions
-from megatron_nitp.training import faults
+from megatron_nitp.training import faults, timers
 from megatron_nitp.training.model import unwrap
+from megatron_nitp.training.timers import TIMERS
 
 REPORT_KEYS = ("lm loss", "nitp loss", "mtp loss", "effective rank", "cosine similarity")
 
@@ -170,6 +171,7 @@ def train_step(
     """Forward/backward over ``args.num_microbatches`` micro-batches, then one optimizer step.
 
     Returns the global lm loss, nitp loss, total loss, grad norm, lr (and geometry if asked).
+    Its phases (data loading, forward-backward, optimizer) are timed in ``timers.TIMERS``.
     A NaN/Inf in a loss or a gradient is caught before the optimizer step: the step is skipped
     (``--nan-policy skip``, reported as ``skipped``) or NonFiniteError is raised (``stop``). The
     weights are never updated with it. The ``nan-loss`` and ``nan-grad`` test faults
@@ -178,7 +180,8 @@ def train_step(
     from megatron_nitp.training.objectives import build_objectives
 
     objectives = build_objectives(args)
-    batches = [to_device(next(data_iterator)) for _ in range(args.num_microbatches)]
+    with TIMERS.phase(timers.DATA):
+        batches = [to_device(next(data_iterator)) for _ in range(args.num_microbatches)]
     weight = args.nitp_config.weight_at(iteration)
     n_ntp, n_nitp = _global_counts(batches, args.nitp_config.shift)
     nitp_scale = sum(o.aux_scale(iteration, n_ntp, n_nitp) for o in objectives)
@@ -188,7 +191,8 @@ def train_step(
 
     model.zero_grad_buffer()
     optimizer.zero_grad()
-    reports = _run_schedule(model, batches, args, nitp_scale, False, geometry)
+    with TIMERS.phase(timers.FORWARD_BACKWARD):
+        reports = _run_schedule(model, batches, args, nitp_scale, False, geometry)
     for objective in objectives:
         reports.append(objective.reports(len(batches)))
     if faults.due("nan-grad", iteration + 1):
@@ -211,9 +215,10 @@ def train_step(
         if args.num_moe_experts:
             metrics.update(router_losses(args))
         return metrics
-    update_successful, grad_norm, _ = optimizer.step()
-    if update_successful:
-        scheduler.step(increment=1)
+    with TIMERS.phase(timers.OPTIMIZER):
+        update_successful, grad_norm, _ = optimizer.step()
+        if update_successful:
+            scheduler.step(increment=1)
 
     metrics["total loss"] = (metrics["lm loss"] + weight * metrics.get("nitp loss", 0.0)
                              + args.mtp_loss_scaling_factor * metrics.get("mtp loss", 0.0))

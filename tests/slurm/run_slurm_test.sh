@@ -2,8 +2,11 @@
 # A real SLURM job on this machine: starts a one-node SLURM cluster on loopback (munged,
 # slurmctld, slurmd, all state in a temporary folder), submits examples/slurm/tiny_cpu.sbatch
 # with 2 tasks and checks that it completed with exit code 0, that training ran (iteration lines
-# in the job log) and that the checkpoint was written (latest_checkpointed_iteration.txt). Then it
-# stops the daemons by PID and removes the folder.
+# in the job log) and that the checkpoint was written (latest_checkpointed_iteration.txt). A
+# second job is then signalled before its time limit as SLURM would (USR1 to the batch script,
+# what #SBATCH --signal=B:USR1@60 sends): the ranks write a checkpoint and exit with 75, the
+# script requeues the job, and the requeued job resumes at the next iteration and completes.
+# Then it stops the daemons by PID and removes the folder.
 #
 #   bash tests/slurm/run_slurm_test.sh            # as root (installs SLURM and munge if missing)
 #
@@ -164,17 +167,20 @@ JOB_ID=${JOB_ID%%;*}
 say "submitted job $JOB_ID (examples/slurm/tiny_cpu.sbatch, 2 tasks)"
 start=$SECONDS
 state="" exit_code=""
-while :; do
-  info=$(timeout 10 scontrol -o show job "$JOB_ID" 2>/dev/null || true)
-  state=$(sed -n 's/.*JobState=\([A-Z_]*\).*/\1/p' <<<"$info")
-  exit_code=$(sed -n 's/.* ExitCode=\([0-9:]*\).*/\1/p' <<<"$info")
-  case "$state" in
-    PENDING | CONFIGURING | RUNNING | COMPLETING | "") ;;
-    *) break ;;
-  esac
-  [ $((SECONDS - start)) -lt "$JOB_TIMEOUT" ] || fail "job $JOB_ID still $state after ${JOB_TIMEOUT}s"
-  sleep 1
-done
+wait_job() {  # until the job $JOB_ID is done (a requeued job runs again: REQUEUED, PENDING)
+  while :; do
+    info=$(timeout 10 scontrol -o show job "$JOB_ID" 2>/dev/null || true)
+    state=$(sed -n 's/.*JobState=\([A-Z_]*\).*/\1/p' <<<"$info")
+    exit_code=$(sed -n 's/.* ExitCode=\([0-9:]*\).*/\1/p' <<<"$info")
+    case "$state" in
+      PENDING | CONFIGURING | RUNNING | COMPLETING | REQUEUED | "") ;;
+      *) break ;;
+    esac
+    [ $((SECONDS - start)) -lt "$JOB_TIMEOUT" ] || fail "job $JOB_ID still $state after ${JOB_TIMEOUT}s"
+    sleep 1
+  done
+}
+wait_job
 LOG=$TMP/job-$JOB_ID.out
 say "job $JOB_ID: $state, exit code $exit_code, $((SECONDS - start)) s"
 
@@ -190,4 +196,52 @@ TRACKER=$RUN_DIR/checkpoints/latest_checkpointed_iteration.txt
 last=$(cat "$TRACKER")
 [ -d "$RUN_DIR/checkpoints/iter_$(printf %07d "$last")" ] || fail "no checkpoint folder for $last"
 grep '^ *iteration  *[0-9]*/' "$LOG" | tail -n 2
-say "PASSED: $iterations iteration lines, checkpoint at iteration $last, 2 ranks over srun"
+say "passed: $iterations iteration lines, checkpoint at iteration $last, 2 ranks over srun"
+
+# --- signalled before the time limit, requeued, resumed ---------------------------------------
+RUN_DIR=$TMP/requeue
+export RUN_DIR TRAIN_ITERS=${REQUEUE_ITERS:-30}
+JOB_ID=$(timeout 30 sbatch --parsable --ntasks=2 --output="$TMP/job-%j.out" \
+  examples/slurm/tiny_cpu.sbatch)
+JOB_ID=${JOB_ID%%;*}
+LOG=$TMP/job-$JOB_ID.out
+say "submitted job $JOB_ID ($TRAIN_ITERS iterations) to signal after its second iteration"
+start=$SECONDS
+until grep -q '^ *iteration  *2/' "$LOG" 2>/dev/null; do
+  [ $((SECONDS - start)) -lt "$JOB_TIMEOUT" ] || fail "job $JOB_ID: no iteration 2 after ${JOB_TIMEOUT}s"
+  sleep 0.5
+done
+timeout 10 scancel --batch --signal=USR1 "$JOB_ID"  # what --signal=B:USR1@60 does at the limit
+say "sent USR1 to the batch script of job $JOB_ID"
+# SLURM holds a requeued batch job for about two minutes before it is eligible again; the test
+# lets it start at once (that hold is SLURM's policy, not what is tested here).
+while :; do
+  info=$(timeout 10 scontrol -o show job "$JOB_ID" 2>/dev/null || true)
+  state=$(sed -n 's/.*JobState=\([A-Z_]*\).*/\1/p' <<<"$info")
+  restarts=$(sed -n 's/.* Restarts=\([0-9]*\).*/\1/p' <<<"$info")
+  if [ "${restarts:-0}" -ge 1 ] && [ "$state" = PENDING ]; then
+    timeout 10 scontrol update JobId="$JOB_ID" StartTime=now || true
+    say "job $JOB_ID requeued; released from SLURM's requeue hold"
+    break
+  fi
+  case "$state" in
+    PENDING | CONFIGURING | RUNNING | COMPLETING | REQUEUED | "") ;;
+    *) break ;;
+  esac
+  [ $((SECONDS - start)) -lt "$JOB_TIMEOUT" ] || fail "job $JOB_ID not requeued after ${JOB_TIMEOUT}s"
+  sleep 0.5
+done
+wait_job
+say "job $JOB_ID: $state, exit code $exit_code, $((SECONDS - start)) s"
+[ "$state" = COMPLETED ] || fail "requeued job state $state (expected COMPLETED)"
+restarts=$(sed -n 's/.* Restarts=\([0-9]*\).*/\1/p' <<<"$info")
+[ "${restarts:-0}" -ge 1 ] || fail "job $JOB_ID was not requeued (Restarts=${restarts:-?})"
+stopped=$(sed -n 's/^> exit after iteration \([0-9]*\): SIGUSR1.*exiting with code 75.*/\1/p' "$LOG")
+[ -n "$stopped" ] || fail "no '> exit after iteration N: SIGUSR1 ... code 75' line in $LOG"
+grep -q "requeueing job $JOB_ID" "$LOG" || fail "the batch script did not requeue"
+grep -q "resumed from .* at iteration $stopped " "$LOG" || fail "no resume at iteration $stopped"
+grep -q "^ *iteration  *$((stopped + 1))/" "$LOG" || fail "iteration $((stopped + 1)) missing"
+last=$(cat "$RUN_DIR/checkpoints/latest_checkpointed_iteration.txt")
+[ "$last" = "$TRAIN_ITERS" ] || fail "final checkpoint at $last (expected $TRAIN_ITERS)"
+say "PASSED: 2 ranks over srun; signalled job stopped at iteration $stopped (code 75), was \
+requeued ($restarts restart) and resumed to iteration $last"

@@ -1,0 +1,114 @@
+"""Planned early exits: a signal, a wall-clock budget, an iteration interval.
+
+A batch job must stop before its time limit with a checkpoint it can resume from, and every rank
+must stop at the same iteration: a rank that left alone would leave the others blocked in their
+next collective until the distributed timeout. So the exit is decided after each step from one
+all-reduce (MAX) of two flags, "a signal arrived here" and "my clock is over the budget"; the
+iteration interval needs none, since every rank counts the same iterations. Then every rank
+writes its part of one checkpoint and exits with the reason's code, so that a batch script can
+tell a stop to requeue (:data:`EXIT_SIGNAL`, :data:`EXIT_DURATION`) from one that was asked for
+(:data:`EXIT_INTERVAL`), a failure (1, 2, :data:`EXIT_NON_FINITE`) and the end of training (0).
+
+The checkpoint is written even with ``--no-save``: that flag drops the final checkpoint of a
+finished run, while these exits exist to be resumed, and their checkpoint is all that keeps the
+work done since the last ``--save-interval``.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import torch
+
+from megatron_nitp.device import device
+
+EXIT_SIGNAL = 75  # --exit-signal or SIGTERM: checkpoint written; requeue to resume (EX_TEMPFAIL)
+EXIT_DURATION = 76  # --exit-duration-in-mins: checkpoint written; requeue to resume
+EXIT_INTERVAL = 77  # --exit-interval: checkpoint written; stopped as asked, not requeued
+EXIT_NON_FINITE = 3  # --nan-policy stop: diagnostics written, weights untouched
+#: the codes after which a job should be requeued with --load (what the sbatch files do)
+REQUEUE_CODES = (EXIT_SIGNAL, EXIT_DURATION)
+
+
+def signal_number(name: str) -> signal.Signals:
+    """``SIGUSR1``, ``USR1`` or ``usr1`` (or a number) as a signal; ValueError naming the
+    choices otherwise."""
+    text = str(name).strip()
+    if text.isdigit():
+        try:
+            return signal.Signals(int(text))
+        except ValueError:
+            pass
+    else:
+        upper = text.upper()
+        upper = upper if upper.startswith("SIG") else "SIG" + upper
+        if hasattr(signal.Signals, upper) and upper not in ("SIGKILL", "SIGSTOP"):
+            return signal.Signals[upper]
+    raise ValueError(f"--exit-signal {name!r} is not a signal that can be caught: give a name "
+                     "such as SIGTERM, SIGUSR1 or SIGUSR2.")
+
+
+class ExitConditions:
+    """The exit flags of one run and the decision all ranks take together.
+
+    ``start`` is the run's start (``time.perf_counter()``), from which the duration counts, as
+    Megatron-LM counts ``--exit-duration-in-mins`` from the start of ``pretrain``. The signal
+    handlers are installed by :meth:`install` and the previous ones restored by
+    :meth:`restore`, so a run inside a longer-lived process (the tests) leaves them as found.
+    """
+
+    def __init__(self, args, start: float):
+        self.duration_s = (args.exit_duration_in_mins * 60.0
+                           if args.exit_duration_in_mins is not None else None)
+        self.interval = args.exit_interval
+        self.signals = ()
+        if args.exit_signal_handler:
+            chosen = signal_number(args.exit_signal)
+            self.signals = tuple(dict.fromkeys((chosen, signal.SIGTERM)))
+        self.start = start
+        self.received: signal.Signals | None = None
+        self._previous: dict = {}
+
+    def install(self) -> None:
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handler)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handler(self, signum, frame):
+        self.received = signal.Signals(signum)
+
+    @property
+    def needs_agreement(self) -> bool:
+        """Whether a flag can differ between ranks (a signal, a clock), so that the decision
+        takes the all-reduce."""
+        return bool(self.signals) or self.duration_s is not None
+
+    def decide(self, iteration: int, last: int) -> tuple[int, str] | None:
+        """(exit code, reason) when every rank stops after ``iteration``, else None. The same
+        answer on every rank: one all-reduce MAX of the two flags when a signal handler or a
+        duration is set, none otherwise. The last iteration never exits early: the run ends
+        normally there (with its final checkpoint unless ``--no-save``)."""
+        if iteration >= last:
+            return None
+        if self.needs_agreement:
+            elapsed = time.perf_counter() - self.start
+            flags = torch.tensor(
+                [1.0 if self.received is not None else 0.0,
+                 1.0 if self.duration_s is not None and elapsed >= self.duration_s else 0.0],
+                device=device())
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            signalled, timed_out = (bool(v) for v in flags.tolist())
+            if signalled:
+                name = self.received.name if self.received is not None else "a signal"
+                return EXIT_SIGNAL, f"{name} (on this or another rank)"
+            if timed_out:
+                return EXIT_DURATION, (f"--exit-duration-in-mins {self.duration_s / 60:g} "
+                                       f"reached ({elapsed / 60:.2f} min on this rank)")
+        if self.interval and iteration % self.interval == 0:
+            return EXIT_INTERVAL, f"--exit-interval {self.interval}"
+        return None

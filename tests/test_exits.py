@@ -1,0 +1,171 @@
+"""Planned exits (training/exits.py): a signal, a wall-clock budget and an iteration interval
+each stop every rank after the same step with a loadable checkpoint and their own exit code;
+the next run resumes at the following iteration."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from megatron_nitp.training import exits
+from megatron_nitp.training.arguments import parse_args
+from megatron_nitp.training.loop import pretrain
+from tests.helpers import ROOT, clean_env, free_port, kill_group
+
+TINY = ["--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",
+        "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "16",
+        "--micro-batch-size", "2", "--global-batch-size", "4", "--nitp-target-layer", "1",
+        "--lr-warmup-iters", "0", "--eval-interval", "0", "--no-plot", "--no-progress-bar",
+        "--geometry-interval", "0", "--log-interval", "1"]
+
+
+def _history(run_dir):
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        history = json.load(f)["history"]
+    return {key: [int(i) for i, _ in points] for key, points in history.items()}
+
+
+def _latest(ckpt):
+    with open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")) as f:
+        return int(f.read())
+
+
+def _resume(tmp_path, ckpt, stopped_at, capsys, *flags):
+    """A run loading ``ckpt`` continues at ``stopped_at + 1`` (two more iterations)."""
+    run_dir = tmp_path / "resumed"
+    pretrain(parse_args(TINY + list(flags) + [
+        "--train-iters", str(stopped_at + 2), "--load", str(ckpt), "--no-save",
+        "--run-dir", str(run_dir)]))
+    out = capsys.readouterr().out
+    assert f"at iteration {stopped_at} " in out
+    assert _history(run_dir)["lm loss"] == [stopped_at + 1, stopped_at + 2]
+
+
+def test_signal_names_and_bad_values_name_the_fix():
+    assert exits.signal_number("SIGUSR1") == signal.SIGUSR1
+    assert exits.signal_number("usr2") == signal.SIGUSR2
+    assert exits.signal_number(str(int(signal.SIGTERM))) == signal.SIGTERM
+    for bad in ("SIGNOPE", "SIGKILL", "0"):
+        with pytest.raises(ValueError, match="SIGUSR1"):
+            exits.signal_number(bad)
+    for flags in (["--exit-signal", "SIGFOO"], ["--exit-interval", "0"],
+                  ["--exit-duration-in-mins", "-1"]):
+        with pytest.raises(SystemExit) as err:
+            parse_args(TINY + ["--train-iters", "4"] + flags)
+        assert err.value.code == 2
+    codes = {exits.EXIT_SIGNAL, exits.EXIT_DURATION, exits.EXIT_INTERVAL,
+             exits.EXIT_NON_FINITE, 0, 1, 2}
+    assert len(codes) == 7  # each reason its own code
+
+
+def test_interval_exit_saves_and_resumes_at_the_next_iteration(dist, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as err:
+        pretrain(parse_args(TINY + ["--train-iters", "6", "--exit-interval", "2", "--no-save",
+                                    "--run-dir", str(run_dir)]))
+    assert err.value.code == exits.EXIT_INTERVAL == 77
+    out = capsys.readouterr().out
+    assert "> exit after iteration 2: --exit-interval 2; saved checkpoint" in out
+    assert "exiting with code 77" in out
+    ckpt = run_dir / "checkpoints"  # written although --no-save: see training/exits.py
+    assert _latest(ckpt) == 2
+    _resume(tmp_path, ckpt, 2, capsys)
+
+
+def test_duration_exit_saves_once_and_resumes(dist, tmp_path, capsys):
+    """A budget already spent at the first step: exit after it, with code 76; a checkpoint of
+    the same iteration by --save-interval is not written twice."""
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as err:
+        pretrain(parse_args(TINY + ["--train-iters", "6", "--exit-duration-in-mins", "1e-6",
+                                    "--save-interval", "1", "--run-dir", str(run_dir)]))
+    assert err.value.code == exits.EXIT_DURATION == 76
+    out = capsys.readouterr().out
+    assert re.search(r"> exit after iteration 1: --exit-duration-in-mins 1e-06 reached", out)
+    assert out.count("saved checkpoint") == 2  # the interval's line and the exit's line
+    ckpt = run_dir / "checkpoints"
+    assert _latest(ckpt) == 1 and sorted(os.listdir(ckpt)) == [
+        "iter_0000001", "latest_checkpointed_iteration.txt"]
+    _resume(tmp_path, ckpt, 1, capsys)
+
+
+def test_the_last_iteration_ends_the_run_normally(dist, tmp_path):
+    """An exit interval that divides --train-iters: the run completes (exit code 0 path)."""
+    summary = pretrain(parse_args(TINY + ["--train-iters", "2", "--exit-interval", "2",
+                                          "--no-save", "--run-dir", str(tmp_path / "run")]))
+    assert summary["iterations"] == 2
+
+
+def _launch_ranks(run_dir, flags, world=2):
+    """``world`` ranks started as srun starts them (one process per rank, env:// rendezvous),
+    all in one new process group, as the tasks of a SLURM job step: returns the Popens."""
+    port = str(free_port())
+    procs = []
+    cmd = [sys.executable, os.path.join(ROOT, "pretrain_gpt_nitp.py")] + flags
+    for rank in range(world):
+        env = clean_env(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port, PYTHONPATH=ROOT)
+        out = open(f"{run_dir}.rank{rank}.out", "w")
+        group = procs[0].pid if procs else 0  # rank 0 leads a new group, the others join
+        try:
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out,
+                                          stderr=subprocess.STDOUT, text=True,
+                                          process_group=group))
+        except OSError:
+            for proc in procs:
+                kill_group(proc)
+            raise
+    return procs
+
+
+@pytest.mark.slow
+def test_signal_to_the_process_group_exits_75_with_a_checkpoint(dist, tmp_path, capsys):
+    """SIGUSR1 (--exit-signal SIGUSR1, what #SBATCH --signal sends) to every rank of a
+    2-stage pipeline: both finish the step, write one checkpoint and exit with 75; the
+    checkpoint resumes in one process at the next iteration. The same run checks the timing
+    figures of a pipeline: the NITP routing wait on the last stage, a straggler line naming
+    both ranks."""
+    run_dir = tmp_path / "run"
+    os.makedirs(run_dir)
+    flags = TINY[:] + ["--num-layers", "4", "--pipeline-model-parallel-size", "2",
+                       "--train-iters", "500", "--exit-signal-handler", "--exit-signal",
+                       "SIGUSR1", "--timing-log-level", "2", "--log-straggler",
+                       "--distributed-backend", "gloo", "--run-dir", str(run_dir)]
+    procs = _launch_ranks(run_dir, flags)
+    log = f"{run_dir}.rank0.out"
+    try:
+        deadline = time.time() + 300
+        while not re.search(r" iteration +2/", open(log).read()):
+            assert time.time() < deadline and all(p.poll() is None for p in procs), \
+                open(log).read()[-5000:]
+            time.sleep(0.5)
+        os.killpg(procs[0].pid, signal.SIGUSR1)
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for proc in procs:
+            kill_group(proc)
+    out = open(log).read()
+    assert codes == [exits.EXIT_SIGNAL] * 2, out[-5000:]
+    stopped = int(re.search(r"> exit after iteration (\d+): SIGUSR1", out).group(1))
+    assert 2 <= stopped < 500
+    assert _latest(run_dir / "checkpoints") == stopped
+    lines = [line for line in out.splitlines() if re.match(r" iteration +\d+/", line)]
+    for line in lines:
+        step = float(re.search(r"elapsed time per iteration \(ms\): ([\d.]+)", line).group(1))
+        phases = {name: float(value) for name, value in re.findall(
+            r"(data loading|forward-backward|gradient reduction|nitp routing wait|optimizer): "
+            r"([\d.]+)", line)}
+        assert len(phases) == 5 and all(0 <= v <= step for v in phases.values()), line
+        assert phases["gradient reduction"] <= phases["forward-backward"]
+        assert phases["nitp routing wait"] <= phases["forward-backward"]
+        ranks = re.search(r"straggler compute \(ms\): min [\d.]+ \(rank (\d)\), max [\d.]+ "
+                          r"\(rank (\d)\)", line).groups()
+        assert set(ranks) <= {"0", "1"}
+    assert any(float(re.search(r"nitp routing wait: ([\d.]+)", line).group(1)) > 0
+               for line in lines)
+    _resume(tmp_path, run_dir / "checkpoints", stopped, capsys, "--num-layers", "4")

@@ -1,0 +1,107 @@
+"""Telemetry flags: per-phase times (--timing-log-level), the straggler spread
+(--log-straggler), memory in TensorBoard only with --log-memory-to-tensorboard, and Weights &
+Biases (--wandb-*). wandb is not installed in the test environment: a fake module stands in for
+it in sys.modules and records what the logger hands it (the real package is exercised by hand:
+docs/cluster.md)."""
+
+import importlib.machinery
+import json
+import re
+import sys
+import types
+
+import pytest
+
+from megatron_nitp.training import timers
+from megatron_nitp.training.arguments import parse_args
+from megatron_nitp.training.loop import UsageError, pretrain
+
+TINY = ["--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",
+        "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "16",
+        "--micro-batch-size", "2", "--global-batch-size", "4", "--nitp-target-layer", "1",
+        "--lr-warmup-iters", "0", "--eval-interval", "0", "--no-plot", "--no-progress-bar",
+        "--geometry-interval", "0", "--no-save", "--train-iters", "4", "--log-interval", "2"]
+
+
+class FakeWandb(types.ModuleType):
+    """What the logger uses of wandb: ``init`` returning a run with ``log`` and ``finish``."""
+
+    def __init__(self):
+        super().__init__("wandb")
+        self.__spec__ = importlib.machinery.ModuleSpec("wandb", None)  # find_spec finds it
+        self.inits, self.logged, self.finished = [], [], 0
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        return self
+
+    def log(self, scalars, step):
+        self.logged.append((step, dict(scalars)))
+
+    def finish(self):
+        self.finished += 1
+
+
+def _tags(tensorboard_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tensorboard_dir))
+    events.Reload()
+    return events
+
+
+def test_phase_times_straggler_and_wandb(dist, tmp_path, capsys, monkeypatch):
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    run_dir = tmp_path / "run"
+    pretrain(parse_args(TINY + [
+        "--timing-log-level", "2", "--log-straggler", "--wandb-project", "nitp-test",
+        "--wandb-exp-name", "tiny", "--run-dir", str(run_dir)]))
+    out = capsys.readouterr().out
+    with open(run_dir / "summary.json") as f:
+        history = json.load(f)["history"]
+    lines = [line for line in out.splitlines() if re.match(r" iteration +\d+/", line)]
+    assert len(lines) == 2
+    for line, iteration in zip(lines, (2, 4)):
+        step = float(re.search(r"elapsed time per iteration \(ms\): ([\d.]+)", line).group(1))
+        value = {p: dict(history[timers.key(p)])[iteration] for p in timers.LEVELS[2]}
+        assert all(v >= 0 for v in value.values())
+        # the disjoint phases add up to at most the step time (one rank: no max over ranks)
+        assert sum(value[p] for p in timers.LEVELS[1]) <= step + 0.1, (value, step)
+        assert value[timers.FORWARD_BACKWARD] > 0 and value[timers.OPTIMIZER] > 0
+        assert value[timers.GRAD_REDUCE] <= value[timers.FORWARD_BACKWARD]
+        assert value[timers.ROUTING_WAIT] == 0  # one stage: nothing to route
+        assert f"forward-backward: {value[timers.FORWARD_BACKWARD]:.1f}" in line
+        assert re.search(r"straggler compute \(ms\): min [\d.]+ \(rank 0\), max [\d.]+ "
+                         r"\(rank 0\), spread 0.0%", line)
+    events = _tags(run_dir / "tensorboard")
+    tags = events.Tags()["scalars"]
+    assert [e.step for e in events.Scalars("forward-backward-time")] == [2, 4]
+    assert "nitp-routing-wait-time" in tags and "straggler-max-ms" in tags
+    assert not any(tag.startswith("mem-") for tag in tags)  # no --log-memory-to-tensorboard
+    assert "max rss" in lines[0]  # the console keeps the memory figures
+    (init,) = fake.inits
+    assert init["project"] == "nitp-test" and init["name"] == "tiny"
+    assert init["dir"] == str(run_dir / "wandb") and init["config"]["logging"]["log_straggler"]
+    steps = [step for step, _ in fake.logged]
+    assert steps == [1, 2, 3, 4]
+    assert set(fake.logged[1][1]) >= {"lm loss", "nitp loss", "forward-backward-time"}
+    assert fake.finished == 1
+
+
+def test_level_zero_logs_no_phase_and_memory_goes_to_tensorboard_when_asked(dist, tmp_path,
+                                                                            capsys):
+    run_dir = tmp_path / "run"
+    pretrain(parse_args(TINY + ["--log-memory-to-tensorboard", "--run-dir", str(run_dir)]))
+    out = capsys.readouterr().out
+    assert "time per iteration (ms, max" not in out and "straggler compute" not in out
+    with open(run_dir / "summary.json") as f:
+        assert not any(k.startswith("time ") for k in json.load(f)["history"])
+    assert any(tag.startswith("mem-") for tag in _tags(run_dir / "tensorboard").Tags()["scalars"])
+
+
+def test_missing_wandb_is_refused_before_any_work(dist, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # find_spec: None
+    with pytest.raises(UsageError, match="pip install wandb"):
+        pretrain(parse_args(TINY + ["--wandb-project", "p", "--run-dir", str(tmp_path / "r")]))
+    assert not (tmp_path / "r").exists()
