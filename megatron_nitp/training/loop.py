@@ -223,7 +223,7 @@ def pretrain(args: RunConfig) -> dict:
     SIGTERM checkpoint and EXIT_NON_FINITE under ``--nan-policy stop``."""
     import signal
 
-    from megatron_nitp.training.checkpointing import save_checkpoint
+    from megatron_nitp.training.checkpointing import AsyncSaves, save_checkpoint
     from megatron_nitp.training.step import NonFiniteError
 
     from megatron_nitp.training import faults
@@ -243,12 +243,23 @@ def pretrain(args: RunConfig) -> dict:
     tensorboard_dir = args.tensorboard_dir or os.path.join(run_dir, "tensorboard")
     save_dir = args.save or os.path.join(run_dir, "checkpoints")
     preemption = _Preemption()
+    async_saves = AsyncSaves() if args.async_save else None
 
-    def save(iteration: int) -> str:
+    def save(iteration: int, wait: bool = False) -> str:
+        """The checkpoint's path; with --async-save it is complete only once finalized
+        (``wait``: before exiting)."""
         with params_synced(model):
-            return save_checkpoint(save_dir, iteration, model, optimizer, scheduler, args,
+            path = save_checkpoint(save_dir, iteration, model, optimizer, scheduler, args,
                                    consumed_samples=train_iter.consumed_samples,
-                                   keep_last=args.save_keep_last)
+                                   keep_last=args.save_keep_last, async_saves=async_saves)
+        if wait:
+            finish_saves()
+        return path
+
+    def finish_saves() -> None:
+        if async_saves is not None:
+            for path in async_saves.wait():
+                logger.print(f"> checkpoint complete {path}")
 
     memory = MemoryMonitor()
     logger = TrainingLogger(args, tensorboard_dir, memory)
@@ -298,6 +309,7 @@ def pretrain(args: RunConfig) -> dict:
             metrics = train_step(model, optimizer, scheduler, train_iter, args, iteration - 1,
                                  geometry)
         except NonFiniteError as err:
+            finish_saves()  # the pending checkpoints hold weights from before the NaN
             logger.close()
             if is_logging_rank():
                 path = os.path.join(run_dir, f"non_finite_iter_{iteration:07d}.json")
@@ -323,10 +335,13 @@ def pretrain(args: RunConfig) -> dict:
                 logger.log_eval(iteration, evaluate(model, valid_iter(), args, args.eval_iters))
             throughput.lap()
         if args.save_interval and iteration % args.save_interval == 0 and iteration < args.train_iters:
-            logger.print(f"> saved checkpoint {save(iteration)}")
+            logger.print(f"> {'saving' if async_saves else 'saved'} checkpoint {save(iteration)}")
             throughput.lap()
+        if async_saves is not None and async_saves.pending():
+            for path in async_saves.poll():  # never waits: finalizes the saves written by now
+                logger.print(f"> checkpoint complete {path}")
         if preemption.agreed():
-            path = save(iteration)
+            path = save(iteration, wait=True)
             logger.print(f"> SIGTERM: saved checkpoint {path} at iteration {iteration}; exiting "
                          f"with code {EXIT_PREEMPTED} (resume with --load {save_dir})")
             logger.close()
@@ -334,7 +349,8 @@ def pretrain(args: RunConfig) -> dict:
     logger.close()
 
     if args.save_final or args.save:
-        logger.print(f"> saved checkpoint {save(args.train_iters)}")
+        logger.print(f"> saved checkpoint {save(args.train_iters, wait=True)}")
+    finish_saves()
     summary = _summary(args, logger, time.perf_counter() - start)
     if is_logging_rank():
         if args.plot:
