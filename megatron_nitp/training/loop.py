@@ -248,6 +248,7 @@ def pretrain(args: RunConfig) -> dict:
     def save(iteration: int, wait: bool = False) -> str:
         """The checkpoint's path; with --async-save it is complete only once finalized
         (``wait``: before exiting)."""
+        finish_saves()  # the one before, if still in flight (save_checkpoint would wait too)
         with params_synced(model):
             path = save_checkpoint(save_dir, iteration, model, optimizer, scheduler, args,
                                    consumed_samples=train_iter.consumed_samples,
