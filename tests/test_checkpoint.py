@@ -303,3 +303,138 @@ def test_adam_state_is_materialized_for_torch_adam_only():
     _materialize_adam_state(stepped)
     assert torch.equal(stepped.optimizer.state[param]["exp_avg"], before)
     assert float(stepped.optimizer.state[param]["step"]) == 1.0
+
+
+def _reread(folder):
+    """What the old rank-0 re-read of the whole checkpoint gave: every file's size and CRC32."""
+    import zlib
+
+    out = {}
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = str(file.relative_to(folder))
+        if rel != "manifest.json":
+            data = file.read_bytes()
+            out[rel] = {"bytes": len(data), "crc32": zlib.crc32(data)}
+    return out
+
+
+def test_verification_shares_are_disjoint_and_balanced():
+    from megatron_nitp.training.checkpointing import _share
+
+    manifest = {f"f{i}": {"bytes": b} for i, b in enumerate([100, 90, 50, 40, 30, 5, 5, 1])}
+    for world in (1, 2, 3, 4):
+        shares = [_share(manifest, r, world) for r in range(world)]
+        assert sorted(sum(shares, [])) == sorted(manifest)  # every file, once
+        loads = [sum(manifest[f]["bytes"] for f in s) for s in shares]
+        assert max(loads) - min(loads) <= max(m["bytes"] for m in manifest.values())
+
+
+@pytest.mark.slow
+def test_async_save_resume_is_bitwise_identical(uninterrupted, tmp_path):
+    """--async-save changes nothing in training and its checkpoint resumes exactly like the
+    synchronous one (the reference: the uninterrupted synchronous run)."""
+    import shutil
+
+    root, full = uninterrupted
+    run = tmp_path / "async"
+    proc = _run(run, "--train-iters", "6", "--save-interval", "2", "--async-save")
+    assert "saving checkpoint" in proc.stdout and "checkpoint complete" in proc.stdout
+    got = _history(run)
+    for key in ("lm loss", "nitp loss", "grad norm"):
+        assert got[key] == full[key], key
+    ckpt = run / "checkpoints"
+    assert _latest(ckpt) == 6
+    for iteration in (2, 4, 6):
+        folder = ckpt / f"iter_{iteration:07d}"
+        assert json.load(open(folder / "manifest.json")) == _reread(folder)
+    shutil.copytree(ckpt / "iter_0000004", tmp_path / "at4" / "iter_0000004")
+    (tmp_path / "at4" / "latest_checkpointed_iteration.txt").write_text("4")
+    _run(tmp_path / "resumed", "--train-iters", "6", "--load", str(tmp_path / "at4"),
+         "--no-save")
+    resumed = _history(tmp_path / "resumed")
+    for key in ("lm loss", "nitp loss", "grad norm"):
+        for it in (5, 6):
+            assert resumed[key][it] == full[key][it], (key, it)  # bitwise on CPU fp32
+
+
+@pytest.mark.slow
+def test_sigkill_during_async_write_leaves_previous_checkpoint_latest(uninterrupted, tmp_path):
+    """The writer of iteration 4 stalls mid-file; training goes on (iteration 5 runs) and the
+    process is SIGKILLed at iteration 6: the iteration-4 checkpoint never became latest, the
+    iteration-2 one resumes exactly."""
+    root, full = uninterrupted
+    run = tmp_path / "killed"
+    proc = _run(run, "--train-iters", "6", "--save-interval", "2", "--async-save",
+                fault="stall-async-write@4,sigkill@6", expect=-signal.SIGKILL)
+    assert "iteration        5/" in proc.stdout  # not blocked by the write in flight
+    assert "checkpoint complete" in proc.stdout and "iter_0000004" not in proc.stdout.split(
+        "checkpoint complete")[-1].splitlines()[0]
+    ckpt = run / "checkpoints"
+    assert _latest(ckpt) == 2
+    assert not (ckpt / "iter_0000004" / "manifest.json").exists()
+    resumed = tmp_path / "resumed"
+    proc = _run(resumed, "--train-iters", "4", "--load", str(ckpt), "--no-save")
+    assert "at iteration 2" in proc.stdout
+    got = _history(resumed)
+    for key in ("lm loss", "nitp loss", "grad norm"):
+        for it in (3, 4):
+            assert got[key][it] == full[key][it], (key, it)
+
+
+@pytest.mark.slow
+def test_per_rank_checksums_make_the_full_manifest_and_ranks_share_verification(tmp_path):
+    """DP 2: each rank checksums the files it wrote; the gathered manifest equals a full
+    re-read. At load the two ranks each verify part of the files and agree on the verdict."""
+    run = tmp_path / "dp2"
+    _run(run, "--train-iters", "2", "--save-interval", "1", "--async-save", nproc=2)
+    ckpt = run / "checkpoints"
+    for iteration in (1, 2):
+        folder = ckpt / f"iter_{iteration:07d}"
+        manifest = json.load(open(folder / "manifest.json"))
+        assert manifest == _reread(folder)
+        assert {"rng/rank_00000.pt", "rng/rank_00001.pt"} <= set(manifest)
+        # both ranks wrote shards (the DP replicas share the writing)
+        assert any(n.startswith("__0_") for n in manifest)
+        assert any(n.startswith("__1_") for n in manifest)
+    victim = max((ckpt / "iter_0000002").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    proc = _run(tmp_path / "bad", "--train-iters", "3", "--load", str(ckpt), "--no-save",
+                nproc=2, expect=1)
+    assert "corrupted (CRC32 mismatch)" in proc.stderr and victim.name in proc.stderr
+
+
+@pytest.mark.slow
+def test_no_verify_skips_checksums_but_not_sizes(uninterrupted, tmp_path):
+    import shutil
+
+    root, full = uninterrupted
+    run = tmp_path / "nv"
+    _run(run, "--train-iters", "2", "--save-interval", "1", "--no-verify")
+    manifest = json.load(open(run / "checkpoints" / "iter_0000002" / "manifest.json"))
+    assert manifest and all(set(e) == {"bytes"} for e in manifest.values())
+    # a checkpoint with checksums, one byte flipped: --no-verify does not read it for CRCs
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(root / "full" / "checkpoints", ckpt)
+    victim = sorted((ckpt / "iter_0000006").glob("*.distcp"))[0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    proc = _run(tmp_path / "trusting", "--train-iters", "7", "--load", str(ckpt), "--no-save",
+                "--no-verify")
+    assert "CRC32" not in proc.stdout + proc.stderr and "resumed from" in proc.stdout
+    victim.write_bytes(bytes(data[:-10]))  # sizes are still checked
+    proc = _run(tmp_path / "short", "--train-iters", "7", "--load", str(ckpt), "--no-save",
+                "--no-verify", expect=1)
+    assert "truncated" in proc.stderr
+
+
+def test_async_save_with_nothing_to_save_is_refused(capsys):
+    from megatron_nitp.training.arguments import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(TINY + ["--train-iters", "3", "--async-save", "--no-save"])
+    assert "--async-save with --no-save" in capsys.readouterr().err
+    args = parse_args(TINY + ["--train-iters", "3", "--async-save", "--no-verify"])
+    assert args.async_save and not args.verify

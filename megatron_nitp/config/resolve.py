@@ -134,6 +134,7 @@ def validate(config: RunConfig) -> None:
             f"{p.pipeline_model_parallel_size} (or give --decoder-first/last-pipeline-num-layers)."
         )
     _validate_layout(config)
+    _validate_checkpoint(config)
     _validate_moe(config)
     _validate_performance(config)
     _validate_data(config)
@@ -180,6 +181,21 @@ def _validate_exit(config: RunConfig) -> None:
         signal_number(t.exit_signal)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+def _validate_checkpoint(config: RunConfig) -> None:
+    """--async-save runs megatron-core's writer in a process forked from the trainer (the
+    fork's copy-on-write snapshot is what keeps the saved state consistent on CPU, and what
+    megatron-core's TemporalAsyncCaller uses on GPU): refuse it where fork does not exist."""
+    import multiprocessing
+
+    c = config.checkpoint
+    if c.async_save and "fork" not in multiprocessing.get_all_start_methods():
+        raise ConfigError("--async-save needs the 'fork' process start method (Linux), which "
+                          "this platform lacks: drop --async-save to save synchronously.")
+    if c.async_save and not c.save_final and not c.save_interval:
+        raise ConfigError("--async-save with --no-save and no --save-interval has nothing to "
+                          "write: give --save-interval N or drop --async-save.")
 
 
 def _validate_performance(config: RunConfig) -> None:

@@ -366,6 +366,13 @@ class CheckpointConfig:
     """keep only the newest K complete checkpoints"""
     save_final: bool = flag(True, name="", negative="--no-save")
     """write the final checkpoint"""
+    async_save: bool = False
+    """write checkpoints in the background (megatron-core's asynchronous dist-checkpointing):
+    training goes on while the files are written; the checkpoint becomes latest once every
+    rank's write has finished"""
+    verify: bool = flag(True, name="", negative="--no-verify")
+    """skip the CRC32 checksums: at save (each rank checksums the files it wrote) and at load
+    (the ranks share the verification); sizes are still checked"""
     load: Optional[str] = None
     """resume from the latest checkpoint in this folder (model, optimizer, scheduler,
     iteration, data position, RNG; any parallel layout)"""

@@ -1,7 +1,7 @@
 """Checkpoints that survive pre-emption, crashes and layout changes.
 
 Everything is written with megatron-core's ``dist_checkpointing`` (sharded, so any TP/PP/DP
-layout can reload it) plus a few small files::
+layout can reload it; the data-parallel replicas share the writing) plus a few small files::
 
     SAVE/iter_0000300/                 dist_checkpointing: model (projector included), optimizer,
                                        LR scheduler
@@ -11,17 +11,28 @@ layout can reload it) plus a few small files::
     SAVE/latest_checkpointed_iteration.txt   moved (atomically) only after the manifest exists
 
 A checkpoint becomes visible only when every rank finished writing it and the manifest is
-complete: a crash mid-save leaves the previous one as latest. At load the manifest is verified
-(missing, truncated or corrupted files are named); ``--load-fallback`` then tries the previous
-complete checkpoint.
+complete: a crash mid-save leaves the previous one as latest. Each rank checksums the files it
+wrote itself, right after writing them (in the background writer with ``--async-save``); rank
+0 gathers those entries into the manifest, so nobody re-reads the whole checkpoint. At load the
+ranks share the verification (each checks a byte-balanced part of the files, the verdicts are
+gathered), so missing, truncated or corrupted files are named at a cost per rank that falls
+with the number of ranks; ``--load-fallback`` then tries the previous complete checkpoint.
+``--no-verify`` skips the CRC32s (sizes are still written and checked).
+
+With ``--async-save`` the shards are written by a forked process while training goes on;
+:class:`AsyncSaves` polls for completion after each iteration (one collective while a save is
+pending) and finalizes (manifest, tracker, rotation) once every rank's write has finished.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import random
 import shutil
+import time
 import zlib
 
 import numpy as np
@@ -52,12 +63,28 @@ def checkpoint_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
+#: What this process read and wrote for checkpoint checksums (tools/checkpoint_benchmark.py
+#: reports them): bytes checksummed at save and at load, and bytes of the files it wrote.
+STATS = {"save_checksum_bytes": 0, "load_verify_bytes": 0, "written_bytes": 0}
+
+
 def _crc32(path: str) -> int:
     crc = 0
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             crc = zlib.crc32(chunk, crc)
     return crc
+
+
+def _entry(path: str, verify: bool) -> dict:
+    """One manifest entry for a file this process has just written: its size and, unless
+    ``--no-verify``, its CRC32 (a read of a file still in the page cache)."""
+    size = os.path.getsize(path)
+    STATS["written_bytes"] += size
+    if not verify:
+        return {"bytes": size}
+    STATS["save_checksum_bytes"] += size
+    return {"bytes": size, "crc32": _crc32(path)}
 
 
 def _files(path: str) -> list[str]:
@@ -115,13 +142,105 @@ def _sharded_state(model, optimizer, is_loading: bool) -> dict:
     return state
 
 
+def _save_strategy():
+    """torch_dist, with the data-parallel replicas sharing the writing of the replicated
+    tensors (megatron-core's FullyParallelSaveStrategyWrapper, Megatron-LM's
+    ``--ckpt-fully-parallel-save``): without it DP rank 0 writes every replicated tensor, so
+    its write (and the checksums of what it wrote) would not shrink as DP grows."""
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.serialization import (
+        get_default_save_sharded_strategy,
+    )
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper,
+    )
+
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), group)
+
+
+def _save_request(state: dict, path: str):
+    """The megatron-core AsyncRequest that writes ``state``'s shards (planned here, with the
+    collectives that takes; rank 0 has written the common part). Both the synchronous and the
+    asynchronous save run it, so both know which files this rank writes. megatron-core 0.19
+    defaults to the nvidia-resiliency-ext writer; ask for its own ("mcore")."""
+    kwargs = {}
+    if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters:
+        kwargs["async_strategy"] = "mcore"
+    return dist_checkpointing.save(state, path, sharded_strategy=_save_strategy(),
+                                   async_sharded_save=True, **kwargs)
+
+
+def _write_and_checksum(write, root: str, verify: bool, stall: bool, out, *args, **kwargs):
+    """megatron-core's write of this rank's shard files, then their manifest entries: each
+    rank checksums only what it wrote, while the files are still in the page cache. With
+    ``--async-save`` this runs in the forked writer and hands the entries back through ``out``
+    (a queue the trainer reads at finalization); synchronously it returns them. ``args[1]`` is
+    megatron-core's write plan: (file path, storage key, data) per file."""
+    buckets = args[1]
+    if stall and buckets:  # the stall-async-write test fault: die mid-write (faults.py)
+        with open(buckets[0][0], "wb") as f:
+            f.write(b"partial")
+        time.sleep(faults.STALL_SECONDS)
+    try:
+        write(*args, **kwargs)
+        entries = {os.path.relpath(b[0], root): _entry(b[0], verify) for b in buckets}
+    except Exception as err:  # reported by the trainer at finalization, on every rank
+        entries = {"error": f"{type(err).__name__}: {err}"}
+        if out is None:
+            raise
+    if out is not None:
+        out.put(entries)
+    return entries
+
+
+class AsyncSaves:
+    """The checkpoints being written in the background (``--async-save``), on megatron-core's
+    AsyncCallsQueue: each save's writer is a process forked from the trainer (on GPU after the
+    copy to host memory; on CPU the fork's copy-on-write snapshot is the copy), and a save is
+    finalized (manifest, tracker, rotation) only once every rank's writer has finished - the
+    queue's completion check is a collective, so all ranks agree. Call :meth:`poll` on every
+    rank after each iteration (it costs one all-reduce while a save is pending, nothing
+    otherwise) and :meth:`wait` before exiting."""
+
+    def __init__(self):
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self.queue = AsyncCallsQueue(persistent=False)
+        self.paths: dict[int, str] = {}
+
+    def schedule(self, request, path: str) -> None:
+        self.paths[self.queue.schedule_async_request(request)] = path
+
+    def pending(self) -> int:
+        return self.queue.get_num_unfinalized_calls()
+
+    def poll(self, blocking: bool = False) -> list[str]:
+        """The paths of the checkpoints finalized now (every rank must call it)."""
+        done = self.queue.maybe_finalize_async_calls(blocking=blocking)
+        return [self.paths.pop(i) for i in done]
+
+    def wait(self) -> list[str]:
+        """Finalizes every pending save, waiting for the writers."""
+        return self.poll(blocking=True)
+
+
 def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args,
                     consumed_samples: int = 0, keep_last: int | None = None,
+                    async_saves: AsyncSaves | None = None,
                     imported_from: str | None = None) -> str:
-    """Writes a complete checkpoint of ``iteration`` and then moves the tracker to it (the
+    """Writes a checkpoint of ``iteration``; once every rank's files are written, rank 0 puts
+    the ranks' manifest entries together and then moves the tracker to it (the
     ``crash-in-save`` test fault stops the process in between: ``training/faults.py``).
-    ``imported_from`` (``megatron_nitp/hf.py``): a weights-only checkpoint converted from that
-    Hugging Face folder, without optimizer and scheduler (loadable with ``--finetune`` only)."""
+
+    With ``async_saves`` the shards are written in the background and this returns once they
+    are scheduled; the manifest and tracker follow when :meth:`AsyncSaves.poll` finalizes the
+    save. A save still pending from before is finalized first. ``imported_from``
+    (``megatron_nitp/hf.py``): a weights-only checkpoint converted from that Hugging Face
+    folder, without optimizer and scheduler (loadable with ``--finetune`` only)."""
+    if async_saves is not None:
+        async_saves.wait()
+    verify = getattr(args, "verify", True)
     path = checkpoint_dir(root, iteration)
     rank = torch.distributed.get_rank()
     if rank == 0:
@@ -134,37 +253,95 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args
     state = _sharded_state(model, optimizer, is_loading=False)
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
-    dist_checkpointing.save(state, path)
-    # the per-rank RNG states after the shards (still before the manifest and the tracker)
+    request = _save_request(state, path)
+    own = {}  # this rank's files: {path relative to the checkpoint: manifest entry}
+    if rank == 0 and os.path.exists(os.path.join(path, "common.pt")):
+        own["common.pt"] = _entry(os.path.join(path, "common.pt"), verify)  # 0.16-0.18
+    # the per-rank RNG states (still before the manifest and the tracker)
     os.makedirs(os.path.join(path, "rng"), exist_ok=True)
-    torch.save(_rng_state(), os.path.join(path, "rng", f"rank_{rank:05d}.pt"))
-    torch.distributed.barrier()
+    rng_file = os.path.join("rng", f"rank_{rank:05d}.pt")
+    torch.save(_rng_state(), os.path.join(path, rng_file))
+    own[rng_file] = _entry(os.path.join(path, rng_file), verify)
+    if rank == 0:
+        with open(os.path.join(path, META), "w") as f:
+            json.dump(_meta(iteration, consumed_samples, args, imported_from), f, indent=2)
+        own[META] = _entry(os.path.join(path, META), verify)
+    finish = functools.partial(_finalize, root, path, iteration, own, keep_last, verify)
+    if async_saves is None:
+        args_ = list(request.async_fn_args)
+        if request.preload_fn is not None:  # device-to-host copy (GPU); no copy on CPU
+            args_[1] = request.preload_fn()
+        if request.async_fn is not None:
+            own.update(_write_and_checksum(request.async_fn, path, verify, False, None, *args_,
+                                           **request.async_fn_kwargs))
+        torch.distributed.barrier()
+        for fn in request.finalize_fns:
+            fn()
+        finish(None)
+        return path
+    out = None
+    if request.async_fn is not None:
+        import multiprocessing
+
+        out = multiprocessing.get_context("fork").Queue()
+        stall = faults.due("stall-async-write", iteration)
+        request = request._replace(async_fn=functools.partial(
+            _write_and_checksum, request.async_fn, path, verify, stall, out))
+    request.add_finalize_fn(functools.partial(finish, out))
+    async_saves.schedule(request, path)
+    return path
+
+
+def _meta(iteration: int, consumed_samples: int, args, imported_from: str | None = None) -> dict:
+    meta = {
+        "iteration": iteration,
+        "consumed_samples": consumed_samples,
+        "world_size": torch.distributed.get_world_size(),
+        "layout": {"tp": args.tensor_model_parallel_size,
+                   "pp": args.pipeline_model_parallel_size,
+                   "ep": args.expert_model_parallel_size},
+        "model": model_meta(args),
+        "nitp": dict(args.nitp_config.__dict__),
+        # the whole run config (RunConfig.to_dict): export, evaluation and the tools
+        # rebuild the model from it (megatron_nitp.config.RunConfig.from_dict)
+        "config": args.to_dict(),
+        # not compared at load; read by exports of checkpoints older than "config"
+        "export": {k: getattr(args, k, None) for k in (
+            "seq_length", "max_position_embeddings", "rotary_base", "norm_epsilon",
+            "vocab_size", "tokenizer_model", "moe_layer_freq")},
+    }
+    if imported_from:
+        meta["imported_from"] = imported_from
+    return meta
+
+
+def _finalize(root: str, path: str, iteration: int, own: dict, keep_last: int | None,
+              verify: bool, out) -> None:
+    """Runs on every rank once every rank's shards are written (and megatron-core has written
+    its metadata): gathers the ranks' manifest entries to rank 0, which adds the files it wrote
+    during finalization, writes the manifest and then moves the tracker."""
+    if out is not None:
+        written = out.get(timeout=600)
+        if "error" in written:
+            raise CheckpointError(f"writing {path} failed on rank "
+                                  f"{torch.distributed.get_rank()}: {written['error']}")
+        own = {**own, **written}
     if faults.due("crash-in-save", iteration):
         os._exit(faults.EXIT_CRASH_IN_SAVE)
+    rank = torch.distributed.get_rank()
+    gathered = [None] * torch.distributed.get_world_size() if rank == 0 else None
+    torch.distributed.gather_object(own, gathered, dst=0)
     if rank == 0:
-        meta = {
-            "iteration": iteration,
-            "consumed_samples": consumed_samples,
-            "world_size": torch.distributed.get_world_size(),
-            "layout": {"tp": args.tensor_model_parallel_size,
-                       "pp": args.pipeline_model_parallel_size,
-                       "ep": args.expert_model_parallel_size},
-            "model": model_meta(args),
-            "nitp": dict(args.nitp_config.__dict__),
-            # the whole run config (RunConfig.to_dict): export, evaluation and the tools
-            # rebuild the model from it (megatron_nitp.config.RunConfig.from_dict)
-            "config": args.to_dict(),
-            # not compared at load; read by exports of checkpoints older than "config"
-            "export": {k: getattr(args, k, None) for k in (
-                "seq_length", "max_position_embeddings", "rotary_base", "norm_epsilon",
-                "vocab_size", "tokenizer_model", "moe_layer_freq")},
-        }
-        if imported_from:
-            meta["imported_from"] = imported_from
-        with open(os.path.join(path, META), "w") as f:
-            json.dump(meta, f, indent=2)
-        manifest = {rel: {"bytes": os.path.getsize(os.path.join(path, rel)),
-                          "crc32": _crc32(os.path.join(path, rel))} for rel in _files(path)}
+        manifest = {}
+        for entries in gathered:
+            manifest.update(entries)
+        # megatron-core's metadata (.metadata, metadata.json), written by rank 0 in the
+        # finalization; any other file nobody reported is checksummed here too, so the
+        # manifest always covers the whole folder (a listing, not a read of the others' files)
+        for rel in _files(path):
+            if rel not in manifest:
+                manifest[rel] = _entry(os.path.join(path, rel), verify)
+        manifest = dict(sorted(manifest.items()))
         with open(os.path.join(path, MANIFEST + ".tmp"), "w") as f:
             json.dump(manifest, f, indent=1)
         os.replace(os.path.join(path, MANIFEST + ".tmp"), os.path.join(path, MANIFEST))
@@ -175,7 +352,6 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args
         if keep_last:
             _rotate(root, keep_last)
     torch.distributed.barrier()
-    return path
 
 
 def _complete_iterations(root: str) -> list[int]:
@@ -192,29 +368,68 @@ def _rotate(root: str, keep_last: int) -> None:
         shutil.rmtree(checkpoint_dir(root, iteration), ignore_errors=True)
 
 
-def verify_checkpoint(path: str) -> None:
-    """Raises CheckpointError naming the first missing, truncated or corrupted file."""
+def _share(manifest: dict, rank: int, world: int) -> list[str]:
+    """The files ``rank`` verifies: the manifest split into ``world`` parts of about equal
+    bytes (largest first, each to the least loaded rank; the same split on every rank)."""
+    loads = [0] * world
+    mine = []
+    for rel in sorted(manifest, key=lambda r: (-manifest[r]["bytes"], r)):
+        who = loads.index(min(loads))
+        loads[who] += manifest[rel]["bytes"]
+        if who == rank:
+            mine.append(rel)
+    return mine
+
+
+def _check_file(path: str, rel: str, expected: dict, verify: bool) -> str | None:
+    file = os.path.join(path, rel)
+    if not os.path.exists(file):
+        return f"checkpoint file missing: {file}"
+    size = os.path.getsize(file)
+    if size != expected["bytes"]:
+        return (f"checkpoint file truncated: {file} has {size} bytes, {expected['bytes']} were "
+                "written")
+    if verify and "crc32" in expected:
+        STATS["load_verify_bytes"] += size
+        if _crc32(file) != expected["crc32"]:
+            return f"checkpoint file corrupted (CRC32 mismatch): {file}"
+    return None
+
+
+def verify_checkpoint(path: str, verify: bool = True) -> None:
+    """Raises CheckpointError naming the first missing, truncated or corrupted file.
+
+    In a distributed run every rank must call it: each checks its byte-balanced share of the
+    files (:func:`_share`) and the verdicts are gathered, so the bytes each rank reads fall as
+    the ranks grow and all ranks raise the same error. Without ``verify`` (``--no-verify``)
+    only the files' presence and sizes are checked."""
     manifest_path = os.path.join(path, MANIFEST)
     if not os.path.exists(manifest_path):
         raise CheckpointError(f"{path} is incomplete: {MANIFEST} is missing (the save never "
                               "finished); use an earlier checkpoint or --load-fallback.")
     with open(manifest_path) as f:
         manifest = json.load(f)
-    for rel, expected in manifest.items():
-        file = os.path.join(path, rel)
-        if not os.path.exists(file):
-            raise CheckpointError(f"checkpoint file missing: {file}")
-        size = os.path.getsize(file)
-        if size != expected["bytes"]:
-            raise CheckpointError(f"checkpoint file truncated: {file} has {size} bytes, "
-                                  f"{expected['bytes']} were written")
-        if _crc32(file) != expected["crc32"]:
-            raise CheckpointError(f"checkpoint file corrupted (CRC32 mismatch): {file}")
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank, world = ((torch.distributed.get_rank(), torch.distributed.get_world_size())
+                   if distributed else (0, 1))
+    errors = {}
+    for rel in _share(manifest, rank, world):
+        error = _check_file(path, rel, manifest[rel], verify)
+        if error:
+            errors[rel] = error
+    if world > 1:
+        everyone = [None] * world
+        torch.distributed.all_gather_object(everyone, errors)
+        errors = {k: v for part in everyone for k, v in part.items()}
+    if errors:
+        first = errors[min(errors)]
+        more = f" (and {len(errors) - 1} more file(s))" if len(errors) > 1 else ""
+        raise CheckpointError(first + more)
 
 
-def find_checkpoint(root: str, fallback: bool = False) -> str:
+def find_checkpoint(root: str, fallback: bool = False, verify: bool = True) -> str:
     """The latest checkpoint under ``root``, verified; with ``fallback`` the newest complete
-    and intact one if the latest is not."""
+    and intact one if the latest is not. In a distributed run every rank must call it."""
     tracker = os.path.join(root, TRACKER)
     if not os.path.exists(tracker):
         raise CheckpointError(f"no checkpoint in {root}: {TRACKER} is missing.")
@@ -227,7 +442,7 @@ def find_checkpoint(root: str, fallback: bool = False) -> str:
     for iteration in candidates:
         path = checkpoint_dir(root, iteration)
         try:
-            verify_checkpoint(path)
+            verify_checkpoint(path, verify)
             if errors:
                 print(f"> falling back to {path} ({errors[-1]})", flush=True)
             return path
@@ -338,7 +553,7 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, args=None,
     data position and RNG start fresh. RNG states are restored only when the layout (world
     size) is unchanged; a resharded run continues with the same weights and optimizer state.
     """
-    path = find_checkpoint(root, fallback)
+    path = find_checkpoint(root, fallback, getattr(args, "verify", True))
     meta = read_meta(path)
     if meta.get("imported_from") and not weights_only and optimizer is not None:
         raise CheckpointError(

@@ -7,7 +7,12 @@ one of :data:`KINDS` and ITER the 1-based iteration it strikes:
   the non-finite check before the optimizer step (``--nan-policy``);
 - ``sigterm`` / ``sigkill``: the signal to this process at the start of the iteration;
 - ``crash-in-save``: the process exits (code :data:`EXIT_CRASH_IN_SAVE`) after the checkpoint
-  of that iteration is written and before its manifest and tracker are.
+  of that iteration is written and before its manifest and tracker are;
+- ``stall-async-write``: with ``--async-save``, the background writer of that iteration's
+  checkpoint writes part of its first file and then stalls (for :data:`STALL_SECONDS`), so a
+  ``sigkill`` a few iterations later strikes while the write is in flight.
+
+Several faults combine with commas: ``stall-async-write@4,sigkill@6``.
 
 No flag or function signature of the training code carries it; with the variable unset each
 check is one dictionary lookup.
@@ -18,23 +23,27 @@ from __future__ import annotations
 import os
 
 ENV = "MEGATRON_NITP_INJECT_FAULT"
-KINDS = ("nan-loss", "nan-grad", "sigterm", "sigkill", "crash-in-save")
+KINDS = ("nan-loss", "nan-grad", "sigterm", "sigkill", "crash-in-save", "stall-async-write")
 EXIT_CRASH_IN_SAVE = 17
+STALL_SECONDS = 300
 
 
-def planned() -> tuple[str | None, int]:
-    """(kind, iteration) from the environment, (None, -1) when unset; ValueError on a bad one."""
+def planned() -> list[tuple[str, int]]:
+    """The (kind, iteration) pairs from the environment, [] when unset; ValueError on a bad
+    one."""
     spec = os.environ.get(ENV, "")
-    if not spec:
-        return None, -1
-    kind, _, when = spec.partition("@")
-    if kind not in KINDS or not when.isdigit():
-        raise ValueError(f"${ENV}={spec!r}: use KIND@ITER with KIND in {', '.join(KINDS)}")
-    return kind, int(when)
+    faults = []
+    for part in filter(None, spec.split(",")):
+        kind, _, when = part.partition("@")
+        if kind not in KINDS or not when.isdigit():
+            raise ValueError(f"${ENV}={spec!r}: use KIND@ITER[,KIND@ITER...] with KIND in "
+                             f"{', '.join(KINDS)}")
+        faults.append((kind, int(when)))
+    return faults
 
 
 def due(kind: str, iteration: int) -> bool:
     """Whether fault ``kind`` strikes at (1-based) ``iteration``."""
     if ENV not in os.environ:
         return False
-    return planned() == (kind, iteration)
+    return (kind, iteration) in planned()

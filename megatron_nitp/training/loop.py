@@ -18,9 +18,9 @@ from megatron_nitp.config import RunConfig, resolve
 from megatron_nitp.device import device
 from megatron_nitp.device import name as device_name
 from megatron_nitp.training import arguments
+from megatron_nitp.training.exits import EXIT_NON_FINITE, ExitConditions
 from megatron_nitp.training.initialize import initialize_distributed, set_seed
 from megatron_nitp.training.logger import Throughput, TrainingLogger, is_logging_rank
-from megatron_nitp.training.exits import EXIT_NON_FINITE, ExitConditions
 from megatron_nitp.training.memory import MemoryMonitor
 from megatron_nitp.training.model import params_synced
 from megatron_nitp.training.step import evaluate, train_step
@@ -223,7 +223,7 @@ def pretrain(args: RunConfig) -> dict:
 def _pretrain(args: RunConfig) -> dict:
     import signal
 
-    from megatron_nitp.training.checkpointing import save_checkpoint
+    from megatron_nitp.training.checkpointing import AsyncSaves, save_checkpoint
     from megatron_nitp.training.step import NonFiniteError
 
     from megatron_nitp.training import faults
@@ -243,12 +243,24 @@ def _pretrain(args: RunConfig) -> dict:
         os.makedirs(run_dir, exist_ok=True)
     tensorboard_dir = args.tensorboard_dir or os.path.join(run_dir, "tensorboard")
     save_dir = args.save or os.path.join(run_dir, "checkpoints")
+    async_saves = AsyncSaves() if args.async_save else None
 
-    def save(iteration: int) -> str:
+    def save(iteration: int, wait: bool = False) -> str:
+        """The checkpoint's path; with --async-save it is complete only once finalized
+        (``wait``: before exiting)."""
+        finish_saves()  # the one before, if still in flight (save_checkpoint would wait too)
         with params_synced(model):
-            return save_checkpoint(save_dir, iteration, model, optimizer, scheduler, args,
+            path = save_checkpoint(save_dir, iteration, model, optimizer, scheduler, args,
                                    consumed_samples=train_iter.consumed_samples,
-                                   keep_last=args.save_keep_last)
+                                   keep_last=args.save_keep_last, async_saves=async_saves)
+        if wait:
+            finish_saves()
+        return path
+
+    def finish_saves() -> None:
+        if async_saves is not None:
+            for path in async_saves.wait():
+                logger.print(f"> checkpoint complete {path}")
 
     memory = MemoryMonitor()
     logger = TrainingLogger(args, tensorboard_dir, memory, run_dir=run_dir)
@@ -310,6 +322,7 @@ def _pretrain(args: RunConfig) -> dict:
                 metrics = train_step(model, optimizer, scheduler, train_iter, args,
                                      iteration - 1, geometry)
             except NonFiniteError as err:
+                finish_saves()  # the pending checkpoints hold weights from before the NaN
                 logger.close()
                 if is_logging_rank():
                     path = os.path.join(run_dir, f"non_finite_iter_{iteration:07d}.json")
@@ -341,12 +354,16 @@ def _pretrain(args: RunConfig) -> dict:
             if (args.save_interval and iteration % args.save_interval == 0
                     and iteration < args.train_iters):
                 saved = save(iteration)
-                logger.print(f"> saved checkpoint {saved}")
+                logger.print(f"> {'saving' if async_saves else 'saved'} checkpoint {saved}")
                 throughput.lap()
+            if async_saves is not None and async_saves.pending():
+                for path in async_saves.poll():  # never waits: finalizes the saves written by now
+                    logger.print(f"> checkpoint complete {path}")
             decision = exits.decide(iteration, args.train_iters)
             if decision is not None:
                 code, reason = decision
-                path = saved or save(iteration)
+                finish_saves()  # the interval's checkpoint, if written in the background
+                path = saved or save(iteration, wait=True)
                 logger.print(f"> exit after iteration {iteration}: {reason}; saved checkpoint "
                              f"{path}; exiting with code {code} (resume with --load "
                              f"{save_dir})")
@@ -360,7 +377,8 @@ def _pretrain(args: RunConfig) -> dict:
     logger.close()
 
     if args.save_final or args.save:
-        logger.print(f"> saved checkpoint {save(args.train_iters)}")
+        logger.print(f"> saved checkpoint {save(args.train_iters, wait=True)}")
+    finish_saves()
     summary = _summary(args, logger, time.perf_counter() - start)
     if is_logging_rank():
         if args.plot:
