@@ -10,8 +10,8 @@ from megatron_nitp import compat
 from megatron_nitp.compat import cpu, te
 from tests.helpers import run_python_code
 
-CUDA_ONLY = {"patch_cuda_runtime", "patch_rng_tracker", "patch_moe_split_sizes", "patch_default_causal_mask",
-             "enter_cuda_to_cpu_mode"}
+CUDA_ONLY = {"patch_cuda_runtime", "patch_rng_tracker", "patch_moe_split_sizes",
+             "patch_default_causal_mask", "enter_cuda_to_cpu_mode"}
 TE_APEX = {"patch_moe_router_without_te", "patch_torch_norm_sequence_parallel",
            "patch_distributed_optimizer_step_state", "patch_distributed_optimizer_shared_step"}
 
