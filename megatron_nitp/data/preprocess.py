@@ -13,16 +13,16 @@ import torch
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 from tqdm import tqdm
 
-from megatron_nitp.data.tokenizer import SentencePieceTokenizer, iter_documents
+from megatron_nitp.data.tokenizer import DEFAULT_TOKENIZER_TYPE, build_tokenizer, iter_documents
 
 _PROGRESS_MIN_DOCUMENTS = 5000
 
-_worker_tokenizer: SentencePieceTokenizer | None = None
+_worker_tokenizer = None
 
 
-def _init_worker(tokenizer_model: str) -> None:
+def _init_worker(tokenizer_type: str, tokenizer_model: str) -> None:
     global _worker_tokenizer
-    _worker_tokenizer = SentencePieceTokenizer(tokenizer_model)
+    _worker_tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)
 
 
 def _encode(text: str) -> list[int]:
@@ -52,6 +52,7 @@ def preprocess(
     json_key: str = "text",
     append_eod: bool = True,
     workers: int = 1,
+    tokenizer_type: str = DEFAULT_TOKENIZER_TYPE,
 ) -> str:
     """Tokenizes text files into `{output_prefix}_text_document.bin/.idx`.
 
@@ -64,25 +65,26 @@ def preprocess(
 
     Args:
         input_files: Plain text or `.jsonl` files.
-        tokenizer_model: Path of the SentencePiece `.model` file.
+        tokenizer_model: The tokenizer's file or folder (`build_tokenizer`'s `tokenizer_model`).
         output_prefix: Output path prefix; `_text_document` is appended as in Megatron.
         json_key: Key of the document text in JSON-lines records.
         append_eod: Whether to end every document with the EOD token, so that samples that
             span documents show where one ends.
         workers: Number of tokenizer processes; 1 tokenizes in this process.
+        tokenizer_type: Megatron-LM's `--tokenizer-type` (`build_tokenizer`).
 
     Returns:
         The data prefix `{output_prefix}_text_document`, as accepted by `build_datasets`.
 
     Raises:
         FileNotFoundError: If an input file or the tokenizer model does not exist.
-        ValueError: If the inputs hold no document.
+        ValueError: If the inputs hold no document, or the tokenizer is unusable.
     """
     input_files = list(input_files)
     for path in input_files:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"input file not found: {path}")
-    tokenizer = SentencePieceTokenizer(tokenizer_model)
+    tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)
 
     data_prefix = f"{output_prefix}_text_document"
     os.makedirs(os.path.dirname(os.path.abspath(data_prefix)), exist_ok=True)
@@ -97,7 +99,7 @@ def preprocess(
         # spawned ones, also work when the caller's main module cannot be re-imported.
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("fork" if "fork" in methods else None)
-        pool = context.Pool(workers, initializer=_init_worker, initargs=(tokenizer_model,))
+        pool = context.Pool(workers, initializer=_init_worker, initargs=(tokenizer_type, tokenizer_model))
         encoded = pool.imap(_encode, documents, chunksize=32)
     else:
         encoded = map(tokenizer.tokenize, documents)
