@@ -3,6 +3,8 @@
 Example:
     python tools/preprocess_data.py --input corpus.jsonl --json-keys text \
         --tokenizer-model out/tokenizer.model --output-prefix out/corpus --workers 4
+    python tools/preprocess_data.py --input corpus.jsonl --tokenizer-type HuggingFaceTokenizer \
+        --tokenizer-model out/bpe --output-prefix out/corpus
 """
 
 import argparse
@@ -12,6 +14,7 @@ import megatron_nitp  # noqa: F401  (CPU import stubs must precede megatron-core
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_nitp.data.preprocess import preprocess
+from megatron_nitp.data.tokenizer import DEFAULT_TOKENIZER_TYPE, TOKENIZER_TYPES
 
 
 def main(argv=None) -> None:
@@ -21,7 +24,12 @@ def main(argv=None) -> None:
                              "(documents separated by blank lines)")
     parser.add_argument("--json-keys", "--json-key", dest="json_keys", nargs="+",
                         default=["text"], help="key of the document text in .jsonl records")
-    parser.add_argument("--tokenizer-model", required=True, help="SentencePiece .model file")
+    parser.add_argument("--tokenizer-type", default=DEFAULT_TOKENIZER_TYPE,
+                        choices=TOKENIZER_TYPES,
+                        help="Megatron-LM's tokenizer kind (train with the same one)")
+    parser.add_argument("--tokenizer-model", required=True,
+                        help="the tokenizer's file or folder: a SentencePiece .model, a Hugging "
+                             "Face folder with tokenizer.json, a tiktoken .json")
     parser.add_argument("--output-prefix", required=True)
     parser.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
                         help="end every document with the EOD token (default: on)")
@@ -37,6 +45,7 @@ def main(argv=None) -> None:
         json_key=args.json_keys[0],
         append_eod=args.append_eod,
         workers=args.workers,
+        tokenizer_type=args.tokenizer_type,
     )
     dataset = IndexedDataset(data_prefix)
     print(

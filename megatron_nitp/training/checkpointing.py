@@ -151,7 +151,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args
             # not compared at load; read by exports of checkpoints older than "config"
             "export": {k: getattr(args, k, None) for k in (
                 "seq_length", "max_position_embeddings", "rotary_base", "norm_epsilon",
-                "vocab_size", "tokenizer_model", "moe_layer_freq")},
+                "vocab_size", "tokenizer_type", "tokenizer_model", "moe_layer_freq")},
         }
         with open(os.path.join(path, META), "w") as f:
             json.dump(meta, f, indent=2)
