@@ -305,6 +305,10 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None,
     Raises:
         FileNotFoundError, ValueError: See :func:`check_tokenizer`; ValueError also for a file
             the library cannot read, or a tokenizer without an eos token to use as EOD.
+
+    A known limit of the library's TikTokenizer (0.16 and 0.19): ``detokenize`` decodes each id
+    on its own, so a character split over several byte tokens comes back as U+FFFD; encoding,
+    and so training, is exact.
     """
     from megatron.core.tokenizers import MegatronTokenizer
 
