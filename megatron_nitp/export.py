@@ -88,7 +88,8 @@ def export_tokenizer(config, out_dir: str) -> list[str]:
             copied.append(name)
     model = {"HuggingFaceTokenizer": ".", "SentencePieceTokenizer": "tokenizer.model",
              "TikTokenizer": "tiktoken.json"}.get(kind) if copied else None
-    record = {"tokenizer_type": kind, "tokenizer_model": model, "vocab_size": config.vocab_size}
+    record = {"tokenizer_type": kind, "tokenizer_model": model,
+              "vocab_size": config.model.vocab_size}
     with open(os.path.join(out_dir, TOKENIZER_RECORD), "w") as f:
         json.dump(record, f, indent=2)
     return copied + [TOKENIZER_RECORD]

@@ -180,12 +180,14 @@ def test_preprocess_with_a_huggingface_tokenizer_train_export(dist, files, tmp_p
     run_dir = tmp_path / "run"
     summary = pretrain(parse_args(TINY + [
         "--train-iters", "3", "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
-        files["bpe"], "--data-path", prefix, "--data-cache-path", str(tmp_path / "cache"),
+        files["bpe"], "--data-path", prefix, "--split", "1,0,0",
+        "--data-cache-path", str(tmp_path / "cache"),
         "--run-dir", str(run_dir)]))
     assert summary["lm loss"] is not None and summary["iterations"] == 3
-    config = config_from_meta(read_meta(find_checkpoint(str(run_dir / "checkpoints"))))
+    meta = read_meta(find_checkpoint(str(run_dir / "checkpoints")))
+    assert meta["config"]["derived"]["vocab_size"] == 400  # the tokenizer's
+    config = config_from_meta(meta)
     assert (config.tokenizer_type, config.tokenizer_model) == ("HuggingFaceTokenizer", files["bpe"])
-    assert config.vocab_size == 400
 
     out = tmp_path / "hf"
     written, _ = export_checkpoint(str(run_dir / "checkpoints"), str(out))
