@@ -39,19 +39,60 @@ def export_checkpoint(checkpoint_root: str, out_dir: str, keep_projector: bool =
     written, parameters exported). ``tools/export_checkpoint.py`` and the lm-eval bridge."""
     model, config = load_checkpoint_model(checkpoint_root)
     written = export_hf(model, config, out_dir, keep_projector=keep_projector)
-    if config.tokenizer_model and os.path.exists(config.tokenizer_model):
-        written += export_tokenizer(config.tokenizer_model, out_dir)
+    written += export_tokenizer(config, out_dir)
     total = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("projector."))
     return written, total
 
 
-def export_tokenizer(tokenizer_model: str, out_dir: str) -> list[str]:
-    """The run's tokenizer as a transformers tokenizer in ``out_dir``, so that
-    ``AutoTokenizer.from_pretrained(out_dir)`` (and lm-eval's own ``hf`` model) encodes as
-    training did. The SentencePiece ``.model`` is copied as ``tokenizer.model`` and converted by
-    ``LlamaTokenizer`` (its BPE pieces, byte fallback and "▁" prefix) into ``tokenizer.json``,
-    adding no BOS/EOS (our documents have none but the EOD between them), with our unk/bos/eos/
-    pad pieces. Returns the names of the files written."""
+#: Written beside an export: which tokenizer the model was trained with, for the lm-eval bridge
+#: (``{"tokenizer_type": ..., "tokenizer_model": file or folder relative to the export, or
+#: null, "vocab_size": ...}``). Exports without it hold a SentencePiece ``tokenizer.model``.
+TOKENIZER_RECORD = "nitp_tokenizer.json"
+
+#: The files of a Hugging Face tokenizer folder that an export copies (the ones that exist).
+_HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                       "chat_template.jinja")
+
+
+def export_tokenizer(config, out_dir: str) -> list[str]:
+    """Writes the checkpoint's tokenizer (``config.tokenizer_type`` / ``tokenizer_model``, as
+    the stored config records them; a config without the type is SentencePiece) into the export,
+    so that ``transformers.AutoTokenizer.from_pretrained(out_dir)`` (and lm-eval's own ``hf``
+    model) encodes as training did, and records it in :data:`TOKENIZER_RECORD`: SentencePiece as
+    ``tokenizer.model`` converted to a transformers tokenizer (:func:`_sentencepiece_tokenizer`),
+    Hugging Face as its ``tokenizer.json`` (and config) at the top of the folder, tiktoken as
+    ``tiktoken.json``; NullTokenizer has no file. A tokenizer file missing on this machine is
+    skipped (the record says none). Returns the files written."""
+    import shutil
+
+    kind, source = config.tokenizer_type, config.tokenizer_model
+    copied: list[str] = []
+    if source and os.path.exists(source):
+        if kind == "HuggingFaceTokenizer":
+            folder = source if os.path.isdir(source) else os.path.dirname(source)
+            for name in _HF_TOKENIZER_FILES:
+                if os.path.isfile(os.path.join(folder, name)):
+                    shutil.copy(os.path.join(folder, name), os.path.join(out_dir, name))
+                    copied.append(name)
+        elif kind == "SentencePieceTokenizer":
+            copied += _sentencepiece_tokenizer(source, out_dir)
+        elif kind == "TikTokenizer":
+            shutil.copy(source, os.path.join(out_dir, "tiktoken.json"))
+            copied.append("tiktoken.json")
+    model = {"HuggingFaceTokenizer": ".", "SentencePieceTokenizer": "tokenizer.model",
+             "TikTokenizer": "tiktoken.json"}.get(kind) if copied else None
+    record = {"tokenizer_type": kind, "tokenizer_model": model,
+              "vocab_size": config.model.vocab_size}
+    with open(os.path.join(out_dir, TOKENIZER_RECORD), "w") as f:
+        json.dump(record, f, indent=2)
+    return copied + [TOKENIZER_RECORD]
+
+
+def _sentencepiece_tokenizer(tokenizer_model: str, out_dir: str) -> list[str]:
+    """A SentencePiece ``.model`` as a transformers tokenizer in ``out_dir``: copied as
+    ``tokenizer.model`` and converted by ``LlamaTokenizer`` (its BPE pieces, byte fallback and
+    "▁" prefix) into ``tokenizer.json``, adding no BOS/EOS (our documents have none but the EOD
+    between them), with our unk/bos/eos/pad pieces. Returns the names of the files written."""
     import shutil
 
     import sentencepiece
@@ -67,6 +108,30 @@ def export_tokenizer(tokenizer_model: str, out_dir: str) -> list[str]:
         out_dir, add_bos_token=False, add_eos_token=False, legacy=False, **special)
     saved = {os.path.basename(f) for f in tokenizer.save_pretrained(out_dir)}
     return ["tokenizer.model"] + sorted(saved - {"tokenizer.model"})
+
+
+def exported_tokenizer(model_dir: str, tokenizer_type: str | None = None,
+                       tokenizer_model: str | None = None):
+    """The tokenizer of an export (:func:`export_tokenizer`'s record; an export without one
+    has a SentencePiece ``tokenizer.model``), or the ``tokenizer_type``/``tokenizer_model``
+    given instead, built by ``build_tokenizer``. Raises FileNotFoundError / ValueError naming
+    the fix."""
+    from megatron_nitp.data.tokenizer import DEFAULT_TOKENIZER_TYPE, build_tokenizer
+
+    record = {"tokenizer_type": DEFAULT_TOKENIZER_TYPE, "tokenizer_model": "tokenizer.model",
+              "vocab_size": None}
+    path = os.path.join(model_dir, TOKENIZER_RECORD)
+    if os.path.exists(path):
+        with open(path) as f:
+            record.update(json.load(f))
+    kind = tokenizer_type or record["tokenizer_type"]
+    model = tokenizer_model
+    if model is None and record["tokenizer_model"] is not None:
+        model = os.path.join(model_dir, record["tokenizer_model"])
+    if model is None and kind != "NullTokenizer":
+        raise FileNotFoundError(f"no tokenizer in {model_dir} (the checkpoint's {kind} was not "
+                                "found at export): pass --tokenizer-model")
+    return build_tokenizer(kind, model, record.get("vocab_size"))
 
 
 def export_hf(model, args, out_dir: str, keep_projector: bool = False) -> list[str]:

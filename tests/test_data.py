@@ -12,8 +12,8 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_nitp.data import (
     MicroBatchIterator,
-    SentencePieceTokenizer,
     build_datasets,
+    build_tokenizer,
     prepare_default_corpus,
     preprocess,
     train_sentencepiece,
@@ -42,7 +42,7 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenizer(corpus):
-    return SentencePieceTokenizer(corpus["model"])
+    return build_tokenizer("SentencePieceTokenizer", corpus["model"])
 
 
 @pytest.fixture(scope="module")
@@ -62,18 +62,19 @@ def test_tokenizer_round_trip_and_special_ids(tokenizer):
     ids = tokenizer.tokenize(text)
     assert tokenizer.unk not in ids
     assert tokenizer.detokenize(ids) == text
-    assert tokenizer.vocab[tokenizer.inv_vocab[ids[0]]] == ids[0]
+    assert tokenizer.vocab[ids[0]] == tokenizer.inv_vocab[ids[0]]
 
 
 @pytest.fixture(scope="module")
 def default_tokenizer():
     """The built-in corpus's tokenizer (vocab 4096, cached under ~/.cache/megatron-nitp)."""
-    return SentencePieceTokenizer(prepare_default_corpus()[1])
+    return build_tokenizer("SentencePieceTokenizer", prepare_default_corpus()[1])
 
 
 def test_tokenizer_edge_cases(default_tokenizer):
     tok = default_tokenizer
-    space = tok.vocab["\u2581"]  # SentencePiece's word-start marker
+    piece = {p: i for i, p in enumerate(tok.vocab)}  # megatron-core's vocab: pieces by id
+    space = piece["\u2581"]  # SentencePiece's word-start marker
 
     # empty string: no tokens, and no tokens decode to the empty string
     assert tok.tokenize("") == []
@@ -86,7 +87,7 @@ def test_tokenizer_edge_cases(default_tokenizer):
         ids = tok.tokenize(text)
         assert ids and tok.unk not in ids
         assert tok.detokenize(ids) == text
-    assert tok.tokenize("\n") == [space, tok.vocab["<0x0A>"]]
+    assert tok.tokenize("\n") == [space, piece["<0x0A>"]]
 
     # a very long string (220,000 characters in one call): encoded whole, compressed, exact
     long = "In the beginning God created the heaven and the earth. " * 4000
@@ -99,7 +100,7 @@ def test_tokenizer_edge_cases(default_tokenizer):
     for text in ("\U0001F600", "\u6f22\u5b57\u30c6\u30b9\u30c8", "\x00", "\ufffd"):
         ids = tok.tokenize(text)
         assert ids[0] == space
-        assert [tok.inv_vocab[i] for i in ids[1:]] == [f"<0x{b:02X}>" for b in text.encode()]
+        assert [tok.vocab[i] for i in ids[1:]] == [f"<0x{b:02X}>" for b in text.encode()]
         assert tok.detokenize(ids) == text
     mixed = "And God said \U0001F600 \u5149 1611"
     assert tok.unk not in tok.tokenize(mixed) and tok.detokenize(tok.tokenize(mixed)) == mixed
@@ -111,17 +112,17 @@ def test_tokenizer_edge_cases(default_tokenizer):
     # clear errors: an id outside the vocabulary, a non-string input
     with pytest.raises(IndexError, match="out of range"):
         tok.detokenize([tok.vocab_size])
-    with pytest.raises(TypeError, match="str or bytes"):
+    with pytest.raises(ValueError, match="str input"):
         tok.tokenize(None)
 
 
 def test_tokenizer_missing_or_corrupt_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.model"):
-        SentencePieceTokenizer(str(tmp_path / "nope.model"))
+        build_tokenizer("SentencePieceTokenizer", str(tmp_path / "nope.model"))
     bad = tmp_path / "bad.model"
     bad.write_bytes(b"not a model")
     with pytest.raises(ValueError, match="bad.model"):
-        SentencePieceTokenizer(str(bad))
+        build_tokenizer("SentencePieceTokenizer", str(bad))
 
 
 def test_indexed_dataset_round_trip(corpus, tokenizer):
@@ -265,7 +266,7 @@ def test_default_corpus_concurrent_build_and_reuse(tmp_path, capfd):
 
     data_prefix, model = prepare_default_corpus(str(tmp_path), 512)
     assert capfd.readouterr().out == ""
-    tokenizer = SentencePieceTokenizer(model)
+    tokenizer = build_tokenizer("SentencePieceTokenizer", model)
     dataset = IndexedDataset(data_prefix)
     assert tokenizer.vocab_size == 512
     assert len(dataset.document_indices) - 1 == 1189

@@ -45,16 +45,20 @@ def test_export_loads_in_transformers_with_equal_logits(dist, tmp_path, variant)
 def test_export_writes_a_tokenizer_that_encodes_like_ours(dist, tmp_path):
     """AutoTokenizer on the exported folder (what lm-eval's own ``hf`` model loads) gives our
     SentencePiece ids: no BOS/EOS added, byte fallback, spaces, digits and newlines kept."""
+    from megatron_nitp.config import preset_config
     from megatron_nitp.data.corpus import prepare_default_corpus
-    from megatron_nitp.data.tokenizer import SentencePieceTokenizer
-    from megatron_nitp.export import export_tokenizer
+    from megatron_nitp.data.tokenizer import build_tokenizer
+    from megatron_nitp.export import TOKENIZER_RECORD, export_tokenizer, exported_tokenizer
 
     _, model_path = prepare_default_corpus()
     out = tmp_path / "hf"
     out.mkdir()
-    written = export_tokenizer(model_path, str(out))
-    assert {"tokenizer.model", "tokenizer.json", "tokenizer_config.json"} <= set(written)
-    ours = SentencePieceTokenizer(model_path)
+    written = export_tokenizer(preset_config("tiny-dense", tokenizer_model=model_path), str(out))
+    assert {"tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+            TOKENIZER_RECORD} <= set(written)
+    ours = build_tokenizer("SentencePieceTokenizer", model_path)
+    assert exported_tokenizer(str(out)).tokenize("In the beginning") == ours.tokenize(
+        "In the beginning")
     theirs = transformers.AutoTokenizer.from_pretrained(str(out))
     text = ("In the beginning God created the heaven and the earth.\n\nAnd the earth was "
             "without form, and void;  2 Kings 3:14 (1611)\tnaïve café — 日本語 🙂 ")

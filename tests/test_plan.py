@@ -242,24 +242,24 @@ def _plan_numbers(out):
 def small_tokenizer(tmp_path_factory):
     """A SentencePiece model of 1000 pieces trained on the built-in corpus's first chapters."""
     from megatron_nitp.data.corpus import kjv_chapters
-    from megatron_nitp.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+    from megatron_nitp.data.tokenizer import build_tokenizer, train_sentencepiece
 
     root = tmp_path_factory.mktemp("tok")
     text = root / "chapters.txt"
     text.write_text("\n\n".join(kjv_chapters()[:60]))
     model = train_sentencepiece([str(text)], str(root / "tok"), vocab_size=1000)
-    assert SentencePieceTokenizer(model).vocab_size == 1000
+    assert build_tokenizer("SentencePieceTokenizer", model).vocab_size == 1000
     return model
 
 
 def test_dry_run_reads_the_tokenizers_vocabulary(capsys, small_tokenizer):
     from megatron_nitp.data.corpus import prepare_default_corpus
-    from megatron_nitp.data.tokenizer import SentencePieceTokenizer
+    from megatron_nitp.data.tokenizer import build_tokenizer
 
     # the built-in corpus's tokenizer: its own vocabulary, named as the tokenizer's, and the
     # plan equals one given that vocabulary with --vocab-size
     _, model = prepare_default_corpus()
-    real = SentencePieceTokenizer(model).vocab_size
+    real = build_tokenizer("SentencePieceTokenizer", model).vocab_size
     code, out, err = _dry(capsys, "--preset", "tiny-dense", "--tokenizer-model", model)
     assert code == 0, err
     assert f"vocab {real} (the tokenizer's, {model}), padded {real}" in out

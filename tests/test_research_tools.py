@@ -178,7 +178,7 @@ def _check_held_out(result, run_dir, max_tokens, nitp, text=None):
     the masked mean of the model's own (nitp_loss, nitp_mask)."""
     import torch
 
-    from megatron_nitp.data.tokenizer import SentencePieceTokenizer, iter_documents
+    from megatron_nitp.data.tokenizer import build_tokenizer, iter_documents
     from megatron_nitp.evaluation import held_out_chapters
     from megatron_nitp.export import load_checkpoint_model
     from megatron_nitp.geometry import effective_rank, mean_pairwise_cosine
@@ -188,7 +188,7 @@ def _check_held_out(result, run_dir, max_tokens, nitp, text=None):
     model.eval()
     k = config.nitp_config.target_layer
     assert g["layer_k"]["layer"] == k == result["nitp_target_layer"]
-    tok = SentencePieceTokenizer(config.tokenizer_model)
+    tok = build_tokenizer("SentencePieceTokenizer", config.tokenizer_model)
     docs = list(iter_documents([text])) if text else held_out_chapters()[0]
     stream = [t for d in docs for t in tok.tokenize(d) + [tok.eod]]
     seq = config.seq_length
@@ -286,10 +286,10 @@ def test_evaluate_representations_runs_what_is_asked(dist, runs, monkeypatch, ca
 
 def test_cloze_target_is_first_token_of_final_word():
     from megatron_nitp.data.corpus import prepare_default_corpus
-    from megatron_nitp.data.tokenizer import SentencePieceTokenizer
+    from megatron_nitp.data.tokenizer import build_tokenizer
     from megatron_nitp.evaluation import final_word_target, train_document_count
 
-    tok = SentencePieceTokenizer(prepare_default_corpus()[1])
+    tok = build_tokenizer("SentencePieceTokenizer", prepare_default_corpus()[1])
     ids, j = final_word_target(tok, "In the beginning God created the heaven and the earth.")
     assert tok.detokenize(ids[:j]) == "In the beginning God created the heaven and the"
     assert tok.detokenize(ids[j:j + 1]).strip() == "earth"

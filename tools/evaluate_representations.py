@@ -134,7 +134,7 @@ def evaluate(args) -> dict:
     import torch
 
     from megatron_nitp import evaluation as ev
-    from megatron_nitp.data.tokenizer import SentencePieceTokenizer, iter_documents
+    from megatron_nitp.data.tokenizer import build_tokenizer, iter_documents
     from megatron_nitp.training.checkpointing import CheckpointError, find_checkpoint, read_meta
 
     evaluations = parse_evaluations(args.evaluations)
@@ -143,16 +143,22 @@ def evaluate(args) -> dict:
         model, margs = _load_model(args.load)
     except CheckpointError as err:
         raise SystemExit(f"error: {err}")
+    tokenizer_type = args.tokenizer_type or margs.tokenizer_type
     tokenizer_model = args.tokenizer_model or margs.tokenizer_model
-    if not tokenizer_model or not os.path.exists(tokenizer_model):
-        if args.tokenizer_model is None and (args.text is None or args.cloze_file is None):
+    if tokenizer_type != "NullTokenizer" and (not tokenizer_model
+                                              or not os.path.exists(tokenizer_model)):
+        if (args.tokenizer_model is None and tokenizer_type == "SentencePieceTokenizer"
+                and (args.text is None or args.cloze_file is None)):
             from megatron_nitp.data.corpus import prepare_default_corpus
 
             tokenizer_model = prepare_default_corpus()[1]
         else:
             raise SystemExit(f"error: tokenizer model not found: {tokenizer_model} "
                              "(pass --tokenizer-model)")
-    tokenizer = SentencePieceTokenizer(tokenizer_model)
+    try:
+        tokenizer = build_tokenizer(tokenizer_type, tokenizer_model, margs.vocab_size)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: {err}")
     seq_length = args.seq_length or margs.seq_length
     target_layer = margs.nitp_config.target_layer
     lm = ev.FrozenLM(model, tokenizer, seq_length, target_layer=target_layer)
@@ -239,6 +245,10 @@ def main(argv=None) -> dict:
     p.add_argument("--seq-length", type=int, default=None,
                    help="context length (default: the checkpoint's training length)")
     p.add_argument("--tokenizer-model", default=None,
+                   help="default: the one recorded in the checkpoint")
+    p.add_argument("--tokenizer-type", default=None,
+                   choices=("SentencePieceTokenizer", "HuggingFaceTokenizer", "TikTokenizer",
+                            "NullTokenizer"),
                    help="default: the one recorded in the checkpoint")
     args = p.parse_args(argv)
     parse_evaluations(args.evaluations)  # refused before the checkpoint is loaded

@@ -4,7 +4,9 @@
 
 The result loads with ``transformers.AutoModelForCausalLM.from_pretrained("hf/x")``: a
 Llama-style model (Qwen2-style with QKV bias) without the NITP projector; ``--keep-projector``
-writes the projector apart for analysis. The SentencePiece tokenizer is copied beside it.
+writes the projector apart for analysis. The run's tokenizer is copied beside it (a
+SentencePiece ``tokenizer.model``, a Hugging Face ``tokenizer.json``, a tiktoken
+``tiktoken.json``) and named in ``nitp_tokenizer.json``.
 """
 
 import argparse

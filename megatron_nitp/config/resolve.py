@@ -220,9 +220,25 @@ def _validate_data(config: RunConfig) -> None:
                               "one blend split by --split, or each split's own prefixes.")
         if not d.train_data_path:
             raise ConfigError("--valid-data-path / --test-data-path need --train-data-path.")
-        if d.tokenizer_model is None:
-            raise ConfigError("--train-data-path needs --tokenizer-model (the SentencePiece "
-                              ".model the data was preprocessed with).")
+        if d.tokenizer_model is None and d.tokenizer_type != "NullTokenizer":
+            raise ConfigError("--train-data-path needs --tokenizer-model (the tokenizer the "
+                              "data was preprocessed with, of --tokenizer-type "
+                              f"{d.tokenizer_type}).")
+    if d.mock_data and (d.data_path is not None or any(p is not None for p in per_split)):
+        raise ConfigError("--mock-data generates its tokens: drop --data-path / "
+                          "--train-data-path, or drop --mock-data to train on that data.")
+    if d.tokenizer_type == "NullTokenizer" and not config.model.vocab_size:
+        raise ConfigError("--tokenizer-type NullTokenizer needs --vocab-size (its ids are "
+                          "0..vocab-size-1, the last one EOD).")
+    if d.tokenizer_type in ("HuggingFaceTokenizer", "TikTokenizer") and d.tokenizer_model is None:
+        raise ConfigError(f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model (a "
+                          "local file or folder: nothing is downloaded).")
+    if (d.tokenizer_type != "SentencePieceTokenizer" and not d.mock_data
+            and d.data_path is None and not d.train_data_path):
+        raise ConfigError(f"--tokenizer-type {d.tokenizer_type} needs --data-path (data "
+                          "preprocessed with that tokenizer: tools/preprocess_data.py "
+                          "--tokenizer-type ...), or --mock-data; the built-in corpus is "
+                          "tokenized with its own SentencePiece model.")
 
 
 def _origin(config: RunConfig, *names: str) -> str:

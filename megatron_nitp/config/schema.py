@@ -221,8 +221,21 @@ class DataConfig:
     """the validation split's own prefix(es) (with --train-data-path)"""
     test_data_path: Optional[tuple] = flag(None, nargs="*")
     """the test split's own prefix(es) (with --train-data-path)"""
+    tokenizer_type: str = flag("SentencePieceTokenizer",
+                               choices=("SentencePieceTokenizer", "HuggingFaceTokenizer",
+                                        "TikTokenizer", "NullTokenizer"))
+    """Megatron-LM's tokenizer kinds, built by megatron-core's tokenizer library (the one the
+    data was preprocessed with): SentencePieceTokenizer (a .model; without --data-path the
+    built-in corpus's), HuggingFaceTokenizer (a local folder holding tokenizer.json, or that
+    file), TikTokenizer (Megatron's tiktoken .json vocabulary) or NullTokenizer (no file:
+    --vocab-size ids, the last one EOD)"""
     tokenizer_model: Optional[str] = None
-    """SentencePiece .model of the data"""
+    """the tokenizer's file or folder (see --tokenizer-type)"""
+    mock_data: bool = False
+    """megatron-core's mock GPT data (MockGPTDataset: synthetic token runs, each ending in
+    EOD) instead of a corpus, for benchmarks and smoke tests: no tokenizer training, no corpus
+    preparation, no index cache; the vocabulary is --vocab-size (default 4096) unless
+    --tokenizer-type/--tokenizer-model name a tokenizer"""
     data_cache_path: Optional[str] = None
     """where dataset indices are cached"""
 

@@ -20,7 +20,7 @@ import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import (
     BlendedMegatronDatasetBuilder,
 )
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.utils import get_blend_from_list
 from torch.utils.data import Dataset
 
@@ -59,8 +59,8 @@ def check_data_prefixes(prefixes: Sequence[str]) -> None:
             raise FileNotFoundError(
                 f"dataset file missing or unreadable: {path} (data prefix {prefix!r}).{hint} "
                 "Create it with `python tools/preprocess_data.py --input FILE... "
-                "--tokenizer-model MODEL --output-prefix OUT`, which writes "
-                "OUT_text_document.bin/.idx (OUT_<key>_document for --json-keys <key>); "
+                "[--tokenizer-type TYPE] --tokenizer-model MODEL --output-prefix OUT`, which "
+                "writes OUT_text_document.bin/.idx (OUT_<key>_document for --json-keys <key>); "
                 "pass OUT_text_document as the data prefix."
             )
 
@@ -92,8 +92,8 @@ def build_datasets(
     Args:
         data_prefix: A data prefix, or a list in Megatron's `--data-path` format:
             `[p1, p2, ...]` or `[w1, p1, w2, p2, ...]` with weights.
-        tokenizer: A tokenizer with `eod`, `pad` and `vocab_size`, e.g.
-            `SentencePieceTokenizer`; it must be the one the data was tokenized with.
+        tokenizer: A tokenizer with `eod`, `pad` and `vocab_size` (`build_tokenizer`'s); it
+            must be the one the data was tokenized with.
         seq_length: Tokens per sample.
         seed: Seed of the document and sample shuffling.
         split: Megatron split string, e.g. `"969,30,1"`: relative shares of the documents
@@ -152,6 +152,55 @@ def build_datasets(
         train, valid, test = build(seed)
         if eval_seed is not None and eval_seed != seed:
             _, valid, test = build(eval_seed)
+    return train, valid, test
+
+
+def build_mock_datasets(
+    tokenizer,
+    seq_length: int,
+    seed: int,
+    num_samples: tuple[int | None, int | None, int | None],
+    eval_seed: int | None = EVAL_SEED,
+) -> tuple[Dataset | None, Dataset | None, Dataset | None]:
+    """megatron-core's mock GPT datasets (``--mock-data``): no corpus, no file read or written.
+
+    ``MockGPTLowLevelDataset`` holds 100,000 synthetic documents of 1 to 4095 tokens, each the
+    run ``1, 2, 3, ...`` (modulo the vocabulary) ended by EOD; ``MockGPTDataset`` cuts them into
+    samples exactly as ``GPTDataset`` cuts a corpus (megatron-core splits the documents 1:1:1
+    between train, valid and test). The indices are built in memory (no cache path), so a
+    smoke test or a benchmark touches no data or cache folder.
+
+    Args:
+        tokenizer: Gives ``vocab_size`` and ``eod`` (e.g. ``build_tokenizer("NullTokenizer",
+            None, vocab_size)``).
+        seq_length, seed, num_samples, eval_seed: As in :func:`build_datasets`.
+
+    Returns:
+        The ``(train, valid, test)`` ``MockGPTDataset``s; items as in :func:`build_datasets`.
+    """
+    def build(random_seed: int):
+        config = GPTDatasetConfig(
+            random_seed=random_seed,
+            sequence_length=seq_length,
+            blend=None,
+            blend_per_split=None,
+            split=None,
+            path_to_cache=None,
+            tokenizer=tokenizer,
+            reset_position_ids=False,
+            reset_attention_mask=False,
+            eod_mask_loss=False,
+            create_attention_mask=False,
+        )
+        assert config.mock  # megatron-core's rule: no blend is mock data
+        builder = BlendedMegatronDatasetBuilder(
+            MockGPTDataset, list(num_samples), is_built_on_rank=lambda: True, config=config
+        )
+        return builder.build()
+
+    train, valid, test = build(seed)
+    if eval_seed is not None and eval_seed != seed:
+        _, valid, test = build(eval_seed)
     return train, valid, test
 
 

@@ -41,7 +41,7 @@ from megatron.core.datasets.indexed_dataset import (
 )
 
 from megatron_nitp.data import readers
-from megatron_nitp.data.tokenizer import build_tokenizer
+from megatron_nitp.data.tokenizer import DEFAULT_TOKENIZER_TYPE, build_tokenizer
 
 ON_BAD_LINE = ("error", "skip")
 
@@ -376,7 +376,7 @@ def preprocess_corpus(
     partitions: int = 1,
     on_bad_line: str = "error",
     progress_interval: float | None = None,
-    tokenizer_type: str = "SentencePieceTokenizer",
+    tokenizer_type: str = DEFAULT_TOKENIZER_TYPE,
 ) -> PreprocessResult:
     """Tokenizes input files into one indexed dataset per key.
 
@@ -447,6 +447,7 @@ def preprocess(
     json_key: str = "text",
     append_eod: bool = True,
     workers: int = 1,
+    tokenizer_type: str = DEFAULT_TOKENIZER_TYPE,
 ) -> str:
     """Tokenizes one key of the input files; the single-dataset form of `preprocess_corpus`.
 
@@ -454,5 +455,6 @@ def preprocess(
         The data prefix `{output_prefix}_{json_key}_document`, as accepted by `build_datasets`.
     """
     result = preprocess_corpus(input_files, tokenizer_model, output_prefix,
-                               json_keys=[json_key], append_eod=append_eod, workers=workers)
+                               json_keys=[json_key], append_eod=append_eod, workers=workers,
+                               tokenizer_type=tokenizer_type)
     return result.data_prefixes[json_key]

@@ -1,15 +1,32 @@
-"""SentencePiece BPE tokenizer: training and a megatron-core compatible wrapper.
+"""Tokenizers: megatron-core's library behind one builder, and training our own.
 
-The tokenizer is trained with byte fallback and identity normalization so that any text,
-including newlines and characters unseen in training, survives an encode/decode round trip.
-Special ids are fixed (unk=0, bos=1, eos=2, pad=3) and eos doubles as the end-of-document
+:func:`build_tokenizer` is the one place a tokenizer is made, for training, ``--dry-run``,
+preprocessing, export and the tools. It takes Megatron-LM's ``--tokenizer-type`` names and
+returns megatron-core's own tokenizer object (``megatron.core.tokenizers``,
+``MegatronTokenizer.from_pretrained``): ``tokenize(text) -> list[int]``, ``detokenize(ids)``,
+``vocab_size``, ``eod``, ``pad`` and ``unique_identifiers`` (what ``GPTDataset`` reads). What
+the library lacks, and this module adds:
+
+- checks before any expensive work, whose errors name the problem and the fix (the library
+  asserts, or fails deep inside ``transformers``);
+- the same ``NullTokenizer`` on 0.16 and 0.19: the library's changed from ``vocab_size + 1`` ids
+  (EOD = ``vocab_size``) to ``vocab_size`` ids (EOD = ``vocab_size - 1``); here it always has
+  ``--vocab-size`` ids, the last one EOD, so the model's vocabulary covers it on both;
+- training: :func:`train_sentencepiece` (the built-in corpus's kind of model) and
+  :func:`train_bpe` (a byte-level BPE ``tokenizer.json`` for ``HuggingFaceTokenizer``).
+
+Our SentencePiece models are trained with byte fallback and identity normalization so that any
+text, including newlines and characters unseen in training, survives an encode/decode round
+trip. Special ids are fixed (unk=0, bos=1, eos=2, pad=3) and eos doubles as the end-of-document
 (EOD) token that megatron-core's `GPTDataset` expects between documents; pad is kept distinct
-from EOD so megatron-core never confuses real EOD tokens with padding.
+from EOD so megatron-core never confuses real EOD tokens with padding. The BPE tokenizers
+follow the same rule (``<|endoftext|>`` is EOD, ``<|pad|>`` pad).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from typing import Iterable, Iterator
 
@@ -138,119 +155,224 @@ def _train(sentences: Iterator[str], output_prefix: str, vocab_size: int) -> Non
     )
 
 
-class SentencePieceTokenizer:
-    """A SentencePiece model behind the tokenizer interface that megatron-core datasets use.
 
-    A plain class rather than a subclass of megatron-core's tokenizer base: the base moved
-    between releases (``datasets.megatron_tokenizer.MegatronLegacyTokenizer`` in 0.16,
-    ``tokenizers.MegatronTokenizerBase`` in 0.19) and ``GPTDataset`` only reads ``eod``, ``eos``,
-    ``pad`` and ``vocab_size``.
+#: Megatron-LM's ``--tokenizer-type`` names this project builds (``megatron.core.tokenizers``).
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "TikTokenizer",
+                   "NullTokenizer")
+DEFAULT_TOKENIZER_TYPE = "SentencePieceTokenizer"
 
-    Args:
-        model_path: Path of a `.model` file written by `train_sentencepiece` (or any
-            SentencePiece model that defines an eos id, used as EOD).
+#: Special tokens of :func:`train_bpe`'s tokenizers: EOD first, then pad.
+BPE_EOD, BPE_PAD = "<|endoftext|>", "<|pad|>"
+#: The library's TikTokenizer reserves this many ids below the vocabulary file's tokens
+#: (Megatron-LM's ``--tiktoken-num-special-tokens`` default).
+TIKTOKEN_NUM_SPECIAL_TOKENS = 1000
+
+_HOW_TO_GET = {
+    "SentencePieceTokenizer": "a SentencePiece .model file (train one with "
+                              "tools/train_tokenizer.py)",
+    "HuggingFaceTokenizer": "a Hugging Face tokenizer folder holding tokenizer.json, or that "
+                            "tokenizer.json (save one with tokenizer.save_pretrained(DIR), or "
+                            "train one with tools/train_tokenizer.py --type bpe)",
+    "TikTokenizer": "a tiktoken vocabulary in Megatron's JSON format (a list of {rank, "
+                    "token_bytes, token_str})",
+}
+
+
+def _kind_hint(path: str) -> str:
+    """Which --tokenizer-type a file looks like, for an error message."""
+    if os.path.isdir(path) or os.path.basename(path) == "tokenizer.json":
+        return "HuggingFaceTokenizer"
+    if path.endswith(".model"):
+        return "SentencePieceTokenizer"
+    return ""
+
+
+def check_tokenizer(tokenizer_type: str, tokenizer_model: str | None,
+                    vocab_size: int | None = None) -> None:
+    """Cheap checks of a tokenizer setting (no file is parsed), before any expensive work.
 
     Raises:
-        FileNotFoundError: If `model_path` does not exist.
-        ValueError: If `model_path` is not a readable SentencePiece model or has no eos id.
+        FileNotFoundError: If ``tokenizer_model`` does not exist (``--dry-run`` may still plan
+            with ``--vocab-size``: the job's machine may have it).
+        ValueError: For an unknown type, a missing ``--tokenizer-model`` or ``--vocab-size``, a
+            file of the wrong kind for the type, or a Hugging Face folder without
+            ``tokenizer.json``; the message names the fix.
     """
-
-    def __init__(self, model_path: str) -> None:
-        if not os.path.isfile(model_path):
-            raise FileNotFoundError(
-                f"tokenizer model not found: {model_path} "
-                "(train one with tools/train_tokenizer.py)"
-            )
-        processor = sentencepiece.SentencePieceProcessor()
+    if tokenizer_type not in TOKENIZER_TYPES:
+        raise ValueError(f"unknown --tokenizer-type {tokenizer_type!r}: choose one of "
+                         f"{', '.join(TOKENIZER_TYPES)}.")
+    if tokenizer_type == "NullTokenizer":
+        if not vocab_size or vocab_size < 2:
+            raise ValueError("--tokenizer-type NullTokenizer needs --vocab-size (ids "
+                             "0..vocab-size-1, the last one EOD).")
+        return
+    if tokenizer_model is None:
+        raise ValueError(f"--tokenizer-type {tokenizer_type} needs --tokenizer-model: "
+                         f"{_HOW_TO_GET[tokenizer_type]}.")
+    if not os.path.exists(tokenizer_model):
+        raise FileNotFoundError(f"tokenizer model not found: {tokenizer_model} (--tokenizer-type "
+                                f"{tokenizer_type} reads {_HOW_TO_GET[tokenizer_type]})")
+    hint = _kind_hint(tokenizer_model)
+    if tokenizer_type == "HuggingFaceTokenizer":
+        folder = tokenizer_model
+        if os.path.isfile(tokenizer_model):
+            if os.path.basename(tokenizer_model) != "tokenizer.json":
+                other = (f" It looks like a SentencePiece model: use --tokenizer-type "
+                         f"SentencePieceTokenizer." if hint == "SentencePieceTokenizer" else
+                         " Put it in a folder of its own as tokenizer.json (with its "
+                         "tokenizer_config.json, which names the eos token).")
+                raise ValueError(f"--tokenizer-type HuggingFaceTokenizer reads a tokenizer folder "
+                                 f"or its tokenizer.json, not {tokenizer_model}.{other}")
+            folder = os.path.dirname(os.path.abspath(tokenizer_model))
+        if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+            raise ValueError(f"Hugging Face tokenizer folder {tokenizer_model} has no "
+                             "tokenizer.json (only fast tokenizers are read, no download is "
+                             "made): save one with AutoTokenizer.from_pretrained(...)"
+                             ".save_pretrained(DIR), or train one with tools/train_tokenizer.py "
+                             "--type bpe.")
         try:
-            processor.Load(model_path)
-        except (OSError, RuntimeError) as err:
-            raise ValueError(f"cannot read SentencePiece model {model_path}: {err}") from err
-        if processor.eos_id() < 0:
-            raise ValueError(f"SentencePiece model {model_path} defines no eos id to use as EOD")
-        self.unique_identifiers = {"class": type(self).__name__,
-                                   "tokenizer_path": [os.path.abspath(model_path)]}
-        self.model_path = model_path
-        self._processor = processor
-        self._vocab: dict[str, int] | None = None
-        self._inv_vocab: dict[int, str] | None = None
-
-    def tokenize(self, text: str) -> list[int]:
-        """Encodes text into token ids, without any special tokens."""
-        return self._processor.EncodeAsIds(text)
-
-    def detokenize(self, ids) -> str:
-        """Decodes token ids into text; special ids (EOD, pad) decode to nothing."""
-        return self._processor.DecodeIds([int(i) for i in ids])
-
-    @property
-    def vocab_size(self) -> int:
-        return self._processor.GetPieceSize()
-
-    @property
-    def vocab(self) -> dict[str, int]:
-        if self._vocab is None:
-            self._vocab = {self._processor.IdToPiece(i): i for i in range(self.vocab_size)}
-        return self._vocab
-
-    @property
-    def inv_vocab(self) -> dict[int, str]:
-        if self._inv_vocab is None:
-            self._inv_vocab = {i: piece for piece, i in self.vocab.items()}
-        return self._inv_vocab
-
-    @property
-    def eod(self) -> int:
-        return self._processor.eos_id()
-
-    @property
-    def eos(self) -> int:
-        return self._processor.eos_id()
-
-    @property
-    def bos(self) -> int:
-        return self._processor.bos_id()
-
-    @property
-    def pad(self) -> int:
-        return self._processor.pad_id()
-
-    @property
-    def unk(self) -> int:
-        return self._processor.unk_id()
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_processor"] = self._processor.serialized_model_proto()
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        processor = sentencepiece.SentencePieceProcessor()
-        processor.LoadFromSerializedProto(state["_processor"])
-        state["_processor"] = processor
-        self.__dict__.update(state)
+            import transformers  # noqa: F401
+        except ImportError:
+            raise ValueError("--tokenizer-type HuggingFaceTokenizer needs the transformers "
+                             "package: pip install transformers") from None
+        return
+    if os.path.isdir(tokenizer_model):
+        raise ValueError(f"--tokenizer-type {tokenizer_type} reads a file, and "
+                         f"{tokenizer_model} is a folder"
+                         + (": for a Hugging Face tokenizer folder use --tokenizer-type "
+                            "HuggingFaceTokenizer." if hint else "."))
+    if tokenizer_type == "SentencePieceTokenizer" and tokenizer_model.endswith(".json"):
+        raise ValueError(f"{tokenizer_model} is JSON, not a SentencePiece .model: use "
+                         "--tokenizer-type HuggingFaceTokenizer for a tokenizer.json, "
+                         "TikTokenizer for a tiktoken vocabulary.")
+    if tokenizer_type == "TikTokenizer":
+        if not tokenizer_model.endswith(".json"):
+            raise ValueError(f"--tokenizer-type TikTokenizer reads {_HOW_TO_GET['TikTokenizer']}"
+                             f" ending in .json, not {tokenizer_model}"
+                             + (f": use --tokenizer-type {hint}." if hint else "."))
+        try:
+            import tiktoken  # noqa: F401
+        except ImportError:
+            raise ValueError("--tokenizer-type TikTokenizer needs the tiktoken package: pip "
+                             "install tiktoken") from None
 
 
-TOKENIZER_TYPES = ("SentencePieceTokenizer",)
+def _null_library() -> str:
+    """The library name of megatron-core's NullTokenizer: ``null`` (0.16), ``null-text`` (0.19)."""
+    from megatron.core.tokenizers.text.text_tokenizer import TOKENIZER_MAPPING_LIBRARIES
+
+    return "null-text" if "null-text" in TOKENIZER_MAPPING_LIBRARIES else "null"
 
 
-def build_tokenizer(tokenizer_type: str, tokenizer_model: str, vocab_size: int | None = None):
-    """The one place a tokenizer is constructed from its type and model file.
-
-    Preprocessing workers and training both go through here, so a new tokenizer type is
-    added once and every tool accepts it.
+def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None,
+                    vocab_size: int | None = None):
+    """megatron-core's tokenizer of a Megatron-LM ``--tokenizer-type``, checked first.
 
     Args:
-        tokenizer_type: One of `TOKENIZER_TYPES`.
-        tokenizer_model: Path of the tokenizer's model file.
-        vocab_size: The vocabulary size of tokenizers that have no model file; a SentencePiece
-            model carries its own, so it is not used.
+        tokenizer_type: One of :data:`TOKENIZER_TYPES`.
+        tokenizer_model: SentencePiece: the ``.model``; HuggingFaceTokenizer: a local folder
+            holding ``tokenizer.json`` (and ``tokenizer_config.json``), or that file;
+            TikTokenizer: Megatron's tiktoken vocabulary ``.json``; NullTokenizer: unused.
+        vocab_size: ``--vocab-size``. NullTokenizer: its ids (required; the last is EOD).
+            TikTokenizer: cuts the vocabulary as in Megatron-LM (default: the whole file plus
+            the 1000 special ids). Ignored by the others, whose vocabulary is their file's.
+
+    Returns:
+        A ``megatron.core.tokenizers`` text tokenizer: ``tokenize(text) -> list[int]`` (no BOS
+        or other special token added), ``detokenize(ids) -> str``, ``vocab_size``, ``eod``,
+        ``pad``, ``unique_identifiers``.
 
     Raises:
-        ValueError: If `tokenizer_type` is not supported.
+        FileNotFoundError, ValueError: See :func:`check_tokenizer`; ValueError also for a file
+            the library cannot read, or a tokenizer without an eos token to use as EOD.
+
+    A known limit of the library's TikTokenizer (0.16 and 0.19): ``detokenize`` decodes each id
+    on its own, so a character split over several byte tokens comes back as U+FFFD; encoding,
+    and so training, is exact.
     """
+    from megatron.core.tokenizers import MegatronTokenizer
+
+    check_tokenizer(tokenizer_type, tokenizer_model, vocab_size)
+    if tokenizer_type == "NullTokenizer":
+        metadata = {"library": _null_library()}
+        tokenizer = MegatronTokenizer.from_pretrained(metadata_path=dict(metadata),
+                                                      vocab_size=vocab_size)
+        if tokenizer.vocab_size != vocab_size:  # 0.16: vocab_size + 1 ids
+            tokenizer = MegatronTokenizer.from_pretrained(
+                metadata_path=dict(metadata),
+                vocab_size=2 * vocab_size - tokenizer.vocab_size)
+        return tokenizer
+    path = os.path.abspath(tokenizer_model)
     if tokenizer_type == "SentencePieceTokenizer":
-        return SentencePieceTokenizer(tokenizer_model)
-    raise ValueError(
-        f"unsupported tokenizer type {tokenizer_type!r}; supported: {', '.join(TOKENIZER_TYPES)}"
-    )
+        library, kwargs = "sentencepiece", {}
+    elif tokenizer_type == "HuggingFaceTokenizer":
+        # the fast tokenizer of tokenizer.json, text only (the defaults changed in 0.19): a
+        # document is its tokens then EOD, as with our SentencePiece models
+        library = "huggingface"
+        kwargs = {"use_fast": True, "include_special_tokens": False}
+        path = path if os.path.isdir(path) else os.path.dirname(path)
+    else:
+        library = "tiktoken"
+        with open(path, encoding="utf-8") as f:
+            file_vocab = len(json.load(f)) + TIKTOKEN_NUM_SPECIAL_TOKENS
+        kwargs = {"vocab_size": min(vocab_size or file_vocab, file_vocab),
+                  "num_special_tokens": TIKTOKEN_NUM_SPECIAL_TOKENS}
+    try:
+        tokenizer = MegatronTokenizer.from_pretrained(
+            tokenizer_path=path, metadata_path={"library": library}, **kwargs)
+    except (OSError, RuntimeError, ValueError, AssertionError, KeyError) as err:
+        raise ValueError(f"cannot read {tokenizer_model} as a {tokenizer_type} "
+                         f"({_HOW_TO_GET[tokenizer_type]}): {err}") from err
+    if tokenizer.eod is None or tokenizer.eod < 0:
+        raise ValueError(f"{tokenizer_type} {tokenizer_model} defines no eos token to end "
+                         "documents with (EOD): give its tokenizer_config.json an "
+                         '"eos_token".')
+    return tokenizer
+
+
+def train_bpe(input_files: list[str], output_dir: str, vocab_size: int,
+              json_key: str = "text") -> str:
+    """Trains a byte-level BPE tokenizer (Hugging Face ``tokenizers``) for
+    ``--tokenizer-type HuggingFaceTokenizer``.
+
+    Byte-level: every text round-trips exactly and no id is unknown. Writes
+    ``output_dir/tokenizer.json`` and a ``tokenizer_config.json`` naming ``<|endoftext|>`` the
+    eos token (EOD) and ``<|pad|>`` the pad token, so ``transformers.AutoTokenizer`` and
+    :func:`build_tokenizer` load the folder as it is, offline.
+
+    Args:
+        input_files: Plain text or `.jsonl` files (see `iter_documents` for the formats).
+        output_dir: The tokenizer folder (created).
+        vocab_size: Total vocabulary, including the 256 byte tokens and the 2 special ones.
+        json_key: Key of the document text in JSON-lines records.
+
+    Returns:
+        ``output_dir``, the value of ``--tokenizer-model``.
+
+    Raises:
+        FileNotFoundError: If an input file does not exist.
+        ValueError: If the inputs hold no text or ``vocab_size`` leaves no room for merges.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size <= 256 + 2:
+        raise ValueError(f"vocab_size {vocab_size} must exceed 258 (256 byte tokens and "
+                         f"{BPE_EOD}, {BPE_PAD}).")
+    documents = iter_documents(input_files, json_key)
+    first = next(documents, None)
+    if first is None:
+        raise ValueError(f"no text found in {input_files}")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BPE_EOD, BPE_PAD],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tokenizer.train_from_iterator(itertools.chain([first], documents), trainer)
+    os.makedirs(output_dir, exist_ok=True)
+    tokenizer.save(os.path.join(output_dir, "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": BPE_EOD,
+              "pad_token": BPE_PAD, "model_max_length": 1 << 30}
+    with open(os.path.join(output_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    return output_dir

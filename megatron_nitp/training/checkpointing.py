@@ -308,7 +308,7 @@ def _meta(iteration: int, consumed_samples: int, args, imported_from: str | None
         # not compared at load; read by exports of checkpoints older than "config"
         "export": {k: getattr(args, k, None) for k in (
             "seq_length", "max_position_embeddings", "rotary_base", "norm_epsilon",
-            "vocab_size", "tokenizer_model", "moe_layer_freq")},
+            "vocab_size", "tokenizer_type", "tokenizer_model", "moe_layer_freq")},
     }
     if imported_from:
         meta["imported_from"] = imported_from

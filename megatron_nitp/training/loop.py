@@ -35,33 +35,47 @@ def _barrier():
     torch.distributed.barrier()
 
 
-def prepare_data(args: RunConfig):
-    """The resolved config, the tokenizer and train/valid iterators for this data-parallel
-    rank. Fails early on a missing or unreadable data path or tokenizer, or a vocabulary the
-    model does not cover. Without ``--data-path`` the config names the built-in corpus."""
+def data_tokenizer(args: RunConfig) -> tuple[RunConfig, object]:
+    """(config, tokenizer) of the run's data: ``--tokenizer-type``/``--tokenizer-model``
+    through ``build_tokenizer``; without ``--data-path`` the built-in corpus and its
+    SentencePiece model (prepared on first run); with ``--mock-data`` and no tokenizer named, a
+    ``NullTokenizer`` of ``--vocab-size`` (default 4096), recorded in the config so a checkpoint
+    says what it was trained on. Raises ValueError / FileNotFoundError naming the fix."""
+    from megatron_nitp.config import DEFAULT_VOCAB_SIZE
     from megatron_nitp.data.corpus import prepare_default_corpus
-    from megatron.core.datasets.utils import get_blend_from_list
+    from megatron_nitp.data.tokenizer import DEFAULT_TOKENIZER_TYPE, build_tokenizer
 
-    from megatron_nitp.data.datasets import MicroBatchIterator, build_datasets, check_data_prefixes
-    from megatron_nitp.data.tokenizer import SentencePieceTokenizer
-
-    per_split = (args.train_data_path, args.valid_data_path, args.test_data_path)
-    if args.train_data_path:
-        for blend in per_split:
-            if blend:
-                check_data_prefixes(get_blend_from_list(list(blend))[0])
-    elif args.data_path is None:
+    default_kind = args.tokenizer_type == DEFAULT_TOKENIZER_TYPE and args.tokenizer_model is None
+    if args.mock_data and default_kind:
+        args = args.replace(tokenizer_type="NullTokenizer",
+                            vocab_size=args.model.vocab_size or DEFAULT_VOCAB_SIZE)
+    elif not args.mock_data and args.data_path is None and not args.train_data_path:
         if args.tokenizer_model is not None:
             raise ValueError("--tokenizer-model was given without --data-path: give both, or "
                              "neither to use the built-in corpus.")
         prefix, tokenizer_model = prepare_default_corpus()
         args = args.replace(data_path=(prefix,), tokenizer_model=tokenizer_model)
-    elif args.tokenizer_model is None:
-        raise ValueError("--data-path needs --tokenizer-model (the SentencePiece .model the data "
-                         "was preprocessed with; see tools/train_tokenizer.py).")
-    if not args.train_data_path:
-        check_data_prefixes(get_blend_from_list(list(args.data_path))[0])
-    tokenizer = SentencePieceTokenizer(args.tokenizer_model)
+    elif args.tokenizer_model is None and args.tokenizer_type != "NullTokenizer":
+        raise ValueError(f"--data-path needs --tokenizer-model (the {args.tokenizer_type} the "
+                         "data was preprocessed with; see tools/train_tokenizer.py).")
+    return args, build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.model.vocab_size)
+
+
+def prepare_data(args: RunConfig):
+    """The resolved config, the tokenizer and train/valid iterators for this data-parallel
+    rank. Fails early on a missing or unreadable data path or tokenizer, or a vocabulary the
+    model does not cover. Without ``--data-path`` the config names the built-in corpus; with
+    ``--mock-data`` the data is megatron-core's mock GPT dataset (nothing read or cached)."""
+    from megatron.core.datasets.utils import get_blend_from_list
+
+    from megatron_nitp.data.datasets import (MicroBatchIterator, build_datasets,
+                                             build_mock_datasets, check_data_prefixes)
+
+    per_split = (args.train_data_path, args.valid_data_path, args.test_data_path)
+    for blend in (per_split if args.train_data_path else (args.data_path,)):
+        if blend:
+            check_data_prefixes(get_blend_from_list(list(blend))[0])
+    args, tokenizer = data_tokenizer(args)
     args = resolve(args, torch.distributed.get_world_size(), tokenizer.vocab_size)
     dp_size = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -70,11 +84,16 @@ def prepare_data(args: RunConfig):
         max(1, args.eval_iters * args.global_batch_size),
         0,
     )
-    train_ds, valid_ds, _ = build_datasets(
-        list(args.data_path or ()), tokenizer, args.seq_length, args.seed, args.split,
-        num_samples, args.data_cache_path,
-        per_split=[list(p) if p else None for p in per_split] if args.train_data_path else None,
-    )
+    if args.mock_data:
+        train_ds, valid_ds, _ = build_mock_datasets(tokenizer, args.seq_length, args.seed,
+                                                    num_samples)
+    else:
+        train_ds, valid_ds, _ = build_datasets(
+            list(args.data_path or ()), tokenizer, args.seq_length, args.seed, args.split,
+            num_samples, args.data_cache_path,
+            per_split=([list(p) if p else None for p in per_split] if args.train_data_path
+                       else None),
+        )
     train = MicroBatchIterator(train_ds, args.micro_batch_size, dp_rank, dp_size)
 
     def valid():

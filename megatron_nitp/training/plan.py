@@ -144,13 +144,16 @@ def _vocab(args: RunConfig, tp: int) -> tuple[int, int]:
 
 
 def tokenizer_vocab_size(args: RunConfig) -> int | None:
-    """The vocabulary of ``--tokenizer-model`` (a SentencePiece .model), None without one.
-    Raises FileNotFoundError or ValueError for a missing or unreadable model."""
-    if args.tokenizer_model is None:
+    """The vocabulary of the tokenizer ``--tokenizer-type``/``--tokenizer-model`` name (built
+    as training builds it, ``build_tokenizer``), None when none is named (the built-in corpus,
+    or ``--mock-data`` alone: ``--vocab-size`` or the default then). Raises FileNotFoundError
+    or ValueError for a missing or unreadable tokenizer."""
+    if args.tokenizer_model is None and args.tokenizer_type != "NullTokenizer":
         return None
-    from megatron_nitp.data.tokenizer import SentencePieceTokenizer
+    from megatron_nitp.data.tokenizer import build_tokenizer
 
-    return SentencePieceTokenizer(args.tokenizer_model).vocab_size
+    return build_tokenizer(args.tokenizer_type, args.tokenizer_model,
+                           args.model.vocab_size).vocab_size
 
 
 def _widths(args: RunConfig) -> tuple[int, int, int]:
@@ -405,6 +408,8 @@ def _vocab_source(args: RunConfig) -> str:
         return " (--vocab-size)"
     if args.tokenizer_model is not None:
         return f" (the tokenizer's, {args.tokenizer_model})"
+    if args.mock_data:
+        return " (--mock-data: a NullTokenizer of the default size; --vocab-size sets it)"
     return " (assumed: give --tokenizer-model or --vocab-size for the real one)"
 
 
