@@ -120,6 +120,8 @@ def build_datasets(
               else [_normalize_blend(data_prefix)])
     prefixes = [p for blend in blends if blend for p in blend[0]]
     check_data_prefixes(prefixes)
+    if not per_split:
+        check_split(prefixes, split, num_samples)
     cache_dir = cache_dir or os.path.join(default_cache_root(), "dataset-index")
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     # Without torch.distributed, megatron-core's BlendedDataset calls get_rank() before
@@ -153,6 +155,37 @@ def build_datasets(
         if eval_seed is not None and eval_seed != seed:
             _, valid, test = build(eval_seed)
     return train, valid, test
+
+
+def check_split(prefixes: Sequence[str], split: str,
+                num_samples: tuple[int | None, int | None, int | None]) -> None:
+    """Fails early if ``split`` leaves a split that must give samples without a document.
+
+    megatron-core cuts each prefix's documents at ``round(share * documents)`` (its
+    ``_build_megatron_dataset_splits``); a split that gets no document but is asked for samples
+    makes ``GPTDataset`` loop forever looking for tokens, so a tiny corpus with the default
+    ``--split 969,30,1`` would hang at start instead of failing.
+
+    Raises:
+        ValueError: Naming the prefix, its document count and the fix.
+    """
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix, parse_and_normalize_split)
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    for prefix in prefixes:
+        documents = len(IndexedDataset(prefix).document_indices) - 1
+        for name, bounds, wanted in zip(("training", "validation", "test"), matrix, num_samples):
+            if bounds is None or not wanted:
+                continue
+            if int(round(bounds[0] * documents)) == int(round(bounds[1] * documents)):
+                raise ValueError(
+                    f"--split {split} gives the {name} split none of the {documents} documents "
+                    f"of {prefix}, and the run needs {wanted} {name} samples: give that split a "
+                    "larger share (e.g. --split 80,20,0), use more documents, or give the "
+                    "splits their own data (--train-data-path / --valid-data-path)"
+                    + (" or --eval-interval 0" if name == "validation" else "") + ".")
 
 
 def build_mock_datasets(
