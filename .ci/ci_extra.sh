@@ -6,8 +6,9 @@
 #   4. the lm-eval bridge: scripts/test_lm_eval.sh (pinned lm-eval in .venv-lmeval; its tests
 #      fail there, rather than skip, if lm-eval is missing)
 # Every step runs (each under a time limit), then the script fails if any of them failed.
-# About 2-3 minutes on 2 cores with warm virtual environments for steps 1-3, 4 when .venv019 is
-# created; step 4 adds 1-2 minutes, 8 when .venv-lmeval is created (2 GB of packages).
+# About 2-3 minutes on 2 cores with warm virtual environments for steps 1 and 3, 4 when .venv019
+# is created; the SLURM job (step 2, with its signal-and-requeue phase) 3-5 minutes; step 4 adds
+# 1-2 minutes, 8 when .venv-lmeval is created (2 GB of packages).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -50,7 +51,7 @@ lint() {
 step "lint (hadolint, shellcheck)" 300 bash -c "$(declare -f lint); lint"
 step "SLURM job (tests/slurm/run_slurm_test.sh)" 600 \
   env PYTHON=.venv/bin/python bash tests/slurm/run_slurm_test.sh
-step "megatron-core 0.19.2 (scripts/test_019.sh)" 600 bash scripts/test_019.sh
+step "megatron-core 0.19.2 (scripts/test_019.sh)" 900 bash scripts/test_019.sh
 step "lm-eval bridge (scripts/test_lm_eval.sh)" 900 bash scripts/test_lm_eval.sh
 
 echo
