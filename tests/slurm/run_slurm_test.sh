@@ -220,6 +220,9 @@ while :; do
   state=$(sed -n 's/.*JobState=\([A-Z_]*\).*/\1/p' <<<"$info")
   restarts=$(sed -n 's/.* Restarts=\([0-9]*\).*/\1/p' <<<"$info")
   if [ "${restarts:-0}" -ge 1 ] && [ "$state" = PENDING ]; then
+    # slurmd refuses a launch whose credential is not newer, in whole seconds, than the kill
+    # of the requeued run ("Job N already killed, do not launch batch job"): wait past it
+    sleep 3
     timeout 10 scontrol update JobId="$JOB_ID" StartTime=now || true
     say "job $JOB_ID requeued; released from SLURM's requeue hold"
     break
