@@ -109,11 +109,11 @@ BUGS = [
         "routing-previous-microbatch",
         "under PP the last stage gets the layer-k target of the same micro-batch",
         "megatron_nitp/nitp/routing.py",
-        "            buffer = torch.empty(like.shape, dtype=like.dtype, device=device())\n"
-        "            dist.recv(buffer, self.source, group=self.group)\n"
+        "            with TIMERS.phase(ROUTING_WAIT):\n"
+        "                dist.recv(buffer, self.source, group=self.group)\n"
         "            return buffer\n",
-        "            buffer = torch.empty(like.shape, dtype=like.dtype, device=device())\n"
-        "            dist.recv(buffer, self.source, group=self.group)\n"
+        "            with TIMERS.phase(ROUTING_WAIT):\n"
+        "                dist.recv(buffer, self.source, group=self.group)\n"
         "            previous, self._previous = getattr(self, '_previous', None), buffer\n"
         "            return buffer if previous is None else previous\n",
         ("tests/test_parallel.py::test_layout_equals_single_process[pp2-k-on-first-stage]",),
