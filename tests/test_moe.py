@@ -29,6 +29,9 @@ LAYOUTS = {
     "ep2": (2, EP2),
     "ep2xpp2": (4, EP2 + ["--pipeline-model-parallel-size", "2"]),
     "tp2-sp-ep2": (4, EP2 + ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+    # whole experts per rank under TP 2 (expert TP 1, expert data parallel 2)
+    "tp2-sp-ep2-etp1": (4, EP2 + ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                                  "--expert-tensor-parallel-size", "1"]),
 }
 
 # DeepSeek-V3-style routing: sigmoid scores, the aux-loss-free expert bias (updated after each
