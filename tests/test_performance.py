@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from megatron_nitp import kernels
 from megatron_nitp.config import performance
 from megatron_nitp.training import model as model_module
 from megatron_nitp.training.arguments import parse_args
@@ -62,18 +63,18 @@ def _moe_args(flags):
                    1, 128)
 
 
-def _with_te(monkeypatch):
-    """This process as if Transformer Engine's layers were usable (CUDA and TE)."""
-    kernels = performance.Kernels(cuda=True, transformer_engine=True, apex_fused_wgrad=False,
-                                  grouped_gemm=False)
-    monkeypatch.setattr(performance, "available", lambda impl="transformer_engine": kernels)
+@pytest.fixture
+def with_te():
+    """This process decides as a GPU machine with Transformer Engine and Apex's kernels (the
+    NGC image) would."""
+    with kernels.simulate(cuda=True, te=True, apex_fused_wgrad=True, grouped_gemm=False):
+        yield
 
 
-def test_gpu_flags_reach_megatron_core_where_te_is_present(monkeypatch):
+def test_gpu_flags_reach_megatron_core_where_te_is_present(with_te):
     """On a machine with TE the GPU-only flags pass the checks and land in the configs
     megatron-core builds (checked on the fields: a TransformerConfig with FP8 would itself need
     TE)."""
-    _with_te(monkeypatch)
     flags = MOE + ["--moe-grouped-gemm", "--moe-permute-fusion", "--fp8-format", "hybrid",
                    "--fp8-recipe", "tensorwise", "--bf16", "--apply-rope-fusion",
                    "--gradient-accumulation-fusion", "--cross-entropy-loss-fusion",
@@ -101,14 +102,19 @@ def test_overlap_reaches_megatron_ddp(dist):
     assert not wrapped.ddp_config.overlap_grad_reduce and not wrapped.use_forward_hook
 
 
-def test_auto_fusions_follow_the_kernels(monkeypatch):
+def test_auto_fusions_follow_the_kernels():
     config = tiny_args()
     assert config.gradient_accumulation_fusion is None and config.apply_rope_fusion is None
     assert performance.resolved_fusions(config) == dict(gradient_accumulation_fusion=False,
                                                         apply_rope_fusion=False)  # CPU
-    _with_te(monkeypatch)
-    assert performance.resolved_fusions(config) == dict(gradient_accumulation_fusion=True,
-                                                        apply_rope_fusion=True)
+    with kernels.simulate(cuda=True, te=True, apex_fused_wgrad=True):
+        assert performance.resolved_fusions(config) == dict(gradient_accumulation_fusion=True,
+                                                            apply_rope_fusion=True)
+    # pip-installed TE without Apex: the output layer and the projector (megatron-core's own
+    # ColumnParallelLinear) would raise at construction with the fusion on
+    with kernels.simulate(cuda=True, te=True, apex_fused_wgrad=False):
+        assert performance.resolved_fusions(config) == dict(gradient_accumulation_fusion=False,
+                                                            apply_rope_fusion=True)
     off = tiny_args("--no-gradient-accumulation-fusion", "--no-rope-fusion")
     assert performance.resolved_fusions(off) == dict(gradient_accumulation_fusion=False,
                                                      apply_rope_fusion=False)
@@ -119,7 +125,7 @@ GPU_ONLY = [
     (MOE + ["--moe-permute-fusion"], "--moe-permute-fusion need(s) Transformer Engine"),
     (["--fp8-format", "e4m3", "--bf16"], "--fp8-format need(s) Transformer Engine"),
     (["--apply-rope-fusion"], "--apply-rope-fusion need(s) Transformer Engine"),
-    (["--gradient-accumulation-fusion"], "--gradient-accumulation-fusion needs Transformer"),
+    (["--gradient-accumulation-fusion"], "--gradient-accumulation-fusion needs Apex's"),
     (["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "te"],
      "--cross-entropy-fusion-impl te need(s) Transformer Engine"),
     (["--recompute-granularity", "selective", "--recompute-modules", "layernorm"],
@@ -231,3 +237,53 @@ def test_moe_benchmark_times_the_expert_loop_and_refuses_grouped_gemm_on_cpu(dis
         assert loop["step_seconds"] > 0 and loop["tflops"] > 0
         for variant in ("grouped", "grouped+permute"):
             assert "this machine has no CUDA" in report["arms"][f"{variant}/{objective}"]["refused"]
+
+
+def test_gradient_accumulation_fusion_needs_apex_even_with_te():
+    """TE's layers fuse their own weight gradients, but the output layer and the projector are
+    megatron-core's ColumnParallelLinear, which raises at construction without Apex's
+    ``fused_weight_gradient_mlp_cuda``: refused with TE alone, accepted with Apex's kernel."""
+    flags = ["--gradient-accumulation-fusion"]
+    with kernels.simulate(cuda=True, te=True, apex_fused_wgrad=False):
+        with pytest.raises(SystemExit):
+            parse_args(flags)
+    with kernels.simulate(cuda=True, te=True, apex_fused_wgrad=True):
+        assert parse_args(flags).gradient_accumulation_fusion is True
+
+
+def test_mxfp8_needs_blackwell(capsys):
+    flags = ["--fp8-format", "e4m3", "--fp8-recipe", "mxfp8", "--bf16"]
+    with kernels.simulate(cuda=True, te=True, compute_capability=(9, 0)):
+        with pytest.raises(SystemExit):
+            parse_args(flags)
+        assert "mxfp8 needs a Blackwell GPU (compute capability 10.0 or higher), and this one " \
+               "is 9.0" in capsys.readouterr().err
+        assert parse_args(flags[:2] + ["--fp8-recipe", "tensorwise", "--bf16"]).fp8 == "e4m3"
+    with kernels.simulate(cuda=True, te=True, compute_capability=(10, 0)):
+        assert parse_args(flags).fp8_recipe == "mxfp8"
+
+
+def test_simulation_reaches_every_decision():
+    """One simulated machine changes every consumer's answer: the layer spec, the fused softmax,
+    the compatibility patches, the kernel checks; leaving it restores this machine's."""
+    from megatron_nitp import compat
+
+    real = kernels.available()
+    with kernels.simulate(cuda=True, te=True, apex_fused_adam=True, fused_softmax=True) as k:
+        assert kernels.available() == k and k.compute_capability == (9, 0)
+        assert model_module.use_transformer_engine()
+        assert not model_module.use_transformer_engine("local")
+        assert model_module.fused_softmax_available()
+        env = compat.environment()
+        assert (env.cuda, env.te, env.apex) == (True, True, True)
+        assert compat.select(env.cuda, env.te, env.apex, env.mcore) == []
+    assert kernels.available() == real and not model_module.use_transformer_engine()
+
+
+def test_simulation_through_the_environment(monkeypatch):
+    monkeypatch.setenv(kernels.ENV_VAR, "cuda=1,te=1,grouped_gemm=0,cc=10.0")
+    k = kernels.available()
+    assert (k.cuda, k.te, k.grouped_gemm, k.compute_capability) == (True, True, False, (10, 0))
+    monkeypatch.setenv(kernels.ENV_VAR, "tee=1")
+    with pytest.raises(ValueError, match="'tee=1' is not name=0|1"):
+        kernels.available()

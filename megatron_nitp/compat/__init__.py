@@ -95,19 +95,6 @@ def select(cuda: bool, te: bool, apex: bool, mcore_version: str | Version) -> li
     return [patch for patch in PATCHES if patch.applies(env)]
 
 
-def _importable(module: str, attr: str | None = None) -> bool:
-    import importlib
-    import importlib.util
-
-    try:
-        if importlib.util.find_spec(module.split(".")[0]) is None:
-            return False
-        loaded = importlib.import_module(module)
-        return attr is None or hasattr(loaded, attr)
-    except Exception:  # noqa: BLE001 - a broken install (e.g. TE without its CUDA libraries)
-        return False
-
-
 def megatron_core_version() -> Version:
     """The installed megatron-core's version (package metadata, else its package_info)."""
     from importlib import metadata
@@ -121,17 +108,14 @@ def megatron_core_version() -> Version:
 
 
 def environment() -> Environment:
-    """This process: CUDA (``device.has_cuda``), Transformer Engine importable (what megatron's
-    ``HAVE_TE`` and ``training.model.use_transformer_engine`` check), Apex's FusedAdam
-    importable (megatron-core's optimizer fallback after TE's), megatron-core's version."""
-    from megatron_nitp.device import has_cuda
+    """This process: CUDA, Transformer Engine importable (what megatron's ``HAVE_TE`` checks),
+    Apex's FusedAdam importable (megatron-core's optimizer fallback after TE's), as
+    ``megatron_nitp.kernels`` decides them; megatron-core's version."""
+    from megatron_nitp import kernels
 
-    return Environment(
-        cuda=has_cuda(),
-        te=_importable("transformer_engine"),
-        apex=_importable("apex.optimizers", "FusedAdam"),
-        mcore=megatron_core_version(),
-    )
+    k = kernels.available()
+    return Environment(cuda=k.cuda, te=k.te, apex=k.apex_fused_adam,
+                       mcore=megatron_core_version())
 
 
 _APPLIED: tuple[str, ...] | None = None

@@ -6,7 +6,8 @@ FP8, TE's cross entropy), Apex's ``fused_weight_gradient_mlp_cuda`` (gradient-ac
 fusion with the local layers) or the ``grouped_gemm`` package (the local grouped experts).
 Asked for where they are missing, megatron-core fails deep inside the first forward, or some
 silently fall back. Here each one is checked before any process group or model exists, and
-refused with the reason and the fix (:func:`validate_performance`). ``--dry-run`` checks only
+refused with the reason and the fix (:func:`validate_performance`); what this machine has is
+``megatron_nitp.kernels``'s answer. ``--dry-run`` checks only
 the combinations (it may run on a login node without the job's GPUs).
 
 Two settings are three-state, as in Megatron-LM where they are on by default: gradient-
@@ -22,55 +23,17 @@ checkpoint. One combination cannot be: a target that needs its gradient
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-from dataclasses import dataclass
-
+from megatron_nitp import kernels
 from megatron_nitp.config.schema import RunConfig
+from megatron_nitp.kernels import Kernels
 
 
 class _Error(ValueError):
     """Raised as the package's ConfigError by ``resolve.validate`` (no import cycle)."""
 
 
-@dataclass(frozen=True)
-class Kernels:
-    """The fast-path providers present in this process."""
-
-    cuda: bool
-    transformer_engine: bool
-    """TE importable, CUDA present and ``--transformer-impl transformer_engine`` (its layers
-    are used)"""
-    apex_fused_wgrad: bool
-    """Apex's ``fused_weight_gradient_mlp_cuda`` (gradient-accumulation fusion, local layers)"""
-    grouped_gemm: bool
-    """the ``grouped_gemm`` package (megatron-core's local GroupedMLP)"""
-
-
-@functools.lru_cache(maxsize=None)
-def _importable(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def available(transformer_impl: str = "transformer_engine") -> Kernels:
-    """What this machine provides (cheap: import specs only, no kernel is loaded)."""
-    from megatron_nitp.device import has_cuda
-    from megatron_nitp.training.model import use_transformer_engine
-
-    cuda = has_cuda()
-    return Kernels(
-        cuda=cuda,
-        transformer_engine=use_transformer_engine(transformer_impl),
-        apex_fused_wgrad=cuda and _importable("fused_weight_gradient_mlp_cuda"),
-        grouped_gemm=cuda and _importable("grouped_gemm"),
-    )
-
-
-def _why_not_te(kernels: Kernels, transformer_impl: str) -> str:
-    if not kernels.cuda:
+def _why_not_te(k: Kernels, transformer_impl: str) -> str:
+    if not k.cuda:
         return "this machine has no CUDA"
     if transformer_impl == "local":
         return "--transformer-impl local was given"
@@ -199,9 +162,11 @@ def validate_performance(config: RunConfig, stage_layers: list[int]) -> None:
 
 
 def _validate_kernels(config: RunConfig) -> None:
+    """Refuses flags whose kernels this machine lacks (``megatron_nitp.kernels``)."""
     perf = config.performance
     impl = config.parallel.transformer_impl
-    k = available(impl)
+    k = kernels.available()
+    te = k.te_layers(impl)
     te_reason = _why_not_te(k, impl)
     needs_te = [name for name, on in (
         ("--moe-permute-fusion", perf.moe_permute_fusion),
@@ -213,35 +178,48 @@ def _validate_kernels(config: RunConfig) -> None:
         ("--recompute-modules layernorm", perf.recompute_granularity == "selective"
          and "layernorm" in (perf.recompute_modules or ())),
     ) if on]
-    if needs_te and not k.transformer_engine:
+    if needs_te and not te:
         raise _Error(f"{', '.join(needs_te)} need(s) Transformer Engine on a GPU, and "
                      f"{te_reason}: drop the flag, or run in an image with TE (the "
                      "Dockerfile's NGC base).")
-    if perf.moe_grouped_gemm and not (k.transformer_engine or k.grouped_gemm):
+    if perf.fp8 and perf.fp8_recipe == "mxfp8" and (k.compute_capability or (0, 0)) < (10, 0):
+        cc = ".".join(map(str, k.compute_capability or ()))
+        raise _Error(f"--fp8-recipe mxfp8 needs a Blackwell GPU (compute capability 10.0 or "
+                     f"higher), and this one is {cc}: use --fp8-recipe delayed or tensorwise "
+                     "on Hopper.")
+    if perf.moe_grouped_gemm and not (te or (k.cuda and k.grouped_gemm)):
         raise _Error(f"--moe-grouped-gemm needs Transformer Engine (TEGroupedMLP) or the "
                      f"grouped_gemm package on a GPU, and {te_reason}"
                      + ("" if not k.cuda else " and grouped_gemm is not installed")
                      + ": drop the flag (the experts then run one after the other), or run in "
                        "an image with TE.")
-    if perf.gradient_accumulation_fusion is True and not (k.transformer_engine
-                                                          or k.apex_fused_wgrad):
-        raise _Error("--gradient-accumulation-fusion needs Transformer Engine's layers or Apex's "
-                     "fused_weight_gradient_mlp_cuda on a GPU, and "
-                     + ("this machine has no CUDA" if not k.cuda else "neither is available")
+    if perf.gradient_accumulation_fusion is True and not _fused_wgrad(k):
+        raise _Error("--gradient-accumulation-fusion needs Apex's fused_weight_gradient_mlp_cuda "
+                     "on a GPU (megatron-core's own linear layers use it: the output layer and "
+                     "the NITP projector, with TE's layers too), and "
+                     + ("this machine has no CUDA" if not k.cuda else "it is not importable")
                      + ": drop the flag (auto turns it on where it can run).")
+
+
+def _fused_wgrad(k: Kernels) -> bool:
+    """Gradient-accumulation fusion can run: Apex's kernel on a GPU. TE alone is not enough:
+    the output layer and the projector are megatron-core's ColumnParallelLinear, whose
+    constructor raises without Apex's kernel (the NGC image has both; pip-installed TE has
+    no Apex)."""
+    return k.cuda and k.apex_fused_wgrad
 
 
 def resolved_fusions(config: RunConfig) -> dict:
     """The auto settings decided for this machine: ``gradient_accumulation_fusion`` and
     ``apply_rope_fusion`` (``None`` -> on where the kernel is present)."""
     perf = config.performance
-    k = available(config.parallel.transformer_impl)
+    k = kernels.available()
     wgrad = perf.gradient_accumulation_fusion
     rope = perf.apply_rope_fusion
     return dict(
-        gradient_accumulation_fusion=(k.transformer_engine or k.apex_fused_wgrad)
-        if wgrad is None else wgrad,
-        apply_rope_fusion=k.transformer_engine if rope is None else rope,
+        gradient_accumulation_fusion=_fused_wgrad(k) if wgrad is None else wgrad,
+        apply_rope_fusion=k.te_layers(config.parallel.transformer_impl) if rope is None
+        else rope,
     )
 
 

@@ -11,6 +11,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_nitp import kernels
 from megatron_nitp.config import performance
 from megatron_nitp.device import device, has_cuda
 from megatron_nitp.models import NITPGPTModel
@@ -85,14 +86,12 @@ def moe_config(args) -> dict:
 
 
 def fused_softmax_available() -> bool:
-    """megatron-core's fused masked softmax (local spec) calls the CUDA extensions
-    ``scaled_masked_softmax_cuda`` / ``scaled_upper_triang_masked_softmax_cuda`` (built by Apex in
-    NGC containers) and fails with ModuleNotFoundError at the first attention where they are
-    missing, e.g. on a GPU with plain PyPI torch: fuse only when they import."""
-    import importlib.util
-
-    return has_cuda() and all(importlib.util.find_spec(name) is not None for name in (
-        "scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda"))
+    """megatron-core's fused masked softmax (local spec) calls Apex's CUDA extensions
+    ``scaled_masked_softmax_cuda`` / ``scaled_upper_triang_masked_softmax_cuda`` and fails with
+    ModuleNotFoundError at the first attention where they are missing, e.g. on a GPU with plain
+    PyPI torch: fuse only when they import (``megatron_nitp.kernels``)."""
+    k = kernels.available()
+    return k.cuda and k.fused_softmax
 
 
 def transformer_config(args, perform_initialization: bool = True) -> TransformerConfig:
@@ -151,14 +150,8 @@ def transformer_config(args, perform_initialization: bool = True) -> Transformer
 
 def use_transformer_engine(impl: str = "transformer_engine") -> bool:
     """Transformer Engine layers when asked for (``--transformer-impl``, the default) and TE and
-    CUDA are both present."""
-    if impl != "transformer_engine" or not has_cuda():
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    CUDA are both present (``megatron_nitp.kernels``)."""
+    return kernels.available().te_layers(impl)
 
 
 def layer_spec(config: TransformerConfig, impl: str = "transformer_engine"):
