@@ -12,20 +12,33 @@ from __future__ import annotations
 import json
 import os
 
-from megatron_nitp.hf import hf_config, to_hf  # noqa: F401  (hf_config: this module's API)
+from megatron_nitp.hf import HFFormatError, hf_config, to_hf  # noqa: F401  (hf_config: API)
+from megatron_nitp.training.checkpointing import CheckpointError
+
+#: What export and evaluation report as one line (``error: ...``) instead of a traceback: a
+#: checkpoint that is missing, damaged or not rebuildable here, or not expressible in Hugging
+#: Face's format.
+EXPORT_ERRORS = (CheckpointError, HFFormatError)
 
 
 def load_checkpoint_model(checkpoint_root: str):
-    """(model, config): the single-process model of a checkpoint, built from the run config it
-    stores and loaded with its weights (resharded from any training layout). Export, the
-    evaluation tools and the lm-eval bridge start here."""
+    """(model, config): the single-process fp32 model of a checkpoint, built from the run
+    config it stores (``checkpointing.config_from_meta``) and loaded with its weights
+    (resharded from any training layout). Export, the evaluation tools and the lm-eval bridge
+    start here. Raises CheckpointError (one line) for a checkpoint that cannot be used."""
+    from megatron_nitp.config import ConfigError
     from megatron_nitp.training.checkpointing import (config_from_meta, find_checkpoint,
                                                       load_model_weights, read_meta)
     from megatron_nitp.training.initialize import initialize_distributed, set_seed
     from megatron_nitp.training.model import build_model
 
-    meta = read_meta(find_checkpoint(checkpoint_root))
-    config = config_from_meta(meta)
+    path = find_checkpoint(checkpoint_root)
+    meta = read_meta(path)
+    try:
+        config = config_from_meta(meta)
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: the run config it stores cannot be rebuilt here: "
+                              f"{err}") from err
     initialize_distributed()
     set_seed(0)
     net = build_model(config, pre_process=True, post_process=True)

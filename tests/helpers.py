@@ -49,6 +49,49 @@ def clean_env(**extra) -> dict:
     return env
 
 
+# Variables the scripts read: a caller's values must not leak into the checks.
+SCRIPT_VARS = ("NNODES", "GPUS_PER_NODE", "TP", "PP", "EP", "MICRO_BATCH_SIZE",
+               "GLOBAL_BATCH_SIZE", "TRAIN_TOKENS", "TRAIN_ITERS", "DATA_PATH", "TOKENIZER_MODEL",
+               "VOCAB_SIZE", "RUN_DIR", "CHECKPOINT_PATH", "DATA_CACHE_PATH", "TENSORBOARD_DIR",
+               "SAVE_INTERVAL",
+               "MODEL", "NITP_ROOT", "DRY_RUN", "TORCHRUN", "RDZV_ID", "NITP_GPU_MEMORY_GIB",
+               "SLURM_NNODES", "SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_NTASKS",
+               "SLURM_SUBMIT_DIR")
+
+
+def example_env(**extra) -> dict:
+    """The environment for the example scripts (examples/): :func:`clean_env` without the
+    caller's values of the variables they read."""
+    env = {k: v for k, v in clean_env().items() if k not in SCRIPT_VARS}
+    env.update({"PYTHON": sys.executable, **extra})
+    return env
+
+
+def argv_shim(folder) -> str:
+    """A PYTHON for the example scripts that records the dry run's arguments (NUL-separated, to
+    $NITP_ARGV_FILE) and runs the scripts' preset look-up (`python - ...`) for real."""
+    path = os.path.join(str(folder), "python")
+    with open(path, "w") as f:
+        f.write(f'#!/bin/sh\nif [ "$1" = - ]; then exec "{sys.executable}" "$@"; fi\n'
+                'for a in "$@"; do printf \'%s\\0\' "$a"; done > "$NITP_ARGV_FILE"\n')
+    os.chmod(path, 0o755)
+    return path
+
+
+def record_command(shim, folder, argv, **env) -> list:
+    """The command line `bash ARGV` (an example script) runs with DRY_RUN=1, as a list: the
+    entry script, its flags, then ``--dry-run --world-size N``."""
+    record = os.path.join(str(folder), "argv")
+    if os.path.exists(record):
+        os.unlink(record)
+    proc = subprocess.run(["bash", *argv], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env=example_env(DRY_RUN="1", PYTHON=str(shim), NITP_ARGV_FILE=record,
+                                          **env))
+    assert proc.returncode == 0, (argv, proc.stderr)
+    with open(record) as f:
+        return f.read().split("\0")[:-1]
+
+
 def load_tool(name: str):
     """``tools/<name>.py`` imported as a module (the tools are scripts, not a package)."""
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))

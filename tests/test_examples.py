@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from megatron_nitp.presets import PRESETS, get_preset
-from tests.helpers import ROOT, clean_env, free_port
+from tests.helpers import ROOT, argv_shim, clean_env, example_env, free_port, record_command
 
 PRETRAIN = os.path.join(ROOT, "examples", "pretrain.sh")
 TABLE = os.path.join(ROOT, "examples", "models.txt")
@@ -20,16 +20,6 @@ TINY_SBATCH = os.path.join(ROOT, "examples", "slurm", "tiny_cpu.sbatch")
 PAPER = [name for name in PRESETS if not name.startswith("tiny")]
 COLUMNS = ("model", "nodes", "gpus", "tp", "pp", "ep", "sp", "mbs", "distopt", "first", "last",
            "tokens", "save", "eval")
-# Variables the scripts read: a caller's values must not leak into the checks.
-SCRIPT_VARS = ("NNODES", "GPUS_PER_NODE", "TP", "PP", "EP", "MICRO_BATCH_SIZE",
-               "GLOBAL_BATCH_SIZE", "TRAIN_TOKENS", "TRAIN_ITERS", "DATA_PATH", "TOKENIZER_MODEL",
-               "VOCAB_SIZE", "RUN_DIR", "CHECKPOINT_PATH", "DATA_CACHE_PATH", "TENSORBOARD_DIR",
-               "SAVE_INTERVAL",
-               "MODEL", "NITP_ROOT", "DRY_RUN", "TORCHRUN", "RDZV_ID", "NITP_GPU_MEMORY_GIB",
-               "SLURM_NNODES", "SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_NTASKS",
-               "SLURM_SUBMIT_DIR")
-
-
 def _table() -> dict:
     """examples/models.txt: {model: {column: value}}."""
     rows = {}
@@ -42,32 +32,15 @@ def _table() -> dict:
     return rows
 
 
-def _env(**extra):
-    env = {k: v for k, v in clean_env().items() if k not in SCRIPT_VARS}
-    env.update({"PYTHON": sys.executable, **extra})
-    return env
+_env = example_env
 
 
 @pytest.fixture(scope="module")
 def shim(tmp_path_factory):
-    """A PYTHON that records the dry run's arguments (NUL-separated, to $NITP_ARGV_FILE) and
-    runs the script's preset look-up (`python - ...`) for real."""
-    path = tmp_path_factory.mktemp("shim") / "python"
-    path.write_text(f'#!/bin/sh\nif [ "$1" = - ]; then exec "{sys.executable}" "$@"; fi\n'
-                    'for a in "$@"; do printf \'%s\\0\' "$a"; done > "$NITP_ARGV_FILE"\n')
-    path.chmod(0o755)
-    return path
+    return argv_shim(tmp_path_factory.mktemp("shim"))
 
 
-def _record(shim, tmp_path, argv, **env):
-    """The command line `bash ARGV` runs with DRY_RUN=1, as a list."""
-    record = tmp_path / "argv"
-    record.unlink(missing_ok=True)
-    proc = subprocess.run(["bash", *argv], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                          env=_env(DRY_RUN="1", PYTHON=str(shim), NITP_ARGV_FILE=str(record),
-                                   **env))
-    assert proc.returncode == 0, (argv, proc.stderr)
-    return record.read_text().split("\0")[:-1]
+_record = record_command
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,11 @@ def main(argv=None):
     p.add_argument("--keep-projector", action="store_true",
                    help="also write the NITP projector (nitp_projector.safetensors)")
     args = p.parse_args(argv)
-    from megatron_nitp.export import export_checkpoint
-    from megatron_nitp.training.checkpointing import CheckpointError
+    from megatron_nitp.export import EXPORT_ERRORS, export_checkpoint
 
     try:
         written, total = export_checkpoint(args.load, args.output, args.keep_projector)
-    except CheckpointError as err:
+    except EXPORT_ERRORS as err:
         raise SystemExit(f"error: {err}")
     print(f"> exported {args.load} -> {args.output}: {', '.join(written)} "
           f"({total:,} parameters, projector {'kept apart' if args.keep_projector else 'dropped'})")

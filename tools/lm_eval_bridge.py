@@ -259,10 +259,13 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="nitp-export-") as tmp:
         model_dir = args.model_dir
         if args.load:
-            from megatron_nitp.export import export_checkpoint
+            from megatron_nitp.export import EXPORT_ERRORS, export_checkpoint
 
             model_dir = os.path.join(tmp, "hf")
-            export_checkpoint(args.load, model_dir)
+            try:
+                export_checkpoint(args.load, model_dir)
+            except EXPORT_ERRORS as err:
+                raise SystemExit(f"error: {err}")
         results = run(model_dir, tasks, args.include_path, args.limit, args.num_fewshot,
                       args.batch_size, args.max_length, args.tokenizer_model, args.seed,
                       args.device, args.log_samples, args.tokenizer_type)

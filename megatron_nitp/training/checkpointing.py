@@ -492,10 +492,21 @@ def config_from_meta(meta: dict):
     sequence parallelism or distributed optimizer), resolved with the checkpoint's padded
     vocabulary (its embedding rows, padded for the training layout's TP): what export,
     evaluation and the tools build the model from. Checkpoints older than the stored config
-    rebuild it from their model and NITP sections."""
+    rebuild it from their model and NITP sections.
+
+    The speed and memory settings (``PerformanceConfig``: communication overlap, grouped-GEMM
+    experts, fused permutation, FP8, fusions, recomputation) are dropped: they change how the
+    training cluster computed, not the weights (megatron-core's TEGroupedMLP and SequentialMLP
+    share their checkpoint keys), and the machine that exports or evaluates may lack their
+    kernels (a checkpoint trained with ``--moe-grouped-gemm`` on GPUs is read by SequentialMLP,
+    whose expert names the Hugging Face mapping knows). Overlapped parameter gathering also
+    needs the distributed optimizer, which one process does not use. The model computes in
+    fp32 (a bf16 checkpoint's weights are exact in fp32): evaluations do not change with the
+    training precision."""
     import dataclasses
 
     from megatron_nitp.config import RunConfig, complete, preset_config, resolve
+    from megatron_nitp.config.schema import PerformanceConfig
 
     if "config" in meta:
         config = RunConfig.from_dict(meta["config"])
@@ -505,12 +516,14 @@ def config_from_meta(meta: dict):
                 if k not in ("padded_vocab_size", "moe_layer_pattern") and v is not None}
         flat.update({("nitp" if k == "enabled" else f"nitp_{k}"): v for k, v in nitp.items()})
         config = preset_config("tiny-dense", **flat)
+    config = dataclasses.replace(config, performance=PerformanceConfig())
     config = complete(config.replace(
         tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-        expert_model_parallel_size=1, context_parallel_size=1, sequence_parallel=False,
+        expert_model_parallel_size=1, expert_tensor_parallel_size=None,
+        context_parallel_size=1, sequence_parallel=False,
         use_distributed_optimizer=False, decoder_first_pipeline_num_layers=None,
         decoder_last_pipeline_num_layers=None, micro_batch_size=1, global_batch_size=1,
-        load=None, save=None))
+        load=None, save=None, bf16=False, fp16=False))
     resolved = resolve(config, 1)
     padded = meta["model"]["padded_vocab_size"]
     return resolved.replace(derived=dataclasses.replace(resolved.derived,
