@@ -72,6 +72,11 @@ def reset_peak_memory_stats() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def compute_capability() -> tuple[int, int] | None:
+    """The current GPU's (major, minor), e.g. (9, 0) for Hopper; None on CPU."""
+    return tuple(torch.cuda.get_device_capability()) if has_cuda() else None
+
+
 def name() -> str:
     """A human-readable device name for logs and benchmark reports."""
     return torch.cuda.get_device_name() if has_cuda() else "cpu"

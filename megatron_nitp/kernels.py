@@ -79,23 +79,17 @@ def _te_importable() -> bool:
 @functools.lru_cache(maxsize=None)
 def detect() -> Kernels:
     """What this machine really has (import checks; once per process)."""
-    from megatron_nitp.device import has_cuda
+    from megatron_nitp import device
 
-    cuda = has_cuda()
-    capability = None
-    if cuda:
-        import torch
-
-        capability = tuple(torch.cuda.get_device_capability())
     return Kernels(
-        cuda=cuda,
+        cuda=device.has_cuda(),
         te=_te_importable(),
         apex_fused_adam=_importable("apex.optimizers", "FusedAdam"),
         apex_fused_wgrad=_importable("fused_weight_gradient_mlp_cuda"),
         grouped_gemm=_importable("grouped_gemm"),
         fused_softmax=all(_importable(name) for name in (
             "scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda")),
-        compute_capability=capability,
+        compute_capability=device.compute_capability(),
     )
 
 

@@ -237,7 +237,12 @@ class DataConfig:
     preparation, no index cache; the vocabulary is --vocab-size (default 4096) unless
     --tokenizer-type/--tokenizer-model name a tokenizer"""
     data_cache_path: Optional[str] = None
-    """where dataset indices are cached"""
+    """where dataset indices are cached: global rank 0 builds them, every rank reads them, so on
+    several nodes a folder all nodes see (checked at start)"""
+    dataset_build_timeout_minutes: float = 120.0
+    """how long the other ranks wait for global rank 0's first build of the dataset index (a
+    large corpus may take longer than --distributed-timeout-minutes; tools/build_index.py
+    builds it before the job)"""
 
 
 @dataclass(frozen=True)

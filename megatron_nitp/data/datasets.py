@@ -83,6 +83,7 @@ def build_datasets(
     cache_dir: str | None = None,
     per_split: Sequence | None = None,
     eval_seed: int | None = EVAL_SEED,
+    build_timeout_minutes: float | None = None,
 ) -> tuple[Dataset | None, Dataset | None, Dataset | None]:
     """Builds the train, valid and test GPT datasets of one data blend.
 
@@ -107,6 +108,9 @@ def build_datasets(
             and `split`.
         eval_seed: Seed of the validation and test splits' sample order (None: `seed`). Fixed
             by default, so runs with different `--seed`s are validated on the same batches.
+        build_timeout_minutes: In a job of several ranks, how long the others may wait for
+            global rank 0's first build of the index (`--dataset-build-timeout-minutes`;
+            `index_cache.rank0_builds_first`). None: megatron-core's own barrier only.
 
     Returns:
         The `(train, valid, test)` datasets: `GPTDataset`s, or `BlendedDataset`s for several
@@ -149,12 +153,20 @@ def build_datasets(
         )
         return builder.build()
 
-    lock = contextlib.nullcontext() if distributed else _exclusive_lock(cache_dir)
-    with lock:
+    def build_all():
         train, valid, test = build(seed)
         if eval_seed is not None and eval_seed != seed:
             _, valid, test = build(eval_seed)
-    return train, valid, test
+        return train, valid, test
+
+    if distributed and build_timeout_minutes is not None and torch.distributed.get_world_size() > 1:
+        from megatron_nitp.data.index_cache import rank0_builds_first
+
+        lock = rank0_builds_first(cache_dir, build_timeout_minutes)
+    else:
+        lock = contextlib.nullcontext() if distributed else _exclusive_lock(cache_dir)
+    with lock:
+        return build_all()
 
 
 def check_split(prefixes: Sequence[str], split: str,

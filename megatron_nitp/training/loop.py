@@ -93,6 +93,7 @@ def prepare_data(args: RunConfig):
             num_samples, args.data_cache_path,
             per_split=([list(p) if p else None for p in per_split] if args.train_data_path
                        else None),
+            build_timeout_minutes=args.dataset_build_timeout_minutes,
         )
     train = MicroBatchIterator(train_ds, args.micro_batch_size, dp_rank, dp_size)
 
@@ -183,6 +184,10 @@ def setup(args: RunConfig) -> Run:
     )
     try:
         arguments.validate_data_cache(args)
+        if args.data_cache_path and not args.mock_data and torch.distributed.get_world_size() > 1:
+            from megatron_nitp.data.index_cache import check_shared
+
+            check_shared(args.data_cache_path)
         resolve(args, torch.distributed.get_world_size())  # the layout, before data work
         args, tokenizer, train_iter, valid_iter = prepare_data(args)
     except (ValueError, FileNotFoundError, PermissionError) as err:
