@@ -10,8 +10,11 @@ computed on a plain copy of the same model over the whole global batch (every mi
 every data-parallel rank), with N_ntp the mask-1 tokens of the global batch and N_nitp the
 mask-1 positions that have an NITP target (not the last position of their sequence, shift 1).
 The reference is written out here: torch cross-entropy on the plain model's logits, and
-1 - cos(P(h_t), z_{t+1}) with the model's own projector P, h the final norm's output and z the
-detached output of layer k. The reported "lm loss" and "nitp loss" must be the two global means.
+1 - cos(P(h_t), z_{t+1}) with P and the cosine computed by hand from the raw projector weights
+(``W_down (silu(W_gate h) * (W_up h))``, silu as ``x * sigmoid(x)``, cos as dot / norms; never
+the model's projector module, so a wrong projector cannot pass on both sides), h the final
+norm's output and z the detached output of layer k. The reported "lm loss" and "nitp loss" must
+be the two global means.
 
 Checked in one process (DP = 1) and in a 2-process gloo job (DP = 2, masks of very different
 density on the two ranks, so per-rank normalization would be caught).
@@ -63,6 +66,22 @@ def _global_batches(dp_size: int) -> list[list[dict]]:
     return per_rank
 
 
+def hand_projector(params: dict, h: torch.Tensor) -> torch.Tensor:
+    """P(h) ``[s, b, d]`` from the raw weights ``projector.{gate,up,down}.weight`` (``[4d, d]``,
+    ``[4d, d]``, ``[d, 4d]``) of ``params`` (name -> tensor): SwiGLU without bias."""
+    gate = h @ params["projector.gate.weight"].t()          # [s, b, 4d]
+    up = h @ params["projector.up.weight"].t()              # [s, b, 4d]
+    return (gate * torch.sigmoid(gate) * up) @ params["projector.down.weight"].t()  # [s, b, d]
+
+
+def hand_nitp(pred: torch.Tensor, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-position NITP loss ``[b, s-1]``: 1 - cos(pred_t, z_{t+1}) in fp32 for t < s - 1,
+    times ``mask[:, t]``. ``pred``, ``z``: ``[s, b, d]``; ``mask``: ``[b, s]``."""
+    p, target = pred[:-1].float(), z[1:].float()            # position t pairs with t + 1
+    cos = (p * target).sum(-1) / (p.norm(dim=-1) * target.norm(dim=-1)).clamp(min=1e-8)
+    return (1.0 - cos).transpose(0, 1) * mask[:, :-1]       # [b, s-1]
+
+
 def _reference(plain, batches: list[dict], target_layer: int):
     """Autograd of the objective over ``batches`` (the whole global batch) on ``plain``: the
     gradients by parameter name, and the global lm and nitp means."""
@@ -75,6 +94,7 @@ def _reference(plain, batches: list[dict], target_layer: int):
             lambda mod, inp, out: seen.__setitem__("h", out)),
     ]
     plain.zero_grad(set_to_none=True)
+    params = dict(plain.named_parameters())  # the state dict's tensors, with their gradients
     n_ntp = 0.0
     n_nitp = 0.0
     lm_terms, nitp_terms = [], []
@@ -86,12 +106,7 @@ def _reference(plain, batches: list[dict], target_layer: int):
                              reduction="none").view(MBS, SEQ)
         h = seen.pop("h")                     # [s, b, hidden]
         z = seen.pop("z").detach()            # [s, b, hidden], the stop-gradient target
-        pred = plain.projector(h)
-        if isinstance(pred, tuple):
-            pred = pred[0]
-        # position t (< s - 1) predicts z_{t+1}; counted where mask[:, t] = 1
-        cos = F.cosine_similarity(pred[:-1].float(), z[1:].float(), dim=-1, eps=1e-8)  # [s-1, b]
-        nitp = (1.0 - cos).transpose(0, 1) * mask[:, :-1]                             # [b, s-1]
+        nitp = hand_nitp(hand_projector(params, h), z, mask)   # [b, s-1]
         lm_terms.append((lm * mask).sum())
         nitp_terms.append(nitp.sum())
         n_ntp += mask.sum().item()
