@@ -23,6 +23,7 @@ density on the two ranks, so per-rank normalization would be caught).
 import os
 import sys
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -82,9 +83,10 @@ def hand_nitp(pred: torch.Tensor, z: torch.Tensor, mask: torch.Tensor) -> torch.
     return (1.0 - cos).transpose(0, 1) * mask[:, :-1]       # [b, s-1]
 
 
-def _reference(plain, batches: list[dict], target_layer: int):
+def _reference(plain, batches: list[dict], target_layer: int, backward: bool = True):
     """Autograd of the objective over ``batches`` (the whole global batch) on ``plain``: the
-    gradients by parameter name, and the global lm and nitp means."""
+    gradients by parameter name (None without ``backward``), and the global lm and nitp
+    means."""
     layer = next(m for m in plain.decoder.layers if m.layer_number == target_layer)
     seen = {}
     hooks = [
@@ -115,10 +117,12 @@ def _reference(plain, batches: list[dict], target_layer: int):
         hook.remove()
     lm_total = torch.stack(lm_terms).sum()
     nitp_total = torch.stack(nitp_terms).sum()
-    loss = lm_total / n_ntp + LAMBDA * nitp_total / n_nitp
-    loss.backward()
     lm_mean = lm_total.item() / n_ntp
     nitp_mean = nitp_total.item() / n_nitp
+    if not backward:
+        return None, lm_mean, nitp_mean, n_ntp, n_nitp
+    loss = lm_total / n_ntp + LAMBDA * nitp_total / n_nitp
+    loss.backward()
     grads = {name: p.grad.detach().clone() for name, p in plain.named_parameters()}
     return grads, lm_mean, nitp_mean, n_ntp, n_nitp
 
@@ -207,6 +211,42 @@ def check_accounting(dp_rank: int, dp_size: int) -> None:
 
 def test_accounting_single_process(dist):
     check_accounting(0, 1)
+
+
+def test_validation_losses_equal_a_hand_computation(dist):
+    """``evaluate`` over 2 global batches (4 micro-batches of ``[b, s]`` tokens, uneven masks)
+    reports the global means of a hand computation on a plain copy of the model: torch
+    cross-entropy on its logits and the hand-written projector and cosine above. Dropout is
+    0.2 in the config: the evaluation must run the model in eval mode (the reference does), and
+    give it back in training mode."""
+    from megatron_nitp.models.initialization import initialize_weights
+    from megatron_nitp.training.initialize import set_seed
+    from megatron_nitp.training.model import build_model, unwrap, wrap_model
+    from megatron_nitp.training.step import evaluate
+    from tests.helpers import tiny_args
+
+    args = tiny_args("--micro-batch-size", str(MBS), "--seq-length", str(SEQ),
+                     "--global-batch-size", str(MBS * NUM_MICROBATCHES),
+                     "--hidden-dropout", "0.2", "--attention-dropout", "0.2",
+                     "--transformer-impl", "local")
+    assert args.num_microbatches == NUM_MICROBATCHES and args.padded_vocab_size == VOCAB
+    set_seed(args.seed)
+    net = build_model(args)
+    initialize_weights(net, args.seed)
+    plain = build_model(args)
+    plain.load_state_dict(net.state_dict())
+    model = wrap_model(net, args)
+    model.train()
+    batches = [b for per_rank in _global_batches(2) for b in per_rank]  # 4 micro-batches
+    metrics = evaluate(model, iter([dict(b) for b in batches]), args, eval_iters=2)
+    assert unwrap(model).training
+    plain.eval()
+    with torch.no_grad():
+        _, lm_mean, nitp_mean, n_ntp, n_nitp = _reference(
+            plain, batches, args.nitp_config.target_layer, backward=False)
+    assert n_nitp < n_ntp
+    assert metrics["lm loss"] == pytest.approx(lm_mean, rel=RTOL), (metrics, lm_mean)
+    assert metrics["nitp loss"] == pytest.approx(nitp_mean, rel=RTOL), (metrics, nitp_mean)
 
 
 def test_accounting_data_parallel_uneven_masks():
