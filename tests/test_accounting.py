@@ -17,7 +17,9 @@ norm's output and z the detached output of layer k. The reported "lm loss" and "
 be the two global means.
 
 Checked in one process (DP = 1) and in a 2-process gloo job (DP = 2, masks of very different
-density on the two ranks, so per-rank normalization would be caught).
+density on the two ranks, so per-rank normalization would be caught). The validation losses of
+``evaluate`` are checked the same way against the same hand computation (forward only, eval
+mode), in the same two places.
 """
 
 import os
@@ -213,12 +215,14 @@ def test_accounting_single_process(dist):
     check_accounting(0, 1)
 
 
-def test_validation_losses_equal_a_hand_computation(dist):
-    """``evaluate`` over 2 global batches (4 micro-batches of ``[b, s]`` tokens, uneven masks)
-    reports the global means of a hand computation on a plain copy of the model: torch
+def check_validation(dp_rank: int, dp_size: int) -> None:
+    """``evaluate`` over the 4 micro-batches of ``_global_batches(2)`` (``[b, s]`` tokens,
+    uneven masks; with DP = 2 each rank evaluates its own 2, one global batch) reports the
+    global means of a hand computation over all 4 on a plain copy of the model: torch
     cross-entropy on its logits and the hand-written projector and cosine above. Dropout is
     0.2 in the config: the evaluation must run the model in eval mode (the reference does), and
     give it back in training mode."""
+    from megatron_nitp.config import resolve
     from megatron_nitp.models.initialization import initialize_weights
     from megatron_nitp.training.initialize import set_seed
     from megatron_nitp.training.model import build_model, unwrap, wrap_model
@@ -226,9 +230,10 @@ def test_validation_losses_equal_a_hand_computation(dist):
     from tests.helpers import tiny_args
 
     args = tiny_args("--micro-batch-size", str(MBS), "--seq-length", str(SEQ),
-                     "--global-batch-size", str(MBS * NUM_MICROBATCHES),
+                     "--global-batch-size", str(MBS * NUM_MICROBATCHES * dp_size),
                      "--hidden-dropout", "0.2", "--attention-dropout", "0.2",
                      "--transformer-impl", "local")
+    args = resolve(args, dp_size, VOCAB)
     assert args.num_microbatches == NUM_MICROBATCHES and args.padded_vocab_size == VOCAB
     set_seed(args.seed)
     net = build_model(args)
@@ -237,8 +242,10 @@ def test_validation_losses_equal_a_hand_computation(dist):
     plain.load_state_dict(net.state_dict())
     model = wrap_model(net, args)
     model.train()
-    batches = [b for per_rank in _global_batches(2) for b in per_rank]  # 4 micro-batches
-    metrics = evaluate(model, iter([dict(b) for b in batches]), args, eval_iters=2)
+    per_rank = _global_batches(2)
+    batches = [b for rank_batches in per_rank for b in rank_batches]  # 4 micro-batches
+    mine = batches if dp_size == 1 else per_rank[dp_rank]
+    metrics = evaluate(model, iter([dict(b) for b in mine]), args, eval_iters=2 // dp_size)
     assert unwrap(model).training
     plain.eval()
     with torch.no_grad():
@@ -247,6 +254,12 @@ def test_validation_losses_equal_a_hand_computation(dist):
     assert n_nitp < n_ntp
     assert metrics["lm loss"] == pytest.approx(lm_mean, rel=RTOL), (metrics, lm_mean)
     assert metrics["nitp loss"] == pytest.approx(nitp_mean, rel=RTOL), (metrics, nitp_mean)
+    print(f"rank {dp_rank}/{dp_size}: validation lm {metrics['lm loss']:.6f} nitp "
+          f"{metrics['nitp loss']:.6f} VALIDATION OK", flush=True)
+
+
+def test_validation_losses_equal_a_hand_computation(dist):
+    check_validation(0, 1)
 
 
 def test_accounting_data_parallel_uneven_masks():
@@ -254,6 +267,7 @@ def test_accounting_data_parallel_uneven_masks():
 
     proc = torchrun_file(__file__, 2, timeout=300)
     assert proc.stdout.count("ACCOUNTING OK") == 2, proc.stdout + proc.stderr[-3000:]
+    assert proc.stdout.count("VALIDATION OK") == 2, proc.stdout + proc.stderr[-3000:]
 
 
 def _worker() -> None:
@@ -264,6 +278,7 @@ def _worker() -> None:
     initialize_distributed(1, 1, 1)
     assert parallel_state.get_data_parallel_world_size() == 2
     check_accounting(parallel_state.get_data_parallel_rank(), 2)
+    check_validation(parallel_state.get_data_parallel_rank(), 2)
     destroy_distributed()
 
 
