@@ -6,8 +6,9 @@ iterations, and must match the single-process run: the initial weights of every 
 exactly, per-iteration lm loss, nitp loss and grad norm to a relative 1e-5, and the whole state
 after the steps (every backbone and projector weight and every Adam moment, assembled into
 global tensors from all ranks, ``assert_state_close`` of test_parallel.py: its tolerances are
-explained there), with every replicated copy equal to the saved one. Layouts of one world size run one after the other in one launch
-(``parallel_harness.py --runs``), so the whole module costs four interpreter starts.
+explained there), with every replicated copy equal to the saved one. Layouts of one world size
+run one after the other in one launch (``parallel_harness.py --runs``), so the whole module
+costs four interpreter starts.
 """
 
 import json
