@@ -3,10 +3,11 @@
 A run of 4 iterations straight and the same run stopped after iteration 2 (``--exit-interval
 2``: the same LR schedule, a checkpoint written) then resumed with ``--load`` for iterations 3
 and 4 must end in the same state: every parameter, every Adam ``exp_avg`` / ``exp_avg_sq`` /
-``step``, the Python, NumPy, torch and megatron RNG-tracker states, and the per-iteration losses
-and grad norms of iterations 3 and 4 (CPU, fp32: bitwise). Hidden and attention dropout are on
-(0.1), so the dropout masks of iterations 3 and 4 are drawn from the restored RNG: a resume that
-re-seeds instead of restoring the RNG draws other masks, and the losses and weights differ.
+``step``, the Python, NumPy, torch and megatron RNG-tracker states, the LR scheduler's state,
+the data position, and the per-iteration losses and grad norms of iterations 3 and 4 (CPU,
+fp32: bitwise). Hidden and attention dropout are on (0.1), so the dropout masks of iterations
+3 and 4 are drawn from the restored RNG: a resume that re-seeds instead of restoring the RNG
+draws other masks, and the losses and weights differ.
 """
 
 import json
@@ -57,9 +58,10 @@ def _run(monkeypatch, run_dir, *flags, expect_exit=None):
     seen = {}
     real = loop.train_step
 
-    def capturing(model, optimizer, *args, **kwargs):
-        metrics = real(model, optimizer, *args, **kwargs)
-        seen.update(_state(model, optimizer), rng=_rng())
+    def capturing(model, optimizer, scheduler, data_iterator, *args, **kwargs):
+        metrics = real(model, optimizer, scheduler, data_iterator, *args, **kwargs)
+        seen.update(_state(model, optimizer), rng=_rng(), scheduler=scheduler.state_dict(),
+                    consumed_samples=data_iterator.consumed_samples)
         return metrics
 
     monkeypatch.setattr(loop, "train_step", capturing)
@@ -116,3 +118,5 @@ def test_resume_with_dropout_is_bitwise_in_weights_adam_and_rng(dist, tmp_path, 
     _assert_same(resumed["weights"], straight["weights"], "weights")
     _assert_same(resumed["adam"], straight["adam"], "adam")
     _assert_same(resumed["rng"], straight["rng"], "rng")
+    _assert_same(resumed["scheduler"], straight["scheduler"], "scheduler")
+    assert resumed["consumed_samples"] == straight["consumed_samples"] == 16
