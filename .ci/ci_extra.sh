@@ -12,7 +12,7 @@
 # Every step runs (each under a time limit), then the script fails if any of them failed.
 # About 2-3 minutes on 2 cores with warm virtual environments for steps 1 and 3, 4 when .venv019
 # is created; the SLURM job (step 2, with its signal-and-requeue phase) 3-5 minutes; step 4 adds
-# 1-2 minutes, 8 when .venv-lmeval is created (2 GB of packages); step 5 about 3 minutes (2.2
+# 1-2 minutes, 8 when .venv-lmeval is created (2 GB of packages); step 5 about 3 minutes (2.4
 # minutes of CPU time: 12 pytest runs of in-process tests).
 set -uo pipefail
 cd "$(dirname "$0")/.."
