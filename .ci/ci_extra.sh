@@ -5,10 +5,15 @@
 #   3. the megatron-core version matrix: scripts/test_019.sh (0.19.2 smoke subset)
 #   4. the lm-eval bridge: scripts/test_lm_eval.sh (pinned lm-eval in .venv-lmeval; its tests
 #      fail there, rather than skip, if lm-eval is missing)
+#   5. planted bugs, the fast subset: tools/planted_bugs.py --fast plants each known bug of the
+#      in-process subset (projector, shift, cosine, stop-gradient, RNG at resume, bf16 distance,
+#      evaluation mode, CP mapping, a CPU literal) in a temporary worktree of HEAD and fails
+#      unless the unmodified tree passes and every bug turns its tests red
 # Every step runs (each under a time limit), then the script fails if any of them failed.
 # About 2-3 minutes on 2 cores with warm virtual environments for steps 1 and 3, 4 when .venv019
 # is created; the SLURM job (step 2, with its signal-and-requeue phase) 3-5 minutes; step 4 adds
-# 1-2 minutes, 8 when .venv-lmeval is created (2 GB of packages).
+# 1-2 minutes, 8 when .venv-lmeval is created (2 GB of packages); step 5 about 3 minutes (2.4
+# minutes of CPU time: 12 pytest runs of in-process tests).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -53,6 +58,8 @@ step "SLURM job (tests/slurm/run_slurm_test.sh)" 600 \
   env PYTHON=.venv/bin/python bash tests/slurm/run_slurm_test.sh
 step "megatron-core 0.19.2 (scripts/test_019.sh)" 900 bash scripts/test_019.sh
 step "lm-eval bridge (scripts/test_lm_eval.sh)" 900 bash scripts/test_lm_eval.sh
+step "planted bugs, fast subset (tools/planted_bugs.py --fast)" 480 \
+  .venv/bin/python tools/planted_bugs.py --fast
 
 echo
 if [ ${#failed[@]} -gt 0 ]; then

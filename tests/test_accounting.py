@@ -10,16 +10,22 @@ computed on a plain copy of the same model over the whole global batch (every mi
 every data-parallel rank), with N_ntp the mask-1 tokens of the global batch and N_nitp the
 mask-1 positions that have an NITP target (not the last position of their sequence, shift 1).
 The reference is written out here: torch cross-entropy on the plain model's logits, and
-1 - cos(P(h_t), z_{t+1}) with the model's own projector P, h the final norm's output and z the
-detached output of layer k. The reported "lm loss" and "nitp loss" must be the two global means.
+1 - cos(P(h_t), z_{t+1}) with P and the cosine computed by hand from the raw projector weights
+(``W_down (silu(W_gate h) * (W_up h))``, silu as ``x * sigmoid(x)``, cos as dot / norms; never
+the model's projector module, so a wrong projector cannot pass on both sides), h the final
+norm's output and z the detached output of layer k. The reported "lm loss" and "nitp loss" must
+be the two global means.
 
 Checked in one process (DP = 1) and in a 2-process gloo job (DP = 2, masks of very different
-density on the two ranks, so per-rank normalization would be caught).
+density on the two ranks, so per-rank normalization would be caught). The validation losses of
+``evaluate`` are checked the same way against the same hand computation (forward only, eval
+mode), in the same two places.
 """
 
 import os
 import sys
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -63,9 +69,26 @@ def _global_batches(dp_size: int) -> list[list[dict]]:
     return per_rank
 
 
-def _reference(plain, batches: list[dict], target_layer: int):
+def hand_projector(params: dict, h: torch.Tensor) -> torch.Tensor:
+    """P(h) ``[s, b, d]`` from the raw weights ``projector.{gate,up,down}.weight`` (``[4d, d]``,
+    ``[4d, d]``, ``[d, 4d]``) of ``params`` (name -> tensor): SwiGLU without bias."""
+    gate = h @ params["projector.gate.weight"].t()          # [s, b, 4d]
+    up = h @ params["projector.up.weight"].t()              # [s, b, 4d]
+    return (gate * torch.sigmoid(gate) * up) @ params["projector.down.weight"].t()  # [s, b, d]
+
+
+def hand_nitp(pred: torch.Tensor, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-position NITP loss ``[b, s-1]``: 1 - cos(pred_t, z_{t+1}) in fp32 for t < s - 1,
+    times ``mask[:, t]``. ``pred``, ``z``: ``[s, b, d]``; ``mask``: ``[b, s]``."""
+    p, target = pred[:-1].float(), z[1:].float()            # position t pairs with t + 1
+    cos = (p * target).sum(-1) / (p.norm(dim=-1) * target.norm(dim=-1)).clamp(min=1e-8)
+    return (1.0 - cos).transpose(0, 1) * mask[:, :-1]       # [b, s-1]
+
+
+def _reference(plain, batches: list[dict], target_layer: int, backward: bool = True):
     """Autograd of the objective over ``batches`` (the whole global batch) on ``plain``: the
-    gradients by parameter name, and the global lm and nitp means."""
+    gradients by parameter name (None without ``backward``), and the global lm and nitp
+    means."""
     layer = next(m for m in plain.decoder.layers if m.layer_number == target_layer)
     seen = {}
     hooks = [
@@ -75,6 +98,7 @@ def _reference(plain, batches: list[dict], target_layer: int):
             lambda mod, inp, out: seen.__setitem__("h", out)),
     ]
     plain.zero_grad(set_to_none=True)
+    params = dict(plain.named_parameters())  # the state dict's tensors, with their gradients
     n_ntp = 0.0
     n_nitp = 0.0
     lm_terms, nitp_terms = [], []
@@ -86,12 +110,7 @@ def _reference(plain, batches: list[dict], target_layer: int):
                              reduction="none").view(MBS, SEQ)
         h = seen.pop("h")                     # [s, b, hidden]
         z = seen.pop("z").detach()            # [s, b, hidden], the stop-gradient target
-        pred = plain.projector(h)
-        if isinstance(pred, tuple):
-            pred = pred[0]
-        # position t (< s - 1) predicts z_{t+1}; counted where mask[:, t] = 1
-        cos = F.cosine_similarity(pred[:-1].float(), z[1:].float(), dim=-1, eps=1e-8)  # [s-1, b]
-        nitp = (1.0 - cos).transpose(0, 1) * mask[:, :-1]                             # [b, s-1]
+        nitp = hand_nitp(hand_projector(params, h), z, mask)   # [b, s-1]
         lm_terms.append((lm * mask).sum())
         nitp_terms.append(nitp.sum())
         n_ntp += mask.sum().item()
@@ -100,10 +119,12 @@ def _reference(plain, batches: list[dict], target_layer: int):
         hook.remove()
     lm_total = torch.stack(lm_terms).sum()
     nitp_total = torch.stack(nitp_terms).sum()
-    loss = lm_total / n_ntp + LAMBDA * nitp_total / n_nitp
-    loss.backward()
     lm_mean = lm_total.item() / n_ntp
     nitp_mean = nitp_total.item() / n_nitp
+    if not backward:
+        return None, lm_mean, nitp_mean, n_ntp, n_nitp
+    loss = lm_total / n_ntp + LAMBDA * nitp_total / n_nitp
+    loss.backward()
     grads = {name: p.grad.detach().clone() for name, p in plain.named_parameters()}
     return grads, lm_mean, nitp_mean, n_ntp, n_nitp
 
@@ -194,11 +215,59 @@ def test_accounting_single_process(dist):
     check_accounting(0, 1)
 
 
+def check_validation(dp_rank: int, dp_size: int) -> None:
+    """``evaluate`` over the 4 micro-batches of ``_global_batches(2)`` (``[b, s]`` tokens,
+    uneven masks; with DP = 2 each rank evaluates its own 2, one global batch) reports the
+    global means of a hand computation over all 4 on a plain copy of the model: torch
+    cross-entropy on its logits and the hand-written projector and cosine above. Dropout is
+    0.2 in the config: the evaluation must run the model in eval mode (the reference does), and
+    give it back in training mode."""
+    from megatron_nitp.config import resolve
+    from megatron_nitp.models.initialization import initialize_weights
+    from megatron_nitp.training.initialize import set_seed
+    from megatron_nitp.training.model import build_model, unwrap, wrap_model
+    from megatron_nitp.training.step import evaluate
+    from tests.helpers import tiny_args
+
+    args = tiny_args("--micro-batch-size", str(MBS), "--seq-length", str(SEQ),
+                     "--global-batch-size", str(MBS * NUM_MICROBATCHES * dp_size),
+                     "--hidden-dropout", "0.2", "--attention-dropout", "0.2",
+                     "--transformer-impl", "local")
+    args = resolve(args, dp_size, VOCAB)
+    assert args.num_microbatches == NUM_MICROBATCHES and args.padded_vocab_size == VOCAB
+    set_seed(args.seed)
+    net = build_model(args)
+    initialize_weights(net, args.seed)
+    plain = build_model(args)
+    plain.load_state_dict(net.state_dict())
+    model = wrap_model(net, args)
+    model.train()
+    per_rank = _global_batches(2)
+    batches = [b for rank_batches in per_rank for b in rank_batches]  # 4 micro-batches
+    mine = batches if dp_size == 1 else per_rank[dp_rank]
+    metrics = evaluate(model, iter([dict(b) for b in mine]), args, eval_iters=2 // dp_size)
+    assert unwrap(model).training
+    plain.eval()
+    with torch.no_grad():
+        _, lm_mean, nitp_mean, n_ntp, n_nitp = _reference(
+            plain, batches, args.nitp_config.target_layer, backward=False)
+    assert n_nitp < n_ntp
+    assert metrics["lm loss"] == pytest.approx(lm_mean, rel=RTOL), (metrics, lm_mean)
+    assert metrics["nitp loss"] == pytest.approx(nitp_mean, rel=RTOL), (metrics, nitp_mean)
+    print(f"rank {dp_rank}/{dp_size}: validation lm {metrics['lm loss']:.6f} nitp "
+          f"{metrics['nitp loss']:.6f} VALIDATION OK", flush=True)
+
+
+def test_validation_losses_equal_a_hand_computation(dist):
+    check_validation(0, 1)
+
+
 def test_accounting_data_parallel_uneven_masks():
     from tests.helpers import torchrun_file
 
     proc = torchrun_file(__file__, 2, timeout=300)
     assert proc.stdout.count("ACCOUNTING OK") == 2, proc.stdout + proc.stderr[-3000:]
+    assert proc.stdout.count("VALIDATION OK") == 2, proc.stdout + proc.stderr[-3000:]
 
 
 def _worker() -> None:
@@ -209,6 +278,7 @@ def _worker() -> None:
     initialize_distributed(1, 1, 1)
     assert parallel_state.get_data_parallel_world_size() == 2
     check_accounting(parallel_state.get_data_parallel_rank(), 2)
+    check_validation(parallel_state.get_data_parallel_rank(), 2)
     destroy_distributed()
 
 

@@ -3,9 +3,12 @@ scratch, with no shared initial checkpoint (gloo, CPU, tiny models, fp32).
 
 Each layout builds its model from the seed alone (``models.initialization``), trains 3
 iterations, and must match the single-process run: the initial weights of every parameter
-exactly, per-iteration lm loss, nitp loss and grad norm to a relative 1e-5, and the projector
-weights after the steps. Layouts of one world size run one after the other in one launch
-(``parallel_harness.py --runs``), so the whole module costs four interpreter starts.
+exactly, per-iteration lm loss, nitp loss and grad norm to a relative 1e-5, and the whole state
+after the steps (every backbone and projector weight and every Adam moment, assembled into
+global tensors from all ranks, ``assert_state_close`` of test_parallel.py: its tolerances are
+explained there), with every replicated copy equal to the saved one. Layouts of one world size
+run one after the other in one launch (``parallel_harness.py --runs``), so the whole module
+costs four interpreter starts.
 """
 
 import json
@@ -14,6 +17,7 @@ import pytest
 import torch
 
 from tests.helpers import launch_runs
+from tests.test_parallel import assert_state_close
 
 DENSE = [
     "--num-layers", "4", "--hidden-size", "32", "--ffn-hidden-size", "64",
@@ -50,7 +54,8 @@ def _result(root, name):
     out = root / name
     with open(out / "metrics.json") as f:
         metrics = json.load(f)
-    return metrics, torch.load(out / "projector.pt"), torch.load(out / "init.pt")
+    return (metrics, torch.load(out / "projector.pt"), torch.load(out / "init.pt"),
+            torch.load(out / "state.pt"))
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +80,8 @@ def results(tmp_path_factory):
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_from_scratch_equals_single_process(results, name):
     _, reference, _ = LAYOUTS[name]
-    ref_metrics, ref_projector, ref_init = results(reference)
-    metrics, projector, init = results(name)
+    ref_metrics, ref_projector, ref_init, ref_state = results(reference)
+    metrics, projector, init, state = results(name)
     assert init.keys() == ref_init.keys()
     for key in ref_init:  # the same draws, bit for bit
         assert torch.equal(init[key], ref_init[key]), (name, key)
@@ -89,6 +94,9 @@ def test_layout_from_scratch_equals_single_process(results, name):
             assert got[key] == pytest.approx(want[key], rel=1e-5), (name, step, key)
     for key in ("gate", "up", "down"):  # see test_parallel.py for the tolerance
         torch.testing.assert_close(projector[key], ref_projector[key], rtol=1e-5, atol=1e-5)
+    assert any(k.startswith("model.decoder.layers.") for k in ref_state["tensors"])
+    assert any(k.startswith("optimizer.state.exp_avg_sq.") for k in ref_state["tensors"])
+    assert_state_close(state, ref_state, name)
 
 
 # ---------------------------------------------------------------- in-process, one rank

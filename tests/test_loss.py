@@ -121,3 +121,46 @@ def test_shape_errors_are_clear():
         implicit_token_loss(torch.randn(4, 2, 8), torch.randn(4, 2, 8), torch.ones(4, 2))
     with pytest.raises(ValueError, match="unknown NITP loss kind"):
         implicit_token_loss(torch.randn(4, 2, 8), torch.randn(4, 2, 8), torch.ones(2, 4), kind="l3")
+
+
+def test_training_forward_computes_the_distance_in_fp32_under_bf16(dist):
+    """The path training runs (``NITPGPTModel.forward`` inside Float16Module, as ``wrap_model``
+    builds it under ``--bf16``), not ``implicit_token_loss``: the projector's output P(h)
+    ``[s, b, h]`` and layer k's z ``[s, b, h]`` are bf16, the ``[b, s]`` NITP loss must be their
+    1 - cos computed in fp32 (a float64 reference from the same bf16 tensors, to 1e-5), which
+    the same distance computed in bf16 misses."""
+    from megatron.core.transformer.module import Float16Module
+
+    from megatron_nitp.models.initialization import initialize_weights
+    from megatron_nitp.training.initialize import set_seed
+    from megatron_nitp.training.model import build_model
+    from tests.helpers import tiny_args
+
+    args = tiny_args("--bf16", "--seq-length", "32")
+    set_seed(3)
+    net = build_model(args)
+    initialize_weights(net, 3)
+    model = Float16Module(net.config, net)
+    seen = {}
+    layer = next(m for m in net.decoder.layers if m.layer_number == args.nitp_config.target_layer)
+    hooks = [net.projector.register_forward_hook(lambda m, i, out: seen.__setitem__("p", out)),
+             layer.register_forward_hook(lambda m, i, out: seen.__setitem__(
+                 "z", out[0] if isinstance(out, tuple) else out))]
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 128, (2, 32), generator=g)
+    mask = torch.ones(2, 32)
+    with torch.no_grad():
+        _, nitp, nitp_mask, _ = model(tokens, torch.arange(32).expand(2, -1), None,
+                                      labels=tokens, loss_mask=mask)
+    for hook in hooks:
+        hook.remove()
+    p, z = seen["p"], seen["z"]
+    assert p.dtype == z.dtype == torch.bfloat16 and p.shape == z.shape == (32, 2, 32)
+    reference = _cosine_loss_reference(p, z).float()  # [b, s]
+    tolerance = dict(atol=1e-5, rtol=0)
+    assert nitp.dtype == torch.float32 and torch.equal(nitp_mask[:, -1], torch.zeros(2))
+    torch.testing.assert_close(nitp.float(), reference, **tolerance)
+    in_bf16 = (1.0 - torch.nn.functional.cosine_similarity(p[:-1], z[1:], dim=-1)).float()
+    in_bf16 = torch.cat([in_bf16, torch.zeros(1, 2)]).transpose(0, 1)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(in_bf16, reference, **tolerance)

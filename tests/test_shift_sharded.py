@@ -1,4 +1,10 @@
-"""The SP / CP shift on gloo groups of 2 and 4 ranks equals the unsharded shift and loss."""
+"""The SP / CP shift on gloo groups of 2 and 4 ranks equals the unsharded shift and loss.
+
+Which rows a rank holds is written out here by hand (:func:`hand_positions`, megatron-core's
+load-balanced CP split followed by the contiguous SP split), never taken from
+``local_positions``: the package's mapping is checked against it, so a wrong mapping cannot
+pass on both sides.
+"""
 
 import os
 
@@ -14,6 +20,20 @@ from tests.helpers import free_port
 SEQ, BATCH, HIDDEN = 16, 2, 6
 
 
+def hand_positions(seq: int, cp_rank: int, cp: int, tp_rank: int, tp: int) -> list[int]:
+    """Global positions held by (cp_rank, tp_rank): the sequence cut into 2*cp equal chunks,
+    chunks cp_rank and 2*cp-1-cp_rank in that order (megatron-core's
+    ``get_batch_on_this_cp_rank``), then that local sequence cut into tp equal contiguous
+    pieces, piece tp_rank (sequence parallelism)."""
+    chunk = seq // (2 * cp)
+    local = []
+    for c in (cp_rank, 2 * cp - 1 - cp_rank) if cp > 1 else (0,):
+        start = c * chunk if cp > 1 else 0
+        local += list(range(start, start + (chunk if cp > 1 else seq)))
+    piece = len(local) // tp
+    return local[tp_rank * piece:(tp_rank + 1) * piece]
+
+
 def _worker(rank, world, port, tp, cp, mask_kind):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -24,11 +44,12 @@ def _worker(rank, world, port, tp, cp, mask_kind):
         predictions = torch.randn(SEQ, BATCH, HIDDEN, generator=g)
         mask = torch.ones(BATCH, SEQ)
         cp_rank, tp_rank = divmod(rank, tp)  # Megatron's order: TP fastest
-        positions = local_positions(SEQ, cp_rank, cp, tp_rank, tp)
+        positions = torch.tensor(hand_positions(SEQ, cp_rank, cp, tp_rank, tp))
+        assert torch.equal(local_positions(SEQ, cp_rank, cp, tp_rank, tp), positions)
         if mask_kind == "one-rank":
             # only the positions held by rank 0 count: every other rank has no valid position
             mask = torch.zeros(BATCH, SEQ)
-            mask[:, local_positions(SEQ, 0, cp, 0, tp)] = 1.0
+            mask[:, hand_positions(SEQ, 0, cp, 0, tp)] = 1.0
 
         targets, valid = shift_targets_sharded(states[positions], positions, SEQ, 1, group=None)
         ref_targets, ref_valid = shift_targets(states, 1)
@@ -60,6 +81,20 @@ def _worker(rank, world, port, tp, cp, mask_kind):
 )
 def test_sharded_shift_equals_unsharded(world, tp, cp, mask_kind):
     mp.spawn(_worker, args=(world, free_port(), tp, cp, mask_kind), nprocs=world, join=True)
+
+
+@pytest.mark.parametrize("seq,cp,tp", [(16, 1, 2), (16, 2, 1), (16, 2, 2), (32, 4, 1),
+                                        (32, 4, 2), (48, 3, 2), (64, 2, 4)])
+def test_local_positions_equal_the_hand_written_mapping(seq, cp, tp):
+    """Every rank of the layout: the hand mapping, and together the ranks hold each position
+    exactly once."""
+    held = []
+    for cp_rank in range(cp):
+        for tp_rank in range(tp):
+            want = hand_positions(seq, cp_rank, cp, tp_rank, tp)
+            assert local_positions(seq, cp_rank, cp, tp_rank, tp).tolist() == want
+            held += want
+    assert sorted(held) == list(range(seq))
 
 
 def test_local_positions_follow_megatron_cp_chunking():

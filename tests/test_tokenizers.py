@@ -69,8 +69,20 @@ def test_null_tokenizer_has_vocab_size_ids_the_last_eod_on_every_megatron_core()
     assert tok.tokenize("5 17 3") == [5, 17, 3] and tok.detokenize([5, 17, 3]) == "5 17 3"
 
 
-def test_tiktoken_tokenizer_from_a_local_vocabulary(tmp_path):
+def test_tiktoken_tokenizer_from_a_local_vocabulary(tmp_path, monkeypatch):
+    """tiktoken is in the test extras, so this runs in CI. Offline: the vocabulary is the local
+    file written here (megatron-core builds ``tiktoken.Encoding`` from it), and any network
+    connection (tiktoken's download of a named encoding) fails the test."""
+    import socket
+
     pytest.importorskip("tiktoken")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"network access during the tiktoken test: {args!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
     pieces = [bytes([i]) for i in range(256)] + [b"th", b"the", b" the", b"an", b"and", b" and"]
     vocab = [{"rank": i, "token_bytes": base64.b64encode(p).decode(),
               "token_str": p.decode("utf-8", "replace")} for i, p in enumerate(pieces)]

@@ -5,6 +5,7 @@ repository, runs the few tests that should catch it and records whether the suit
 
     .venv/bin/python tools/planted_bugs.py                 # every bug (several minutes on CPU)
     .venv/bin/python tools/planted_bugs.py --list          # the bugs, their files and tests
+    .venv/bin/python tools/planted_bugs.py --fast          # the in-process subset CI runs
     .venv/bin/python tools/planted_bugs.py --only lambda-twice --only shift-0
     .venv/bin/python tools/planted_bugs.py --python /path/to/venv/bin/python
 
@@ -50,6 +51,11 @@ TEST_TIMEOUT_S = 1800
 
 ACCOUNTING = "tests/test_accounting.py::test_accounting_single_process"
 HAND_SHIFT = "tests/test_loss.py::test_hand_computed_shift_and_last_position"
+VALIDATION = "tests/test_accounting.py::test_validation_losses_equal_a_hand_computation"
+RESUME_EXACT = "tests/test_resume_exact.py"
+BF16_PATH = "tests/test_loss.py::test_training_forward_computes_the_distance_in_fp32_under_bf16"
+CP_MAPPING = "tests/test_shift_sharded.py::test_local_positions_equal_the_hand_written_mapping"
+DEVICE_GUARD = "tests/test_device_guard.py::test_every_tensor_the_package_creates_names_its_device"
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,7 @@ class Bug:
     new: str
     tests: tuple[str, ...]
     marker: str | None = None  # must appear in the failing output
+    fast: bool = False  # in the --fast subset (CI): its tests are in-process and quick
 
 
 BUGS = [
@@ -72,6 +79,7 @@ BUGS = [
         f"    raise RuntimeError({SANITY_MARKER!r})\n",
         (HAND_SHIFT,),
         marker=SANITY_MARKER,
+        fast=True,
     ),
     Bug(
         "shift-0",
@@ -80,6 +88,7 @@ BUGS = [
         "    targets = torch.cat([states[shift:], torch.zeros_like(states[:shift])], dim=0)\n",
         "    targets = torch.cat([states[:seq - shift], torch.zeros_like(states[:shift])], dim=0)\n",
         (HAND_SHIFT, ACCOUNTING),
+        fast=True,
     ),
     Bug(
         "lambda-twice",
@@ -104,6 +113,7 @@ BUGS = [
         "        self.state = hidden.detach() if self.detach else hidden\n",
         "        self.state = hidden\n",
         (ACCOUNTING,),
+        fast=True,
     ),
     Bug(
         "routing-previous-microbatch",
@@ -141,6 +151,70 @@ BUGS = [
         "        return 1.0 - F.cosine_similarity(predictions, targets, dim=-1, eps=1e-8)\n",
         "        return 1.0 + F.cosine_similarity(predictions, targets, dim=-1, eps=1e-8)\n",
         (HAND_SHIFT, ACCOUNTING),
+        fast=True,
+    ),
+    Bug(
+        "projector-gate-up-swapped",
+        "the projector is W_down(silu(W_gate h) * W_up h), checked from the raw weights",
+        "megatron_nitp/nitp/projector.py",
+        "        out, _ = self.down(F.silu(gate) * up)\n",
+        "        out, _ = self.down(F.silu(up) * gate)\n",
+        (ACCOUNTING,),
+        fast=True,
+    ),
+    Bug(
+        "projector-no-silu",
+        "the projector's gate goes through silu",
+        "megatron_nitp/nitp/projector.py",
+        "        out, _ = self.down(F.silu(gate) * up)\n",
+        "        out, _ = self.down(gate * up)\n",
+        (ACCOUNTING,),
+        fast=True,
+    ),
+    Bug(
+        "resume-rng-not-restored",
+        "resuming restores the RNG states (dropout masks continue exactly)",
+        "megatron_nitp/training/checkpointing.py",
+        "        _set_rng_state(torch.load(rank_file, weights_only=False))\n",
+        "        pass  # planted: the RNG states are not restored\n",
+        (RESUME_EXACT,),
+        fast=True,
+    ),
+    Bug(
+        "distance-in-bf16",
+        "under bf16 the training forward computes the NITP distance in fp32",
+        "megatron_nitp/models/gpt.py",
+        "        distance = token_distance(predictions.float(), targets.float(), nitp.loss_kind)\n",
+        "        distance = token_distance(predictions, targets, nitp.loss_kind)\n",
+        (BF16_PATH,),
+        fast=True,
+    ),
+    Bug(
+        "evaluation-in-train-mode",
+        "validation runs the model in eval mode (no dropout)",
+        "megatron_nitp/training/step.py",
+        "    model.eval()\n    reports = []\n",
+        "    reports = []\n",
+        (VALIDATION,),
+        fast=True,
+    ),
+    Bug(
+        "cp-chunks-swapped",
+        "under CP rank r holds chunks r then 2CP-1-r (megatron-core's load-balanced split)",
+        "megatron_nitp/nitp/shift.py",
+        "        positions = torch.cat([chunks[cp_rank], chunks[2 * cp_size - 1 - cp_rank]])\n",
+        "        positions = torch.cat([chunks[2 * cp_size - 1 - cp_rank], chunks[cp_rank]])\n",
+        (CP_MAPPING,),
+        fast=True,
+    ),
+    Bug(
+        "cpu-literal-device",
+        "tensors that enter collectives are made on device(), not on a CPU literal",
+        "megatron_nitp/training/step.py",
+        "    counts = torch.zeros(2, dtype=torch.float64, device=device())\n",
+        '    counts = torch.zeros(2, dtype=torch.float64, device="cpu")\n',
+        (DEVICE_GUARD,),
+        fast=True,
     ),
 ]
 
@@ -227,14 +301,17 @@ def main(argv=None) -> int:
     parser.add_argument("--list", action="store_true", help="list the bugs and exit")
     parser.add_argument("--only", action="append", metavar="NAME",
                         help="plant only this bug (repeatable)")
+    parser.add_argument("--fast", action="store_true",
+                        help="only the bugs whose tests are in-process and quick (CI's subset, "
+                             "about 3 minutes on 2 cores)")
     parser.add_argument("--python", default=os.path.join(ROOT, ".venv", "bin", "python"),
                         help="interpreter that runs pytest (default: <repo>/.venv/bin/python)")
     args = parser.parse_args(argv)
 
     if args.list:
         for bug in BUGS:
-            print(f"{bug.name}\n    claim: {bug.claim}\n    file:  {bug.file}\n"
-                  f"    tests: {' '.join(bug.tests)}")
+            print(f"{bug.name}{' (fast)' if bug.fast else ''}\n    claim: {bug.claim}\n"
+                  f"    file:  {bug.file}\n    tests: {' '.join(bug.tests)}")
         return 0
     bugs = BUGS
     if args.only:
@@ -242,6 +319,8 @@ def main(argv=None) -> int:
         if unknown:
             parser.error(f"unknown bug(s) {unknown}; --list shows them")
         bugs = [b for b in BUGS if b.name in args.only]
+    if args.fast:
+        bugs = [b for b in bugs if b.fast]
     if not os.path.exists(args.python):
         parser.error(f"no interpreter at {args.python} (--python)")
 
