@@ -233,3 +233,25 @@ def test_export_and_evaluation_errors_are_one_line(dist, shim, tmp_path, capsys)
         assert line.startswith(f"error: {ckpt}/iter_0000002: the run config it stores cannot "
                                "be rebuilt here: ") and "\n" not in line, line
         assert "--num-attention-heads" in line or "num_attention_heads" in line, line
+
+
+def test_export_model_is_built_without_the_training_kernels():
+    """On a TE machine too, a checkpoint trained with grouped-GEMM experts is read by
+    SequentialMLP (whose ``local_experts.{j}`` names the Hugging Face mapping knows; TE's
+    grouped experts are ``linear_fc1.weight{j}``), with no overlap, FP8 or fusion, in fp32."""
+    from megatron_nitp.config import preset_config
+    from megatron_nitp.training.checkpointing import config_from_meta
+
+    trained = preset_config("moe-1.9b-a0.3b", moe_grouped_gemm=True, moe_permute_fusion=True,
+                            use_distributed_optimizer=True, overlap_param_gather=True,
+                            overlap_grad_reduce=True, fp8="hybrid", bf16=True,
+                            gradient_accumulation_fusion=True, expert_tensor_parallel_size=1,
+                            expert_model_parallel_size=8, train_iters=10000)
+    meta = {"config": trained.to_dict(), "model": {"padded_vocab_size": 152064}}
+    with kernels.simulate(**ENVIRONMENTS["NGC image (TE and Apex)"]):
+        config = config_from_meta(meta)
+    assert not (config.moe_grouped_gemm or config.moe_permute_fusion or config.fp8
+                or config.overlap_param_gather or config.overlap_grad_reduce or config.bf16)
+    assert config.gradient_accumulation_fusion is None  # auto: decided on the exporting machine
+    assert (config.expert_model_parallel_size, config.expert_tensor_parallel_size) == (1, None)
+    assert config.num_moe_experts == trained.num_moe_experts and config.padded_vocab_size == 152064
