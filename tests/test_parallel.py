@@ -140,6 +140,9 @@ SP = ["--sequence-parallel"]
 LAYOUTS = {
     "tp2": (1, 2, 1, 1, []),
     "tp2-sp": (1, 2, 1, 1, SP),
+    # megatron-core's unfused attention against the one-process reference's SDPA (auto on
+    # CPU): equal under TP 2 + SP with GQA (tests/test_attention.py: one process)
+    "tp2-sp-unfused": (1, 2, 1, 1, SP + ["--attention-backend", "unfused"]),
     "pp2-k-on-first-stage": (1, 1, 2, 1, EVALUATE),
     "pp2-k-on-last-stage": (3, 1, 2, 1, []),
     "dp2": (1, 1, 1, 2, EVALUATE),

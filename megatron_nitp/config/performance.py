@@ -182,6 +182,10 @@ def _validate_kernels(config: RunConfig) -> None:
         raise _Error(f"{', '.join(needs_te)} need(s) Transformer Engine on a GPU, and "
                      f"{te_reason}: drop the flag, or run in an image with TE (the "
                      "Dockerfile's NGC base).")
+    if perf.attention_backend in ("flash", "fused") and not te:
+        raise _Error(f"--attention-backend {perf.attention_backend} is Transformer Engine's, and "
+                     f"{te_reason}: use --attention-backend sdpa (torch's flash / "
+                     "memory-efficient kernels) or auto.")
     if perf.fp8 and perf.fp8_recipe == "mxfp8" and (k.compute_capability or (0, 0)) < (10, 0):
         cc = ".".join(map(str, k.compute_capability or ()))
         raise _Error(f"--fp8-recipe mxfp8 needs a Blackwell GPU (compute capability 10.0 or "
@@ -223,11 +227,30 @@ def resolved_fusions(config: RunConfig) -> dict:
     )
 
 
+def attention_path(config: RunConfig) -> str:
+    """Which core attention the model gets here: ``te`` (TE's, the backend chosen by
+    megatron-core from ``--attention-backend``), ``sdpa`` (``models/attention.py``, in either
+    spec) or ``unfused`` (the local spec's DotProductAttention)."""
+    backend = config.performance.attention_backend
+    if backend == "sdpa":
+        return "sdpa"
+    if kernels.available().te_layers(config.parallel.transformer_impl):
+        return "te"
+    return "sdpa" if backend == "auto" else "unfused"
+
+
 def transformer_config_fields(config: RunConfig) -> dict:
     """The TransformerConfig fields of the speed and memory settings (auto ones decided)."""
     perf = config.performance
+    from megatron.core.transformer.enums import AttnBackend
+
+    # megatron-core sets TE's NVTE_*_ATTN variables from it (and asserts they never change in
+    # a process): the user's choice where TE's attention runs, else its default
+    attention = (AttnBackend[perf.attention_backend] if attention_path(config) == "te"
+                 else AttnBackend.auto)
     fields = dict(
         **resolved_fusions(config),
+        attention_backend=attention,
         cross_entropy_loss_fusion=perf.cross_entropy_loss_fusion,
         cross_entropy_fusion_impl=perf.cross_entropy_fusion_impl,
         recompute_granularity=perf.recompute_granularity,

@@ -313,6 +313,10 @@ class PerformanceConfig:
     --bf16 and a GPU with FP8 (Hopper or newer)"""
     fp8_recipe: str = flag("delayed", choices=("tensorwise", "delayed", "mxfp8", "blockwise"))
     """FP8 scaling recipe"""
+    attention_backend: str = flag("auto", choices=("auto", "sdpa", "unfused", "flash", "fused"))
+    """core attention: auto (Transformer Engine's choice with TE's layers, else sdpa), sdpa
+    (torch's scaled_dot_product_attention: flash / memory-efficient kernels without TE),
+    unfused (megatron-core's DotProductAttention, or TE's unfused), flash or fused (TE's)"""
     recompute_granularity: Optional[str] = flag(None, choices=("full", "selective"))
     """activation recomputation: whole layers (full) or the memory-heavy parts
     (selective, --recompute-modules); NITP stays exact under both"""

@@ -154,9 +154,19 @@ def use_transformer_engine(impl: str = "transformer_engine") -> bool:
     return kernels.available().te_layers(impl)
 
 
-def layer_spec(config: TransformerConfig, impl: str = "transformer_engine"):
+def layer_spec(config: TransformerConfig, impl: str = "transformer_engine", sdpa: bool = False):
     """The layer spec (dense) or the per-layer block spec (MoE: dense and MoE layers by
-    ``moe_layer_freq``), with TE's modules on GPU and megatron-core's local ones otherwise."""
+    ``moe_layer_freq``), with TE's modules on GPU and megatron-core's local ones otherwise;
+    ``sdpa``: torch's scaled_dot_product_attention as core attention (``models/attention.py``)."""
+    spec = _base_layer_spec(config, impl)
+    if sdpa:
+        from megatron_nitp.models.attention import use_sdpa
+
+        use_sdpa(spec)
+    return spec
+
+
+def _base_layer_spec(config: TransformerConfig, impl: str):
     from megatron.core.models.gpt import gpt_layer_specs
 
     te = use_transformer_engine(impl)
@@ -195,7 +205,8 @@ def build_model(
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
-    spec = layer_spec(config, args.transformer_impl)
+    spec = layer_spec(config, args.transformer_impl,
+                      sdpa=performance.attention_path(args) == "sdpa")
     extra = {}
     for objective in build_objectives(args):
         extra.update(objective.model_kwargs(config, spec,
