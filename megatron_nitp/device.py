@@ -11,6 +11,8 @@ No other module of the package branches on ``torch.cuda.is_available()``: they a
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -19,10 +21,48 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+#: ``1``: several ranks of a node share its GPUs (``local_rank % GPUs``), e.g. two NCCL ranks on
+#: the one GPU of a test machine (``scripts/gpu_check.sh`` sets it there). Not for training runs.
+SHARED_GPU_ENV = "MEGATRON_NITP_SHARED_GPU"
+
+
+def shared_gpu() -> bool:
+    return os.environ.get(SHARED_GPU_ENV) == "1"
+
+
+def gpu_index(local_rank: int, device_count: int, shared: bool = False) -> int:
+    """The GPU of local rank ``local_rank``: its own, or under ``shared`` the ranks in turn."""
+    if shared:
+        return local_rank % device_count
+    if local_rank >= device_count:
+        raise RuntimeError(f"local rank {local_rank} has no GPU: this node has {device_count} "
+                           f"(launch at most {device_count} processes per node, or set "
+                           f"{SHARED_GPU_ENV}=1 to share them in a test)")
+    return local_rank
+
+
+def shared_gpu_nccl_env(rank: int, nccl_version: tuple) -> dict[str, str]:
+    """The NCCL settings that let ranks share one GPU. NCCL <= 2.29 refuses two ranks on one
+    GPU ("Duplicate GPU detected": same host hash and bus id); a host id of its own per rank
+    makes each rank a host of its own, connected over sockets on loopback. NCCL >= 2.30 allows
+    it with ``NCCL_MULTI_RANK_GPU_ENABLE``."""
+    if tuple(nccl_version) >= (2, 30, 0):
+        return {"NCCL_MULTI_RANK_GPU_ENABLE": "1"}
+    return {"NCCL_HOSTID": f"nitp-shared-gpu-rank{rank}", "NCCL_SOCKET_IFNAME": "lo",
+            "NCCL_NET": "Socket", "NCCL_IB_DISABLE": "1", "NCCL_NVLS_ENABLE": "0"}
+
+
 def bind(local_rank: int) -> None:
-    """Makes GPU ``local_rank`` this process's current device (no-op on CPU)."""
-    if has_cuda():
-        torch.cuda.set_device(local_rank)
+    """Makes this rank's GPU (:func:`gpu_index`) the current device, and under
+    ``$MEGATRON_NITP_SHARED_GPU`` sets NCCL up for ranks sharing a GPU (values already in the
+    environment are kept); a no-op on CPU. Called before ``init_process_group``."""
+    if not has_cuda():
+        return
+    if shared_gpu():
+        rank = int(os.environ.get("RANK", local_rank))
+        for name, value in shared_gpu_nccl_env(rank, torch.cuda.nccl.version()).items():
+            os.environ.setdefault(name, value)
+    torch.cuda.set_device(gpu_index(local_rank, torch.cuda.device_count(), shared_gpu()))
 
 
 def device() -> torch.device:

@@ -11,8 +11,10 @@
 # 3. runs the tests marked gpu (tests/test_gpu.py: tiny dense and tiny MoE for 20 iterations in
 #    bf16 on NCCL, with TE's spec where TE is installed and the local spec beside it, a
 #    distributed-optimizer save and an exact resume, geometry and evaluation on, HF export,
-#    check_env's tiny run; with 2+ GPUs TP2, TP2+SP, PP2 with routing, CP2 and EP2 against one
-#    GPU);
+#    check_env's tiny run; two ranks - on two GPUs, or sharing a single GPU
+#    ($MEGATRON_NITP_SHARED_GPU, after tools/nccl_probe.py) - for TP2, TP2+SP, PP2 with
+#    routing, PP2 with evaluate(), DP2 with the distributed optimizer and overlap, CP2 (TE) and
+#    EP2 with both dispatchers, against one rank);
 # 4. measures NTP vs NITP on a dense-0.5b-shaped model (4 layers, seq 4096, bf16): step time,
 #    NITP's overhead against the exact analytic ratio, tokens/s, TFLOP/s and MFU, peak memory;
 # 5. the step memory without recomputation, selective and full, NTP and NITP under each
@@ -80,6 +82,19 @@ export PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1
 status=0
 "$PY" tools/check_env.py --no-run || status=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+
+# The 2-rank layouts: on two GPUs, or as two NCCL ranks sharing the only one
+# (megatron_nitp/device.py: a host id per rank, sockets on loopback; NCCL >= 2.30 natively).
+gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+if [ "$gpus" = 1 ]; then
+  export MEGATRON_NITP_SHARED_GPU=1
+  echo "> one GPU: the 2-rank layouts run as two NCCL ranks sharing it"
+fi
+echo
+echo "> NCCL probe, 2 ranks"
+"$PY" -m torch.distributed.run --nproc-per-node 2 --master-port "${PROBE_PORT:-29517}" \
+  tools/nccl_probe.py 2>&1 | tail -20
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   echo

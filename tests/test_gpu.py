@@ -36,7 +36,12 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(GPUS == 0, reason="needs a CUDA GPU (run scripts/gpu_check.sh there)"),
 ]
-two_gpus = pytest.mark.skipif(GPUS < 2, reason=f"needs 2 CUDA GPUs ({GPUS} here)")
+# Two ranks: on two GPUs, or on one shared by both ranks ($MEGATRON_NITP_SHARED_GPU=1, which
+# scripts/gpu_check.sh sets on a one-GPU machine: NCCL over sockets on loopback)
+SHARED_GPU = os.environ.get("MEGATRON_NITP_SHARED_GPU") == "1"
+two_gpus = pytest.mark.skipif(GPUS < 2 and not SHARED_GPU,
+                              reason=f"needs 2 CUDA GPUs ({GPUS} here) or "
+                                     "MEGATRON_NITP_SHARED_GPU=1")
 
 # Tiny models, bf16, NCCL: 20 iterations with geometry and evaluation on.
 COMMON = ["--bf16", "--train-iters", "20", "--lr", "1e-3", "--lr-warmup-iters", "2",
@@ -201,9 +206,11 @@ def one_gpu(tmp_path_factory):
     ["--tensor-model-parallel-size", "2"],
     ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
     ["--pipeline-model-parallel-size", "2"],  # k = 1 on stage 0: the target is routed
+    ["--pipeline-model-parallel-size", "2", "--evaluate-at", "1", "--eval-iters", "2"],
+    ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"],
     pytest.param(["--context-parallel-size", "2"], marks=pytest.mark.skipif(
         not HAS_TE, reason="context parallelism needs Transformer Engine's attention")),
-], ids=["tp2", "tp2-sp", "pp2-routing", "cp2"])
+], ids=["tp2", "tp2-sp", "pp2-routing", "pp2-evaluate", "dp2-distopt-overlap", "cp2"])
 def test_two_gpu_layout_equals_one_gpu(one_gpu, layout):
     root, init, reference = one_gpu
     got = _harness(root / "-".join(layout).strip("-"), PARALLEL + layout + ["--load", init], 2)
@@ -213,7 +220,9 @@ def test_two_gpu_layout_equals_one_gpu(one_gpu, layout):
 
 
 @two_gpus
-def test_two_gpu_expert_parallel_trains(tmp_path):
+@pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
+def test_two_gpu_expert_parallel_trains(tmp_path, dispatcher):
     _launch("pretrain_moe_nitp.py", tmp_path / "run",
-            MOE + ["--expert-model-parallel-size", "2"], nproc=2)
+            MOE + ["--expert-model-parallel-size", "2", "--moe-token-dispatcher-type",
+                   dispatcher], nproc=2)
     _assert_trained(_history(tmp_path / "run"))
