@@ -30,7 +30,7 @@ def main(argv=None) -> str:
     """Builds the index; returns the cache folder."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv in (["-h"], ["--help"]):
-        print(__doc__.strip())
+        print("usage: python tools/build_index.py [the job's flags, as pretrain_*_nitp.py takes them]\n\n" + __doc__.strip())
         return ""
     from megatron_nitp.data.datasets import default_cache_root
     from megatron_nitp.training.arguments import parse_args

@@ -19,7 +19,7 @@ import megatron_nitp  # noqa: F401  (CPU import stubs must precede megatron-core
 
 def main() -> None:
     if "-h" in sys.argv or "--help" in sys.argv:
-        print(__doc__.strip())
+        print("usage: torchrun --nproc-per-node N tools/nccl_probe.py\n\n" + __doc__.strip())
         return
     import torch
 
