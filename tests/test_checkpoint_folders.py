@@ -241,7 +241,7 @@ def test_periodic_saves_are_dp_reshardable_and_record_it(tiny_model, tmp_path):
     path = _save(tiny_model, tmp_path / "dp", 1)
     assert ck.read_meta(path)["optimizer_format"] == "dp_reshardable"
     assert ck.read_meta(path)["layout"]["dp"] == 1
-    full = args.replace(dist_ckpt_optim_fully_reshardable=True)
+    full = tiny_args("--use-distributed-optimizer", "--dist-ckpt-optim-fully-reshardable")
     path = ck.save_checkpoint(str(tmp_path / "full"), 1, model, optimizer, scheduler, full)
     assert ck.read_meta(path)["optimizer_format"] == "fully_reshardable"
 
@@ -315,6 +315,6 @@ def test_checkpoint_figures_match_hand_counts(capsys):
     assert plan.dry_run(parse_args(base + ["--use-distributed-optimizer", "--world-size",
                                            "4"])) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if "checkpoint" in x)
-    assert f"{16 * p / 1024**2:.1f} MiB on disk" in line
+    assert f"{16 * p / 1024:.1f} KiB on disk" in line
     assert f"{16 * p / 4 / 1024:.1f} KiB at save" in line
     assert f"{(4 * p + 3 * p) / 1024:.1f} KiB at load" in line and "dp_reshardable" in line
