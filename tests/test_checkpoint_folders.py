@@ -128,32 +128,40 @@ def test_free_space_is_compared_with_the_planned_checkpoint(dist, tmp_path, no_m
     assert ck.check_save_folder(str(tmp_path / "roomy"), args, need) == []
 
 
-def test_rotation_keeps_the_checkpoint_just_written_and_never_touches_newer_ones(tmp_path):
+def _finalize(root, iteration, keep_last=None):
+    """Finalizes a save of ``iteration`` (an empty folder) as save_checkpoint does: manifest,
+    tracker, rotation."""
+    from megatron_nitp.training import checkpointing as ck
+
+    path = ck.checkpoint_dir(str(root), iteration)
+    os.makedirs(path)
+    ck._finalize(str(root), path, iteration, {}, keep_last, False, None)
+
+
+def _iterations(root):
+    return sorted(p for p in os.listdir(root) if p.startswith("iter_"))
+
+
+def test_rotation_keeps_the_checkpoint_just_written_and_never_touches_newer_ones(dist,
+                                                                                  tmp_path):
     """Rotation ranked every complete checkpoint by number: with another run's iter_0000030 in
     the folder, --save-keep-last 1 kept 30 and deleted the run's own 1 and 2 while the tracker
     named 2. Only checkpoints up to the one just written are candidates now."""
-    from megatron_nitp.training import checkpointing as ck
-
-    for iteration in (1, 2, 30):
-        _fake_checkpoint(tmp_path, iteration)
-    (tmp_path / ck.TRACKER).write_text("2")
-    ck._rotate(str(tmp_path), 1, 2)
-    assert sorted(os.listdir(tmp_path)) == ["iter_0000002", "iter_0000030",
-                                            "latest_checkpointed_iteration.txt"]
-    _fake_checkpoint(tmp_path, 3)
-    ck._rotate(str(tmp_path), 2, 3)
-    assert sorted(p for p in os.listdir(tmp_path) if p.startswith("iter_")) == [
-        "iter_0000002", "iter_0000003", "iter_0000030"]
+    _fake_checkpoint(tmp_path, 30)
+    _fake_checkpoint(tmp_path, 1)
+    _finalize(tmp_path, 2, keep_last=1)
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "2"
+    assert _iterations(tmp_path) == ["iter_0000002", "iter_0000030"]
+    _finalize(tmp_path, 3, keep_last=2)
+    assert _iterations(tmp_path) == ["iter_0000002", "iter_0000003", "iter_0000030"]
 
 
 def test_the_tracker_never_moves_back_silently(dist, tmp_path, capsys):
     from megatron_nitp.training import checkpointing as ck
 
     _fake_checkpoint(tmp_path, 6)
-    path = ck.checkpoint_dir(str(tmp_path), 5)
-    os.makedirs(path)
-    ck._finalize(str(tmp_path), path, 5, {}, None, False, None)
-    assert ck.read_tracker(str(tmp_path)) == 5
+    _finalize(tmp_path, 5)
+    assert (tmp_path / ck.TRACKER).read_text() == "5"
     assert (f"moving {tmp_path / ck.TRACKER} back from iteration 6 to 5"
             in capsys.readouterr().out)
 
@@ -193,19 +201,6 @@ def test_a_full_disk_is_named_in_one_line_and_the_previous_checkpoint_stays_late
     from megatron_nitp.training import faults
 
     _save(tiny_model, tmp_path, 1)
-    monkeypatch.setenv(faults.ENV, "disk-full-in-save@2")
-    with pytest.raises(ck.CheckpointError) as err:
-        _save(tiny_model, tmp_path, 2)
-    message = str(err.value)
-    assert "\n" not in message
-    assert message.startswith(f"saving {tmp_path / 'iter_0000002'} failed: no space left on "
-                              f"the device of {tmp_path}")
-    assert "previous checkpoint is still the latest" in message and "[rank 0]" in message
-    assert ck.read_tracker(str(tmp_path)) == 1
-    assert not (tmp_path / "iter_0000002" / ck.MANIFEST).exists()
-    ck.verify_checkpoint(ck.checkpoint_dir(str(tmp_path), 1))
-
-    monkeypatch.delenv(faults.ENV)
     real_save = torch.save
 
     def full_disk(obj, f, *args, **kwargs):
@@ -217,7 +212,19 @@ def test_a_full_disk_is_named_in_one_line_and_the_previous_checkpoint_stays_late
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(ck.CheckpointError, match="failed: no space left on the device"):
         _save(tiny_model, tmp_path, 3)
+    assert (tmp_path / ck.TRACKER).read_text() == "1"
+    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setenv(faults.ENV, "disk-full-in-save@2")
+    with pytest.raises(ck.CheckpointError) as err:
+        _save(tiny_model, tmp_path, 2)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"saving {tmp_path / 'iter_0000002'} failed: no space left on "
+                              f"the device of {tmp_path}")
+    assert "previous checkpoint is still the latest" in message and "[rank 0]" in message
     assert ck.read_tracker(str(tmp_path)) == 1
+    assert not (tmp_path / "iter_0000002" / ck.MANIFEST).exists()
+    ck.verify_checkpoint(ck.checkpoint_dir(str(tmp_path), 1))
 
 
 def test_permission_denied_is_named(tmp_path):

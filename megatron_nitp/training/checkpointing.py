@@ -398,9 +398,13 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args
         state["scheduler"] = scheduler.state_dict()
     own = {}  # this rank's files: {path relative to the checkpoint: manifest entry}
     try:
-        # (rank 0 writes megatron-core's common.pt in here, between collectives: if that
-        # fails the rank stops with the one line below and the launcher ends the others)
+        # rank 0 writes megatron-core's common.pt in here, between collectives: if that fails,
+        # that rank stops with the one line below and the launcher ends the others
         request = _save_request(state, path)
+    except (OSError, RuntimeError) as err:
+        raise CheckpointError(describe_save_failure(root, path, err)) from err
+    error = None
+    try:  # this rank's own small files: a failure is agreed with the write's, below
         if rank == 0 and os.path.exists(os.path.join(path, "common.pt")):
             own["common.pt"] = _entry(os.path.join(path, "common.pt"), verify)  # 0.16-0.18
         # the per-rank RNG states (still before the manifest and the tracker)
@@ -414,27 +418,28 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args
                           indent=2)
             own[META] = _entry(os.path.join(path, META), verify)
     except (OSError, RuntimeError) as err:
-        raise CheckpointError(describe_save_failure(root, path, err)) from err
+        error = describe_save_failure(root, path, err)
     finish = functools.partial(_finalize, root, path, iteration, own, keep_last, verify)
     disk_full = faults.due("disk-full-in-save", iteration) and (
         rank == torch.distributed.get_world_size() - 1)
     if async_saves is None:
-        error = None
-        try:
-            args_ = list(request.async_fn_args)
-            if request.preload_fn is not None:  # device-to-host copy (GPU); no copy on CPU
-                args_[1] = request.preload_fn()
-            if request.async_fn is not None:
-                own.update(_write_and_checksum(request.async_fn, path, verify, False, None,
-                                               *args_, disk_full=disk_full,
-                                               **request.async_fn_kwargs))
-        except Exception as err:  # agreed below: every rank stops with the same line
-            error = describe_save_failure(root, path, err)
+        if error is None:  # else this rank's small files failed already: nothing to write
+            try:
+                args_ = list(request.async_fn_args)
+                if request.preload_fn is not None:  # device-to-host copy (GPU); none on CPU
+                    args_[1] = request.preload_fn()
+                if request.async_fn is not None:
+                    own.update(_write_and_checksum(request.async_fn, path, verify, False, None,
+                                                   *args_, disk_full=disk_full,
+                                                   **request.async_fn_kwargs))
+            except Exception as err:  # agreed below: every rank stops with the same line
+                error = describe_save_failure(root, path, err)
         _agree(error)  # also the barrier before megatron-core's finalization
         for fn in request.finalize_fns:
             fn()
         finish(None)
         return path
+    _agree(error)
     out = None
     if request.async_fn is not None:
         import multiprocessing
