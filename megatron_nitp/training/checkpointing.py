@@ -159,11 +159,12 @@ def optimizer_format(args, optimizer=None) -> str:
     return DP_RESHARDABLE
 
 
-def _sharded_state(model, optimizer, is_loading: bool, fmt: str = MODEL_SPACE) -> dict:
+def _sharded_state(model, optimizer, is_loading: bool, fmt: str = FULLY_RESHARDABLE) -> dict:
     """megatron-core's sharded state of the model and optimizer; ``fmt`` is the distributed
-    optimizer's format (:func:`optimizer_format` at save, the checkpoint's at load). The
-    default of megatron-core (flattened ranges, "fully_sharded_model_space") cannot be saved at
-    DP >= 2, so a distributed optimizer always names its format."""
+    optimizer's format (:func:`optimizer_format` at save, the checkpoint's at load; by default
+    the layout-independent per-parameter form, which tests/parallel_harness.py compares across
+    layouts). megatron-core's own default (flattened ranges, "fully_sharded_model_space") cannot
+    be saved at DP >= 2, so a distributed optimizer always names its format."""
     model_sd = unwrap(model).sharded_state_dict(prefix="model.")
     state = {"model": model_sd}
     if optimizer is not None:
