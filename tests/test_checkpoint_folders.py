@@ -226,6 +226,17 @@ def test_a_full_disk_is_named_in_one_line_and_the_previous_checkpoint_stays_late
     assert not (tmp_path / "iter_0000002" / ck.MANIFEST).exists()
     ck.verify_checkpoint(ck.checkpoint_dir(str(tmp_path), 1))
 
+    # --async-save: the forked writer's failure, at finalization, is the same one line
+    monkeypatch.setenv(faults.ENV, "disk-full-in-save@4")
+    args, model, optimizer, scheduler = tiny_model
+    saves = ck.AsyncSaves()
+    ck.save_checkpoint(str(tmp_path), 4, model, optimizer, scheduler, args, async_saves=saves)
+    with pytest.raises(ck.CheckpointError) as err:
+        saves.wait()
+    assert str(err.value).startswith(f"saving {tmp_path / 'iter_0000004'} failed: no space "
+                                     "left on the device")
+    assert ck.read_tracker(str(tmp_path)) == 1
+
 
 def test_permission_denied_is_named(tmp_path):
     from megatron_nitp.training import checkpointing as ck

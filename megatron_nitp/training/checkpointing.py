@@ -325,7 +325,7 @@ def _write_and_checksum(write, root: str, verify: bool, stall: bool, out, *args,
         _raise_worker_failure(args[2] if len(args) > 2 else None)
         entries = {os.path.relpath(b[0], root): _entry(b[0], verify) for b in buckets}
     except Exception as err:  # reported by the trainer at finalization, on every rank
-        entries = {"error": f"{type(err).__name__}: {err}"}
+        entries = {"error": describe_save_failure(os.path.dirname(root), root, err)}
         if out is None:
             raise
     if out is not None:
@@ -438,10 +438,10 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args
         _agree(error)  # also the barrier before megatron-core's finalization
         for fn in request.finalize_fns:
             fn()
-        finish(None)
+        finish()
         return path
     _agree(error)
-    out = None
+    written = {}  # the writer's manifest entries, once it has finished
     if request.async_fn is not None:
         import multiprocessing
 
@@ -450,7 +450,16 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args
         request = request._replace(async_fn=functools.partial(
             _write_and_checksum, request.async_fn, path, verify, stall, out,
             disk_full=disk_full))
-    request.add_finalize_fn(functools.partial(finish, out))
+
+        def collect():
+            """First of the finalization: the writer's entries, and on every rank the same
+            one-line error if any rank's writer failed (before megatron-core's finalization,
+            whose collective would otherwise raise its own multi-line report)."""
+            written.update(out.get(timeout=600))
+            _agree(written.get("error"))
+
+        request = request._replace(finalize_fns=[collect, *request.finalize_fns])
+    request.add_finalize_fn(lambda: finish(written))
     async_saves.schedule(request, path)
     return path
 
@@ -480,15 +489,12 @@ def _meta(iteration: int, consumed_samples: int, args, imported_from: str | None
 
 
 def _finalize(root: str, path: str, iteration: int, own: dict, keep_last: int | None,
-              verify: bool, out) -> None:
+              verify: bool, written: dict | None = None) -> None:
     """Runs on every rank once every rank's shards are written (and megatron-core has written
-    its metadata): gathers the ranks' manifest entries to rank 0, which adds the files it wrote
-    during finalization, writes the manifest and then moves the tracker."""
-    if out is not None:
-        written = out.get(timeout=600)
-        _agree(f"saving {path} failed: {written['error']} (the previous checkpoint is still "
-               "the latest)" if "error" in written else None)
-        own = {**own, **written}
+    its metadata): gathers the ranks' manifest entries (``written``: those of the background
+    writer) to rank 0, which adds the files it wrote during finalization, writes the manifest
+    and then moves the tracker."""
+    own = {**own, **(written or {})}
     if faults.due("crash-in-save", iteration):
         os._exit(faults.EXIT_CRASH_IN_SAVE)
     rank = torch.distributed.get_rank()
