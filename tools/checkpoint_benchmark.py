@@ -10,7 +10,8 @@ megatron-core's dp_reshardable, the default save, and fully_reshardable,
 ``--dist-ckpt-optim-fully-reshardable``) and the table adds the optimizer state a rank holds in
 host memory for the save and for the load (the distinct tensors of its optimizer sharded state
 dict: its own shard, or its data-parallel group's whole state gathered) beside
-``plan.checkpoint_host_memory``'s figure for the same run.
+``plan.checkpoint_host_memory``'s figures for the same run (weights included), and what
+``dist_checkpointing.load`` read (``ckpt read``: ``rchar`` less the verification's bytes).
 
 Each DP size is one ``torchrun`` job that builds a real run (``training.loop.setup``), trains
 one step (so the optimizer has state), saves synchronously, saves again with ``--async-save``
@@ -62,14 +63,15 @@ def _rchar() -> int:
 
 
 def _tensor_bytes(tree) -> int:
-    """Bytes of the distinct tensors in a (sharded) state dict: views of one buffer count once."""
+    """Bytes of the distinct tensors in a (sharded) state dict: views of one buffer count once
+    (ShardedTensor and ShardedTensorFactory, e.g. the SwiGLU fc1 weight's, hold theirs in
+    ``.data``)."""
     import torch
     from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     seen, total = set(), 0
     for leaf in nested_values(tree):
-        tensor = leaf.data if isinstance(leaf, ShardedTensor) else leaf
+        tensor = getattr(leaf, "data", leaf)
         if not isinstance(tensor, torch.Tensor):
             continue
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())
@@ -186,7 +188,7 @@ def main(argv=None) -> list[dict]:
           f"d={args.hidden_size}{', distributed optimizer' if args.distributed_optimizer else ''}"
           " (KiB; s)")
     header = ("format", "DP", "ckpt KiB", "planned", "written", "checksummed", "save s",
-              "async held s", "async total s", "verified", "load read", "load s",
+              "async held s", "async total s", "verified", "load read", "ckpt read", "load s",
               "legacy rank-0", "opt at save", "opt at load", "plan save", "plan load")
     print("  ".join(f"{h:>13}" for h in header))
     for r in rows:
@@ -196,7 +198,7 @@ def main(argv=None) -> list[dict]:
             f"{r['save_checksummed'] / kib:.0f}", f"{r['save_s']:.2f}",
             f"{r['async_held_s']:.2f}", f"{r['async_total_s']:.2f}",
             f"{r['load_verified'] / kib:.0f}", f"{r['load_read'] / kib:.0f}",
-            f"{r['load_s']:.2f}", f"{r['checkpoint_bytes'] / kib:.0f}",
+            f"{(r['load_read'] - r['load_verified']) / kib:.0f}", f"{r['load_s']:.2f}", f"{r['checkpoint_bytes'] / kib:.0f}",
             f"{r['opt_save_bytes'] / kib:.0f}", f"{r['opt_load_bytes'] / kib:.0f}",
             f"{r['planned']['save'] / kib:.0f}", f"{r['planned']['load'] / kib:.0f}")))
     if args.json_out:

@@ -171,7 +171,8 @@ class Run:
 def check_checkpoint_folders(args: RunConfig, save_dir: str) -> list[str]:
     """The start checks of the checkpoints (``args`` resolved for the world): the ``--save``
     folder is writable, belongs to this run's lineage and has room for a checkpoint
-    (``checkpointing.check_save_folder``, with ``plan.checkpoint_bytes``), and a
+    (``checkpointing.check_save_folder``, with ``plan.checkpoint_bytes``; the vocabulary is
+    ``--vocab-size``'s or the default, the tokenizer being read only after), and a
     ``dp_reshardable`` checkpoint to resume fits this layout (its nitp.json, read before
     anything is built). Returns the warnings; raises UsageError in one line."""
     from megatron_nitp.training import checkpointing as ck
