@@ -336,3 +336,13 @@ def test_checkpoint_figures_match_hand_counts(capsys):
     assert f"{16 * p / 1024:.1f} KiB on disk" in line
     assert f"{16 * p / 4 / 1024:.1f} KiB at save" in line
     assert f"{(4 * p + 3 * p) / 1024:.1f} KiB at load" in line and "dp_reshardable" in line
+
+
+def test_fully_reshardable_without_the_distributed_optimizer_is_refused(capsys):
+    from megatron_nitp.training.arguments import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(TINY + ["--dist-ckpt-optim-fully-reshardable"])
+    assert "add --use-distributed-optimizer or drop the flag" in capsys.readouterr().err
+    assert parse_args(TINY + ["--dist-ckpt-optim-fully-reshardable",
+                              "--use-distributed-optimizer"]).dist_ckpt_optim_fully_reshardable
