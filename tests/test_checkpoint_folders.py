@@ -282,7 +282,7 @@ def test_a_dp_reshardable_checkpoint_at_another_tp_is_refused_before_the_model(
 
     ckpt = tmp_path / "ckpt"
     meta = {"iteration": 4, "optimizer_format": "dp_reshardable",
-            "layout": {"tp": 2, "pp": 1, "ep": 1, "etp": None, "cp": 1, "dp": 1}}
+            "layout": {"tp": 2, "pp": 1, "ep": 1, "etp": 2, "cp": 1, "dp": 1}}
     _fake_checkpoint(ckpt, 4, meta)
     with pytest.raises(UsageError) as err:
         _pretrain(tmp_path, "--load", str(ckpt), "--save", str(ckpt),
@@ -294,8 +294,8 @@ def test_a_dp_reshardable_checkpoint_at_another_tp_is_refused_before_the_model(
     from megatron_nitp.training import checkpointing as ck
 
     args = tiny_args("--use-distributed-optimizer")
-    ck.check_optimizer_layout({**meta, "layout": {**meta["layout"], "tp": 1, "dp": 4}},
-                              args, "x")
+    ck.check_optimizer_layout({**meta, "layout": {**meta["layout"], "tp": 1, "etp": 1,
+                                                  "dp": 4}}, args, "x")
     ck.check_optimizer_layout({**meta, "optimizer_format": "fully_reshardable"}, args, "x")
     with pytest.raises(ModelBuilt):
         _pretrain(tmp_path, "--load", str(ckpt), "--save", str(tmp_path / "new"),

@@ -180,7 +180,9 @@ def _layout(args) -> dict:
     """The parallel layout a checkpoint was written at (nitp.json "layout")."""
     return {"tp": args.tensor_model_parallel_size, "pp": args.pipeline_model_parallel_size,
             "ep": args.expert_model_parallel_size,
-            "etp": getattr(args, "expert_tensor_parallel_size", None),
+            # expert TP: None means "as TP"; stored resolved so equal layouts compare equal
+            "etp": (getattr(args, "expert_tensor_parallel_size", None)
+                    or args.tensor_model_parallel_size),
             "cp": getattr(args, "context_parallel_size", 1),
             "dp": getattr(args, "data_parallel_size", None)}
 
