@@ -438,3 +438,34 @@ def test_async_save_with_nothing_to_save_is_refused(capsys):
     assert "--async-save with --no-save" in capsys.readouterr().err
     args = parse_args(TINY + ["--train-iters", "3", "--async-save", "--no-verify"])
     assert args.async_save and not args.verify
+
+
+@pytest.mark.slow
+def test_dp_reshardable_checkpoint_fails_cleanly_and_reshards_over_dp_only(tmp_path):
+    """DP 2 with the distributed optimizer saves dp_reshardable (each rank its own shard).
+    The last rank's write of iteration 2 fails as on a full disk: both ranks stop with the
+    same one line, the tracker stays on 1. Iteration 1 resumes at DP 1 (the same TP/PP) to
+    the uninterrupted run's iteration-2 loss; at TP 2 it is refused before loading, naming the
+    ways there."""
+    ckpt = tmp_path / "ckpt"
+    flags = ["--use-distributed-optimizer", "--save", str(ckpt)]
+    proc = _run(tmp_path / "dp2", "--train-iters", "3", "--save-interval", "1", *flags,
+                nproc=2, fault="disk-full-in-save@2", expect=1)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and errors[0] == errors[1], errors
+    assert f"saving {ckpt / 'iter_0000002'} failed: no space left on the device" in errors[0]
+    # no trainer traceback (torchrun prints its own ChildFailedError for the exit code 1)
+    assert "[rank 1]" in errors[0] and "megatron_nitp/training" not in proc.stderr
+    assert _latest(ckpt) == 1 and not (ckpt / "iter_0000002" / "manifest.json").exists()
+    meta = json.load(open(ckpt / "iter_0000001" / "nitp.json"))
+    assert meta["optimizer_format"] == "dp_reshardable" and meta["layout"]["dp"] == 2
+    logged = [line for line in proc.stdout.splitlines() if "iteration        2/" in line]
+    loss_at_2 = float(logged[0].split("lm loss: ")[1].split()[0])
+
+    proc = _run(tmp_path / "tp2", "--train-iters", "3", "--load", str(ckpt), *flags,
+                "--tensor-model-parallel-size", "2", nproc=2, expect=1)
+    assert "dp_reshardable" in proc.stderr and "TP 1 -> 2" in proc.stderr
+    assert "--dist-ckpt-optim-fully-reshardable" in proc.stderr and "--finetune" in proc.stderr
+
+    _run(tmp_path / "dp1", "--train-iters", "2", "--load", str(ckpt), *flags, "--no-save")
+    assert _history(tmp_path / "dp1")["lm loss"][2] == pytest.approx(loss_at_2, rel=1e-5)

@@ -3,6 +3,15 @@ checksums at save and verifies at load, and what it reads in all (``rchar``).
 
     python tools/checkpoint_benchmark.py                    # DP = 1, 2, 4 on CPU (gloo)
     python tools/checkpoint_benchmark.py --dp 1 2 --hidden-size 512 --json-out ckpt.json
+    python tools/checkpoint_benchmark.py --distributed-optimizer   # both optimizer formats
+
+With ``--distributed-optimizer`` each DP size runs once per optimizer format (``--format``:
+megatron-core's dp_reshardable, the default save, and fully_reshardable,
+``--dist-ckpt-optim-fully-reshardable``) and the table adds the optimizer state a rank holds in
+host memory for the save and for the load (the distinct tensors of its optimizer sharded state
+dict: its own shard, or its data-parallel group's whole state gathered) beside
+``plan.checkpoint_host_memory``'s figures for the same run (weights included), and what
+``dist_checkpointing.load`` read (``ckpt read``: ``rchar`` less the verification's bytes).
 
 Each DP size is one ``torchrun`` job that builds a real run (``training.loop.setup``), trains
 one step (so the optimizer has state), saves synchronously, saves again with ``--async-save``
@@ -36,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden-size", type=int, default=256)
     p.add_argument("--distributed-optimizer", action="store_true",
                    help="shard the optimizer state over DP (--use-distributed-optimizer)")
+    p.add_argument("--format", nargs="+", choices=["dp_reshardable", "fully_reshardable"],
+                   default=["dp_reshardable", "fully_reshardable"],
+                   help="optimizer formats to measure (with --distributed-optimizer)")
     p.add_argument("--json-out", metavar="FILE", help="also write the figures to FILE as JSON")
     p.add_argument("--worker", metavar="DIR", help=argparse.SUPPRESS)
     return p
@@ -48,6 +60,25 @@ def _rchar() -> int:
             return next(int(line.split()[1]) for line in f if line.startswith("rchar"))
     except (OSError, StopIteration):
         return 0
+
+
+def _tensor_bytes(tree) -> int:
+    """Bytes of the distinct tensors in a (sharded) state dict: views of one buffer count once
+    (ShardedTensor and ShardedTensorFactory, e.g. the SwiGLU fc1 weight's, hold theirs in
+    ``.data``)."""
+    import torch
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    seen, total = set(), 0
+    for leaf in nested_values(tree):
+        tensor = getattr(leaf, "data", leaf)
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total
 
 
 def worker(args) -> None:
@@ -65,7 +96,8 @@ def worker(args) -> None:
         num_attention_heads=4, num_query_groups=2, seq_length=32, micro_batch_size=1,
         global_batch_size=world, train_iters=10, lr_warmup_iters=0, eval_interval=0,
         geometry_interval=0, save_final=False, plot=False, progress_bar=False,
-        nitp_target_layer=1, use_distributed_optimizer=args.distributed_optimizer)
+        nitp_target_layer=1, use_distributed_optimizer=args.distributed_optimizer,
+        dist_ckpt_optim_fully_reshardable=args.format == ["fully_reshardable"])
     validate(cfg)
     run = loop.setup(cfg)
     train_step(run.model, run.optimizer, run.scheduler, run.train_iter, run.args, 0, False)
@@ -97,20 +129,29 @@ def worker(args) -> None:
     ck.load_checkpoint(root, run.model, run.optimizer, run.scheduler, run.args)
     out.update(load_s=time.perf_counter() - t0, load_read=_rchar() - r0,
                load_verified=ck.STATS["load_verify_bytes"])
+    fmt = ck.optimizer_format(run.args, run.optimizer)
+    for key, loading in (("opt_save_bytes", False), ("opt_load_bytes", True)):
+        state = ck._sharded_state(run.model, run.optimizer, is_loading=loading, fmt=fmt)
+        out[key] = _tensor_bytes(state["optimizer"])
     everyone = [None] * world
     torch.distributed.all_gather_object(everyone, out)
     if torch.distributed.get_rank() == 0:
         manifest = json.load(open(os.path.join(ck.checkpoint_dir(root, 1), ck.MANIFEST)))
         total = sum(e["bytes"] for e in manifest.values())
         row = {key: max(r[key] for r in everyone) for key in out}
-        row.update(dp=world, checkpoint_bytes=total, files=len(manifest))
+        from megatron_nitp.training.plan import checkpoint_bytes, checkpoint_host_memory
+
+        row.update(dp=world, checkpoint_bytes=total, files=len(manifest), format=fmt,
+                   planned_bytes=checkpoint_bytes(run.args),
+                   planned=checkpoint_host_memory(run.args))
         print("BENCH " + json.dumps(row), flush=True)
 
 
-def run_dp(args, dp: int, folder: str) -> dict:
+def run_dp(args, dp: int, folder: str, fmt: str = "dp_reshardable") -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(dp),
            "--master-port", str(_free_port()), os.path.abspath(__file__), "--worker", folder,
-           "--num-layers", str(args.num_layers), "--hidden-size", str(args.hidden_size)]
+           "--num-layers", str(args.num_layers), "--hidden-size", str(args.hidden_size),
+           "--format", fmt]
     if args.distributed_optimizer:
         cmd.append("--distributed-optimizer")
     env = {k: v for k, v in os.environ.items()
@@ -138,23 +179,28 @@ def main(argv=None) -> list[dict]:
         worker(args)
         return []
     rows = []
-    for dp in args.dp:
-        with tempfile.TemporaryDirectory(prefix=f"ckpt-bench-dp{dp}-") as folder:
-            rows.append(run_dp(args, dp, folder))
+    for fmt in (args.format if args.distributed_optimizer else ["dp_reshardable"]):
+        for dp in args.dp:
+            with tempfile.TemporaryDirectory(prefix=f"ckpt-bench-dp{dp}-") as folder:
+                rows.append(run_dp(args, dp, folder, fmt))
     kib = 1024
     print(f"checkpoint save/load per rank (max over ranks), CPU/gloo, {args.num_layers} layers, "
           f"d={args.hidden_size}{', distributed optimizer' if args.distributed_optimizer else ''}"
           " (KiB; s)")
-    header = ("DP", "ckpt KiB", "written", "checksummed", "save s", "async held s",
-              "async total s", "verified", "load read", "load s", "legacy rank-0 read")
+    header = ("format", "DP", "ckpt KiB", "planned", "written", "checksummed", "save s",
+              "async held s", "async total s", "verified", "load read", "ckpt read", "load s",
+              "legacy rank-0", "opt at save", "opt at load", "plan save", "plan load")
     print("  ".join(f"{h:>13}" for h in header))
     for r in rows:
         print("  ".join(f"{v:>13}" for v in (
-            r["dp"], f"{r['checkpoint_bytes'] / kib:.0f}", f"{r['written'] / kib:.0f}",
+            r["format"], r["dp"], f"{r['checkpoint_bytes'] / kib:.0f}",
+            f"{r['planned_bytes'] / kib:.0f}", f"{r['written'] / kib:.0f}",
             f"{r['save_checksummed'] / kib:.0f}", f"{r['save_s']:.2f}",
             f"{r['async_held_s']:.2f}", f"{r['async_total_s']:.2f}",
             f"{r['load_verified'] / kib:.0f}", f"{r['load_read'] / kib:.0f}",
-            f"{r['load_s']:.2f}", f"{r['checkpoint_bytes'] / kib:.0f}")))
+            f"{(r['load_read'] - r['load_verified']) / kib:.0f}", f"{r['load_s']:.2f}", f"{r['checkpoint_bytes'] / kib:.0f}",
+            f"{r['opt_save_bytes'] / kib:.0f}", f"{r['opt_load_bytes'] / kib:.0f}",
+            f"{r['planned']['save'] / kib:.0f}", f"{r['planned']['load'] / kib:.0f}")))
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(rows, f, indent=2)

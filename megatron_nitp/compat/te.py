@@ -53,10 +53,11 @@ def patch_torch_norm_sequence_parallel() -> None:
 def patch_distributed_optimizer_step_state() -> None:
     """Without TE's or Apex's FusedAdam, megatron-core falls back to torch's Adam, which keeps a
     per-parameter ``"step"`` tensor. Loading a distributed optimizer checkpoint
-    (``DistributedOptimizer.load_parameter_state_from_fully_reshardable``) hands
-    ``_set_main_param_and_optimizer_states`` the param, exp_avg and exp_avg_sq but not "step"
-    (restored separately in ``load_state_dict``); it copies every tensor of the optimizer state
-    and fails with KeyError 'step'. Copy only the tensors that were given."""
+    (``DistributedOptimizer.load_parameter_state_from_fully_reshardable``, and
+    ``..._dp_reshardable``) hands ``_set_main_param_and_optimizer_states`` the param, exp_avg
+    and exp_avg_sq but not "step" (restored separately in ``load_state_dict``); it copies every
+    tensor of the optimizer state and fails with KeyError 'step'. Copy only the tensors that
+    were given."""
     import torch
 
     cls = _unpatched_distributed_optimizer("_nitp_step_state_patched")
@@ -70,9 +71,15 @@ def patch_distributed_optimizer_step_state() -> None:
         group_index, group_order = self.model_param_group_index_map[model_param]
         main_param = self.optimizer.param_groups[group_index]["params"][group_order]
         destination = {"param": main_param, **self.optimizer.state[main_param]}
-        for key, tensor in tensors.items():
-            if isinstance(tensor, torch.Tensor):  # 0.19 skips non-tensor entries too
-                destination[key].copy_(tensor)
+        # no_grad: the fp32 main parameter is a leaf that requires grad, and
+        # load_parameter_state_from_dp_reshardable (unlike the fully_reshardable loader) does
+        # not turn autograd off around this copy. "step": the dp_reshardable state hands back
+        # the fresh optimizer's own step (a non-persistent entry, 0); the checkpoint's step is
+        # restored from the param groups by load_state_dict and must not be overwritten
+        with torch.no_grad():
+            for key, tensor in tensors.items():
+                if key != "step" and isinstance(tensor, torch.Tensor):  # 0.19 skips those too
+                    destination[key].copy_(tensor)
 
     cls._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
     cls._nitp_step_state_patched = True

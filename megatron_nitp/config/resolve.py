@@ -193,6 +193,10 @@ def _validate_checkpoint(config: RunConfig) -> None:
     if c.async_save and "fork" not in multiprocessing.get_all_start_methods():
         raise ConfigError("--async-save needs the 'fork' process start method (Linux), which "
                           "this platform lacks: drop --async-save to save synchronously.")
+    if c.dist_ckpt_optim_fully_reshardable and not config.use_distributed_optimizer:
+        raise ConfigError("--dist-ckpt-optim-fully-reshardable applies to the distributed "
+                          "optimizer's state only (the plain optimizer's is always fully "
+                          "reshardable): add --use-distributed-optimizer or drop the flag.")
     if c.async_save and not c.save_final and not c.save_interval:
         raise ConfigError("--async-save with --no-save and no --save-interval has nothing to "
                           "write: give --save-interval N or drop --async-save.")

@@ -395,6 +395,13 @@ class CheckpointConfig:
     verify: bool = flag(True, name="", negative="--no-verify")
     """skip the CRC32 checksums: at save (each rank checksums the files it wrote) and at load
     (the ranks share the verification); sizes are still checked"""
+    dist_ckpt_optim_fully_reshardable: bool = False
+    """with --use-distributed-optimizer: save the optimizer state in megatron-core's
+    fully_reshardable form (each rank gathers its data-parallel group's whole fp32 parameters
+    and Adam moments: about 12 bytes per parameter of host memory at save and at load), which a
+    run at another TP/PP/EP can load; without it the per-rank dp_reshardable form (fast, only the
+    rank's own shard; resumable at the same TP/PP/EP). Use it for the save before a layout
+    change"""
     load: Optional[str] = None
     """resume from the latest checkpoint in this folder (model, optimizer, scheduler,
     iteration, data position, RNG; any parallel layout)"""

@@ -26,6 +26,7 @@ pending) and finalizes (manifest, tracker, rotation) once every rank's write has
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import json
@@ -53,6 +54,20 @@ MODEL_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_he
                "moe_layer_pattern", "mtp_num_layers", "rotary_base", "norm_epsilon")
 #: model flags added to MODEL_FLAGS later: compared only when the checkpoint stores them
 LATER_MODEL_FLAGS = ("rotary_base", "norm_epsilon")
+
+
+#: The distributed optimizer's checkpoint formats (megatron-core's
+#: ``distrib_optim_sharding_type``), recorded in nitp.json as "optimizer_format".
+#: dp_reshardable: each rank writes and reads only its own shard of the fp32 parameters and Adam
+#: moments, in the optimizer's bucket layout (loadable at the same TP/PP/EP/CP; DP may change).
+#: fully_reshardable (``--dist-ckpt-optim-fully-reshardable``): every rank gathers its
+#: data-parallel group's whole state and writes it per parameter (loadable at any layout).
+DP_RESHARDABLE = "dp_reshardable"
+FULLY_RESHARDABLE = "fully_reshardable"
+#: the plain (not distributed) optimizer's per-parameter state: loadable at any layout
+MODEL_SPACE = "model_space"
+#: the layout fields a dp_reshardable optimizer state is tied to (nitp.json "layout")
+DP_RESHARDABLE_FIXED = ("tp", "pp", "ep", "etp", "cp")
 
 
 class CheckpointError(RuntimeError):
@@ -128,18 +143,122 @@ def _is_distributed_optimizer(optimizer) -> bool:
     return any(isinstance(sub, DistributedOptimizer) for sub in subs)
 
 
-def _sharded_state(model, optimizer, is_loading: bool) -> dict:
+def optimizer_format(args, optimizer=None) -> str:
+    """The optimizer format a save of this run writes: Megatron-LM's choice. With the
+    distributed optimizer ``dp_reshardable`` by default (each rank holds and writes only its
+    own shard, so host memory and bytes per rank fall as DP grows) and ``fully_reshardable``
+    with ``--dist-ckpt-optim-fully-reshardable`` (each rank gathers its data-parallel group's
+    whole state: for a save that another TP/PP/EP will load); the plain optimizer's state is
+    always per parameter (``model_space``)."""
+    distributed = (_is_distributed_optimizer(optimizer) if optimizer is not None
+                   else getattr(args, "use_distributed_optimizer", False))
+    if not distributed:
+        return MODEL_SPACE
+    if getattr(args, "dist_ckpt_optim_fully_reshardable", False):
+        return FULLY_RESHARDABLE
+    return DP_RESHARDABLE
+
+
+def _sharded_state(model, optimizer, is_loading: bool, fmt: str = FULLY_RESHARDABLE) -> dict:
+    """megatron-core's sharded state of the model and optimizer; ``fmt`` is the distributed
+    optimizer's format (:func:`optimizer_format` at save, the checkpoint's at load; by default
+    the layout-independent per-parameter form, which tests/parallel_harness.py compares across
+    layouts). megatron-core's own default (flattened ranges, "fully_sharded_model_space") cannot
+    be saved at DP >= 2, so a distributed optimizer always names its format."""
     model_sd = unwrap(model).sharded_state_dict(prefix="model.")
     state = {"model": model_sd}
     if optimizer is not None:
         kwargs = {}
         if _is_distributed_optimizer(optimizer):
-            # "fully_reshardable": the distributed optimizer's state in a layout-independent
-            # form (the default flattened ranges cannot be saved at DP >= 2 nor reshard).
-            kwargs["metadata"] = {"distrib_optim_sharding_type": "fully_reshardable"}
+            kwargs["metadata"] = {"distrib_optim_sharding_type": fmt}
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
                                                          **kwargs)
     return state
+
+
+def _layout(args) -> dict:
+    """The parallel layout a checkpoint was written at (nitp.json "layout")."""
+    return {"tp": args.tensor_model_parallel_size, "pp": args.pipeline_model_parallel_size,
+            "ep": args.expert_model_parallel_size,
+            # expert TP: None means "as TP"; stored resolved so equal layouts compare equal
+            "etp": (getattr(args, "expert_tensor_parallel_size", None)
+                    or args.tensor_model_parallel_size),
+            "cp": getattr(args, "context_parallel_size", 1),
+            "dp": getattr(args, "data_parallel_size", None)}
+
+
+def check_optimizer_layout(meta: dict, args, path: str) -> None:
+    """Refuses, before anything is read, to resume a ``dp_reshardable`` optimizer state at a
+    layout it cannot serve: its tensors follow the distributed optimizer's gradient buckets of
+    one TP/PP/EP/CP rank (the keys carry the data-parallel group's index), so only DP may
+    change. Checkpoints that do not record their format were written ``fully_reshardable``."""
+    saved = meta.get("optimizer_format", FULLY_RESHARDABLE)
+    if saved != DP_RESHARDABLE:
+        return
+    ours, theirs = _layout(args), meta.get("layout", {})
+    changed = [f"{k.upper()} {theirs[k]} -> {ours[k]}" for k in DP_RESHARDABLE_FIXED
+               if k in theirs and theirs[k] != ours[k]]
+    if not getattr(args, "use_distributed_optimizer", False):
+        changed.append("distributed optimizer on -> off")
+    if changed:
+        raise CheckpointError(
+            f"{path} holds the distributed optimizer's state in the dp_reshardable form, which "
+            f"only a run at the same TP/PP/EP/CP with --use-distributed-optimizer can resume "
+            f"({', '.join(changed)}): resave it at the old layout with "
+            "--dist-ckpt-optim-fully-reshardable (resume there with --exit-interval 1: one "
+            "more iteration, then a fully reshardable checkpoint), or load the weights only "
+            "with --finetune.")
+
+
+def _errnos(err: BaseException) -> tuple[set, str]:
+    """The errno values and the text of an exception and of those it wraps (megatron-core and
+    torch's checkpointing wrap the writer's OSError in RuntimeError / CheckpointException)."""
+    codes, texts, seen = set(), [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno:
+            codes.add(err.errno)
+        texts.append(str(err))
+        err = err.__cause__ or err.__context__
+    return codes, " ".join(texts)
+
+
+def describe_save_failure(root: str, path: str, err: BaseException) -> str:
+    """One line saying why writing checkpoint ``path`` failed and what to do. A full disk
+    shows as ENOSPC, or as torch's zip writer's ``unexpected pos N vs M`` (torch.save into a
+    full file system), or megatron-core's "Worker failure"; a read-only or foreign folder as
+    EACCES/EPERM/EROFS."""
+    codes, text = _errnos(err)
+    first = text.strip().splitlines()[0][:300] if text.strip() else type(err).__name__
+    if errno.ENOSPC in codes or errno.EDQUOT in codes or "No space left" in text \
+            or "unexpected pos" in text or "Disk quota" in text:
+        try:
+            free = f" ({shutil.disk_usage(root).free / 1024**3:.2f} GiB free now)"
+        except OSError:
+            free = ""
+        return (f"saving {path} failed: no space left on the device of {root}{free}: free "
+                "space or give another --save folder, then resume with --load (the previous "
+                "checkpoint is still the latest)")
+    if codes & {errno.EACCES, errno.EPERM, errno.EROFS} or "Permission denied" in text \
+            or "Read-only file system" in text:
+        return (f"saving {path} failed: permission denied ({first}): make {root} writable "
+                "for this user or give another --save folder (the previous checkpoint is still "
+                "the latest)")
+    return (f"saving {path} failed: {type(err).__name__}: {first} (the previous checkpoint is "
+            "still the latest)")
+
+
+def _agree(error: str | None) -> None:
+    """Every rank raises the same CheckpointError if any rank's ``error`` is set (one
+    all-gather): a failure on one rank must not leave the others waiting in a collective."""
+    world = torch.distributed.get_world_size()
+    everyone = [None] * world
+    torch.distributed.all_gather_object(everyone, error)
+    failed = [(rank, e) for rank, e in enumerate(everyone) if e]
+    if failed:
+        rank, message = failed[0]
+        more = f"; {len(failed) - 1} other rank(s) failed too" if len(failed) > 1 else ""
+        raise CheckpointError(f"{message} [rank {rank}{more}]")
 
 
 def _save_strategy():
@@ -171,7 +290,24 @@ def _save_request(state: dict, path: str):
                                    async_sharded_save=True, **kwargs)
 
 
-def _write_and_checksum(write, root: str, verify: bool, stall: bool, out, *args, **kwargs):
+def _raise_worker_failure(results) -> None:
+    """megatron-core's writer does not raise: its worker processes put their exception (a
+    full disk's OSError, say) in the results queue, which its finalization turns into a
+    "Worker failure" on this rank alone. Look at the result (and put it back) so that the
+    failure is known here, before any collective, and every rank can be told."""
+    if results is None or not hasattr(results, "get"):
+        return
+    result = results.get()
+    results.put(result)
+    if isinstance(result, BaseException):
+        raise result
+    for part in (result.values() if isinstance(result, dict) else ()):
+        if isinstance(part, BaseException):
+            raise part
+
+
+def _write_and_checksum(write, root: str, verify: bool, stall: bool, out, *args,
+                        disk_full: bool = False, **kwargs):
     """megatron-core's write of this rank's shard files, then their manifest entries: each
     rank checksums only what it wrote, while the files are still in the page cache. With
     ``--async-save`` this runs in the forked writer and hands the entries back through ``out``
@@ -183,10 +319,15 @@ def _write_and_checksum(write, root: str, verify: bool, stall: bool, out, *args,
             f.write(b"partial")
         time.sleep(faults.STALL_SECONDS)
     try:
+        if disk_full and buckets:  # the disk-full-in-save test fault (faults.py)
+            with open(buckets[0][0], "wb") as f:
+                f.write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), buckets[0][0])
         write(*args, **kwargs)
+        _raise_worker_failure(args[2] if len(args) > 2 else None)
         entries = {os.path.relpath(b[0], root): _entry(b[0], verify) for b in buckets}
     except Exception as err:  # reported by the trainer at finalization, on every rank
-        entries = {"error": f"{type(err).__name__}: {err}"}
+        entries = {"error": describe_save_failure(os.path.dirname(root), root, err)}
         if out is None:
             raise
     if out is not None:
@@ -243,63 +384,97 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args
     verify = getattr(args, "verify", True)
     path = checkpoint_dir(root, iteration)
     rank = torch.distributed.get_rank()
+    fmt = optimizer_format(args, optimizer)
+    error = None
     if rank == 0:
-        if os.path.isdir(path):  # a leftover of an interrupted save of this same iteration
-            shutil.rmtree(path)
-        # empty: dist_checkpointing.save warns "Overwriting old incomplete / corrupted
-        # checkpoint..." on a folder that holds anything
-        os.makedirs(path)
-    torch.distributed.barrier()
-    state = _sharded_state(model, optimizer, is_loading=False)
+        try:
+            if os.path.isdir(path):  # a leftover of an interrupted save of this same iteration
+                shutil.rmtree(path)
+            # empty: dist_checkpointing.save warns "Overwriting old incomplete / corrupted
+            # checkpoint..." on a folder that holds anything
+            os.makedirs(path)
+        except OSError as err:
+            error = describe_save_failure(root, path, err)
+    _agree(error)
+    state = _sharded_state(model, optimizer, is_loading=False, fmt=fmt)
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
-    request = _save_request(state, path)
     own = {}  # this rank's files: {path relative to the checkpoint: manifest entry}
-    if rank == 0 and os.path.exists(os.path.join(path, "common.pt")):
-        own["common.pt"] = _entry(os.path.join(path, "common.pt"), verify)  # 0.16-0.18
-    # the per-rank RNG states (still before the manifest and the tracker)
-    os.makedirs(os.path.join(path, "rng"), exist_ok=True)
-    rng_file = os.path.join("rng", f"rank_{rank:05d}.pt")
-    torch.save(_rng_state(), os.path.join(path, rng_file))
-    own[rng_file] = _entry(os.path.join(path, rng_file), verify)
-    if rank == 0:
-        with open(os.path.join(path, META), "w") as f:
-            json.dump(_meta(iteration, consumed_samples, args, imported_from), f, indent=2)
-        own[META] = _entry(os.path.join(path, META), verify)
+    try:
+        # rank 0 writes megatron-core's common.pt in here, between collectives: if that fails,
+        # that rank stops with the one line below and the launcher ends the others
+        request = _save_request(state, path)
+    except (OSError, RuntimeError) as err:
+        raise CheckpointError(describe_save_failure(root, path, err)) from err
+    error = None
+    try:  # this rank's own small files: a failure is agreed with the write's, below
+        if rank == 0 and os.path.exists(os.path.join(path, "common.pt")):
+            own["common.pt"] = _entry(os.path.join(path, "common.pt"), verify)  # 0.16-0.18
+        # the per-rank RNG states (still before the manifest and the tracker)
+        os.makedirs(os.path.join(path, "rng"), exist_ok=True)
+        rng_file = os.path.join("rng", f"rank_{rank:05d}.pt")
+        torch.save(_rng_state(), os.path.join(path, rng_file))
+        own[rng_file] = _entry(os.path.join(path, rng_file), verify)
+        if rank == 0:
+            with open(os.path.join(path, META), "w") as f:
+                json.dump(_meta(iteration, consumed_samples, args, imported_from, fmt), f,
+                          indent=2)
+            own[META] = _entry(os.path.join(path, META), verify)
+    except (OSError, RuntimeError) as err:
+        error = describe_save_failure(root, path, err)
     finish = functools.partial(_finalize, root, path, iteration, own, keep_last, verify)
+    disk_full = faults.due("disk-full-in-save", iteration) and (
+        rank == torch.distributed.get_world_size() - 1)
     if async_saves is None:
-        args_ = list(request.async_fn_args)
-        if request.preload_fn is not None:  # device-to-host copy (GPU); no copy on CPU
-            args_[1] = request.preload_fn()
-        if request.async_fn is not None:
-            own.update(_write_and_checksum(request.async_fn, path, verify, False, None, *args_,
-                                           **request.async_fn_kwargs))
-        torch.distributed.barrier()
+        if error is None:  # else this rank's small files failed already: nothing to write
+            try:
+                args_ = list(request.async_fn_args)
+                if request.preload_fn is not None:  # device-to-host copy (GPU); none on CPU
+                    args_[1] = request.preload_fn()
+                if request.async_fn is not None:
+                    own.update(_write_and_checksum(request.async_fn, path, verify, False, None,
+                                                   *args_, disk_full=disk_full,
+                                                   **request.async_fn_kwargs))
+            except Exception as err:  # agreed below: every rank stops with the same line
+                error = describe_save_failure(root, path, err)
+        _agree(error)  # also the barrier before megatron-core's finalization
         for fn in request.finalize_fns:
             fn()
-        finish(None)
+        finish()
         return path
-    out = None
+    _agree(error)
+    written = {}  # the writer's manifest entries, once it has finished
     if request.async_fn is not None:
         import multiprocessing
 
         out = multiprocessing.get_context("fork").Queue()
         stall = faults.due("stall-async-write", iteration)
         request = request._replace(async_fn=functools.partial(
-            _write_and_checksum, request.async_fn, path, verify, stall, out))
-    request.add_finalize_fn(functools.partial(finish, out))
+            _write_and_checksum, request.async_fn, path, verify, stall, out,
+            disk_full=disk_full))
+
+        def collect():
+            """First of the finalization: the writer's entries, and on every rank the same
+            one-line error if any rank's writer failed (before megatron-core's finalization,
+            whose collective would otherwise raise its own multi-line report)."""
+            written.update(out.get(timeout=600))
+            _agree(written.get("error"))
+
+        request = request._replace(finalize_fns=[collect, *request.finalize_fns])
+    request.add_finalize_fn(lambda: finish(written))
     async_saves.schedule(request, path)
     return path
 
 
-def _meta(iteration: int, consumed_samples: int, args, imported_from: str | None = None) -> dict:
+def _meta(iteration: int, consumed_samples: int, args, imported_from: str | None = None,
+          fmt: str = MODEL_SPACE) -> dict:
     meta = {
         "iteration": iteration,
         "consumed_samples": consumed_samples,
         "world_size": torch.distributed.get_world_size(),
-        "layout": {"tp": args.tensor_model_parallel_size,
-                   "pp": args.pipeline_model_parallel_size,
-                   "ep": args.expert_model_parallel_size},
+        "layout": _layout(args),
+        # how the distributed optimizer's state is stored: load builds the same form
+        "optimizer_format": fmt,
         "model": model_meta(args),
         "nitp": dict(args.nitp_config.__dict__),
         # the whole run config (RunConfig.to_dict): export, evaluation and the tools
@@ -316,42 +491,128 @@ def _meta(iteration: int, consumed_samples: int, args, imported_from: str | None
 
 
 def _finalize(root: str, path: str, iteration: int, own: dict, keep_last: int | None,
-              verify: bool, out) -> None:
+              verify: bool, written: dict | None = None) -> None:
     """Runs on every rank once every rank's shards are written (and megatron-core has written
-    its metadata): gathers the ranks' manifest entries to rank 0, which adds the files it wrote
-    during finalization, writes the manifest and then moves the tracker."""
-    if out is not None:
-        written = out.get(timeout=600)
-        if "error" in written:
-            raise CheckpointError(f"writing {path} failed on rank "
-                                  f"{torch.distributed.get_rank()}: {written['error']}")
-        own = {**own, **written}
+    its metadata): gathers the ranks' manifest entries (``written``: those of the background
+    writer) to rank 0, which adds the files it wrote during finalization, writes the manifest
+    and then moves the tracker."""
+    own = {**own, **(written or {})}
     if faults.due("crash-in-save", iteration):
         os._exit(faults.EXIT_CRASH_IN_SAVE)
     rank = torch.distributed.get_rank()
     gathered = [None] * torch.distributed.get_world_size() if rank == 0 else None
     torch.distributed.gather_object(own, gathered, dst=0)
+    error = None
     if rank == 0:
-        manifest = {}
-        for entries in gathered:
-            manifest.update(entries)
-        # megatron-core's metadata (.metadata, metadata.json), written by rank 0 in the
-        # finalization; any other file nobody reported is checksummed here too, so the
-        # manifest always covers the whole folder (a listing, not a read of the others' files)
-        for rel in _files(path):
-            if rel not in manifest:
-                manifest[rel] = _entry(os.path.join(path, rel), verify)
-        manifest = dict(sorted(manifest.items()))
-        with open(os.path.join(path, MANIFEST + ".tmp"), "w") as f:
-            json.dump(manifest, f, indent=1)
-        os.replace(os.path.join(path, MANIFEST + ".tmp"), os.path.join(path, MANIFEST))
-        tmp = os.path.join(root, TRACKER + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(str(iteration))
-        os.replace(tmp, os.path.join(root, TRACKER))
-        if keep_last:
-            _rotate(root, keep_last)
-    torch.distributed.barrier()
+        try:
+            manifest = {}
+            for entries in gathered:
+                manifest.update(entries)
+            # megatron-core's metadata (.metadata, metadata.json), written by rank 0 in the
+            # finalization; any other file nobody reported is checksummed here too, so the
+            # manifest always covers the whole folder (a listing, not a read of the others'
+            # files)
+            for rel in _files(path):
+                if rel not in manifest:
+                    manifest[rel] = _entry(os.path.join(path, rel), verify)
+            manifest = dict(sorted(manifest.items()))
+            with open(os.path.join(path, MANIFEST + ".tmp"), "w") as f:
+                json.dump(manifest, f, indent=1)
+            os.replace(os.path.join(path, MANIFEST + ".tmp"), os.path.join(path, MANIFEST))
+            previous = read_tracker(root)
+            if previous is not None and previous > iteration:
+                # only a resume from an older checkpoint of this folder (--load-fallback past
+                # a broken latest) gets here: runs of another lineage are refused at start
+                print(f"> moving {os.path.join(root, TRACKER)} back from iteration {previous} "
+                      f"to {iteration}: this run resumed from an older checkpoint of the "
+                      "folder", flush=True)
+            tmp = os.path.join(root, TRACKER + ".tmp")
+            with open(tmp, "w") as f:
+                f.write(str(iteration))
+            os.replace(tmp, os.path.join(root, TRACKER))
+            if keep_last:
+                _rotate(root, keep_last, iteration)
+        except OSError as err:  # the manifest or the tracker: the tracker did not move
+            error = describe_save_failure(root, path, err)
+    _agree(error)
+
+
+def _probe_writable(root: str) -> str | None:
+    """Creates ``root`` and writes and removes a probe file in it; the failure, in one line."""
+    probe = os.path.join(root, f".write-probe-rank{torch.distributed.get_rank()}-{os.getpid()}")
+    try:
+        os.makedirs(root, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("probe")
+        os.remove(probe)
+    except OSError as err:
+        return (f"the checkpoint folder {root} is not writable ({err.strerror or err}): give a "
+                "--save folder this user can write, or fix its permissions")
+    return None
+
+
+def held_checkpoints(root: str) -> list[str]:
+    """What makes ``root`` a folder of some run's checkpoints: its tracker and its complete
+    ``iter_*`` folders (an incomplete one is a crashed save's leftover, nothing to keep)."""
+    if not os.path.isdir(root):
+        return []
+    held = [TRACKER] if os.path.exists(os.path.join(root, TRACKER)) else []
+    return held + [os.path.basename(checkpoint_dir(root, i)) for i in _complete_iterations(root)]
+
+
+def _same_folder(a: str | None, b: str) -> bool:
+    return a is not None and os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_save_folder(root: str, args, needed_bytes: float | None = None) -> list[str]:
+    """The start checks of the checkpoint folder, on every rank (the verdicts are gathered, so
+    all ranks stop with the same one-line CheckpointError), before the model is built:
+
+    - it is writable (created, a probe file written and removed), not found at the first save
+      hours later;
+    - it belongs to this run's lineage: a folder that holds checkpoints (a tracker or complete
+      ``iter_*``) is written only by a run that resumes from it (``--load`` the same folder,
+      not ``--finetune``); anything else would move its tracker back to this run's lower
+      iterations and mix two runs' checkpoints (``--save-keep-last`` deleted the new run's own);
+    - ``needed_bytes`` (one checkpoint, ``plan.checkpoint_bytes``): refused if the free space
+      cannot hold one; a returned warning if it cannot hold two (a save is written beside the
+      previous one before rotation removes anything).
+
+    Returns the warnings (on every rank)."""
+    error = _probe_writable(root)
+    if error is None:
+        held = held_checkpoints(root)
+        resumes = _same_folder(getattr(args, "load", None), root) and not args.finetune
+        if held and not resumes:
+            shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+            how = ("--finetune starts a new run at iteration 0"
+                   if _same_folder(getattr(args, "load", None), root) else
+                   f"--load {args.load} resumes another folder's run" if args.load else
+                   "this run starts from scratch")
+            error = (f"the checkpoint folder {root} already holds checkpoints ({shown}) and "
+                     f"{how}: its tracker would move back and --save-keep-last could delete "
+                     f"this run's own checkpoints; give another --save folder, or --load {root} "
+                     "to resume that run")
+    warnings = []
+    if error is None and needed_bytes:
+        free = shutil.disk_usage(root).free
+        gib = 1024**3
+        if free < needed_bytes:
+            error = (f"the checkpoint folder {root} has {free / gib:.2f} GiB free but one "
+                     f"checkpoint of this run takes about {needed_bytes / gib:.2f} GiB "
+                     "(--dry-run shows the figure): free space or give another --save folder")
+        elif free < 2 * needed_bytes:
+            warnings.append(
+                f"warning: the checkpoint folder {root} has {free / gib:.2f} GiB free, less "
+                f"than two checkpoints of this run (2 x {needed_bytes / gib:.2f} GiB): a save "
+                "is written beside the previous one, so the second save may run out of space")
+    world = torch.distributed.get_world_size()
+    everyone = [None] * world
+    torch.distributed.all_gather_object(everyone, error)
+    errors = [e for e in everyone if e]
+    if errors:
+        raise CheckpointError(errors[0])
+    return warnings
 
 
 def _complete_iterations(root: str) -> list[int]:
@@ -362,9 +623,23 @@ def _complete_iterations(root: str) -> list[int]:
     return sorted(found)
 
 
-def _rotate(root: str, keep_last: int) -> None:
-    """Deletes complete checkpoints older than the newest ``keep_last``."""
-    for iteration in _complete_iterations(root)[:-keep_last]:
+def read_tracker(root: str) -> int | None:
+    """The iteration ``latest_checkpointed_iteration.txt`` names, None without a readable one."""
+    try:
+        with open(os.path.join(root, TRACKER)) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _rotate(root: str, keep_last: int, newest: int) -> None:
+    """Deletes the complete checkpoints older than the newest ``keep_last`` among those up to
+    ``newest``, the one just written (which the tracker now names). Checkpoints numbered above
+    it are never candidates: they are not this run's (another run's, left in the folder, or
+    a newer one this run resumed past with --load-fallback), and ranking by number would keep
+    them and delete the run's own - the checkpoint just written included."""
+    own = [i for i in _complete_iterations(root) if i <= newest]
+    for iteration in own[:-keep_last]:
         shutil.rmtree(checkpoint_dir(root, iteration), ignore_errors=True)
 
 
@@ -523,7 +798,7 @@ def config_from_meta(meta: dict):
         context_parallel_size=1, sequence_parallel=False,
         use_distributed_optimizer=False, decoder_first_pipeline_num_layers=None,
         decoder_last_pipeline_num_layers=None, micro_batch_size=1, global_batch_size=1,
-        load=None, save=None, bf16=False, fp16=False))
+        load=None, save=None, bf16=False, fp16=False, dist_ckpt_optim_fully_reshardable=False))
     resolved = resolve(config, 1)
     padded = meta["model"]["padded_vocab_size"]
     return resolved.replace(derived=dataclasses.replace(resolved.derived,
@@ -574,9 +849,13 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, args=None,
             "scheduler or data position to resume): load it with --finetune.")
     if args is not None:
         check_compatible(meta, args, override, weights_only)
-    if optimizer is not None and not weights_only and args is not None and args.use_distributed_optimizer:
+    loads_optimizer = optimizer is not None and not weights_only
+    if loads_optimizer and args is not None:
+        check_optimizer_layout(meta, args, path)
+    if loads_optimizer and args is not None and args.use_distributed_optimizer:
         _materialize_adam_state(optimizer)
-    state = _sharded_state(model, None if weights_only else optimizer, is_loading=True)
+    state = _sharded_state(model, optimizer if loads_optimizer else None, is_loading=True,
+                           fmt=meta.get("optimizer_format", FULLY_RESHARDABLE))
     if scheduler is not None and not weights_only:
         state["scheduler"] = scheduler.state_dict()
     loaded = dist_checkpointing.load(state, path, strict="assume_ok_unexpected")

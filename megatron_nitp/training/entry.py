@@ -13,9 +13,11 @@ def main(argv=None, model_type: str = "dense") -> None:
         from megatron_nitp.training.plan import dry_run
 
         raise SystemExit(dry_run(args))
+    from megatron_nitp.training.checkpointing import CheckpointError
+
     try:
         pretrain(args)
-    except UsageError as err:
+    except (UsageError, CheckpointError) as err:  # a failed save too: one line, every rank
         raise SystemExit(f"error: {err}") from None
     finally:
         destroy_distributed()

@@ -8,6 +8,9 @@ one of :data:`KINDS` and ITER the 1-based iteration it strikes:
 - ``sigterm`` / ``sigkill``: the signal to this process at the start of the iteration;
 - ``crash-in-save``: the process exits (code :data:`EXIT_CRASH_IN_SAVE`) after the checkpoint
   of that iteration is written and before its manifest and tracker are;
+- ``disk-full-in-save``: the last rank's write of that iteration's checkpoint fails as on a
+  full disk (part of its first file written, then OSError ENOSPC), so every rank must learn of
+  it and stop with the same line, the previous checkpoint left latest;
 - ``stall-async-write``: with ``--async-save``, the background writer of that iteration's
   checkpoint writes part of its first file and then stalls (for :data:`STALL_SECONDS`), so a
   ``sigkill`` a few iterations later strikes while the write is in flight.
@@ -23,7 +26,8 @@ from __future__ import annotations
 import os
 
 ENV = "MEGATRON_NITP_INJECT_FAULT"
-KINDS = ("nan-loss", "nan-grad", "sigterm", "sigkill", "crash-in-save", "stall-async-write")
+KINDS = ("nan-loss", "nan-grad", "sigterm", "sigkill", "crash-in-save", "stall-async-write",
+         "disk-full-in-save")
 EXIT_CRASH_IN_SAVE = 17
 STALL_SECONDS = 300
 

@@ -169,10 +169,34 @@ class Run:
     """the meta data (nitp.json) of the checkpoint ``--load`` read"""
 
 
-def setup(args: RunConfig) -> Run:
+def check_checkpoint_folders(args: RunConfig, save_dir: str) -> list[str]:
+    """The start checks of the checkpoints (``args`` resolved for the world): the ``--save``
+    folder is writable, belongs to this run's lineage and has room for a checkpoint
+    (``checkpointing.check_save_folder``, with ``plan.checkpoint_bytes``; the vocabulary is
+    ``--vocab-size``'s or the default, the tokenizer being read only after), and a
+    ``dp_reshardable`` checkpoint to resume fits this layout (its nitp.json, read before
+    anything is built). Returns the warnings; raises UsageError in one line."""
+    from megatron_nitp.training import checkpointing as ck
+    from megatron_nitp.training.plan import checkpoint_bytes
+
+    try:
+        warnings = ck.check_save_folder(save_dir, args, checkpoint_bytes(args))
+        latest = ck.read_tracker(args.load) if args.load and not args.finetune else None
+        meta_file = os.path.join(ck.checkpoint_dir(args.load, latest), ck.META) if (
+            latest is not None) else None
+        if meta_file and os.path.exists(meta_file):
+            with open(meta_file) as f:
+                ck.check_optimizer_layout(json.load(f), args, os.path.dirname(meta_file))
+    except ck.CheckpointError as err:
+        raise UsageError(str(err)) from err
+    return warnings
+
+
+def setup(args: RunConfig, save_dir: str | None = None) -> Run:
     """Process groups, checks, data, model, optimizer, and ``--load`` weights, in that order:
-    every check that can fail runs before the model is built. ``Run.args`` is the config
-    resolved for this world and tokenizer."""
+    every check that can fail runs before the model is built (``save_dir``: the checkpoint
+    folder's, :func:`check_checkpoint_folders`). ``Run.args`` is the config resolved for this
+    world and tokenizer."""
     initialize_distributed(
         args.tensor_model_parallel_size,
         args.pipeline_model_parallel_size,
@@ -188,7 +212,14 @@ def setup(args: RunConfig) -> Run:
             from megatron_nitp.data.index_cache import check_shared
 
             check_shared(args.data_cache_path)
-        resolve(args, torch.distributed.get_world_size())  # the layout, before data work
+        planned = resolve(args, torch.distributed.get_world_size())  # the layout, before data
+    except (ValueError, FileNotFoundError, PermissionError) as err:
+        raise UsageError(str(err)) from err
+    if save_dir is not None:
+        for warning in check_checkpoint_folders(planned, save_dir):
+            if is_logging_rank():
+                print(warning, flush=True)
+    try:
         args, tokenizer, train_iter, valid_iter = prepare_data(args)
     except (ValueError, FileNotFoundError, PermissionError) as err:
         raise UsageError(str(err)) from err
@@ -258,15 +289,15 @@ def _pretrain(args: RunConfig) -> dict:
     except ValueError as err:
         raise UsageError(str(err)) from err
     check_wandb(args)
-    run = setup(args)
+    run_dir = args.run_dir or arguments.default_run_dir(args)
+    save_dir = args.save or os.path.join(run_dir, "checkpoints")
+    run = setup(args, save_dir)
     args = run.args
     model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
     train_iter, valid_iter = run.train_iter, run.valid_iter
-    run_dir = args.run_dir or arguments.default_run_dir(args)
     if is_logging_rank():
         os.makedirs(run_dir, exist_ok=True)
     tensorboard_dir = args.tensorboard_dir or os.path.join(run_dir, "tensorboard")
-    save_dir = args.save or os.path.join(run_dir, "checkpoints")
     async_saves = AsyncSaves() if args.async_save else None
 
     def save(iteration: int, wait: bool = False) -> str:
