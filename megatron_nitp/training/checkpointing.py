@@ -798,7 +798,8 @@ def config_from_meta(meta: dict):
         context_parallel_size=1, sequence_parallel=False,
         use_distributed_optimizer=False, decoder_first_pipeline_num_layers=None,
         decoder_last_pipeline_num_layers=None, micro_batch_size=1, global_batch_size=1,
-        load=None, save=None, bf16=False, fp16=False, dist_ckpt_optim_fully_reshardable=False))
+        load=None, save=None, bf16=False, fp16=False,
+        dist_ckpt_optim_fully_reshardable=False))
     resolved = resolve(config, 1)
     padded = meta["model"]["padded_vocab_size"]
     return resolved.replace(derived=dataclasses.replace(resolved.derived,
