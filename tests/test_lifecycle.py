@@ -205,6 +205,7 @@ def _as_trained_with_gpu_kernels(ckpt) -> None:
             cross_entropy_loss_fusion=True, cross_entropy_fusion_impl="te")
         config["parallel"].update(expert_tensor_parallel_size=1, sequence_parallel=True,
                                   tensor_model_parallel_size=2)
+        config["checkpoint"].update(dist_ckpt_optim_fully_reshardable=True)
     _edit_stored_config(ckpt, edit)
 
 
