@@ -46,6 +46,7 @@ echo "megatron-core $installed, torch $("$PY" -c 'import torch; print(torch.__ve
 # Loss, model, single-process training and MoE: the megatron-core APIs the code calls (model
 # build, schedules, optimizer, datasets, dist-checkpointing); plus the context-parallel batch
 # slicing (a 4-process gloo job: get_batch_on_this_cp_rank changed its signature in 0.19). The
-# multi-process layouts ("parallel") stay with the main run.
+# multi-process layouts ("parallel") stay with the main run. SDPA attention subclasses
+# megatron-core's DotProductAttention (tests/test_attention.py).
 exec "$PY" -m pytest -q tests/test_loss.py tests/test_model.py tests/test_training.py \
-  tests/test_moe.py tests/test_cp_slice.py -k "not parallel" "$@"
+  tests/test_moe.py tests/test_cp_slice.py tests/test_attention.py -k "not parallel" "$@"
