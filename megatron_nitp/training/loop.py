@@ -69,7 +69,8 @@ def prepare_data(args: RunConfig):
     from megatron.core.datasets.utils import get_blend_from_list
 
     from megatron_nitp.data.datasets import (MicroBatchIterator, build_datasets,
-                                             build_mock_datasets, check_data_prefixes)
+                                             build_mock_datasets, check_data_prefixes,
+                                             requested_samples)
 
     per_split = (args.train_data_path, args.valid_data_path, args.test_data_path)
     for blend in (per_split if args.train_data_path else (args.data_path,)):
@@ -79,11 +80,8 @@ def prepare_data(args: RunConfig):
     args = resolve(args, torch.distributed.get_world_size(), tokenizer.vocab_size)
     dp_size = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
-    num_samples = (
-        args.train_iters * args.global_batch_size,
-        max(1, args.eval_iters * args.global_batch_size),
-        0,
-    )
+    num_samples = requested_samples(args.train_iters, args.global_batch_size, args.eval_iters,
+                                    args.eval_interval)
     if args.mock_data:
         train_ds, valid_ds, _ = build_mock_datasets(tokenizer, args.seq_length, args.seed,
                                                     num_samples)
@@ -100,7 +98,8 @@ def prepare_data(args: RunConfig):
         """The same held-out batches at every evaluation: comparable points on the curve."""
         return MicroBatchIterator(valid_ds, args.micro_batch_size, dp_rank, dp_size)
 
-    return args, tokenizer, train, (valid if valid_ds is not None and args.eval_interval else None)
+    evaluates = valid_ds is not None and len(valid_ds) and args.eval_interval
+    return args, tokenizer, train, (valid if evaluates else None)
 
 
 def _summary(args, logger, wall: float) -> dict:
