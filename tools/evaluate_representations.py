@@ -43,6 +43,7 @@ import os
 import time
 
 import megatron_nitp  # noqa: F401
+from megatron_nitp.cli import ArgumentParser
 
 EVALUATIONS = ("geometry", "probe", "cloze")
 
@@ -219,7 +220,7 @@ def evaluate(args) -> dict:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--load", required=True, help="checkpoint folder (a run's checkpoints/)")

@@ -9,13 +9,13 @@ SentencePiece ``tokenizer.model``, a Hugging Face ``tokenizer.json``, a tiktoken
 ``tiktoken.json``) and named in ``nitp_tokenizer.json``.
 """
 
-import argparse
 
 import megatron_nitp  # noqa: F401  (CPU import stubs must precede megatron-core)
+from megatron_nitp.cli import ArgumentParser
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--load", required=True, help="checkpoint folder (with the tracker file)")
     p.add_argument("--output", required=True, help="Hugging Face model directory to write")
     p.add_argument("--keep-projector", action="store_true",

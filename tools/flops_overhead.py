@@ -25,6 +25,7 @@ import megatron_nitp  # noqa: F401  (CPU import stubs must precede megatron-core
 
 from megatron_nitp import flops
 from megatron_nitp.presets import PRESETS, get_preset
+from megatron_nitp.cli import ArgumentParser
 
 # (flag, type) of the model shape; dest names match megatron_nitp.flops.ModelShape
 MODEL_FLAGS = [
@@ -49,7 +50,7 @@ def default_target_layer(num_layers: int) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--preset", help=f"one preset: {', '.join(PRESETS)}")

@@ -13,14 +13,14 @@ prints. Rope scaling, sliding windows, biases other than Qwen2's QKV and MoE che
 refused with the reason.
 """
 
-import argparse
 import shlex
 
 import megatron_nitp  # noqa: F401  (CPU import stubs must precede megatron-core)
+from megatron_nitp.cli import ArgumentParser
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="other flags: as for pretrain_gpt_nitp.py")
     p.add_argument("--hf", required=True, help="Hugging Face model folder (config.json, "
                                                "*.safetensors)")

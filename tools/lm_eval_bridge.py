@@ -28,6 +28,7 @@ import os
 import tempfile
 
 import megatron_nitp  # noqa: F401  (CPU import stubs must precede megatron-core)
+from megatron_nitp.cli import ArgumentParser
 
 INSTALL_HINT = ("lm-eval is not installed: `pip install lm-eval==0.4.13`, then rerun. Its "
                 "built-in tasks need the Hugging Face Hub; offline, pass a local task YAML "
@@ -230,7 +231,7 @@ def format_results(results: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     src = p.add_mutually_exclusive_group(required=True)

@@ -21,6 +21,7 @@ import megatron_nitp  # noqa: F401
 
 from megatron_nitp.nitp.routing import routed_bytes_per_step
 from megatron_nitp.presets import PRESETS, get_preset
+from megatron_nitp.cli import ArgumentParser
 
 
 def _human(n: float) -> str:
@@ -58,7 +59,7 @@ def before_issue_14(args, result: dict, tp: int, cp: int, dtype_bytes: int) -> d
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tiny-dense", help=", ".join(PRESETS))
     p.add_argument("--num-layers", type=int)
     p.add_argument("--hidden-size", type=int)

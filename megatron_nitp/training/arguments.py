@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 
 from megatron_nitp.config import (FLAT, GROUPS, ConfigError, RunConfig, complete, validate)
 from megatron_nitp.presets import DEFAULT_PRESET, PRESETS, get_preset
+from megatron_nitp.cli import ArgumentParser
 
 
 @functools.lru_cache(maxsize=None)
@@ -83,7 +84,7 @@ def _add_field(group, cls, f: dataclasses.Field, hint) -> None:
 def build_parser(model_type: str = "dense") -> argparse.ArgumentParser:
     """Flags of ``pretrain_gpt_nitp.py`` (``dense``) or ``pretrain_moe_nitp.py`` (``moe``)."""
     kind = "a DeepSeek-V2-style MoE GPT" if model_type == "moe" else "a GPT"
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description=f"Pretrain {kind} with Next Implicit Token Prediction on megatron-core.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
