@@ -300,8 +300,8 @@ def plot(groups, data, table, prefix: str, band: str, weight: float, title: str 
 
 def main(argv=None) -> dict:
     p = ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("runs", nargs="*", help="run folders (grouped by name unless --no-group)")
     p.add_argument("--label", action="append", default=[], metavar="NAME=RUN[,RUN...]",
                    help="a label and its runs (e.g. seeds); repeat for each label")

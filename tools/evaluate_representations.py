@@ -221,8 +221,8 @@ def evaluate(args) -> dict:
 
 def main(argv=None) -> dict:
     p = ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--load", required=True, help="checkpoint folder (a run's checkpoints/)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
     p.add_argument("--evaluations", default="geometry", metavar="NAMES",

@@ -51,8 +51,8 @@ def default_target_layer(num_layers: int) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--preset", help=f"one preset: {', '.join(PRESETS)}")
     p.add_argument("--all", action="store_true", help="every preset (the default for the table)")
     g = p.add_argument_group("model shape (override the preset's values)")

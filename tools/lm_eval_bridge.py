@@ -232,8 +232,8 @@ def format_results(results: dict) -> str:
 
 def main(argv=None) -> dict:
     p = ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=__doc__.split("\n\n", 1)[1])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model-dir", help="Hugging Face directory from tools/export_checkpoint.py")
     src.add_argument("--load", help="a checkpoint folder: exported to a temporary folder first")
