@@ -15,10 +15,15 @@ import os
 from megatron_nitp.hf import hf_config, to_hf  # noqa: F401  (hf_config: this module's API)
 
 
-def load_checkpoint_model(checkpoint_root: str):
+def load_checkpoint_model(checkpoint_root: str, bf16: bool = False):
     """(model, config): the single-process model of a checkpoint, built from the run config it
     stores and loaded with its weights (resharded from any training layout). Export, the
-    evaluation tools and the lm-eval bridge start here."""
+    evaluation tools and the lm-eval bridge start here.
+
+    The model computes in fp32 whatever precision it was trained in (a ``--bf16`` run's
+    weights, already bf16-rounded, are held in fp32), so that evaluations of bf16 and fp32 runs
+    compare like with like; ``bf16=True`` builds it in bf16 instead (``config.bf16`` says
+    which)."""
     from megatron_nitp.training.checkpointing import (config_from_meta, find_checkpoint,
                                                       load_model_weights, read_meta)
     from megatron_nitp.training.initialize import initialize_distributed, set_seed
@@ -26,6 +31,7 @@ def load_checkpoint_model(checkpoint_root: str):
 
     meta = read_meta(find_checkpoint(checkpoint_root))
     config = config_from_meta(meta)
+    config = config.replace(bf16=bf16, fp16=False, derived=config.derived)  # shapes unchanged
     initialize_distributed()
     set_seed(0)
     net = build_model(config, pre_process=True, post_process=True)

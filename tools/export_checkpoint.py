@@ -28,8 +28,9 @@ def main(argv=None):
         written, total = export_checkpoint(args.load, args.output, args.keep_projector)
     except CheckpointError as err:
         raise SystemExit(f"error: {err}")
+    kept = "kept apart" if args.keep_projector else "dropped"
     print(f"> exported {args.load} -> {args.output}: {', '.join(written)} "
-          f"({total:,} parameters, projector {'kept apart' if args.keep_projector else 'dropped'})")
+          f"({total:,} parameters in fp32, projector {kept})")
 
 
 if __name__ == "__main__":
