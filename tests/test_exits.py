@@ -218,3 +218,30 @@ def test_ctrl_c_names_the_last_checkpoint_and_the_resume_continues_the_run_folde
     assert history["validation lm loss"] == [2, 4]
     assert not any("nitp" in key and "validation" in key for key in history)
     assert (run_dir / "training.png").exists()
+
+
+def test_ctrl_c_in_a_terminal_exits_130_without_a_traceback(tmp_path):
+    """A real SIGINT to the process group (what Ctrl-C in a terminal sends) while training and
+    saving every iteration (so it usually lands in a save, whose forked writers it reaches
+    too): exit code 130, no traceback, the last line names the last complete checkpoint."""
+    run_dir = tmp_path / "run"
+    flags = TINY + ["--train-iters", "500", "--save-interval", "1", "--run-dir", str(run_dir)]
+    (proc,) = _launch_ranks(run_dir, flags, world=1)
+    log = f"{run_dir}.rank0.out"
+    try:
+        deadline = time.time() + 300
+        while "saved checkpoint" not in open(log).read():
+            assert time.time() < deadline and proc.poll() is None, open(log).read()[-5000:]
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=120)
+    finally:
+        kill_group(proc)
+    out = open(log).read()
+    assert code == 130, out[-5000:]
+    assert "Traceback" not in out
+    last = out.strip().splitlines()[-1]
+    ckpt = run_dir / "checkpoints"
+    assert re.fullmatch(rf"interrupted \(Ctrl-C\) after iteration \d+: last checkpoint "
+                        rf"{ckpt}/iter_{_latest(ckpt):07d}; resume with: python \S+ .* --load "
+                        rf"{ckpt} --run-dir {run_dir}", last), last

@@ -18,7 +18,7 @@ from megatron_nitp.config import RunConfig, resolve
 from megatron_nitp.device import device
 from megatron_nitp.device import name as device_name
 from megatron_nitp.training import arguments
-from megatron_nitp.training.exits import EXIT_NON_FINITE, ExitConditions
+from megatron_nitp.training.exits import EXIT_NON_FINITE, ExitConditions, interrupt_deferred
 from megatron_nitp.training.initialize import initialize_distributed, set_seed
 from megatron_nitp.training.logger import Throughput, TrainingLogger, is_logging_rank
 from megatron_nitp.training.memory import MemoryMonitor
@@ -340,13 +340,14 @@ def _pretrain(args: RunConfig, progress: Progress) -> dict:
     def save(iteration: int, wait: bool = False) -> str:
         """The checkpoint's path; with --async-save it is complete only once finalized
         (``wait``: before exiting)."""
-        finish_saves()  # the one before, if still in flight (save_checkpoint would wait too)
-        with params_synced(model):
-            path = save_checkpoint(save_dir, iteration, model, optimizer, scheduler, args,
-                                   consumed_samples=train_iter.consumed_samples,
-                                   keep_last=args.save_keep_last, async_saves=async_saves)
-        if wait:
-            finish_saves()
+        with interrupt_deferred():  # Ctrl-C stops the run after the save, not inside it
+            finish_saves()  # the one before, if still in flight (save_checkpoint would wait too)
+            with params_synced(model):
+                path = save_checkpoint(save_dir, iteration, model, optimizer, scheduler, args,
+                                       consumed_samples=train_iter.consumed_samples,
+                                       keep_last=args.save_keep_last, async_saves=async_saves)
+            if wait:
+                finish_saves()
         return path
 
     def finish_saves() -> None:
