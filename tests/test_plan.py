@@ -361,8 +361,8 @@ def test_entry_script_dry_run_starts_no_process_group():
 
 def test_comm_bytes_tool_compares_the_routing_with_full_width_routing(capsys):
     """tools/nitp_comm_bytes.py --compare: without SP each TP rank routes half the bytes of
-    full-width routing, and the send buffers held at once are min(PP - owner, M) micro-batches' instead of
-    the step's M; under SP only the buffers change."""
+    full-width routing, and the send buffers held at once are min(PP - owner, M)
+    micro-batches' instead of the step's M; under SP only the buffers change."""
     import json
 
     tool = load_tool("nitp_comm_bytes")

@@ -13,8 +13,8 @@ import sys
 
 import megatron_nitp  # noqa: F401  (CPU import stubs must precede megatron-core)
 
-from megatron_nitp.data.preprocess import merge_datasets
 from megatron_nitp.cli import ArgumentParser
+from megatron_nitp.data.preprocess import merge_datasets
 
 
 def dataset_prefixes(directory: str) -> list[str]:

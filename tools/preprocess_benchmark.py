@@ -17,9 +17,9 @@ import tempfile
 
 import megatron_nitp  # noqa: F401  (CPU import stubs must precede megatron-core)
 
+from megatron_nitp.cli import ArgumentParser
 from megatron_nitp.data import prepare_default_corpus, preprocess_corpus
 from megatron_nitp.data.corpus import kjv_chapters
-from megatron_nitp.cli import ArgumentParser
 
 
 def write_corpus(path: str, size_mb: float) -> tuple[int, int]:

@@ -17,9 +17,9 @@ import sys
 
 import megatron_nitp  # noqa: F401  (CPU import stubs must precede megatron-core)
 
+from megatron_nitp.cli import ArgumentParser
 from megatron_nitp.data.preprocess import ON_BAD_LINE, preprocess_corpus
 from megatron_nitp.data.tokenizer import DEFAULT_TOKENIZER_TYPE, TOKENIZER_TYPES
-from megatron_nitp.cli import ArgumentParser
 
 
 def main(argv=None) -> None:

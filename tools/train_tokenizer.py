@@ -16,8 +16,8 @@ OUTPUT_PREFIX`` and by ``transformers.AutoTokenizer``.
 
 import megatron_nitp  # noqa: F401  (CPU import stubs must precede megatron-core)
 
-from megatron_nitp.data.tokenizer import build_tokenizer, train_bpe, train_sentencepiece
 from megatron_nitp.cli import ArgumentParser
+from megatron_nitp.data.tokenizer import build_tokenizer, train_bpe, train_sentencepiece
 
 
 def main(argv=None) -> None:

@@ -20,9 +20,9 @@ import os
 import typing
 from typing import Optional, Sequence
 
+from megatron_nitp.cli import ArgumentParser
 from megatron_nitp.config import (FLAT, GROUPS, ConfigError, RunConfig, complete, validate)
 from megatron_nitp.presets import DEFAULT_PRESET, PRESETS, get_preset
-from megatron_nitp.cli import ArgumentParser
 
 
 @functools.lru_cache(maxsize=None)

@@ -430,7 +430,8 @@ def check_data_files(args: RunConfig, vocab_size: int | None) -> str | None:
     try:
         check_data_prefixes(prefixes)
     except FileNotFoundError as err:
-        return f"not checked here ({str(err).split(' (data prefix')[0]}); the job checks it at start"
+        missing = str(err).split(" (data prefix")[0]
+        return f"not checked here ({missing}); the job checks it at start"
     samples = requested_samples(args.train_iters, args.global_batch_size, args.eval_iters,
                                 args.eval_interval)
     notes = check_data(prefixes, None if args.train_data_path else args.split, samples,
