@@ -165,3 +165,17 @@ def test_dry_run_checks_the_data_it_can_read(tmp_path, capsys):
     assert plan.dry_run(parse_args(flags[2:] + ["--data-path", missing])) == 0
     assert (f"data            not checked here (dataset file missing or unreadable: {missing}.bin)"
             in capsys.readouterr().out)
+
+
+def test_a_cut_index_and_a_dataset_without_documents_are_refused(tmp_path):
+    prefix = _write(tmp_path / "cut", 50)
+    with open(prefix + ".idx", "r+b") as f:
+        f.truncate(200)
+    with pytest.raises(ValueError) as exc:
+        data.check_data([prefix], "90,10,0", (4, 2, 0), VOCAB)
+    assert str(exc.value).startswith(f"{prefix}.idx is not a complete megatron-core index (")
+    assert str(exc.value).endswith("); copy it again or re-run tools/preprocess_data.py to "
+                                   "remake it.")
+    empty = _write(tmp_path / "empty", 0)
+    with pytest.raises(ValueError, match=f"^{empty} holds no document: re-run "):
+        data.check_data([empty], None, (4, 2, 0), VOCAB)  # per-split data: no --split

@@ -172,10 +172,22 @@ _REMAKE = "re-run tools/preprocess_data.py to remake it"
 
 
 def _index(prefix: str):
-    """megatron-core's reader of ``<prefix>.idx`` (sizes, pointers, documents; no ``.bin``)."""
+    """megatron-core's reader of ``<prefix>.idx`` (sizes, pointers, documents; no ``.bin``).
+
+    Raises:
+        ValueError: Naming the file and the fix when it is not a complete index (megatron-core
+            would fail with a bare ``struct.error`` or numpy message).
+    """
+    import struct
+
     from megatron.core.datasets.indexed_dataset import _IndexReader, get_idx_path
 
-    return _IndexReader(get_idx_path(prefix), multimodal=False)
+    path = get_idx_path(prefix)
+    try:
+        return _IndexReader(path, multimodal=False)
+    except (struct.error, ValueError, AssertionError) as err:
+        raise ValueError(f"{path} is not a complete megatron-core index ({err}); copy it again "
+                         f"or {_REMAKE}.") from None
 
 
 def expected_bin_bytes(prefix: str) -> int:
@@ -337,6 +349,9 @@ def check_data(prefixes: Sequence[str], split: str | None,
     check_bin_sizes(prefixes)
     if split is not None:
         check_split(prefixes, split, tuple(num_samples))
+    for prefix in prefixes:
+        if len(_index(prefix).document_indices) < 2:  # megatron-core would hang on it
+            raise ValueError(f"{prefix} holds no document: {_REMAKE} from a non-empty input.")
     return check_token_ids(prefixes, vocab_size) if vocab_size is not None else []
 
 
