@@ -245,3 +245,16 @@ def test_ctrl_c_in_a_terminal_exits_130_without_a_traceback(tmp_path):
     assert re.fullmatch(rf"interrupted \(Ctrl-C\) after iteration \d+: last checkpoint "
                         rf"{ckpt}/iter_{_latest(ckpt):07d}; resume with: python \S+ .* --load "
                         rf"{ckpt} --run-dir {run_dir}", last), last
+
+
+def test_the_resume_command_replaces_load_and_run_dir(monkeypatch):
+    from megatron_nitp.training.loop import resume_command
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    argv = ["pretrain_gpt_nitp.py", "--load=old", "--lr", "1e-3", "--run-dir", "other dir",
+            "--save", "ck"]
+    assert resume_command(argv, "ck", "runs/a b") == (
+        "python pretrain_gpt_nitp.py --lr 1e-3 --save ck --load ck --run-dir 'runs/a b'")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert resume_command(argv[:1], "ck", "r").startswith(
+        "torchrun --nproc-per-node=4 pretrain_gpt_nitp.py --load ck")
