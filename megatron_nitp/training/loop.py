@@ -86,6 +86,9 @@ def prepare_data(args: RunConfig):
         train_ds, valid_ds, _ = build_mock_datasets(tokenizer, args.seq_length, args.seed,
                                                     num_samples)
     else:
+        if is_logging_rank():  # the index build can take minutes on a large corpus
+            print(f"> building datasets: {num_samples[0]:,} training and {num_samples[1]:,} "
+                  "validation samples", flush=True)
         train_ds, valid_ds, _ = build_datasets(
             list(args.data_path or ()), tokenizer, args.seq_length, args.seed, args.split,
             num_samples, args.data_cache_path,
