@@ -84,7 +84,7 @@ def test_the_suggested_split_gives_every_asked_split_documents(tmp_path):
     assert test is None and len(train) >= 4 and len(valid) >= 2
     # one document cannot be split between training and validation
     one = _write(tmp_path / "one", 1)
-    with pytest.raises(ValueError, match="none of the 1 documents.*: use more documents, or "
+    with pytest.raises(ValueError, match="none of the 1 document of .*: use more documents, or "
                                          "give the splits their own data"):
         data.check_split([one], "90,10,0", (4, 2, 0))
 

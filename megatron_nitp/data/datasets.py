@@ -333,7 +333,8 @@ def check_split(prefixes: Sequence[str], split: str,
     fix = (f"use --split {','.join(f'{w:g}' for w in fixed)}" if fixed is not None
            else "use more documents")
     raise ValueError(
-        f"--split {split} gives the {name} split none of the {counts[prefix]} documents of "
+        f"--split {split} gives the {name} split none of the {counts[prefix]} "
+        f"document{'s' if counts[prefix] != 1 else ''} of "
         f"{prefix} (the run asks it for {wanted} samples, and megatron-core would hang "
         f"building an empty split): {fix}, or give the splits their own data "
         "(--train-data-path / --valid-data-path).")
