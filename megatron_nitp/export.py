@@ -21,11 +21,16 @@ from megatron_nitp.training.checkpointing import CheckpointError
 EXPORT_ERRORS = (CheckpointError, HFFormatError)
 
 
-def load_checkpoint_model(checkpoint_root: str):
-    """(model, config): the single-process fp32 model of a checkpoint, built from the run
-    config it stores (``checkpointing.config_from_meta``) and loaded with its weights
-    (resharded from any training layout). Export, the evaluation tools and the lm-eval bridge
-    start here. Raises CheckpointError (one line) for a checkpoint that cannot be used."""
+def load_checkpoint_model(checkpoint_root: str, bf16: bool = False):
+    """(model, config): the single-process model of a checkpoint, built from the run config it
+    stores (``checkpointing.config_from_meta``) and loaded with its weights (resharded from any
+    training layout). Export, the evaluation tools and the lm-eval bridge start here. Raises
+    CheckpointError (one line) for a checkpoint that cannot be used.
+
+    The model computes in fp32 whatever precision it was trained in (a ``--bf16`` run's
+    weights, already bf16-rounded, are held in fp32), so that evaluations of bf16 and fp32 runs
+    compare like with like; ``bf16=True`` builds it in bf16 instead (``config.bf16`` says
+    which)."""
     from megatron_nitp.config import ConfigError
     from megatron_nitp.training.checkpointing import (config_from_meta, find_checkpoint,
                                                       load_model_weights, read_meta)
@@ -39,6 +44,7 @@ def load_checkpoint_model(checkpoint_root: str):
     except ConfigError as err:
         raise CheckpointError(f"{path}: the run config it stores cannot be rebuilt here: "
                               f"{err}") from err
+    config = config.replace(bf16=bf16, fp16=False, derived=config.derived)  # shapes unchanged
     initialize_distributed()
     set_seed(0)
     net = build_model(config, pre_process=True, post_process=True)

@@ -377,6 +377,21 @@ def continue_flags(config) -> list[str]:
     return as_flags({name: getattr(config.model, name) for name in IMPORT_SETTINGS})
 
 
+def tokenizer_flags(hf_dir: str, flags: list[str] = ()) -> list[str]:
+    """The tokenizer flags a run on the imported checkpoint needs (its data must be tokenized
+    with the model's own tokenizer): none when ``flags`` name one; the folder's
+    ``tokenizer.json`` (HuggingFaceTokenizer) or ``tokenizer.model`` (SentencePieceTokenizer);
+    else placeholders to fill in."""
+    if any(f.split("=")[0] in ("--tokenizer-model", "--tokenizer-type") for f in flags):
+        return []
+    if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
+        return ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", hf_dir]
+    if os.path.isfile(os.path.join(hf_dir, "tokenizer.model")):
+        return ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model",
+                os.path.join(hf_dir, "tokenizer.model")]
+    return ["--tokenizer-type", "TYPE", "--tokenizer-model", "MODEL"]
+
+
 def import_checkpoint(hf_dir: str, save: str, flags: list[str] = ()) -> tuple[str, object]:
     """Converts a Hugging Face Llama/Qwen2 folder into our checkpoint at iteration 0: the run
     config from ``flags`` (training, NITP and layout flags as for ``pretrain_gpt_nitp.py``)

@@ -179,3 +179,46 @@ def test_every_tool_runs_its_help_from_anywhere(tool, tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("usage:"), proc.stdout[:300]
+
+
+def test_usage_errors_are_one_line_pointing_at_help(capsys):
+    """A mistyped flag prints the problem and "see --help", not the 100-line usage first; the
+    tools share the parser."""
+    from tests.helpers import load_tool
+
+    err = _parse_error(capsys, "--no-such-flag", "--train-iters", "3")
+    assert err.count("\n") == 1 and "usage:" not in err
+    assert err.endswith(": error: unrecognized arguments: --no-such-flag (see --help)\n"), err
+    err = _parse_error(capsys, "--train-iters", "x")
+    assert err.endswith(": error: argument --train-iters: invalid int value: 'x' (see --help)\n")
+    assert err.count("\n") == 1
+    for tool, argv in (("preprocess_data", ["--input", "a.jsonl"]),
+                       ("import_checkpoint", []), ("evaluate_representations", ["--bogus"])):
+        with pytest.raises(SystemExit) as exc:
+            load_tool(tool).main(argv)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "usage:" not in err and err.endswith("(see --help)\n")
+
+
+def test_help_speaks_to_users():
+    """Negated flags say what giving them does, without a "(default: True)" that reads as if
+    they were on; no help text or tool output names the project's issues ("issue 14")."""
+    import re
+
+    from megatron_nitp.training.arguments import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    assert ("--no-nitp Train the NTP baseline: no NITP loss (plain next-token prediction). "
+            "Without this flag the NITP loss is added. --nitp-target-layer") in text
+    assert "Add the NITP loss" not in text
+    assert "--no-save do not write the final checkpoint --async-save" in text
+    assert "--no-plot do not plot the curves to <run-dir>/training.png --no-progress-bar" in text
+    assert "--log-throughput log model TFLOP/s" in text  # the positive flags keep defaults
+    sources = glob.glob(os.path.join(ROOT, "megatron_nitp", "**", "*.py"), recursive=True)
+    sources += glob.glob(os.path.join(ROOT, "tools", "*.py"))
+    sources += glob.glob(os.path.join(ROOT, "examples", "**", "*"), recursive=True)
+    for path in sources:
+        if os.path.isfile(path):
+            found = re.findall(r"issue[ _#-]*\d+|before #\d+", open(path).read(), re.I)
+            assert not found, (path, found)

@@ -149,18 +149,20 @@ def test_preprocess_text_blocks_and_no_eod(tmp_path, corpus, tokenizer):
 
 def test_a_split_without_documents_is_refused_instead_of_hanging(tmp_path, corpus, tokenizer):
     """Eight documents and --split 969,30,1: megatron-core would give validation no document
-    and loop forever looking for its samples (round(0.969 * 8) = round(0.999 * 8) = 8)."""
+    and loop forever looking for its samples (round(0.969 * 8) = round(0.999 * 8) = 8); the
+    message names a split that works."""
     text = tmp_path / "eight.txt"
     text.write_text("\n\n".join(f"document number {i} of eight" for i in range(8)) + "\n")
     prefix = preprocess([str(text)], corpus["model"], str(tmp_path / "eight"))
     with pytest.raises(ValueError, match=r"--split 969,30,1 gives the validation split none of "
-                                         r"the 8 documents.*--split 80,20,0.*--eval-interval 0"):
+                                         r"the 8 documents.*--split 844,155,0"):
         build_datasets(prefix, tokenizer, 8, 1, "969,30,1", (4, 2, None), str(tmp_path))
-    train, valid, _ = build_datasets(prefix, tokenizer, 8, 1, "80,20,0", (4, 2, None),
+    train, valid, _ = build_datasets(prefix, tokenizer, 8, 1, "844,155,0", (4, 2, None),
                                      str(tmp_path))
     assert len(train) >= 4 and len(valid) >= 2
-    # not asked for validation samples: the empty split is fine
-    build_datasets(prefix, tokenizer, 8, 1, "969,30,1", (4, None, None), str(tmp_path))
+    # not asked for validation samples: still built by megatron-core, so still refused
+    with pytest.raises(ValueError, match=r"validation split none.*--split 969,0,0"):
+        build_datasets(prefix, tokenizer, 8, 1, "969,30,1", (4, None, None), str(tmp_path))
 
 
 def test_preprocess_failures_leave_no_dataset(tmp_path, corpus):

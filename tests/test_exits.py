@@ -169,3 +169,92 @@ def test_signal_to_the_process_group_exits_75_with_a_checkpoint(dist, tmp_path, 
     assert any(float(re.search(r"nitp routing wait: ([\d.]+)", line).group(1)) > 0
                for line in lines)
     _resume(tmp_path, run_dir / "checkpoints", stopped, capsys, "--num-layers", "4")
+
+
+def test_ctrl_c_names_the_last_checkpoint_and_the_resume_continues_the_run_folder(
+        dist, tmp_path, capsys, monkeypatch):
+    """Ctrl-C during iteration 3 (checkpoint at 2): exit code 130 and one line naming the
+    checkpoint and the command that resumes; that command, run, continues the same run folder,
+    whose summary.json and training.png then cover iterations 1-4. An NTP run's validation
+    line and history have no nitp loss."""
+    import shlex
+
+    from megatron_nitp.training import loop
+
+    run_dir = tmp_path / "run"
+    flags = [f for f in TINY if f != "--no-plot"] + [
+        "--train-iters", "4", "--save-interval", "2", "--eval-interval", "2", "--eval-iters",
+        "1", "--no-nitp", "--run-dir", str(run_dir)]
+    real_step, calls = loop.train_step, []
+
+    def interrupted_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", interrupted_step)
+    monkeypatch.setattr(sys, "argv", ["pretrain_gpt_nitp.py"] + flags)
+    with pytest.raises(SystemExit) as err:
+        pretrain(parse_args(flags))
+    assert err.value.code == loop.EXIT_INTERRUPTED == 130
+    out, stderr = capsys.readouterr()
+    ckpt = run_dir / "checkpoints"
+    prefix = (f"interrupted (Ctrl-C) after iteration 2: last checkpoint {ckpt}/iter_0000002; "
+              "resume with: python pretrain_gpt_nitp.py ")
+    assert stderr.startswith(prefix) and stderr.count("\n") == 1, stderr
+    assert stderr.rstrip().endswith(f"--load {ckpt} --run-dir {run_dir}")
+    assert " validation loss at iteration 2 | lm loss value: " in out
+    assert "nitp loss" not in out
+    assert not (run_dir / "summary.json").exists()
+
+    monkeypatch.setattr(loop, "train_step", real_step)
+    command = shlex.split(stderr.strip().split("resume with: ")[1])
+    assert command[:2] == ["python", "pretrain_gpt_nitp.py"]
+    summary = pretrain(parse_args(command[2:]))
+    assert summary["segments"] == 2 and "nitp loss" not in capsys.readouterr().out
+    history = _history(run_dir)
+    assert history["lm loss"] == [1, 2, 3, 4]
+    assert history["validation lm loss"] == [2, 4]
+    assert not any("nitp" in key and "validation" in key for key in history)
+    assert (run_dir / "training.png").exists()
+
+
+def test_ctrl_c_in_a_terminal_exits_130_without_a_traceback(tmp_path):
+    """A real SIGINT to the process group (what Ctrl-C in a terminal sends) while training and
+    saving every iteration (so it usually lands in a save, whose forked writers it reaches
+    too): exit code 130, no traceback, the last line names the last complete checkpoint."""
+    run_dir = tmp_path / "run"
+    flags = TINY + ["--train-iters", "500", "--save-interval", "1", "--run-dir", str(run_dir)]
+    (proc,) = _launch_ranks(run_dir, flags, world=1)
+    log = f"{run_dir}.rank0.out"
+    try:
+        deadline = time.time() + 300
+        while "saved checkpoint" not in open(log).read():
+            assert time.time() < deadline and proc.poll() is None, open(log).read()[-5000:]
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=120)
+    finally:
+        kill_group(proc)
+    out = open(log).read()
+    assert code == 130, out[-5000:]
+    assert "Traceback" not in out
+    last = out.strip().splitlines()[-1]
+    ckpt = run_dir / "checkpoints"
+    assert re.fullmatch(rf"interrupted \(Ctrl-C\) after iteration \d+: last checkpoint "
+                        rf"{ckpt}/iter_{_latest(ckpt):07d}; resume with: python \S+ .* --load "
+                        rf"{ckpt} --run-dir {run_dir}", last), last
+
+
+def test_the_resume_command_replaces_load_and_run_dir(monkeypatch):
+    from megatron_nitp.training.loop import resume_command
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    argv = ["pretrain_gpt_nitp.py", "--load=old", "--lr", "1e-3", "--run-dir", "other dir",
+            "--save", "ck"]
+    assert resume_command(argv, "ck", "runs/a b") == (
+        "python pretrain_gpt_nitp.py --lr 1e-3 --save ck --load ck --run-dir 'runs/a b'")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert resume_command(argv[:1], "ck", "r").startswith(
+        "torchrun --nproc-per-node=4 pretrain_gpt_nitp.py --load ck")

@@ -63,6 +63,8 @@ def test_import_gives_equal_logits_and_continues_pretraining(dist, tmp_path, cap
                                          "--nitp-target-layer", "1"])
     out = capsys.readouterr().out
     assert "--finetune" in out and "iteration 0" in out
+    # the folder has no tokenizer: the command asks for the model's own
+    assert "--nitp-target-layer 1 --tokenizer-type TYPE --tokenizer-model MODEL --data-path" in out
     meta = json.loads((ckpt / "iter_0000000" / "nitp.json").read_text())
     assert meta["iteration"] == 0 and meta["imported_from"] == str(folder)
     assert meta["model"]["add_qkv_bias"] == (variant == "qwen2")
@@ -192,3 +194,19 @@ def test_rope_base_and_norm_epsilon_are_compared_when_the_checkpoint_stores_them
     changed = {**meta, "model": {**meta["model"], "rotary_base": 1000000}}
     with pytest.raises(CheckpointError, match="model.rotary_base: checkpoint 1000000, this run"):
         check_compatible(changed, args)
+
+
+def test_the_continue_command_names_the_models_tokenizer(tmp_path):
+    """The printed command of tools/import_checkpoint.py carries tokenizer flags: the ones
+    given, else the folder's tokenizer.json (Hugging Face) or tokenizer.model (SentencePiece)."""
+    from megatron_nitp.hf import tokenizer_flags
+
+    folder = str(tmp_path)
+    assert tokenizer_flags(folder) == ["--tokenizer-type", "TYPE", "--tokenizer-model", "MODEL"]
+    (tmp_path / "tokenizer.model").write_bytes(b"")
+    assert tokenizer_flags(folder) == ["--tokenizer-type", "SentencePieceTokenizer",
+                                       "--tokenizer-model", f"{folder}/tokenizer.model"]
+    (tmp_path / "tokenizer.json").write_text("{}")
+    assert tokenizer_flags(folder) == ["--tokenizer-type", "HuggingFaceTokenizer",
+                                       "--tokenizer-model", folder]
+    assert tokenizer_flags(folder, ["--tokenizer-model=tok.model"]) == []

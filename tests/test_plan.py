@@ -359,10 +359,10 @@ def test_entry_script_dry_run_starts_no_process_group():
     assert "EP 8 (expert DP 2)" in proc.stdout
 
 
-def test_comm_bytes_tool_compares_the_routing_with_before_issue_14(capsys):
-    """tools/nitp_comm_bytes.py --compare: without SP each TP rank routes half the bytes it did
-    before, and the send buffers held at once are min(PP - owner, M) micro-batches' instead of
-    the step's M; under SP only the buffers change."""
+def test_comm_bytes_tool_compares_the_routing_with_full_width_routing(capsys):
+    """tools/nitp_comm_bytes.py --compare: without SP each TP rank routes half the bytes of
+    full-width routing, and the send buffers held at once are min(PP - owner, M)
+    micro-batches' instead of the step's M; under SP only the buffers change."""
     import json
 
     tool = load_tool("nitp_comm_bytes")
@@ -372,7 +372,7 @@ def test_comm_bytes_tool_compares_the_routing_with_before_issue_14(capsys):
     for sp in (False, True):
         tool.main(flags + (["--sequence-parallel"] if sp else []))
         result = json.loads(capsys.readouterr().out)
-        before, micro = result["before_issue_14"], result["num_microbatches"]
+        before, micro = result["full_width_routing"], result["num_microbatches"]
         per_micro = result["bytes_per_microbatch_per_rank"]
         assert micro == 8 and result["owner_stage"] == 0
         assert before["bytes_per_microbatch_per_rank"] == per_micro * (1 if sp else 2)
@@ -381,4 +381,4 @@ def test_comm_bytes_tool_compares_the_routing_with_before_issue_14(capsys):
             "bytes_per_microbatch_per_rank"]
     tool.main(flags[:-1])
     out = capsys.readouterr().out
-    assert "before #14" in out and "send buffers held at once" in out
+    assert "full-width" in out and "send buffers held at once" in out

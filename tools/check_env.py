@@ -12,7 +12,6 @@ of the tiny preset in this process (no checkpoint, no plot). Exits 1 if the run 
 default command of the Docker image.
 """
 
-import argparse
 import platform
 import sys
 import tempfile
@@ -20,6 +19,7 @@ import time
 import traceback
 
 import megatron_nitp  # (before any megatron import: CPU import stubs)
+from megatron_nitp.cli import ArgumentParser
 
 import torch
 
@@ -139,7 +139,7 @@ def tiny_run(extra: list[str]) -> bool:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--no-run", action="store_true", help="versions and layer spec only")
     parser.add_argument("extra", nargs="*", help="after --: flags for the tiny run")
     args = parser.parse_args(argv)

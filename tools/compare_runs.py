@@ -25,6 +25,7 @@ import os
 import re
 
 import megatron_nitp  # noqa: F401
+from megatron_nitp.cli import ArgumentParser
 
 import numpy as np
 
@@ -298,9 +299,9 @@ def plot(groups, data, table, prefix: str, band: str, weight: float, title: str 
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("runs", nargs="*", help="run folders (grouped by name unless --no-group)")
     p.add_argument("--label", action="append", default=[], metavar="NAME=RUN[,RUN...]",
                    help="a label and its runs (e.g. seeds); repeat for each label")

@@ -43,6 +43,7 @@ import os
 import time
 
 import megatron_nitp  # noqa: F401
+from megatron_nitp.cli import ArgumentParser
 
 EVALUATIONS = ("geometry", "probe", "cloze")
 
@@ -58,10 +59,17 @@ def parse_evaluations(value: str) -> list[str]:
     return [n for n in EVALUATIONS if n in names]
 
 
-def _load_model(checkpoint: str):
+def _load_model(checkpoint: str, bf16: bool = False):
     from megatron_nitp.export import load_checkpoint_model
 
-    return load_checkpoint_model(checkpoint)
+    return load_checkpoint_model(checkpoint, bf16=bf16)
+
+
+def precision_note(trained_bf16: bool, trained_fp16: bool, bf16: bool) -> str:
+    """What the evaluation computes in, and what the run trained in: fp32 unless ``--bf16``."""
+    trained = "bf16" if trained_bf16 else "fp16" if trained_fp16 else "fp32"
+    return (f"{'bf16' if bf16 else 'fp32'} (trained in {trained}"
+            + ("; --bf16 evaluates in bf16)" if not bf16 else ")"))
 
 
 def _read_lines(path: str) -> list[str]:
@@ -89,6 +97,7 @@ def format_table(result: dict) -> str:
     rows = [
         ("checkpoint", f"{result['checkpoint']} (iteration {result['iteration']}, "
                        f"{'NITP' if result['nitp'] else 'NTP'})"),
+        ("precision", result["precision"]),
     ]
     if "geometry" in result:
         g = result["geometry"]
@@ -140,7 +149,7 @@ def evaluate(args) -> dict:
     evaluations = parse_evaluations(args.evaluations)
     try:
         meta = read_meta(find_checkpoint(args.load))
-        model, margs = _load_model(args.load)
+        model, margs = _load_model(args.load, bf16=args.bf16)
     except CheckpointError as err:
         raise SystemExit(f"error: {err}")
     tokenizer_type = args.tokenizer_type or margs.tokenizer_type
@@ -164,6 +173,7 @@ def evaluate(args) -> dict:
     lm = ev.FrozenLM(model, tokenizer, seq_length, target_layer=target_layer)
     torch.manual_seed(args.seed)
 
+    trained = meta.get("config", {}).get("training", {})  # older checkpoints: fp32
     result = {
         "checkpoint": args.load,
         "iteration": meta["iteration"],
@@ -172,6 +182,8 @@ def evaluate(args) -> dict:
         "model": {k: meta["model"].get(k) for k in ("num_layers", "hidden_size",
                                                      "num_attention_heads")},
         "seq_length": seq_length,
+        "precision": precision_note(trained.get("bf16", False), trained.get("fp16", False),
+                                    args.bf16),
         "seed": args.seed,
         "evaluations": evaluations,
     }
@@ -219,9 +231,9 @@ def evaluate(args) -> dict:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--load", required=True, help="checkpoint folder (a run's checkpoints/)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
     p.add_argument("--evaluations", default="geometry", metavar="NAMES",
@@ -241,6 +253,8 @@ def main(argv=None) -> dict:
     p.add_argument("--cloze-file", default=None, help="one cloze item per line")
     p.add_argument("--cloze-max-items", type=int, default=0, help="0: all")
     p.add_argument("--seed", type=int, default=0, help="probe split, cosine pairs")
+    p.add_argument("--bf16", action="store_true",
+                   help="compute in bf16 (default: fp32, whatever the run trained in)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-length", type=int, default=None,
                    help="context length (default: the checkpoint's training length)")

@@ -9,13 +9,13 @@ SentencePiece ``tokenizer.model``, a Hugging Face ``tokenizer.json``, a tiktoken
 ``tiktoken.json``) and named in ``nitp_tokenizer.json``.
 """
 
-import argparse
 
 import megatron_nitp  # noqa: F401  (CPU import stubs must precede megatron-core)
+from megatron_nitp.cli import ArgumentParser
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--load", required=True, help="checkpoint folder (with the tracker file)")
     p.add_argument("--output", required=True, help="Hugging Face model directory to write")
     p.add_argument("--keep-projector", action="store_true",
@@ -27,8 +27,9 @@ def main(argv=None):
         written, total = export_checkpoint(args.load, args.output, args.keep_projector)
     except EXPORT_ERRORS as err:
         raise SystemExit(f"error: {err}")
+    kept = "kept apart" if args.keep_projector else "dropped"
     print(f"> exported {args.load} -> {args.output}: {', '.join(written)} "
-          f"({total:,} parameters, projector {'kept apart' if args.keep_projector else 'dropped'})")
+          f"({total:,} parameters in fp32, projector {kept})")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import time
 import megatron_nitp  # noqa: F401  (CPU import stubs must precede megatron-core)
 
 from megatron_nitp import flops
+from megatron_nitp.cli import ArgumentParser
 from megatron_nitp.presets import PRESETS, get_preset
 
 # (flag, type) of the model shape; dest names match megatron_nitp.flops.ModelShape
@@ -49,9 +50,9 @@ def default_target_layer(num_layers: int) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--preset", help=f"one preset: {', '.join(PRESETS)}")
     p.add_argument("--all", action="store_true", help="every preset (the default for the table)")
     g = p.add_argument_group("model shape (override the preset's values)")

@@ -13,20 +13,21 @@ prints. Rope scaling, sliding windows, biases other than Qwen2's QKV and MoE che
 refused with the reason.
 """
 
-import argparse
 import shlex
 
 import megatron_nitp  # noqa: F401  (CPU import stubs must precede megatron-core)
+from megatron_nitp.cli import ArgumentParser
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="other flags: as for pretrain_gpt_nitp.py")
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
+                       epilog="other flags: as for pretrain_gpt_nitp.py")
     p.add_argument("--hf", required=True, help="Hugging Face model folder (config.json, "
                                                "*.safetensors)")
     p.add_argument("--save", required=True, help="checkpoint folder to write")
     args, flags = p.parse_known_args(argv)
-    from megatron_nitp.hf import HFFormatError, continue_flags, import_checkpoint
+    from megatron_nitp.hf import (HFFormatError, continue_flags, import_checkpoint,
+                                  tokenizer_flags)
 
     try:
         path, config = import_checkpoint(args.hf, args.save, flags)
@@ -37,8 +38,14 @@ def main(argv=None):
         print(f"> vocabulary {config.vocab_size} padded to {config.padded_vocab_size} rows "
               "(zeros; TP does not divide it): never targets, they add to the softmax's sum "
               "until trained down")
+    tokenizer = tokenizer_flags(args.hf, flags)
     print("> continue pretraining with:\n  python pretrain_gpt_nitp.py --load "
-          f"{shlex.quote(args.save)} --finetune {shlex.join(continue_flags(config) + flags)} ...")
+          f"{shlex.quote(args.save)} --finetune "
+          f"{shlex.join(continue_flags(config) + flags + tokenizer)} --data-path DATA_PREFIX ...")
+    if "MODEL" in tokenizer:
+        print(f"  ({args.hf} holds no tokenizer.json or tokenizer.model: give the model's own "
+              "tokenizer as TYPE and MODEL)")
+    print("  (DATA_PREFIX: data tokenized with that tokenizer by tools/preprocess_data.py)")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import os
 import tempfile
 
 import megatron_nitp  # noqa: F401  (CPU import stubs must precede megatron-core)
+from megatron_nitp.cli import ArgumentParser
 
 INSTALL_HINT = ("lm-eval is not installed: `pip install lm-eval==0.4.13`, then rerun. Its "
                 "built-in tasks need the Hugging Face Hub; offline, pass a local task YAML "
@@ -56,7 +57,8 @@ def make_lm_class():
 
         def __init__(self, model_dir: str, batch_size: int = 8, max_length: int | None = None,
                      max_gen_toks: int = 64, device: str | None = None,
-                     tokenizer_model: str | None = None, tokenizer_type: str | None = None):
+                     tokenizer_model: str | None = None, tokenizer_type: str | None = None,
+                     bf16: bool = False):
             super().__init__()
             import transformers
 
@@ -69,7 +71,8 @@ def make_lm_class():
                                  "pass --tokenizer-model)")
             self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
             self.model = transformers.AutoModelForCausalLM.from_pretrained(
-                model_dir, dtype=torch.float32).to(self._device).eval()
+                model_dir, dtype=torch.bfloat16 if bf16 else torch.float32
+            ).to(self._device).eval()
             self.max_length = int(max_length or self.model.config.max_position_embeddings)
             self.batch_size = int(batch_size)
             self.max_gen_toks = int(max_gen_toks)
@@ -189,15 +192,16 @@ def run(model_dir: str, tasks: list[str], include_path: str | None = None,
         limit: float | None = None, num_fewshot: int | None = None, batch_size: int = 8,
         max_length: int | None = None, tokenizer_model: str | None = None, seed: int = 0,
         device: str | None = None, log_samples: bool = False,
-        tokenizer_type: str | None = None) -> dict:
-    """Runs lm-eval's ``simple_evaluate`` on an exported model; returns its results dict."""
+        tokenizer_type: str | None = None, bf16: bool = False) -> dict:
+    """Runs lm-eval's ``simple_evaluate`` on an exported model, in fp32 unless ``bf16``;
+    returns its results dict."""
     _require_lm_eval()
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     lm = make_lm_class()(model_dir, batch_size=batch_size, max_length=max_length,
                          tokenizer_model=tokenizer_model, tokenizer_type=tokenizer_type,
-                         device=device)
+                         device=device, bf16=bf16)
     manager = TaskManager(include_path=include_path) if include_path else TaskManager()
     results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
                               task_manager=manager, log_samples=log_samples,
@@ -230,9 +234,9 @@ def format_results(results: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=__doc__.split("\n\n", 1)[1])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model-dir", help="Hugging Face directory from tools/export_checkpoint.py")
     src.add_argument("--load", help="a checkpoint folder: exported to a temporary folder first")
@@ -251,11 +255,15 @@ def main(argv=None) -> dict:
                    help="with --tokenizer-model: its kind (default: the export's)")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bf16", action="store_true",
+                   help="compute in bf16 (default: fp32, whatever the run trained in)")
     p.add_argument("--output", default=None, help="write lm-eval's results as JSON")
     p.add_argument("--log-samples", action="store_true", help="keep per-example outputs")
     args = p.parse_args(argv)
     _require_lm_eval()
     tasks = [t for t in args.tasks.split(",") if t]
+    print("> precision: bf16 (--bf16)" if args.bf16 else
+          "> precision: fp32 (--bf16 computes in bf16)", flush=True)
     with tempfile.TemporaryDirectory(prefix="nitp-export-") as tmp:
         model_dir = args.model_dir
         if args.load:
@@ -268,7 +276,7 @@ def main(argv=None) -> dict:
                 raise SystemExit(f"error: {err}")
         results = run(model_dir, tasks, args.include_path, args.limit, args.num_fewshot,
                       args.batch_size, args.max_length, args.tokenizer_model, args.seed,
-                      args.device, args.log_samples, args.tokenizer_type)
+                      args.device, args.log_samples, args.tokenizer_type, args.bf16)
     print(format_results(results))
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

@@ -20,13 +20,13 @@ from the presets that transcribe its Table 4.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
 import platform
 
 import megatron_nitp  # noqa: F401
+from megatron_nitp.cli import ArgumentParser
 
 import numpy as np
 
@@ -952,7 +952,7 @@ def build_report(args) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", default="runs/report")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3],
                    help="the S of the run folders RUNS/{ntp,nitp}-seedS")

@@ -8,12 +8,12 @@ The datasets are taken in the sorted order of their names, so zero-padded names
 .idx (or the reverse), no dataset, or datasets of different token dtypes.
 """
 
-import argparse
 import os
 import sys
 
 import megatron_nitp  # noqa: F401  (CPU import stubs must precede megatron-core)
 
+from megatron_nitp.cli import ArgumentParser
 from megatron_nitp.data.preprocess import merge_datasets
 
 
@@ -39,7 +39,7 @@ def dataset_prefixes(directory: str) -> list[str]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", required=True,
                         help="directory holding the .bin/.idx pairs to merge")
     parser.add_argument("--output-prefix", required=True,

@@ -6,9 +6,9 @@
 Prints where layer k lives, the bytes of layer-k targets sent to the last stage per micro-batch
 and per step (per sending rank and for the whole job), the send buffers a sending rank holds at
 once, and megatron-core's own pipeline traffic for scale. Nothing travels backward (the target
-needs no gradient). ``--compare`` puts beside them the figures of the routing before issue 14,
-when every TP rank sent the whole ``[s/cp, b, h]`` z without sequence parallelism and kept
-every send buffer of the step until its end:
+needs no gradient). ``--compare`` puts beside them the figures of full-width routing, where
+every TP rank sends the whole ``[s/cp, b, h]`` z without sequence parallelism and keeps every
+send buffer of the step until its end (what the routing did at first):
 
     python tools/nitp_comm_bytes.py --preset dense-3b --pipeline-model-parallel-size 2 \
         --tensor-model-parallel-size 2 --micro-batch-size 2 --compare
@@ -19,6 +19,7 @@ import json
 
 import megatron_nitp  # noqa: F401
 
+from megatron_nitp.cli import ArgumentParser
 from megatron_nitp.nitp.routing import routed_bytes_per_step
 from megatron_nitp.presets import PRESETS, get_preset
 
@@ -43,9 +44,9 @@ def _routed(args, num_micro, tp, pp, cp, dp, dtype_bytes):
     )
 
 
-def before_issue_14(args, result: dict, tp: int, cp: int, dtype_bytes: int) -> dict:
-    """The same figures for the routing before issue 14: each TP rank sent its whole
-    ``[s/cp (/tp under SP), b, h]`` z, and held every send buffer of the step until its end
+def full_width_routing(args, result: dict, tp: int, cp: int, dtype_bytes: int) -> dict:
+    """The same figures for full-width routing: each TP rank sends its whole
+    ``[s/cp (/tp under SP), b, h]`` z, and holds every send buffer of the step until its end
     (M micro-batches)."""
     rows = args.seq_length // cp // (tp if args.sequence_parallel else 1)
     per_micro = rows * args.micro_batch_size * args.hidden_size * dtype_bytes
@@ -58,7 +59,7 @@ def before_issue_14(args, result: dict, tp: int, cp: int, dtype_bytes: int) -> d
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tiny-dense", help=", ".join(PRESETS))
     p.add_argument("--num-layers", type=int)
     p.add_argument("--hidden-size", type=int)
@@ -77,7 +78,8 @@ def main(argv=None):
     p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--fp32", action="store_true", help="fp32 activations (default bf16)")
     p.add_argument("--compare", action="store_true",
-                   help="also print the figures of the routing before issue 14")
+                   help="also print the figures of full-width routing (every TP rank sends "
+                        "its whole z and keeps the step's send buffers), for comparison")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     from megatron_nitp.config import preset_config, resolve
@@ -100,9 +102,9 @@ def main(argv=None):
     result.update(preset=args.preset, layout=dict(TP=tp, PP=pp, CP=cp, DP=dp,
                                                   SP=args.sequence_parallel),
                   num_microbatches=num_micro, senders=tp * cp * dp)
-    before = before_issue_14(args, result, tp, cp, args.dtype_bytes) if args.compare else None
+    before = full_width_routing(args, result, tp, cp, args.dtype_bytes) if args.compare else None
     if before is not None:
-        result["before_issue_14"] = before
+        result["full_width_routing"] = before
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -122,7 +124,7 @@ def main(argv=None):
          "pipeline_bytes_per_step_per_rank"),
     ]
     if before is not None:
-        print(f"  {'':<62} {'now':>12} {'before #14':>12}")
+        print(f"  {'':<62} {'now':>12} {'full-width':>12}")
     for label, key in rows:
         line = f"  {label:<62} {_human(result[key]):>12}"
         if before is not None:

@@ -1,4 +1,4 @@
-"""Planted bugs: a check that the tests can fail (issue 12, item 6).
+"""Planted bugs: a check that the tests can fail.
 
 For each core claim of megatron-nitp this plants a known bug in a temporary copy of the
 repository, runs the few tests that should catch it and records whether the suite turns red:

@@ -10,7 +10,6 @@ Example:
     python tools/preprocess_benchmark.py --size-mb 50
 """
 
-import argparse
 import filecmp
 import json
 import os
@@ -18,6 +17,7 @@ import tempfile
 
 import megatron_nitp  # noqa: F401  (CPU import stubs must precede megatron-core)
 
+from megatron_nitp.cli import ArgumentParser
 from megatron_nitp.data import prepare_default_corpus, preprocess_corpus
 from megatron_nitp.data.corpus import kjv_chapters
 
@@ -37,7 +37,7 @@ def write_corpus(path: str, size_mb: float) -> tuple[int, int]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=float, default=50.0, help="corpus size to build")
     parser.add_argument("--workers", type=int, nargs="+", default=None,
                         help="worker counts to measure (default: 1, 2 and all CPUs)")

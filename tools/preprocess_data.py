@@ -17,12 +17,13 @@ import sys
 
 import megatron_nitp  # noqa: F401  (CPU import stubs must precede megatron-core)
 
+from megatron_nitp.cli import ArgumentParser
 from megatron_nitp.data.preprocess import ON_BAD_LINE, preprocess_corpus
 from megatron_nitp.data.tokenizer import DEFAULT_TOKENIZER_TYPE, TOKENIZER_TYPES
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", nargs="+", required=True,
                         help=".jsonl/.json (one JSON object per line; .gz too), .parquet, or "
                              "plain text files (documents separated by blank lines)")

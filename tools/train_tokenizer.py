@@ -13,15 +13,15 @@ tokenizer_config.json), read by ``--tokenizer-type HuggingFaceTokenizer --tokeni
 OUTPUT_PREFIX`` and by ``transformers.AutoTokenizer``.
 """
 
-import argparse
 
 import megatron_nitp  # noqa: F401  (CPU import stubs must precede megatron-core)
 
+from megatron_nitp.cli import ArgumentParser
 from megatron_nitp.data.tokenizer import build_tokenizer, train_bpe, train_sentencepiece
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", nargs="+", required=True,
                         help="plain text files (documents separated by blank lines) or .jsonl")
     parser.add_argument("--type", choices=("sentencepiece", "bpe"), default="sentencepiece",

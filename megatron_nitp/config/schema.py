@@ -353,9 +353,9 @@ class LoggingConfig:
     tensorboard_dir: Optional[str] = None
     """default: <run-dir>/tensorboard"""
     plot: bool = flag(True, name="", negative="--no-plot")
-    """plot the curves to <run-dir>/training.png"""
+    """do not plot the curves to <run-dir>/training.png"""
     progress_bar: bool = flag(True, name="", negative="--no-progress-bar")
-    """a progress bar between log lines"""
+    """no progress bar between log lines (one is shown on a terminal otherwise)"""
     log_memory_to_tensorboard: bool = False
     """write the memory figures of each console line to TensorBoard (mem-* tags; the console
     and the history keep them either way)"""
@@ -387,7 +387,7 @@ class CheckpointConfig:
     save_keep_last: Optional[int] = None
     """keep only the newest K complete checkpoints"""
     save_final: bool = flag(True, name="", negative="--no-save")
-    """write the final checkpoint"""
+    """do not write the final checkpoint"""
     async_save: bool = False
     """write checkpoints in the background (megatron-core's asynchronous dist-checkpointing):
     training goes on while the files are written; the checkpoint becomes latest once every

@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import glob
+import math
 import os
+import re
 from typing import Sequence
 
 import torch
@@ -25,6 +27,7 @@ from megatron.core.datasets.utils import get_blend_from_list
 from torch.utils.data import Dataset
 
 from megatron_nitp.data.corpus import default_cache_root
+from megatron_nitp.data.meta import META_SUFFIX, recorded_max_token_id
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 #: Seed of the validation and test splits' sample order, whatever ``--seed`` is: runs that
@@ -119,13 +122,17 @@ def build_datasets(
 
     Raises:
         FileNotFoundError: If a `.bin`/`.idx` file of the blend is missing.
+        ValueError: If a `.bin` is not the size its `.idx` says, the split builds a split
+            without documents, or a token id is outside the tokenizer's vocabulary
+            (:func:`check_data`).
     """
     blends = ([_normalize_blend(p) if p else None for p in per_split] if per_split
               else [_normalize_blend(data_prefix)])
     prefixes = [p for blend in blends if blend for p in blend[0]]
-    check_data_prefixes(prefixes)
-    if not per_split:
-        check_split(prefixes, split, num_samples)
+    for note in check_data(prefixes, None if per_split else split, num_samples,
+                           getattr(tokenizer, "vocab_size", None)):
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            print(f"> note: {note}", flush=True)
     cache_dir = cache_dir or os.path.join(default_cache_root(), "dataset-index")
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     # Without torch.distributed, megatron-core's BlendedDataset calls get_rank() before
@@ -169,35 +176,205 @@ def build_datasets(
         return build_all()
 
 
-def check_split(prefixes: Sequence[str], split: str,
-                num_samples: tuple[int | None, int | None, int | None]) -> None:
-    """Fails early if ``split`` leaves a split that must give samples without a document.
+#: Without a side file, a ``.bin`` up to this size is scanned for its largest token id at start
+#: (a second or so); a larger one is not scanned, and the run says so.
+SCAN_LIMIT_BYTES = 256 * 2**20
+#: The fix named by every data check: the files are remade, not patched.
+_REMAKE = "re-run tools/preprocess_data.py to remake it"
 
-    megatron-core cuts each prefix's documents at ``round(share * documents)`` (its
-    ``_build_megatron_dataset_splits``); a split that gets no document but is asked for samples
-    makes ``GPTDataset`` loop forever looking for tokens, so a tiny corpus with the default
-    ``--split 969,30,1`` would hang at start instead of failing.
+
+def _index(prefix: str):
+    """megatron-core's reader of ``<prefix>.idx`` (sizes, pointers, documents; no ``.bin``).
 
     Raises:
-        ValueError: Naming the prefix, its document count and the fix.
+        ValueError: Naming the file and the fix when it is not a complete index (megatron-core
+            would fail with a bare ``struct.error`` or numpy message).
     """
+    import struct
+
+    from megatron.core.datasets.indexed_dataset import _IndexReader, get_idx_path
+
+    path = get_idx_path(prefix)
+    try:
+        return _IndexReader(path, multimodal=False)
+    except (struct.error, ValueError, AssertionError) as err:
+        raise ValueError(f"{path} is not a complete megatron-core index ({err}); copy it again "
+                         f"or {_REMAKE}.") from None
+
+
+def expected_bin_bytes(prefix: str) -> int:
+    """The ``.bin`` size the ``.idx`` describes: the last sequence's byte offset plus its
+    length in tokens times the token size (0 for no sequence)."""
+    index = _index(prefix)
+    if len(index) == 0:
+        return 0
+    return int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
+
+
+def check_bin_sizes(prefixes: Sequence[str]) -> None:
+    """Fails if a ``.bin`` is not the size its ``.idx`` says: a truncated copy would otherwise
+    fail at the first step with a numpy error naming no file, or (cut inside the last
+    document) train silently on the wrong tokens.
+
+    Raises:
+        ValueError: Naming the file, both sizes and the fix.
+    """
+    for prefix in prefixes:
+        path = prefix + ".bin"
+        expected, actual = expected_bin_bytes(prefix), os.path.getsize(path)
+        if actual != expected:
+            what = "truncated" if actual < expected else "longer than its index"
+            raise ValueError(
+                f"{path} is {actual:,} bytes but {prefix}.idx describes {expected:,} bytes: the "
+                f"file is {what} (an interrupted copy?); copy it again or {_REMAKE}.")
+
+
+def max_token_id(prefix: str) -> tuple[int | None, str]:
+    """The data's largest token id and where it came from: the side file, else a scan of a
+    ``.bin`` of at most :data:`SCAN_LIMIT_BYTES`; (None, why) for a larger one without it."""
+    import numpy as np
+
+    recorded = recorded_max_token_id(prefix)
+    if recorded is not None:
+        return recorded, prefix + META_SUFFIX
+    path = prefix + ".bin"
+    size = os.path.getsize(path)
+    if size > SCAN_LIMIT_BYTES:
+        return None, (f"{path} has no {META_SUFFIX} side file and is over "
+                      f"{SCAN_LIMIT_BYTES // 2**20} MiB, so its token ids were not checked "
+                      f"against the tokenizer; {_REMAKE} with its side file")
+    if size == 0:
+        return -1, path
+    tokens = np.memmap(path, dtype=_index(prefix).dtype, mode="r")
+    return int(tokens.max()), path
+
+
+def check_token_ids(prefixes: Sequence[str], vocab_size: int) -> list[str]:
+    """Fails if the data holds a token id the tokenizer does not have (data made with a larger
+    tokenizer): the embedding lookup would fail at the first step with an IndexError (a
+    device-side assert on GPU). Returns notes for the files it could not check.
+
+    Raises:
+        ValueError: Naming the file, its largest id, the vocabulary size and the fix.
+    """
+    notes = []
+    for prefix in prefixes:
+        largest, source = max_token_id(prefix)
+        if largest is None:
+            notes.append(source)
+        elif largest >= vocab_size:
+            raise ValueError(
+                f"{prefix}.bin holds token id {largest} (from {source}) but the tokenizer has "
+                f"{vocab_size} tokens (ids 0-{vocab_size - 1}): the data was made with another "
+                "tokenizer. Pass that tokenizer's --tokenizer-type/--tokenizer-model, or "
+                f"{_REMAKE} with this tokenizer.")
+    return notes
+
+
+def _split_matrix(weights: Sequence[float]):
     from megatron.core.datasets.blended_megatron_dataset_config import (
         convert_split_vector_to_split_matrix, parse_and_normalize_split)
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    return convert_split_vector_to_split_matrix(
+        parse_and_normalize_split(",".join(f"{w:g}" for w in weights)))
+
+
+def _empty_split(weights: Sequence[float], counts: dict[str, int]):
+    """The first (prefix, split index) that ``weights`` builds without a document, or None.
+
+    megatron-core gives split i of a prefix with n documents the documents
+    ``[round(begin_i * n), round(end_i * n))`` (its ``_build_megatron_dataset_splits``)."""
+    for prefix, documents in counts.items():
+        for i, bounds in enumerate(_split_matrix(weights)):
+            if bounds is not None and (int(round(bounds[0] * documents))
+                                       == int(round(bounds[1] * documents))):
+                return prefix, i
+    return None
+
+
+def working_split(weights: Sequence[float], counts: dict[str, int],
+                  num_samples: Sequence[int | None]) -> list[float] | None:
+    """A split close to ``weights`` that gives every split it builds a document: a split asked
+    for no samples gets share 0 (not built), one asked for samples takes documents from the
+    training split. None if there are too few documents for the splits asked for samples."""
+    weights = [float(w) for w in weights]
+    for _ in range(1000):
+        empty = _empty_split(weights, counts)
+        if empty is None:
+            return weights
+        prefix, i = empty
+        if not num_samples[i]:
+            weights[i] = 0.0
+            continue
+        step = sum(weights) / counts[prefix]  # about one document's share
+        if all(w.is_integer() for w in weights):
+            step = float(math.ceil(step))
+        if i == 0 or weights[0] - step <= 0:
+            return None
+        weights[0] -= step
+        weights[i] += step
+    return None
+
+
+def check_split(prefixes: Sequence[str], split: str,
+                num_samples: tuple[int | None, int | None, int | None]) -> None:
+    """Fails early if ``split`` builds a split without a document, whatever it is asked for.
+
+    megatron-core builds every split of nonzero share, even one asked for 0 samples, and
+    ``GPTDataset._get_num_epochs`` then loops forever looking for tokens in an empty split: a
+    corpus of a few hundred documents with the default ``--split 969,30,1`` would hang at start
+    instead of failing.
+
+    Raises:
+        ValueError: Naming the split, the prefix, its document count and a ``--split`` that
+            works (or, with too few documents, the other fixes).
+    """
+    from megatron.core.datasets.blended_megatron_dataset_config import parse_and_normalize_split
+
+    parse_and_normalize_split(split)  # megatron-core's own errors for a malformed split
+    weights = [float(w) for w in re.findall(r"[.0-9]+", split)]
+    weights += [0.0] * (3 - len(weights))
+    counts = {prefix: len(_index(prefix).document_indices) - 1 for prefix in prefixes}
+    empty = _empty_split(weights, counts)
+    if empty is None:
+        return
+    prefix, i = empty
+    name = ("training", "validation", "test")[i]
+    wanted = num_samples[i] or 0
+    fixed = working_split(weights, counts, num_samples)
+    fix = (f"use --split {','.join(f'{w:g}' for w in fixed)}" if fixed is not None
+           else "use more documents")
+    raise ValueError(
+        f"--split {split} gives the {name} split none of the {counts[prefix]} "
+        f"document{'s' if counts[prefix] != 1 else ''} of "
+        f"{prefix} (the run asks it for {wanted} samples, and megatron-core would hang "
+        f"building an empty split): {fix}, or give the splits their own data "
+        "(--train-data-path / --valid-data-path).")
+
+
+def check_data(prefixes: Sequence[str], split: str | None,
+               num_samples: Sequence[int | None], vocab_size: int | None) -> list[str]:
+    """Every check of a blend's files that can run before any work: the files are there, each
+    ``.bin`` has the size its ``.idx`` says, ``split`` (None: per-split data) gives every split
+    it builds documents, and the token ids fit the vocabulary (None: not checked). Returns
+    notes on what could not be checked. Raises FileNotFoundError or ValueError naming the fix."""
+    check_data_prefixes(prefixes)
+    check_bin_sizes(prefixes)
+    if split is not None:
+        check_split(prefixes, split, tuple(num_samples))
     for prefix in prefixes:
-        documents = len(IndexedDataset(prefix).document_indices) - 1
-        for name, bounds, wanted in zip(("training", "validation", "test"), matrix, num_samples):
-            if bounds is None or not wanted:
-                continue
-            if int(round(bounds[0] * documents)) == int(round(bounds[1] * documents)):
-                raise ValueError(
-                    f"--split {split} gives the {name} split none of the {documents} documents "
-                    f"of {prefix}, and the run needs {wanted} {name} samples: give that split a "
-                    "larger share (e.g. --split 80,20,0), use more documents, or give the "
-                    "splits their own data (--train-data-path / --valid-data-path)"
-                    + (" or --eval-interval 0" if name == "validation" else "") + ".")
+        if len(_index(prefix).document_indices) < 2:  # megatron-core would hang on it
+            raise ValueError(f"{prefix} holds no document: {_REMAKE} from a non-empty input.")
+    return check_token_ids(prefixes, vocab_size) if vocab_size is not None else []
+
+
+def requested_samples(train_iters: int, global_batch_size: int, eval_iters: int,
+                      eval_interval: int) -> tuple[int, int, int]:
+    """Samples a run asks of the (train, valid, test) splits: the test split is never read, and
+    the validation split only when the run evaluates."""
+    evaluates = eval_interval and eval_iters
+    return (train_iters * global_batch_size,
+            eval_iters * global_batch_size if evaluates else 0, 0)
 
 
 def build_mock_datasets(

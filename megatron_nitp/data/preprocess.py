@@ -24,6 +24,7 @@ reported with its file and line; `on_bad_line="error"` stops at the first one,
 from __future__ import annotations
 
 import dataclasses
+import json
 import multiprocessing
 import os
 import shutil
@@ -41,6 +42,7 @@ from megatron.core.datasets.indexed_dataset import (
 )
 
 from megatron_nitp.data import readers
+from megatron_nitp.data.meta import META_SUFFIX, recorded_max_token_id, write_meta
 from megatron_nitp.data.tokenizer import DEFAULT_TOKENIZER_TYPE, build_tokenizer
 
 ON_BAD_LINE = ("error", "skip")
@@ -68,6 +70,8 @@ class PreprocessResult:
     bad_records: int = 0
     bad_record_messages: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
+    max_token_ids: dict[str, int] = dataclasses.field(default_factory=dict)
+    """the largest token id per key, kept in ``<prefix>.meta.json`` (training checks it)"""
 
     def add(self, other: PreprocessResult) -> None:
         """Accumulates a partition's counts (in partition order, so the list stays ordered)."""
@@ -76,6 +80,8 @@ class PreprocessResult:
         self.input_bytes += other.input_bytes
         self.empty_records += other.empty_records
         self.bad_records += other.bad_records
+        for key, largest in other.max_token_ids.items():
+            self.max_token_ids[key] = max(largest, self.max_token_ids.get(key, -1))
         room = _LISTED_BAD_RECORDS - len(self.bad_record_messages)
         self.bad_record_messages.extend(other.bad_record_messages[:max(room, 0)])
 
@@ -235,9 +241,11 @@ def _tokenize_range(input_files, keys, tokenizer_type, tokenizer_model, data_pre
                 elif outcome is None:
                     result.empty_records += 1
                 else:
-                    for builder, ids in zip(builders, outcome):
+                    for key, builder, ids in zip(keys, builders, outcome):
                         builder.add_document(ids, [ids.size])
                         result.tokens += ids.size
+                        result.max_token_ids[key] = max(int(ids.max()),
+                                                        result.max_token_ids.get(key, -1))
                     result.documents += 1
             progress.update(result)
         for builder, (_, tmp_idx) in zip(builders, temporary):
@@ -248,6 +256,8 @@ def _tokenize_range(input_files, keys, tokenizer_type, tokenizer_model, data_pre
             os.replace(tmp_bin, get_bin_path(prefix))
         for prefix, (_, tmp_idx) in zip(data_prefixes, temporary):
             os.replace(tmp_idx, get_idx_path(prefix))
+        for key, prefix in zip(keys, data_prefixes):
+            write_meta(prefix, result.max_token_ids.get(key, -1), vocab_size)
     finally:
         if pool is not None:
             pool.terminate()
@@ -322,6 +332,20 @@ def _tokenize_partitions(input_files, keys, tokenizer_type, tokenizer_model, dat
         shutil.rmtree(parts_dir, ignore_errors=True)
 
 
+def _merge_meta(input_prefixes: Sequence[str], output_prefix: str) -> None:
+    """The merged dataset's side file: the inputs' largest token id, when every input records
+    one; otherwise none (training then scans the ``.bin`` or says it could not)."""
+    largest = [recorded_max_token_id(p) for p in input_prefixes]
+    meta = output_prefix + META_SUFFIX
+    if any(m is None for m in largest):
+        if os.path.exists(meta):
+            os.remove(meta)
+        return
+    with open(input_prefixes[0] + META_SUFFIX) as f:
+        vocab_size = json.load(f).get("vocab_size", -1)
+    write_meta(output_prefix, max(largest), vocab_size)
+
+
 def merge_datasets(input_prefixes: Sequence[str], output_prefix: str) -> str:
     """Concatenates indexed datasets, in the given order, into `output_prefix`.bin/.idx.
 
@@ -358,6 +382,7 @@ def merge_datasets(input_prefixes: Sequence[str], output_prefix: str) -> str:
             os.remove(get_idx_path(output_prefix))
         os.replace(tmp_bin, get_bin_path(output_prefix))
         os.replace(tmp_idx, get_idx_path(output_prefix))
+        _merge_meta(input_prefixes, output_prefix)
     finally:
         builder.data_file.close()
         for path in (tmp_bin, tmp_idx):
@@ -430,7 +455,7 @@ def preprocess_corpus(
     result.seconds = time.monotonic() - started
     if result.documents == 0:
         for prefix in data_prefixes:
-            for path in (get_bin_path(prefix), get_idx_path(prefix)):
+            for path in (get_bin_path(prefix), get_idx_path(prefix), prefix + META_SUFFIX):
                 if os.path.exists(path):
                     os.remove(path)
         raise ValueError(

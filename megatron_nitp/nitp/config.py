@@ -19,7 +19,8 @@ class NITPConfig:
     """
 
     enabled: bool = field(default=True, metadata={"name": "", "negative": "--no-nitp"})
-    """Add the NITP loss. Off (``--no-nitp``) trains the plain next-token-prediction baseline."""
+    """Train the NTP baseline: no NITP loss (plain next-token prediction). Without this flag
+    the NITP loss is added."""
 
     target_layer: int = 1
     """k: the target is the output of the k-th transformer layer (1-based); 0 = the embeddings.
@@ -46,8 +47,8 @@ class NITPConfig:
 
     stop_gradient: bool = field(default=True,
                                 metadata={"name": "", "negative": "--nitp-no-stop-gradient"})
-    """Detach the target z (paper). Off lets gradients flow into the shallow layers through the
-    target (the unstable ablation)."""
+    """Let gradients flow into the shallow layers through the target z (the unstable
+    ablation). Without this flag the target is detached (paper)."""
 
     objective: str = "nitp"
     """nitp (the paper), or cosine_reg: the generic baseline that penalizes the mean cosine

@@ -20,6 +20,7 @@ import os
 import typing
 from typing import Optional, Sequence
 
+from megatron_nitp.cli import ArgumentParser
 from megatron_nitp.config import (FLAT, GROUPS, ConfigError, RunConfig, complete, validate)
 from megatron_nitp.presets import DEFAULT_PRESET, PRESETS, get_preset
 
@@ -57,15 +58,15 @@ def _add_field(group, cls, f: dataclasses.Field, hint) -> None:
         group.add_argument(name, dest=dest, action="store_const", const=True,
                            help=help_text)
         group.add_argument(meta["negative"], dest=dest, action="store_const", const=False,
-                           help=f"turn off: {help_text}")
+                           help=f"turn off: {help_text}").negated = True
         group.set_defaults(**{dest: f.default})
         return
     if hint is bool:
         if meta.get("negative"):
-            negative = meta["negative"]
-            group.add_argument(negative, dest=dest, action="store_false",
-                               help=help_text if negative in help_text else
-                               f"turn off (default on): {help_text}")
+            # the only flag of its setting: the docstring says what giving it does
+            group.add_argument(meta["negative"], dest=dest, action="store_false",
+                               help=help_text if not name else
+                               f"turn off (default on): {help_text}").negated = True
         if name:
             group.add_argument(name, dest=dest, action="store_true", help=help_text)
         group.set_defaults(**{dest: f.default})
@@ -80,12 +81,22 @@ def _add_field(group, cls, f: dataclasses.Field, hint) -> None:
     group.add_argument(name, **kwargs)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown, except on a negated flag (``--no-nitp``): its default is the setting's
+    (True), which would read as if the flag were given by default."""
+
+    def _get_help_string(self, action):
+        if getattr(action, "negated", False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser(model_type: str = "dense") -> argparse.ArgumentParser:
     """Flags of ``pretrain_gpt_nitp.py`` (``dense``) or ``pretrain_moe_nitp.py`` (``moe``)."""
     kind = "a DeepSeek-V2-style MoE GPT" if model_type == "moe" else "a GPT"
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description=f"Pretrain {kind} with Next Implicit Token Prediction on megatron-core.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     default = "tiny-moe" if model_type == "moe" else DEFAULT_PRESET
     p.add_argument("--preset", default=default, help=f"model preset: {', '.join(PRESETS)}")

@@ -16,7 +16,9 @@ work done since the last ``--save-interval``.
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import threading
 import time
 
 import torch
@@ -112,3 +114,31 @@ class ExitConditions:
         if self.interval and iteration % self.interval == 0:
             return EXIT_INTERVAL, f"--exit-interval {self.interval}"
         return None
+
+
+@contextlib.contextmanager
+def interrupt_deferred():
+    """Holds a Ctrl-C (SIGINT) until the block ends, then raises KeyboardInterrupt there.
+
+    Around a checkpoint save: Ctrl-C in a terminal reaches the whole process group, so the
+    writer processes dist_checkpointing forks would die mid-file and the trainer would wait for
+    them forever. Held, the interrupt lets the save finish (the forked writers inherit the
+    handler, so they finish too), and the run stops with that checkpoint complete. A second
+    Ctrl-C raises at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+
+    def hold(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt

@@ -6,7 +6,9 @@ even when the losses are computed on the last pipeline stage.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import sys
 import time
 from collections import defaultdict
@@ -50,6 +52,26 @@ def is_logging_rank() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
+#: The run folder's record of every logged value, one JSON line per record, so that a run resumed
+#: into the same folder writes summary.json and training.png over all its segments.
+HISTORY_FILE = "history.jsonl"
+
+
+def read_history(path: str, until: int) -> list[dict]:
+    """The entries of a history file up to iteration ``until`` (those after it were redone by
+    the resumed segment); a line cut short by a killed process is left out."""
+    entries = []
+    with open(path) as f:
+        for line in f:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry["iteration"] <= until:
+                entries.append(entry)
+    return entries
+
+
 # Dense bf16 peak TFLOP/s per device, for MFU (``--peak-tflops`` overrides).
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0,
                "L40S": 362.1, "B200": 2250.0}
@@ -86,7 +108,7 @@ class TrainingLogger:
     console and the history keep them."""
 
     def __init__(self, args, tensorboard_dir: str | None, memory=None,
-                 run_dir: str | None = None):
+                 run_dir: str | None = None, start_iteration: int = 0):
         self.args = args
         #: the ``memory.MemoryMonitor`` whose figures (in the metrics of a logging iteration)
         #: the console line shows; None shows none
@@ -108,8 +130,13 @@ class TrainingLogger:
         #: the means of INTERVAL_MEAN_KEYS shown on the last console line (the run summary's
         #: losses); empty before the first line
         self.interval_means: dict[str, float] = {}
+        #: segments of the run in this folder: 1, plus one per resume that continued its history
+        self.segments = 1
+        self._history_file = None
         if not self.enabled:
             return
+        if run_dir:
+            self._open_history(os.path.join(run_dir, HISTORY_FILE), start_iteration)
         if tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -120,6 +147,26 @@ class TrainingLogger:
             from tqdm import tqdm
 
             self.bar = tqdm(total=args.train_iters, desc="training", unit="it", dynamic_ncols=True)
+
+    def _open_history(self, path: str, start_iteration: int) -> None:
+        """Continues the folder's history when this run resumes at ``start_iteration`` (the
+        earlier segments' entries up to it, and a mark where this segment starts), else
+        starts it afresh."""
+        kept = []
+        if start_iteration and os.path.exists(path):
+            kept = read_history(path, start_iteration)
+            kept.append({"iteration": start_iteration, "resumed": True})
+        for entry in kept:
+            if entry.get("resumed"):
+                self.segments += 1
+                continue
+            prefix = "validation " if entry["validation"] else ""
+            for key, value in entry["metrics"].items():
+                self.history[prefix + key].append((entry["iteration"], value))
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(entry) + "\n" for entry in kept)
+        os.replace(path + ".tmp", path)
+        self._history_file = open(path, "a")
 
     def print(self, line: str) -> None:
         if not self.enabled:
@@ -140,6 +187,10 @@ class TrainingLogger:
                 continue
             if math.isfinite(value):
                 scalars[tensorboard_tag(key, validation)] = value
+        if self._history_file is not None:
+            self._history_file.write(json.dumps({"iteration": iteration, "validation": validation,
+                                                 "metrics": metrics}, default=float) + "\n")
+            self._history_file.flush()
         if self.writer is not None:
             for tag, value in scalars.items():
                 self.writer.add_scalar(tag, value, iteration)
@@ -222,6 +273,9 @@ class TrainingLogger:
         return parts
 
     def log_eval(self, iteration: int, metrics: dict[str, float]) -> None:
+        """The validation line and record; an NTP run's has no nitp loss (it is not computed:
+        the zero the schedule reports is not a measurement)."""
+        metrics = {k: v for k, v in metrics.items() if self._shown(k)}
         self.record(iteration, metrics, validation=True)
         body = " | ".join(f"{k} value: {v:.6E}" for k, v in metrics.items())
         ppl = math.exp(min(20.0, metrics["lm loss"]))
@@ -229,6 +283,9 @@ class TrainingLogger:
         self.print("-" * len(line) + "\n" + line + "\n" + "-" * len(line))
 
     def close(self) -> None:
+        if self._history_file is not None:
+            self._history_file.close()
+            self._history_file = None
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:

@@ -18,7 +18,7 @@ from megatron_nitp.config import RunConfig, resolve
 from megatron_nitp.device import device
 from megatron_nitp.device import name as device_name
 from megatron_nitp.training import arguments
-from megatron_nitp.training.exits import EXIT_NON_FINITE, ExitConditions
+from megatron_nitp.training.exits import EXIT_NON_FINITE, ExitConditions, interrupt_deferred
 from megatron_nitp.training.initialize import initialize_distributed, set_seed
 from megatron_nitp.training.logger import Throughput, TrainingLogger, is_logging_rank
 from megatron_nitp.training.memory import MemoryMonitor
@@ -69,7 +69,8 @@ def prepare_data(args: RunConfig):
     from megatron.core.datasets.utils import get_blend_from_list
 
     from megatron_nitp.data.datasets import (MicroBatchIterator, build_datasets,
-                                             build_mock_datasets, check_data_prefixes)
+                                             build_mock_datasets, check_data_prefixes,
+                                             requested_samples)
 
     per_split = (args.train_data_path, args.valid_data_path, args.test_data_path)
     for blend in (per_split if args.train_data_path else (args.data_path,)):
@@ -79,15 +80,15 @@ def prepare_data(args: RunConfig):
     args = resolve(args, torch.distributed.get_world_size(), tokenizer.vocab_size)
     dp_size = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
-    num_samples = (
-        args.train_iters * args.global_batch_size,
-        max(1, args.eval_iters * args.global_batch_size),
-        0,
-    )
+    num_samples = requested_samples(args.train_iters, args.global_batch_size, args.eval_iters,
+                                    args.eval_interval)
     if args.mock_data:
         train_ds, valid_ds, _ = build_mock_datasets(tokenizer, args.seq_length, args.seed,
                                                     num_samples)
     else:
+        if is_logging_rank():  # the index build can take minutes on a large corpus
+            print(f"> building datasets: {num_samples[0]:,} training and {num_samples[1]:,} "
+                  "validation samples", flush=True)
         train_ds, valid_ds, _ = build_datasets(
             list(args.data_path or ()), tokenizer, args.seq_length, args.seed, args.split,
             num_samples, args.data_cache_path,
@@ -101,7 +102,8 @@ def prepare_data(args: RunConfig):
         """The same held-out batches at every evaluation: comparable points on the curve."""
         return MicroBatchIterator(valid_ds, args.micro_batch_size, dp_rank, dp_size)
 
-    return args, tokenizer, train, (valid if valid_ds is not None and args.eval_interval else None)
+    evaluates = valid_ds is not None and len(valid_ds) and args.eval_interval
+    return args, tokenizer, train, (valid if evaluates else None)
 
 
 def _summary(args, logger, wall: float) -> dict:
@@ -110,7 +112,8 @@ def _summary(args, logger, wall: float) -> dict:
     per-iteration values are in the history and TensorBoard); "nitp loss" is None for an NTP
     run. Validation loss and geometry are their last measured values. "peak memory" is the
     largest interval peak of the run, MB, max over ranks (GPU: max allocated; CPU: peak RSS;
-    ``training/memory.py``)."""
+    ``training/memory.py``). A run resumed into the same folder (``segments`` > 1) has the
+    earlier segments' history too; "wall time" is the last segment's."""
     def last(key):
         points = logger.history.get(key)
         return points[-1][1] if points else None
@@ -124,6 +127,7 @@ def _summary(args, logger, wall: float) -> dict:
         "nitp": args.nitp,
         "iterations": args.train_iters,
         "wall time (s)": round(wall, 1),
+        "segments": logger.segments,
         "lm loss": logger.interval_means.get("lm loss"),
         "nitp loss": logger.interval_means.get("nitp loss") if args.nitp else None,
         "validation lm loss": last("validation lm loss"),
@@ -265,17 +269,87 @@ def check_wandb(args) -> None:
                          "drop --wandb-project.")
 
 
+#: Exit code of a run stopped by Ctrl-C (SIGINT), as a shell reports it (128 + 2).
+EXIT_INTERRUPTED = 130
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where a run is, kept up to date so that Ctrl-C can say what is saved and how to go on."""
+
+    run_dir: str | None = None
+    save_dir: str | None = None
+    iteration: int = 0
+    logger: object = None
+
+
+def resume_command(argv: list[str], save_dir: str, run_dir: str) -> str:
+    """The command that continues this run: its own flags with ``--load SAVE_DIR`` and
+    ``--run-dir RUN_DIR`` (so the history, summary.json and training.png continue in the same
+    folder), under torchrun when the job has several processes."""
+    import shlex
+
+    flags, skip = [], False
+    for flag in argv[1:]:
+        if skip:
+            skip = False
+        elif flag in ("--load", "--run-dir"):
+            skip = True
+        elif not flag.startswith(("--load=", "--run-dir=")):
+            flags.append(flag)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    launcher = ["torchrun", f"--nproc-per-node={world}"] if world > 1 else ["python"]
+    return shlex.join(launcher + [argv[0], *flags, "--load", save_dir, "--run-dir", run_dir])
+
+
+def latest_checkpoint(save_dir: str | None) -> str | None:
+    """The checkpoint ``--load SAVE_DIR`` would resume from (the tracker's), None if none."""
+    from megatron_nitp.training.checkpointing import TRACKER, checkpoint_dir
+
+    try:
+        with open(os.path.join(save_dir, TRACKER)) as f:
+            return checkpoint_dir(save_dir, int(f.read().strip()))
+    except (OSError, TypeError, ValueError):
+        return None
+
+
+def interrupted(progress: Progress, argv: list[str]) -> int:
+    """Ctrl-C: one line naming the last checkpoint and the command that resumes from it (no
+    traceback: the interrupt was asked for); returns :data:`EXIT_INTERRUPTED`."""
+    import sys
+
+    if progress.logger is not None:
+        progress.logger.close()  # the history and TensorBoard events up to the interrupt
+    if is_logging_rank():
+        where = (f"after iteration {progress.iteration}" if progress.run_dir
+                 else "before training started")
+        path = latest_checkpoint(progress.save_dir)
+        if path is None:
+            tail = "no checkpoint was saved (--save-interval N saves during training)"
+        else:
+            tail = (f"last checkpoint {path}; resume with: "
+                    + resume_command(argv, progress.save_dir, progress.run_dir))
+        print(f"interrupted (Ctrl-C) {where}: {tail}", file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED
+
+
 def pretrain(args: RunConfig) -> dict:
     """Train; returns the run summary (final metrics). Exits early with a checkpoint and the
     codes of ``training/exits.py`` (a signal, ``--exit-duration-in-mins``,
-    ``--exit-interval``), and with EXIT_NON_FINITE under ``--nan-policy stop``."""
+    ``--exit-interval``), with EXIT_NON_FINITE under ``--nan-policy stop``, and with
+    :data:`EXIT_INTERRUPTED` on Ctrl-C (no checkpoint written then: the line names the last)."""
+    import sys
+
+    progress = Progress()
     try:
-        return _pretrain(args)
+        return _pretrain(args, progress)
+    except KeyboardInterrupt:
+        raise SystemExit(interrupted(progress, sys.argv)) from None
     finally:
         TIMERS.synchronize = False
 
 
-def _pretrain(args: RunConfig) -> dict:
+def _pretrain(args: RunConfig, progress: Progress) -> dict:
     import signal
 
     from megatron_nitp.training.checkpointing import AsyncSaves, save_checkpoint
@@ -298,18 +372,21 @@ def _pretrain(args: RunConfig) -> dict:
     if is_logging_rank():
         os.makedirs(run_dir, exist_ok=True)
     tensorboard_dir = args.tensorboard_dir or os.path.join(run_dir, "tensorboard")
+    progress.run_dir, progress.save_dir = run_dir, save_dir
+    progress.iteration = run.start_iteration
     async_saves = AsyncSaves() if args.async_save else None
 
     def save(iteration: int, wait: bool = False) -> str:
         """The checkpoint's path; with --async-save it is complete only once finalized
         (``wait``: before exiting)."""
-        finish_saves()  # the one before, if still in flight (save_checkpoint would wait too)
-        with params_synced(model):
-            path = save_checkpoint(save_dir, iteration, model, optimizer, scheduler, args,
-                                   consumed_samples=train_iter.consumed_samples,
-                                   keep_last=args.save_keep_last, async_saves=async_saves)
-        if wait:
-            finish_saves()
+        with interrupt_deferred():  # Ctrl-C stops the run after the save, not inside it
+            finish_saves()  # the one before, if still in flight (save_checkpoint would wait too)
+            with params_synced(model):
+                path = save_checkpoint(save_dir, iteration, model, optimizer, scheduler, args,
+                                       consumed_samples=train_iter.consumed_samples,
+                                       keep_last=args.save_keep_last, async_saves=async_saves)
+            if wait:
+                finish_saves()
         return path
 
     def finish_saves() -> None:
@@ -318,7 +395,9 @@ def _pretrain(args: RunConfig) -> dict:
                 logger.print(f"> checkpoint complete {path}")
 
     memory = MemoryMonitor()
-    logger = TrainingLogger(args, tensorboard_dir, memory, run_dir=run_dir)
+    logger = TrainingLogger(args, tensorboard_dir, memory, run_dir=run_dir,
+                            start_iteration=run.start_iteration)
+    progress.logger = logger
     times = IntervalTimes(args.timing_log_level, args.log_straggler)
     from megatron_nitp.training.plan import planned_memory
 
@@ -386,6 +465,7 @@ def _pretrain(args: RunConfig) -> dict:
                     print(f"error: {err}; diagnostics in {path}; the weights were not updated "
                           f"(last checkpoint in {save_dir}).", flush=True)
                 raise SystemExit(EXIT_NON_FINITE)
+            progress.iteration = iteration
             times.add(TIMERS.take())
             logged = logger.is_log_iteration(iteration)
             if logged:

@@ -473,6 +473,33 @@ def _vocab_source(args: RunConfig) -> str:
     return " (assumed: give --tokenizer-model or --vocab-size for the real one)"
 
 
+def check_data_files(args: RunConfig, vocab_size: int | None) -> str | None:
+    """The start-of-run data checks (``datasets.check_data``: sizes, split, token ids) when the
+    files are on this machine; a plan made elsewhere (a login node) says they were not
+    checked. Returns the plan's data line, None without files to check (the built-in corpus,
+    ``--mock-data``). Raises ValueError naming the fix."""
+    from megatron.core.datasets.utils import get_blend_from_list
+
+    from megatron_nitp.data.datasets import check_data, check_data_prefixes, requested_samples
+
+    per_split = (args.train_data_path, args.valid_data_path, args.test_data_path)
+    blends = [b for b in (per_split if args.train_data_path else (args.data_path,)) if b]
+    if args.mock_data or not blends:
+        return None
+    prefixes = [p for blend in blends for p in get_blend_from_list(list(blend))[0]]
+    try:
+        check_data_prefixes(prefixes)
+    except FileNotFoundError as err:
+        missing = str(err).split(" (data prefix")[0]
+        return f"not checked here ({missing}); the job checks it at start"
+    samples = requested_samples(args.train_iters, args.global_batch_size, args.eval_iters,
+                                args.eval_interval)
+    notes = check_data(prefixes, None if args.train_data_path else args.split, samples,
+                       vocab_size)
+    checked = "file sizes, split" + (", token ids" if vocab_size is not None else "")
+    return f"{len(prefixes)} dataset(s): {checked} checked" + "".join(f"; {n}" for n in notes)
+
+
 def dry_run(args: RunConfig) -> int:
     """Checks the layout, prints the plan; returns the exit code (0 = the job can start,
     2 = impossible layout, 3 = does not fit in GPU memory)."""
@@ -491,6 +518,7 @@ def dry_run(args: RunConfig) -> int:
             tokenizer_vocab, missing = None, str(err)
         args = resolve(args, world, tokenizer_vocab)
         gpu_gib = gpu_memory_gib()
+        data = check_data_files(args, tokenizer_vocab)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -529,6 +557,8 @@ def dry_run(args: RunConfig) -> int:
         ("training", f"{precision}, lr {args.lr:g} ({args.lr_decay_style}), distributed "
                      f"optimizer {'on' if args.use_distributed_optimizer else 'off'}"),
     ]
+    if data:
+        lines.append(("data", data))
     if missing:
         lines.append(("tokenizer", f"{missing}: planned with --vocab-size "
                                    f"{args.model.vocab_size}; the job reads it at start"))
