@@ -216,6 +216,43 @@ BUGS = [
         (DEVICE_GUARD,),
         fast=True,
     ),
+    Bug(
+        "rotation-ranks-by-number",
+        "--save-keep-last never deletes the checkpoint just written for another run's newer one",
+        "megatron_nitp/training/checkpointing.py",
+        "    own = [i for i in _complete_iterations(root) if i <= newest]\n",
+        "    own = _complete_iterations(root)\n",
+        ("tests/test_checkpoint_folders.py::test_rotation_keeps_the_checkpoint_just_written_and_"
+         "never_touches_newer_ones",),
+        fast=True,
+    ),
+    Bug(
+        "bin-size-unchecked",
+        "a .bin whose size is not what its .idx describes is refused at start",
+        "megatron_nitp/data/datasets.py",
+        "        if actual != expected:\n",
+        "        if False:\n",
+        ("tests/test_data_checks.py::test_a_bin_of_the_wrong_size_is_refused_naming_both_sizes",),
+        fast=True,
+    ),
+    Bug(
+        "export-keeps-training-kernels",
+        "export and evaluation rebuild a checkpoint's model without its GPU-only speed settings",
+        "megatron_nitp/training/checkpointing.py",
+        "    config = dataclasses.replace(config, performance=PerformanceConfig())\n",
+        "    config = dataclasses.replace(config)\n",
+        ("tests/test_lifecycle.py::test_export_model_is_built_without_the_training_kernels",),
+        fast=True,
+    ),
+    Bug(
+        "wgrad-fusion-with-te-alone",
+        "gradient-accumulation fusion is auto-on only where Apex's kernel imports",
+        "megatron_nitp/config/performance.py",
+        "    return k.cuda and k.apex_fused_wgrad\n",
+        "    return k.cuda and (k.apex_fused_wgrad or k.te)\n",
+        ("tests/test_performance.py::test_auto_fusions_follow_the_kernels",),
+        fast=True,
+    ),
 ]
 
 
