@@ -176,10 +176,10 @@ class Run:
 def check_checkpoint_folders(args: RunConfig, save_dir: str) -> list[str]:
     """The start checks of the checkpoints (``args`` resolved for the world): the ``--save``
     folder is writable, belongs to this run's lineage and has room for a checkpoint
-    (``checkpointing.check_save_folder``, with ``plan.checkpoint_bytes``; the vocabulary is
-    ``--vocab-size``'s or the default, the tokenizer being read only after), and a
+    (``checkpointing.check_save_folder``, with ``plan.checkpoint_bytes`` of the resolved
+    vocabulary), and a
     ``dp_reshardable`` checkpoint to resume fits this layout (its nitp.json, read before
-    anything is built). Returns the warnings; raises UsageError in one line."""
+    the model is built). Returns the warnings; raises UsageError in one line."""
     from megatron_nitp.training import checkpointing as ck
     from megatron_nitp.training.plan import checkpoint_bytes
 
@@ -216,17 +216,15 @@ def setup(args: RunConfig, save_dir: str | None = None) -> Run:
             from megatron_nitp.data.index_cache import check_shared
 
             check_shared(args.data_cache_path)
-        planned = resolve(args, torch.distributed.get_world_size())  # the layout, before data
-    except (ValueError, FileNotFoundError, PermissionError) as err:
-        raise UsageError(str(err)) from err
-    if save_dir is not None:
-        for warning in check_checkpoint_folders(planned, save_dir):
-            if is_logging_rank():
-                print(warning, flush=True)
-    try:
+        resolve(args, torch.distributed.get_world_size())  # the layout, before data work
         args, tokenizer, train_iter, valid_iter = prepare_data(args)
     except (ValueError, FileNotFoundError, PermissionError) as err:
         raise UsageError(str(err)) from err
+    # the save folder after the data (whose checks write nothing), before the model
+    if save_dir is not None:
+        for warning in check_checkpoint_folders(args, save_dir):
+            if is_logging_rank():
+                print(warning, flush=True)
 
     from megatron.core.distributed import finalize_model_grads
 
