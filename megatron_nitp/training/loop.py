@@ -177,9 +177,9 @@ def check_checkpoint_folders(args: RunConfig, save_dir: str) -> list[str]:
     """The start checks of the checkpoints (``args`` resolved for the world): the ``--save``
     folder is writable, belongs to this run's lineage and has room for a checkpoint
     (``checkpointing.check_save_folder``, with ``plan.checkpoint_bytes`` of the resolved
-    vocabulary), and a
-    ``dp_reshardable`` checkpoint to resume fits this layout (its nitp.json, read before
-    the model is built). Returns the warnings; raises UsageError in one line."""
+    vocabulary), and a ``dp_reshardable`` checkpoint to resume fits this layout (its
+    nitp.json, read before the model is built). Returns the warnings; raises UsageError in one
+    line."""
     from megatron_nitp.training import checkpointing as ck
     from megatron_nitp.training.plan import checkpoint_bytes
 
