@@ -15,8 +15,10 @@
 #    ($MEGATRON_NITP_SHARED_GPU, after tools/nccl_probe.py) - for TP2, TP2+SP, PP2 with
 #    routing, PP2 with evaluate(), DP2 with the distributed optimizer and overlap, CP2 (TE) and
 #    EP2 with both dispatchers, against one rank);
-# 4. measures NTP vs NITP on a dense-0.5b-shaped model (4 layers, seq 4096, bf16): step time,
-#    NITP's overhead against the exact analytic ratio, tokens/s, TFLOP/s and MFU, peak memory;
+# 4. measures NTP vs NITP on the full dense-0.5b preset (24 layers, seq 8192, micro-batch 1,
+#    bf16, the fastest attention here: TE's, else torch's SDPA): step time (paired medians),
+#    NITP's overhead against the exact analytic ratio and the paper's +1.8% wall clock,
+#    tokens/s, TFLOP/s and MFU, peak memory (QUICK=1: 4 layers, seq 4096, micro-batch 2);
 # 5. the step memory without recomputation, selective and full, NTP and NITP under each
 #    (tools/memory_benchmark.py, bf16), and the MoE step time with the expert loop, grouped
 #    GEMM and grouped GEMM + fused permutation, with tokens/s, TFLOP/s and MFU
@@ -24,7 +26,7 @@
 #
 # Everything lands in $GPU_CHECK_OUT (default runs/gpu_check-<time>): gpu_check.log, pytest.log,
 # benchmark.json, memory.json, moe.json. Exit status: 0 when every test passed and the benchmark ran.
-# Knobs: PYTHON (default python3), BENCH_LAYERS (4), BENCH_SEQ (4096), BENCH_MBS (2),
+# Knobs: PYTHON (default python3), QUICK=1, BENCH_LAYERS (24), BENCH_SEQ (8192), BENCH_MBS (1),
 # BENCH_ITERS (10), GPU_TESTS_K (a pytest -k expression), SKIP_TESTS=1, SKIP_BENCH=1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -108,10 +110,15 @@ fi
 
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   echo
-  echo "> NTP vs NITP on a dense-0.5b-shaped model"
+  if [ "${QUICK:-0}" = 1 ]; then
+    layers=${BENCH_LAYERS:-4} seq=${BENCH_SEQ:-4096} mbs=${BENCH_MBS:-2} k=1
+  else  # the preset's depth and layer k (5)
+    layers=${BENCH_LAYERS:-24} seq=${BENCH_SEQ:-8192} mbs=${BENCH_MBS:-1} k=5
+  fi
+  echo "> NTP vs NITP on dense-0.5b: $layers layers, seq $seq, micro-batch $mbs"
   "$PY" tools/flops_overhead.py --measure --preset dense-0.5b --bf16 \
-    --num-layers "${BENCH_LAYERS:-4}" --nitp-target-layer 1 --seq-length "${BENCH_SEQ:-4096}" \
-    --micro-batch-size "${BENCH_MBS:-2}" --warmup-iters 3 --measure-iters "${BENCH_ITERS:-10}" \
+    --num-layers "$layers" --nitp-target-layer "$k" --seq-length "$seq" \
+    --micro-batch-size "$mbs" --warmup-iters 3 --measure-iters "${BENCH_ITERS:-10}" \
     --json > "$OUT_DIR/benchmark.json" || status=1
   "$PY" - "$OUT_DIR/benchmark.json" <<'EOF' || status=1
 import json, sys
