@@ -49,7 +49,8 @@ lint() {
   .venv/bin/hadolint Dockerfile
   echo "hadolint: Dockerfile OK"
   .venv/bin/shellcheck -x examples/*.sh examples/lib/launch.sh examples/slurm/*.sbatch \
-    tests/slurm/run_slurm_test.sh scripts/test_019.sh scripts/test_lm_eval.sh .ci/ci_extra.sh
+    tests/slurm/run_slurm_test.sh scripts/test_019.sh scripts/test_lm_eval.sh .ci/ci_extra.sh \
+    scripts/gpu_check.sh
   echo "shellcheck: scripts OK"
 }
 

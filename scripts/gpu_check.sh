@@ -29,7 +29,7 @@
 # Knobs: PYTHON (default python3), QUICK=1, BENCH_LAYERS (24), BENCH_SEQ (8192), BENCH_MBS (1),
 # BENCH_ITERS (10), GPU_TESTS_K (a pytest -k expression), SKIP_TESTS=1, SKIP_BENCH=1.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
 
 if ! "$PY" - <<'EOF'
