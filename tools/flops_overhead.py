@@ -15,6 +15,7 @@ The formulas are in megatron_nitp/flops.py; docs/performance.md has the figures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -372,7 +373,9 @@ def main(argv=None) -> int:
     if args.measure:
         if args.all:
             parser.error("--measure times one model: give --preset NAME or model flags, not --all")
-        result = measure(args)
+        # the training code's progress lines go to stderr: with --json, stdout is the JSON alone
+        with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
+            result = measure(args)
         if args.json:
             print(json.dumps(result, indent=1))
         else:

@@ -201,6 +201,13 @@ def build_model(
     from megatron_nitp.training.objectives import build_objectives
 
     config = transformer_config(args, perform_initialization)
+    if args.num_moe_experts:
+        # megatron-core's router losses go to a module-level per-layer tracker sized by the
+        # first model that logs; a model of another depth built later in this process (an
+        # export after training, in-process tests) would index past it
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        get_moe_layer_wise_logging_tracker().clear()
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
