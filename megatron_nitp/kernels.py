@@ -54,26 +54,18 @@ class Kernels:
         return transformer_impl == "transformer_engine" and self.cuda and self.te
 
 
-def _importable(module: str, attr: str | None = None) -> bool:
-    """The module imports (and has ``attr``); a broken install, e.g. TE without its CUDA
-    libraries, counts as missing."""
+def _importable(module: str, attr: str | None = None, load: bool = False) -> bool:
+    """The module is found (``load``: and imports, with ``attr``); a broken install, e.g. TE
+    without its CUDA libraries, counts as missing. CUDA extensions are only looked up."""
     try:
         if importlib.util.find_spec(module.split(".")[0]) is None:
             return False
-        if attr is None and "." not in module:
+        if not (load or attr or "." in module):
             return True
         loaded = importlib.import_module(module)
         return attr is None or hasattr(loaded, attr)
-    except Exception:  # noqa: BLE001
-        return False
-
-
-def _te_importable() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
     except Exception:  # noqa: BLE001 - ImportError, or OSError from a broken CUDA install
         return False
-    return True
 
 
 @functools.lru_cache(maxsize=None)
@@ -83,7 +75,7 @@ def detect() -> Kernels:
 
     return Kernels(
         cuda=device.has_cuda(),
-        te=_te_importable(),
+        te=_importable("transformer_engine", load=True),
         apex_fused_adam=_importable("apex.optimizers", "FusedAdam"),
         apex_fused_wgrad=_importable("fused_weight_gradient_mlp_cuda"),
         grouped_gemm=_importable("grouped_gemm"),
