@@ -32,17 +32,14 @@ def main(argv=None) -> str:
     if argv in (["-h"], ["--help"]):
         print("usage: python tools/build_index.py [the job's flags, as pretrain_*_nitp.py takes them]\n\n" + __doc__.strip())
         return ""
+    from megatron_nitp.config import ONE_PROCESS_LAYOUT
     from megatron_nitp.data.datasets import default_cache_root
     from megatron_nitp.training.arguments import parse_args
     from megatron_nitp.training.initialize import initialize_distributed
     from megatron_nitp.training.loop import prepare_data
 
     config = parse_args(argv, _model_type(argv))
-    one = config.replace(
-        tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-        expert_model_parallel_size=1, expert_tensor_parallel_size=None,
-        context_parallel_size=1, sequence_parallel=False, decoder_first_pipeline_num_layers=None,
-        decoder_last_pipeline_num_layers=None)
+    one = config.replace(**ONE_PROCESS_LAYOUT)
     if one.mock_data:
         raise SystemExit("error: --mock-data has no index to build.")
     cache = one.data_cache_path or f"{default_cache_root()}/dataset-index"

@@ -3,9 +3,9 @@ derived values (``resolve``). The command line that fills it is ``training/argum
 
 from megatron_nitp.config.resolve import (DEFAULT_VOCAB_SIZE, ConfigError, complete,
                                           padded_vocab, pipeline_split, resolve, validate)
-from megatron_nitp.config.schema import (FLAT, GROUPS, Derived, RunConfig)
+from megatron_nitp.config.schema import FLAT, GROUPS, ONE_PROCESS_LAYOUT, Derived, RunConfig
 
-__all__ = ["ConfigError", "DEFAULT_VOCAB_SIZE", "Derived", "FLAT", "GROUPS", "RunConfig",
+__all__ = ["ConfigError", "DEFAULT_VOCAB_SIZE", "Derived", "FLAT", "GROUPS", "ONE_PROCESS_LAYOUT", "RunConfig",
            "complete", "padded_vocab", "pipeline_split", "preset_config", "resolve", "validate"]
 
 

@@ -469,6 +469,13 @@ def _index() -> dict[str, tuple[str, str]]:
 
 #: flat name (flag dest) -> (group, field)
 FLAT = _index()
+
+#: The layout settings of one process (flat names for ``RunConfig.replace``): what export,
+#: evaluation and ``tools/build_index.py`` run a multi-process job's config as.
+ONE_PROCESS_LAYOUT = dict(
+    tensor_model_parallel_size=1, pipeline_model_parallel_size=1, expert_model_parallel_size=1,
+    expert_tensor_parallel_size=None, context_parallel_size=1, sequence_parallel=False,
+    decoder_first_pipeline_num_layers=None, decoder_last_pipeline_num_layers=None)
 DERIVED = {f.name for f in dataclasses.fields(Derived)}
 
 

@@ -780,7 +780,8 @@ def config_from_meta(meta: dict):
     training precision."""
     import dataclasses
 
-    from megatron_nitp.config import RunConfig, complete, preset_config, resolve
+    from megatron_nitp.config import (ONE_PROCESS_LAYOUT, RunConfig, complete, preset_config,
+                                      resolve)
     from megatron_nitp.config.schema import PerformanceConfig
 
     if "config" in meta:
@@ -793,12 +794,8 @@ def config_from_meta(meta: dict):
         config = preset_config("tiny-dense", **flat)
     config = dataclasses.replace(config, performance=PerformanceConfig())
     config = complete(config.replace(
-        tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-        expert_model_parallel_size=1, expert_tensor_parallel_size=None,
-        context_parallel_size=1, sequence_parallel=False,
-        use_distributed_optimizer=False, decoder_first_pipeline_num_layers=None,
-        decoder_last_pipeline_num_layers=None, micro_batch_size=1, global_batch_size=1,
-        load=None, save=None, bf16=False, fp16=False,
+        **ONE_PROCESS_LAYOUT, use_distributed_optimizer=False, micro_batch_size=1,
+        global_batch_size=1, load=None, save=None, bf16=False, fp16=False,
         dist_ckpt_optim_fully_reshardable=False))
     resolved = resolve(config, 1)
     padded = meta["model"]["padded_vocab_size"]
