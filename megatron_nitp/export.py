@@ -79,6 +79,7 @@ def export_tokenizer(config, out_dir: str) -> list[str]:
     so that ``transformers.AutoTokenizer.from_pretrained(out_dir)`` (and lm-eval's own ``hf``
     model) encodes as training did, and records it in :data:`TOKENIZER_RECORD`: SentencePiece as
     ``tokenizer.model`` converted to a transformers tokenizer (:func:`_sentencepiece_tokenizer`),
+    GPT-2's BPE (``--vocab-file``/``--merge-file``) as the Hugging Face tokenizer it is read as,
     Hugging Face as its ``tokenizer.json`` (and config) at the top of the folder, tiktoken as
     ``tiktoken.json``; NullTokenizer has no file. A tokenizer file missing on this machine is
     skipped (the record says none). Returns the files written."""
@@ -86,6 +87,13 @@ def export_tokenizer(config, out_dir: str) -> list[str]:
 
     kind, source = config.tokenizer_type, config.tokenizer_model
     copied: list[str] = []
+    merge_file = config.data.merge_file
+    if kind == "GPT2BPETokenizer" and source and merge_file and os.path.exists(source) \
+            and os.path.exists(merge_file):
+        from megatron_nitp.data.tokenizer import gpt2_bpe_folder
+
+        # GPT-2's vocab.json + merges.txt, as the Hugging Face tokenizer training read them
+        kind, source = "HuggingFaceTokenizer", gpt2_bpe_folder(source, merge_file)
     if source and os.path.exists(source):
         if kind == "HuggingFaceTokenizer":
             folder = source if os.path.isdir(source) else os.path.dirname(source)

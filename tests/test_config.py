@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from megatron_nitp.config import megatron_lm
 from megatron_nitp.config import (FLAT, GROUPS, ConfigError, RunConfig, complete, preset_config,
                                   resolve, validate)
 from megatron_nitp.presets import PRESETS
@@ -35,8 +36,15 @@ MEGATRON_LM_FLAGS = {
     "--save", "--save-interval", "--load", "--finetune",
     "--exit-duration-in-mins", "--exit-interval", "--exit-signal-handler", "--exit-signal",
     "--wandb-project", "--wandb-exp-name", "--wandb-save-dir", "--log-memory-to-tensorboard",
-    "--timing-log-level", "--log-straggler",
+    "--timing-log-level", "--log-straggler", "--train-samples", "--lr-warmup-fraction",
+    "--lr-warmup-samples", "--lr-decay-samples", "--lr-wsd-decay-samples", "--vocab-file",
+    "--merge-file",
 }
+
+#: Megatron-LM's flags that state what every model here is (config/megatron_lm.py)
+MEGATRON_LM_DESCRIBED = {"--swiglu", "--normalization", "--position-embedding-type",
+                         "--disable-bias-linear", "--group-query-attention", "--use-mcore-models",
+                         "--rotary-percent", "--ckpt-format"}
 
 TINY = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
         "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "8",
@@ -49,7 +57,10 @@ def test_every_flag_is_one_field_and_keeps_megatron_lm_names():
     assert MEGATRON_LM_FLAGS <= flags, sorted(MEGATRON_LM_FLAGS - flags)
     dests = {a.dest for a in parser._actions if a.option_strings} - {"help"}
     launch_only = {"preset", "list_presets", "json", "dry_run", "planned_world_size"}
-    assert dests - launch_only == set(FLAT)  # no flag without a field, no field without a flag
+    described = {d.dest for d in megatron_lm.ACCEPTED + megatron_lm.REFUSED}
+    assert MEGATRON_LM_DESCRIBED <= flags
+    # no flag without a field, no field without a flag (but the checked Megatron-LM ones)
+    assert dests - launch_only - described == set(FLAT)
 
 
 def test_every_field_has_help_text():

@@ -34,9 +34,13 @@ def main(argv=None) -> None:
     parser.add_argument("--tokenizer-type", default=DEFAULT_TOKENIZER_TYPE,
                         choices=TOKENIZER_TYPES,
                         help="Megatron-LM's tokenizer kind (train with the same one)")
-    parser.add_argument("--tokenizer-model", required=True,
+    parser.add_argument("--tokenizer-model",
                         help="the tokenizer's file or folder: a SentencePiece .model, a Hugging "
                              "Face folder with tokenizer.json, a tiktoken .json")
+    parser.add_argument("--vocab-file",
+                        help="GPT2BPETokenizer: GPT-2's vocab.json (Megatron-LM's flag)")
+    parser.add_argument("--merge-file",
+                        help="GPT2BPETokenizer: GPT-2's merges.txt (Megatron-LM's flag)")
     parser.add_argument("--output-prefix", required=True)
     parser.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
                         help="end every document with the EOD token (default: on)")
@@ -55,6 +59,16 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.workers < 1 or args.partitions < 1:
         parser.error("--workers and --partitions must be >= 1")
+    if args.tokenizer_type == "GPT2BPETokenizer":
+        if not (args.vocab_file and args.merge_file) or args.tokenizer_model:
+            parser.error("--tokenizer-type GPT2BPETokenizer reads --vocab-file and --merge-file "
+                         "(not --tokenizer-model)")
+        args.tokenizer_model = args.vocab_file
+    elif args.vocab_file or args.merge_file:
+        parser.error("--vocab-file / --merge-file are GPT2BPETokenizer's: add --tokenizer-type "
+                     "GPT2BPETokenizer")
+    elif not args.tokenizer_model:
+        parser.error("--tokenizer-model is required (the tokenizer's file or folder)")
 
     try:
         result = preprocess_corpus(
@@ -68,6 +82,7 @@ def main(argv=None) -> None:
             on_bad_line=args.on_bad_line,
             progress_interval=args.log_interval,
             tokenizer_type=args.tokenizer_type,
+            merge_file=args.merge_file,
         )
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -82,11 +82,69 @@ def complete(config: RunConfig) -> RunConfig:
             fill["moe_ffn_hidden_size"] = fill.get("ffn_hidden_size", m.ffn_hidden_size)
     if config.parallel.sequence_parallel and config.parallel.tensor_model_parallel_size == 1:
         fill["sequence_parallel"] = False
+    fill.update(_schedule_in_iterations(config))
+    d = config.data
+    if d.tokenizer_type == "GPT2BPETokenizer" and d.tokenizer_model is None and d.vocab_file:
+        fill["tokenizer_model"] = d.vocab_file  # GPT-2's tokenizer is named by its vocabulary
     if not fill:
         return config
     keep = config.derived
     done = config.replace(**fill)
     return done.replace(derived=keep) if keep is not None else done
+
+
+def _schedule_in_iterations(config: RunConfig) -> dict:
+    """Megatron-LM's sample-based lengths and ``--lr-warmup-fraction`` as the iterations they
+    mean (flat names -> values, only those that differ).
+
+    Megatron-LM counts a sample-based schedule in samples and steps it by the global batch;
+    its learning rate at iteration i depends only on the ratios of those counts, so the same
+    counts divided by the global batch give the same schedule here, exactly when they are
+    multiples of it (rounded to whole iterations otherwise: the learning rate then differs by
+    less than one iteration's share). ``--train-samples`` is cut as Megatron-LM cuts it
+    (``train_samples // global_batch_size``)."""
+    t, s = config.training, config.schedule
+    gbs = t.global_batch_size
+    out = {}
+    if gbs:
+        if t.train_samples is not None:
+            out["train_iters"] = t.train_samples // gbs
+        for samples, iters in (("lr_warmup_samples", "lr_warmup_iters"),
+                               ("lr_decay_samples", "lr_decay_iters"),
+                               ("lr_wsd_decay_samples", "lr_wsd_decay_iters")):
+            if getattr(s, samples) is not None:
+                out[iters] = int(round(getattr(s, samples) / gbs))
+    if s.lr_warmup_fraction is not None:
+        decay = out.get("lr_decay_iters", s.lr_decay_iters) or out.get("train_iters",
+                                                                        t.train_iters)
+        if decay:
+            out["lr_warmup_iters"] = int(round(s.lr_warmup_fraction * decay))
+    return {name: value for name, value in out.items() if getattr(config, name) != value}
+
+
+def _validate_megatron_lm_schedule(config: RunConfig) -> None:
+    """Megatron-LM's rule: a length is given in iterations or in samples, a warm-up in one of
+    iterations, samples or a fraction; both at once is refused rather than one winning."""
+    t, s = config.training, config.schedule
+    pairs = (("train_samples", t.train_samples, "train_iters"),
+             ("lr_warmup_samples", s.lr_warmup_samples, "lr_warmup_iters"),
+             ("lr_warmup_fraction", s.lr_warmup_fraction, "lr_warmup_iters"),
+             ("lr_decay_samples", s.lr_decay_samples, "lr_decay_iters"),
+             ("lr_wsd_decay_samples", s.lr_wsd_decay_samples, "lr_wsd_decay_iters"))
+    for name, value, iters in pairs:
+        if value is not None and config.source(iters) == "flag":
+            raise ConfigError(f"--{name.replace('_', '-')} and --{iters.replace('_', '-')} both "
+                              "set it: give one of them.")
+    if s.lr_warmup_fraction is not None and s.lr_warmup_samples is not None:
+        raise ConfigError("--lr-warmup-fraction and --lr-warmup-samples both set the warm-up: "
+                          "give one of them.")
+    if s.lr_warmup_fraction is not None and not 0.0 <= s.lr_warmup_fraction <= 1.0:
+        raise ConfigError(f"--lr-warmup-fraction {s.lr_warmup_fraction} must be between 0 and 1.")
+    for name, value in (("train_samples", t.train_samples),
+                        ("lr_decay_samples", s.lr_decay_samples)):
+        if value is not None and t.global_batch_size and value < t.global_batch_size:
+            raise ConfigError(f"--{name.replace('_', '-')} {value} is less than one global batch "
+                              f"(--global-batch-size {t.global_batch_size}).")
 
 
 def validate(config: RunConfig) -> None:
@@ -100,6 +158,7 @@ def validate(config: RunConfig) -> None:
                         ("train_iters", t.train_iters), ("lr", config.schedule.lr)):
         if value is None:
             raise ConfigError(f"--{name.replace('_', '-')} is required (no preset sets it).")
+    _validate_megatron_lm_schedule(config)
     try:
         config.nitp_config.validate(m.num_layers, m.hidden_size, p.tensor_model_parallel_size)
     except ValueError as err:
@@ -234,6 +293,14 @@ def _validate_data(config: RunConfig) -> None:
     if d.tokenizer_type == "NullTokenizer" and not config.model.vocab_size:
         raise ConfigError("--tokenizer-type NullTokenizer needs --vocab-size (its ids are "
                           "0..vocab-size-1, the last one EOD).")
+    if d.tokenizer_type == "GPT2BPETokenizer" and not (d.tokenizer_model and d.merge_file):
+        raise ConfigError("--tokenizer-type GPT2BPETokenizer needs --vocab-file (GPT-2's "
+                          "vocab.json) and --merge-file (its merges.txt): local files, nothing "
+                          "is downloaded.")
+    if (d.vocab_file or d.merge_file) and d.tokenizer_type != "GPT2BPETokenizer":
+        raise ConfigError(f"--vocab-file / --merge-file are GPT2BPETokenizer's files, and "
+                          f"--tokenizer-type is {d.tokenizer_type}: add --tokenizer-type "
+                          "GPT2BPETokenizer, or drop them.")
     if d.tokenizer_type in ("HuggingFaceTokenizer", "TikTokenizer") and d.tokenizer_model is None:
         raise ConfigError(f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model (a "
                           "local file or folder: nothing is downloaded).")

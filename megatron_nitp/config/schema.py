@@ -142,6 +142,9 @@ class TrainingConfig:
     """sequences per optimizer step"""
     train_iters: Optional[int] = None
     """optimizer steps"""
+    train_samples: Optional[int] = None
+    """Megatron-LM's sample-based length: --train-iters = train-samples // global-batch-size
+    (instead of --train-iters)"""
     seed: int = 1234
     """random seed (initialization, data order)"""
     weight_decay: float = 0.1
@@ -194,12 +197,22 @@ class ScheduleConfig:
     """shape of the decay"""
     lr_warmup_iters: int = 0
     """linear warm-up iterations"""
+    lr_warmup_fraction: Optional[float] = None
+    """warm-up as a fraction of --lr-decay-iters (Megatron-LM's; instead of --lr-warmup-iters),
+    rounded to whole iterations"""
+    lr_warmup_samples: Optional[int] = None
+    """Megatron-LM's sample-based warm-up: --lr-warmup-iters = samples / global-batch-size,
+    rounded to whole iterations (with --train-samples)"""
+    lr_decay_samples: Optional[int] = None
+    """Megatron-LM's sample-based decay length, converted as --lr-warmup-samples"""
     lr_decay_iters: Optional[int] = None
     """default: --train-iters"""
     lr_wsd_decay_ratio: float = 0.2
     """WSD: fraction of the decay iterations spent decaying (paper: 0.2)"""
     lr_wsd_decay_iters: Optional[int] = None
     """WSD: decay iterations (overrides --lr-wsd-decay-ratio)"""
+    lr_wsd_decay_samples: Optional[int] = None
+    """Megatron-LM's sample-based WSD decay, converted as --lr-warmup-samples"""
     lr_wsd_decay_style: str = flag("linear", choices=("linear", "cosine", "exponential",
                                                       "minus_sqrt"))
     """WSD: shape of the final decay"""
@@ -223,14 +236,20 @@ class DataConfig:
     """the test split's own prefix(es) (with --train-data-path)"""
     tokenizer_type: str = flag("SentencePieceTokenizer",
                                choices=("SentencePieceTokenizer", "HuggingFaceTokenizer",
-                                        "TikTokenizer", "NullTokenizer"))
+                                        "GPT2BPETokenizer", "TikTokenizer", "NullTokenizer"))
     """Megatron-LM's tokenizer kinds, built by megatron-core's tokenizer library (the one the
     data was preprocessed with): SentencePieceTokenizer (a .model; without --data-path the
     built-in corpus's), HuggingFaceTokenizer (a local folder holding tokenizer.json, or that
-    file), TikTokenizer (Megatron's tiktoken .json vocabulary) or NullTokenizer (no file:
-    --vocab-size ids, the last one EOD)"""
+    file), GPT2BPETokenizer (GPT-2's byte-level BPE from --vocab-file and --merge-file),
+    TikTokenizer (Megatron's tiktoken .json vocabulary) or NullTokenizer (no file: --vocab-size
+    ids, the last one EOD)"""
     tokenizer_model: Optional[str] = None
     """the tokenizer's file or folder (see --tokenizer-type)"""
+    vocab_file: Optional[str] = None
+    """GPT2BPETokenizer: the vocabulary (GPT-2's vocab.json: token -> id, with <|endoftext|>,
+    the end-of-document token)"""
+    merge_file: Optional[str] = None
+    """GPT2BPETokenizer: the BPE merges (GPT-2's merges.txt)"""
     mock_data: bool = False
     """megatron-core's mock GPT data (MockGPTDataset: synthetic token runs, each ending in
     EOD) instead of a corpus, for benchmarks and smoke tests: no tokenizer training, no corpus

@@ -43,7 +43,7 @@ from megatron.core.datasets.indexed_dataset import (
 
 from megatron_nitp.data import readers
 from megatron_nitp.data.meta import META_SUFFIX, recorded_max_token_id, write_meta
-from megatron_nitp.data.tokenizer import DEFAULT_TOKENIZER_TYPE, build_tokenizer
+from megatron_nitp.data.tokenizer import DEFAULT_TOKENIZER_TYPE, build_tokenizer, gpt2_bpe_folder
 
 ON_BAD_LINE = ("error", "skip")
 
@@ -402,6 +402,7 @@ def preprocess_corpus(
     on_bad_line: str = "error",
     progress_interval: float | None = None,
     tokenizer_type: str = DEFAULT_TOKENIZER_TYPE,
+    merge_file: str | None = None,
 ) -> PreprocessResult:
     """Tokenizes input files into one indexed dataset per key.
 
@@ -421,6 +422,8 @@ def preprocess_corpus(
             bad records out and lists them in the result.
         progress_interval: Seconds between progress lines on stderr; None prints none.
         tokenizer_type: Passed to `tokenizer.build_tokenizer`.
+        merge_file: GPT2BPETokenizer's merges (`tokenizer_model` is then its vocabulary); the
+            pair is read as the Hugging Face tokenizer `tokenizer.gpt2_bpe_folder` makes of it.
 
     Returns:
         The datasets' prefixes (as accepted by `build_datasets`), counts and timing.
@@ -440,6 +443,9 @@ def preprocess_corpus(
     if workers < 1 or partitions < 1:
         raise ValueError(f"workers and partitions must be >= 1, got {workers} and {partitions}")
     readers.check_inputs(input_files, keys)
+    if tokenizer_type == "GPT2BPETokenizer":  # the workers read the same tokenizer as a folder
+        tokenizer_type, tokenizer_model = ("HuggingFaceTokenizer",
+                                           gpt2_bpe_folder(tokenizer_model, merge_file))
     build_tokenizer(tokenizer_type, tokenizer_model)
 
     data_prefixes = [f"{output_prefix}_{key}_document" for key in keys]

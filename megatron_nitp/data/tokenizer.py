@@ -157,8 +157,8 @@ def _train(sentences: Iterator[str], output_prefix: str, vocab_size: int) -> Non
 
 
 #: Megatron-LM's ``--tokenizer-type`` names this project builds (``megatron.core.tokenizers``).
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "TikTokenizer",
-                   "NullTokenizer")
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer",
+                   "TikTokenizer", "NullTokenizer")
 DEFAULT_TOKENIZER_TYPE = "SentencePieceTokenizer"
 
 #: Special tokens of :func:`train_bpe`'s tokenizers: EOD first, then pad.
@@ -175,7 +175,63 @@ _HOW_TO_GET = {
                             "train one with tools/train_tokenizer.py --type bpe)",
     "TikTokenizer": "a tiktoken vocabulary in Megatron's JSON format (a list of {rank, "
                     "token_bytes, token_str})",
+    "GPT2BPETokenizer": "GPT-2's vocab.json (--vocab-file) and merges.txt (--merge-file)",
 }
+
+
+def gpt2_bpe_folder(vocab_file: str, merge_file: str | None) -> str:
+    """Megatron-LM's ``GPT2BPETokenizer`` (``--vocab-file`` + ``--merge-file``) as a Hugging
+    Face tokenizer folder that megatron-core's ``HuggingFaceTokenizer`` reads, made once per
+    pair of files (cached by their content under ``$MEGATRON_NITP_CACHE/tokenizers``).
+
+    megatron-core's own GPT-2 path (``MegatronHFTokenizer``) resolves the model by name, downloads
+    when a file is missing and, in 0.16, passes the vocabulary as the merges; GPT-2's byte-level
+    BPE is exactly transformers' ``GPT2TokenizerFast`` of the two files, with Megatron-LM's
+    vocabulary (the file's entries) and EOD (``<|endoftext|>``). Raises FileNotFoundError /
+    ValueError naming the flag."""
+    import hashlib
+
+    for flag, path in (("--vocab-file", vocab_file), ("--merge-file", merge_file)):
+        if not path:
+            raise ValueError(f"--tokenizer-type GPT2BPETokenizer needs {flag} "
+                             f"({_HOW_TO_GET['GPT2BPETokenizer']}).")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{flag} {path} not found (--tokenizer-type "
+                                    f"GPT2BPETokenizer reads {_HOW_TO_GET['GPT2BPETokenizer']})")
+    digest = hashlib.sha256()
+    for path in (vocab_file, merge_file):
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    from megatron_nitp.data.corpus import default_cache_root
+
+    folder = os.path.join(default_cache_root(), "tokenizers", "gpt2bpe-" + digest.hexdigest()[:16])
+    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        return folder
+    with open(vocab_file, encoding="utf-8") as f:
+        try:
+            vocab = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--vocab-file {vocab_file} is not GPT-2's vocab.json (a JSON "
+                             f"object token -> id): {err}") from None
+    if BPE_EOD not in vocab:
+        raise ValueError(f"--vocab-file {vocab_file} has no {BPE_EOD} token, which "
+                         "GPT2BPETokenizer ends every document with (EOD).")
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    bpe = Tokenizer(models.BPE.from_file(vocab_file, merge_file))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split
+    bpe.decoder = decoders.ByteLevel()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=BPE_EOD)
+    staging = f"{folder}.tmp{os.getpid()}"
+    tokenizer.save_pretrained(staging)
+    try:
+        os.rename(staging, folder)
+    except OSError:  # another process made it first: theirs is the same
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
 
 
 def _kind_hint(path: str) -> str:
@@ -265,17 +321,19 @@ def _null_library() -> str:
 
 
 def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None,
-                    vocab_size: int | None = None):
+                    vocab_size: int | None = None, merge_file: str | None = None):
     """megatron-core's tokenizer of a Megatron-LM ``--tokenizer-type``, checked first.
 
     Args:
         tokenizer_type: One of :data:`TOKENIZER_TYPES`.
         tokenizer_model: SentencePiece: the ``.model``; HuggingFaceTokenizer: a local folder
             holding ``tokenizer.json`` (and ``tokenizer_config.json``), or that file;
-            TikTokenizer: Megatron's tiktoken vocabulary ``.json``; NullTokenizer: unused.
+            TikTokenizer: Megatron's tiktoken vocabulary ``.json``; GPT2BPETokenizer: the
+            ``--vocab-file``; NullTokenizer: unused.
         vocab_size: ``--vocab-size``. NullTokenizer: its ids (required; the last is EOD).
             TikTokenizer: cuts the vocabulary as in Megatron-LM (default: the whole file plus
             the 1000 special ids). Ignored by the others, whose vocabulary is their file's.
+        merge_file: GPT2BPETokenizer: the ``--merge-file`` (:func:`gpt2_bpe_folder`).
 
     Returns:
         A ``megatron.core.tokenizers`` text tokenizer: ``tokenize(text) -> list[int]`` (no BOS
@@ -292,6 +350,8 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None,
     """
     from megatron.core.tokenizers import MegatronTokenizer
 
+    if tokenizer_type == "GPT2BPETokenizer":
+        return build_tokenizer("HuggingFaceTokenizer", gpt2_bpe_folder(tokenizer_model, merge_file))
     check_tokenizer(tokenizer_type, tokenizer_model, vocab_size)
     if tokenizer_type == "NullTokenizer":
         metadata = {"library": _null_library()}

@@ -21,7 +21,8 @@ import typing
 from typing import Optional, Sequence
 
 from megatron_nitp.cli import ArgumentParser
-from megatron_nitp.config import (FLAT, GROUPS, ConfigError, RunConfig, complete, validate)
+from megatron_nitp.config import (FLAT, GROUPS, ConfigError, RunConfig, complete, megatron_lm,
+                                  validate)
 from megatron_nitp.presets import DEFAULT_PRESET, PRESETS, get_preset
 
 
@@ -114,6 +115,7 @@ def build_parser(model_type: str = "dense") -> argparse.ArgumentParser:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             _add_field(group, cls, f, hints[f.name])
+    megatron_lm.add_flags(p)
     return p
 
 
@@ -198,6 +200,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, model_type: str = "dense") 
                        "a MoE preset (--list-presets) or give --num-experts.\n")
     parser.set_defaults(**preset)
     ns = parser.parse_args(argv)
+    refusal = megatron_lm.check(ns)
+    if refusal:
+        parser.exit(2, f"{parser.prog}: error: {refusal}\n")
     values = {dest: getattr(ns, dest) for dest in FLAT}
     for name in NARGS:
         if values[name] is not None:

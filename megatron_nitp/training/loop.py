@@ -58,7 +58,8 @@ def data_tokenizer(args: RunConfig) -> tuple[RunConfig, object]:
     elif args.tokenizer_model is None and args.tokenizer_type != "NullTokenizer":
         raise ValueError(f"--data-path needs --tokenizer-model (the {args.tokenizer_type} the "
                          "data was preprocessed with; see tools/train_tokenizer.py).")
-    return args, build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.model.vocab_size)
+    return args, build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.model.vocab_size,
+                                 merge_file=args.merge_file)
 
 
 def prepare_data(args: RunConfig):

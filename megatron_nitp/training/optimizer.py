@@ -33,7 +33,13 @@ def build_optimizer(model, args: argparse.Namespace):
         use_distributed_optimizer=args.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(config, [model])
-    scheduler = OptimizerParamScheduler(
+    return optimizer, build_scheduler(optimizer, args)
+
+
+def build_scheduler(optimizer, args) -> OptimizerParamScheduler:
+    """megatron-core's scheduler, stepped once per iteration: Megatron-LM's sample-based
+    lengths arrive here as iterations (``config.resolve``)."""
+    return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
         max_lr=args.lr,
@@ -48,4 +54,3 @@ def build_optimizer(model, args: argparse.Namespace):
         wsd_decay_steps=args.lr_wsd_decay_iters,
         lr_wsd_decay_style=args.lr_wsd_decay_style,
     )
-    return optimizer, scheduler

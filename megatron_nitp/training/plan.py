@@ -152,8 +152,8 @@ def tokenizer_vocab_size(args: RunConfig) -> int | None:
         return None
     from megatron_nitp.data.tokenizer import build_tokenizer
 
-    return build_tokenizer(args.tokenizer_type, args.tokenizer_model,
-                           args.model.vocab_size).vocab_size
+    return build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.model.vocab_size,
+                           merge_file=args.merge_file).vocab_size
 
 
 def _widths(args: RunConfig) -> tuple[int, int, int]:
