@@ -17,7 +17,7 @@
 #
 # Environment (unset: the table's line and the preset): NNODES, GPUS_PER_NODE, TP, PP, EP,
 # MICRO_BATCH_SIZE, GLOBAL_BATCH_SIZE, TRAIN_TOKENS (e.g. 240B), TRAIN_ITERS, VOCAB_SIZE,
-# DATA_PATH, TOKENIZER_MODEL, RUN_DIR, CHECKPOINT_PATH, TENSORBOARD_DIR, DATA_CACHE_PATH,
+# DATA_PATH, TOKENIZER_TYPE, TOKENIZER_MODEL, VOCAB_FILE, MERGE_FILE, RUN_DIR, CHECKPOINT_PATH, TENSORBOARD_DIR, DATA_CACHE_PATH,
 # SAVE_INTERVAL; FAST (yes: megatron-core's fast GPU settings below; no: none of them, e.g. for
 # an image without Transformer Engine); MASTER_ADDR, MASTER_PORT, RDZV_ID, TORCHRUN, PYTHON,
 # DRY_RUN (lib/launch.sh).
@@ -44,9 +44,14 @@ MASTER_ADDR=${MASTER_ADDR:-localhost}
 MASTER_PORT=${MASTER_PORT:-6000}
 
 # Data: a megatron indexed dataset (tools/preprocess_data.py; a blend "0.7 a 0.3 b" works) and
-# the SentencePiece model it was tokenized with. DATA_PATH="" trains on the built-in corpus.
+# the tokenizer it was tokenized with: by default the paper's kind, Qwen2's tokenizer.json read
+# by HuggingFaceTokenizer (a local folder; the presets pad its 151,665 ids to 152,064 rows).
+# Other kinds: TOKENIZER_TYPE=SentencePieceTokenizer TOKENIZER_MODEL=x.model, or
+# TOKENIZER_TYPE=GPT2BPETokenizer VOCAB_FILE=vocab.json MERGE_FILE=merges.txt (Megatron-LM's).
+# DATA_PATH="" trains on the built-in corpus (its own SentencePiece model).
 DATA_PATH=${DATA_PATH-$NITP_ROOT/data/corpus_text_document}
-TOKENIZER_MODEL=${TOKENIZER_MODEL:-$NITP_ROOT/data/tokenizer.model}
+TOKENIZER_TYPE=${TOKENIZER_TYPE:-HuggingFaceTokenizer}
+TOKENIZER_MODEL=${TOKENIZER_MODEL:-$NITP_ROOT/data/qwen2-tokenizer}
 RUN_DIR=${RUN_DIR:-$NITP_ROOT/runs/$MODEL-nitp}  # summary, plot
 CHECKPOINT_PATH=${CHECKPOINT_PATH-$RUN_DIR/checkpoints}  # "": none (with --no-save)
 TENSORBOARD_DIR=${TENSORBOARD_DIR:-$RUN_DIR/tensorboard}
@@ -76,7 +81,13 @@ fi
 ARGS+=(--data-cache-path "$DATA_CACHE_PATH")
 if [ -n "$DATA_PATH" ]; then
   read -r -a data_prefixes <<<"$DATA_PATH"
-  ARGS+=(--data-path "${data_prefixes[@]}" --tokenizer-model "$TOKENIZER_MODEL" --split "969,30,1")
+  ARGS+=(--data-path "${data_prefixes[@]}" --split "969,30,1" --tokenizer-type "$TOKENIZER_TYPE")
+  if [ "$TOKENIZER_TYPE" = GPT2BPETokenizer ]; then
+    ARGS+=(--vocab-file "${VOCAB_FILE:?GPT2BPETokenizer needs VOCAB_FILE}"
+           --merge-file "${MERGE_FILE:?GPT2BPETokenizer needs MERGE_FILE}")
+  else
+    ARGS+=(--tokenizer-model "$TOKENIZER_MODEL")
+  fi
 fi
 
 ARGS+=(--tensor-model-parallel-size "${TP:-$tp}" --pipeline-model-parallel-size "${PP:-$pp}")

@@ -182,6 +182,7 @@ def test_environment_overrides_and_resume(shim, tmp_path):
     assert argv[argv.index("--data-path") + 1:argv.index("--data-path") + 5] == [
         "0.7", "/d/a", "0.3", "/d/b"]
     assert value("--tokenizer-model") == "/d/tok.model"
+    assert value("--tokenizer-type") == "HuggingFaceTokenizer"  # the paper's kind by default
     assert value("--run-dir") == str(tmp_path / "run")
     assert value("--save") == str(checkpoints) and value("--save-interval") == "50"
     assert "--load" not in argv
@@ -196,6 +197,26 @@ def test_environment_overrides_and_resume(shim, tmp_path):
     # no checkpoints at all
     argv = _record(shim, tmp_path, [PRETRAIN, "dense-0.5b"], CHECKPOINT_PATH="")
     assert "--save" not in argv and "--load" not in argv
+
+
+def test_tokenizer_kinds_reach_the_command_line(shim, tmp_path):
+    """TOKENIZER_TYPE picks the kind (default the paper's HuggingFaceTokenizer); Megatron-LM's
+    GPT2BPETokenizer takes VOCAB_FILE and MERGE_FILE, and without them the script stops."""
+    argv = _record(shim, tmp_path, [PRETRAIN, "dense-0.5b"], TOKENIZER_TYPE="GPT2BPETokenizer",
+                   VOCAB_FILE="/d/vocab.json", MERGE_FILE="/d/merges.txt")
+    assert argv[argv.index("--tokenizer-type") + 1] == "GPT2BPETokenizer"
+    assert (argv[argv.index("--vocab-file") + 1], argv[argv.index("--merge-file") + 1]) == (
+        "/d/vocab.json", "/d/merges.txt")
+    assert "--tokenizer-model" not in argv
+    argv = _record(shim, tmp_path, [PRETRAIN, "dense-0.5b"],
+                   TOKENIZER_TYPE="SentencePieceTokenizer", TOKENIZER_MODEL="/d/t.model")
+    assert argv[argv.index("--tokenizer-type") + 1] == "SentencePieceTokenizer"
+    assert argv[argv.index("--tokenizer-model") + 1] == "/d/t.model"
+    proc = subprocess.run(["bash", PRETRAIN, "dense-0.5b"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60,
+                          env=example_env(DRY_RUN="1", PYTHON=shim,
+                                          TOKENIZER_TYPE="GPT2BPETokenizer"))
+    assert proc.returncode != 0 and "GPT2BPETokenizer needs VOCAB_FILE" in proc.stderr
 
 
 @pytest.mark.parametrize("key", ["pretrain.sbatch", "pretrain.sbatch MODEL=", "tiny_cpu.sbatch"])

@@ -245,3 +245,13 @@ def test_megatron_lm_line_preprocesses_and_trains_on_cpu(gpt2_files, tmp_path):
     with open(gpt2_files["vocab"], encoding="utf-8") as f:
         assert f"vocab {len(json.load(f))}" in proc.stdout
     assert (tmp_path / "ckpt" / "iter_0000004").is_dir()
+
+
+def test_the_readme_table_names_every_checked_flag():
+    from megatron_nitp.config import megatron_lm
+
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    section = text[text.index("## Coming from Megatron-LM"):text.index("## Presets")]
+    missing = [d.flag for d in megatron_lm.ACCEPTED + megatron_lm.REFUSED if d.flag not in section]
+    assert not missing, missing
