@@ -3,38 +3,26 @@
 # line NGC containers with Python 3.12 install (CI's main run tests 0.16.1, the newest release
 # that installs on Python 3.11).
 #
-# Creates .venv019 (if missing): torch 2.13.0 (the CPU wheel), this project's dependencies from
-# pyproject.toml except torch and megatron-core, then megatron-core 0.19.2 with --no-deps
+# Creates .venv019 (if missing) layered on the main .venv (scripts/layered_venv.sh: torch, this
+# project and its dependencies come from there), then megatron-core 0.19.2 into it with --no-deps
 # --ignore-requires-python (0.17+ declare Python >= 3.12, yet the wheel imports on 3.11; its own
-# dependencies are torch, numpy and packaging), then this project with --no-deps. Flags are
-# passed to pytest:   bash scripts/test_019.sh -x
+# dependencies are torch, numpy and packaging), which shadows the main environment's 0.16.1.
+# Flags are passed to pytest:   bash scripts/test_019.sh -x
+# --setup-only: create the environment and stop (CI makes it while the main tests run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MCORE_VERSION=${MCORE_VERSION:-0.19.2}
 VENV=${VENV019:-.venv019}
 PY=$VENV/bin/python
 
-if [ ! -x "$PY" ]; then
-  python3 -m venv "$VENV"
+# shellcheck source=scripts/layered_venv.sh
+source scripts/layered_venv.sh
+layered_venv "$VENV"
+if [ "$("$PY" -c "from importlib.metadata import version; print(version('megatron-core'))")" \
+    != "$MCORE_VERSION" ]; then
+  "$PY" -m pip install -q --no-deps --ignore-requires-python "megatron-core==$MCORE_VERSION" \
+    2>&1 | grep -v "outside environment\|No files were found to uninstall" || true
 fi
-"$PY" -m pip install -q --upgrade pip
-# torch first, pinned: the CPU wheel (a bare `torch` would pull a multi-GB CUDA build).
-"$PY" -m pip install -q "torch==2.13.0"
-mapfile -t deps < <("$PY" - <<'EOF'
-import re
-import tomllib
-
-with open("pyproject.toml", "rb") as f:
-    project = tomllib.load(f)["project"]
-skip = ("torch", "megatron-core")
-for dep in project["dependencies"] + project["optional-dependencies"]["test"]:
-    if re.match(r"[\w.-]+", dep).group(0).lower() not in skip:
-        print(dep)
-EOF
-)
-"$PY" -m pip install -q "${deps[@]}"
-"$PY" -m pip install -q --no-deps --ignore-requires-python "megatron-core==$MCORE_VERSION"
-"$PY" -m pip install -q --no-deps -e .
 
 installed=$("$PY" -c "from importlib.metadata import version; print(version('megatron-core'))")
 if [ "$installed" != "$MCORE_VERSION" ]; then
@@ -42,6 +30,9 @@ if [ "$installed" != "$MCORE_VERSION" ]; then
   exit 1
 fi
 echo "megatron-core $installed, torch $("$PY" -c 'import torch; print(torch.__version__)')"
+if [ "${1:-}" = --setup-only ]; then
+  exit 0
+fi
 
 # Loss, model, single-process training and MoE: the megatron-core APIs the code calls (model
 # build, schedules, optimizer, datasets, dist-checkpointing); plus the context-parallel batch
