@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-from megatron_nitp.config import ConfigError, validate
 from megatron_nitp.data import build_tokenizer
 from megatron_nitp.data.datasets import (ATTENTION_MASK, CONTINUES_DOCUMENT, MicroBatchIterator,
                                          build_datasets, build_mock_datasets)
@@ -104,23 +103,30 @@ def test_flags_default_off_and_the_nitp_boundary_follows_the_attention_mask():
     assert not tiny_args(*DOCUMENTS, "--nitp-shift", "0").nitp_config.masks_documents
 
 
-def test_what_cannot_apply_the_mask_is_refused():
+def test_what_cannot_apply_the_mask_is_refused(capsys):
     from megatron_nitp import kernels
 
     flags = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
              "--seq-length", "16", "--micro-batch-size", "1", "--global-batch-size", "1",
-             "--train-iters", "1", "--lr-warmup-iters", "0", "--reset-attention-mask"]
-    config = parse_args(flags + ["--context-parallel-size", "2", "--dry-run"])
-    with pytest.raises(ConfigError, match="--reset-attention-mask with --context-parallel-size "
-                                          "2.*use --context-parallel-size 1") as err:
-        validate(config)
-    assert "\n" not in str(err.value)
+             "--train-iters", "1", "--lr-warmup-iters", "0", "--reset-attention-mask",
+             "--dry-run"]
+
+    def refusal(*more):
+        with pytest.raises(SystemExit) as exit_:
+            parse_args(flags + list(more))
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1, err
+        return err
+
+    assert ("--reset-attention-mask with --context-parallel-size 2: context-parallel attention "
+            "cannot take a per-document mask; use --context-parallel-size 1"
+            in refusal("--context-parallel-size", "2"))
     with kernels.simulate(cuda=True, te=True):
-        config = parse_args(flags + ["--dry-run"])
-        with pytest.raises(ConfigError, match="Transformer Engine's attention.*use "
-                                              "--attention-backend sdpa or unfused"):
-            validate(config)
-        validate(parse_args(flags + ["--attention-backend", "sdpa", "--dry-run"]))
+        assert ("--reset-attention-mask with Transformer Engine's attention (--attention-backend "
+                "auto), which would ignore the per-document mask: use --attention-backend sdpa "
+                "or unfused." in refusal())
+        parse_args(flags + ["--attention-backend", "sdpa"])
+        parse_args(flags + ["--attention-backend", "sdpa", "--transformer-impl", "local"])
 
 
 def _tokens_with_documents():
