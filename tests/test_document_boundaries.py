@@ -6,11 +6,9 @@ NITP pairs no position with another document's target, and the step's N_nitp cou
 model's NITP mask. Parallel equality with the flags on: tests/test_parallel.py's
 ``pp2-k-on-first-stage-documents`` layout."""
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 from megatron_nitp.data import build_tokenizer
 from megatron_nitp.data.datasets import (ATTENTION_MASK, CONTINUES_DOCUMENT, MicroBatchIterator,
@@ -19,23 +17,12 @@ from megatron_nitp.nitp.config import NITPConfig
 from megatron_nitp.training.arguments import parse_args
 from megatron_nitp.training.initialize import set_seed
 from megatron_nitp.training.model import build_model
-from tests.helpers import tiny_args
+from tests.helpers import tiny_args, write_short_documents
 
 VOCAB = 64  # NullTokenizer: ids 0..63, 63 = EOD
 EOD = VOCAB - 1
 SEQ = 16
 DOCUMENTS = ("--reset-position-ids", "--reset-attention-mask", "--eod-mask-loss")
-
-
-def _write_corpus(prefix, documents=40):
-    """Documents of 2 to 7 tokens (the last one EOD): several per 16-token sample."""
-    rng = np.random.default_rng(0)
-    builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.uint16)
-    for _ in range(documents):
-        ids = np.append(rng.integers(0, EOD, rng.integers(1, 7)), EOD).astype(np.uint16)
-        builder.add_document(ids, [ids.size])
-    builder.finalize(str(prefix) + ".idx")
-    return str(prefix)
 
 
 def _expected(tokens):
@@ -56,7 +43,9 @@ def _expected(tokens):
 
 @pytest.fixture(scope="module")
 def short_documents(tmp_path_factory):
-    return _write_corpus(tmp_path_factory.mktemp("short-documents") / "docs")
+    # 2 to 7 tokens a document: several per 16-token sample
+    return write_short_documents(tmp_path_factory.mktemp("short-documents") / "docs", 40, 7,
+                                 VOCAB)
 
 
 def _dataset(prefix, tmp_path, **flags):
