@@ -231,3 +231,17 @@ def test_mock_data_with_the_flags(dist, tmp_path, monkeypatch):
         "--nitp-target-layer", "1", "--mock-data", "--vocab-size", str(VOCAB), "--no-save",
         "--no-plot", "--no-progress-bar", "--run-dir", str(tmp_path / "run"), *DOCUMENTS]))
     assert summary["lm loss"] > 0 and summary["nitp loss"] > 0
+
+
+def test_a_checkpoint_from_before_the_flag_resumes_as_allow():
+    """Checkpoints saved before ``document_boundary`` was stored trained with ``allow``: they
+    resume without it, and a run that masks is told the objective changed."""
+    from megatron_nitp.training.checkpointing import CheckpointError, check_compatible, model_meta
+
+    args = tiny_args()
+    nitp = {k: v for k, v in args.nitp_config.__dict__.items() if k != "document_boundary"}
+    older = {"model": model_meta(args), "nitp": nitp}
+    assert check_compatible(older, args) == []
+    with pytest.raises(CheckpointError, match="nitp.document_boundary: checkpoint 'allow', "
+                                              "this run 'mask'"):
+        check_compatible(older, tiny_args(*DOCUMENTS))

@@ -49,9 +49,10 @@ class NITPGPTModel(GPTModel):
     With ``labels`` on the last pipeline stage, ``forward`` returns the ``[b, s]`` NTP per-token
     loss, the ``[b, s]`` NITP per-token loss (zeros when NITP is off), the ``[b, s]`` mask of
     positions that carry an NITP loss (``loss_mask`` and a target exists: not the sequence's
-    last position, nor a position whose ``document_mask`` is 0) and, with ``return_hidden=True``, the detached ``[s, b, h]`` final hidden
-    states (for representation-geometry metrics; whole sequences over TP, gathered under
-    sequence parallelism), else None. Under context parallelism ``s`` is this rank's
+    last position, nor a position whose ``document_mask`` is 0) and, with
+    ``return_hidden=True``, the detached ``[s, b, h]`` final hidden states (for
+    representation-geometry metrics; whole sequences over TP, gathered under sequence
+    parallelism), else None. Under context parallelism ``s`` is this rank's
     ``s / cp``. Otherwise it behaves as GPTModel.
     """
 
