@@ -3,8 +3,9 @@
 batches carry the positions, attention mask and loss mask built by hand; with the mask, a
 document's logits do not depend on the document before it (SDPA and unfused attention alike);
 NITP pairs no position with another document's target, and the step's N_nitp counts exactly the
-model's NITP mask. Parallel equality with the flags on: tests/test_parallel.py's
-``pp2-k-on-first-stage-documents`` layout."""
+model's NITP mask; the mask's context-parallel slices line up with the sharded shift's positions.
+Parallel equality with the flags on: tests/test_parallel.py's ``pp2-k-on-first-stage-documents``
+layout (and tests/test_cp_slice.py slices the mask in a launched CP job)."""
 
 import pytest
 import torch
@@ -245,3 +246,46 @@ def test_a_checkpoint_from_before_the_flag_resumes_as_allow():
     with pytest.raises(CheckpointError, match="nitp.document_boundary: checkpoint 'allow', "
                                               "this run 'mask'"):
         check_compatible(older, tiny_args(*DOCUMENTS))
+
+
+class _Group:
+    """A stand-in context-parallel group of ``size`` ranks seen from ``rank`` (in-process)."""
+
+    def __init__(self, size, rank):
+        self._size, self._rank = size, rank
+
+    def size(self):
+        return self._size
+
+    def rank(self):
+        return self._rank
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_the_document_mask_follows_the_context_parallel_shards(dist, monkeypatch, cp):
+    """Each CP rank's slice of the document mask (``step._cp_slice``: megatron-core's slicing of
+    the whole batch) is its own tokens' mask at the global positions the sharded shift gives it
+    (``local_positions``), so the CP-local NITP masks put together are the unsharded one.
+    (Under SP the model gathers the shift's validity over TP to the CP-local length before
+    applying the mask, so TP changes nothing here.)"""
+    from megatron.core import parallel_state
+
+    from megatron_nitp.nitp.shift import local_positions
+    from megatron_nitp.training import step
+
+    tokens = torch.cat([_tokens_with_documents(), _tokens_with_documents().flip(1)], dim=1)
+    seq = tokens.shape[1]
+    continues = (tokens != EOD).float()
+    unsharded = continues.clone()
+    unsharded[:, -1] = 0.0  # no t+1
+    together = torch.full_like(continues, -1.0)
+    for rank in range(cp):
+        monkeypatch.setattr(parallel_state, "get_context_parallel_group",
+                            lambda rank=rank: _Group(cp, rank))
+        local = step._cp_slice({"tokens": tokens.clone(), CONTINUES_DOCUMENT: continues.clone()})
+        positions = local_positions(seq, rank, cp)
+        assert torch.equal(local["tokens"], tokens[:, positions])
+        assert torch.equal(local[CONTINUES_DOCUMENT], (local["tokens"] != EOD).float())
+        valid = (positions + 1 < seq).float()  # shift_targets_sharded's validity
+        together[:, positions] = local[CONTINUES_DOCUMENT] * valid
+    assert torch.equal(together, unsharded)
