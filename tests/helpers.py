@@ -32,6 +32,23 @@ def tiny_args(*extra):
     return resolve(args, world, 128)
 
 
+def write_short_documents(prefix, documents: int, max_length: int, vocab: int = 64,
+                          seed: int = 0) -> str:
+    """An indexed dataset (``prefix``.bin/.idx, NullTokenizer ids below ``vocab``, the last one
+    EOD) of ``documents`` documents of 2 to ``max_length`` tokens, each ended by EOD: several
+    documents per sample, for the document-boundary flags. Returns ``prefix``."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(seed)
+    builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.uint16)
+    for _ in range(documents):
+        ids = np.append(rng.integers(0, vocab - 1, rng.integers(1, max_length)), vocab - 1)
+        builder.add_document(ids.astype(np.uint16), [ids.size])
+    builder.finalize(str(prefix) + ".idx")
+    return str(prefix)
+
+
 def free_port() -> int:
     """A free loopback port for a torchrun rendezvous."""
     with socket.socket() as sock:

@@ -28,6 +28,7 @@ def _expected_positions(cp_rank: int) -> list[int]:
 def _worker() -> None:
     from megatron.core import parallel_state
 
+    from megatron_nitp.data.datasets import CONTINUES_DOCUMENT
     from megatron_nitp.training.initialize import destroy_distributed, initialize_distributed
     from megatron_nitp.training.step import _cp_slice
 
@@ -43,6 +44,8 @@ def _worker() -> None:
             "labels": rows + positions + 1,
             "loss_mask": (positions % 3 != 0).float().expand(BATCH, -1).clone(),
             "position_ids": positions.expand(BATCH, -1).clone(),
+            # --nitp-document-boundary mask: sliced like the tokens it was computed from
+            CONTINUES_DOCUMENT: (positions % 5 != 4).float().expand(BATCH, -1).clone(),
         }
         local = _cp_slice(dict(batch))
         want = _expected_positions(cp_rank)

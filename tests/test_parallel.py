@@ -16,7 +16,9 @@ NITP target layer k:
   copy (DP replicas, TP-replicated norms, the last stage's tied output layer) equals the copy
   that is saved, bit for bit. The layouts cover TP, TP+SP, PP with k before, on and after the
   stage boundary, PP4, DP, DP with the distributed optimizer (against the plain optimizer of
-  one process), TP x PP, TP+SP+PP with k before the last stage, and DP x PP.
+  one process), TP x PP, TP+SP+PP with k before the last stage, DP x PP, and PP with
+  Megatron-LM's document flags (attention mask, reset positions, EOD loss mask; NITP targets
+  masked at EODs) on a corpus of short documents.
 - test_evaluate_*: the pp2-k-on-first-stage and dp2 layouts also call evaluate() after step
   1. It must give the one-process validation lm and nitp loss (relative 1e-5), route a
   training step's layer-k bytes per validation batch, and leave every rank's weights,
@@ -42,7 +44,7 @@ import pytest
 import torch
 
 from megatron_nitp.nitp.routing import routed_bytes_per_step
-from tests.helpers import launch_runs
+from tests.helpers import launch_runs, write_short_documents
 
 FLAGS = [
     "--num-layers", "4", "--hidden-size", "32", "--ffn-hidden-size", "64",
@@ -136,6 +138,9 @@ REFERENCE_FLAGS = {
 # (refused by validate; tests/test_objectives.py)
 MTP = ["--nitp-target-layer", "1", "--mtp-num-layers", "1", "--untie-embeddings-and-output-weights"]
 SP = ["--sequence-parallel"]
+# Megatron-LM's document flags (NITP then masks its targets at EODs), on a corpus of short
+# documents (several per sequence) with its own reference and initial checkpoint
+DOCUMENTS = ["--reset-position-ids", "--reset-attention-mask", "--eod-mask-loss"]
 # name: (k, tp, pp, dp, more flags). The 4 layers are split evenly over the pipeline stages.
 LAYOUTS = {
     "tp2": (1, 2, 1, 1, []),
@@ -163,6 +168,9 @@ LAYOUTS = {
     "tp2xpp2": (2, 2, 2, 1, []),
     "tp2-sp-pp2-k-before-last-stage": (1, 2, 2, 1, SP),
     "dp2xpp2-k-on-stage-boundary": (2, 1, 2, 2, []),
+    # the attention mask, reset positions, EOD-masked loss and NITP document mask on both
+    # stages, layer k routed from the first
+    "pp2-k-on-first-stage-documents": (1, 1, 2, 1, DOCUMENTS),
 }
 EVALUATED = [name for name, layout in LAYOUTS.items() if "--evaluate-at" in layout[4]]
 
@@ -186,9 +194,14 @@ def results(tmp_path_factory):
     # NITP + megatron-core's MTP (its blocks on the last stage): a model with more
     # parameters, so its own initial checkpoint
     references["ref-mtp"] = FLAGS + MTP + ["--save-init", str(root / "init-mtp")]
+    documents = _documents_data(root)
+    references["ref1-documents"] = (FLAGS + DOCUMENTS + documents
+                                    + ["--save-init", str(root / "init-documents")])
     groups = {1: references}
     for name, (k, tp, pp, dp, flags) in LAYOUTS.items():
-        groups.setdefault(tp * pp * dp, {})[name] = _layout_flags(name, init)
+        groups.setdefault(tp * pp * dp, {})[name] = (
+            _layout_flags(name, root / "init-documents") + documents
+            if name.endswith("-documents") else _layout_flags(name, init))
     groups[2]["pp2-mtp"] = FLAGS + MTP + ["--load", str(root / "init-mtp"),
                                           "--pipeline-model-parallel-size", "2"]
     launcher = Launcher(root, groups)
@@ -198,6 +211,18 @@ def results(tmp_path_factory):
         return launcher(name)
 
     return get
+
+
+def _documents_data(root):
+    """Flags of the short-document corpus (documents of 2 to 12 tokens, NullTokenizer)."""
+    prefix = write_short_documents(root / "short-documents", 200, 12)
+    return ["--data-path", prefix, "--tokenizer-type", "NullTokenizer", "--vocab-size", "64",
+            "--split", "1,0,0", "--data-cache-path", str(root / "short-documents-cache")]
+
+
+def _reference(name):
+    """The one-process run a layout is compared with: same k, same data and flags."""
+    return f"ref{LAYOUTS[name][0]}" + ("-documents" if name.endswith("-documents") else "")
 
 
 def _routing(name):
@@ -219,8 +244,7 @@ def _routed_bytes(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_equals_single_process(results, name):
-    k = LAYOUTS[name][0]
-    ref_metrics, ref_state, _ = results(f"ref{k}")
+    ref_metrics, ref_state, _ = results(_reference(name))
     metrics, state, _ = results(name)
     assert len(metrics) == len(ref_metrics) == 3
     assert metrics[0]["routed bytes per step"] == _routed_bytes(name)

@@ -66,7 +66,8 @@ def schedule_iters(config: RunConfig) -> tuple[int, int]:
 def complete(config: RunConfig) -> RunConfig:
     """Settings whose default is another setting, filled: FFN 4d, key/value heads = heads,
     positions = sequence, decay over the whole run, top-2 experts of the dense FFN's width;
-    sequence parallelism off without TP (what megatron-core does). Idempotent."""
+    sequence parallelism off without TP (what megatron-core does); NITP targets masked at
+    document boundaries when the attention is (``--reset-attention-mask``). Idempotent."""
     m, moe = config.model, config.moe
     fill = {}
     if m.hidden_size is not None and m.ffn_hidden_size is None:
@@ -86,6 +87,8 @@ def complete(config: RunConfig) -> RunConfig:
     d = config.data
     if d.tokenizer_type == "GPT2BPETokenizer" and d.tokenizer_model is None and d.vocab_file:
         fill["tokenizer_model"] = d.vocab_file  # GPT-2's tokenizer is named by its vocabulary
+    if config.nitp_config.document_boundary is None:
+        fill["nitp_document_boundary"] = "mask" if config.data.reset_attention_mask else "allow"
     if not fill:
         return config
     keep = config.derived
@@ -304,12 +307,34 @@ def _validate_data(config: RunConfig) -> None:
     if d.tokenizer_type in ("HuggingFaceTokenizer", "TikTokenizer") and d.tokenizer_model is None:
         raise ConfigError(f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model (a "
                           "local file or folder: nothing is downloaded).")
+    if d.reset_attention_mask:
+        _validate_document_mask(config)
     if (d.tokenizer_type != "SentencePieceTokenizer" and not d.mock_data
             and d.data_path is None and not d.train_data_path):
         raise ConfigError(f"--tokenizer-type {d.tokenizer_type} needs --data-path (data "
                           "preprocessed with that tokenizer: tools/preprocess_data.py "
                           "--tokenizer-type ...), or --mock-data; the built-in corpus is "
                           "tokenized with its own SentencePiece model.")
+
+
+def _validate_document_mask(config: RunConfig) -> None:
+    """--reset-attention-mask needs an attention that applies the batch's arbitrary
+    ``[b, 1, s, s]`` mask: torch's SDPA or megatron-core's unfused attention. TE's layers are
+    built with a causal mask type and ignore it, and context parallelism (TE's only) slices
+    the sequence in a way its mask cannot follow."""
+    from megatron_nitp.config.performance import attention_path
+
+    p = config.parallel
+    if p.context_parallel_size > 1:
+        raise ConfigError(f"--reset-attention-mask with --context-parallel-size "
+                          f"{p.context_parallel_size}: context-parallel attention cannot take "
+                          "a per-document mask; use --context-parallel-size 1 or drop "
+                          "--reset-attention-mask.")
+    if attention_path(config) == "te":
+        raise ConfigError(f"--reset-attention-mask with Transformer Engine's attention "
+                          f"(--attention-backend {config.performance.attention_backend}), which "
+                          "would ignore the per-document mask: use --attention-backend sdpa or "
+                          "unfused.")
 
 
 def _origin(config: RunConfig, *names: str) -> str:

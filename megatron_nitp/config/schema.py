@@ -262,6 +262,15 @@ class DataConfig:
     """how long the other ranks wait for global rank 0's first build of the dataset index (a
     large corpus may take longer than --distributed-timeout-minutes; tools/build_index.py
     builds it before the job)"""
+    reset_position_ids: bool = False
+    """restart the position ids at 0 after every EOD, so each packed document sees the positions
+    it would alone (Megatron-LM's flag; megatron-core's GPTDataset computes them)"""
+    reset_attention_mask: bool = False
+    """a token attends only to its own document's earlier tokens (the EOD ends a document): the
+    dataset builds a [s, s] mask per sample, which the batch carries to the model (needs SDPA or
+    unfused attention, no context parallelism; Megatron-LM's flag)"""
+    eod_mask_loss: bool = False
+    """no loss on the EOD positions (predicting the token after EOD; Megatron-LM's flag)"""
 
 
 @dataclass(frozen=True)

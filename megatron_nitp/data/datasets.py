@@ -30,6 +30,12 @@ from megatron_nitp.data.corpus import default_cache_root
 from megatron_nitp.data.meta import META_SUFFIX, recorded_max_token_id
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+#: With ``--reset-attention-mask``: megatron-core's ``[1, s, s]`` bool mask per sample (True =
+#: masked out), ``[b, 1, s, s]`` in a micro-batch.
+ATTENTION_MASK = "attention_mask"
+#: With ``--nitp-document-boundary mask``: ``[b, s]`` float, 1 where position t+1 belongs to
+#: the document of position t (tokens[t] is not EOD), 0 where a new document starts.
+CONTINUES_DOCUMENT = "continues_document"
 #: Seed of the validation and test splits' sample order, whatever ``--seed`` is: runs that
 #: differ only in their seed are validated on the same batches.
 EVAL_SEED = 1234
@@ -87,11 +93,17 @@ def build_datasets(
     per_split: Sequence | None = None,
     eval_seed: int | None = EVAL_SEED,
     build_timeout_minutes: float | None = None,
+    reset_position_ids: bool = False,
+    reset_attention_mask: bool = False,
+    eod_mask_loss: bool = False,
 ) -> tuple[Dataset | None, Dataset | None, Dataset | None]:
     """Builds the train, valid and test GPT datasets of one data blend.
 
-    Samples are `seq_length` tokens with `labels` shifted by one; no attention mask is
-    built (the model uses a causal mask type) and position ids are not reset at EOD.
+    Samples are `seq_length` tokens with `labels` shifted by one. By default documents are
+    packed without boundaries: no attention mask is built (the model's causal mask type
+    applies), position ids run 0..s-1 and every position has a loss. The three document
+    flags are Megatron-LM's, computed by megatron-core (`_get_ltor_masks_and_position_ids`;
+    an EOD belongs to the document it ends).
 
     Args:
         data_prefix: A data prefix, or a list in Megatron's `--data-path` format:
@@ -114,11 +126,16 @@ def build_datasets(
         build_timeout_minutes: In a job of several ranks, how long the others may wait for
             global rank 0's first build of the index (`--dataset-build-timeout-minutes`;
             `index_cache.rank0_builds_first`). None: megatron-core's own barrier only.
+        reset_position_ids: Position ids restart at 0 after every EOD.
+        reset_attention_mask: Each item carries an `attention_mask` `[1, s, s]` (bool, True =
+            masked out) in which a token sees only its own document's earlier tokens.
+        eod_mask_loss: `loss_mask` is 0 at the EOD positions.
 
     Returns:
         The `(train, valid, test)` datasets: `GPTDataset`s, or `BlendedDataset`s for several
         prefixes. An item is a dict of 1-D tensors `tokens`, `labels`, `loss_mask` and
-        `position_ids` (plus `dataset_id` in a blend).
+        `position_ids` (plus `dataset_id` in a blend, `attention_mask` with
+        `reset_attention_mask`).
 
     Raises:
         FileNotFoundError: If a `.bin`/`.idx` file of the blend is missing.
@@ -150,10 +167,10 @@ def build_datasets(
             split=None if per_split else split,
             path_to_cache=path_to_cache,
             tokenizer=tokenizer,
-            reset_position_ids=False,
-            reset_attention_mask=False,
-            eod_mask_loss=False,
-            create_attention_mask=False,
+            reset_position_ids=reset_position_ids,
+            reset_attention_mask=reset_attention_mask,
+            eod_mask_loss=eod_mask_loss,
+            create_attention_mask=reset_attention_mask,
         )
         builder = BlendedMegatronDatasetBuilder(
             GPTDataset, list(num_samples), is_built_on_rank=lambda: True, config=config
@@ -383,6 +400,9 @@ def build_mock_datasets(
     seed: int,
     num_samples: tuple[int | None, int | None, int | None],
     eval_seed: int | None = EVAL_SEED,
+    reset_position_ids: bool = False,
+    reset_attention_mask: bool = False,
+    eod_mask_loss: bool = False,
 ) -> tuple[Dataset | None, Dataset | None, Dataset | None]:
     """megatron-core's mock GPT datasets (``--mock-data``): no corpus, no file read or written.
 
@@ -395,7 +415,8 @@ def build_mock_datasets(
     Args:
         tokenizer: Gives ``vocab_size`` and ``eod`` (e.g. ``build_tokenizer("NullTokenizer",
             None, vocab_size)``).
-        seq_length, seed, num_samples, eval_seed: As in :func:`build_datasets`.
+        seq_length, seed, num_samples, eval_seed, reset_position_ids, reset_attention_mask,
+            eod_mask_loss: As in :func:`build_datasets`.
 
     Returns:
         The ``(train, valid, test)`` ``MockGPTDataset``s; items as in :func:`build_datasets`.
@@ -409,10 +430,10 @@ def build_mock_datasets(
             split=None,
             path_to_cache=None,
             tokenizer=tokenizer,
-            reset_position_ids=False,
-            reset_attention_mask=False,
-            eod_mask_loss=False,
-            create_attention_mask=False,
+            reset_position_ids=reset_position_ids,
+            reset_attention_mask=reset_attention_mask,
+            eod_mask_loss=eod_mask_loss,
+            create_attention_mask=reset_attention_mask,
         )
         assert config.mock  # megatron-core's rule: no blend is mock data
         builder = BlendedMegatronDatasetBuilder(
@@ -430,7 +451,9 @@ class MicroBatchIterator:
     """Yields one data-parallel rank's micro-batches in Megatron's sample order.
 
     A micro-batch is a dict of `[micro_batch_size, seq_length]` tensors with the keys
-    `BATCH_KEYS`; other item keys, like a blend's `dataset_id`, are dropped.
+    `BATCH_KEYS`, plus `ATTENTION_MASK` `[micro_batch_size, 1, s, s]` when the items carry it
+    (`--reset-attention-mask`) and `CONTINUES_DOCUMENT` when `eod` is given; other item keys,
+    like a blend's `dataset_id`, are dropped.
 
     Megatron's pretraining sampler hands out consecutive dataset indices: at consumed-sample
     counter `c`, rank `r` of `dp_size` gets `[c + r*mbs, c + (r+1)*mbs)` and the counter then
@@ -444,6 +467,8 @@ class MicroBatchIterator:
         data_parallel_rank: This rank's index among the data-parallel ranks.
         data_parallel_size: Number of data-parallel ranks.
         consumed_samples: Samples consumed by all ranks so far, e.g. from a checkpoint.
+        eod: The EOD token id, to mark where documents end (`CONTINUES_DOCUMENT`, which stops
+            the NITP targets at document boundaries); None: no such key.
 
     Attributes:
         consumed_samples: Samples consumed by all ranks so far, including the micro-batches
@@ -457,6 +482,7 @@ class MicroBatchIterator:
         data_parallel_rank: int = 0,
         data_parallel_size: int = 1,
         consumed_samples: int = 0,
+        eod: int | None = None,
     ) -> None:
         if dataset is None or len(dataset) == 0:
             raise ValueError("dataset is empty; check the split weights and num_samples")
@@ -471,6 +497,7 @@ class MicroBatchIterator:
         self.data_parallel_rank = data_parallel_rank
         self.data_parallel_size = data_parallel_size
         self.consumed_samples = consumed_samples
+        self.eod = eod
 
     def __iter__(self) -> "MicroBatchIterator":
         return self
@@ -491,4 +518,8 @@ class MicroBatchIterator:
         start = self.consumed_samples + self.data_parallel_rank * self.micro_batch_size
         samples = [self.dataset[i] for i in range(start, start + self.micro_batch_size)]
         self.consumed_samples += step
-        return {key: torch.stack([s[key] for s in samples]) for key in BATCH_KEYS}
+        keys = BATCH_KEYS + ((ATTENTION_MASK,) if ATTENTION_MASK in samples[0] else ())
+        batch = {key: torch.stack([s[key] for s in samples]) for key in keys}
+        if self.eod is not None:
+            batch[CONTINUES_DOCUMENT] = (batch["tokens"] != self.eod).float()
+        return batch

@@ -23,12 +23,15 @@ from megatron.core.transformer.enums import AttnMaskType
 
 class SDPAttention(DotProductAttention):
     """``DotProductAttention`` with its forward computed by ``F.scaled_dot_product_attention``
-    (causal masks only: what GPT training uses; anything else is refused at the call)."""
+    (causal self-attention only: what GPT training uses; anything else is refused at the call).
+    An explicit ``attention_mask`` (``--reset-attention-mask``: causal within each packed
+    document) replaces the causal one, as in megatron-core's unfused softmax."""
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
         """``query`` ``[sq, b, np, hn]``, ``key``/``value`` ``[sk, b, ng, hn]`` (this TP rank's
-        heads and query groups) -> ``[sq, b, np * hn]``."""
+        heads and query groups) -> ``[sq, b, np * hn]``. ``attention_mask``: None (causal), or
+        megatron-core's bool ``[b or 1, 1, sq, sk]`` with True = masked out."""
         mask_type = attn_mask_type or self.attn_mask_type
         if mask_type != AttnMaskType.causal or attention_bias is not None or (
                 packed_seq_params is not None) or self.softmax_offset is not None:
@@ -49,9 +52,12 @@ class SDPAttention(DotProductAttention):
         dropout = self.attention_dropout.p if self.training else 0.0
         rng = (tensor_parallel.get_cuda_rng_tracker().fork() if dropout
                and not self.config.sequence_parallel else contextlib.nullcontext())
+        # SDPA's boolean mask is the opposite of megatron-core's: True = may attend
+        allowed = None if attention_mask is None else ~attention_mask.bool()
         with rng:
-            context = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout,
-                                                     is_causal=True, scale=scale)
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
+                                                     dropout_p=dropout,
+                                                     is_causal=allowed is None, scale=scale)
         # [b, np, sq, hn] -> [sq, b, np * hn]
         return context.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1],
                                                     self.hidden_size_per_partition)

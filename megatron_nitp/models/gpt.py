@@ -49,9 +49,10 @@ class NITPGPTModel(GPTModel):
     With ``labels`` on the last pipeline stage, ``forward`` returns the ``[b, s]`` NTP per-token
     loss, the ``[b, s]`` NITP per-token loss (zeros when NITP is off), the ``[b, s]`` mask of
     positions that carry an NITP loss (``loss_mask`` and a target exists: not the sequence's
-    last position) and, with ``return_hidden=True``, the detached ``[s, b, h]`` final hidden
-    states (for representation-geometry metrics; whole sequences over TP, gathered under
-    sequence parallelism), else None. Under context parallelism ``s`` is this rank's
+    last position, nor a position whose ``document_mask`` is 0) and, with
+    ``return_hidden=True``, the detached ``[s, b, h]`` final hidden states (for
+    representation-geometry metrics; whole sequences over TP, gathered under sequence
+    parallelism), else None. Under context parallelism ``s`` is this rank's
     ``s / cp``. Otherwise it behaves as GPTModel.
     """
 
@@ -95,9 +96,17 @@ class NITPGPTModel(GPTModel):
         labels: Optional[torch.Tensor] = None,
         loss_mask: Optional[torch.Tensor] = None,
         return_hidden: bool = False,
+        document_mask: Optional[torch.Tensor] = None,
         **kwargs,
     ):
         """GPTModel's forward plus the NITP terms (see the class docstring).
+
+        ``document_mask``: ``[b, s]`` (``s/cp`` under CP, sliced like the labels), 1 where
+        position t+1 belongs to the document of position t, 0 where another document starts
+        (``--nitp-document-boundary mask``): those positions get no NITP term, since their
+        target would be another document's state. The shift itself is unchanged (it moves
+        rows across shards and stages); the mask only drops pairs. None: every position with a
+        next position has a target. Read on the last stage only.
 
         ``return_hidden``: also return the final hidden states ``[s, b, h]`` as the 4th output
         (None otherwise). Only the last stage's value matters; the step passes it on every stage
@@ -136,6 +145,8 @@ class NITPGPTModel(GPTModel):
             shallow = self._router.recv(like=hidden)
         distance, valid = self._distance(self.projector(hidden), shallow)  # [s/cp, b], [s/cp]
         nitp_mask = loss_mask * valid.unsqueeze(0)
+        if document_mask is not None:
+            nitp_mask = nitp_mask * document_mask.float()
         return output, distance.transpose(0, 1) * nitp_mask, nitp_mask, full
 
     def _distance(self, predictions: torch.Tensor, shallow: torch.Tensor):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 LOSS_KINDS = ("cosine", "mse", "smooth_l1", "kl")
 PROJECTOR_KINDS = ("swiglu", "linear", "none")
 OBJECTIVES = ("nitp", "cosine_reg")
 HIDDEN_SOURCES = ("final_norm", "last_layer")
+DOCUMENT_BOUNDARIES = ("mask", "allow")
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,20 @@ class NITPConfig:
     """Which h_t is projected: final_norm (after the final RMSNorm, the state that feeds the
     unembedding; the paper) or last_layer (the last layer's output, before the norm)."""
 
+    document_boundary: Optional[str] = field(default=None,
+                                             metadata={"choices": DOCUMENT_BOUNDARIES})
+    """mask: no NITP term at a position whose next token starts another document (the token is
+    EOD), so h_t is never pulled towards an unrelated document's state; allow: every position
+    with a next position has a target, across documents. The paper does not say; our default
+    follows --reset-attention-mask (mask when documents are separated, else allow)."""
+
+    @property
+    def masks_documents(self) -> bool:
+        """Whether the t -> t+1 targets stop at document boundaries: NITP's objective with
+        shift 1 and ``document_boundary`` mask (shift 0 pairs a position with itself)."""
+        return (self.enabled and self.objective == "nitp" and self.shift == 1
+                and self.document_boundary == "mask")
+
     def validate(self, num_layers: int, hidden_size: int, tensor_parallel_size: int = 1) -> None:
         """Raise ValueError naming the bad field and the fix; called before any model is built."""
         if not self.enabled:
@@ -92,6 +108,9 @@ class NITPConfig:
         if self.hidden_source not in HIDDEN_SOURCES:
             raise ValueError(f"unknown --nitp-hidden-source {self.hidden_source!r}: choose one "
                              f"of {', '.join(HIDDEN_SOURCES)}.")
+        if self.document_boundary not in (None, *DOCUMENT_BOUNDARIES):
+            raise ValueError(f"unknown --nitp-document-boundary {self.document_boundary!r}: "
+                             f"choose one of {', '.join(DOCUMENT_BOUNDARIES)}.")
         if self.shift not in (0, 1):
             raise ValueError(f"--nitp-shift {self.shift} must be 1 (t -> t+1, paper) or 0.")
         if self.projector_ffn_ratio < 1:

@@ -54,6 +54,8 @@ MODEL_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_he
                "moe_layer_pattern", "mtp_num_layers", "rotary_base", "norm_epsilon")
 #: model flags added to MODEL_FLAGS later: compared only when the checkpoint stores them
 LATER_MODEL_FLAGS = ("rotary_base", "norm_epsilon")
+#: NITP fields added later, with the value a checkpoint that does not store them trained with
+LATER_NITP_FIELDS = {"document_boundary": "allow"}
 
 
 #: The distributed optimizer's checkpoint formats (megatron-core's
@@ -750,6 +752,8 @@ def check_compatible(meta: dict, args, override: bool = False,
             if section == "model" and key in LATER_MODEL_FLAGS and key not in meta.get("model", {}):
                 continue
             saved, current = meta.get(section, {}).get(key), ours[section].get(key)
+            if section == "nitp" and key not in meta.get("nitp", {}):
+                saved = LATER_NITP_FIELDS.get(key)
             if isinstance(current, tuple):
                 current = list(current)
             if saved != current:

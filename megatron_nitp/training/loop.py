@@ -83,9 +83,12 @@ def prepare_data(args: RunConfig):
     dp_rank = parallel_state.get_data_parallel_rank()
     num_samples = requested_samples(args.train_iters, args.global_batch_size, args.eval_iters,
                                     args.eval_interval)
+    documents = dict(reset_position_ids=args.reset_position_ids,
+                     reset_attention_mask=args.reset_attention_mask,
+                     eod_mask_loss=args.eod_mask_loss)
     if args.mock_data:
         train_ds, valid_ds, _ = build_mock_datasets(tokenizer, args.seq_length, args.seed,
-                                                    num_samples)
+                                                    num_samples, **documents)
     else:
         if is_logging_rank():  # the index build can take minutes on a large corpus
             print(f"> building datasets: {num_samples[0]:,} training and {num_samples[1]:,} "
@@ -95,13 +98,15 @@ def prepare_data(args: RunConfig):
             num_samples, args.data_cache_path,
             per_split=([list(p) if p else None for p in per_split] if args.train_data_path
                        else None),
-            build_timeout_minutes=args.dataset_build_timeout_minutes,
+            build_timeout_minutes=args.dataset_build_timeout_minutes, **documents,
         )
-    train = MicroBatchIterator(train_ds, args.micro_batch_size, dp_rank, dp_size)
+    # where documents end, for NITP targets that stop there (--nitp-document-boundary mask)
+    eod = tokenizer.eod if args.nitp_config.masks_documents else None
+    train = MicroBatchIterator(train_ds, args.micro_batch_size, dp_rank, dp_size, eod=eod)
 
     def valid():
         """The same held-out batches at every evaluation: comparable points on the curve."""
-        return MicroBatchIterator(valid_ds, args.micro_batch_size, dp_rank, dp_size)
+        return MicroBatchIterator(valid_ds, args.micro_batch_size, dp_rank, dp_size, eod=eod)
 
     evaluates = valid_ds is not None and len(valid_ds) and args.eval_interval
     return args, tokenizer, train, (valid if evaluates else None)

@@ -137,7 +137,9 @@ def transformer_config(args, perform_initialization: bool = True) -> Transformer
         use_cpu_initialization=not on_gpu,
         perform_initialization=perform_initialization,
         bias_dropout_fusion=on_gpu,
-        masked_softmax_fusion=fused_softmax_available(),
+        # Apex's fused softmax under the local spec's causal mask type ignores the mask it is
+        # given (an upper-triangular kernel): the per-document mask needs the unfused softmax.
+        masked_softmax_fusion=fused_softmax_available() and not args.reset_attention_mask,
         calculate_per_token_loss=True,
         # megatron-core's default synchronizes the whole device after every batched pipeline
         # send/recv, a workaround for a race in old PyTorch (< 1.13; we need >= 2.4). Under PP

@@ -2,7 +2,8 @@
 
 Loss accounting. The step minimizes ``L = sum(ntp) / N_ntp + lambda * sum(nitp) / N_nitp`` over
 the global batch, where ``N_ntp`` counts the tokens whose NTP loss counts and ``N_nitp`` the
-positions that carry an NITP target (each sequence's last position has none). megatron-core's
+positions that carry an NITP target (each sequence's last position has none, nor, with
+``--nitp-document-boundary mask``, a document's EOD). megatron-core's
 per-token mode (``calculate_per_token_loss``) divides the summed gradients by the global
 ``N_ntp`` once, in ``finalize_model_grads``; so each micro-batch contributes
 ``sum(ntp) + lambda * (N_ntp / N_nitp) * sum(nitp)``, with both global counts taken from the
@@ -22,6 +23,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_batch_on_this_cp_rank
 
+from megatron_nitp.data.datasets import ATTENTION_MASK, CONTINUES_DOCUMENT
 from megatron_nitp.device import device, to_device
 from megatron_nitp.geometry import effective_rank, mean_pairwise_cosine, valid_token_states
 from megatron_nitp.nitp.loss import num_contributing_positions
@@ -78,17 +80,19 @@ def _forward_step(nitp_scale, geometry_first, data_iterator, model):
     output = model(
         batch["tokens"],
         batch["position_ids"],
-        None,
+        batch.get(ATTENTION_MASK),  # None: the layers' causal mask type applies
         labels=batch["labels"],
         loss_mask=batch["loss_mask"],
+        document_mask=batch.get(CONTINUES_DOCUMENT),
         return_hidden=geometry,
     )
     return output, partial(_loss_func, batch["loss_mask"], nitp_scale, geometry)
 
 
 def _cp_slice(batch: dict) -> dict:
-    """This rank's chunks r and 2CP-1-r of every sequence: megatron-core's
-    ``get_batch_on_this_cp_rank`` given the context-parallel group explicitly. 0.16 falls back
+    """This rank's chunks r and 2CP-1-r of every sequence (every ``[b, s]`` key, the document
+    mask included): megatron-core's ``get_batch_on_this_cp_rank`` given the context-parallel
+    group explicitly. 0.16 falls back
     to parallel_state without it, but 0.19 (which adds a required ``is_hybrid_cp``) then
     slices by the whole world's size and rank, i.e. wrongly as soon as TP, PP or DP > 1."""
     import inspect
@@ -101,11 +105,15 @@ def _cp_slice(batch: dict) -> dict:
 
 def _global_counts(batches: list[dict], shift: int) -> tuple[float, float]:
     """(N_ntp, N_nitp) over the global batch: this rank's micro-batches (whole sequences, before
-    any context-parallel split), summed over the data-parallel replicas."""
+    any context-parallel split), summed over the data-parallel replicas. A position whose next
+    token starts another document has no NITP target when the batch says so
+    (``CONTINUES_DOCUMENT``), as in the model's NITP mask."""
     counts = torch.zeros(2, dtype=torch.float64, device=device())
     for batch in batches:
         mask = batch["loss_mask"].double()
         counts[0] += mask.sum()
+        if CONTINUES_DOCUMENT in batch:
+            mask = mask * batch[CONTINUES_DOCUMENT].double()
         counts[1] += num_contributing_positions(mask, shift)
     torch.distributed.all_reduce(counts, group=parallel_state.get_data_parallel_group())
     return counts[0].item(), counts[1].item()
