@@ -186,6 +186,37 @@ def install_import_stubs() -> None:
         sys.modules[name] = stub
 
 
+def skip_megatron_jit() -> None:
+    """megatron-core's ``megatron.core.jit.jit_fuser`` is ``torch.compile`` (torch >= 2.2), and
+    its fused bias-dropout-add, activations, norms and router helpers are decorated with it at
+    import. On a CUDA GPU that fuses them into one kernel; without CUDA, torch.compile imports
+    the inductor at import time and, at the first call in every process, traces the function and
+    compiles C++ for the CPU: seconds per process for no gain on a CPU run. Without CUDA,
+    ``torch.compile`` applied to a function of megatron-core returns the function as it is (the
+    same computation, eager); anything else is compiled as asked. Must run before megatron-core
+    is first imported (``megatron_nitp/__init__.py``)."""
+    import functools
+    import inspect
+
+    import torch
+
+    compile_ = torch.compile
+    if getattr(compile_, "_nitp_skips_megatron", False):
+        return
+
+    def _megatron_function(fn) -> bool:
+        return inspect.isfunction(fn) and (fn.__module__ or "").startswith("megatron.core")
+
+    @functools.wraps(compile_)
+    def compile_except_megatron(model=None, **kwargs):
+        if model is None:  # @torch.compile(...) as a decorator factory
+            return lambda fn: fn if _megatron_function(fn) else compile_(fn, **kwargs)
+        return model if _megatron_function(model) else compile_(model, **kwargs)
+
+    compile_except_megatron._nitp_skips_megatron = True
+    torch.compile = compile_except_megatron
+
+
 def quiet_import_warnings() -> None:
     """Without CUDA, megatron-core warns at import that Transformer Engine and Apex are missing
     (expected on CPU, not news to the user). Silence those messages in this process and in the
