@@ -215,13 +215,15 @@ def consumed_samples(margs: argparse.Namespace, iteration: int) -> int:
 
 # ------------------------------------------------------------------------------ the weights
 
-def model_sharded_state(model) -> dict:
+def model_sharded_state(model, extra_state: bool = False) -> dict:
     """Our model's sharded state under Megatron-LM's keys (no prefix), without the NITP
-    projector, MTP blocks and ``_extra_state`` objects (FP8 metadata; a local-spec run has
-    none): the tensors Megatron-LM's GPTModel holds. ``model``: unwrapped, one process."""
+    projector and MTP blocks: what Megatron-LM's GPTModel holds. ``extra_state``: with the
+    modules' ``_extra_state`` objects (FP8 metadata; empty in the local spec), which a
+    Megatron-LM load asks for; an import leaves them out, so that a TE run's checkpoint loads
+    into a local model and back. ``model``: unwrapped, one process."""
     state = model.sharded_state_dict(prefix="")
     return {k: v for k, v in state.items() if not k.startswith(("projector.", "mtp."))
-            and not k.endswith("_extra_state")}
+            and (extra_state or not k.endswith("_extra_state"))}
 
 
 def _alternative(key: str) -> str | None:
@@ -379,7 +381,7 @@ def export_checkpoint(checkpoint_root: str, out_root: str) -> tuple[str, int, in
     if os.path.exists(path) and os.listdir(path):
         raise MegatronFormatError(f"{path} exists already: give another output folder")
     os.makedirs(path, exist_ok=True)
-    state = {"model": model_sharded_state(model),
+    state = {"model": model_sharded_state(model, extra_state=True),
              "args": megatron_args(config, iteration, consumed), "iteration": iteration,
              "checkpoint_version": CHECKPOINT_VERSION,
              "num_floating_point_operations_so_far": 0}

@@ -193,8 +193,9 @@ def test_export_to_megatron_lm_and_back_is_exact(dist, tmp_path):
     with torch.no_grad():
         for param in gpt.parameters():
             param.zero_()
-    gpt.load_state_dict(dist_checkpointing.load(gpt.sharded_state_dict(),
-                                                str(back / "iter_0000010")))
+    loaded = dist_checkpointing.load({"model": gpt.sharded_state_dict()},
+                                     str(back / "iter_0000010"))  # as Megatron-LM's load does
+    gpt.load_state_dict(loaded["model"])
     ours, _ = load_checkpoint_model(str(tmp_path / "a"))
     ours.eval()
     assert (_logits(gpt) - _logits(ours)).abs().max().item() < 1e-6
