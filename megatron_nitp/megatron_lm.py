@@ -324,14 +324,19 @@ def import_checkpoint(root: str, save: str, flags: list[str] = ()) -> tuple[str,
     consumed = consumed_samples(margs, iteration)
     out = save_checkpoint(save, iteration, model, None, None, target, consumed_samples=consumed,
                           imported_from=os.path.abspath(root), imported_format="megatron-lm")
-    return out, target, {"iteration": iteration, "consumed_samples": consumed, "source": path}
+    tokenizer = getattr(margs, "tokenizer_type", None)
+    return out, target, {"iteration": iteration, "consumed_samples": consumed, "source": path,
+                         "tokenizer_type": tokenizer,
+                         "tokenizer_supported": tokenizer is None or tokenizer in _TOKENIZERS}
 
 
 # -------------------------------------------------------------------------------- the export
 
-def megatron_args(config, iteration: int, consumed: int) -> argparse.Namespace:
+def megatron_args(config, iteration: int, consumed: int, bf16: bool = False
+                  ) -> argparse.Namespace:
     """Megatron-LM's ``args`` of our run config: the architecture (what Megatron-LM's
-    ``--use-checkpoint-args`` and its checks read), the batch and schedule, the position."""
+    ``--use-checkpoint-args`` and its checks read), the batch and schedule, the position;
+    ``bf16``: the precision the run trained in (``config`` is the one-process fp32 one)."""
     heads = config.num_attention_heads
     groups = config.num_query_groups or heads
     return argparse.Namespace(
@@ -352,8 +357,8 @@ def megatron_args(config, iteration: int, consumed: int) -> argparse.Namespace:
         global_batch_size=config.global_batch_size, micro_batch_size=config.micro_batch_size,
         train_iters=config.train_iters, lr=config.lr, min_lr=config.min_lr,
         lr_decay_style=config.lr_decay_style, lr_warmup_iters=config.lr_warmup_iters,
-        weight_decay=config.weight_decay, clip_grad=config.clip_grad, bf16=config.bf16,
-        fp16=config.fp16, params_dtype=torch.bfloat16 if config.bf16 else torch.float32,
+        weight_decay=config.weight_decay, clip_grad=config.clip_grad, bf16=bf16, fp16=False,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
         tokenizer_type=config.tokenizer_type, tokenizer_model=config.tokenizer_model,
         seed=config.seed, iteration=iteration, consumed_train_samples=consumed,
         consumed_valid_samples=0, ckpt_format="torch_dist", use_dist_ckpt=True,
@@ -377,12 +382,14 @@ def export_checkpoint(checkpoint_root: str, out_root: str) -> tuple[str, int, in
                                   "(dense GPT only): export to Hugging Face instead")
     meta = read_meta(find_checkpoint(checkpoint_root))
     iteration, consumed = meta["iteration"], meta.get("consumed_samples", 0)
+    bf16 = bool(meta.get("config", {}).get("training", {}).get("bf16", False))
     path = os.path.join(out_root, f"iter_{iteration:07d}")
     if os.path.exists(path) and os.listdir(path):
         raise MegatronFormatError(f"{path} exists already: give another output folder")
     os.makedirs(path, exist_ok=True)
     state = {"model": model_sharded_state(model, extra_state=True),
-             "args": megatron_args(config, iteration, consumed), "iteration": iteration,
+             "args": megatron_args(config, iteration, consumed, bf16),
+             "iteration": iteration,
              "checkpoint_version": CHECKPOINT_VERSION,
              "num_floating_point_operations_so_far": 0}
     dist_checkpointing.save(state, path)

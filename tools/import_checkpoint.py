@@ -89,8 +89,12 @@ def import_megatron(root, save, flags):
     from megatron_nitp.hf import as_flags
 
     given = {f.split("=")[0][2:].replace("-", "_") for f in flags if f.startswith("--")}
-    train = as_flags({k: getattr(config, k) for k in CONTINUE_TRAINING
-                      if k not in given and getattr(config, k, None) is not None})
+    train = {k: getattr(config, k) for k in CONTINUE_TRAINING
+             if k not in given and getattr(config, k, None) is not None}
+    unknown = not summary["tokenizer_supported"] and "tokenizer_type" not in given
+    if unknown:
+        train.update(tokenizer_type="TYPE", tokenizer_model="MODEL")
+    train = as_flags(train)
     nitp = [] if "nitp_start_iter" in given else ["--nitp-start-iter",
                                                    str(config.nitp_config.start_iter)]
     print("> continue pretraining (NTP until --nitp-start-iter, then NTP + NITP) with:\n"
@@ -99,6 +103,9 @@ def import_megatron(root, save, flags):
           "--data-path DATA_PREFIX ...")
     print("  (the same data and tokenizer as the Megatron-LM run; any NITP flags, e.g. a later "
           "--nitp-start-iter, as long as the projector's shape is the import's)")
+    if unknown:
+        print(f"  (the run's {summary['tokenizer_type']} is not a tokenizer kind of ours: give "
+              "the same vocabulary as TYPE and MODEL, e.g. HuggingFaceTokenizer and its folder)")
 
 
 if __name__ == "__main__":
