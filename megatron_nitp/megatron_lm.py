@@ -283,8 +283,9 @@ def import_checkpoint(root: str, save: str, flags: list[str] = ()) -> tuple[str,
     defaults under ``flags`` (as for ``pretrain_gpt_nitp.py``; ``--nitp-start-iter`` defaults
     to the checkpoint's iteration: NITP from where the NTP run stopped), its decoder's
     weights, the NITP projector initialized as a fresh run's, the consumed samples; no
-    optimizer state (module docstring). Returns (our checkpoint folder, the resolved run config, a summary:
-    ``iteration``, ``consumed_samples``, ``source``)."""
+    optimizer state (module docstring). Returns (our checkpoint folder, the resolved run
+    config, a summary: ``iteration``, ``consumed_samples``, ``source``, the run's
+    ``tokenizer_type`` and whether ours builds it: ``tokenizer_supported``)."""
     from megatron_nitp.config import ConfigError, resolve
     from megatron_nitp.models.initialization import initialize_weights
     from megatron_nitp.training.arguments import parse_args
