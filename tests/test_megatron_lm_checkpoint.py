@@ -106,7 +106,9 @@ def test_import_gives_equal_logits_and_continues_the_iteration(dist, tmp_path, c
     from megatron_nitp.training.arguments import parse_args
     from megatron_nitp.training.loop import pretrain
 
-    margs = _megatron_args()
+    # the local-names case also covers tied embeddings without QKV bias
+    margs = _megatron_args(**(dict(untie_embeddings_and_output_weights=False, add_qkv_bias=False)
+                              if local_names else {}))
     gpt = _gpt_model(margs)
     _save_megatron_lm(tmp_path / "mlm", margs, gpt, local_names=local_names)
     ckpt = tmp_path / "ckpt"
