@@ -96,13 +96,15 @@ def iteration_dir(root: str) -> tuple[str, int]:
 
 def is_megatron_lm_checkpoint(root: str) -> bool:
     """Whether ``root`` is a Megatron-LM torch_dist folder (tracker, an iteration folder with
-    ``common.pt`` or ``metadata.json``, and none of our ``nitp.json``)."""
+    ``common.pt`` or ``metadata.json``, and neither our ``nitp.json`` nor our
+    ``manifest.json``: a damaged checkpoint of ours keeps its own error)."""
     try:
         path, _ = iteration_dir(root)
     except (MegatronFormatError, OSError):
         return False
-    marks = [os.path.exists(os.path.join(path, name)) for name in ("common.pt", "metadata.json")]
-    return any(marks) and not os.path.exists(os.path.join(path, "nitp.json"))
+    theirs = any(os.path.exists(os.path.join(path, n)) for n in ("common.pt", "metadata.json"))
+    ours = any(os.path.exists(os.path.join(path, n)) for n in ("nitp.json", "manifest.json"))
+    return theirs and not ours
 
 
 def read_common(path: str) -> dict:
