@@ -279,6 +279,29 @@ def continue_flags(config) -> list[str]:
     return as_flags({name: getattr(config.model, name) for name in IMPORT_SETTINGS})
 
 
+#: the run settings the continue command repeats beside the model's shape
+CONTINUE_SETTINGS = ("global_batch_size", "micro_batch_size", "train_iters", "lr", "min_lr",
+                     "lr_warmup_iters", "lr_decay_style", "bf16", "tokenizer_type",
+                     "tokenizer_model")
+
+
+def continue_command(save: str, config, flags: list[str] = (),
+                     tokenizer_supported: bool = True) -> list[str]:
+    """The ``pretrain_gpt_nitp.py`` arguments (data aside) that resume the import at ``save``:
+    ``--load``/``--save`` it, its model flags, the Megatron-LM run's batch, schedule and
+    tokenizer (TYPE/MODEL placeholders for a tokenizer kind we lack), the import's ``flags``,
+    and ``--nitp-start-iter`` as stored."""
+    given = {f.split("=")[0][2:].replace("-", "_") for f in flags if f.startswith("--")}
+    train = {k: getattr(config, k) for k in CONTINUE_SETTINGS
+             if k not in given and getattr(config, k, None) is not None}
+    if not tokenizer_supported and "tokenizer_type" not in given:
+        train.update(tokenizer_type="TYPE", tokenizer_model="MODEL")
+    nitp = [] if "nitp_start_iter" in given else ["--nitp-start-iter",
+                                                   str(config.nitp_config.start_iter)]
+    return (["--load", save, "--save", save] + continue_flags(config) + as_flags(train)
+            + list(flags) + nitp)
+
+
 def import_checkpoint(root: str, save: str, flags: list[str] = ()) -> tuple[str, object, dict]:
     """Converts the latest checkpoint of a Megatron-LM ``--save`` folder into ours at the same
     iteration: the model settings from its ``args``, its batch and schedule settings as

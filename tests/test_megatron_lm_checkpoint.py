@@ -18,8 +18,7 @@ from tests.helpers import load_tool
 VOCAB = 4096  # the built-in corpus's tokenizer: the continued run trains on it
 SEQ = 32
 FLAGS = ["--nitp-target-layer", "1"]
-TRAIN = ["--micro-batch-size", "2", "--global-batch-size", "4", "--lr-warmup-iters", "0",
-         "--eval-interval", "0", "--no-plot", "--no-progress-bar", "--geometry-interval", "0",
+QUIET = ["--eval-interval", "0", "--no-plot", "--no-progress-bar", "--geometry-interval", "0",
          "--log-interval", "1"]
 
 
@@ -102,7 +101,7 @@ def _logits(model):
 def test_import_gives_equal_logits_and_continues_the_iteration(dist, tmp_path, capsys,
                                                                local_names):
     from megatron_nitp.export import load_checkpoint_model
-    from megatron_nitp.megatron_lm import continue_flags
+    from megatron_nitp.megatron_lm import continue_command
     from megatron_nitp.training.arguments import parse_args
     from megatron_nitp.training.loop import pretrain
 
@@ -127,10 +126,11 @@ def test_import_gives_equal_logits_and_continues_the_iteration(dist, tmp_path, c
     if local_names:
         return
 
-    run_dir = tmp_path / "run"
-    pretrain(parse_args(TRAIN + continue_flags(config) + FLAGS + [
-        "--nitp-start-iter", "11", "--load", str(ckpt), "--train-iters", "12", "--no-save",
-        "--run-dir", str(run_dir)]))
+    run_dir = tmp_path / "run"  # the printed command (a later NITP start), two iterations
+    command = continue_command(str(ckpt), config, FLAGS + ["--nitp-start-iter", "11"])
+    assert command[:4] == ["--load", str(ckpt), "--save", str(ckpt)]
+    pretrain(parse_args(command + QUIET + ["--train-iters", "12", "--no-save",
+                                           "--run-dir", str(run_dir)]))
     out = capsys.readouterr().out
     assert "resumed from" in out and "at iteration 10 (40 samples consumed)" in out
     assert "the optimizer starts fresh" in out

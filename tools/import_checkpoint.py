@@ -28,11 +28,6 @@ import shlex
 import megatron_nitp  # noqa: F401  (CPU import stubs must precede megatron-core)
 from megatron_nitp.cli import ArgumentParser
 
-#: the run settings a Megatron-LM import's continue command repeats (the model's shape aside)
-CONTINUE_TRAINING = ("global_batch_size", "micro_batch_size", "train_iters", "lr", "min_lr",
-                     "lr_warmup_iters", "lr_decay_style", "bf16", "tokenizer_type",
-                     "tokenizer_model")
-
 
 def main(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -74,7 +69,7 @@ def import_hf(hf_dir, save, flags):
 
 
 def import_megatron(root, save, flags):
-    from megatron_nitp.megatron_lm import MegatronFormatError, continue_flags, import_checkpoint
+    from megatron_nitp.megatron_lm import MegatronFormatError, continue_command, import_checkpoint
 
     try:
         path, config, summary = import_checkpoint(root, save, flags)
@@ -86,27 +81,14 @@ def import_megatron(root, save, flags):
     print("> not imported: the optimizer state (Adam moments, fp32 main weights) and the LR "
           "scheduler's state: the continued run starts Adam afresh and takes the LR schedule "
           f"from its flags at iteration {it}")
-    from megatron_nitp.hf import as_flags
-
-    given = {f.split("=")[0][2:].replace("-", "_") for f in flags if f.startswith("--")}
-    train = {k: getattr(config, k) for k in CONTINUE_TRAINING
-             if k not in given and getattr(config, k, None) is not None}
-    unknown = not summary["tokenizer_supported"] and "tokenizer_type" not in given
-    if unknown:
-        train.update(tokenizer_type="TYPE", tokenizer_model="MODEL")
-    train = as_flags(train)
-    nitp = [] if "nitp_start_iter" in given else ["--nitp-start-iter",
-                                                   str(config.nitp_config.start_iter)]
+    command = continue_command(save, config, flags, summary["tokenizer_supported"])
     print("> continue pretraining (NTP until --nitp-start-iter, then NTP + NITP) with:\n"
-          f"  python pretrain_gpt_nitp.py --load {shlex.quote(save)} --save {shlex.quote(save)} "
-          f"{shlex.join(continue_flags(config) + train + flags + nitp)} "
-          "--data-path DATA_PREFIX ...")
+          f"  python pretrain_gpt_nitp.py {shlex.join(command)} --data-path DATA_PREFIX ...")
     print("  (the same data and tokenizer as the Megatron-LM run; any NITP flags, e.g. a later "
           "--nitp-start-iter, as long as the projector's shape is the import's)")
-    if unknown:
+    if "TYPE" in command:
         print(f"  (the run's {summary['tokenizer_type']} is not a tokenizer kind of ours: give "
               "the same vocabulary as TYPE and MODEL, e.g. HuggingFaceTokenizer and its folder)")
-
 
 if __name__ == "__main__":
     main()
