@@ -72,6 +72,26 @@ MODEL_SPACE = "model_space"
 DP_RESHARDABLE_FIXED = ("tp", "pp", "ep", "etp", "cp")
 
 
+#: nitp.json "imported_format" of a checkpoint converted from a Megatron-LM run: its iteration
+#: and consumed samples resume, its optimizer starts fresh (no optimizer state is stored)
+MEGATRON_LM = "megatron-lm"
+
+
+def resumes_fresh_optimizer(meta: dict) -> bool:
+    """Whether a checkpoint resumes its iteration without optimizer state (a Megatron-LM
+    import, ``megatron_nitp/megatron_lm.py``)."""
+    return meta.get("imported_format") == MEGATRON_LM
+
+
+def imported_source(meta: dict) -> str | None:
+    """What a checkpoint was imported from, in words ("Hugging Face DIR", "Megatron-LM DIR"),
+    None for a checkpoint of a run."""
+    if not meta.get("imported_from"):
+        return None
+    kind = "Megatron-LM" if resumes_fresh_optimizer(meta) else "Hugging Face"
+    return f"{kind} {meta['imported_from']}"
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file or fields."""
 
@@ -195,7 +215,7 @@ def check_optimizer_layout(meta: dict, args, path: str) -> None:
     one TP/PP/EP/CP rank (the keys carry the data-parallel group's index), so only DP may
     change. Checkpoints that do not record their format were written ``fully_reshardable``."""
     saved = meta.get("optimizer_format", FULLY_RESHARDABLE)
-    if saved != DP_RESHARDABLE:
+    if saved != DP_RESHARDABLE or resumes_fresh_optimizer(meta):
         return
     ours, theirs = _layout(args), meta.get("layout", {})
     changed = [f"{k.upper()} {theirs[k]} -> {ours[k]}" for k in DP_RESHARDABLE_FIXED
@@ -371,7 +391,8 @@ class AsyncSaves:
 def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args,
                     consumed_samples: int = 0, keep_last: int | None = None,
                     async_saves: AsyncSaves | None = None,
-                    imported_from: str | None = None) -> str:
+                    imported_from: str | None = None,
+                    imported_format: str | None = None) -> str:
     """Writes a checkpoint of ``iteration``; once every rank's files are written, rank 0 puts
     the ranks' manifest entries together and then moves the tracker to it (the
     ``crash-in-save`` test fault stops the process in between: ``training/faults.py``).
@@ -380,7 +401,10 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args
     are scheduled; the manifest and tracker follow when :meth:`AsyncSaves.poll` finalizes the
     save. A save still pending from before is finalized first. ``imported_from``
     (``megatron_nitp/hf.py``): a weights-only checkpoint converted from that Hugging Face
-    folder, without optimizer and scheduler (loadable with ``--finetune`` only)."""
+    folder, without optimizer and scheduler (loadable with ``--finetune`` only); with
+    ``imported_format`` :data:`MEGATRON_LM` (``megatron_nitp/megatron_lm.py``) converted from
+    that Megatron-LM run, whose iteration and consumed samples it keeps: a resume continues
+    them with a fresh optimizer."""
     if async_saves is not None:
         async_saves.wait()
     verify = getattr(args, "verify", True)
@@ -419,8 +443,8 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args
         own[rng_file] = _entry(os.path.join(path, rng_file), verify)
         if rank == 0:
             with open(os.path.join(path, META), "w") as f:
-                json.dump(_meta(iteration, consumed_samples, args, imported_from, fmt), f,
-                          indent=2)
+                json.dump(_meta(iteration, consumed_samples, args, imported_from, fmt,
+                                imported_format), f, indent=2)
             own[META] = _entry(os.path.join(path, META), verify)
     except (OSError, RuntimeError) as err:
         error = describe_save_failure(root, path, err)
@@ -469,7 +493,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args
 
 
 def _meta(iteration: int, consumed_samples: int, args, imported_from: str | None = None,
-          fmt: str = MODEL_SPACE) -> dict:
+          fmt: str = MODEL_SPACE, imported_format: str | None = None) -> dict:
     meta = {
         "iteration": iteration,
         "consumed_samples": consumed_samples,
@@ -489,6 +513,8 @@ def _meta(iteration: int, consumed_samples: int, args, imported_from: str | None
     }
     if imported_from:
         meta["imported_from"] = imported_from
+    if imported_format:
+        meta["imported_format"] = imported_format
     return meta
 
 
@@ -710,6 +736,12 @@ def find_checkpoint(root: str, fallback: bool = False, verify: bool = True) -> s
     tracker = os.path.join(root, TRACKER)
     if not os.path.exists(tracker):
         raise CheckpointError(f"no checkpoint in {root}: {TRACKER} is missing.")
+    from megatron_nitp.megatron_lm import is_megatron_lm_checkpoint
+
+    if is_megatron_lm_checkpoint(root):
+        raise CheckpointError(
+            f"{root} is a Megatron-LM checkpoint, not one of ours: convert it with python "
+            f"tools/import_checkpoint.py --megatron {root} --save NEW_FOLDER, then --load that")
     with open(tracker) as f:
         latest = int(f.read().strip())
     candidates = [latest]
@@ -842,31 +874,39 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, args=None,
     ``weights_only`` (``--finetune``) loads the model alone: iteration, optimizer, scheduler,
     data position and RNG start fresh. RNG states are restored only when the layout (world
     size) is unchanged; a resharded run continues with the same weights and optimizer state.
+    A Megatron-LM import (:func:`resumes_fresh_optimizer`) resumes its iteration and data
+    position with a fresh optimizer, the scheduler stepped to that iteration.
     """
     path = find_checkpoint(root, fallback, getattr(args, "verify", True))
     meta = read_meta(path)
-    if meta.get("imported_from") and not weights_only and optimizer is not None:
+    fresh = resumes_fresh_optimizer(meta) and not weights_only
+    if meta.get("imported_from") and not fresh and not weights_only and optimizer is not None:
         raise CheckpointError(
             f"{path} was imported from {meta['imported_from']} (weights only: no optimizer, "
             "scheduler or data position to resume): load it with --finetune.")
     if args is not None:
-        check_compatible(meta, args, override, weights_only)
-    loads_optimizer = optimizer is not None and not weights_only
+        # an import's NITP settings were the tool's defaults: like --finetune, only the
+        # projector's shape must agree (the run's own NITP flags apply from here)
+        check_compatible(meta, args, override, weights_only or fresh)
+    loads_optimizer = optimizer is not None and not weights_only and not fresh
     if loads_optimizer and args is not None:
         check_optimizer_layout(meta, args, path)
     if loads_optimizer and args is not None and args.use_distributed_optimizer:
         _materialize_adam_state(optimizer)
     state = _sharded_state(model, optimizer if loads_optimizer else None, is_loading=True,
                            fmt=meta.get("optimizer_format", FULLY_RESHARDABLE))
-    if scheduler is not None and not weights_only:
+    if scheduler is not None and not weights_only and not fresh:
         state["scheduler"] = scheduler.state_dict()
     loaded = dist_checkpointing.load(state, path, strict="assume_ok_unexpected")
     inner = unwrap(model)
     inner.load_state_dict({k[len("model."):]: v for k, v in loaded["model"].items()},
                           strict=False)
-    if weights_only or optimizer is None:
+    if weights_only or optimizer is None or fresh:
         if optimizer is not None:
             optimizer.reload_model_params()
+        if fresh and scheduler is not None:
+            # no scheduler state stored: this run's schedule, at the checkpoint's iteration
+            scheduler.step(increment=meta["iteration"])
         return meta
     optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None:

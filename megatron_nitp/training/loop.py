@@ -429,16 +429,21 @@ def _pretrain(args: RunConfig, progress: Progress) -> dict:
     if is_logging_rank():
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump(args.to_dict(), f, indent=1)
+    from megatron_nitp.training.checkpointing import imported_source
+
+    source = imported_source(run.loaded) if run.loaded else None
     if args.load and args.finetune:
-        source = run.loaded.get("imported_from")
         logger.print(f"> --finetune: weights of {args.load} (saved at iteration "
                      f"{run.loaded['iteration']}"
-                     + (f", imported from Hugging Face {source}" if source else "")
+                     + (f", imported from {source}" if source else "")
                      + "); training starts at iteration 0 with a fresh optimizer, schedule and "
                      "data position")
     if run.start_iteration:
         logger.print(f"> resumed from {args.load} at iteration {run.start_iteration} "
-                     f"({train_iter.consumed_samples} samples consumed)")
+                     f"({train_iter.consumed_samples} samples consumed)"
+                     + (f"; imported from {source}: the optimizer starts fresh (Adam moments "
+                        "not imported), the LR schedule is this run's at that iteration"
+                        if source and not args.finetune else ""))
     model.train()
     throughput = Throughput(args.global_batch_size * args.seq_length)
     iteration = run.start_iteration
