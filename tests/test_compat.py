@@ -106,3 +106,27 @@ def test_apply_decides_by_itself_in_a_fresh_process():
 def test_modules_split_by_cause():
     assert all(p.fn.__module__ == cpu.__name__ for p in compat.PATCHES if p.name in CUDA_ONLY)
     assert all(p.fn.__module__ == te.__name__ for p in compat.PATCHES if p.name in TE_APEX)
+
+
+def test_megatron_jit_runs_eagerly_without_cuda_and_other_code_still_compiles():
+    """compat.cpu.skip_megatron_jit: megatron-core's jit_fuser (torch.compile) returns its own
+    helpers unchanged on CPU, so no process compiles C++ for them; torch.compile of anything
+    else still compiles."""
+    import torch
+
+    from megatron_nitp.device import has_cuda
+
+    if has_cuda():
+        pytest.skip("the patch applies without CUDA only")
+    from megatron.core.fusions import fused_bias_dropout
+    from megatron.core.jit import jit_fuser
+
+    def mine(x):
+        return x + 1
+
+    assert jit_fuser(fused_bias_dropout._bias_dropout_add_func) is \
+        fused_bias_dropout._bias_dropout_add_func
+    assert fused_bias_dropout.bias_dropout_add_fused_train.__module__.startswith("megatron.core")
+    assert torch.compile(mine) is not mine and torch.compile()(mine) is not mine
+    cpu.skip_megatron_jit()  # idempotent: no second wrapper
+    assert not hasattr(getattr(torch.compile, "__wrapped__", None), "_nitp_skips_megatron")
