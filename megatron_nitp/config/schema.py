@@ -221,6 +221,14 @@ class DataConfig:
     """the validation split's own prefix(es) (with --train-data-path)"""
     test_data_path: Optional[tuple] = flag(None, nargs="*")
     """the test split's own prefix(es) (with --train-data-path)"""
+    data_args_path: Optional[str] = None
+    """a file holding the --data-path value, whitespace-separated ([w1] p1 [w2] p2 ...), for a
+    blend too long for a command line; read at start and recorded as --data-path (the
+    checkpoint keeps the prefixes trained on even if the file later changes)"""
+    per_split_data_args_path: Optional[str] = None
+    """a JSON file {"train": [...], "valid": [...], "test": [...]}, each in --data-path form (a
+    list, or one whitespace-separated string; valid/test may be null or absent): the
+    --train/valid/test-data-path values, read at start and recorded as those"""
     tokenizer_type: str = flag("SentencePieceTokenizer",
                                choices=("SentencePieceTokenizer", "HuggingFaceTokenizer",
                                         "TikTokenizer", "NullTokenizer"))

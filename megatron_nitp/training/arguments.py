@@ -21,7 +21,8 @@ import typing
 from typing import Optional, Sequence
 
 from megatron_nitp.cli import ArgumentParser
-from megatron_nitp.config import (FLAT, GROUPS, ConfigError, RunConfig, complete, validate)
+from megatron_nitp.config import (FLAT, GROUPS, ConfigError, RunConfig, complete,
+                                  read_data_files, validate)
 from megatron_nitp.presets import DEFAULT_PRESET, PRESETS, get_preset
 
 
@@ -211,7 +212,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, model_type: str = "dense") 
                                  dry_run=ns.dry_run, planned_world_size=ns.planned_world_size,
                                  sources=sources)
     try:
-        config = complete(config)
+        config = complete(read_data_files(config))
         validate(config)
     except ConfigError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
