@@ -197,6 +197,10 @@ def _validate_checkpoint(config: RunConfig) -> None:
         raise ConfigError("--dist-ckpt-optim-fully-reshardable applies to the distributed "
                           "optimizer's state only (the plain optimizer's is always fully "
                           "reshardable): add --use-distributed-optimizer or drop the flag.")
+    if c.override_opt_param_scheduler and c.use_checkpoint_opt_param_scheduler:
+        raise ConfigError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler "
+                          "are exclusive: keep this command line's schedule or the "
+                          "checkpoint's, not both.")
     if c.async_save and not c.save_final and not c.save_interval:
         raise ConfigError("--async-save with --no-save and no --save-interval has nothing to "
                           "write: give --save-interval N or drop --async-save.")

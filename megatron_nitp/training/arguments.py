@@ -69,7 +69,8 @@ def _add_field(group, cls, f: dataclasses.Field, hint) -> None:
                                help=help_text if not name else
                                f"turn off (default on): {help_text}").negated = True
         if name:
-            group.add_argument(name, dest=dest, action="store_true", help=help_text)
+            group.add_argument(name, *meta.get("aliases", ()), dest=dest, action="store_true",
+                               help=help_text)
         group.set_defaults(**{dest: f.default})
         return
     kwargs = dict(dest=dest, default=f.default, help=help_text)
