@@ -80,7 +80,7 @@ def _add_field(group, cls, f: dataclasses.Field, hint) -> None:
         kwargs["nargs"] = meta["nargs"]
     else:
         kwargs["type"] = _value_type(hint)
-    group.add_argument(name, **kwargs)
+    group.add_argument(name, *meta.get("aliases", ()), **kwargs)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
