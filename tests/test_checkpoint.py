@@ -99,7 +99,8 @@ def test_crash_during_save_leaves_previous_checkpoint_loadable(uninterrupted, tm
     assert (ckpt / "iter_0000004").is_dir()
     assert not (ckpt / "iter_0000004" / "manifest.json").exists()
     resumed = tmp_path / "after-crash"
-    _run(resumed, "--train-iters", "4", "--load", str(ckpt), "--no-save", "--use-checkpoint-opt_param-scheduler")
+    _run(resumed, "--train-iters", "4", "--load", str(ckpt), "--no-save",
+         "--use-checkpoint-opt_param-scheduler")
     got = _history(resumed)
     assert got["lm loss"][3] == full["lm loss"][3] and got["lm loss"][4] == full["lm loss"][4]
 
@@ -203,7 +204,8 @@ def test_mismatched_checkpoint_lists_the_fields(uninterrupted, tmp_path):
     assert "nitp.target_layer: checkpoint 1, this run 2" in proc.stderr
     assert "--override-config" in proc.stderr
     proc = _run(tmp_path / "override", "--train-iters", "7", "--load", str(ckpt), "--no-save",
-                "--nitp-target-layer", "2", "--override-config", "--use-checkpoint-opt_param-scheduler")
+                "--nitp-target-layer", "2", "--override-config",
+                "--use-checkpoint-opt_param-scheduler")
     assert "resumed from" in proc.stdout
 
 

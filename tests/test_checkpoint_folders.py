@@ -110,6 +110,8 @@ def test_load_of_an_empty_folder_starts_from_scratch_unless_told_to_stop(dist, t
     assert line.startswith(f"error: no checkpoint in {empty}") and "\n" not in line
     assert "--exit-on-missing-checkpoint" in line and "--load path" in line
     assert not (tmp_path / "run2" / "checkpoints").exists()
+    with pytest.raises(UsageError, match="--finetune needs the weights it names"):
+        _pretrain(tmp_path, "--load", str(empty), "--finetune", "--no-save")
     leftover = tmp_path / "leftover"
     os.makedirs(leftover / "iter_0000002")  # a crashed first save: not nothing
     with pytest.raises(UsageError, match="is missing but the folder is not empty "

@@ -721,10 +721,11 @@ def find_checkpoint(root: str, fallback: bool = False, verify: bool = True) -> s
     and intact one if the latest is not. In a distributed run every rank must call it."""
     tracker = os.path.join(root, TRACKER)
     if not os.path.exists(tracker):
-        held = sorted(os.listdir(root))[:3] if os.path.isdir(root) else []
+        held = sorted(os.listdir(root)) if os.path.isdir(root) else []
+        shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
         raise CheckpointError(
             f"no checkpoint in {root}: {TRACKER} is missing" + (
-                f" but the folder is not empty ({', '.join(held)}, ...): a crashed first save "
+                f" but the folder is not empty ({shown}): a crashed first save "
                 "or not a checkpoint folder; give the folder that holds the tracker, or move "
                 "these files away to start from scratch." if held else "."))
     with open(tracker) as f:
@@ -904,7 +905,8 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, args=None,
         return meta
     optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None:
-        _optimizer().load_schedule(scheduler, loaded["scheduler"], meta.get("config"), override_schedule)
+        _optimizer().load_schedule(scheduler, loaded["scheduler"], meta.get("config"),
+                                   override_schedule)
     rank_file = os.path.join(path, "rng", f"rank_{torch.distributed.get_rank():05d}.pt")
     if meta.get("world_size") == torch.distributed.get_world_size() and os.path.exists(rank_file):
         _set_rng_state(torch.load(rank_file, weights_only=False))

@@ -51,15 +51,14 @@ def build_optimizer(model, args: argparse.Namespace):
     return optimizer, scheduler
 
 
-#: The schedule a checkpoint's scheduler state holds (megatron-core's keys), the attribute of
-#: ``OptimizerParamScheduler`` and the flag that sets it: what megatron-core's
+#: The schedule a checkpoint's scheduler state holds (megatron-core's keys, also the
+#: ``OptimizerParamScheduler`` attributes) and the flag that sets each: what megatron-core's
 #: ``load_state_dict`` compares. ``wd_incr_steps`` is left out: with the constant weight decay
 #: it is --train-iters and decides nothing.
-SCHEDULE_STATE = (("max_lr", "max_lr", "--lr"), ("min_lr", "min_lr", "--min-lr"),
-                  ("lr_warmup_steps", "lr_warmup_steps", "--lr-warmup-iters"),
-                  ("lr_decay_steps", "lr_decay_steps", "--lr-decay-iters (default --train-iters)"),
-                  ("lr_decay_style", "lr_decay_style", "--lr-decay-style"),
-                  ("start_wd", "start_wd", "--weight-decay"))
+SCHEDULE_STATE = (("max_lr", "--lr"), ("min_lr", "--min-lr"),
+                  ("lr_warmup_steps", "--lr-warmup-iters"),
+                  ("lr_decay_steps", "--lr-decay-iters (default --train-iters)"),
+                  ("lr_decay_style", "--lr-decay-style"), ("start_wd", "--weight-decay"))
 
 
 def schedule_state(scheduler) -> dict:
@@ -81,9 +80,9 @@ def schedule_differences(scheduler, saved: dict, saved_config: dict | None) -> l
     """Where this run's schedule differs from a checkpoint's scheduler state ``saved`` (WSD's
     decay from the run config it stores, ``saved_config``, for older checkpoints)."""
     diffs = []
-    for key, attr, flag in SCHEDULE_STATE:
-        if key in saved and saved[key] != getattr(scheduler, attr):
-            diffs.append(f"{flag}: checkpoint {saved[key]!r}, this run {getattr(scheduler, attr)!r}")
+    for key, flag in SCHEDULE_STATE:
+        if key in saved and saved[key] != getattr(scheduler, key):
+            diffs.append(f"{flag}: checkpoint {saved[key]!r}, this run {getattr(scheduler, key)!r}")
     if "WSD" in (saved.get("lr_decay_style"), scheduler.lr_decay_style):
         for value, attr, flag in zip(_saved_wsd(saved, saved_config),
                                      ("wsd_decay_steps", "lr_wsd_decay_style"),
