@@ -127,10 +127,10 @@ ARGS+=(
   --no-progress-bar
 )
 if [ -n "$CHECKPOINT_PATH" ]; then
-  ARGS+=(--save "$CHECKPOINT_PATH" --save-interval "${SAVE_INTERVAL:-$save}")
-  if [ -f "$CHECKPOINT_PATH/latest_checkpointed_iteration.txt" ]; then
-    ARGS+=(--load "$CHECKPOINT_PATH")  # resume after a pre-emption or a crash
-  fi
+  # One command line for the first launch and every requeue: --load of a folder without a
+  # checkpoint starts from scratch (with a warning), with one it resumes.
+  ARGS+=(--save "$CHECKPOINT_PATH" --save-interval "${SAVE_INTERVAL:-$save}"
+         --load "$CHECKPOINT_PATH")
 fi
 
 nitp_launch "$ENTRY" "${ARGS[@]}" "$@"

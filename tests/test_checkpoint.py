@@ -99,7 +99,8 @@ def test_crash_during_save_leaves_previous_checkpoint_loadable(uninterrupted, tm
     assert (ckpt / "iter_0000004").is_dir()
     assert not (ckpt / "iter_0000004" / "manifest.json").exists()
     resumed = tmp_path / "after-crash"
-    _run(resumed, "--train-iters", "4", "--load", str(ckpt), "--no-save")
+    _run(resumed, "--train-iters", "4", "--load", str(ckpt), "--no-save",
+         "--use-checkpoint-opt_param-scheduler")
     got = _history(resumed)
     assert got["lm loss"][3] == full["lm loss"][3] and got["lm loss"][4] == full["lm loss"][4]
 
@@ -120,7 +121,7 @@ def test_corrupted_checkpoint_is_named_and_fallback_loads_the_previous(uninterru
                 expect=1)
     assert "corrupted (CRC32 mismatch)" in proc.stderr and victim.name in proc.stderr
     proc = _run(tmp_path / "fallback", "--train-iters", "5", "--load", str(ckpt),
-                "--load-fallback", "--no-save")
+                "--load-fallback", "--no-save", "--use-checkpoint-opt_param-scheduler")
     assert "falling back to" in proc.stdout
     assert _history(tmp_path / "fallback")["lm loss"][5] == full["lm loss"][5]
     victim.unlink()
@@ -192,7 +193,7 @@ def test_nan_stop_policy_writes_diagnostics_and_exits_3(tmp_path):
     assert diag["non_finite"] == "loss"
     assert _latest(run / "checkpoints") == 2
     _run(tmp_path / "after-stop", "--train-iters", "3", "--load", str(run / "checkpoints"),
-         "--no-save")
+         "--no-save", "--use-checkpoint-opt_param-scheduler")
 
 
 def test_mismatched_checkpoint_lists_the_fields(uninterrupted, tmp_path):
@@ -203,7 +204,8 @@ def test_mismatched_checkpoint_lists_the_fields(uninterrupted, tmp_path):
     assert "nitp.target_layer: checkpoint 1, this run 2" in proc.stderr
     assert "--override-config" in proc.stderr
     proc = _run(tmp_path / "override", "--train-iters", "7", "--load", str(ckpt), "--no-save",
-                "--nitp-target-layer", "2", "--override-config")
+                "--nitp-target-layer", "2", "--override-config",
+                "--use-checkpoint-opt_param-scheduler")
     assert "resumed from" in proc.stdout
 
 
@@ -232,9 +234,10 @@ def test_resharding_resumes_with_the_same_next_iteration(uninterrupted, tmp_path
     shutil.copytree(init / "iter_0000002", ckpt / "iter_0000002")
     (ckpt / "latest_checkpointed_iteration.txt").write_text("2")
     _run(tmp_path / "a", "--train-iters", "3", "--load", str(ckpt), "--save", str(ckpt), *f1,
-         nproc=n1)
+         "--use-checkpoint-opt_param-scheduler", nproc=n1)
     assert _latest(ckpt) == 3
-    _run(tmp_path / "b", "--train-iters", "4", "--load", str(ckpt), "--no-save", *f2, nproc=n2)
+    _run(tmp_path / "b", "--train-iters", "4", "--load", str(ckpt), "--no-save", *f2,
+         "--use-checkpoint-opt_param-scheduler", nproc=n2)
     a, b = _history(tmp_path / "a"), _history(tmp_path / "b")
     for key in ("lm loss", "nitp loss", "grad norm"):
         assert a[key][3] == pytest.approx(full[key][3], rel=1e-5), key
@@ -373,7 +376,8 @@ def test_sigkill_during_async_write_leaves_previous_checkpoint_latest(uninterrup
     assert _latest(ckpt) == 2
     assert not (ckpt / "iter_0000004" / "manifest.json").exists()
     resumed = tmp_path / "resumed"
-    proc = _run(resumed, "--train-iters", "4", "--load", str(ckpt), "--no-save")
+    proc = _run(resumed, "--train-iters", "4", "--load", str(ckpt), "--no-save",
+                "--use-checkpoint-opt_param-scheduler")
     assert "at iteration 2" in proc.stdout
     got = _history(resumed)
     for key in ("lm loss", "nitp loss", "grad norm"):
@@ -422,7 +426,7 @@ def test_no_verify_skips_checksums_but_not_sizes(uninterrupted, tmp_path):
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
     proc = _run(tmp_path / "trusting", "--train-iters", "7", "--load", str(ckpt), "--no-save",
-                "--no-verify")
+                "--no-verify", "--use-checkpoint-opt_param-scheduler")
     assert "CRC32" not in proc.stdout + proc.stderr and "resumed from" in proc.stdout
     victim.write_bytes(bytes(data[:-10]))  # sizes are still checked
     proc = _run(tmp_path / "short", "--train-iters", "7", "--load", str(ckpt), "--no-save",
@@ -467,5 +471,6 @@ def test_dp_reshardable_checkpoint_fails_cleanly_and_reshards_over_dp_only(tmp_p
     assert "dp_reshardable" in proc.stderr and "TP 1 -> 2" in proc.stderr
     assert "--dist-ckpt-optim-fully-reshardable" in proc.stderr and "--finetune" in proc.stderr
 
-    _run(tmp_path / "dp1", "--train-iters", "2", "--load", str(ckpt), *flags, "--no-save")
+    _run(tmp_path / "dp1", "--train-iters", "2", "--load", str(ckpt), *flags, "--no-save",
+         "--use-checkpoint-opt_param-scheduler")
     assert _history(tmp_path / "dp1")["lm loss"][2] == pytest.approx(loss_at_2, rel=1e-5)

@@ -84,6 +84,95 @@ def test_a_new_run_refuses_a_folder_that_holds_another_runs_checkpoints(dist, tm
         _pretrain(tmp_path, "--save", str(leftover))
 
 
+def test_load_of_an_empty_folder_starts_from_scratch_unless_told_to_stop(dist, tmp_path,
+                                                                          capsys):
+    """Megatron-LM's --load of a folder without a checkpoint: a warning and a fresh start, so
+    one command line (--load = --save) serves the first launch and every requeue;
+    --exit-on-missing-checkpoint stops with exit code 1 instead. A folder that holds anything
+    (a crashed save's iter_*, a tracker naming an incomplete checkpoint) is still refused."""
+    from megatron_nitp.training import checkpointing as ck
+    from megatron_nitp.training.entry import main
+    from megatron_nitp.training.loop import UsageError
+
+    ckpt = tmp_path / "ckpt"
+    summary = _pretrain(tmp_path, "--load", str(ckpt), "--save", str(ckpt))
+    out = capsys.readouterr().out
+    assert f"warning: no checkpoint in {ckpt}: starting from scratch" in out
+    assert "resumed from" not in out and summary["iterations"] == 2
+    assert (ckpt / ck.TRACKER).read_text() == "2"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    argv = TINY + ["--run-dir", str(tmp_path / "run2"), "--load", str(empty),
+                   "--exit-on-missing-checkpoint"]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    line = str(exit_.value.code)  # a message: Python exits with 1, Megatron-LM's code
+    assert line.startswith(f"error: no checkpoint in {empty}") and "\n" not in line
+    assert "--exit-on-missing-checkpoint" in line and "--load path" in line
+    assert not (tmp_path / "run2" / "checkpoints").exists()
+    with pytest.raises(UsageError, match="--finetune needs the weights it names"):
+        _pretrain(tmp_path, "--load", str(empty), "--finetune", "--no-save")
+    leftover = tmp_path / "leftover"
+    os.makedirs(leftover / "iter_0000002")  # a crashed first save: not nothing
+    with pytest.raises(UsageError, match="is missing but the folder is not empty "
+                                         r"\(iter_0000002"):
+        _pretrain(tmp_path, "--load", str(leftover), "--no-save")
+    broken = tmp_path / "broken"  # the tracker names a checkpoint whose save never finished
+    _fake_checkpoint(broken, 2)
+    os.remove(broken / "iter_0000002" / ck.MANIFEST)
+    with pytest.raises(UsageError, match="iter_0000002 is incomplete"):
+        _pretrain(tmp_path, "--load", str(broken), "--no-save")
+
+
+def test_a_resume_with_another_schedule_needs_one_of_megatron_lms_two_options(dist, tmp_path,
+                                                                              capsys):
+    """Constant to iteration 2, then a linear WSD decay to 0 at 4; saved at 2. Resuming at 2
+    with another decay (minus_sqrt down to --min-lr 1e-4) is refused unless told which
+    schedule wins: --override-opt_param-scheduler follows the new one from iteration 3
+    (the lr logged after step i is the schedule's at i), --use-checkpoint-opt_param-scheduler
+    the old one. Both given: a usage error."""
+    import math
+    import shutil
+
+    from megatron_nitp.training import checkpointing as ck
+    from megatron_nitp.training.arguments import parse_args
+    from megatron_nitp.training.loop import UsageError
+
+    def learning_rates(run):
+        with open(tmp_path / run / "summary.json") as f:
+            return {int(i): v for i, v in json.load(f)["history"]["learning rate"]}
+
+    schedule = ["--train-iters", "4", "--lr", "1e-3", "--min-lr", "0", "--lr-decay-style", "WSD",
+                "--lr-wsd-decay-iters", "2", "--log-interval", "1"]
+    ckpt = tmp_path / "ckpt"
+    _pretrain(tmp_path / "a", *schedule, "--save", str(ckpt), "--save-interval", "2")
+    assert learning_rates("a/run") == pytest.approx({1: 1e-3, 2: 1e-3, 3: 5e-4, 4: 0.0})
+    at2 = tmp_path / "at2"
+    shutil.copytree(ckpt / "iter_0000002", at2 / "iter_0000002")
+    (at2 / ck.TRACKER).write_text("2")
+    branch = schedule + ["--lr-wsd-decay-style", "minus_sqrt", "--min-lr", "1e-4",
+                         "--load", str(at2), "--no-save"]
+    with pytest.raises(UsageError) as err:
+        _pretrain(tmp_path / "b", *branch)
+    message = str(err.value)
+    assert "\n" not in message and "--min-lr: checkpoint 0.0, this run 0.0001" in message
+    assert "--lr-wsd-decay-style: checkpoint 'linear', this run 'minus_sqrt'" in message
+    assert "--override-opt_param-scheduler" in message
+    assert "--use-checkpoint-opt_param-scheduler" in message
+    assert not (tmp_path / "b" / "run" / "summary.json").exists()
+    _pretrain(tmp_path / "c", *branch, "--override-opt_param-scheduler")
+    new = {3: 1e-4 + (1 - math.sqrt(0.5)) * 9e-4, 4: 1e-4}  # minus_sqrt halfway, then the end
+    assert {i: v for i, v in learning_rates("c/run").items() if i > 2} == pytest.approx(new)
+    _pretrain(tmp_path / "d", *branch, "--use-checkpoint-opt-param-scheduler")  # either spelling
+    assert {i: v for i, v in learning_rates("d/run").items() if i > 2} == pytest.approx(
+        {3: 5e-4, 4: 0.0})
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        parse_args(TINY + ["--override-opt_param-scheduler",
+                           "--use-checkpoint-opt_param-scheduler"])
+    assert "are exclusive" in capsys.readouterr().err
+
+
 def test_an_unwritable_save_folder_is_refused_before_the_model_is_built(dist, tmp_path,
                                                                          no_model):
     from megatron_nitp.training.loop import UsageError

@@ -360,3 +360,85 @@ def test_per_split_paths_are_checked_before_any_work(capsys):
     assert "--valid-data-path / --test-data-path need --train-data-path" in error(
         "--valid-data-path", "v", "--tokenizer-model", "t.model")
     assert "--train-data-path needs --tokenizer-model" in error("--train-data-path", "b")
+
+
+def test_data_files_give_the_datasets_of_the_equivalent_flags(corpus, tokenizer, tmp_path):
+    """--data-args-path (Megatron-LM's: the --data-path value in a file) and
+    --per-split-data-args-path (a JSON of the three splits) are read into the path flags, so
+    the same datasets are built and the config records the prefixes themselves."""
+    from megatron_nitp.training.arguments import parse_args
+
+    second = preprocess([str(corpus["jsonl"])], corpus["model"], str(tmp_path / "second"),
+                        json_key="content")
+    common = ["--tokenizer-model", corpus["model"], "--train-iters", "50"]
+    blend = ["0.3", corpus["prefix"], "0.7", second]
+    (tmp_path / "blend.txt").write_text(f"{blend[0]} {blend[1]}\n  {blend[2]}\t{blend[3]}\n")
+    from_file = parse_args(common + ["--data-args-path", str(tmp_path / "blend.txt")])
+    from_flags = parse_args(common + ["--data-path", *blend])
+    assert from_file.data_path == from_flags.data_path == tuple(blend)
+    assert from_file.source("data_path") == "file --data-args-path"
+    (tmp_path / "split.json").write_text(json.dumps(
+        {"train": f"0.5 {corpus['prefix']} 0.5 {second}", "valid": [second], "test": None}))
+    per_split = parse_args(common + ["--per-split-data-args-path", str(tmp_path / "split.json")])
+    per_flags = parse_args(common + ["--train-data-path", "0.5", corpus["prefix"], "0.5", second,
+                                     "--valid-data-path", second])
+    assert [per_split.train_data_path, per_split.valid_data_path, per_split.test_data_path] == [
+        per_flags.train_data_path, per_flags.valid_data_path, None]
+
+    def build(config):
+        per = [config.train_data_path, config.valid_data_path, config.test_data_path]
+        return build_datasets(list(config.data_path or ()), tokenizer, SEQ_LENGTH, 1,
+                              "90,10,0", (16, 4, 0), str(tmp_path / "index-cache"),
+                              per_split=([list(p) if p else None for p in per]
+                                         if config.train_data_path else None))
+
+    for a, b in ((from_file, from_flags), (per_split, per_flags)):
+        (train_a, valid_a, _), (train_b, valid_b, _) = build(a), build(b)
+        assert len(train_a) == len(train_b) and len(valid_a) == len(valid_b)
+        for i in range(8):
+            assert torch.equal(train_a[i]["tokens"], train_b[i]["tokens"])
+            assert torch.equal(valid_a[i % len(valid_a)]["tokens"],
+                               valid_b[i % len(valid_b)]["tokens"])
+
+
+def test_data_files_errors_name_the_file_and_the_format(tmp_path, capsys):
+    from megatron_nitp.training.arguments import parse_args
+
+    def error(*flags):
+        with pytest.raises(SystemExit) as exit_info:
+            parse_args(list(flags) + ["--tokenizer-model", "t.model", "--train-iters", "50"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        return err
+
+    blend, split = tmp_path / "blend.txt", tmp_path / "split.json"
+    blend.write_text("a_text_document\n")
+    split.write_text('{"train": ["a_text_document"]}')
+    assert "--data-path and --data-args-path are exclusive" in error(
+        "--data-args-path", str(blend), "--data-path", "b")
+    assert "--train-data-path and --per-split-data-args-path are exclusive" in error(
+        "--per-split-data-args-path", str(split), "--train-data-path", "b")
+    assert "--data-args-path and --per-split-data-args-path are exclusive" in error(
+        "--data-args-path", str(blend), "--per-split-data-args-path", str(split))
+    missing = error("--data-args-path", str(tmp_path / "none.txt"))
+    assert "none.txt cannot be read" in missing and "[w1] p1 [w2] p2" in missing
+    (tmp_path / "empty.txt").write_text(" \n")
+    assert "empty.txt is empty" in error("--data-args-path", str(tmp_path / "empty.txt"))
+    for text, why in (("[1, 2", "is not valid JSON"), ('["a"]', "not an object"),
+                      ('{"valid": ["a"]}', 'no "train" split'),
+                      ('{"train": ["a"], "validation": ["b"]}', "['validation'] are not splits"),
+                      ('{"train": {"a": 1}}', '"train" is dict')):
+        split.write_text(text)
+        message = error("--per-split-data-args-path", str(split))
+        assert why in message and str(split) in message and '{"train": [...]' in message
+    # the prefixes a file lists meet the same checks at start as the flags' (missing .bin/.idx)
+    blend.write_text(f"1 {tmp_path / 'nothing_text_document'}")
+    config = parse_args(["--data-args-path", str(blend), "--tokenizer-model", "t.model",
+                         "--train-iters", "50"])
+    from megatron.core.datasets.utils import get_blend_from_list
+
+    from megatron_nitp.data.datasets import check_data_prefixes
+
+    with pytest.raises(FileNotFoundError, match="nothing_text_document.bin"):
+        check_data_prefixes(get_blend_from_list(list(config.data_path))[0])

@@ -159,8 +159,9 @@ def test_an_unknown_model_is_refused_with_the_list():
 
 
 def test_environment_overrides_and_resume(shim, tmp_path):
-    """Every variable overrides the table or the preset; a checkpoint in CHECKPOINT_PATH adds
-    --load; extra flags come last."""
+    """Every variable overrides the table or the preset; --save and --load of CHECKPOINT_PATH
+    on every launch (one command line for the first launch and the requeues); extra flags come
+    last."""
     checkpoints = tmp_path / "ckpt"
     argv = _record(shim, tmp_path, [PRETRAIN, "moe-45b-a5.5b", "--eval-iters", "5"],
                    NNODES="4", GPUS_PER_NODE="4", TP="1", PP="2", EP="4", MICRO_BATCH_SIZE="2",
@@ -185,7 +186,7 @@ def test_environment_overrides_and_resume(shim, tmp_path):
     assert value("--tokenizer-type") == "HuggingFaceTokenizer"  # the paper's kind by default
     assert value("--run-dir") == str(tmp_path / "run")
     assert value("--save") == str(checkpoints) and value("--save-interval") == "50"
-    assert "--load" not in argv
+    assert value("--load") == str(checkpoints)  # nothing there yet: the run starts from scratch
     assert argv[-5:-3] == ["--eval-iters", "5"]  # the extra flags, then --dry-run --world-size
 
     checkpoints.mkdir()

@@ -36,11 +36,12 @@ def _latest(ckpt):
 
 
 def _resume(tmp_path, ckpt, stopped_at, capsys, *flags):
-    """A run loading ``ckpt`` continues at ``stopped_at + 1`` (two more iterations)."""
+    """A run loading ``ckpt`` continues at ``stopped_at + 1`` (two more iterations; a shorter
+    --train-iters than the stopped run's, so on the checkpoint's schedule)."""
     run_dir = tmp_path / "resumed"
     pretrain(parse_args(TINY + list(flags) + [
         "--train-iters", str(stopped_at + 2), "--load", str(ckpt), "--no-save",
-        "--run-dir", str(run_dir)]))
+        "--use-checkpoint-opt_param-scheduler", "--run-dir", str(run_dir)]))
     out = capsys.readouterr().out
     assert f"at iteration {stopped_at} " in out
     assert _history(run_dir)["lm loss"] == [stopped_at + 1, stopped_at + 2]

@@ -115,14 +115,15 @@ def _cases() -> list[tuple[str, str]]:
             if _expected(m, fast, real) is None]
 
 
-def _train(shim, folder, model, fast, iterations, capsys):
-    """The example's command line for this model (with --load once a checkpoint exists, as
-    the script decides), shrunk, trained in this process; its console output."""
+def _train(shim, folder, model, fast, iterations, capsys, *extra):
+    """The example's command line for this model (always with --load of its checkpoint
+    folder, empty at first) and ``extra`` flags, shrunk, trained in this process; its console
+    output."""
     from megatron_nitp.training.arguments import parse_args
     from megatron_nitp.training.loop import pretrain
 
     model_type, flags, _ = _flags(record_command(
-        shim, folder, [PRETRAIN, model], FAST=fast, TRAIN_ITERS=str(iterations),
+        shim, folder, [PRETRAIN, model, *extra], FAST=fast, TRAIN_ITERS=str(iterations),
         RUN_DIR=str(folder / "run"), CHECKPOINT_PATH=str(folder / "checkpoints"), **SMALL))
     flags += SHAPE + (MOE_SHAPE if model_type == "moe" else [])
     capsys.readouterr()
@@ -135,11 +136,16 @@ def _train(shim, folder, model, fast, iterations, capsys):
 def test_example_trains_saves_resumes_exports_and_evaluates(dist, shim, tmp_path, capsys, model,
                                                             fast):
     transformers = pytest.importorskip("transformers")
-    flags, _ = _train(shim, tmp_path, model, fast, 2, capsys)
-    assert "--load" not in flags and ("--overlap-grad-reduce" in flags) == (fast == "yes")
+    flags, out = _train(shim, tmp_path, model, fast, 2, capsys)
     ckpt = tmp_path / "checkpoints"
+    # one command line for the first launch and the requeues: --load of the empty folder
+    assert flags[flags.index("--load") + 1] == str(ckpt)
+    assert f"warning: no checkpoint in {ckpt}: starting from scratch" in out
+    assert ("--overlap-grad-reduce" in flags) == (fast == "yes")
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "2"
-    flags, out = _train(shim, tmp_path, model, fast, 3, capsys)
+    # a longer run than the checkpoint's schedule: Megatron-LM's choice of which one wins
+    flags, out = _train(shim, tmp_path, model, fast, 3, capsys,
+                        "--use-checkpoint-opt_param-scheduler")
     assert flags[flags.index("--load") + 1] == str(ckpt)  # the script resumes by itself
     assert f"> resumed from {ckpt} at iteration 2" in out
     assert "iteration        3/       3" in out

@@ -239,9 +239,20 @@ PAPER = {
 # Settings that differ from run to run by design: the arm, the seed and where a run writes.
 PER_RUN = {("nitp_config", "enabled"), ("training", "seed"), ("logging", "run_dir"),
            ("logging", "tensorboard_dir"), ("checkpoint", "save"), ("checkpoint", "load"),
+           # how a run was resumed, or where its data paths were read from (the paths
+           # themselves are compared)
+           ("checkpoint", "exit_on_missing_checkpoint"),
+           ("checkpoint", "override_opt_param_scheduler"),
+           ("checkpoint", "use_checkpoint_opt_param_scheduler"),
+           ("data", "data_args_path"), ("data", "per_split_data_args_path"),
            ("sources",)}  # where each value came from (flag, preset, default): not a setting
-# Settings the step-by-step commands of the report give explicitly, or that name run folders.
-NOT_FLAGS = {"nitp", "seed", "run_dir", "tensorboard_dir", "save", "load", "data_cache_path"}
+# Settings the step-by-step commands of the report give explicitly, or that name run folders;
+# how a run was resumed (the commands start from scratch); and the data files, read at start
+# into the path flags the config also holds (the commands give those prefixes: giving both
+# would be refused, and the file may have changed since).
+NOT_FLAGS = {"nitp", "seed", "run_dir", "tensorboard_dir", "save", "load", "data_cache_path",
+             "exit_on_missing_checkpoint", "override_opt_param_scheduler",
+             "use_checkpoint_opt_param_scheduler", "data_args_path", "per_split_data_args_path"}
 
 
 def _diff(a, b, path=()):

@@ -2,11 +2,13 @@
 derived values (``resolve``). The command line that fills it is ``training/arguments.py``."""
 
 from megatron_nitp.config.resolve import (DEFAULT_VOCAB_SIZE, ConfigError, complete,
-                                          padded_vocab, pipeline_split, resolve, validate)
+                                          padded_vocab, pipeline_split, read_data_files,
+                                          resolve, validate)
 from megatron_nitp.config.schema import FLAT, GROUPS, ONE_PROCESS_LAYOUT, Derived, RunConfig
 
 __all__ = ["ConfigError", "DEFAULT_VOCAB_SIZE", "Derived", "FLAT", "GROUPS", "ONE_PROCESS_LAYOUT", "RunConfig",
-           "complete", "padded_vocab", "pipeline_split", "preset_config", "resolve", "validate"]
+           "complete", "padded_vocab", "pipeline_split", "preset_config", "read_data_files",
+           "resolve", "validate"]
 
 
 def preset_config(name: str, model_type: str | None = None, **overrides) -> RunConfig:

@@ -259,6 +259,10 @@ def _validate_checkpoint(config: RunConfig) -> None:
         raise ConfigError("--dist-ckpt-optim-fully-reshardable applies to the distributed "
                           "optimizer's state only (the plain optimizer's is always fully "
                           "reshardable): add --use-distributed-optimizer or drop the flag.")
+    if c.override_opt_param_scheduler and c.use_checkpoint_opt_param_scheduler:
+        raise ConfigError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler "
+                          "are exclusive: keep this command line's schedule or the "
+                          "checkpoint's, not both.")
     if c.async_save and not c.save_final and not c.save_interval:
         raise ConfigError("--async-save with --no-save and no --save-interval has nothing to "
                           "write: give --save-interval N or drop --async-save.")
@@ -335,6 +339,84 @@ def _validate_document_mask(config: RunConfig) -> None:
                           f"(--attention-backend {config.performance.attention_backend}), which "
                           "would ignore the per-document mask: use --attention-backend sdpa or "
                           "unfused.")
+
+
+#: where a data path read from a file came from, in ``RunConfig.sources``
+DATA_FILE_SOURCES = {"data_args_path": "file --data-args-path",
+                     "per_split_data_args_path": "file --per-split-data-args-path"}
+_SPLITS = ("train", "valid", "test")
+
+
+def read_data_files(config: RunConfig) -> RunConfig:
+    """``--data-args-path`` / ``--per-split-data-args-path`` (Megatron-LM's) read into
+    ``--data-path`` / ``--train/valid/test-data-path``, so every later check (missing
+    ``.bin``/``.idx``, tokenizer, split) sees the prefixes they list and the checkpoint records
+    what was trained on. Called once, on the command line's config (before :func:`validate`):
+    a flag given beside the file that replaces it is refused here. Raises ConfigError naming
+    the file and the expected format."""
+    d = config.data
+    if d.data_args_path is None and d.per_split_data_args_path is None:
+        return config
+    given = [f"--{n.replace('_', '-')}" for n in ("data_path", "train_data_path",
+                                                  "valid_data_path", "test_data_path",
+                                                  "data_args_path", "per_split_data_args_path")
+             if getattr(d, n) is not None]
+    if len(given) > 1:
+        raise ConfigError(f"{' and '.join(given)} are exclusive: give the data one way (a file "
+                          "holding the paths replaces the path flags).")
+    if d.mock_data:
+        raise ConfigError(f"--mock-data generates its tokens: drop {given[0]}, or drop "
+                          "--mock-data to train on that data.")
+    if d.data_args_path is not None:
+        name, path = "data_args_path", d.data_args_path
+        expected = "the --data-path value ([w1] p1 [w2] p2, whitespace-separated)"
+        text = _read_text(path, "--data-args-path", expected)
+        if not text.split():
+            raise ConfigError(f"--data-args-path {path} is empty: it must hold {expected}.")
+        values = {"data_path": tuple(text.split())}
+    else:
+        import json
+
+        name, path = "per_split_data_args_path", d.per_split_data_args_path
+        expected = ('a JSON object {"train": [...], "valid": [...], "test": [...]}, each split '
+                    "in --data-path form ([w1, p1, w2, p2, ...] or one whitespace-separated "
+                    "string; valid/test may be null)")
+        text = _read_text(path, "--per-split-data-args-path", expected)
+        try:
+            blob = json.loads(text)
+        except ValueError as err:
+            raise ConfigError(f"--per-split-data-args-path {path} is not valid JSON ({err}): "
+                              f"expected {expected}.") from None
+        if not isinstance(blob, dict) or set(blob) - set(_SPLITS) or not blob.get("train"):
+            what = (f"keys {sorted(set(blob) - set(_SPLITS))} are not splits"
+                    if isinstance(blob, dict) and set(blob) - set(_SPLITS)
+                    else "no \"train\" split" if isinstance(blob, dict) else "not an object")
+            raise ConfigError(f"--per-split-data-args-path {path}: {what}; expected {expected}.")
+        values = {}
+        for split in _SPLITS:
+            entry = blob.get(split)
+            if isinstance(entry, str):
+                entry = entry.split()
+            if entry is not None and (not isinstance(entry, list) or not all(
+                    isinstance(e, (str, int, float)) and not isinstance(e, bool)
+                    for e in entry)):
+                raise ConfigError(f"--per-split-data-args-path {path}: \"{split}\" is "
+                                  f"{type(entry).__name__}, not a list of weights and prefixes; "
+                                  f"expected {expected}.")
+            values[f"{split}_data_path"] = (tuple(str(e) for e in entry) if entry else None)
+    sources = dict(config.sources)
+    sources.update({k: DATA_FILE_SOURCES[name] for k in values})
+    return config.replace(**values, sources=tuple(sorted(sources.items())))
+
+
+def _read_text(path: str, flag_name: str, expected: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as err:
+        why = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise ConfigError(f"{flag_name} {path} cannot be read ({why}): it must be a file "
+                          f"holding {expected}.") from None
 
 
 def _origin(config: RunConfig, *names: str) -> str:

@@ -26,14 +26,17 @@ from megatron_nitp.nitp.config import NITPConfig
 
 
 def flag(default, *, dest: str | None = None, name: str | None = None,
-         negative: str | None = None, choices=None, nargs=None, group_help: str | None = None):
+         negative: str | None = None, choices=None, nargs=None, group_help: str | None = None,
+         aliases: tuple = ()):
     """A field with its command-line spelling.
 
     ``dest``: the flat name (and flag) when it differs from the field name; ``name``: the flag
     when it is not ``--`` + dest with dashes (``--num-experts``); ``negative``: a ``--no-...``
-    flag that sets a boolean to False (with ``name=""`` it is the only flag)."""
+    flag that sets a boolean to False (with ``name=""`` it is the only flag); ``aliases``: other
+    spellings Megatron-LM also accepts (``--override-opt-param-scheduler``)."""
     meta = {k: v for k, v in dict(dest=dest, name=name, negative=negative, choices=choices,
-                                  nargs=nargs).items() if v is not None}
+                                  nargs=nargs, aliases=aliases or None).items()
+            if v is not None}
     return field(default=default, metadata=meta)
 
 
@@ -234,6 +237,14 @@ class DataConfig:
     """the validation split's own prefix(es) (with --train-data-path)"""
     test_data_path: Optional[tuple] = flag(None, nargs="*")
     """the test split's own prefix(es) (with --train-data-path)"""
+    data_args_path: Optional[str] = None
+    """a file holding the --data-path value, whitespace-separated ([w1] p1 [w2] p2 ...), for a
+    blend too long for a command line; read at start and recorded as --data-path (the
+    checkpoint keeps the prefixes trained on even if the file later changes)"""
+    per_split_data_args_path: Optional[str] = None
+    """a JSON file {"train": [...], "valid": [...], "test": [...]}, each in --data-path form (a
+    list, or one whitespace-separated string; valid/test may be null or absent): the
+    --train/valid/test-data-path values, read at start and recorded as those"""
     tokenizer_type: str = flag("SentencePieceTokenizer",
                                choices=("SentencePieceTokenizer", "HuggingFaceTokenizer",
                                         "GPT2BPETokenizer", "TikTokenizer", "NullTokenizer"))
@@ -433,6 +444,9 @@ class CheckpointConfig:
     load: Optional[str] = None
     """resume from the latest checkpoint in this folder (model, optimizer, scheduler,
     iteration, data position, RNG; any parallel layout)"""
+    exit_on_missing_checkpoint: bool = False
+    """with --load of an absent or empty folder: stop with an error (exit code 1) instead of
+    warning and starting from scratch (a folder holding anything is always loaded or refused)"""
     finetune: bool = False
     """with --load: load the model weights only and start at iteration 0"""
     load_fallback: bool = False
@@ -440,6 +454,17 @@ class CheckpointConfig:
     it"""
     override_config: bool = False
     """load a checkpoint whose model or NITP config differs from the flags"""
+    override_opt_param_scheduler: bool = flag(False, name="--override-opt_param-scheduler",
+                                              aliases=("--override-opt-param-scheduler",))
+    """resume with this command line's learning-rate schedule (--lr, --min-lr, warm-up, decay
+    iterations and style, WSD decay, weight decay) where the checkpoint's differs, continuing
+    from the checkpoint's iteration (e.g. another decay from a stable-phase checkpoint); without
+    it or --use-checkpoint-opt_param-scheduler such a resume is refused (Megatron-LM's)"""
+    use_checkpoint_opt_param_scheduler: bool = flag(
+        False, name="--use-checkpoint-opt_param-scheduler",
+        aliases=("--use-checkpoint-opt-param-scheduler",))
+    """resume with the checkpoint's learning-rate schedule where the command line's differs
+    (e.g. a shorter --train-iters that stops early on the original schedule)"""
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 
 from megatron_nitp.cli import ArgumentParser
 from megatron_nitp.config import (FLAT, GROUPS, ConfigError, RunConfig, complete, megatron_lm,
-                                  validate)
+                                  read_data_files, validate)
 from megatron_nitp.presets import DEFAULT_PRESET, PRESETS, get_preset
 
 
@@ -69,7 +69,8 @@ def _add_field(group, cls, f: dataclasses.Field, hint) -> None:
                                help=help_text if not name else
                                f"turn off (default on): {help_text}").negated = True
         if name:
-            group.add_argument(name, dest=dest, action="store_true", help=help_text)
+            group.add_argument(name, *meta.get("aliases", ()), dest=dest, action="store_true",
+                               help=help_text)
         group.set_defaults(**{dest: f.default})
         return
     kwargs = dict(dest=dest, default=f.default, help=help_text)
@@ -79,7 +80,7 @@ def _add_field(group, cls, f: dataclasses.Field, hint) -> None:
         kwargs["nargs"] = meta["nargs"]
     else:
         kwargs["type"] = _value_type(hint)
-    group.add_argument(name, **kwargs)
+    group.add_argument(name, *meta.get("aliases", ()), **kwargs)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -216,7 +217,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, model_type: str = "dense") 
                                  dry_run=ns.dry_run, planned_world_size=ns.planned_world_size,
                                  sources=sources)
     try:
-        config = complete(config)
+        config = complete(read_data_files(config))
         validate(config)
     except ConfigError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")

@@ -424,7 +424,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args
     _agree(error)
     state = _sharded_state(model, optimizer, is_loading=False, fmt=fmt)
     if scheduler is not None:
-        state["scheduler"] = scheduler.state_dict()
+        state["scheduler"] = _optimizer().schedule_state(scheduler)
     own = {}  # this rank's files: {path relative to the checkpoint: manifest entry}
     try:
         # rank 0 writes megatron-core's common.pt in here, between collectives: if that fails,
@@ -588,6 +588,20 @@ def held_checkpoints(root: str) -> list[str]:
     return held + [os.path.basename(checkpoint_dir(root, i)) for i in _complete_iterations(root)]
 
 
+def holds_nothing(root: str) -> bool:
+    """Whether ``--load ROOT`` has nothing to resume: the folder is absent or empty (the start
+    checks' write probes aside). Such a run starts from scratch, as in Megatron-LM, so one
+    command line (always ``--load`` of the run's folder) serves the first launch and every
+    requeue. A folder with anything in it - a tracker, a crashed save's ``iter_*``, other files
+    (a run folder given for its checkpoints folder) - is not nothing: it is loaded or refused,
+    never silently trained over."""
+    if not os.path.exists(root):
+        return True
+    if not os.path.isdir(root):
+        return False
+    return all(name.startswith(".write-probe-") for name in os.listdir(root))
+
+
 def _same_folder(a: str | None, b: str) -> bool:
     return a is not None and os.path.realpath(a) == os.path.realpath(b)
 
@@ -735,7 +749,13 @@ def find_checkpoint(root: str, fallback: bool = False, verify: bool = True) -> s
     and intact one if the latest is not. In a distributed run every rank must call it."""
     tracker = os.path.join(root, TRACKER)
     if not os.path.exists(tracker):
-        raise CheckpointError(f"no checkpoint in {root}: {TRACKER} is missing.")
+        held = sorted(os.listdir(root)) if os.path.isdir(root) else []
+        shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+        raise CheckpointError(
+            f"no checkpoint in {root}: {TRACKER} is missing" + (
+                f" but the folder is not empty ({shown}): a crashed first save "
+                "or not a checkpoint folder; give the folder that holds the tracker, or move "
+                "these files away to start from scratch." if held else "."))
     from megatron_nitp.megatron_lm import is_megatron_lm_checkpoint
 
     if is_megatron_lm_checkpoint(root):
@@ -866,6 +886,14 @@ def _materialize_adam_state(optimizer) -> None:
                     state["exp_avg_sq"] = torch.zeros_like(param.data)
 
 
+def _optimizer():
+    """training/optimizer.py, imported when a scheduler is saved or loaded (it imports
+    megatron-core's optimizer, which export and evaluation never need)."""
+    from megatron_nitp.training import optimizer
+
+    return optimizer
+
+
 def load_checkpoint(root: str, model, optimizer=None, scheduler=None, args=None,
                     weights_only: bool = False, fallback: bool = False,
                     override: bool = False) -> dict:
@@ -893,10 +921,21 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, args=None,
         check_optimizer_layout(meta, args, path)
     if loads_optimizer and args is not None and args.use_distributed_optimizer:
         _materialize_adam_state(optimizer)
+    override_schedule = bool(getattr(args, "override_opt_param_scheduler", False))
+    if loads_optimizer and scheduler is not None and not (
+            override_schedule or getattr(args, "use_checkpoint_opt_param_scheduler", False)):
+        saved = dist_checkpointing.load_common_state_dict(path).get("scheduler") or {}
+        diffs = _optimizer().schedule_differences(scheduler, saved, meta.get("config"))
+        if diffs:
+            raise CheckpointError(
+                f"the learning-rate schedule of {path} differs from this run's ("
+                + "; ".join(diffs) + "): pass --override-opt_param-scheduler to follow this "
+                "command line's schedule from the checkpoint's iteration, or "
+                "--use-checkpoint-opt_param-scheduler to keep the checkpoint's.")
     state = _sharded_state(model, optimizer if loads_optimizer else None, is_loading=True,
                            fmt=meta.get("optimizer_format", FULLY_RESHARDABLE))
     if scheduler is not None and not weights_only and not fresh:
-        state["scheduler"] = scheduler.state_dict()
+        state["scheduler"] = _optimizer().schedule_state(scheduler)
     loaded = dist_checkpointing.load(state, path, strict="assume_ok_unexpected")
     inner = unwrap(model)
     inner.load_state_dict({k[len("model."):]: v for k, v in loaded["model"].items()},
@@ -910,7 +949,8 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, args=None,
         return meta
     optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None:
-        scheduler.load_state_dict(loaded["scheduler"])
+        _optimizer().load_schedule(scheduler, loaded["scheduler"], meta.get("config"),
+                                   override_schedule)
     rank_file = os.path.join(path, "rng", f"rank_{torch.distributed.get_rank():05d}.pt")
     if meta.get("world_size") == torch.distributed.get_world_size() and os.path.exists(rank_file):
         _set_rng_state(torch.load(rank_file, weights_only=False))

@@ -202,6 +202,34 @@ def check_checkpoint_folders(args: RunConfig, save_dir: str) -> list[str]:
     return warnings
 
 
+def nothing_to_load(args: RunConfig) -> bool:
+    """Whether ``--load`` names an absent or empty folder (``checkpointing.holds_nothing``), in
+    which case the run starts from scratch with a one-line warning (Megatron-LM's behaviour:
+    the first launch and every requeue share one command line). All ranks decide together
+    (one gather, before any rank's start checks write into the folder). Raises UsageError
+    (exit code 1, Megatron-LM's) with ``--exit-on-missing-checkpoint``, and with
+    ``--finetune``, whose point is the weights it names."""
+    from megatron_nitp.training.checkpointing import holds_nothing
+
+    if not args.load:
+        return False
+    everyone = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, holds_nothing(args.load))
+    if not all(everyone):
+        return False
+    if args.exit_on_missing_checkpoint or args.finetune:
+        why = ("--exit-on-missing-checkpoint is set" if args.exit_on_missing_checkpoint else
+               "--finetune needs the weights it names")
+        raise UsageError(f"no checkpoint in {args.load} (the folder is absent or empty) and "
+                         f"{why}: check the --load path"
+                         + (", or drop the flag to start from scratch"
+                            if args.exit_on_missing_checkpoint else ""))
+    if is_logging_rank():
+        print(f"warning: no checkpoint in {args.load}: starting from scratch "
+              "(--exit-on-missing-checkpoint stops instead)", flush=True)
+    return True
+
+
 def setup(args: RunConfig, save_dir: str | None = None) -> Run:
     """Process groups, checks, data, model, optimizer, and ``--load`` weights, in that order:
     every check that can fail runs before the model is built (``save_dir``: the checkpoint
@@ -216,6 +244,7 @@ def setup(args: RunConfig, save_dir: str | None = None) -> Run:
         timeout_minutes=args.distributed_timeout_minutes,
         expert_tensor_parallel_size=args.expert_tensor_parallel_size,
     )
+    fresh = nothing_to_load(args)
     try:
         arguments.validate_data_cache(args)
         if args.data_cache_path and not args.mock_data and torch.distributed.get_world_size() > 1:
@@ -249,7 +278,7 @@ def setup(args: RunConfig, save_dir: str | None = None) -> Run:
     config.finalize_model_grads_func = TIMERS.wrap(GRAD_REDUCE, finalize_model_grads)
     config.grad_scale_func = optimizer.scale_loss if args.fp16 else None
     start, meta = 0, None
-    if args.load:
+    if args.load and not fresh:
         try:
             meta = load_checkpoint(args.load, model, optimizer, scheduler, args,
                                    weights_only=args.finetune, fallback=args.load_fallback,

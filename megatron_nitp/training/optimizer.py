@@ -54,3 +54,66 @@ def build_scheduler(optimizer, args) -> OptimizerParamScheduler:
         wsd_decay_steps=args.lr_wsd_decay_iters,
         lr_wsd_decay_style=args.lr_wsd_decay_style,
     )
+
+
+#: The schedule a checkpoint's scheduler state holds (megatron-core's keys, also the
+#: ``OptimizerParamScheduler`` attributes) and the flag that sets each: what megatron-core's
+#: ``load_state_dict`` compares. ``wd_incr_steps`` is left out: with the constant weight decay
+#: it is --train-iters and decides nothing.
+SCHEDULE_STATE = (("max_lr", "--lr"), ("min_lr", "--min-lr"),
+                  ("lr_warmup_steps", "--lr-warmup-iters"),
+                  ("lr_decay_steps", "--lr-decay-iters (default --train-iters)"),
+                  ("lr_decay_style", "--lr-decay-style"), ("start_wd", "--weight-decay"))
+
+
+def schedule_state(scheduler) -> dict:
+    """What a checkpoint stores of the scheduler: megatron-core's state, plus WSD's decay length
+    and shape, which it leaves out (a resume on the checkpoint's schedule needs them)."""
+    return {**scheduler.state_dict(), "wsd_decay_steps": scheduler.wsd_decay_steps,
+            "lr_wsd_decay_style": scheduler.lr_wsd_decay_style}
+
+
+def _saved_wsd(saved: dict, saved_config: dict | None) -> tuple:
+    """A checkpoint's (WSD decay steps, WSD decay style): its scheduler state's, else (saved
+    before :func:`schedule_state` kept them) its stored run config's, else None."""
+    config = saved_config or {}
+    return (saved.get("wsd_decay_steps", (config.get("derived") or {}).get("lr_wsd_decay_iters")),
+            saved.get("lr_wsd_decay_style", config.get("schedule", {}).get("lr_wsd_decay_style")))
+
+
+def schedule_differences(scheduler, saved: dict, saved_config: dict | None) -> list[str]:
+    """Where this run's schedule differs from a checkpoint's scheduler state ``saved`` (WSD's
+    decay from the run config it stores, ``saved_config``, for older checkpoints)."""
+    diffs = []
+    for key, flag in SCHEDULE_STATE:
+        if key in saved and saved[key] != getattr(scheduler, key):
+            diffs.append(f"{flag}: checkpoint {saved[key]!r}, this run {getattr(scheduler, key)!r}")
+    if "WSD" in (saved.get("lr_decay_style"), scheduler.lr_decay_style):
+        for value, attr, flag in zip(_saved_wsd(saved, saved_config),
+                                     ("wsd_decay_steps", "lr_wsd_decay_style"),
+                                     ("--lr-wsd-decay-iters", "--lr-wsd-decay-style")):
+            if value is not None and value != getattr(scheduler, attr):
+                diffs.append(f"{flag}: checkpoint {value!r}, this run {getattr(scheduler, attr)!r}")
+    return diffs
+
+
+def load_schedule(scheduler, saved: dict, saved_config: dict | None, override: bool) -> None:
+    """Restores a checkpoint's scheduler: its step count always (the schedule continues from the
+    checkpoint's iteration); its schedule unless ``override`` (--override-opt_param-scheduler:
+    this command line's wins, e.g. a decay-phase ablation branching from a stable-phase
+    checkpoint). A difference without either option was refused before loading
+    (:func:`schedule_differences`), so "the checkpoint's" here is the mismatch-free default and
+    --use-checkpoint-opt_param-scheduler alike."""
+    scheduler.override_opt_param_scheduler = override
+    scheduler.use_checkpoint_opt_param_scheduler = not override
+    scheduler.load_state_dict(saved)
+    if override:
+        # the optimizer's state just restored the checkpoint's per-group bounds, which
+        # get_lr reads before the scheduler's own (Megatron-LM re-applies them the same way)
+        for group in scheduler.optimizer.param_groups:
+            group["max_lr"], group["min_lr"] = scheduler.max_lr, scheduler.min_lr
+    else:
+        steps, style = _saved_wsd(saved, saved_config)
+        scheduler.wsd_decay_steps = steps if steps is not None else scheduler.wsd_decay_steps
+        scheduler.lr_wsd_decay_style = style or scheduler.lr_wsd_decay_style
+    scheduler.step(increment=0)  # the learning rate of the schedule now in force
