@@ -17,8 +17,8 @@
 #
 # Environment (unset: the table's line and the preset): NNODES, GPUS_PER_NODE, TP, PP, EP,
 # MICRO_BATCH_SIZE, GLOBAL_BATCH_SIZE, TRAIN_TOKENS (e.g. 240B), TRAIN_ITERS, VOCAB_SIZE,
-# DATA_PATH, TOKENIZER_TYPE, TOKENIZER_MODEL, VOCAB_FILE, MERGE_FILE, RUN_DIR, CHECKPOINT_PATH, TENSORBOARD_DIR, DATA_CACHE_PATH,
-# SAVE_INTERVAL; FAST (yes: megatron-core's fast GPU settings below; no: none of them, e.g. for
+# DATA_PATH, TOKENIZER_TYPE, TOKENIZER_MODEL, VOCAB_FILE, MERGE_FILE, RUN_DIR, CHECKPOINT_PATH,
+# TENSORBOARD_DIR, DATA_CACHE_PATH, SAVE_INTERVAL; FAST (yes: megatron-core's fast GPU settings below; no: none of them, e.g. for
 # an image without Transformer Engine); MASTER_ADDR, MASTER_PORT, RDZV_ID, TORCHRUN, PYTHON,
 # DRY_RUN (lib/launch.sh).
 set -euo pipefail
