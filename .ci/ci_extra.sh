@@ -10,10 +10,11 @@
 #      evaluation mode, CP mapping, a CPU literal) in a temporary worktree of HEAD and fails
 #      unless the unmodified tree passes and every bug turns its tests red
 # Every step runs (each under a time limit), then the script fails if any of them failed.
-# About 2-3 minutes on 2 cores with warm virtual environments for steps 1 and 3, 4 when .venv019
-# is created; the SLURM job (step 2, with its signal-and-requeue phase) 3-5 minutes; step 4 adds
-# 1-2 minutes, 8 when .venv-lmeval is created (2 GB of packages); step 5 about 3 minutes (2.4
-# minutes of CPU time: 12 pytest runs of in-process tests).
+# About 2-3 minutes on 2 cores with warm virtual environments for steps 1 and 3 (.ci/run makes
+# .venv019 and .venv-lmeval, layered on .venv, while the main tests run); the SLURM job (step 2,
+# with its signal-and-requeue phase) 3-5 minutes; step 4 adds 1-2 minutes, about 3 more when
+# .venv-lmeval is created here; step 5 about 3 minutes (2.4 minutes of CPU time: 12 pytest runs
+# of in-process tests).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -50,6 +51,7 @@ lint() {
   echo "hadolint: Dockerfile OK"
   .venv/bin/shellcheck -x examples/*.sh examples/lib/launch.sh examples/slurm/*.sbatch \
     tests/slurm/run_slurm_test.sh scripts/test_019.sh scripts/test_lm_eval.sh .ci/ci_extra.sh \
+    scripts/layered_venv.sh .ci/run \
     scripts/gpu_check.sh
   echo "shellcheck: scripts OK"
 }
