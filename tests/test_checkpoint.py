@@ -447,7 +447,7 @@ def test_async_save_with_nothing_to_save_is_refused(capsys):
 @pytest.mark.slow
 def test_dp_reshardable_checkpoint_fails_cleanly_and_reshards_over_dp_only(tmp_path):
     """DP 2 with the distributed optimizer saves dp_reshardable (each rank its own shard).
-    The last rank's write of iteration 2 fails as on a full disk: both ranks stop with the
+    The last rank's write of iteration 2 fails as on a full disk: every rank stops with the
     same one line, the tracker stays on 1. Iteration 1 resumes at DP 1 (the same TP/PP) to
     the uninterrupted run's iteration-2 loss; at TP 2 it is refused before loading, naming the
     ways there."""
@@ -456,7 +456,9 @@ def test_dp_reshardable_checkpoint_fails_cleanly_and_reshards_over_dp_only(tmp_p
     proc = _run(tmp_path / "dp2", "--train-iters", "3", "--save-interval", "1", *flags,
                 nproc=2, fault="disk-full-in-save@2", expect=1)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 2 and errors[0] == errors[1], errors
+    # every rank raises the same error; torchrun stops the other rank as soon as the first
+    # exits, so under load the second line may not be printed
+    assert 1 <= len(errors) <= 2 and all(e == errors[0] for e in errors), errors
     assert f"saving {ckpt / 'iter_0000002'} failed: no space left on the device" in errors[0]
     # no trainer traceback (torchrun prints its own ChildFailedError for the exit code 1)
     assert "[rank 1]" in errors[0] and "megatron_nitp/training" not in proc.stderr

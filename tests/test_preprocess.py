@@ -51,9 +51,9 @@ def _run(data, out, inputs=None, **kwargs):
 def test_build_tokenizer(data):
     tokenizer = build_tokenizer("SentencePieceTokenizer", data["model"])
     assert tokenizer.vocab_size == 400
-    with pytest.raises(ValueError, match="unknown --tokenizer-type 'GPT2BPETokenizer'.*"
+    with pytest.raises(ValueError, match="unknown --tokenizer-type 'BertWordPieceLowerCase'.*"
                                          "SentencePieceTokenizer"):
-        build_tokenizer("GPT2BPETokenizer", data["model"])
+        build_tokenizer("BertWordPieceLowerCase", data["model"])
 
 
 def test_workers_and_partitions_write_the_same_bytes(data, small_chunks):
