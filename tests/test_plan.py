@@ -212,7 +212,7 @@ def test_world_size_from_flag_env_or_model_parallel(capsys, monkeypatch):
 
 
 def test_pipeline_plan_names_the_target_stage_and_routing_bytes(capsys):
-    from megatron_nitp.nitp.routing import routed_bytes_per_step
+    from megatron_nitp.layout import routed_bytes_per_step
 
     code, out, _ = _dry(capsys, "--preset", "dense-0.5b", "--pipeline-model-parallel-size", "4",
                         "--micro-batch-size", "1", "--world-size", "32",

@@ -54,9 +54,14 @@ class NITPGPTModel(GPTModel):
     representation-geometry metrics; whole sequences over TP, gathered under sequence
     parallelism), else None. Under context parallelism ``s`` is this rank's
     ``s / cp``. Otherwise it behaves as GPTModel.
+
+    ``routing_timeout`` and ``routing_wait_timer`` go to the target's router
+    (``nitp.routing.TargetRouter``): the builder's collective timeout and its timer of the
+    routing wait (``training/model.py`` passes the run's).
     """
 
-    def __init__(self, config: TransformerConfig, nitp: NITPConfig, **gpt_kwargs):
+    def __init__(self, config: TransformerConfig, nitp: NITPConfig, *,
+                 routing_timeout=None, routing_wait_timer=None, **gpt_kwargs):
         _refuse_cuda_graphs(config)
         super().__init__(config=config, **gpt_kwargs)
         self.nitp = nitp
@@ -74,8 +79,10 @@ class NITPGPTModel(GPTModel):
             self.target_owner_stage = owner_stage(target is not None) if pp_size > 1 else 0
             if pp_size > 1 and self.target_owner_stage != pp_size - 1:
                 # without SP the TP ranks hold the same z: each routes 1/TP of its rows
+                timing = {"wait_timer": routing_wait_timer} if routing_wait_timer else {}
                 self._router = TargetRouter(self.target_owner_stage,
-                                            split_over_tp=not config.sequence_parallel)
+                                            split_over_tp=not config.sequence_parallel,
+                                            timeout=routing_timeout, **timing)
         self._final = ActivationCapture(None, detach=False)
         if self.post_process:
             # The final norm runs outside any activation-recomputation checkpoint: its input

@@ -193,7 +193,7 @@ def projector_parameters(args: RunConfig, tp: int = 1) -> int:
 
 def _stage_layers(args: RunConfig, layout: Layout, stage: int) -> slice:
     """The (0-based) layers pipeline stage ``stage`` builds, uneven splits included."""
-    from megatron_nitp.nitp.routing import stage_layer_counts
+    from megatron_nitp.layout import stage_layer_counts
 
     counts = stage_layer_counts(args.num_layers, layout.pp, *pipeline_split(args))
     start = sum(counts[:stage])
@@ -202,7 +202,7 @@ def _stage_layers(args: RunConfig, layout: Layout, stage: int) -> slice:
 
 def _target_stage(args: RunConfig, layout: Layout) -> int:
     """The pipeline stage that holds layer k, uneven splits included."""
-    from megatron_nitp.nitp.routing import target_stage
+    from megatron_nitp.layout import target_stage
 
     return target_stage(args.nitp_target_layer, args.num_layers, layout.pp,
                         *pipeline_split(args))
@@ -311,7 +311,7 @@ def stage_memory(args: RunConfig, layout: Layout, num_microbatches: int,
                                      + d / sp_split * (dtype + 2 * 4))
     if (args.nitp and layout.pp > 1 and stage != layout.pp - 1
             and _target_stage(args, layout) == stage):
-        from megatron_nitp.nitp.routing import routed_rows
+        from megatron_nitp.layout import routed_rows
 
         # routed send buffers: this rank's [ceil(s/cp/tp), b, d] share of z (its shard under
         # SP), held until the backward of its micro-batch reaches the stage
@@ -503,7 +503,7 @@ def check_data_files(args: RunConfig, vocab_size: int | None) -> str | None:
 def dry_run(args: RunConfig) -> int:
     """Checks the layout, prints the plan; returns the exit code (0 = the job can start,
     2 = impossible layout, 3 = does not fit in GPU memory)."""
-    from megatron_nitp.nitp.routing import routed_bytes_per_step
+    from megatron_nitp.layout import routed_bytes_per_step
 
     missing = None
     try:
