@@ -15,7 +15,7 @@ from megatron_nitp.flops import (
     paper_flops,
     parameter_counts,
 )
-from megatron_nitp.presets import PRESETS
+from megatron_nitp.config.presets import PRESETS
 
 from tests.helpers import ROOT, clean_env  # noqa: E402
 

@@ -19,7 +19,7 @@ import megatron_nitp  # noqa: F401  (CPU import stubs must precede megatron-core
 
 
 def _model_type(argv: list[str]) -> str:
-    from megatron_nitp.presets import PRESETS
+    from megatron_nitp.config.presets import PRESETS
 
     preset = argv[argv.index("--preset") + 1] if "--preset" in argv[:-1] else None
     moe = "--num-experts" in argv or PRESETS.get(preset, {}).get("model_type") == "moe"

@@ -26,7 +26,7 @@ import megatron_nitp  # noqa: F401  (CPU import stubs must precede megatron-core
 
 from megatron_nitp import flops
 from megatron_nitp.cli import ArgumentParser
-from megatron_nitp.presets import PRESETS, get_preset
+from megatron_nitp.config.presets import PRESETS, get_preset
 
 # (flag, type) of the model shape; dest names match megatron_nitp.flops.ModelShape
 MODEL_FLAGS = [

@@ -468,7 +468,7 @@ def paper_presets():
     from the presets that transcribe its Table 4."""
     from megatron_nitp.config import preset_config
     from megatron_nitp.flops import parameter_counts
-    from megatron_nitp.presets import PRESETS
+    from megatron_nitp.config.presets import PRESETS
 
     names = [n for n, p in PRESETS.items() if p.get("description", "").startswith("paper")]
     configs = [preset_config(n) for n in names]

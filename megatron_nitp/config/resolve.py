@@ -34,7 +34,7 @@ def padded_vocab(vocab_size: int, divisible_by: int, tensor_parallel: int) -> in
 
 def moe_pattern(config: RunConfig) -> Optional[tuple]:
     """The per-layer 0/1 MoE pattern of ``--moe-layer-freq`` (None for a dense model)."""
-    from megatron_nitp.presets import moe_layer_pattern
+    from megatron_nitp.config.presets import moe_layer_pattern
 
     if not config.moe.num_moe_experts:
         return None
