@@ -33,7 +33,7 @@ def main(argv=None) -> str:
         print("usage: python tools/build_index.py [the job's flags, as pretrain_*_nitp.py takes them]\n\n" + __doc__.strip())
         return ""
     from megatron_nitp.config import ONE_PROCESS_LAYOUT
-    from megatron_nitp.data.datasets import default_cache_root
+    from megatron_nitp.data.cache import default_cache_root
     from megatron_nitp.training.arguments import parse_args
     from megatron_nitp.training.initialize import initialize_distributed
     from megatron_nitp.training.loop import prepare_data

@@ -42,6 +42,7 @@ from megatron.core import dist_checkpointing, tensor_parallel
 
 from megatron_nitp import device
 from megatron_nitp.training import faults
+from megatron_nitp.training.megatron_lm_folder import is_megatron_lm_checkpoint
 from megatron_nitp.training.model import unwrap
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -736,8 +737,6 @@ def find_checkpoint(root: str, fallback: bool = False, verify: bool = True) -> s
     tracker = os.path.join(root, TRACKER)
     if not os.path.exists(tracker):
         raise CheckpointError(f"no checkpoint in {root}: {TRACKER} is missing.")
-    from megatron_nitp.megatron_lm import is_megatron_lm_checkpoint
-
     if is_megatron_lm_checkpoint(root):
         raise CheckpointError(
             f"{root} is a Megatron-LM checkpoint, not one of ours: convert it with python "
