@@ -1,4 +1,4 @@
-"""FLOPs accounting (megatron_nitp/flops.py) and its CLI (tools/flops_overhead.py)."""
+"""FLOPs accounting (megatron_nitp/config/flops.py) and its CLI (tools/flops_overhead.py)."""
 
 import json
 import os
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from megatron_nitp.flops import (
+from megatron_nitp.config.flops import (
     ModelShape,
     exact_flops,
     layer_forward_flops,

@@ -34,10 +34,7 @@ LAYERS = (
         "megatron_nitp.cli",          # the command-line parser of the entry scripts and tools
     )),
     ("nitp", ("megatron_nitp.nitp.*",)),    # the method: knows no run settings
-    ("config", (
-        "megatron_nitp.config.*",     # the run settings, their checks, the presets
-        "megatron_nitp.flops",        # FLOPs and parameters from the settings' shapes
-    )),
+    ("config", ("megatron_nitp.config.*",)),  # settings, checks, presets, FLOPs
     ("data", ("megatron_nitp.data.*",)),
     ("models", ("megatron_nitp.models.*",)),
     ("training", ("megatron_nitp.training.*",)),
@@ -111,7 +108,8 @@ def _layer(name: str) -> int | None:
         for member in members:
             package = member.endswith(".*")
             stem = member[:-2] if package else member
-            if (name == stem or (package and name.startswith(stem + "."))) and len(stem) > best_length:
+            inside = name == stem or (package and name.startswith(stem + "."))
+            if inside and len(stem) > best_length:
                 best, best_length = index, len(stem)
     return best
 
@@ -205,7 +203,8 @@ def test_no_import_cycle():
 def test_the_check_sees_lazy_imports_and_relative_ones(tmp_path):
     """The reader itself: a function-level import and a relative one are both edges."""
     path = tmp_path / "mod.py"
-    path.write_text("from .sibling import x\n\ndef f():\n    from megatron_nitp.training import loop\n")
+    path.write_text("from .sibling import x\n\n"
+                    "def f():\n    from megatron_nitp.training import loop\n")
     modules = {"megatron_nitp.config.mod": str(path), "megatron_nitp.config.sibling": "",
                "megatron_nitp.training": "", "megatron_nitp.training.loop": ""}
     found = _imports("megatron_nitp.config.mod", str(path), modules)

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from megatron_nitp.flops import parameter_counts
+from megatron_nitp.config.flops import parameter_counts
 from megatron_nitp.config.presets import PRESETS
 from megatron_nitp.training import plan
 from megatron_nitp.training.arguments import parse_args

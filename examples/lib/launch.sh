@@ -41,8 +41,8 @@ nitp_launch() {
 }
 
 #   nitp_preset NAME KEY...
-# prints the values of preset NAME's KEYs (flag names as megatron_nitp/config/presets.py spells them,
-# e.g. global_batch_size seq_length) on one line, so that a launch derives them instead of
+# prints the values of preset NAME's KEYs (flag names as megatron_nitp/config/presets.py spells
+# them, e.g. global_batch_size seq_length) on one line, so that a launch derives them instead of
 # repeating them. presets.py is loaded from its file: no torch import.
 nitp_preset() {
   "${PYTHON:-python}" - "$NITP_ROOT" "$@" <<'EOF'

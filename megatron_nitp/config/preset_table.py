@@ -17,7 +17,7 @@ from megatron_nitp.config.presets import PRESETS, get_preset
 
 def preset_counts(name: str) -> dict:
     """The table's row of preset ``name``: counts from ``flops.parameter_counts``."""
-    from megatron_nitp.flops import ModelShape, parameter_counts
+    from megatron_nitp.config.flops import ModelShape, parameter_counts
 
     preset = get_preset(name)
     moe = preset.get("model_type") == "moe"

@@ -169,7 +169,7 @@ def _moe_pattern(args: RunConfig) -> list[int]:
 
 
 def _shape(args: RunConfig):
-    from megatron_nitp.flops import ModelShape
+    from megatron_nitp.config.flops import ModelShape
 
     return ModelShape.from_dict({**args.flat(), "tensor_model_parallel_size": 1})
 
@@ -177,7 +177,7 @@ def _shape(args: RunConfig):
 def layer_parameters(args: RunConfig, moe: bool, tp: int = 1, ep: int = 1,
                      etp: Optional[int] = None) -> tuple[int, int]:
     """``(dense, expert)`` parameters of one layer on one rank (``flops.layer_parameters``)."""
-    from megatron_nitp.flops import layer_parameters as count
+    from megatron_nitp.config.flops import layer_parameters as count
 
     return count(_shape(args), moe, tp, ep, etp)
 
@@ -229,7 +229,7 @@ def stage_parameters(args: RunConfig, layout: Layout, stage: int) -> tuple[int, 
 def model_parameters(args: RunConfig) -> dict[str, int]:
     """Total and active parameters of the model for inference (no projector), TP = 1: the
     FLOPs model's count (``flops.parameter_counts``) with this run's vocabulary."""
-    from megatron_nitp.flops import parameter_counts
+    from megatron_nitp.config.flops import parameter_counts
 
     counts = parameter_counts(_shape(args))
     return {"total": counts["total"], "active": counts["activated"],
