@@ -64,7 +64,8 @@ def target_stage(
 ) -> int:
     """Pipeline stage that owns layer k (k = 0 is the embedding, on the first stage), for the
     per-stage layer counts of ``stage_layer_counts``. The model itself decides from what it
-    built (``owner_stage``); this pure version serves plans, validation and tools."""
+    built (``nitp.routing.owner_stage``); this pure version serves plans, validation and
+    tools."""
     if target_layer == 0:
         return 0
     if not 1 <= target_layer <= num_layers:
@@ -108,8 +109,9 @@ def routed_bytes_per_step(
     micro-batch, per sending rank and step, the whole job's total per step (all DP replicas),
     and ``peak_bytes_held_per_rank``: the most bytes a sending rank's pending sends hold at
     once under 1F1B, ``min(PP - owner, M)`` micro-batches (a send is released once the
-    backward of its micro-batch reaches the owner; ``TargetRouter``). ``first_stage_layers`` /
-    ``last_stage_layers``: an uneven pipeline split (``stage_layer_counts``).
+    backward of its micro-batch reaches the owner; ``nitp.routing.TargetRouter``).
+    ``first_stage_layers`` / ``last_stage_layers``: an uneven pipeline split
+    (``stage_layer_counts``).
     """
     owner = target_stage(target_layer, num_layers, pipeline_parallel, first_stage_layers,
                          last_stage_layers)

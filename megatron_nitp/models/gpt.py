@@ -27,7 +27,8 @@ all-gather of ``[s/cp, b, h]`` over TP, and Float16Module's fp32 copy of it, per
 
 from __future__ import annotations
 
-from typing import Optional
+import datetime
+from typing import Callable, ContextManager, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -61,7 +62,9 @@ class NITPGPTModel(GPTModel):
     """
 
     def __init__(self, config: TransformerConfig, nitp: NITPConfig, *,
-                 routing_timeout=None, routing_wait_timer=None, **gpt_kwargs):
+                 routing_timeout: Optional[datetime.timedelta] = None,
+                 routing_wait_timer: Optional[Callable[[], ContextManager]] = None,
+                 **gpt_kwargs):
         _refuse_cuda_graphs(config)
         super().__init__(config=config, **gpt_kwargs)
         self.nitp = nitp
@@ -79,10 +82,10 @@ class NITPGPTModel(GPTModel):
             self.target_owner_stage = owner_stage(target is not None) if pp_size > 1 else 0
             if pp_size > 1 and self.target_owner_stage != pp_size - 1:
                 # without SP the TP ranks hold the same z: each routes 1/TP of its rows
-                timing = {"wait_timer": routing_wait_timer} if routing_wait_timer else {}
                 self._router = TargetRouter(self.target_owner_stage,
                                             split_over_tp=not config.sequence_parallel,
-                                            timeout=routing_timeout, **timing)
+                                            timeout=routing_timeout,
+                                            wait_timer=routing_wait_timer)
         self._final = ActivationCapture(None, detach=False)
         if self.post_process:
             # The final norm runs outside any activation-recomputation checkpoint: its input

@@ -123,12 +123,12 @@ class TargetRouter:
 
     def __init__(self, owner_stage: int, split_over_tp: bool = False,
                  timeout: Optional[datetime.timedelta] = None,
-                 wait_timer: Callable[[], ContextManager] = contextlib.nullcontext):
+                 wait_timer: Optional[Callable[[], ContextManager]] = None):
         group = parallel_state.get_pipeline_model_parallel_group()
         ranks = dist.get_process_group_ranks(group)
         self.source, self.destination = ranks[owner_stage], ranks[-1]
         self.group = routing_group(timeout)
-        self._wait_timer = wait_timer
+        self._wait_timer = wait_timer or contextlib.nullcontext
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         tp = parallel_state.get_tensor_model_parallel_world_size()
         self.tp_split = tp if split_over_tp else 1
