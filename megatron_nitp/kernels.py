@@ -5,9 +5,11 @@ torch, lack: Transformer Engine (its layer spec, grouped-GEMM experts, fused per
 RoPE, FP8, TE's cross entropy, context-parallel attention), Apex (FusedAdam; the
 ``fused_weight_gradient_mlp_cuda`` kernel of gradient-accumulation fusion in megatron-core's
 own linear layers; the masked-softmax kernels of the local spec) and the ``grouped_gemm``
-package (the local GroupedMLP). Every other module asks :func:`available` (the config checks in
-``config/performance.py``, the compatibility patches in ``compat``, the layer spec and fusions
-in ``training/model.py``, ``tools/check_env.py``); none imports those libraries to find out.
+package (the local GroupedMLP). Every other module asks here (the config checks in
+``config/``, the compatibility patches in ``compat``, the layer spec and fusions in
+``training/model.py``, ``tools/check_env.py``): :func:`available` for the whole answer,
+:func:`use_transformer_engine`, :func:`fused_softmax_available` and :func:`why_not_te` for the
+decisions several of them take; none imports those libraries to find out.
 
 Tests decide for a machine they are not on with :func:`simulate`: the config checks, the auto
 fusions and the patch selection then answer as they would there (nothing is built with the
@@ -128,3 +130,27 @@ def simulate(**settings):
         yield _SIMULATED
     finally:
         _SIMULATED = previous
+
+
+def use_transformer_engine(impl: str = "transformer_engine") -> bool:
+    """Transformer Engine layers when asked for (``--transformer-impl``, the default) and TE and
+    CUDA are both present."""
+    return available().te_layers(impl)
+
+
+def why_not_te(impl: str = "transformer_engine") -> str:
+    """Why :func:`use_transformer_engine` says no, for an error message that names the fix."""
+    if not available().cuda:
+        return "this machine has no CUDA"
+    if impl == "local":
+        return "--transformer-impl local was given"
+    return "Transformer Engine is not importable here"
+
+
+def fused_softmax_available() -> bool:
+    """megatron-core's fused masked softmax (local spec) calls Apex's CUDA extensions
+    ``scaled_masked_softmax_cuda`` / ``scaled_upper_triang_masked_softmax_cuda`` and fails with
+    ModuleNotFoundError at the first attention where they are missing, e.g. on a GPU with plain
+    PyPI torch: fuse only when they import."""
+    k = available()
+    return k.cuda and k.fused_softmax

@@ -39,8 +39,8 @@ import os
 import torch
 
 from megatron_nitp.hf import as_flags, vocab_divisor
+from megatron_nitp.training.megatron_lm_folder import TRACKER, MegatronFormatError, iteration_dir
 
-TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
 
 #: our model flags an import takes from the Megatron-LM ``args``; giving one of them is refused
@@ -67,44 +67,6 @@ _TOKENIZERS = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "TikTokenizer",
 #: Transformer Engine's fused pre-linear norm names <-> the local spec's, both ways
 _NORM_NAMES = (("self_attention.linear_qkv.layer_norm_", "input_layernorm."),
                ("mlp.linear_fc1.layer_norm_", "pre_mlp_layernorm."))
-
-
-class MegatronFormatError(ValueError):
-    """A Megatron-LM checkpoint (or one of our models) the other side cannot hold; the message
-    names the feature and the fix."""
-
-
-# ------------------------------------------------------------------------------- the folder
-
-def iteration_dir(root: str) -> tuple[str, int]:
-    """(checkpoint folder, iteration) the Megatron-LM tracker names; ``release`` is
-    iteration 0 in a ``release`` folder."""
-    tracker = os.path.join(root, TRACKER)
-    if not os.path.isfile(tracker):
-        raise MegatronFormatError(f"{root} is not a Megatron-LM checkpoint folder: {TRACKER} "
-                                  "is missing (give the --save folder of pretrain_gpt.py)")
-    with open(tracker) as f:
-        text = f.read().strip()
-    if text == "release":
-        return os.path.join(root, "release"), 0
-    try:
-        iteration = int(text)
-    except ValueError:
-        raise MegatronFormatError(f"{tracker} holds {text!r}, not an iteration") from None
-    return os.path.join(root, f"iter_{iteration:07d}"), iteration
-
-
-def is_megatron_lm_checkpoint(root: str) -> bool:
-    """Whether ``root`` is a Megatron-LM torch_dist folder (tracker, an iteration folder with
-    ``common.pt`` or ``metadata.json``, and neither our ``nitp.json`` nor our
-    ``manifest.json``: a damaged checkpoint of ours keeps its own error)."""
-    try:
-        path, _ = iteration_dir(root)
-    except (MegatronFormatError, OSError):
-        return False
-    theirs = any(os.path.exists(os.path.join(path, n)) for n in ("common.pt", "metadata.json"))
-    ours = any(os.path.exists(os.path.join(path, n)) for n in ("nitp.json", "manifest.json"))
-    return theirs and not ours
 
 
 def read_common(path: str) -> dict:

@@ -2,6 +2,7 @@
 launchers the tests use (``conftest.py`` tiers a test ``distributed`` when it calls one of
 :data:`LAUNCHERS`, directly or through its fixtures and module helpers)."""
 
+import functools
 import importlib.util
 import json
 import os
@@ -184,3 +185,71 @@ LAUNCHERS = frozenset({
     "subprocess", "Popen", "multiprocessing", "mp", "spawn", "torchrun_file", "launch_runs",
     "run_in_own_session", "run_python_code", "python_command", "kill_group",
 })
+
+
+def _count(named_parameters, prefix: str) -> int:
+    return sum(p.numel() for name, p in named_parameters if name.startswith(prefix))
+
+
+@functools.lru_cache(maxsize=None)
+def measured_counts(name: str) -> dict:
+    """Total and active parameters of preset ``name`` from its built megatron-core modules: the
+    measurement that checks the preset table's counts (``config/preset_table.py``).
+
+    Each preset is built at reduced depth - one dense layer and (for MoE) one MoE layer, with
+    its real widths, experts and vocabulary - on CPU with uninitialized storage (no weights are
+    computed or touched), and the counts are extrapolated to the preset's depth layer by layer:
+
+        total  = embedding + output layer (if untied) + final norm
+                 + n_dense * params(dense layer) + n_moe * params(MoE layer)
+        active = total - n_moe * params(routed experts) * (1 - top_k / num_experts)
+    """
+    from megatron_nitp.config import preset_config, resolve
+    from megatron_nitp.config.presets import get_preset, moe_layer_pattern
+    from megatron_nitp.training.initialize import initialize_distributed
+    from megatron_nitp.training.model import build_model
+
+    preset = get_preset(name)
+    moe = preset.get("model_type") == "moe"
+    full_layers = preset["num_layers"]
+    pattern = moe_layer_pattern(preset["moe_layer_freq"], full_layers) if moe else [0] * full_layers
+    reduced = dict(num_layers=2 if moe else 1, nitp_target_layer=0, train_iters=1,
+                   lr_warmup_iters=0, micro_batch_size=1, global_batch_size=1)
+    if moe:
+        reduced["moe_layer_freq"] = "[0]*1+[1]*1"
+    args = resolve(preset_config(name, **reduced), 1)
+    initialize_distributed()
+    model = build_model(args, pre_process=True, post_process=True, perform_initialization=False)
+    params = list(model.named_parameters())
+    embedding = _count(params, "embedding.")
+    output = _count(params, "output_layer.")
+    final_norm = _count(params, "decoder.final_layernorm.")
+    projector = _count(params, "projector.")
+    dense_layer = _count(params, "decoder.layers.0.")
+    moe_layer = _count(params, "decoder.layers.1.") if moe else 0
+    routed = _count(params, "decoder.layers.1.mlp.experts.") if moe else 0
+    n_moe = sum(pattern)
+    n_dense = full_layers - n_moe
+    total = embedding + output + final_norm + n_dense * dense_layer + n_moe * moe_layer
+    inactive = 0
+    if moe:
+        inactive = n_moe * routed * (1 - args.moe_router_topk / args.num_moe_experts)
+    del model
+    return {
+        "preset": name,
+        "kind": "moe" if moe else "dense",
+        "total_params": total,
+        "active_params": int(round(total - inactive)),
+        "projector_params": projector,
+        "layers": full_layers,
+        "dense_layers": n_dense,
+        "moe_layers": n_moe,
+        "hidden_size": args.hidden_size,
+        "experts": f"{args.num_moe_experts}+{1 if args.moe_shared_expert_intermediate_size else 0}"
+                   f" top-{args.moe_router_topk}" if moe else "-",
+        "tied_embeddings": not args.untie_embeddings_and_output_weights,
+        "nitp_target_layer": preset["nitp_target_layer"],
+        "nitp_loss_weight": preset["nitp_loss_weight"],
+        "lr": preset["lr"],
+        "global_batch_size": preset["global_batch_size"],
+    }

@@ -61,7 +61,7 @@ def test_gpu_with_apex_but_no_te():
 
 
 def test_cpu_with_te_installed_still_uses_the_local_spec():
-    # training.model.use_transformer_engine() needs CUDA too: the local norm is patched
+    # kernels.use_transformer_engine() needs CUDA too: the local norm is patched
     got = names(False, True, False, "0.16.1")
     assert got == CUDA_ONLY | {"patch_torch_norm_sequence_parallel"}
 

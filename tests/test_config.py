@@ -10,7 +10,7 @@ import pytest
 from megatron_nitp.config import megatron_lm
 from megatron_nitp.config import (FLAT, GROUPS, ConfigError, RunConfig, complete, preset_config,
                                   resolve, validate)
-from megatron_nitp.presets import PRESETS
+from megatron_nitp.config.presets import PRESETS
 from megatron_nitp.training.arguments import build_parser, field_docs, parse_args
 
 # Megatron-LM's spellings (megatron/training/arguments.py) for the settings both have: renaming

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from megatron_nitp.presets import PRESETS, get_preset
+from megatron_nitp.config.presets import PRESETS, get_preset
 from tests.helpers import ROOT, argv_shim, clean_env, example_env, free_port, record_command
 
 PRETRAIN = os.path.join(ROOT, "examples", "pretrain.sh")

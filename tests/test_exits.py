@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from megatron_nitp.config.resolve import signal_number
 from megatron_nitp.training import exits
 from megatron_nitp.training.arguments import parse_args
 from megatron_nitp.training.loop import pretrain
@@ -48,12 +49,12 @@ def _resume(tmp_path, ckpt, stopped_at, capsys, *flags):
 
 
 def test_signal_names_and_bad_values_name_the_fix():
-    assert exits.signal_number("SIGUSR1") == signal.SIGUSR1
-    assert exits.signal_number("usr2") == signal.SIGUSR2
-    assert exits.signal_number(str(int(signal.SIGTERM))) == signal.SIGTERM
+    assert signal_number("SIGUSR1") == signal.SIGUSR1
+    assert signal_number("usr2") == signal.SIGUSR2
+    assert signal_number(str(int(signal.SIGTERM))) == signal.SIGTERM
     for bad in ("SIGNOPE", "SIGKILL", "0"):
         with pytest.raises(ValueError, match="SIGUSR1"):
-            exits.signal_number(bad)
+            signal_number(bad)
     for flags in (["--exit-signal", "SIGFOO"], ["--exit-interval", "0"],
                   ["--exit-duration-in-mins", "-1"]):
         with pytest.raises(SystemExit) as err:

@@ -1,4 +1,4 @@
-"""FLOPs accounting (megatron_nitp/flops.py) and its CLI (tools/flops_overhead.py)."""
+"""FLOPs accounting (megatron_nitp/config/flops.py) and its CLI (tools/flops_overhead.py)."""
 
 import json
 import os
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from megatron_nitp.flops import (
+from megatron_nitp.config.flops import (
     ModelShape,
     exact_flops,
     layer_forward_flops,
@@ -15,7 +15,7 @@ from megatron_nitp.flops import (
     paper_flops,
     parameter_counts,
 )
-from megatron_nitp.presets import PRESETS
+from megatron_nitp.config.presets import PRESETS
 
 from tests.helpers import ROOT, clean_env  # noqa: E402
 

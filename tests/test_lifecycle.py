@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from megatron_nitp import kernels
-from megatron_nitp.presets import PRESETS
+from megatron_nitp.config.presets import PRESETS
 from tests.helpers import ROOT, argv_shim, load_tool, record_command
 
 PRETRAIN = os.path.join(ROOT, "examples", "pretrain.sh")

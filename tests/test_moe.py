@@ -12,9 +12,10 @@ with every replicated copy equal to the saved one. Layouts of one world size run
 
 import pytest
 
-from megatron_nitp.preset_table import measured_counts, preset_counts
+from megatron_nitp.config.preset_table import preset_counts
 from megatron_nitp.training.arguments import parse_args
 from megatron_nitp.training.loop import pretrain
+from tests.helpers import measured_counts
 from tests.test_parallel import FLAGS, Launcher, assert_state_close
 
 MOE = FLAGS + [

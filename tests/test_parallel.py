@@ -43,7 +43,7 @@ import subprocess
 import pytest
 import torch
 
-from megatron_nitp.nitp.routing import routed_bytes_per_step
+from megatron_nitp.layout import routed_bytes_per_step
 from tests.helpers import launch_runs, write_short_documents
 
 FLAGS = [
@@ -265,7 +265,8 @@ def test_tp_shares_of_the_target_cover_it(rows, tp):
     """Without SP, TP rank r routes rows ``[r c, (r + 1) c)`` of z, ``c = ceil(L / tp)``, the
     last shares zero-padded to c rows: the last stage's all-gather of the shares, trimmed to L
     rows, is z. ``routed_bytes_per_step`` counts the padded shares."""
-    from megatron_nitp.nitp.routing import TargetRouter, routed_rows
+    from megatron_nitp.layout import routed_rows
+    from megatron_nitp.nitp.routing import TargetRouter
 
     z = torch.randn(rows, 2, 3)
     chunk = routed_rows(rows, tp, sequence_parallel=False)

@@ -271,13 +271,13 @@ def test_simulation_reaches_every_decision():
     real = kernels.available()
     with kernels.simulate(cuda=True, te=True, apex_fused_adam=True, fused_softmax=True) as k:
         assert kernels.available() == k and k.compute_capability == (9, 0)
-        assert model_module.use_transformer_engine()
-        assert not model_module.use_transformer_engine("local")
-        assert model_module.fused_softmax_available()
+        assert kernels.use_transformer_engine()
+        assert not kernels.use_transformer_engine("local")
+        assert kernels.fused_softmax_available()
         env = compat.environment()
         assert (env.cuda, env.te, env.apex) == (True, True, True)
         assert compat.select(env.cuda, env.te, env.apex, env.mcore) == []
-    assert kernels.available() == real and not model_module.use_transformer_engine()
+    assert kernels.available() == real and not kernels.use_transformer_engine()
 
 
 def test_simulation_through_the_environment(monkeypatch):

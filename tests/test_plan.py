@@ -4,11 +4,11 @@ import dataclasses
 
 import pytest
 
-from megatron_nitp.flops import parameter_counts
-from megatron_nitp.presets import PRESETS
+from megatron_nitp.config.flops import parameter_counts
+from megatron_nitp.config.presets import PRESETS
 from megatron_nitp.training import plan
 from megatron_nitp.training.arguments import parse_args
-from tests.helpers import load_tool, run_python_code
+from tests.helpers import load_tool, measured_counts, run_python_code
 
 PAPER = [name for name in PRESETS if not name.startswith("tiny")]
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -44,9 +44,7 @@ def _layout(args, world):
 @pytest.mark.parametrize("name", PAPER + ["tiny-dense", "tiny-moe"])
 def test_the_one_parameter_model_matches_megatron_cores_built_modules(dist, name):
     """plan, preset table and FLOPs tool share flops.parameter_counts; it must count what
-    megatron-core builds (preset_table.measured_counts: the modules, reduced depth)."""
-    from megatron_nitp.preset_table import measured_counts
-
+    megatron-core builds (tests/helpers.py's measured_counts: the modules, reduced depth)."""
     counts = plan.model_parameters(_args("--preset", name))
     built = measured_counts(name)
     assert counts["total"] == built["total_params"]
@@ -212,7 +210,7 @@ def test_world_size_from_flag_env_or_model_parallel(capsys, monkeypatch):
 
 
 def test_pipeline_plan_names_the_target_stage_and_routing_bytes(capsys):
-    from megatron_nitp.nitp.routing import routed_bytes_per_step
+    from megatron_nitp.layout import routed_bytes_per_step
 
     code, out, _ = _dry(capsys, "--preset", "dense-0.5b", "--pipeline-model-parallel-size", "4",
                         "--micro-batch-size", "1", "--world-size", "32",

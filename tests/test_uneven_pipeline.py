@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from megatron_nitp.nitp.routing import routed_bytes_per_step, stage_layer_counts, target_stage
+from megatron_nitp.layout import routed_bytes_per_step, stage_layer_counts, target_stage
 
 
 @pytest.mark.parametrize("num_layers,pp,first,last,counts", [

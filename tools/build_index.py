@@ -19,7 +19,7 @@ import megatron_nitp  # noqa: F401  (CPU import stubs must precede megatron-core
 
 
 def _model_type(argv: list[str]) -> str:
-    from megatron_nitp.presets import PRESETS
+    from megatron_nitp.config.presets import PRESETS
 
     preset = argv[argv.index("--preset") + 1] if "--preset" in argv[:-1] else None
     moe = "--num-experts" in argv or PRESETS.get(preset, {}).get("model_type") == "moe"
@@ -33,7 +33,7 @@ def main(argv=None) -> str:
         print("usage: python tools/build_index.py [the job's flags, as pretrain_*_nitp.py takes them]\n\n" + __doc__.strip())
         return ""
     from megatron_nitp.config import ONE_PROCESS_LAYOUT
-    from megatron_nitp.data.datasets import default_cache_root
+    from megatron_nitp.data.cache import default_cache_root
     from megatron_nitp.training.arguments import parse_args
     from megatron_nitp.training.initialize import initialize_distributed
     from megatron_nitp.training.loop import prepare_data

@@ -80,17 +80,16 @@ def versions() -> list[tuple[str, str]]:
 
 def execution_path() -> list[tuple[str, str]]:
     """The layer spec and the distributed path the training code will take here."""
-    from megatron_nitp import compat
+    from megatron_nitp import compat, kernels
     from megatron_nitp.device import has_cuda
-    from megatron_nitp.training.model import fused_softmax_available, use_transformer_engine
 
-    if use_transformer_engine():
+    if kernels.use_transformer_engine():
         spec = "Transformer Engine (megatron-core's TE layer spec)"
     else:
         why = "no CUDA" if not has_cuda() else "Transformer Engine not importable"
         spec = f"local (megatron-core's own modules: {why})"
         if has_cuda():
-            spec += (", fused masked softmax" if fused_softmax_available()
+            spec += (", fused masked softmax" if kernels.fused_softmax_available()
                      else ", unfused softmax (Apex's softmax kernels not importable)")
     env = compat.environment()
     patches = [p.name for p in compat.select(env.cuda, env.te, env.apex, env.mcore)]

@@ -9,7 +9,7 @@ Examples:
     python tools/flops_overhead.py --measure               # CPU: d=512, 12 layers, s=512
     python tools/flops_overhead.py --measure --compare-mtp --measure-iters 8
 
-The formulas are in megatron_nitp/flops.py; docs/performance.md has the figures.
+The formulas are in megatron_nitp/config/flops.py; docs/performance.md has the figures.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import time
 
 import megatron_nitp  # noqa: F401  (CPU import stubs must precede megatron-core)
 
-from megatron_nitp import flops
 from megatron_nitp.cli import ArgumentParser
-from megatron_nitp.presets import PRESETS, get_preset
+from megatron_nitp.config import flops
+from megatron_nitp.config.presets import PRESETS, get_preset
 
-# (flag, type) of the model shape; dest names match megatron_nitp.flops.ModelShape
+# (flag, type) of the model shape; dest names match megatron_nitp.config.flops.ModelShape
 MODEL_FLAGS = [
     ("--num-layers", int), ("--hidden-size", int), ("--ffn-hidden-size", int),
     ("--num-attention-heads", int), ("--num-query-groups", int), ("--kv-channels", int),

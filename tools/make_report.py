@@ -11,8 +11,8 @@ differences per seed and a rule-based reading against the paper's claims.
 
 Every fact the text states is computed from its source: the model, training and NITP settings
 from the runs' resolved configs (``summary.json``'s ``"config"``; the runs must agree in
-everything but NITP on/off and the seed), the parameter counts with ``megatron_nitp.flops``, the
-corpus (documents, tokens, the split, the documents training never sees and, for the built-in
+everything but NITP on/off and the seed), the parameter counts with ``megatron_nitp.config.flops``,
+the corpus (documents, tokens, the split, the documents training never sees and, for the built-in
 corpus, their chapters) from the indexed dataset the runs read and megatron-core's own split of
 it, the machine from this process. What the paper reports is quoted from :data:`PAPER` or read
 from the presets that transcribe its Table 4.
@@ -478,8 +478,8 @@ def paper_presets():
     """The smallest activated parameter count and the context length of the paper's models,
     from the presets that transcribe its Table 4."""
     from megatron_nitp.config import preset_config
-    from megatron_nitp.flops import parameter_counts
-    from megatron_nitp.presets import PRESETS
+    from megatron_nitp.config.flops import parameter_counts
+    from megatron_nitp.config.presets import PRESETS
 
     names = [n for n, p in PRESETS.items() if p.get("description", "").startswith("paper")]
     configs = [preset_config(n) for n in names]
@@ -504,7 +504,7 @@ def planned_iters():
 
 def build_report(args) -> str:
     from megatron_nitp.device import has_cuda, name as device_name
-    from megatron_nitp.flops import parameter_counts
+    from megatron_nitp.config.flops import parameter_counts
 
     runs, compare = _load(args)
     labels = args.seeds

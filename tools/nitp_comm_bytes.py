@@ -20,8 +20,8 @@ import json
 import megatron_nitp  # noqa: F401
 
 from megatron_nitp.cli import ArgumentParser
-from megatron_nitp.nitp.routing import routed_bytes_per_step
-from megatron_nitp.presets import PRESETS, get_preset
+from megatron_nitp.layout import routed_bytes_per_step
+from megatron_nitp.config.presets import PRESETS, get_preset
 
 
 def _human(n: float) -> str:

@@ -41,8 +41,8 @@ nitp_launch() {
 }
 
 #   nitp_preset NAME KEY...
-# prints the values of preset NAME's KEYs (flag names as megatron_nitp/presets.py spells them,
-# e.g. global_batch_size seq_length) on one line, so that a launch derives them instead of
+# prints the values of preset NAME's KEYs (flag names as megatron_nitp/config/presets.py spells
+# them, e.g. global_batch_size seq_length) on one line, so that a launch derives them instead of
 # repeating them. presets.py is loaded from its file: no torch import.
 nitp_preset() {
   "${PYTHON:-python}" - "$NITP_ROOT" "$@" <<'EOF'
@@ -52,12 +52,12 @@ import sys
 root, name, keys = sys.argv[1], sys.argv[2], sys.argv[3:]
 sys.path.insert(0, root)
 try:
-    path = f"{root}/megatron_nitp/presets.py"
+    path = f"{root}/megatron_nitp/config/presets.py"
     spec = importlib.util.spec_from_file_location("nitp_presets", path)
     presets = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(presets)
 except ImportError:  # presets.py imports from its package (relatively): load the package
-    from megatron_nitp import presets
+    from megatron_nitp.config import presets
 print(*(presets.PRESETS[name][key] for key in keys))
 EOF
 }

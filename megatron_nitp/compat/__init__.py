@@ -46,7 +46,7 @@ class Need:
 
 NO_CUDA = Need("no CUDA", lambda e: not e.cuda)
 NO_TE = Need("no Transformer Engine", lambda e: not e.te)
-# training.model.use_transformer_engine(): TE's layer spec needs both CUDA and TE.
+# kernels.use_transformer_engine(): TE's layer spec needs both CUDA and TE.
 LOCAL_SPEC = Need("the local layer spec (no CUDA or no Transformer Engine)",
                   lambda e: not (e.cuda and e.te))
 # megatron.core.optimizer (and its distrib_optimizer) take TE's FusedAdam, else Apex's, else

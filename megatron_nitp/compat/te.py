@@ -24,7 +24,7 @@ def patch_moe_router_without_te() -> None:
 
 def patch_torch_norm_sequence_parallel() -> None:
     """``transformer.torch_norm.WrappedTorchNorm`` (the local layer spec's norm, used without TE:
-    see ``training.model.use_transformer_engine``) asserts ``not config.sequence_parallel``.
+    see ``kernels.use_transformer_engine``) asserts ``not config.sequence_parallel``.
     Built with sequence_parallel off and its parameters tagged ``.sequence_parallel = True``,
     finalize_model_grads all-reduces their grads over TP, which is what TE's norm does under SP.
     """

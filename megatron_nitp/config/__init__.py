@@ -14,7 +14,7 @@ __all__ = ["ConfigError", "DEFAULT_VOCAB_SIZE", "Derived", "FLAT", "GROUPS", "ON
 def preset_config(name: str, model_type: str | None = None, **overrides) -> RunConfig:
     """A preset as a complete config, with some settings changed (flat names): what the
     command line gives for ``--preset NAME`` and those flags."""
-    from megatron_nitp.presets import get_preset
+    from megatron_nitp.config.presets import get_preset
 
     values = get_preset(name)
     kind = values.pop("model_type", "dense")

@@ -32,14 +32,6 @@ class _Error(ValueError):
     """Raised as the package's ConfigError by ``resolve.validate`` (no import cycle)."""
 
 
-def _why_not_te(k: Kernels, transformer_impl: str) -> str:
-    if not k.cuda:
-        return "this machine has no CUDA"
-    if transformer_impl == "local":
-        return "--transformer-impl local was given"
-    return "Transformer Engine is not importable here"
-
-
 def recomputed_layers(config: RunConfig, stage_layers: list[int]) -> set[int]:
     """Global 1-based numbers of the layers whose outputs a full-recompute checkpoint computes
     under ``no_grad`` (uniform: every layer; block: the first ``--recompute-num-layers`` of each
@@ -124,7 +116,7 @@ def _stage_of(layer: int, stage_layers: list[int]) -> int:
 
 def validate_performance(config: RunConfig, stage_layers: list[int]) -> None:
     """Refuses what cannot run: combinations always, missing kernels unless ``--dry-run``.
-    ``stage_layers``: transformer layers per pipeline stage (``nitp.routing.stage_layer_counts``).
+    ``stage_layers``: transformer layers per pipeline stage (``layout.stage_layer_counts``).
     Raises ``ValueError`` (``resolve.validate`` turns it into ``ConfigError``)."""
     perf, moe, t, p = config.performance, config.moe, config.training, config.parallel
     _validate_recompute(config, stage_layers)
@@ -167,7 +159,7 @@ def _validate_kernels(config: RunConfig) -> None:
     impl = config.parallel.transformer_impl
     k = kernels.available()
     te = k.te_layers(impl)
-    te_reason = _why_not_te(k, impl)
+    te_reason = kernels.why_not_te(impl)
     needs_te = [name for name, on in (
         ("--moe-permute-fusion", perf.moe_permute_fusion),
         ("--apply-rope-fusion", perf.apply_rope_fusion is True),

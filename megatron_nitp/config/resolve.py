@@ -11,6 +11,7 @@ fix.
 
 from __future__ import annotations
 
+import signal
 from typing import Optional
 
 from megatron_nitp.config.schema import Derived, RunConfig
@@ -33,7 +34,7 @@ def padded_vocab(vocab_size: int, divisible_by: int, tensor_parallel: int) -> in
 
 def moe_pattern(config: RunConfig) -> Optional[tuple]:
     """The per-layer 0/1 MoE pattern of ``--moe-layer-freq`` (None for a dense model)."""
-    from megatron_nitp.presets import moe_layer_pattern
+    from megatron_nitp.config.presets import moe_layer_pattern
 
     if not config.moe.num_moe_experts:
         return None
@@ -50,6 +51,25 @@ def pipeline_split(config) -> tuple[Optional[int], Optional[int]]:
     """(layers on the first stage, layers on the last stage) of an uneven pipeline split, each
     None when not given (megatron-core's num_layers_in_first/last_pipeline_stage)."""
     return (config.decoder_first_pipeline_num_layers, config.decoder_last_pipeline_num_layers)
+
+
+def signal_number(name: str) -> signal.Signals:
+    """``SIGUSR1``, ``USR1`` or ``usr1`` (or a number) as a signal; ValueError naming the
+    choices otherwise. The value of ``--exit-signal``: checked here at parse time, installed by
+    ``training/exits.py``."""
+    text = str(name).strip()
+    if text.isdigit():
+        try:
+            return signal.Signals(int(text))
+        except ValueError:
+            pass
+    else:
+        upper = text.upper()
+        upper = upper if upper.startswith("SIG") else "SIG" + upper
+        if hasattr(signal.Signals, upper) and upper not in ("SIGKILL", "SIGSTOP"):
+            return signal.Signals[upper]
+    raise ValueError(f"--exit-signal {name!r} is not a signal that can be caught: give a name "
+                     "such as SIGTERM, SIGUSR1 or SIGUSR2.")
 
 
 def schedule_iters(config: RunConfig) -> tuple[int, int]:
@@ -183,7 +203,7 @@ def validate(config: RunConfig) -> None:
                 f"--tensor-model-parallel-size {tp}" + _origin(config, name) + "."
             )
     if pipeline_split(config) != (None, None):
-        from megatron_nitp.nitp.routing import stage_layer_counts
+        from megatron_nitp.layout import stage_layer_counts
 
         try:  # ValueError naming the numbers when the layers do not split that way
             stage_layer_counts(m.num_layers, p.pipeline_model_parallel_size,
@@ -237,8 +257,6 @@ def _validate_exit(config: RunConfig) -> None:
     if t.exit_interval is not None and t.exit_interval <= 0:
         raise ConfigError(f"--exit-interval {t.exit_interval} must be > 0 (omit it to train "
                           "until --train-iters).")
-    from megatron_nitp.training.exits import signal_number
-
     try:
         signal_number(t.exit_signal)
     except ValueError as err:
@@ -270,7 +288,7 @@ def _validate_checkpoint(config: RunConfig) -> None:
 
 def _validate_performance(config: RunConfig) -> None:
     from megatron_nitp.config.performance import validate_performance
-    from megatron_nitp.nitp.routing import stage_layer_counts
+    from megatron_nitp.layout import stage_layer_counts
 
     stages = stage_layer_counts(config.model.num_layers,
                                 config.parallel.pipeline_model_parallel_size,
@@ -455,8 +473,8 @@ def _validate_moe(config: RunConfig) -> None:
 
 def _validate_layout(config: RunConfig) -> None:
     """Parallel layouts the code cannot run are refused by name, never run silently wrong."""
-    from megatron_nitp.device import has_cuda
-    from megatron_nitp.nitp.routing import target_stage
+    from megatron_nitp import kernels
+    from megatron_nitp.layout import target_stage
 
     nitp, p, m = config.nitp_config, config.parallel, config.model
     pp, tp = p.pipeline_model_parallel_size, p.tensor_model_parallel_size
@@ -467,15 +485,11 @@ def _validate_layout(config: RunConfig) -> None:
             "interleaved schedule does not keep); use a plain --pipeline-model-parallel-size."
         )
     if p.context_parallel_size > 1 and not config.dry_run:
-        from megatron_nitp.training.model import use_transformer_engine
-
-        if not use_transformer_engine(p.transformer_impl):
-            where = ("this machine has no CUDA" if not has_cuda() else
-                     "Transformer Engine is not importable here" if p.transformer_impl ==
-                     "transformer_engine" else "--transformer-impl local was given")
+        if not kernels.use_transformer_engine(p.transformer_impl):
             raise ConfigError(
                 f"--context-parallel-size {p.context_parallel_size} needs Transformer "
-                f"Engine's context-parallel attention on a GPU, and {where}; use "
+                f"Engine's context-parallel attention on a GPU, and "
+                f"{kernels.why_not_te(p.transformer_impl)}; use "
                 "--context-parallel-size 1, or run in an image with TE (the Dockerfile's). "
                 "(NITP's context-parallel shift itself is tested on CPU.)"
             )

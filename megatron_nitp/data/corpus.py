@@ -14,18 +14,12 @@ import re
 
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from megatron_nitp.data.cache import default_cache_root
 from megatron_nitp.data.preprocess import preprocess
 from megatron_nitp.data.tokenizer import train_sentencepiece
 
 _CORPUS_VERSION = 1
 _VERSE_NUMBER = re.compile(r"^\s*\d+\.\s*")
-
-
-def default_cache_root() -> str:
-    """Returns `$MEGATRON_NITP_CACHE`, or `~/.cache/megatron-nitp` when it is unset."""
-    return os.environ.get("MEGATRON_NITP_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "megatron-nitp"
-    )
 
 
 def kjv_chapters() -> list[str]:

@@ -26,7 +26,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, Moc
 from megatron.core.datasets.utils import get_blend_from_list
 from torch.utils.data import Dataset
 
-from megatron_nitp.data.corpus import default_cache_root
+from megatron_nitp.data.cache import default_cache_root
 from megatron_nitp.data.meta import META_SUFFIX, recorded_max_token_id
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")

@@ -33,6 +33,7 @@ from typing import Iterable, Iterator
 import sentencepiece
 
 from megatron_nitp.data import readers
+from megatron_nitp.data.cache import default_cache_root
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 
@@ -202,8 +203,6 @@ def gpt2_bpe_folder(vocab_file: str, merge_file: str | None) -> str:
     for path in (vocab_file, merge_file):
         with open(path, "rb") as f:
             digest.update(f.read())
-    from megatron_nitp.data.corpus import default_cache_root
-
     folder = os.path.join(default_cache_root(), "tokenizers", "gpt2bpe-" + digest.hexdigest()[:16])
     if os.path.isfile(os.path.join(folder, "tokenizer.json")):
         return folder

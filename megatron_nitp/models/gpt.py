@@ -27,7 +27,8 @@ all-gather of ``[s/cp, b, h]`` over TP, and Float16Module's fp32 copy of it, per
 
 from __future__ import annotations
 
-from typing import Optional
+import datetime
+from typing import Callable, ContextManager, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -54,9 +55,16 @@ class NITPGPTModel(GPTModel):
     representation-geometry metrics; whole sequences over TP, gathered under sequence
     parallelism), else None. Under context parallelism ``s`` is this rank's
     ``s / cp``. Otherwise it behaves as GPTModel.
+
+    ``routing_timeout`` and ``routing_wait_timer`` go to the target's router
+    (``nitp.routing.TargetRouter``): the builder's collective timeout and its timer of the
+    routing wait (``training/model.py`` passes the run's).
     """
 
-    def __init__(self, config: TransformerConfig, nitp: NITPConfig, **gpt_kwargs):
+    def __init__(self, config: TransformerConfig, nitp: NITPConfig, *,
+                 routing_timeout: Optional[datetime.timedelta] = None,
+                 routing_wait_timer: Optional[Callable[[], ContextManager]] = None,
+                 **gpt_kwargs):
         _refuse_cuda_graphs(config)
         super().__init__(config=config, **gpt_kwargs)
         self.nitp = nitp
@@ -75,7 +83,9 @@ class NITPGPTModel(GPTModel):
             if pp_size > 1 and self.target_owner_stage != pp_size - 1:
                 # without SP the TP ranks hold the same z: each routes 1/TP of its rows
                 self._router = TargetRouter(self.target_owner_stage,
-                                            split_over_tp=not config.sequence_parallel)
+                                            split_over_tp=not config.sequence_parallel,
+                                            timeout=routing_timeout,
+                                            wait_timer=routing_wait_timer)
         self._final = ActivationCapture(None, detach=False)
         if self.post_process:
             # The final norm runs outside any activation-recomputation checkpoint: its input

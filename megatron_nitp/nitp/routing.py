@@ -22,85 +22,19 @@ targets under 1F1B (M micro-batches), the micro-batches whose activations it hol
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 from functools import partial
+from typing import Callable, ContextManager, Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_nitp.device import device
-from megatron_nitp.training.initialize import distributed_timeout
-from megatron_nitp.training.timers import ROUTING_WAIT, TIMERS
+from megatron_nitp.layout import routed_rows
 
 _GROUP = None
-
-
-def stage_layer_counts(
-    num_layers: int, pipeline_size: int, first_stage_layers: int | None = None,
-    last_stage_layers: int | None = None,
-) -> list[int]:
-    """Transformer layers on each pipeline stage, as megatron-core builds them.
-
-    Even split by default; ``first_stage_layers`` / ``last_stage_layers`` are megatron-core's
-    ``num_layers_in_first_pipeline_stage`` / ``num_layers_in_last_pipeline_stage`` (flags
-    ``--decoder-first-pipeline-num-layers`` / ``--decoder-last-pipeline-num-layers``), the
-    other stages sharing the rest evenly. The counts come from megatron-core's own
-    ``get_num_layers_to_build`` (the function TransformerBlock calls); the checks that
-    TransformerConfig would make are made here first, as ValueErrors naming the numbers.
-    """
-    uneven = first_stage_layers is not None or last_stage_layers is not None
-    if pipeline_size < 1 or num_layers < 1:
-        raise ValueError(f"{num_layers} layers over {pipeline_size} pipeline stages")
-    if uneven and pipeline_size == 1:
-        raise ValueError("first/last pipeline stage layer counts need pipeline parallelism "
-                         "(--pipeline-model-parallel-size > 1)")
-    middle_layers, middle_stages = num_layers, pipeline_size
-    for name, count in (("first", first_stage_layers), ("last", last_stage_layers)):
-        if count is not None:
-            if count <= 0:
-                raise ValueError(f"the {name} pipeline stage must hold at least one layer "
-                                 f"(got {count})")
-            middle_layers -= count
-            middle_stages -= 1
-    if middle_layers < 0 or bool(middle_layers) != bool(middle_stages) or (
-            middle_stages and middle_layers % middle_stages):
-        what = ("the other stages" if uneven else "the stages")
-        raise ValueError(f"{num_layers} layers do not split over {pipeline_size} pipeline stages "
-                         f"(first stage {first_stage_layers}, last stage {last_stage_layers}): "
-                         f"{middle_layers} layers left for {middle_stages} of {what}, which must "
-                         "divide them evenly")
-    from types import SimpleNamespace
-
-    from megatron.core.transformer.transformer_block import get_num_layers_to_build
-
-    config = SimpleNamespace(  # the fields get_num_layers_to_build reads (0.16 and 0.19)
-        num_layers=num_layers, pipeline_model_parallel_size=pipeline_size,
-        num_layers_in_first_pipeline_stage=first_stage_layers,
-        num_layers_in_last_pipeline_stage=last_stage_layers,
-        pipeline_model_parallel_layout=None, virtual_pipeline_model_parallel_size=None,
-        account_for_embedding_in_pipeline_split=False, account_for_loss_in_pipeline_split=False,
-    )
-    return [get_num_layers_to_build(config, pp_rank=rank) for rank in range(pipeline_size)]
-
-
-def target_stage(
-    target_layer: int, num_layers: int, pipeline_size: int, first_stage_layers: int | None = None,
-    last_stage_layers: int | None = None,
-) -> int:
-    """Pipeline stage that owns layer k (k = 0 is the embedding, on the first stage), for the
-    per-stage layer counts of ``stage_layer_counts``. The model itself decides from what it
-    built (``owner_stage``); this pure version serves plans, validation and tools."""
-    if target_layer == 0:
-        return 0
-    if not 1 <= target_layer <= num_layers:
-        raise ValueError(f"target layer {target_layer} is not one of the {num_layers} layers")
-    last = 0
-    for stage, count in enumerate(
-            stage_layer_counts(num_layers, pipeline_size, first_stage_layers, last_stage_layers)):
-        last += count
-        if target_layer <= last:
-            return stage
-    raise AssertionError("unreachable: the stage counts sum to num_layers")
 
 
 def owner_stage(holds_target: bool) -> int:
@@ -120,67 +54,12 @@ def owner_stage(holds_target: bool) -> int:
     return stages[0]
 
 
-def routed_rows(rows: int, tensor_parallel: int, sequence_parallel: bool) -> int:
-    """Rows of the ``[rows, b, h]`` target one owning-stage rank sends per micro-batch.
-
-    ``rows``: the rank's layer-k rows (``s/cp``, or ``s/cp/tp`` under sequence parallelism).
-    Without SP the TP ranks hold the same rows and each sends ``ceil(rows / tp)`` of them (the
-    last share zero-padded when TP does not divide them, so the last stage's all-gather gets
-    equal parts); under SP each sends its whole shard.
-    """
-    if sequence_parallel or tensor_parallel == 1:
-        return rows
-    return -(-rows // tensor_parallel)
-
-
-def routed_bytes_per_step(
-    *, seq_length: int, micro_batch_size: int, hidden_size: int, num_microbatches: int,
-    target_layer: int, num_layers: int, tensor_parallel: int = 1, pipeline_parallel: int = 1,
-    data_parallel: int = 1, context_parallel: int = 1, sequence_parallel: bool = False,
-    dtype_bytes: int = 2, first_stage_layers: int | None = None,
-    last_stage_layers: int | None = None,
-) -> dict:
-    """Bytes NITP adds to pipeline communication, per micro-batch and per optimizer step, and
-    the send buffers the owning stage holds at once.
-
-    One ``[ceil(s/cp/tp), b, h]`` target share per micro-batch goes from every rank of the
-    owning stage (each TP rank its 1/TP of the rows, or its own shard under SP; each CP rank
-    its chunk) to its counterpart on the last stage (``routed_rows``). Nothing is sent
-    backward. Zero when layer k is on the last stage. Returned: per sending rank and
-    micro-batch, per sending rank and step, the whole job's total per step (all DP replicas),
-    and ``peak_bytes_held_per_rank``: the most bytes a sending rank's pending sends hold at
-    once under 1F1B, ``min(PP - owner, M)`` micro-batches (a send is released once the
-    backward of its micro-batch reaches the owner; ``TargetRouter``). ``first_stage_layers`` /
-    ``last_stage_layers``: an uneven pipeline split (``stage_layer_counts``).
-    """
-    owner = target_stage(target_layer, num_layers, pipeline_parallel, first_stage_layers,
-                         last_stage_layers)
-    routed = pipeline_parallel > 1 and owner != pipeline_parallel - 1
-    rows = seq_length // context_parallel // (tensor_parallel if sequence_parallel else 1)
-    share = routed_rows(rows, tensor_parallel, sequence_parallel)
-    per_micro = share * micro_batch_size * hidden_size * dtype_bytes if routed else 0
-    senders = tensor_parallel * context_parallel * data_parallel
-    pipeline_activation = rows * micro_batch_size * hidden_size * dtype_bytes
-    return {
-        "owner_stage": owner,
-        "routed": routed,
-        "bytes_per_microbatch_per_rank": per_micro,
-        "bytes_per_step_per_rank": per_micro * num_microbatches,
-        "bytes_per_step_total": per_micro * num_microbatches * senders,
-        "peak_bytes_held_per_rank": per_micro * min(pipeline_parallel - owner, num_microbatches),
-        "backward_bytes": 0,
-        # megatron-core's own traffic, for scale: forward activation + backward gradient at each
-        # of the PP-1 stage boundaries, per micro-batch, per rank.
-        "pipeline_bytes_per_step_per_rank": 2 * (pipeline_parallel - 1) * pipeline_activation
-        * num_microbatches,
-    }
-
-
-def routing_group():
+def routing_group(timeout: Optional[datetime.timedelta] = None):
     """A copy of this rank's pipeline group, created collectively once (every rank joins every
-    group's creation, in the same order, as ``new_group`` requires), with the
-    ``--distributed-timeout-minutes`` of the other groups: a stage that never sends fails the
-    receiving stage with an error instead of hanging it for the backend's default."""
+    group's creation, in the same order, as ``new_group`` requires). ``timeout``: the caller's
+    ``--distributed-timeout-minutes``, that of the other groups, so that a stage that never
+    sends fails the receiving stage with an error instead of hanging it (None: the backend's
+    default). The caller passes it: this layer knows no run settings."""
     global _GROUP
     if _GROUP is None:
         pipeline_ranks = dist.get_process_group_ranks(
@@ -188,7 +67,6 @@ def routing_group():
         )
         every = [None] * dist.get_world_size()
         dist.all_gather_object(every, tuple(pipeline_ranks))
-        timeout = distributed_timeout()  # --distributed-timeout-minutes, as every group
         for ranks in sorted(set(every)):
             group = dist.new_group(list(ranks), timeout=timeout)
             if dist.get_rank() in ranks:
@@ -237,13 +115,20 @@ class TargetRouter:
     sends are held, the micro-batches whose activations the stage holds anyway (the forward-only
     schedule of evaluation holds all M until the end). ``bytes_held`` / ``peak_bytes_held``
     account for it.
+
+    ``timeout``: the routing group's collective timeout (``routing_group``). ``wait_timer``:
+    a context manager factory around each blocking receive, through which the caller times the
+    routing wait (the training step's timers); none by default.
     """
 
-    def __init__(self, owner_stage: int, split_over_tp: bool = False):
+    def __init__(self, owner_stage: int, split_over_tp: bool = False,
+                 timeout: Optional[datetime.timedelta] = None,
+                 wait_timer: Optional[Callable[[], ContextManager]] = None):
         group = parallel_state.get_pipeline_model_parallel_group()
         ranks = dist.get_process_group_ranks(group)
         self.source, self.destination = ranks[owner_stage], ranks[-1]
-        self.group = routing_group()
+        self.group = routing_group(timeout)
+        self._wait_timer = wait_timer or contextlib.nullcontext
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         tp = parallel_state.get_tensor_model_parallel_world_size()
         self.tp_split = tp if split_over_tp else 1
@@ -330,16 +215,17 @@ class TargetRouter:
         """Blocking receive of the next micro-batch's ``[L, b, h]`` target, shaped like ``like``
         (last stage): the whole of it, or, split over TP, this rank's ``[ceil(L/tp), b, h]``
         share followed by an all-gather of the shares over the TP group (trimmed to L rows).
-        The receive is timed as the NITP routing wait (``--timing-log-level 2``)."""
+        The receive runs inside ``wait_timer`` (training times it as the NITP routing wait,
+        ``--timing-log-level 2``)."""
         if self.tp_split == 1:
             buffer = torch.empty(like.shape, dtype=like.dtype, device=device())
-            with TIMERS.phase(ROUTING_WAIT):
+            with self._wait_timer():
                 dist.recv(buffer, self.source, group=self.group)
             return buffer
         rows, rest = like.shape[0], tuple(like.shape[1:])
         chunk = routed_rows(rows, self.tp_split, False)
         share = torch.empty((chunk, *rest), dtype=like.dtype, device=device())
-        with TIMERS.phase(ROUTING_WAIT):
+        with self._wait_timer():
             dist.recv(share, self.source, group=self.group)
         full = torch.empty((chunk * self.tp_split, *rest), dtype=like.dtype, device=device())
         # torch >= 2.13 names it all_gather_single (all_gather_into_tensor is deprecated there)

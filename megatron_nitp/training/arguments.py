@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 from megatron_nitp.cli import ArgumentParser
 from megatron_nitp.config import (FLAT, GROUPS, ConfigError, RunConfig, complete, megatron_lm,
                                   read_data_files, validate)
-from megatron_nitp.presets import DEFAULT_PRESET, PRESETS, get_preset
+from megatron_nitp.config.presets import DEFAULT_PRESET, PRESETS, get_preset
 
 
 @functools.lru_cache(maxsize=None)
@@ -181,7 +181,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, model_type: str = "dense") 
     parser = build_parser(model_type)
     known, _ = parser.parse_known_args(argv)
     if known.list_presets:
-        from megatron_nitp.preset_table import print_presets
+        from megatron_nitp.config.preset_table import print_presets
 
         print_presets(as_json=known.json)
         parser.exit(0)

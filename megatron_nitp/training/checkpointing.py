@@ -42,6 +42,7 @@ from megatron.core import dist_checkpointing, tensor_parallel
 
 from megatron_nitp import device
 from megatron_nitp.training import faults
+from megatron_nitp.training.megatron_lm_folder import is_megatron_lm_checkpoint
 from megatron_nitp.training.model import unwrap
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -756,8 +757,6 @@ def find_checkpoint(root: str, fallback: bool = False, verify: bool = True) -> s
                 f" but the folder is not empty ({shown}): a crashed first save "
                 "or not a checkpoint folder; give the folder that holds the tracker, or move "
                 "these files away to start from scratch." if held else "."))
-    from megatron_nitp.megatron_lm import is_megatron_lm_checkpoint
-
     if is_megatron_lm_checkpoint(root):
         raise CheckpointError(
             f"{root} is a Megatron-LM checkpoint, not one of ours: convert it with python "

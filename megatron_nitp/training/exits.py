@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from megatron_nitp.config.resolve import signal_number
 from megatron_nitp.device import device
 
 EXIT_SIGNAL = 75  # --exit-signal or SIGTERM: checkpoint written; requeue to resume (EX_TEMPFAIL)
@@ -31,24 +32,6 @@ EXIT_INTERVAL = 77  # --exit-interval: checkpoint written; stopped as asked, not
 EXIT_NON_FINITE = 3  # --nan-policy stop: diagnostics written, weights untouched
 #: the codes after which a job should be requeued with --load (what the sbatch files do)
 REQUEUE_CODES = (EXIT_SIGNAL, EXIT_DURATION)
-
-
-def signal_number(name: str) -> signal.Signals:
-    """``SIGUSR1``, ``USR1`` or ``usr1`` (or a number) as a signal; ValueError naming the
-    choices otherwise."""
-    text = str(name).strip()
-    if text.isdigit():
-        try:
-            return signal.Signals(int(text))
-        except ValueError:
-            pass
-    else:
-        upper = text.upper()
-        upper = upper if upper.startswith("SIG") else "SIG" + upper
-        if hasattr(signal.Signals, upper) and upper not in ("SIGKILL", "SIGSTOP"):
-            return signal.Signals[upper]
-    raise ValueError(f"--exit-signal {name!r} is not a signal that can be caught: give a name "
-                     "such as SIGTERM, SIGUSR1 or SIGUSR2.")
 
 
 class ExitConditions:

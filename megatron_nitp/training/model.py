@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,8 @@ from megatron_nitp.config import performance
 from megatron_nitp.device import device, has_cuda
 from megatron_nitp.models import NITPGPTModel
 from megatron_nitp.nitp.config import NITPConfig
+from megatron_nitp.training.initialize import distributed_timeout
+from megatron_nitp.training.timers import ROUTING_WAIT, TIMERS
 
 
 def params_dtype(args) -> torch.dtype:
@@ -85,15 +88,6 @@ def moe_config(args) -> dict:
     )
 
 
-def fused_softmax_available() -> bool:
-    """megatron-core's fused masked softmax (local spec) calls Apex's CUDA extensions
-    ``scaled_masked_softmax_cuda`` / ``scaled_upper_triang_masked_softmax_cuda`` and fails with
-    ModuleNotFoundError at the first attention where they are missing, e.g. on a GPU with plain
-    PyPI torch: fuse only when they import (``megatron_nitp.kernels``)."""
-    k = kernels.available()
-    return k.cuda and k.fused_softmax
-
-
 def transformer_config(args, perform_initialization: bool = True) -> TransformerConfig:
     """Qwen2/Llama-style blocks: RMSNorm, SwiGLU, RoPE, GQA, no linear biases, from a resolved
     run config. ``perform_initialization=False`` leaves the weights' storage uninitialized
@@ -139,7 +133,7 @@ def transformer_config(args, perform_initialization: bool = True) -> Transformer
         bias_dropout_fusion=on_gpu,
         # Apex's fused softmax under the local spec's causal mask type ignores the mask it is
         # given (an upper-triangular kernel): the per-document mask needs the unfused softmax.
-        masked_softmax_fusion=fused_softmax_available() and not args.reset_attention_mask,
+        masked_softmax_fusion=kernels.fused_softmax_available() and not args.reset_attention_mask,
         calculate_per_token_loss=True,
         # megatron-core's default synchronizes the whole device after every batched pipeline
         # send/recv, a workaround for a race in old PyTorch (< 1.13; we need >= 2.4). Under PP
@@ -148,12 +142,6 @@ def transformer_config(args, perform_initialization: bool = True) -> Transformer
         # warm-up would run one micro-batch at a time. The p2p requests are still waited on.
         batch_p2p_sync=False,
     )
-
-
-def use_transformer_engine(impl: str = "transformer_engine") -> bool:
-    """Transformer Engine layers when asked for (``--transformer-impl``, the default) and TE and
-    CUDA are both present (``megatron_nitp.kernels``)."""
-    return kernels.available().te_layers(impl)
 
 
 def layer_spec(config: TransformerConfig, impl: str = "transformer_engine", sdpa: bool = False):
@@ -171,7 +159,7 @@ def layer_spec(config: TransformerConfig, impl: str = "transformer_engine", sdpa
 def _base_layer_spec(config: TransformerConfig, impl: str):
     from megatron.core.models.gpt import gpt_layer_specs
 
-    te = use_transformer_engine(impl)
+    te = kernels.use_transformer_engine(impl)
     if not te and config.sequence_parallel:
         # The local norm under SP; compat.apply() chose by what is installed and cannot see
         # --transformer-impl local on a machine that has TE (the patch is idempotent).
@@ -216,13 +204,15 @@ def build_model(
         post_process = parallel_state.is_pipeline_last_stage()
     spec = layer_spec(config, args.transformer_impl,
                       sdpa=performance.attention_path(args) == "sdpa")
+    te = kernels.use_transformer_engine(args.transformer_impl)
     extra = {}
     for objective in build_objectives(args):
-        extra.update(objective.model_kwargs(config, spec,
-                                            use_transformer_engine(args.transformer_impl)))
+        extra.update(objective.model_kwargs(config, spec, te))
     model = NITPGPTModel(
         config,
         nitp if nitp is not None else args.nitp_config,
+        routing_timeout=distributed_timeout(),
+        routing_wait_timer=partial(TIMERS.phase, ROUTING_WAIT),
         transformer_layer_spec=spec,
         **extra,
         vocab_size=args.padded_vocab_size,

@@ -169,7 +169,7 @@ def _moe_pattern(args: RunConfig) -> list[int]:
 
 
 def _shape(args: RunConfig):
-    from megatron_nitp.flops import ModelShape
+    from megatron_nitp.config.flops import ModelShape
 
     return ModelShape.from_dict({**args.flat(), "tensor_model_parallel_size": 1})
 
@@ -177,7 +177,7 @@ def _shape(args: RunConfig):
 def layer_parameters(args: RunConfig, moe: bool, tp: int = 1, ep: int = 1,
                      etp: Optional[int] = None) -> tuple[int, int]:
     """``(dense, expert)`` parameters of one layer on one rank (``flops.layer_parameters``)."""
-    from megatron_nitp.flops import layer_parameters as count
+    from megatron_nitp.config.flops import layer_parameters as count
 
     return count(_shape(args), moe, tp, ep, etp)
 
@@ -193,7 +193,7 @@ def projector_parameters(args: RunConfig, tp: int = 1) -> int:
 
 def _stage_layers(args: RunConfig, layout: Layout, stage: int) -> slice:
     """The (0-based) layers pipeline stage ``stage`` builds, uneven splits included."""
-    from megatron_nitp.nitp.routing import stage_layer_counts
+    from megatron_nitp.layout import stage_layer_counts
 
     counts = stage_layer_counts(args.num_layers, layout.pp, *pipeline_split(args))
     start = sum(counts[:stage])
@@ -202,7 +202,7 @@ def _stage_layers(args: RunConfig, layout: Layout, stage: int) -> slice:
 
 def _target_stage(args: RunConfig, layout: Layout) -> int:
     """The pipeline stage that holds layer k, uneven splits included."""
-    from megatron_nitp.nitp.routing import target_stage
+    from megatron_nitp.layout import target_stage
 
     return target_stage(args.nitp_target_layer, args.num_layers, layout.pp,
                         *pipeline_split(args))
@@ -229,7 +229,7 @@ def stage_parameters(args: RunConfig, layout: Layout, stage: int) -> tuple[int, 
 def model_parameters(args: RunConfig) -> dict[str, int]:
     """Total and active parameters of the model for inference (no projector), TP = 1: the
     FLOPs model's count (``flops.parameter_counts``) with this run's vocabulary."""
-    from megatron_nitp.flops import parameter_counts
+    from megatron_nitp.config.flops import parameter_counts
 
     counts = parameter_counts(_shape(args))
     return {"total": counts["total"], "active": counts["activated"],
@@ -311,7 +311,7 @@ def stage_memory(args: RunConfig, layout: Layout, num_microbatches: int,
                                      + d / sp_split * (dtype + 2 * 4))
     if (args.nitp and layout.pp > 1 and stage != layout.pp - 1
             and _target_stage(args, layout) == stage):
-        from megatron_nitp.nitp.routing import routed_rows
+        from megatron_nitp.layout import routed_rows
 
         # routed send buffers: this rank's [ceil(s/cp/tp), b, d] share of z (its shard under
         # SP), held until the backward of its micro-batch reaches the stage
@@ -503,7 +503,7 @@ def check_data_files(args: RunConfig, vocab_size: int | None) -> str | None:
 def dry_run(args: RunConfig) -> int:
     """Checks the layout, prints the plan; returns the exit code (0 = the job can start,
     2 = impossible layout, 3 = does not fit in GPU memory)."""
-    from megatron_nitp.nitp.routing import routed_bytes_per_step
+    from megatron_nitp.layout import routed_bytes_per_step
 
     missing = None
     try:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from megatron_nitp.presets import moe_layer_pattern
+from megatron_nitp.config.presets import moe_layer_pattern
 
 #: vocabulary of presets that do not set one (the built-in corpus's SentencePiece model)
 DEFAULT_VOCAB_SIZE = 4096
