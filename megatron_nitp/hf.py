@@ -359,6 +359,39 @@ IMPORT_SETTINGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attentio
                    "add_qkv_bias", "make_vocab_size_divisible_by")
 
 
+def import_model(argv: list[str], vocab_size: int):
+    """What an import (Hugging Face or Megatron-LM) writes: the run config of ``argv`` with the
+    vocabulary padding for its TP (:func:`vocab_divisor`), resolved for its model-parallel
+    layout; the one-process config; and the one-process model, built and initialized as a fresh
+    run (the NITP projector keeps that draw; the caller loads the imported weights).
+    Raises ConfigError / ValueError for flags that cannot run."""
+    from megatron_nitp.config import resolve
+    from megatron_nitp.models.initialization import initialize_weights
+    from megatron_nitp.training.arguments import parse_args
+    from megatron_nitp.training.checkpointing import config_from_meta
+    from megatron_nitp.training.initialize import initialize_distributed, set_seed
+    from megatron_nitp.training.model import build_model
+
+    args = parse_args(argv)
+    tp = args.tensor_model_parallel_size
+    args = args.replace(make_vocab_size_divisible_by=vocab_divisor(vocab_size, tp))
+    target = resolve(args, tp * args.pipeline_model_parallel_size * args.context_parallel_size)
+    one = config_from_meta({"config": target.to_dict(),
+                            "model": {"padded_vocab_size": target.padded_vocab_size}})
+    initialize_distributed()
+    set_seed(one.seed)
+    model = build_model(one, pre_process=True, post_process=True)
+    initialize_weights(model, one.seed)
+    return target, one, model
+
+
+def given_shape_flags(flags, settings=IMPORT_SETTINGS) -> list[str]:
+    """The flags among ``flags`` that set one of ``settings``: an import takes the model's shape
+    from the checkpoint it reads, so giving them is refused (the caller names the source)."""
+    return [f for f in flags
+            if f.startswith("--") and f[2:].replace("-", "_").split("=")[0] in settings]
+
+
 def as_flags(settings: dict) -> list[str]:
     """Flat settings as command-line flags (a boolean is its flag when true)."""
     flags = []
@@ -400,36 +433,21 @@ def import_checkpoint(hf_dir: str, save: str, flags: list[str] = ()) -> tuple[st
     (checkpoint folder, the resolved run config). Single process: the checkpoint is
     dist_checkpointing's and loads under any TP/PP layout; ``--tensor-model-parallel-size``
     only chooses the vocabulary padding (none where TP divides it)."""
-    from megatron_nitp.config import ConfigError, resolve
-    from megatron_nitp.models.initialization import initialize_weights
-    from megatron_nitp.training.arguments import parse_args
-    from megatron_nitp.training.checkpointing import config_from_meta, save_checkpoint
-    from megatron_nitp.training.initialize import initialize_distributed, set_seed
-    from megatron_nitp.training.model import build_model
+    from megatron_nitp.config import ConfigError
+    from megatron_nitp.training.checkpointing import save_checkpoint
 
     with open(os.path.join(hf_dir, "config.json")) as f:
         hf = json.load(f)
     settings = run_settings(hf)
     flags = list(flags)
-    given = [f for f in flags if f.startswith("--") and f[2:].replace("-", "_").split("=")[0]
-             in IMPORT_SETTINGS]
+    given = given_shape_flags(flags)
     if given:
         raise HFFormatError(f"{', '.join(given)}: the import takes the model's shape from "
                             f"{hf_dir}/config.json; drop these flags")
-    args = parse_args(flags + as_flags(settings))
-    tp = args.tensor_model_parallel_size
-    args = args.replace(make_vocab_size_divisible_by=vocab_divisor(settings["vocab_size"], tp))
-    layout = tp * args.pipeline_model_parallel_size * args.context_parallel_size
     try:
-        target = resolve(args, layout)
-    except ConfigError as err:
+        target, one, model = import_model(flags + as_flags(settings), settings["vocab_size"])
+    except (ConfigError, ValueError) as err:
         raise HFFormatError(str(err)) from err
-    one = config_from_meta({"config": target.to_dict(),
-                            "model": {"padded_vocab_size": target.padded_vocab_size}})
-    initialize_distributed()
-    set_seed(one.seed)
-    model = build_model(one, pre_process=True, post_process=True)
-    initialize_weights(model, one.seed)  # the projector (and MTP): a fresh run's draw
     load_into(model, from_hf(read_hf_state(hf_dir), one))
     path = save_checkpoint(save, 0, model, None, None, target,
                            imported_from=os.path.abspath(hf_dir))

@@ -38,7 +38,7 @@ import os
 
 import torch
 
-from megatron_nitp.hf import as_flags, vocab_divisor
+from megatron_nitp.hf import as_flags, given_shape_flags, import_model
 from megatron_nitp.training.megatron_lm_folder import TRACKER, MegatronFormatError, iteration_dir
 
 CHECKPOINT_VERSION = 3.0
@@ -273,12 +273,8 @@ def import_checkpoint(root: str, save: str, flags: list[str] = ()) -> tuple[str,
     optimizer state (module docstring). Returns (our checkpoint folder, the resolved run
     config, a summary: ``iteration``, ``consumed_samples``, ``source``, the run's
     ``tokenizer_type`` and whether ours builds it: ``tokenizer_supported``)."""
-    from megatron_nitp.config import ConfigError, resolve
-    from megatron_nitp.models.initialization import initialize_weights
-    from megatron_nitp.training.arguments import parse_args
-    from megatron_nitp.training.checkpointing import config_from_meta, save_checkpoint
-    from megatron_nitp.training.initialize import initialize_distributed, set_seed
-    from megatron_nitp.training.model import build_model
+    from megatron_nitp.config import ConfigError
+    from megatron_nitp.training.checkpointing import save_checkpoint
 
     path, iteration = iteration_dir(root)
     common = read_common(path)
@@ -286,28 +282,18 @@ def import_checkpoint(root: str, save: str, flags: list[str] = ()) -> tuple[str,
     iteration = int(common.get("iteration", iteration) or 0)
     settings = run_settings(margs)
     flags = list(flags)
-    given = [f for f in flags if f.startswith("--") and f[2:].replace("-", "_").split("=")[0]
-             in IMPORT_SETTINGS]
+    given = given_shape_flags(flags, IMPORT_SETTINGS)
     if given:
         raise MegatronFormatError(f"{', '.join(given)}: the import takes the model's shape from "
                                   f"the checkpoint's args; drop these flags")
     if not any(f.split("=")[0] == "--nitp-start-iter" for f in flags):
         flags += ["--nitp-start-iter", str(iteration)]  # NTP up to here, then NITP
     try:
-        args = parse_args(as_flags(training_settings(margs)) + flags + as_flags(settings))
-        tp = args.tensor_model_parallel_size
-        args = args.replace(make_vocab_size_divisible_by=vocab_divisor(settings["vocab_size"],
-                                                                       tp))
-        target = resolve(args, tp * args.pipeline_model_parallel_size
-                         * args.context_parallel_size)
+        target, one, model = import_model(
+            as_flags(training_settings(margs)) + flags + as_flags(settings),
+            settings["vocab_size"])
     except (ConfigError, ValueError) as err:
         raise MegatronFormatError(str(err)) from err
-    one = config_from_meta({"config": target.to_dict(),
-                            "model": {"padded_vocab_size": target.padded_vocab_size}})
-    initialize_distributed()
-    set_seed(one.seed)
-    model = build_model(one, pre_process=True, post_process=True)
-    initialize_weights(model, one.seed)  # the projector (and MTP): a fresh run's draw
     load_weights(model, path)
     consumed = consumed_samples(margs, iteration)
     out = save_checkpoint(save, iteration, model, None, None, target, consumed_samples=consumed,
