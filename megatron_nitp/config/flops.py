@@ -24,11 +24,12 @@ import dataclasses
 from typing import Optional
 
 from megatron_nitp.config.presets import moe_layer_pattern
+from megatron_nitp.config.resolve import DEFAULT_VOCAB_SIZE
+from megatron_nitp.config.schema import ModelConfig
+from megatron_nitp.nitp.config import projector_parameters
 
-#: vocabulary of presets that do not set one (the built-in corpus's SentencePiece model)
-DEFAULT_VOCAB_SIZE = 4096
 #: the training flags' ``--make-vocab-size-divisible-by`` default
-VOCAB_DIVISIBLE_BY = 128
+VOCAB_DIVISIBLE_BY = ModelConfig.make_vocab_size_divisible_by
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,10 +83,7 @@ class ModelShape:
         """Per layer, 1 for an MoE layer and 0 for a dense one."""
         if not self.is_moe:
             return [0] * self.num_layers
-        freq = self.moe_layer_freq
-        if isinstance(freq, str) and freq.strip().isdigit():
-            freq = int(freq)
-        return moe_layer_pattern(freq, self.num_layers)
+        return moe_layer_pattern(self.moe_layer_freq, self.num_layers)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -182,7 +180,7 @@ def paper_flops(model) -> Flops:
         convention="paper",
         backbone=float(m.num_layers * (attention + mlp)),
         unembedding=float(6 * m.vocab_size * d),
-        projector=float(18 * m.nitp_projector_ffn_ratio * d * d),
+        projector=float(6 * projector_parameters("swiglu", d, m.nitp_projector_ffn_ratio)),
         cosine=float(18 * d),
     )
 
@@ -251,7 +249,7 @@ def exact_flops(model, causal: bool = True) -> Flops:
         convention="exact" if causal else "exact-full-square",
         backbone=3 * forward,
         unembedding=float(3 * 2 * d * m.padded_vocab_size),
-        projector=float(3 * 2 * 3 * m.nitp_projector_ffn_ratio * d * d),
+        projector=float(3 * 2 * projector_parameters("swiglu", d, m.nitp_projector_ffn_ratio)),
         cosine=float((COSINE_FORWARD_PER_ELEMENT + COSINE_BACKWARD_PER_ELEMENT) * d),
     )
 
@@ -323,7 +321,7 @@ def parameter_counts(preset_dict) -> dict[str, int]:
         embedding=embedding,
         output_layer=output_layer,
         non_embedding=total + d,
-        nitp_projector=3 * m.nitp_projector_ffn_ratio * d * d,
+        nitp_projector=projector_parameters("swiglu", d, m.nitp_projector_ffn_ratio),
     )
 
 

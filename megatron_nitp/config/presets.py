@@ -146,9 +146,12 @@ DEFAULT_PRESET = "tiny-dense"
 def moe_layer_pattern(spec: str | list, num_layers: int) -> list[int]:
     """Megatron's ``--moe-layer-freq`` as a per-layer 0/1 list (1 = MoE layer).
 
-    Accepts an int N (every N-th layer is MoE), a list, or Megatron's expression string such as
-    ``"[0]*1+[1]*15"`` (evaluated without builtins: only list literals, ``*`` and ``+``).
+    Accepts an int N (every N-th layer is MoE; also as a string, as the command line gives it),
+    a list, or Megatron's expression string such as ``"[0]*1+[1]*15"`` (evaluated without
+    builtins: only list literals, ``*`` and ``+``).
     """
+    if isinstance(spec, str) and spec.strip().isdigit():
+        spec = int(spec)
     if isinstance(spec, int):
         pattern = [1 if i % spec == 0 else 0 for i in range(num_layers)]
     elif isinstance(spec, str):

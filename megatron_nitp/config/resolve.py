@@ -39,8 +39,6 @@ def moe_pattern(config: RunConfig) -> Optional[tuple]:
     if not config.moe.num_moe_experts:
         return None
     freq = config.moe.moe_layer_freq if config.moe.moe_layer_freq is not None else 1
-    if isinstance(freq, str) and freq.strip().isdigit():
-        freq = int(freq)
     try:
         return tuple(moe_layer_pattern(freq, config.model.num_layers))
     except (ValueError, SyntaxError) as err:

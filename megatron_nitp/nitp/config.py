@@ -12,6 +12,14 @@ HIDDEN_SOURCES = ("final_norm", "last_layer")
 DOCUMENT_BOUNDARIES = ("mask", "allow")
 
 
+def projector_parameters(kind: str, hidden_size: int, ffn_ratio: int) -> int:
+    """Parameters of the projector P (training only; ``nitp/projector.py``, no biases): SwiGLU
+    ``d -> r d -> d`` has gate, up and down matrices, ``3 r d^2``; linear ``d^2``; none 0. The
+    one count the parameter table, the FLOPs and the memory plan use."""
+    d = hidden_size
+    return {"swiglu": 3 * ffn_ratio * d * d, "linear": d * d}.get(kind, 0)
+
+
 @dataclass(frozen=True)
 class NITPConfig:
     """Configuration of the NITP auxiliary objective.

@@ -186,9 +186,9 @@ def projector_parameters(args: RunConfig, tp: int = 1) -> int:
     """The NITP projector (training only): ``3 r d^2`` for SwiGLU, ``d^2`` linear, 0 none."""
     if not args.nitp:
         return 0
-    d = args.hidden_size
-    return {"swiglu": 3 * args.nitp_projector_ffn_ratio * d * d, "linear": d * d}.get(
-        args.nitp_projector, 0) // tp
+    from megatron_nitp.nitp.config import projector_parameters as count
+
+    return count(args.nitp_projector, args.hidden_size, args.nitp_projector_ffn_ratio) // tp
 
 
 def _stage_layers(args: RunConfig, layout: Layout, stage: int) -> slice:
