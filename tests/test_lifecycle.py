@@ -168,6 +168,19 @@ def test_example_trains_saves_resumes_exports_and_evaluates(dist, shim, tmp_path
         mine = ours.eval()(tokens, torch.arange(16)[None], None)
         assert (mine - theirs.eval()(input_ids=tokens).logits).abs().max().item() < 1e-4
 
+    if model.startswith("dense-"):
+        # to Megatron-LM and back (a user who returns there, then continues here with NITP):
+        # megatron-core's torch_dist layout both ways, the same logits
+        with redirect_stdout(io.StringIO()):
+            load_tool("export_checkpoint").main(["--load", str(ckpt), "--format", "megatron",
+                                                 "--output", str(tmp_path / "mlm")])
+            load_tool("import_checkpoint").main(["--megatron", str(tmp_path / "mlm"),
+                                                 "--save", str(tmp_path / "again")])
+        again, _ = load_checkpoint_model(str(tmp_path / "again"))
+        with torch.no_grad():
+            back = again.eval()(tokens, torch.arange(16)[None], None)
+        assert (back - mine).abs().max().item() < 1e-6
+
     if model.startswith("moe-"):
         # the same checkpoint as an NGC cluster writes it with FAST on: grouped-GEMM experts
         # (TEGroupedMLP: the same checkpoint keys), fused permutation, FP8, the fusions
