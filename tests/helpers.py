@@ -180,6 +180,36 @@ def torchrun_file(path: str, nproc: int, timeout: int = 600):
     return proc
 
 
+# The tiny model and quiet run of :func:`run_training`.
+TRAIN_FLAGS = [
+    "--num-layers", "4", "--hidden-size", "32", "--ffn-hidden-size", "64",
+    "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "32",
+    "--micro-batch-size", "2", "--global-batch-size", "4", "--lr-warmup-iters", "0",
+    "--nitp-target-layer", "1", "--eval-interval", "0", "--no-plot", "--no-progress-bar",
+    "--geometry-interval", "0", "--log-interval", "1",
+]
+
+
+def run_training(run_dir, *flags, nproc=1, expect=0, fault=None):
+    """One training job (``pretrain_gpt_nitp.py`` with :data:`TRAIN_FLAGS`, then ``flags``) in
+    ``run_dir`` that must exit with ``expect``; ``fault`` KIND@ITER is injected through the test
+    hook (megatron_nitp/training/faults.py)."""
+    from megatron_nitp.training import faults
+
+    env = clean_env(**({faults.ENV: fault} if fault else {}))
+    cmd = python_command(os.path.join(ROOT, "pretrain_gpt_nitp.py"), nproc)
+    # Output to files: a SIGKILLed trainer leaves dist_checkpointing's helper processes
+    # orphaned with our pipes open; the whole group is killed once the trainer is done.
+    os.makedirs(run_dir, exist_ok=True)
+    out_path, err_path = f"{run_dir}.stdout", f"{run_dir}.stderr"
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        proc = run_in_own_session(cmd + TRAIN_FLAGS + ["--run-dir", str(run_dir)] + list(flags),
+                                  timeout=600, env=env, stdout=out, stderr=err)
+    proc.stdout, proc.stderr = open(out_path).read(), open(err_path).read()
+    assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
 # Names whose use makes a test ``distributed`` (it starts other processes).
 LAUNCHERS = frozenset({
     "subprocess", "Popen", "multiprocessing", "mp", "spawn", "torchrun_file", "launch_runs",

@@ -5,7 +5,7 @@ Each layout builds its model from the seed alone (``models.initialization``), tr
 iterations, and must match the single-process run: the initial weights of every parameter
 exactly, per-iteration lm loss, nitp loss and grad norm to a relative 1e-5, and the whole state
 after the steps (every backbone and projector weight and every Adam moment, assembled into
-global tensors from all ranks, ``assert_state_close`` of test_parallel.py: its tolerances are
+global tensors from all ranks, ``assert_state_close`` of parallel_runs.py: its tolerances are
 explained there), with every replicated copy equal to the saved one. Layouts of one world size
 run one after the other in one launch (``parallel_harness.py --runs``), so the whole module
 costs four interpreter starts.
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.helpers import launch_runs
-from tests.test_parallel import assert_state_close
+from tests.parallel_runs import assert_state_close
 
 DENSE = [
     "--num-layers", "4", "--hidden-size", "32", "--ffn-hidden-size", "64",

@@ -6,7 +6,7 @@ EP2 x PP2, TP2+SP with EP2) with each token dispatcher (alltoall, allgather) tra
 iterations and must match the one-process run of that dispatcher: per-iteration lm loss, nitp
 loss, load-balancing loss and grad norm to a relative 1e-5, a nitp loss > 0 at every step, and
 the whole checkpoint state after the steps (backbone, experts, routers, projector, and the
-optimizer's exp_avg and exp_avg_sq of every parameter; see test_parallel.assert_state_close),
+optimizer's exp_avg and exp_avg_sq of every parameter; see parallel_runs.assert_state_close),
 with every replicated copy equal to the saved one. Layouts of one world size run in one launch.
 """
 
@@ -16,7 +16,7 @@ from megatron_nitp.config.preset_table import preset_counts
 from megatron_nitp.training.arguments import parse_args
 from megatron_nitp.training.loop import pretrain
 from tests.helpers import measured_counts
-from tests.test_parallel import FLAGS, Launcher, assert_state_close
+from tests.parallel_runs import FLAGS, Launcher, assert_state_close
 
 MOE = FLAGS + [
     "--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "32",
