@@ -15,19 +15,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HARNESS = os.path.join(ROOT, "tests", "parallel_harness.py")
 
 
+# The tiny model most CPU tests train or build (fast on CPU): 2 layers of width 32 (4 heads in 2
+# query groups, MLP 64), 16 tokens, micro-batches of 2 in a global batch of 4, no warm-up. A test
+# adds its NITP target layer and its own differences after it (a later flag wins).
+TINY_MODEL = [
+    "--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",
+    "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "16",
+    "--micro-batch-size", "2", "--global-batch-size", "4", "--lr-warmup-iters", "0",
+]
+# A quiet tiny run: no evaluation, plots, progress bar or representation geometry.
+TINY_RUN = ["--eval-interval", "0", "--no-plot", "--no-progress-bar", "--geometry-interval", "0"]
+
+
 def tiny_args(*extra):
     """The run config of a very small model (fast on CPU), resolved for one model replica
     (world TP x PP x CP) and a 128-token vocabulary."""
     from megatron_nitp.config import resolve
     from megatron_nitp.training.arguments import parse_args
 
-    base = [
-        "--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",
-        "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "16",
-        "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "4",
-        "--lr-warmup-iters", "0", "--nitp-target-layer", "1",
-    ]
-    args = parse_args(base + list(extra))
+    args = parse_args(TINY_MODEL + ["--nitp-target-layer", "1", "--train-iters", "4"]
+                      + list(extra))
     world = (args.tensor_model_parallel_size * args.pipeline_model_parallel_size
              * args.context_parallel_size)
     return resolve(args, world, 128)
@@ -181,13 +188,8 @@ def torchrun_file(path: str, nproc: int, timeout: int = 600):
 
 
 # The tiny model and quiet run of :func:`run_training`.
-TRAIN_FLAGS = [
-    "--num-layers", "4", "--hidden-size", "32", "--ffn-hidden-size", "64",
-    "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "32",
-    "--micro-batch-size", "2", "--global-batch-size", "4", "--lr-warmup-iters", "0",
-    "--nitp-target-layer", "1", "--eval-interval", "0", "--no-plot", "--no-progress-bar",
-    "--geometry-interval", "0", "--log-interval", "1",
-]
+TRAIN_FLAGS = TINY_MODEL + TINY_RUN + ["--num-layers", "4", "--seq-length", "32",
+                                      "--nitp-target-layer", "1", "--log-interval", "1"]
 
 
 def run_training(run_dir, *flags, nproc=1, expect=0, fault=None):

@@ -9,14 +9,12 @@ import subprocess
 import pytest
 import torch
 
-from tests.helpers import launch_runs
+from tests.helpers import TINY_MODEL, launch_runs
 
-FLAGS = [
-    "--num-layers", "4", "--hidden-size", "32", "--ffn-hidden-size", "64",
-    "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "32",
-    "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "3",
-    "--lr-warmup-iters", "0",
-]
+# The tiny model of the equivalence runs (they add their NITP flags): 4 layers, so that PP 2 and
+# PP 4 have whole stages, 32 tokens, 4 micro-batches of 2 per step, 3 steps.
+FLAGS = TINY_MODEL + ["--num-layers", "4", "--seq-length", "32", "--global-batch-size", "8",
+                      "--train-iters", "3"]
 MAIN_PARAM = "optimizer.state.param."
 
 

@@ -16,13 +16,9 @@ from megatron_nitp.config.resolve import signal_number
 from megatron_nitp.training import exits
 from megatron_nitp.training.arguments import parse_args
 from megatron_nitp.training.loop import pretrain
-from tests.helpers import ROOT, clean_env, free_port, kill_group
+from tests.helpers import ROOT, TINY_MODEL, TINY_RUN, clean_env, free_port, kill_group
 
-TINY = ["--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",
-        "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "16",
-        "--micro-batch-size", "2", "--global-batch-size", "4", "--nitp-target-layer", "1",
-        "--lr-warmup-iters", "0", "--eval-interval", "0", "--no-plot", "--no-progress-bar",
-        "--geometry-interval", "0", "--log-interval", "1"]
+TINY = TINY_MODEL + TINY_RUN + ["--nitp-target-layer", "1", "--log-interval", "1"]
 
 
 def _history(run_dir):

@@ -16,15 +16,11 @@ import json
 import pytest
 import torch
 
-from tests.helpers import launch_runs
+from tests.helpers import TINY_MODEL, launch_runs
 from tests.parallel_runs import assert_state_close
 
-DENSE = [
-    "--num-layers", "4", "--hidden-size", "32", "--ffn-hidden-size", "64",
-    "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "32",
-    "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "3",
-    "--lr-warmup-iters", "0", "--nitp-target-layer", "1",
-]
+DENSE = TINY_MODEL + ["--num-layers", "4", "--seq-length", "32", "--global-batch-size", "8",
+                      "--train-iters", "3", "--nitp-target-layer", "1"]
 MOE = DENSE + [
     "--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "32",
     "--moe-shared-expert-intermediate-size", "32", "--moe-layer-freq", "[0]*1+[1]*3",

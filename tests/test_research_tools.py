@@ -14,12 +14,10 @@ import sys
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, clean_env, kill_group, load_tool
+from tests.helpers import ROOT, TINY_MODEL, clean_env, kill_group, load_tool
 
-TINY = ["--train-iters", "3", "--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size",
-        "64", "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "32",
-        "--micro-batch-size", "2", "--global-batch-size", "4", "--lr-warmup-iters", "0",
-        "--eval-interval", "2", "--eval-iters", "1", "--geometry-interval", "1"]
+TINY = TINY_MODEL + ["--seq-length", "32", "--train-iters", "3", "--eval-interval", "2",
+                     "--eval-iters", "1", "--geometry-interval", "1"]
 METRICS = ("lm loss", "nitp loss", "validation lm loss", "effective rank", "cosine similarity")
 
 
