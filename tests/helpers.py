@@ -1,6 +1,6 @@
-"""Shared test helpers: paths, the tiny run config, launch environments and the process
-launchers the tests use (``conftest.py`` tiers a test ``distributed`` when it calls one of
-:data:`LAUNCHERS`, directly or through its fixtures and module helpers)."""
+"""Shared test helpers: paths, the tiny model's flags and run config, launch environments and
+the process launchers the tests use (a test that calls one of :data:`LAUNCHERS`, directly or
+through its fixtures and tests/ helpers, must be marked ``distributed``: tests/test_tiers.py)."""
 
 import functools
 import importlib.util
@@ -212,7 +212,8 @@ def run_training(run_dir, *flags, nproc=1, expect=0, fault=None):
     return proc
 
 
-# Names whose use makes a test ``distributed`` (it starts other processes).
+# Names whose use means a test starts other processes: it must be marked ``distributed``
+# (tests/tiers.py reads them; tests/test_tiers.py checks the marks).
 LAUNCHERS = frozenset({
     "subprocess", "Popen", "multiprocessing", "mp", "spawn", "torchrun_file", "launch_runs",
     "run_in_own_session", "run_python_code", "python_command", "kill_group",

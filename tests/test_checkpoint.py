@@ -27,6 +27,7 @@ def uninterrupted(tmp_path_factory):
     return root, _history(root / "full")
 
 
+@pytest.mark.distributed
 def test_fresh_saves_do_not_warn_about_overwriting(uninterrupted):
     """Each iteration folder is empty when dist_checkpointing writes into it (the RNG files
     come after the shards), so megatron-core's "Overwriting old incomplete / corrupted
@@ -44,6 +45,7 @@ def test_fresh_saves_do_not_warn_about_overwriting(uninterrupted):
         assert any(name.endswith(".distcp") for name in manifest)
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bitwise_identical(uninterrupted):
     root, full = uninterrupted
@@ -63,6 +65,7 @@ def test_sigkill_then_resume_is_bitwise_identical(uninterrupted):
             assert got[key][it] == full[key][it], (key, it)  # bitwise on CPU fp32
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_crash_during_save_leaves_previous_checkpoint_loadable(uninterrupted, tmp_path):
     root, full = uninterrupted
@@ -80,6 +83,7 @@ def test_crash_during_save_leaves_previous_checkpoint_loadable(uninterrupted, tm
     assert got["lm loss"][3] == full["lm loss"][3] and got["lm loss"][4] == full["lm loss"][4]
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_corrupted_checkpoint_is_named_and_fallback_loads_the_previous(uninterrupted, tmp_path):
     import shutil
@@ -105,6 +109,7 @@ def test_corrupted_checkpoint_is_named_and_fallback_loads_the_previous(uninterru
     assert "checkpoint file missing" in proc.stderr
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_exits_75(uninterrupted, tmp_path):
     root, full = uninterrupted
@@ -139,6 +144,7 @@ def _weights_at(dist_ckpt, iteration, tmp_path):
     return {k: v.clone() for k, v in model.state_dict().items() if v is not None and "extra" not in k}
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_nan_skip_policy_never_updates_the_weights(dist, tmp_path):
     import torch
@@ -158,6 +164,7 @@ def test_nan_skip_policy_never_updates_the_weights(dist, tmp_path):
     assert all(torch.isfinite(v).all() for v in three.values() if v.is_floating_point())
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_nan_stop_policy_writes_diagnostics_and_exits_3(tmp_path):
     run = tmp_path / "stop"
@@ -171,6 +178,7 @@ def test_nan_stop_policy_writes_diagnostics_and_exits_3(tmp_path):
                  "--no-save", "--use-checkpoint-opt_param-scheduler")
 
 
+@pytest.mark.distributed
 def test_mismatched_checkpoint_lists_the_fields(uninterrupted, tmp_path):
     root, _ = uninterrupted
     ckpt = root / "full" / "checkpoints"
@@ -184,6 +192,7 @@ def test_mismatched_checkpoint_lists_the_fields(uninterrupted, tmp_path):
     assert "resumed from" in proc.stdout
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("first,second", [
     (["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"], []),
     ([], ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
@@ -219,6 +228,7 @@ def test_resharding_resumes_with_the_same_next_iteration(uninterrupted, tmp_path
         assert b[key][4] == pytest.approx(full[key][4], rel=1e-5), key
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_distributed_optimizer_checkpoint_resumes_exactly(tmp_path):
     """Two iterations after the resume: the first only sees the restored weights, the second
@@ -307,6 +317,7 @@ def test_verification_shares_are_disjoint_and_balanced():
         assert max(loads) - min(loads) <= max(m["bytes"] for m in manifest.values())
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_async_save_resume_is_bitwise_identical(uninterrupted, tmp_path):
     """--async-save changes nothing in training and its checkpoint resumes exactly like the
@@ -335,6 +346,7 @@ def test_async_save_resume_is_bitwise_identical(uninterrupted, tmp_path):
             assert resumed[key][it] == full[key][it], (key, it)  # bitwise on CPU fp32
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_sigkill_during_async_write_leaves_previous_checkpoint_latest(uninterrupted, tmp_path):
     """The writer of iteration 4 stalls mid-file; training goes on (iteration 5 runs) and the
@@ -360,6 +372,7 @@ def test_sigkill_during_async_write_leaves_previous_checkpoint_latest(uninterrup
             assert got[key][it] == full[key][it], (key, it)
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_per_rank_checksums_make_the_full_manifest_and_ranks_share_verification(tmp_path):
     """DP 2: each rank checksums the files it wrote; the gathered manifest equals a full
@@ -384,6 +397,7 @@ def test_per_rank_checksums_make_the_full_manifest_and_ranks_share_verification(
     assert "corrupted (CRC32 mismatch)" in proc.stderr and victim.name in proc.stderr
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_no_verify_skips_checksums_but_not_sizes(uninterrupted, tmp_path):
     import shutil
@@ -419,6 +433,7 @@ def test_async_save_with_nothing_to_save_is_refused(capsys):
     assert args.async_save and not args.verify
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_dp_reshardable_checkpoint_fails_cleanly_and_reshards_over_dp_only(tmp_path):
     """DP 2 with the distributed optimizer saves dp_reshardable (each rank its own shard).

@@ -121,6 +121,7 @@ def _launch_ranks(run_dir, flags, world=2):
     return procs
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_signal_to_the_process_group_exits_75_with_a_checkpoint(dist, tmp_path, capsys):
     """SIGUSR1 (--exit-signal SIGUSR1, what #SBATCH --signal sends) to every rank of a
@@ -218,6 +219,7 @@ def test_ctrl_c_names_the_last_checkpoint_and_the_resume_continues_the_run_folde
     assert (run_dir / "training.png").exists()
 
 
+@pytest.mark.distributed
 def test_ctrl_c_in_a_terminal_exits_130_without_a_traceback(tmp_path):
     """A real SIGINT to the process group (what Ctrl-C in a terminal sends) while training and
     saving every iteration (so it usually lands in a save, whose forked writers it reaches

@@ -10,6 +10,7 @@ from tests.helpers import load_tool, run_training
 transformers = pytest.importorskip("transformers")
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("variant", [[], ["--add-qkv-bias", "--untie-embeddings-and-output-weights"]])
 def test_export_loads_in_transformers_with_equal_logits(dist, tmp_path, variant):
     run = tmp_path / "run"

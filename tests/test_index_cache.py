@@ -15,6 +15,8 @@ import pytest
 
 from tests.helpers import ROOT, TINY_MODEL, clean_env, load_tool, python_command, torchrun_file
 
+pytestmark = pytest.mark.distributed  # every test here starts processes
+
 
 @pytest.mark.slow
 def test_shared_folder_and_rank0_build_waits_on_two_ranks(tmp_path):

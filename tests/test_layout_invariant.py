@@ -72,6 +72,7 @@ def results(tmp_path_factory):
     return get
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_from_scratch_equals_single_process(results, name):

@@ -71,6 +71,7 @@ def moe_results(tmp_path_factory):
     return get
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("dispatcher", DISPATCHERS)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -86,6 +87,7 @@ def test_expert_parallel_equals_single_process(moe_results, dispatcher, layout):
     assert_state_close(state, ref_state, name)
 
 
+@pytest.mark.distributed
 def test_router_settings_under_tp_sp_ep_equal_single_process(moe_results):
     """Sigmoid routing with the expert bias, the per-sequence balancing loss and the z-loss
     under TP2+SP, EP2: the losses (z-loss included), the grad norm and the whole state (the

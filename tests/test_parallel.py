@@ -160,6 +160,7 @@ def _routed_bytes(name):
     return _routing(name)["bytes_per_step_total"]
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_equals_single_process(results, name):
@@ -205,6 +206,7 @@ def test_tp_shares_of_the_target_cover_it(rows, tp):
     assert per_micro == chunk * 2 * 3 * 4
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("name", ROUTED)
 def test_routing_buffers_are_released_during_the_step(results, name):
     """An owning rank's pending layer-k sends hold at most ``min(PP - owner, M)``
@@ -221,6 +223,7 @@ def test_routing_buffers_are_released_during_the_step(results, name):
             assert got["routing peak bytes held"] < micro * per_micro
 
 
+@pytest.mark.distributed
 def test_mtp_under_pipeline_parallelism_equals_single_process(results):
     """The MTP objective beside NITP under PP=2 (MTP blocks and an embedding copy on the last
     stage, layer k on the first): losses, grad norm and the whole state equal one process."""
@@ -234,6 +237,7 @@ def test_mtp_under_pipeline_parallelism_equals_single_process(results):
     assert_state_close(state, ref_state, "pp2-mtp")
 
 
+@pytest.mark.distributed
 def test_evaluate_in_one_process_changes_nothing(results):
     """The reference with an evaluate() call after step 1 trains bit-identically to the one
     without: the call touched no weight, optimizer state, data position or RNG."""
@@ -247,6 +251,7 @@ def test_evaluate_in_one_process_changes_nothing(results):
         assert torch.equal(eval_state["tensors"][key], tensor), key
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("name", EVALUATED)
 def test_evaluate_equals_single_process_and_changes_nothing(results, name):
     """Validation losses under PP=2 / DP=2 equal one process's; nothing evaluate() could
