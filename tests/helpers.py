@@ -1,6 +1,6 @@
-"""Shared test helpers: paths, the tiny run config, launch environments and the process
-launchers the tests use (``conftest.py`` tiers a test ``distributed`` when it calls one of
-:data:`LAUNCHERS`, directly or through its fixtures and module helpers)."""
+"""Shared test helpers: paths, the tiny model's flags and run config, launch environments and
+the process launchers the tests use (a test that calls one of :data:`LAUNCHERS`, directly or
+through its fixtures and tests/ helpers, must be marked ``distributed``: tests/test_tiers.py)."""
 
 import functools
 import importlib.util
@@ -15,19 +15,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HARNESS = os.path.join(ROOT, "tests", "parallel_harness.py")
 
 
+# The tiny model most CPU tests train or build (fast on CPU): 2 layers of width 32 (4 heads in 2
+# query groups, MLP 64), 16 tokens, micro-batches of 2 in a global batch of 4, no warm-up. A test
+# adds its NITP target layer and its own differences after it (a later flag wins).
+TINY_MODEL = [
+    "--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",
+    "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "16",
+    "--micro-batch-size", "2", "--global-batch-size", "4", "--lr-warmup-iters", "0",
+]
+# A quiet tiny run: no evaluation, plots, progress bar or representation geometry.
+TINY_RUN = ["--eval-interval", "0", "--no-plot", "--no-progress-bar", "--geometry-interval", "0"]
+
+
 def tiny_args(*extra):
     """The run config of a very small model (fast on CPU), resolved for one model replica
     (world TP x PP x CP) and a 128-token vocabulary."""
     from megatron_nitp.config import resolve
     from megatron_nitp.training.arguments import parse_args
 
-    base = [
-        "--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",
-        "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "16",
-        "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "4",
-        "--lr-warmup-iters", "0", "--nitp-target-layer", "1",
-    ]
-    args = parse_args(base + list(extra))
+    args = parse_args(TINY_MODEL + ["--nitp-target-layer", "1", "--train-iters", "4"]
+                      + list(extra))
     world = (args.tensor_model_parallel_size * args.pipeline_model_parallel_size
              * args.context_parallel_size)
     return resolve(args, world, 128)
@@ -180,7 +187,33 @@ def torchrun_file(path: str, nproc: int, timeout: int = 600):
     return proc
 
 
-# Names whose use makes a test ``distributed`` (it starts other processes).
+# The tiny model and quiet run of :func:`run_training`.
+TRAIN_FLAGS = TINY_MODEL + TINY_RUN + ["--num-layers", "4", "--seq-length", "32",
+                                      "--nitp-target-layer", "1", "--log-interval", "1"]
+
+
+def run_training(run_dir, *flags, nproc=1, expect=0, fault=None):
+    """One training job (``pretrain_gpt_nitp.py`` with :data:`TRAIN_FLAGS`, then ``flags``) in
+    ``run_dir`` that must exit with ``expect``; ``fault`` KIND@ITER is injected through the test
+    hook (megatron_nitp/training/faults.py)."""
+    from megatron_nitp.training import faults
+
+    env = clean_env(**({faults.ENV: fault} if fault else {}))
+    cmd = python_command(os.path.join(ROOT, "pretrain_gpt_nitp.py"), nproc)
+    # Output to files: a SIGKILLed trainer leaves dist_checkpointing's helper processes
+    # orphaned with our pipes open; the whole group is killed once the trainer is done.
+    os.makedirs(run_dir, exist_ok=True)
+    out_path, err_path = f"{run_dir}.stdout", f"{run_dir}.stderr"
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        proc = run_in_own_session(cmd + TRAIN_FLAGS + ["--run-dir", str(run_dir)] + list(flags),
+                                  timeout=600, env=env, stdout=out, stderr=err)
+    proc.stdout, proc.stderr = open(out_path).read(), open(err_path).read()
+    assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+# Names whose use means a test starts other processes: it must be marked ``distributed``
+# (tests/tiers.py reads them; tests/test_tiers.py checks the marks).
 LAUNCHERS = frozenset({
     "subprocess", "Popen", "multiprocessing", "mp", "spawn", "torchrun_file", "launch_runs",
     "run_in_own_session", "run_python_code", "python_command", "kill_group",

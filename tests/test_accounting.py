@@ -262,6 +262,7 @@ def test_validation_losses_equal_a_hand_computation(dist):
     check_validation(0, 1)
 
 
+@pytest.mark.distributed
 def test_accounting_data_parallel_uneven_masks():
     from tests.helpers import torchrun_file
 

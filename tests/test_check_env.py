@@ -4,7 +4,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import ROOT, clean_env
+
+pytestmark = pytest.mark.distributed  # every test here starts processes
 
 
 def _check_env(*argv):

@@ -7,33 +7,7 @@ import signal
 
 import pytest
 
-from tests.helpers import ROOT, clean_env, python_command, run_in_own_session
-
-TINY = ["--num-layers", "4", "--hidden-size", "32", "--ffn-hidden-size", "64",
-        "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "32",
-        "--micro-batch-size", "2", "--global-batch-size", "4", "--lr-warmup-iters", "0",
-        "--nitp-target-layer", "1", "--eval-interval", "0", "--no-plot", "--no-progress-bar",
-        "--geometry-interval", "0", "--log-interval", "1"]
-
-
-def _run(run_dir, *flags, nproc=1, expect=0, fault=None):
-    """One training job; ``fault`` KIND@ITER is injected through the test hook
-    (megatron_nitp/training/faults.py)."""
-    from megatron_nitp.training import faults
-
-    env = clean_env(**({faults.ENV: fault} if fault else {}))
-    cmd = python_command(os.path.join(ROOT, "pretrain_gpt_nitp.py"), nproc)
-    # Output to files: a SIGKILLed trainer leaves dist_checkpointing's helper processes
-    # orphaned with our pipes open; the whole group is killed once the trainer is done.
-    os.makedirs(run_dir, exist_ok=True)
-    out_path, err_path = f"{run_dir}.stdout", f"{run_dir}.stderr"
-    with open(out_path, "w") as out, open(err_path, "w") as err:
-        proc = run_in_own_session(cmd + TINY + ["--run-dir", str(run_dir)] + list(flags),
-                                  timeout=600, env=env, stdout=out, stderr=err)
-    proc.stdout, proc.stderr = open(out_path).read(), open(err_path).read()
-    assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
-
+from tests.helpers import TRAIN_FLAGS, run_training
 
 def _history(run_dir):
     with open(os.path.join(run_dir, "summary.json")) as f:
@@ -49,10 +23,11 @@ def _latest(ckpt):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
-    _run(root / "full", "--train-iters", "6", "--save-interval", "2")
+    run_training(root / "full", "--train-iters", "6", "--save-interval", "2")
     return root, _history(root / "full")
 
 
+@pytest.mark.distributed
 def test_fresh_saves_do_not_warn_about_overwriting(uninterrupted):
     """Each iteration folder is empty when dist_checkpointing writes into it (the RNG files
     come after the shards), so megatron-core's "Overwriting old incomplete / corrupted
@@ -70,17 +45,18 @@ def test_fresh_saves_do_not_warn_about_overwriting(uninterrupted):
         assert any(name.endswith(".distcp") for name in manifest)
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bitwise_identical(uninterrupted):
     root, full = uninterrupted
     killed = root / "killed"
-    proc = _run(killed, "--train-iters", "6", "--save-interval", "2",
-                fault="sigkill@5", expect=-signal.SIGKILL)
+    proc = run_training(killed, "--train-iters", "6", "--save-interval", "2",
+                        fault="sigkill@5", expect=-signal.SIGKILL)
     assert "saved checkpoint" in proc.stdout
     assert _latest(killed / "checkpoints") == 4
     resumed = root / "resumed"
-    proc = _run(resumed, "--train-iters", "6", "--load", str(killed / "checkpoints"),
-                "--save", str(killed / "checkpoints"))
+    proc = run_training(resumed, "--train-iters", "6", "--load", str(killed / "checkpoints"),
+                        "--save", str(killed / "checkpoints"))
     assert "resumed from" in proc.stdout and "at iteration 4" in proc.stdout
     got = _history(resumed)
     assert sorted(got["lm loss"]) == [5, 6]
@@ -89,22 +65,25 @@ def test_sigkill_then_resume_is_bitwise_identical(uninterrupted):
             assert got[key][it] == full[key][it], (key, it)  # bitwise on CPU fp32
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_crash_during_save_leaves_previous_checkpoint_loadable(uninterrupted, tmp_path):
     root, full = uninterrupted
     run = tmp_path / "crash"
-    _run(run, "--train-iters", "6", "--save-interval", "2", fault="crash-in-save@4", expect=17)
+    run_training(run, "--train-iters", "6", "--save-interval", "2", fault="crash-in-save@4",
+                 expect=17)
     ckpt = run / "checkpoints"
     assert _latest(ckpt) == 2
     assert (ckpt / "iter_0000004").is_dir()
     assert not (ckpt / "iter_0000004" / "manifest.json").exists()
     resumed = tmp_path / "after-crash"
-    _run(resumed, "--train-iters", "4", "--load", str(ckpt), "--no-save",
-         "--use-checkpoint-opt_param-scheduler")
+    run_training(resumed, "--train-iters", "4", "--load", str(ckpt), "--no-save",
+                 "--use-checkpoint-opt_param-scheduler")
     got = _history(resumed)
     assert got["lm loss"][3] == full["lm loss"][3] and got["lm loss"][4] == full["lm loss"][4]
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_corrupted_checkpoint_is_named_and_fallback_loads_the_previous(uninterrupted, tmp_path):
     import shutil
@@ -117,29 +96,30 @@ def test_corrupted_checkpoint_is_named_and_fallback_loads_the_previous(uninterru
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
-    proc = _run(tmp_path / "bad", "--train-iters", "6", "--load", str(ckpt), "--no-save",
-                expect=1)
+    proc = run_training(tmp_path / "bad", "--train-iters", "6", "--load", str(ckpt), "--no-save",
+                        expect=1)
     assert "corrupted (CRC32 mismatch)" in proc.stderr and victim.name in proc.stderr
-    proc = _run(tmp_path / "fallback", "--train-iters", "5", "--load", str(ckpt),
-                "--load-fallback", "--no-save", "--use-checkpoint-opt_param-scheduler")
+    proc = run_training(tmp_path / "fallback", "--train-iters", "5", "--load", str(ckpt),
+                        "--load-fallback", "--no-save", "--use-checkpoint-opt_param-scheduler")
     assert "falling back to" in proc.stdout
     assert _history(tmp_path / "fallback")["lm loss"][5] == full["lm loss"][5]
     victim.unlink()
-    proc = _run(tmp_path / "missing", "--train-iters", "6", "--load", str(ckpt), "--no-save",
-                expect=1)
+    proc = run_training(tmp_path / "missing", "--train-iters", "6", "--load", str(ckpt),
+                        "--no-save", expect=1)
     assert "checkpoint file missing" in proc.stderr
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_exits_75(uninterrupted, tmp_path):
     root, full = uninterrupted
     run = tmp_path / "term"
-    proc = _run(run, "--train-iters", "6", fault="sigterm@3", expect=75)
+    proc = run_training(run, "--train-iters", "6", fault="sigterm@3", expect=75)
     assert "> exit after iteration 3: SIGTERM (on this or another rank); saved checkpoint" \
         in proc.stdout
     assert _latest(run / "checkpoints") == 3
-    _run(tmp_path / "after-term", "--train-iters", "6", "--load", str(run / "checkpoints"),
-         "--no-save")
+    run_training(tmp_path / "after-term", "--train-iters", "6", "--load", str(run / "checkpoints"),
+                 "--no-save")
     got = _history(tmp_path / "after-term")
     assert [got["lm loss"][i] for i in (4, 5, 6)] == [full["lm loss"][i] for i in (4, 5, 6)]
 
@@ -157,19 +137,20 @@ def _weights_at(dist_ckpt, iteration, tmp_path):
     root = tmp_path / f"only-{iteration}"
     shutil.copytree(dist_ckpt / f"iter_{iteration:07d}", root / f"iter_{iteration:07d}")
     (root / "latest_checkpointed_iteration.txt").write_text(str(iteration))
-    args = resolve(parse_args(TINY + ["--train-iters", "3"]), 1, 4096)
+    args = resolve(parse_args(TRAIN_FLAGS + ["--train-iters", "3"]), 1, 4096)
     set_seed(99)
     model = build_model(args, pre_process=True, post_process=True)
     load_model_weights(str(root), model)
     return {k: v.clone() for k, v in model.state_dict().items() if v is not None and "extra" not in k}
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_nan_skip_policy_never_updates_the_weights(dist, tmp_path):
     import torch
 
     run = tmp_path / "nan"
-    _run(run, "--train-iters", "3", "--save-interval", "1", fault="nan-grad@2")
+    run_training(run, "--train-iters", "3", "--save-interval", "1", fault="nan-grad@2")
     got = _history(run)
     assert got["skipped"] == {1: 0.0, 2: 1.0, 3: 0.0}
     assert all(torch.isfinite(torch.tensor(v)) for v in got["lm loss"].values())
@@ -183,32 +164,35 @@ def test_nan_skip_policy_never_updates_the_weights(dist, tmp_path):
     assert all(torch.isfinite(v).all() for v in three.values() if v.is_floating_point())
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_nan_stop_policy_writes_diagnostics_and_exits_3(tmp_path):
     run = tmp_path / "stop"
-    proc = _run(run, "--train-iters", "4", "--save-interval", "1", "--nan-policy", "stop",
-                fault="nan-loss@3", expect=3)
+    proc = run_training(run, "--train-iters", "4", "--save-interval", "1", "--nan-policy", "stop",
+                        fault="nan-loss@3", expect=3)
     assert "non-finite values at iteration 3" in proc.stdout
     diag = json.load(open(run / "non_finite_iter_0000003.json"))
     assert diag["non_finite"] == "loss"
     assert _latest(run / "checkpoints") == 2
-    _run(tmp_path / "after-stop", "--train-iters", "3", "--load", str(run / "checkpoints"),
-         "--no-save", "--use-checkpoint-opt_param-scheduler")
+    run_training(tmp_path / "after-stop", "--train-iters", "3", "--load", str(run / "checkpoints"),
+                 "--no-save", "--use-checkpoint-opt_param-scheduler")
 
 
+@pytest.mark.distributed
 def test_mismatched_checkpoint_lists_the_fields(uninterrupted, tmp_path):
     root, _ = uninterrupted
     ckpt = root / "full" / "checkpoints"
-    proc = _run(tmp_path / "mismatch", "--train-iters", "7", "--load", str(ckpt), "--no-save",
-                "--nitp-target-layer", "2", expect=1)
+    proc = run_training(tmp_path / "mismatch", "--train-iters", "7", "--load", str(ckpt),
+                        "--no-save", "--nitp-target-layer", "2", expect=1)
     assert "nitp.target_layer: checkpoint 1, this run 2" in proc.stderr
     assert "--override-config" in proc.stderr
-    proc = _run(tmp_path / "override", "--train-iters", "7", "--load", str(ckpt), "--no-save",
-                "--nitp-target-layer", "2", "--override-config",
-                "--use-checkpoint-opt_param-scheduler")
+    proc = run_training(tmp_path / "override", "--train-iters", "7", "--load", str(ckpt),
+                        "--no-save", "--nitp-target-layer", "2", "--override-config",
+                        "--use-checkpoint-opt_param-scheduler")
     assert "resumed from" in proc.stdout
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("first,second", [
     (["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"], []),
     ([], ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
@@ -233,17 +217,18 @@ def test_resharding_resumes_with_the_same_next_iteration(uninterrupted, tmp_path
     os.makedirs(ckpt)
     shutil.copytree(init / "iter_0000002", ckpt / "iter_0000002")
     (ckpt / "latest_checkpointed_iteration.txt").write_text("2")
-    _run(tmp_path / "a", "--train-iters", "3", "--load", str(ckpt), "--save", str(ckpt), *f1,
-         "--use-checkpoint-opt_param-scheduler", nproc=n1)
+    run_training(tmp_path / "a", "--train-iters", "3", "--load", str(ckpt), "--save", str(ckpt),
+                 *f1, "--use-checkpoint-opt_param-scheduler", nproc=n1)
     assert _latest(ckpt) == 3
-    _run(tmp_path / "b", "--train-iters", "4", "--load", str(ckpt), "--no-save", *f2,
-         "--use-checkpoint-opt_param-scheduler", nproc=n2)
+    run_training(tmp_path / "b", "--train-iters", "4", "--load", str(ckpt), "--no-save", *f2,
+                 "--use-checkpoint-opt_param-scheduler", nproc=n2)
     a, b = _history(tmp_path / "a"), _history(tmp_path / "b")
     for key in ("lm loss", "nitp loss", "grad norm"):
         assert a[key][3] == pytest.approx(full[key][3], rel=1e-5), key
         assert b[key][4] == pytest.approx(full[key][4], rel=1e-5), key
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_distributed_optimizer_checkpoint_resumes_exactly(tmp_path):
     """Two iterations after the resume: the first only sees the restored weights, the second
@@ -252,13 +237,13 @@ def test_distributed_optimizer_checkpoint_resumes_exactly(tmp_path):
     import shutil
 
     flags = ["--use-distributed-optimizer"]
-    _run(tmp_path / "full", "--train-iters", "4", "--save", str(tmp_path / "ckpt"),
-         "--save-interval", "2", *flags, nproc=2)
+    run_training(tmp_path / "full", "--train-iters", "4", "--save", str(tmp_path / "ckpt"),
+                 "--save-interval", "2", *flags, nproc=2)
     # The same run stopped after iteration 2 (same schedule): its checkpoint alone, as latest.
     shutil.copytree(tmp_path / "ckpt" / "iter_0000002", tmp_path / "at2" / "iter_0000002")
     (tmp_path / "at2" / "latest_checkpointed_iteration.txt").write_text("2")
-    _run(tmp_path / "second", "--train-iters", "4", "--load", str(tmp_path / "at2"),
-         "--no-save", *flags, nproc=2)
+    run_training(tmp_path / "second", "--train-iters", "4", "--load", str(tmp_path / "at2"),
+                 "--no-save", *flags, nproc=2)
     full, second = _history(tmp_path / "full"), _history(tmp_path / "second")
     for key in ("lm loss", "nitp loss", "grad norm"):
         for it in (3, 4):
@@ -332,6 +317,7 @@ def test_verification_shares_are_disjoint_and_balanced():
         assert max(loads) - min(loads) <= max(m["bytes"] for m in manifest.values())
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_async_save_resume_is_bitwise_identical(uninterrupted, tmp_path):
     """--async-save changes nothing in training and its checkpoint resumes exactly like the
@@ -340,7 +326,7 @@ def test_async_save_resume_is_bitwise_identical(uninterrupted, tmp_path):
 
     root, full = uninterrupted
     run = tmp_path / "async"
-    proc = _run(run, "--train-iters", "6", "--save-interval", "2", "--async-save")
+    proc = run_training(run, "--train-iters", "6", "--save-interval", "2", "--async-save")
     assert "saving checkpoint" in proc.stdout and "checkpoint complete" in proc.stdout
     got = _history(run)
     for key in ("lm loss", "nitp loss", "grad norm"):
@@ -352,14 +338,15 @@ def test_async_save_resume_is_bitwise_identical(uninterrupted, tmp_path):
         assert json.load(open(folder / "manifest.json")) == _reread(folder)
     shutil.copytree(ckpt / "iter_0000004", tmp_path / "at4" / "iter_0000004")
     (tmp_path / "at4" / "latest_checkpointed_iteration.txt").write_text("4")
-    _run(tmp_path / "resumed", "--train-iters", "6", "--load", str(tmp_path / "at4"),
-         "--no-save")
+    run_training(tmp_path / "resumed", "--train-iters", "6", "--load", str(tmp_path / "at4"),
+                 "--no-save")
     resumed = _history(tmp_path / "resumed")
     for key in ("lm loss", "nitp loss", "grad norm"):
         for it in (5, 6):
             assert resumed[key][it] == full[key][it], (key, it)  # bitwise on CPU fp32
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_sigkill_during_async_write_leaves_previous_checkpoint_latest(uninterrupted, tmp_path):
     """The writer of iteration 4 stalls mid-file; training goes on (iteration 5 runs) and the
@@ -367,8 +354,8 @@ def test_sigkill_during_async_write_leaves_previous_checkpoint_latest(uninterrup
     iteration-2 one resumes exactly."""
     root, full = uninterrupted
     run = tmp_path / "killed"
-    proc = _run(run, "--train-iters", "6", "--save-interval", "2", "--async-save",
-                fault="stall-async-write@4,sigkill@6", expect=-signal.SIGKILL)
+    proc = run_training(run, "--train-iters", "6", "--save-interval", "2", "--async-save",
+                        fault="stall-async-write@4,sigkill@6", expect=-signal.SIGKILL)
     assert "iteration        5/" in proc.stdout  # not blocked by the write in flight
     assert "checkpoint complete" in proc.stdout and "iter_0000004" not in proc.stdout.split(
         "checkpoint complete")[-1].splitlines()[0]
@@ -376,8 +363,8 @@ def test_sigkill_during_async_write_leaves_previous_checkpoint_latest(uninterrup
     assert _latest(ckpt) == 2
     assert not (ckpt / "iter_0000004" / "manifest.json").exists()
     resumed = tmp_path / "resumed"
-    proc = _run(resumed, "--train-iters", "4", "--load", str(ckpt), "--no-save",
-                "--use-checkpoint-opt_param-scheduler")
+    proc = run_training(resumed, "--train-iters", "4", "--load", str(ckpt), "--no-save",
+                        "--use-checkpoint-opt_param-scheduler")
     assert "at iteration 2" in proc.stdout
     got = _history(resumed)
     for key in ("lm loss", "nitp loss", "grad norm"):
@@ -385,12 +372,13 @@ def test_sigkill_during_async_write_leaves_previous_checkpoint_latest(uninterrup
             assert got[key][it] == full[key][it], (key, it)
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_per_rank_checksums_make_the_full_manifest_and_ranks_share_verification(tmp_path):
     """DP 2: each rank checksums the files it wrote; the gathered manifest equals a full
     re-read. At load the two ranks each verify part of the files and agree on the verdict."""
     run = tmp_path / "dp2"
-    _run(run, "--train-iters", "2", "--save-interval", "1", "--async-save", nproc=2)
+    run_training(run, "--train-iters", "2", "--save-interval", "1", "--async-save", nproc=2)
     ckpt = run / "checkpoints"
     for iteration in (1, 2):
         folder = ckpt / f"iter_{iteration:07d}"
@@ -404,18 +392,19 @@ def test_per_rank_checksums_make_the_full_manifest_and_ranks_share_verification(
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
-    proc = _run(tmp_path / "bad", "--train-iters", "3", "--load", str(ckpt), "--no-save",
-                nproc=2, expect=1)
+    proc = run_training(tmp_path / "bad", "--train-iters", "3", "--load", str(ckpt), "--no-save",
+                        nproc=2, expect=1)
     assert "corrupted (CRC32 mismatch)" in proc.stderr and victim.name in proc.stderr
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_no_verify_skips_checksums_but_not_sizes(uninterrupted, tmp_path):
     import shutil
 
     root, full = uninterrupted
     run = tmp_path / "nv"
-    _run(run, "--train-iters", "2", "--save-interval", "1", "--no-verify")
+    run_training(run, "--train-iters", "2", "--save-interval", "1", "--no-verify")
     manifest = json.load(open(run / "checkpoints" / "iter_0000002" / "manifest.json"))
     assert manifest and all(set(e) == {"bytes"} for e in manifest.values())
     # a checkpoint with checksums, one byte flipped: --no-verify does not read it for CRCs
@@ -425,12 +414,12 @@ def test_no_verify_skips_checksums_but_not_sizes(uninterrupted, tmp_path):
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
-    proc = _run(tmp_path / "trusting", "--train-iters", "7", "--load", str(ckpt), "--no-save",
-                "--no-verify", "--use-checkpoint-opt_param-scheduler")
+    proc = run_training(tmp_path / "trusting", "--train-iters", "7", "--load", str(ckpt),
+                        "--no-save", "--no-verify", "--use-checkpoint-opt_param-scheduler")
     assert "CRC32" not in proc.stdout + proc.stderr and "resumed from" in proc.stdout
     victim.write_bytes(bytes(data[:-10]))  # sizes are still checked
-    proc = _run(tmp_path / "short", "--train-iters", "7", "--load", str(ckpt), "--no-save",
-                "--no-verify", expect=1)
+    proc = run_training(tmp_path / "short", "--train-iters", "7", "--load", str(ckpt), "--no-save",
+                        "--no-verify", expect=1)
     assert "truncated" in proc.stderr
 
 
@@ -438,12 +427,13 @@ def test_async_save_with_nothing_to_save_is_refused(capsys):
     from megatron_nitp.training.arguments import parse_args
 
     with pytest.raises(SystemExit):
-        parse_args(TINY + ["--train-iters", "3", "--async-save", "--no-save"])
+        parse_args(TRAIN_FLAGS + ["--train-iters", "3", "--async-save", "--no-save"])
     assert "--async-save with --no-save" in capsys.readouterr().err
-    args = parse_args(TINY + ["--train-iters", "3", "--async-save", "--no-verify"])
+    args = parse_args(TRAIN_FLAGS + ["--train-iters", "3", "--async-save", "--no-verify"])
     assert args.async_save and not args.verify
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_dp_reshardable_checkpoint_fails_cleanly_and_reshards_over_dp_only(tmp_path):
     """DP 2 with the distributed optimizer saves dp_reshardable (each rank its own shard).
@@ -453,8 +443,8 @@ def test_dp_reshardable_checkpoint_fails_cleanly_and_reshards_over_dp_only(tmp_p
     ways there."""
     ckpt = tmp_path / "ckpt"
     flags = ["--use-distributed-optimizer", "--save", str(ckpt)]
-    proc = _run(tmp_path / "dp2", "--train-iters", "3", "--save-interval", "1", *flags,
-                nproc=2, fault="disk-full-in-save@2", expect=1)
+    proc = run_training(tmp_path / "dp2", "--train-iters", "3", "--save-interval", "1", *flags,
+                        nproc=2, fault="disk-full-in-save@2", expect=1)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     # every rank raises the same error; torchrun stops the other rank as soon as the first
     # exits, so under load the second line may not be printed
@@ -468,11 +458,11 @@ def test_dp_reshardable_checkpoint_fails_cleanly_and_reshards_over_dp_only(tmp_p
     logged = [line for line in proc.stdout.splitlines() if "iteration        2/" in line]
     loss_at_2 = float(logged[0].split("lm loss: ")[1].split()[0])
 
-    proc = _run(tmp_path / "tp2", "--train-iters", "3", "--load", str(ckpt), *flags,
-                "--tensor-model-parallel-size", "2", nproc=2, expect=1)
+    proc = run_training(tmp_path / "tp2", "--train-iters", "3", "--load", str(ckpt), *flags,
+                        "--tensor-model-parallel-size", "2", nproc=2, expect=1)
     assert "dp_reshardable" in proc.stderr and "TP 1 -> 2" in proc.stderr
     assert "--dist-ckpt-optim-fully-reshardable" in proc.stderr and "--finetune" in proc.stderr
 
-    _run(tmp_path / "dp1", "--train-iters", "2", "--load", str(ckpt), *flags, "--no-save",
-         "--use-checkpoint-opt_param-scheduler")
+    run_training(tmp_path / "dp1", "--train-iters", "2", "--load", str(ckpt), *flags, "--no-save",
+                 "--use-checkpoint-opt_param-scheduler")
     assert _history(tmp_path / "dp1")["lm loss"][2] == pytest.approx(loss_at_2, rel=1e-5)

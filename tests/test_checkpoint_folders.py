@@ -8,13 +8,9 @@ import os
 
 import pytest
 
-from tests.helpers import tiny_args
+from tests.helpers import TINY_MODEL, TINY_RUN, tiny_args
 
-TINY = ["--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",
-        "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "16",
-        "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "2",
-        "--lr-warmup-iters", "0", "--nitp-target-layer", "1", "--mock-data", "--no-plot",
-        "--no-progress-bar", "--eval-interval", "0", "--geometry-interval", "0"]
+TINY = TINY_MODEL + TINY_RUN + ["--nitp-target-layer", "1", "--train-iters", "2", "--mock-data"]
 
 
 class ModelBuilt(Exception):
@@ -402,10 +398,8 @@ def test_checkpoint_figures_match_hand_counts(capsys):
     from megatron_nitp.training import plan
     from megatron_nitp.training.arguments import parse_args
 
-    base = ["--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",
-            "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "16",
-            "--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", "4",
-            "--lr-warmup-iters", "0", "--nitp-target-layer", "1", "--vocab-size", "128"]
+    base = TINY_MODEL + ["--micro-batch-size", "1", "--nitp-target-layer", "1", "--train-iters",
+                         "4", "--vocab-size", "128"]
     p = 34976
     args = resolve(parse_args(base + ["--use-distributed-optimizer"]), 4, 128)
     assert plan.checkpoint_bytes(args) == 16 * p

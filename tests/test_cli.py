@@ -78,6 +78,7 @@ def test_tokenizer_vocabulary_larger_than_model(dist, tmp_path):
     assert "larger than --vocab-size 100" in msg
 
 
+@pytest.mark.distributed
 def test_entry_script_prints_error_and_exits_2(tmp_path):
     proc = subprocess.run(
         [sys.executable, "pretrain_gpt_nitp.py", "--nitp-loss-weight", "-1"],
@@ -146,6 +147,7 @@ def test_data_cache_check_reads_the_launch():
         validate_data_cache(parse_args([]), multi)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("script", ["pretrain_gpt_nitp.py", "pretrain_moe_nitp.py"])
 def test_help_lists_the_flags(script):
     """A newcomer's first command: --help prints every group and exits 0 (help texts taken
@@ -168,6 +170,7 @@ def test_help_lists_the_flags(script):
 TOOLS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "tools", "*.py")))
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("tool", TOOLS)
 def test_every_tool_runs_its_help_from_anywhere(tool, tmp_path):
     """``python tools/x.py --help`` works from any folder, with the package found as installed

@@ -82,6 +82,7 @@ def test_this_machine():
     assert [p.name for p in chosen] == [p.name for p in compat.PATCHES if p.applies(env)]
 
 
+@pytest.mark.distributed
 def test_apply_decides_by_itself_in_a_fresh_process():
     """apply() may be called unconditionally: here (no CUDA, no TE) it applies the table's
     choice, once; is_applied()/applied() report it."""

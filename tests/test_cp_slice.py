@@ -59,6 +59,7 @@ def _worker() -> None:
     destroy_distributed()
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_every_rank_gets_chunks_r_and_2cp_minus_1_minus_r():
     from tests.helpers import torchrun_file

@@ -272,6 +272,7 @@ def _prepare(cache_dir, vocab_size):
     prepare_default_corpus(cache_dir, vocab_size)
 
 
+@pytest.mark.distributed
 def test_default_corpus_concurrent_build_and_reuse(tmp_path, capfd):
     context = multiprocessing.get_context("fork")
     workers = [context.Process(target=_prepare, args=(str(tmp_path), 512)) for _ in range(3)]
@@ -292,6 +293,7 @@ def test_default_corpus_concurrent_build_and_reuse(tmp_path, capfd):
     assert tokenizer.detokenize(dataset[0][:20]).startswith("In the beginning God")
 
 
+@pytest.mark.distributed
 def test_command_line_tools(tmp_path, corpus):
     def run(script, *args):
         return subprocess.Popen(

@@ -9,13 +9,10 @@ import torch
 
 from megatron_nitp.training.arguments import parse_args
 from megatron_nitp.training.loop import pretrain
-from tests.helpers import load_tool
+from tests.helpers import TINY_MODEL, TINY_RUN, load_tool
 
-TINY = ["--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",
-        "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "16",
-        "--micro-batch-size", "2", "--global-batch-size", "2", "--nitp-target-layer", "1",
-        "--lr-warmup-iters", "0", "--eval-interval", "0", "--no-plot", "--no-progress-bar",
-        "--geometry-interval", "0", "--train-iters", "1"]
+TINY = TINY_MODEL + TINY_RUN + ["--global-batch-size", "2", "--nitp-target-layer", "1",
+                                "--train-iters", "1"]
 
 
 @pytest.fixture(scope="module")

@@ -83,6 +83,7 @@ def test_the_table_has_exactly_the_paper_models():
         assert (row["ep"] == "-") == (not row["model"].startswith("moe-")), row
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("path", [PRETRAIN, SBATCH, TINY_SBATCH,
                                   os.path.join(ROOT, "examples", "lib", "launch.sh")],
                          ids=os.path.basename)
@@ -91,6 +92,7 @@ def test_bash_syntax(path):
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("model", PAPER)
 def test_example_plan_fits_80gb_with_the_paper_settings(command_lines, capsys, monkeypatch,
                                                        model):
@@ -119,6 +121,7 @@ def test_example_plan_fits_80gb_with_the_paper_settings(command_lines, capsys, m
     assert abs(printed - int(notes.group(1))) <= 1.0, (notes.group(1), printed)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("model", PAPER)
 def test_the_script_does_not_repeat_the_preset(command_lines, model):
     """The preset holds the model and the recipe: the script passes `--preset MODEL` and no
@@ -135,6 +138,7 @@ def test_the_script_does_not_repeat_the_preset(command_lines, model):
     assert not repeated, f"{model}: {repeated} are the preset's"
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("model", PAPER)
 def test_the_paper_examples_use_the_fast_gpu_settings(command_lines, model):
     """Communication overlap everywhere; for MoE whole experts per rank (expert TP 1), grouped
@@ -149,6 +153,7 @@ def test_the_paper_examples_use_the_fast_gpu_settings(command_lines, model):
         assert argv[argv.index("--expert-tensor-parallel-size") + 1] == "1"
 
 
+@pytest.mark.distributed
 def test_an_unknown_model_is_refused_with_the_list():
     for argv in ([PRETRAIN, "dense-7b"], [PRETRAIN], [SBATCH, "moe-1b"], [SBATCH]):
         proc = subprocess.run(["bash", *argv], cwd=ROOT, capture_output=True, text=True,
@@ -158,6 +163,7 @@ def test_an_unknown_model_is_refused_with_the_list():
         assert all(name in proc.stderr.split() for name in PAPER), proc.stderr
 
 
+@pytest.mark.distributed
 def test_environment_overrides_and_resume(shim, tmp_path):
     """Every variable overrides the table or the preset; --save and --load of CHECKPOINT_PATH
     on every launch (one command line for the first launch and the requeues); extra flags come
@@ -200,6 +206,7 @@ def test_environment_overrides_and_resume(shim, tmp_path):
     assert "--save" not in argv and "--load" not in argv
 
 
+@pytest.mark.distributed
 def test_tokenizer_kinds_reach_the_command_line(shim, tmp_path):
     """TOKENIZER_TYPE picks the kind (default the paper's HuggingFaceTokenizer); Megatron-LM's
     GPT2BPETokenizer takes VOCAB_FILE and MERGE_FILE, and without them the script stops."""
@@ -220,6 +227,7 @@ def test_tokenizer_kinds_reach_the_command_line(shim, tmp_path):
     assert proc.returncode != 0 and "GPT2BPETokenizer needs VOCAB_FILE" in proc.stderr
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("key", ["pretrain.sbatch", "pretrain.sbatch MODEL=", "tiny_cpu.sbatch"])
 def test_sbatch_dry_run(command_lines, capsys, monkeypatch, key):
     code, out, err = _plan(command_lines[key], capsys, monkeypatch)
@@ -236,6 +244,7 @@ def test_sbatch_dry_run(command_lines, capsys, monkeypatch, key):
         assert command_lines[key] == command_lines[model]
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("key", PAPER + ["pretrain.sbatch", "tiny_cpu.sbatch"])
 def test_examples_put_the_dataset_cache_in_the_run_folder(command_lines, shim, tmp_path, key):
     """megatron-core builds the dataset index cache on global rank 0 only: every launch passes
@@ -251,6 +260,7 @@ def test_examples_put_the_dataset_cache_in_the_run_folder(command_lines, shim, t
         assert argv[argv.index("--data-cache-path") + 1] == cache and "--data-path" not in argv
 
 
+@pytest.mark.distributed
 def test_dry_run_refuses_a_layout_that_does_not_fit():
     # a real `python ... --dry-run` (exit code through the script): the 45B model on 2 nodes
     # without pipeline parallelism does not fit
@@ -261,6 +271,7 @@ def test_dry_run_refuses_a_layout_that_does_not_fit():
     assert "DOES NOT FIT" in proc.stdout and "exceeds the GPU memory" in proc.stderr
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_launcher_runs_torchrun_on_cpu(tmp_path):
     """The non-dry path: torchrun with a c10d rendezvous, 2 processes, the 0.5B model's launch

@@ -16,13 +16,9 @@ from megatron_nitp.config.resolve import signal_number
 from megatron_nitp.training import exits
 from megatron_nitp.training.arguments import parse_args
 from megatron_nitp.training.loop import pretrain
-from tests.helpers import ROOT, clean_env, free_port, kill_group
+from tests.helpers import ROOT, TINY_MODEL, TINY_RUN, clean_env, free_port, kill_group
 
-TINY = ["--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",
-        "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "16",
-        "--micro-batch-size", "2", "--global-batch-size", "4", "--nitp-target-layer", "1",
-        "--lr-warmup-iters", "0", "--eval-interval", "0", "--no-plot", "--no-progress-bar",
-        "--geometry-interval", "0", "--log-interval", "1"]
+TINY = TINY_MODEL + TINY_RUN + ["--nitp-target-layer", "1", "--log-interval", "1"]
 
 
 def _history(run_dir):
@@ -125,6 +121,7 @@ def _launch_ranks(run_dir, flags, world=2):
     return procs
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_signal_to_the_process_group_exits_75_with_a_checkpoint(dist, tmp_path, capsys):
     """SIGUSR1 (--exit-signal SIGUSR1, what #SBATCH --signal sends) to every rank of a
@@ -222,6 +219,7 @@ def test_ctrl_c_names_the_last_checkpoint_and_the_resume_continues_the_run_folde
     assert (run_dir / "training.png").exists()
 
 
+@pytest.mark.distributed
 def test_ctrl_c_in_a_terminal_exits_130_without_a_traceback(tmp_path):
     """A real SIGINT to the process group (what Ctrl-C in a terminal sends) while training and
     saving every iteration (so it usually lands in a save, whose forked writers it reaches

@@ -5,16 +5,16 @@ import json
 import pytest
 import torch
 
-from tests.helpers import load_tool
-from tests.test_checkpoint import _run
+from tests.helpers import load_tool, run_training
 
 transformers = pytest.importorskip("transformers")
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("variant", [[], ["--add-qkv-bias", "--untie-embeddings-and-output-weights"]])
 def test_export_loads_in_transformers_with_equal_logits(dist, tmp_path, variant):
     run = tmp_path / "run"
-    _run(run, "--train-iters", "2", *variant)
+    run_training(run, "--train-iters", "2", *variant)
     ckpt = run / "checkpoints"
     out = tmp_path / "hf"
     tool = load_tool("export_checkpoint")

@@ -63,6 +63,7 @@ def test_paper_convention_applies_the_moe_formula_to_every_layer():
     assert exact_flops(preset).backbone != exact_flops(dict(preset, moe_layer_freq=1)).backbone
 
 
+@pytest.mark.distributed
 def test_paper_figures_from_explicit_flags_on_the_cli():
     out = _tool("--num-layers", "24", "--hidden-size", "1280", "--num-attention-heads", "8",
                 "--num-query-groups", "4", "--kv-channels", "160", "--seq-length", "8192",
@@ -171,6 +172,7 @@ def test_parameter_counts_of_the_paper_models_match_their_names():
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.distributed
 def test_cli_all_json_lists_every_preset():
     report = json.loads(_tool("--all", "--json"))
     assert set(report["models"]) == set(PRESETS)
@@ -182,6 +184,7 @@ def test_cli_all_json_lists_every_preset():
         assert entry["parameters"]["activated"] <= entry["parameters"]["total"]
 
 
+@pytest.mark.distributed
 def test_cli_table_prints_both_conventions():
     out = _tool("--preset", "moe-9b-a1b")
     assert "paper convention" in out and "exact convention" in out
@@ -189,12 +192,14 @@ def test_cli_table_prints_both_conventions():
     assert "5.06e9" in out and "2.33%" in out
 
 
+@pytest.mark.distributed
 def test_cli_compare_mtp_needs_measure():
     done = subprocess.run([sys.executable, TOOL, "--compare-mtp"], capture_output=True,
                           text=True, cwd=ROOT, timeout=120, env=clean_env())
     assert done.returncode != 0 and "--compare-mtp needs --measure" in done.stderr
 
 
+@pytest.mark.distributed
 def test_cli_measure_smoke_on_a_very_small_model():
     """Two timed iterations per arm of a 2-layer d=32 model (a few seconds): the plumbing, not
     the numbers."""

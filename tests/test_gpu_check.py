@@ -9,6 +9,8 @@ import torch
 
 from tests.helpers import ROOT, clean_env
 
+pytestmark = pytest.mark.distributed  # every test here starts processes
+
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
 def test_gpu_check_refuses_a_machine_without_cuda(tmp_path):

@@ -13,7 +13,9 @@ from contextlib import redirect_stdout
 
 import pytest
 
-from tests.helpers import ROOT, clean_env, load_tool, python_command, torchrun_file
+from tests.helpers import ROOT, TINY_MODEL, clean_env, load_tool, python_command, torchrun_file
+
+pytestmark = pytest.mark.distributed  # every test here starts processes
 
 
 @pytest.mark.slow
@@ -29,12 +31,9 @@ def test_shared_folder_and_rank0_build_waits_on_two_ranks(tmp_path):
         "tools/build_index.py`" in out and "raise --dataset-build-timeout-minutes" in out
 
 
-TINY = ["--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",
-        "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "32",
-        "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "3",
-        "--lr-warmup-iters", "0", "--nitp-target-layer", "1", "--eval-interval", "2",
-        "--eval-iters", "1", "--no-plot", "--no-progress-bar", "--geometry-interval", "0",
-        "--no-save"]
+TINY = TINY_MODEL + ["--seq-length", "32", "--train-iters", "3", "--nitp-target-layer", "1",
+                     "--eval-interval", "2", "--eval-iters", "1", "--no-plot", "--no-progress-bar",
+                     "--geometry-interval", "0", "--no-save"]
 
 
 def _listing(folder):

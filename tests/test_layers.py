@@ -210,3 +210,45 @@ def test_the_check_sees_lazy_imports_and_relative_ones(tmp_path):
     found = _imports("megatron_nitp.config.mod", str(path), modules)
     assert ("megatron_nitp.config.sibling", 1) in found
     assert ("megatron_nitp.training.loop", 4) in found and ("megatron_nitp.training", 4) in found
+
+
+# ------------------------------------------------------------------------------- the tests
+
+def _test_modules_imported(path: str) -> list[tuple[str, int]]:
+    """(test module, line) for every import of a ``tests/test_*.py`` module in ``path``: as
+    ``tests.test_x``, ``test_x`` or ``from tests import test_x``."""
+    found = []
+    for node in ast.walk(ast.parse(open(path).read(), path)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module] + ([f"tests.{a.name}" for a in node.names]
+                                     if node.module == "tests" else [])
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            module = parts[1] if parts[0] == "tests" and len(parts) > 1 else parts[0]
+            if module.startswith("test_"):
+                found.append((module, node.lineno))
+    return found
+
+
+def test_no_test_module_imports_another():
+    """What tests share lives in tests/helpers.py (or another module not named ``test_*``): a
+    test module imports no other test module, so each reads on its own and no test's privates
+    become another's interface."""
+    folder = os.path.join(ROOT, "tests")
+    bad = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            bad += [f"tests/{name}:{line} imports {module}"
+                    for module, line in _test_modules_imported(os.path.join(folder, name))]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_test_import_check_sees_every_spelling(tmp_path):
+    path = tmp_path / "test_x.py"
+    path.write_text("import os\nfrom tests.helpers import ROOT\nfrom tests.test_a import f\n"
+                    "def g():\n    import test_b\n    from tests import test_c, helpers\n")
+    assert _test_modules_imported(str(path)) == [("test_a", 3), ("test_b", 5), ("test_c", 6)]

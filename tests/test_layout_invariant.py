@@ -5,7 +5,7 @@ Each layout builds its model from the seed alone (``models.initialization``), tr
 iterations, and must match the single-process run: the initial weights of every parameter
 exactly, per-iteration lm loss, nitp loss and grad norm to a relative 1e-5, and the whole state
 after the steps (every backbone and projector weight and every Adam moment, assembled into
-global tensors from all ranks, ``assert_state_close`` of test_parallel.py: its tolerances are
+global tensors from all ranks, ``assert_state_close`` of parallel_runs.py: its tolerances are
 explained there), with every replicated copy equal to the saved one. Layouts of one world size
 run one after the other in one launch (``parallel_harness.py --runs``), so the whole module
 costs four interpreter starts.
@@ -16,15 +16,11 @@ import json
 import pytest
 import torch
 
-from tests.helpers import launch_runs
-from tests.test_parallel import assert_state_close
+from tests.helpers import TINY_MODEL, launch_runs
+from tests.parallel_runs import assert_state_close
 
-DENSE = [
-    "--num-layers", "4", "--hidden-size", "32", "--ffn-hidden-size", "64",
-    "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "32",
-    "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "3",
-    "--lr-warmup-iters", "0", "--nitp-target-layer", "1",
-]
+DENSE = TINY_MODEL + ["--num-layers", "4", "--seq-length", "32", "--global-batch-size", "8",
+                      "--train-iters", "3", "--nitp-target-layer", "1"]
 MOE = DENSE + [
     "--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "32",
     "--moe-shared-expert-intermediate-size", "32", "--moe-layer-freq", "[0]*1+[1]*3",
@@ -76,6 +72,7 @@ def results(tmp_path_factory):
     return get
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_from_scratch_equals_single_process(results, name):

@@ -78,6 +78,7 @@ def shim(tmp_path_factory):
     return argv_shim(tmp_path_factory.mktemp("shim"))
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("fast", ["yes", "no"])
 @pytest.mark.parametrize("model", PAPER)
 def test_examples_are_accepted_or_refused_on_every_machine(shim, tmp_path, capsys, model, fast):
@@ -131,6 +132,7 @@ def _train(shim, folder, model, fast, iterations, capsys, *extra):
     return flags, capsys.readouterr().out
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("model,fast", _cases(), ids=lambda v: v)
 def test_example_trains_saves_resumes_exports_and_evaluates(dist, shim, tmp_path, capsys, model,
@@ -228,6 +230,7 @@ def _as_trained_with_gpu_kernels(ckpt) -> None:
     _edit_stored_config(ckpt, edit)
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_export_and_evaluation_errors_are_one_line(dist, shim, tmp_path, capsys):
     """A checkpoint that cannot be used (none there; a stored config that cannot be rebuilt)

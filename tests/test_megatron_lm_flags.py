@@ -202,6 +202,7 @@ def test_gpt2_bpe_tokenizer_equals_gpt2s_reference_encoder(gpt2_files, tmp_path,
     assert len(os.listdir(tmp_path / "tokenizers")) == 1 and again.vocab_size == len(vocab)
 
 
+@pytest.mark.distributed
 def test_megatron_lm_line_preprocesses_and_trains_on_cpu(gpt2_files, tmp_path):
     """Megatron-LM's preprocess and pretrain command lines (GPT2BPETokenizer, the architecture
     flags, --train-samples, --lr-warmup-fraction), shrunk: the tools read them as Megatron-LM

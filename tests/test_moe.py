@@ -6,7 +6,7 @@ EP2 x PP2, TP2+SP with EP2) with each token dispatcher (alltoall, allgather) tra
 iterations and must match the one-process run of that dispatcher: per-iteration lm loss, nitp
 loss, load-balancing loss and grad norm to a relative 1e-5, a nitp loss > 0 at every step, and
 the whole checkpoint state after the steps (backbone, experts, routers, projector, and the
-optimizer's exp_avg and exp_avg_sq of every parameter; see test_parallel.assert_state_close),
+optimizer's exp_avg and exp_avg_sq of every parameter; see parallel_runs.assert_state_close),
 with every replicated copy equal to the saved one. Layouts of one world size run in one launch.
 """
 
@@ -16,7 +16,7 @@ from megatron_nitp.config.preset_table import preset_counts
 from megatron_nitp.training.arguments import parse_args
 from megatron_nitp.training.loop import pretrain
 from tests.helpers import measured_counts
-from tests.test_parallel import FLAGS, Launcher, assert_state_close
+from tests.parallel_runs import FLAGS, Launcher, assert_state_close
 
 MOE = FLAGS + [
     "--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "32",
@@ -71,6 +71,7 @@ def moe_results(tmp_path_factory):
     return get
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("dispatcher", DISPATCHERS)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -86,6 +87,7 @@ def test_expert_parallel_equals_single_process(moe_results, dispatcher, layout):
     assert_state_close(state, ref_state, name)
 
 
+@pytest.mark.distributed
 def test_router_settings_under_tp_sp_ep_equal_single_process(moe_results):
     """Sigmoid routing with the expert bias, the per-sequence balancing loss and the z-loss
     under TP2+SP, EP2: the losses (z-loss included), the grad norm and the whole state (the

@@ -12,9 +12,9 @@ NITP target layer k:
   sends at once, equal ``routed_bytes_per_step``; and the whole
   checkpoint state after the steps (every backbone and projector weight, and the optimizer's
   exp_avg and exp_avg_sq of every parameter, assembled into global tensors from all ranks)
-  has the reference's keys and values (see ``assert_state_close``), while every replicated
-  copy (DP replicas, TP-replicated norms, the last stage's tied output layer) equals the copy
-  that is saved, bit for bit. The layouts cover TP, TP+SP, PP with k before, on and after the
+  has the reference's keys and values (see ``parallel_runs.assert_state_close``), while every
+  replicated copy (DP replicas, TP-replicated norms, the last stage's tied output layer) equals
+  the copy that is saved, bit for bit. The layouts cover TP, TP+SP, PP with k before, on and after the
   stage boundary, PP4, DP, DP with the distributed optimizer (against the plain optimizer of
   one process), TP x PP, TP+SP+PP with k before the last stage, DP x PP, and PP with
   Megatron-LM's document flags (attention mask, reset positions, EOD loss mask; NITP targets
@@ -36,96 +36,15 @@ the interpreter and megatron-core are imported once per world size, which keeps 
 within a CI budget of two CPU cores.
 """
 
-import json
-import os
-import subprocess
-
 import pytest
 import torch
 
 from megatron_nitp.layout import routed_bytes_per_step
-from tests.helpers import launch_runs, write_short_documents
+from tests.helpers import write_short_documents
+from tests.parallel_runs import FLAGS, Launcher, assert_state_close
 
-FLAGS = [
-    "--num-layers", "4", "--hidden-size", "32", "--ffn-hidden-size", "64",
-    "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "32",
-    "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "3",
-    "--lr-warmup-iters", "0",
-]
 EVAL_ITERS = 2
 EVALUATE = ["--evaluate-at", "1", "--eval-iters", str(EVAL_ITERS)]
-MAIN_PARAM = "optimizer.state.param."
-
-
-def load_result(out):
-    """(per-iteration metrics, whole state, evaluate() record or None) of one run."""
-    with open(os.path.join(out, "metrics.json")) as f:
-        metrics = json.load(f)
-    evaluation = None
-    if os.path.exists(os.path.join(out, "eval.json")):
-        with open(os.path.join(out, "eval.json")) as f:
-            evaluation = json.load(f)
-    return metrics, torch.load(os.path.join(out, "state.pt")), evaluation
-
-
-class Launcher:
-    """Results by run name; each world size is launched once, when a test first needs it.
-    A failed launch fails every test that needs it, with the launch's output."""
-
-    def __init__(self, root, groups):
-        self.root, self.groups, self.errors = root, groups, {}
-
-    def __call__(self, name):
-        nproc = next(n for n, runs in self.groups.items() if name in runs)
-        if nproc not in self.errors:
-            try:
-                launch_runs(self.root, nproc, self.groups[nproc])
-                self.errors[nproc] = None
-            except (AssertionError, subprocess.TimeoutExpired) as err:
-                self.errors[nproc] = str(err)
-        if self.errors[nproc] is not None:
-            pytest.fail(f"the launch of world size {nproc} failed:\n{self.errors[nproc]}")
-        return load_result(self.root / name)
-
-
-def assert_state_close(state, ref, what):
-    """The whole state of a run equals the reference's: the same keys, every tensor close, and
-    every replicated copy (``replica differences``) equal to the saved one, bit for bit.
-
-    The distributed optimizer's fp32 main parameters (``optimizer.state.param.K``) have no
-    counterpart in the plain fp32 optimizer, whose main parameters are the weights themselves:
-    they are compared with the reference's weight K.
-
-    Tolerances: a layout sums gradients in another order, so each gradient carries last-ulp
-    differences, which the steps then amplify. Weights: relative 1e-5 plus 3e-5 absolute, 1% of
-    the learning rate (3e-3). Adam normalizes every update to about lr whatever the gradient's
-    size, so where a gradient entry is near zero its rounding noise moves that weight by a small
-    fraction of lr (measured: up to 9e-6 after 3 steps, single elements); a wrong or missing
-    gradient moves weights by O(lr). Optimizer moments (exp_avg, exp_avg_sq): relative 1e-5 plus
-    1e-4 of the tensor's largest entry. They are statistics of gradients computed from those
-    slightly different weights, so their error scales with the tensor's largest entries
-    (measured: up to 3.6e-5 of it, MoE with TP2+SP+EP2); entries near zero have no meaningful
-    relative accuracy. A wrong or missing gradient term, scaled gradients (which Adam's weights
-    would not show) or the state of another parameter differ by O(1) of it.
-    """
-    tensors, ref_tensors = dict(state["tensors"]), ref["tensors"]
-    for key in [k for k in tensors if k.startswith(MAIN_PARAM)]:
-        tensors[f"main param {key[len(MAIN_PARAM):]}"] = tensors.pop(key)
-    expected = dict(ref_tensors)
-    for key in tensors:
-        if key.startswith("main param "):
-            expected[key] = ref_tensors[key[len("main param "):]]
-    assert sorted(tensors) == sorted(expected), what
-    for key, want in expected.items():
-        got = tensors[key]
-        assert got.shape == want.shape, (what, key)
-        assert not got.isnan().any(), (what, key, "not covered by any rank's shards")
-        moment = key.startswith("optimizer.state.")
-        atol = 1e-4 * want.abs().max().item() if moment else 3e-5
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=atol,
-                                   msg=lambda m, key=key: f"{what}: {key}: {m}")
-    different = {k: v for k, v in state["replica differences"].items() if v != 0.0}
-    assert not different, (what, "replicated copies disagree", different)
 
 
 REFERENCE_FLAGS = {
@@ -241,6 +160,7 @@ def _routed_bytes(name):
     return _routing(name)["bytes_per_step_total"]
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_equals_single_process(results, name):
@@ -286,6 +206,7 @@ def test_tp_shares_of_the_target_cover_it(rows, tp):
     assert per_micro == chunk * 2 * 3 * 4
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("name", ROUTED)
 def test_routing_buffers_are_released_during_the_step(results, name):
     """An owning rank's pending layer-k sends hold at most ``min(PP - owner, M)``
@@ -302,6 +223,7 @@ def test_routing_buffers_are_released_during_the_step(results, name):
             assert got["routing peak bytes held"] < micro * per_micro
 
 
+@pytest.mark.distributed
 def test_mtp_under_pipeline_parallelism_equals_single_process(results):
     """The MTP objective beside NITP under PP=2 (MTP blocks and an embedding copy on the last
     stage, layer k on the first): losses, grad norm and the whole state equal one process."""
@@ -315,6 +237,7 @@ def test_mtp_under_pipeline_parallelism_equals_single_process(results):
     assert_state_close(state, ref_state, "pp2-mtp")
 
 
+@pytest.mark.distributed
 def test_evaluate_in_one_process_changes_nothing(results):
     """The reference with an evaluate() call after step 1 trains bit-identically to the one
     without: the call touched no weight, optimizer state, data position or RNG."""
@@ -328,6 +251,7 @@ def test_evaluate_in_one_process_changes_nothing(results):
         assert torch.equal(eval_state["tensors"][key], tensor), key
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("name", EVALUATED)
 def test_evaluate_equals_single_process_and_changes_nothing(results, name):
     """Validation losses under PP=2 / DP=2 equal one process's; nothing evaluate() could

@@ -338,6 +338,7 @@ def test_too_large_for_the_gpu_exits_3_with_what_to_change(capsys, monkeypatch):
     assert code == 0 and "of 400 GiB" in out
 
 
+@pytest.mark.distributed
 def test_entry_script_dry_run_starts_no_process_group():
     code = (
         "import runpy, sys, torch\n"

@@ -14,12 +14,10 @@ import sys
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, clean_env, kill_group, load_tool
+from tests.helpers import ROOT, TINY_MODEL, clean_env, kill_group, load_tool
 
-TINY = ["--train-iters", "3", "--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size",
-        "64", "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "32",
-        "--micro-batch-size", "2", "--global-batch-size", "4", "--lr-warmup-iters", "0",
-        "--eval-interval", "2", "--eval-iters", "1", "--geometry-interval", "1"]
+TINY = TINY_MODEL + ["--seq-length", "32", "--train-iters", "3", "--eval-interval", "2",
+                     "--eval-iters", "1", "--geometry-interval", "1"]
 METRICS = ("lm loss", "nitp loss", "validation lm loss", "effective rank", "cosine similarity")
 
 
@@ -67,6 +65,7 @@ def test_group_names():
     assert group("baseline") == "baseline"
 
 
+@pytest.mark.distributed
 def test_compare_runs_writes_plots_and_final_values(runs, tmp_path, capsys):
     tool = load_tool("compare_runs")
     prefix = tmp_path / "cmp"
@@ -109,6 +108,7 @@ def test_compare_runs_writes_plots_and_final_values(runs, tmp_path, capsys):
     assert table["NTP"]["iterations"] == [3]
 
 
+@pytest.mark.distributed
 def test_compare_runs_falls_back_to_summary_json(runs, tmp_path):
     tool = load_tool("compare_runs")
     copy = tmp_path / "nitp-seed7"
@@ -146,6 +146,7 @@ def _check_result(result, hidden=32):
     assert 0.0 <= c["accuracy"] <= 1.0 and c["items"] > 0 and c["target_nll"] > 0
 
 
+@pytest.mark.distributed
 def test_evaluate_representations_default_data(dist, runs, tmp_path, capsys):
     tool = load_tool("evaluate_representations")
     out = tmp_path / "eval.json"
@@ -235,6 +236,7 @@ def _check_held_out(result, run_dir, max_tokens, nitp, text=None):
         assert g["nitp_loss"] is None and nitp_sum == 0.0
 
 
+@pytest.mark.distributed
 def test_evaluate_representations_user_files_ntp(dist, runs, tmp_path):
     tool = load_tool("evaluate_representations")
     text = tmp_path / "held.txt"
@@ -260,6 +262,7 @@ def test_evaluate_representations_user_files_ntp(dist, runs, tmp_path):
     _check_held_out(result, runs["ntp"], max_tokens=65536, nitp=False, text=str(text))
 
 
+@pytest.mark.distributed
 def test_evaluate_representations_runs_what_is_asked(dist, runs, monkeypatch, capsys):
     from megatron_nitp import evaluation
 
@@ -449,6 +452,7 @@ metric_list:
 }
 
 
+@pytest.mark.distributed
 def test_lm_eval_bridge_matches_the_exported_model(exported):
     """Each request type against the exported model run by transformers itself."""
     from lm_eval.api.instance import Instance
@@ -497,6 +501,7 @@ def test_lm_eval_bridge_matches_the_exported_model(exported):
     assert got[0].startswith(" ")  # the word-boundary space before the first generated word
 
 
+@pytest.mark.distributed
 def test_lm_eval_bridge_on_a_local_task(exported, tmp_path, monkeypatch):
     """simple_evaluate through tools/lm_eval_bridge.py on local tasks (no download): each
     metric equals the one computed by hand from the transformers model."""
@@ -575,6 +580,7 @@ def _matches_rounded(text, pattern, value):
     return abs(float(number) * unit - value) <= 0.5 * 10 ** -decimals * unit + 1e-9
 
 
+@pytest.mark.distributed
 def test_make_report_from_tiny_runs(dist, runs, tmp_path):
     """The report's facts equal what the test computes from the runs' configs and data."""
     import re

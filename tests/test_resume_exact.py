@@ -20,13 +20,11 @@ import torch
 from megatron_nitp.training import loop
 from megatron_nitp.training.arguments import parse_args
 from megatron_nitp.training.model import unwrap
+from tests.helpers import TINY_MODEL, TINY_RUN
 
-TINY = ["--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",
-        "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "16",
-        "--micro-batch-size", "2", "--global-batch-size", "4", "--nitp-target-layer", "1",
-        "--lr-warmup-iters", "1", "--eval-interval", "0", "--no-plot", "--no-progress-bar",
-        "--geometry-interval", "0", "--log-interval", "1", "--mock-data", "--train-iters", "4",
-        "--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
+TINY = TINY_MODEL + TINY_RUN + ["--nitp-target-layer", "1", "--lr-warmup-iters", "1",
+                                "--log-interval", "1", "--mock-data", "--train-iters", "4",
+                                "--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
 
 
 def _rng() -> dict:

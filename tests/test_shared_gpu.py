@@ -29,6 +29,7 @@ def test_nccl_settings_for_ranks_sharing_a_gpu():
     assert device.shared_gpu_nccl_env(0, (2, 30, 1)) == {"NCCL_MULTI_RANK_GPU_ENABLE": "1"}
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_probe_checks_the_collectives_on_two_ranks():
     cmd = python_command(os.path.join(ROOT, "tools", "nccl_probe.py"), 2)

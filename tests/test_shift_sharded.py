@@ -67,6 +67,7 @@ def _worker(rank, world, port, tp, cp, mask_kind):
         dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize(
     "world,tp,cp,mask_kind",
     [

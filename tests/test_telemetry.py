@@ -15,12 +15,10 @@ import pytest
 from megatron_nitp.training import timers
 from megatron_nitp.training.arguments import parse_args
 from megatron_nitp.training.loop import UsageError, pretrain
+from tests.helpers import TINY_MODEL, TINY_RUN
 
-TINY = ["--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",
-        "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "16",
-        "--micro-batch-size", "2", "--global-batch-size", "4", "--nitp-target-layer", "1",
-        "--lr-warmup-iters", "0", "--eval-interval", "0", "--no-plot", "--no-progress-bar",
-        "--geometry-interval", "0", "--no-save", "--train-iters", "4", "--log-interval", "2"]
+TINY = TINY_MODEL + TINY_RUN + ["--nitp-target-layer", "1", "--no-save", "--train-iters", "4",
+                                "--log-interval", "2"]
 
 
 class FakeWandb(types.ModuleType):

@@ -17,14 +17,11 @@ from megatron_nitp.data.corpus import kjv_chapters
 from megatron_nitp.data.tokenizer import (BPE_EOD, BPE_PAD, build_tokenizer, train_bpe,
                                           train_sentencepiece)
 from megatron_nitp.training.arguments import parse_args
-from tests.helpers import load_tool
+from tests.helpers import TINY_MODEL, TINY_RUN, load_tool
 
 TEXT = "And God said,\nLet there be light: \u2603 1611  \U0001F600 and there was light."
-TINY = ["--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",
-        "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "32",
-        "--micro-batch-size", "2", "--global-batch-size", "4", "--lr-warmup-iters", "0",
-        "--nitp-target-layer", "1", "--eval-interval", "0", "--no-plot", "--no-progress-bar",
-        "--geometry-interval", "0", "--log-interval", "1"]
+TINY = TINY_MODEL + TINY_RUN + ["--seq-length", "32", "--nitp-target-layer", "1",
+                                "--log-interval", "1"]
 
 
 @pytest.fixture(scope="module")

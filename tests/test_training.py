@@ -10,6 +10,7 @@ import torch
 
 from megatron_nitp.training.arguments import parse_args
 from megatron_nitp.training.loop import pretrain
+from tests.helpers import TINY_MODEL, TINY_RUN
 
 FAST = ["--eval-interval", "0", "--no-save", "--no-plot", "--no-progress-bar",
         "--log-interval", "1000", "--geometry-interval", "0"]
@@ -176,13 +177,9 @@ def test_memory_is_logged_per_interval_with_the_plan_once(dist, tmp_path, capsys
     from megatron_nitp.training.memory import TENSORBOARD_TAGS, MemoryMonitor, key
 
     run_dir = tmp_path / "run"
-    summary = pretrain(parse_args([
-        "--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",
-        "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "16",
-        "--micro-batch-size", "2", "--global-batch-size", "4", "--nitp-target-layer", "1",
-        "--train-iters", "4", "--lr-warmup-iters", "0", "--log-interval", "2",
-        "--eval-interval", "0", "--no-save", "--no-plot", "--no-progress-bar",
-        "--geometry-interval", "0", "--log-memory-to-tensorboard", "--run-dir", str(run_dir)]))
+    summary = pretrain(parse_args(TINY_MODEL + TINY_RUN + [
+        "--nitp-target-layer", "1", "--train-iters", "4", "--log-interval", "2", "--no-save",
+        "--log-memory-to-tensorboard", "--run-dir", str(run_dir)]))
     out = capsys.readouterr().out
     peak_key = MemoryMonitor().peak_key  # CPU: the peak RSS of the interval
     with open(run_dir / "summary.json") as f:

@@ -146,6 +146,7 @@ def _worker() -> None:
     destroy_distributed()
 
 
+@pytest.mark.distributed
 def test_model_decides_the_owner_from_the_built_stages():
     from tests.helpers import torchrun_file
 

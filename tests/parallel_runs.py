@@ -1,0 +1,89 @@
+"""The parallel-equivalence tests' shared parts (tests/test_parallel.py, test_moe.py,
+test_layout_invariant.py): the tiny model's flags, launches of ``parallel_harness.py --runs``
+by world size, and the comparison of a run's whole state with the one-process reference."""
+
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+
+from tests.helpers import TINY_MODEL, launch_runs
+
+# The tiny model of the equivalence runs (they add their NITP flags): 4 layers, so that PP 2 and
+# PP 4 have whole stages, 32 tokens, 4 micro-batches of 2 per step, 3 steps.
+FLAGS = TINY_MODEL + ["--num-layers", "4", "--seq-length", "32", "--global-batch-size", "8",
+                      "--train-iters", "3"]
+MAIN_PARAM = "optimizer.state.param."
+
+
+def load_result(out):
+    """(per-iteration metrics, whole state, evaluate() record or None) of one run."""
+    with open(os.path.join(out, "metrics.json")) as f:
+        metrics = json.load(f)
+    evaluation = None
+    if os.path.exists(os.path.join(out, "eval.json")):
+        with open(os.path.join(out, "eval.json")) as f:
+            evaluation = json.load(f)
+    return metrics, torch.load(os.path.join(out, "state.pt")), evaluation
+
+
+class Launcher:
+    """Results by run name; each world size is launched once, when a test first needs it.
+    A failed launch fails every test that needs it, with the launch's output."""
+
+    def __init__(self, root, groups):
+        self.root, self.groups, self.errors = root, groups, {}
+
+    def __call__(self, name):
+        nproc = next(n for n, runs in self.groups.items() if name in runs)
+        if nproc not in self.errors:
+            try:
+                launch_runs(self.root, nproc, self.groups[nproc])
+                self.errors[nproc] = None
+            except (AssertionError, subprocess.TimeoutExpired) as err:
+                self.errors[nproc] = str(err)
+        if self.errors[nproc] is not None:
+            pytest.fail(f"the launch of world size {nproc} failed:\n{self.errors[nproc]}")
+        return load_result(self.root / name)
+
+
+def assert_state_close(state, ref, what):
+    """The whole state of a run equals the reference's: the same keys, every tensor close, and
+    every replicated copy (``replica differences``) equal to the saved one, bit for bit.
+
+    The distributed optimizer's fp32 main parameters (``optimizer.state.param.K``) have no
+    counterpart in the plain fp32 optimizer, whose main parameters are the weights themselves:
+    they are compared with the reference's weight K.
+
+    Tolerances: a layout sums gradients in another order, so each gradient carries last-ulp
+    differences, which the steps then amplify. Weights: relative 1e-5 plus 3e-5 absolute, 1% of
+    the learning rate (3e-3). Adam normalizes every update to about lr whatever the gradient's
+    size, so where a gradient entry is near zero its rounding noise moves that weight by a small
+    fraction of lr (measured: up to 9e-6 after 3 steps, single elements); a wrong or missing
+    gradient moves weights by O(lr). Optimizer moments (exp_avg, exp_avg_sq): relative 1e-5 plus
+    1e-4 of the tensor's largest entry. They are statistics of gradients computed from those
+    slightly different weights, so their error scales with the tensor's largest entries
+    (measured: up to 3.6e-5 of it, MoE with TP2+SP+EP2); entries near zero have no meaningful
+    relative accuracy. A wrong or missing gradient term, scaled gradients (which Adam's weights
+    would not show) or the state of another parameter differ by O(1) of it.
+    """
+    tensors, ref_tensors = dict(state["tensors"]), ref["tensors"]
+    for key in [k for k in tensors if k.startswith(MAIN_PARAM)]:
+        tensors[f"main param {key[len(MAIN_PARAM):]}"] = tensors.pop(key)
+    expected = dict(ref_tensors)
+    for key in tensors:
+        if key.startswith("main param "):
+            expected[key] = ref_tensors[key[len("main param "):]]
+    assert sorted(tensors) == sorted(expected), what
+    for key, want in expected.items():
+        got = tensors[key]
+        assert got.shape == want.shape, (what, key)
+        assert not got.isnan().any(), (what, key, "not covered by any rank's shards")
+        moment = key.startswith("optimizer.state.")
+        atol = 1e-4 * want.abs().max().item() if moment else 3e-5
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=atol,
+                                   msg=lambda m, key=key: f"{what}: {key}: {m}")
+    different = {k: v for k, v in state["replica differences"].items() if v != 0.0}
+    assert not different, (what, "replicated copies disagree", different)
