@@ -211,17 +211,15 @@ class FrozenLM:
     @torch.no_grad()
     def nitp_loss(self, tokens: torch.Tensor, labels: torch.Tensor,
                   loss_mask: torch.Tensor) -> tuple[float, int]:
-        """The model's own NITP objective on a batch: its forward with labels returns
-        ``(lm_loss, nitp_loss, nitp_mask, None)`` (no ``return_hidden``: the hidden states are
-        not needed here); returns the sum of ``nitp_loss`` over ``nitp_mask`` and the mask's
-        count."""
+        """The model's own NITP objective on a batch: its forward with labels returns a
+        ``ModelOutput`` whose ``nitp loss`` term is the per-token loss and its mask; returns
+        the loss's sum and the mask's count."""
         dev = device()
         tokens = tokens.to(dev)
         positions = torch.arange(tokens.shape[1], device=dev).unsqueeze(0).expand_as(tokens)
-        _, nitp, mask, _ = self.model(tokens, positions, None, labels=labels.to(dev),
-                                      loss_mask=loss_mask.to(dev).float())
-        mask = mask.float()
-        return float((nitp.float() * mask).double().sum()), int(mask.sum())
+        term = self.model(tokens, positions, None, labels=labels.to(dev),
+                          loss_mask=loss_mask.to(dev).float()).aux["nitp loss"]
+        return float(term.loss.double().sum()), int(term.mask.sum())
 
     def padded_batches(self, sequences: list[list[int]], batch_size: int):
         """Right-padded batches of sequences (each at most seq_length) and their lengths; the

@@ -286,3 +286,15 @@ def measured_counts(name: str) -> dict:
         "lr": preset["lr"],
         "global_batch_size": preset["global_batch_size"],
     }
+
+
+def nitp_terms(output, key: str = "nitp loss"):
+    """``(lm loss, loss, mask, hidden)`` of a model's ``ModelOutput``: the term logged as
+    ``key`` (the paper's NITP term by default), zeros where the model has no such term."""
+    import torch
+
+    term = output.aux.get(key)
+    if term is None:
+        zeros = torch.zeros_like(output.lm_loss, dtype=torch.float)
+        return output.lm_loss, zeros, zeros, output.hidden
+    return output.lm_loss, term.loss, term.mask, output.hidden

@@ -9,7 +9,7 @@ from megatron_nitp.nitp.config import NITPConfig
 from megatron_nitp.nitp.loss import cosine_regularization, implicit_token_loss, token_distance
 from megatron_nitp.training.initialize import set_seed
 from megatron_nitp.training.model import build_model
-from tests.helpers import tiny_args
+from tests.helpers import tiny_args, nitp_terms
 
 
 def _inputs(args, seed=0):
@@ -29,7 +29,7 @@ def test_stop_gradient_off_sends_gradient_through_the_target(dist):
     for stop in (True, False):
         model = _model(args, target_layer=1, stop_gradient=stop)
         tokens, positions, mask = _inputs(args)
-        _, nitp, _, _ = model(tokens, positions, None, labels=tokens, loss_mask=mask)
+        _, nitp, _, _ = nitp_terms(model(tokens, positions, None, labels=tokens, loss_mask=mask))
         nitp.sum().backward()
         grads[stop] = model.decoder.layers[0].mlp.linear_fc2.weight.grad.clone()
         # layer 2 and 3 are above the target: their gradient comes through P(h) alone
@@ -44,10 +44,10 @@ def test_same_position_target_pairs_t_with_t(dist):
     seen = {}
     model.decoder.layers[0].register_forward_hook(lambda m, i, o: seen.update(z=o[0].detach()) or None)
     tokens, positions, mask = _inputs(args)
-    _, nitp, nitp_mask, hidden = model(tokens, positions, None, labels=tokens,
-                                       loss_mask=mask, return_hidden=True)
+    _, nitp, nitp_mask, hidden = nitp_terms(model(tokens, positions, None, labels=tokens,
+                                       loss_mask=mask, return_hidden=True))
     with torch.no_grad():
-        expected = implicit_token_loss(model.projector(hidden), seen["z"], mask, shift=0)
+        expected = implicit_token_loss(model.projector(hidden), seen["z"], mask, shift=0)[0]
     torch.testing.assert_close(nitp, expected)
     assert nitp_mask.sum() == mask.sum()  # the last position has a target too
     assert (nitp[:, -1] > 0).all()
@@ -60,8 +60,8 @@ def test_loss_kinds_use_their_distance(dist, kind):
     seen = {}
     model.decoder.layers[0].register_forward_hook(lambda m, i, o: seen.update(z=o[0].detach()) or None)
     tokens, positions, mask = _inputs(args)
-    _, nitp, _, hidden = model(tokens, positions, None, labels=tokens,
-                               loss_mask=mask, return_hidden=True)
+    _, nitp, _, hidden = nitp_terms(model(tokens, positions, None, labels=tokens,
+                               loss_mask=mask, return_hidden=True))
     with torch.no_grad():
         predictions = model.projector(hidden)
         d = token_distance(predictions[:-1], seen["z"][1:], kind).t()
@@ -77,9 +77,9 @@ def test_projector_kinds(dist):
     tokens, positions, mask = _inputs(args)
     seen = {}
     none.decoder.layers[0].register_forward_hook(lambda m, i, o: seen.update(z=o[0].detach()) or None)
-    _, nitp, _, hidden = none(tokens, positions, None, labels=tokens,
-                              loss_mask=mask, return_hidden=True)
-    torch.testing.assert_close(nitp, implicit_token_loss(hidden, seen["z"], mask))
+    _, nitp, _, hidden = nitp_terms(none(tokens, positions, None, labels=tokens,
+                              loss_mask=mask, return_hidden=True))
+    torch.testing.assert_close(nitp, implicit_token_loss(hidden, seen["z"], mask)[0])
 
 
 def test_cosine_regularization_baseline(dist):
@@ -100,8 +100,8 @@ def test_cosine_regularization_baseline(dist):
     model = _model(args, objective="cosine_reg")
     assert model.projector is None
     tokens, positions, mask = _inputs(args)
-    _, reg, _, hidden = model(tokens, positions, None, labels=tokens,
-                              loss_mask=mask, return_hidden=True)
+    _, reg, _, hidden = nitp_terms(model(tokens, positions, None, labels=tokens,
+                              loss_mask=mask, return_hidden=True), "cosine reg loss")
     torch.testing.assert_close(reg, cosine_regularization(hidden, mask))
     reg.sum().backward()
     assert model.decoder.final_layernorm.weight.grad.abs().sum() > 0
@@ -115,12 +115,12 @@ def test_hidden_source_before_the_final_norm(dist):
     model.decoder.layers[-1].register_forward_hook(lambda m, i, o: seen.update(h=o[0].detach()) or None)
     model.decoder.final_layernorm.register_forward_hook(lambda m, i, o: seen.update(n=o.detach()) or None)
     tokens, positions, mask = _inputs(args)
-    _, nitp, _, hidden = model(tokens, positions, None, labels=tokens,
-                               loss_mask=mask, return_hidden=True)
+    _, nitp, _, hidden = nitp_terms(model(tokens, positions, None, labels=tokens,
+                               loss_mask=mask, return_hidden=True))
     torch.testing.assert_close(hidden, seen["h"])
     assert not torch.allclose(seen["h"], seen["n"])
     with torch.no_grad():
-        expected = implicit_token_loss(model.projector(seen["h"]), seen["z"], mask)
+        expected = implicit_token_loss(model.projector(seen["h"]), seen["z"], mask)[0]
     torch.testing.assert_close(nitp, expected)
 
 

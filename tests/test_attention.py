@@ -13,7 +13,7 @@ from megatron_nitp.nitp.config import NITPConfig
 from megatron_nitp.training.arguments import parse_args
 from megatron_nitp.training.initialize import set_seed
 from megatron_nitp.training.model import build_model
-from tests.helpers import tiny_args
+from tests.helpers import tiny_args, nitp_terms
 
 
 def _losses_and_grads(backend: str, *flags):
@@ -27,8 +27,8 @@ def _losses_and_grads(backend: str, *flags):
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 100, (2, args.seq_length), generator=g)
     positions = torch.arange(args.seq_length).expand(2, -1)
-    lm, nitp, mask, _ = model(tokens, positions, None, labels=tokens,
-                              loss_mask=torch.ones(2, args.seq_length))
+    lm, nitp, mask, _ = nitp_terms(model(tokens, positions, None, labels=tokens,
+                              loss_mask=torch.ones(2, args.seq_length)))
     loss = lm.mean() + nitp.sum() / mask.sum()
     loss.backward()
     return lm.mean().item(), nitp.sum().item(), {

@@ -18,7 +18,7 @@ from megatron_nitp.nitp.config import NITPConfig
 from megatron_nitp.training.arguments import parse_args
 from megatron_nitp.training.initialize import set_seed
 from megatron_nitp.training.model import build_model
-from tests.helpers import tiny_args, write_short_documents
+from tests.helpers import tiny_args, write_short_documents, nitp_terms
 
 VOCAB = 64  # NullTokenizer: ids 0..63, 63 = EOD
 EOD = VOCAB - 1
@@ -179,9 +179,9 @@ def test_nitp_mask_and_loss_stop_at_document_boundaries(dist):
     loss_mask = torch.ones(2, SEQ)
     loss_mask[1, 2] = 0.0
     continues = (tokens != EOD).float()
-    lm, nitp, nitp_mask, hidden = model(tokens, positions, attention, labels=tokens,
+    lm, nitp, nitp_mask, hidden = nitp_terms(model(tokens, positions, attention, labels=tokens,
                                         loss_mask=loss_mask, document_mask=continues,
-                                        return_hidden=True)
+                                        return_hidden=True))
     expected_mask = torch.ones(2, SEQ)
     for b, t in ((0, 4), (0, 10), (1, 7), (1, 15), (0, 15), (1, 2)):
         expected_mask[b, t] = 0.0
@@ -198,16 +198,17 @@ def test_nitp_mask_and_loss_stop_at_document_boundaries(dist):
     torch.testing.assert_close(nitp.detach(), by_hand, rtol=1e-5, atol=1e-6)
     # the step's N_nitp counts exactly these positions
     batch = {"loss_mask": loss_mask, CONTINUES_DOCUMENT: continues}
-    assert _global_counts([batch], shift=1) == (loss_mask.sum().item(), expected_mask.sum().item())
+    counts = _global_counts([batch], model.objectives)
+    assert counts.tolist() == [loss_mask.sum().item(), expected_mask.sum().item()]
     # allow (no document mask): today's pairs, across documents
-    _, nitp_all, mask_all, _ = model(tokens, positions, attention, labels=tokens,
-                                     loss_mask=loss_mask)
+    _, nitp_all, mask_all, _ = nitp_terms(model(tokens, positions, attention, labels=tokens,
+                                     loss_mask=loss_mask))
     expected_all = loss_mask.clone()
     expected_all[:, -1] = 0.0
     assert torch.equal(mask_all, expected_all)
     torch.testing.assert_close(nitp_all * expected_mask, nitp.detach())
     assert bool((nitp_all[0, [4, 10]] > 0).all())
-    assert _global_counts([{"loss_mask": loss_mask}], shift=1)[1] == expected_all.sum().item()
+    assert _global_counts([{"loss_mask": loss_mask}], model.objectives)[1] == expected_all.sum().item()
 
 
 def test_mock_data_with_the_flags(dist, tmp_path, monkeypatch):

@@ -36,6 +36,7 @@ LAYERS = (
     ("nitp", ("megatron_nitp.nitp.*",)),    # the method: knows no run settings
     ("config", ("megatron_nitp.config.*",)),  # settings, checks, presets, FLOPs
     ("data", ("megatron_nitp.data.*",)),
+    ("objectives", ("megatron_nitp.objectives.*",)),  # auxiliary terms: what the model computes
     ("models", ("megatron_nitp.models.*",)),
     ("training", ("megatron_nitp.training.*",)),
     ("applications", (

@@ -1,4 +1,4 @@
-"""The public loss contract: implicit_token_loss(predictions, shallow_states, loss_mask)."""
+"""The public loss contract: implicit_token_loss(predictions, shallow_states, loss_mask)[0]."""
 
 import math
 
@@ -17,7 +17,7 @@ def _hand_case():
 
 def test_hand_computed_shift_and_last_position():
     predictions, shallow = _hand_case()
-    loss = implicit_token_loss(predictions, shallow, torch.ones(1, 3))
+    loss = implicit_token_loss(predictions, shallow, torch.ones(1, 3))[0]
     # t=0: 1 - cos([1,0],[0,2]) = 1;  t=1: 1 - cos([0,1],[-1,-1]) = 1 + 1/sqrt(2);  t=2: no target
     expected = torch.tensor([[1.0, 1.0 + 1.0 / math.sqrt(2.0), 0.0]])
     assert loss.shape == (1, 3)
@@ -26,7 +26,7 @@ def test_hand_computed_shift_and_last_position():
 
 def test_mask_of_label_t_masks_position_t():
     predictions, shallow = _hand_case()
-    loss = implicit_token_loss(predictions, shallow, torch.tensor([[1.0, 0.0, 1.0]]))
+    loss = implicit_token_loss(predictions, shallow, torch.tensor([[1.0, 0.0, 1.0]]))[0]
     torch.testing.assert_close(loss, torch.tensor([[1.0, 0.0, 0.0]]))
     assert num_contributing_positions(torch.tensor([[1.0, 0.0, 1.0]])).item() == 1
     assert num_contributing_positions(torch.ones(4, 10)).item() == 36
@@ -34,7 +34,7 @@ def test_mask_of_label_t_masks_position_t():
 
 def test_same_position_ablation_pairs_t_with_t():
     predictions, shallow = _hand_case()
-    loss = implicit_token_loss(predictions, shallow, torch.ones(1, 3), shift=0)
+    loss = implicit_token_loss(predictions, shallow, torch.ones(1, 3), shift=0)[0]
     # t=0: cos([1,0],[5,5]) = 1/sqrt2; t=1: cos([0,1],[0,2]) = 1; t=2: cos([1,1],[-1,-1]) = -1
     expected = torch.tensor([[1.0 - 1.0 / math.sqrt(2.0), 0.0, 2.0]])
     torch.testing.assert_close(loss, expected)
@@ -45,7 +45,7 @@ def test_matches_per_position_reference_on_random_input():
     s, b, h = 7, 3, 16
     predictions, shallow = torch.randn(s, b, h), torch.randn(s, b, h)
     mask = (torch.rand(b, s) > 0.3).float()
-    loss = implicit_token_loss(predictions, shallow, mask)
+    loss = implicit_token_loss(predictions, shallow, mask)[0]
     for i in range(b):
         for t in range(s):
             if t == s - 1:
@@ -64,7 +64,7 @@ def test_no_gradient_reaches_shallow_states():
     torch.manual_seed(1)
     predictions = torch.randn(5, 2, 8, requires_grad=True)
     shallow = torch.randn(5, 2, 8, requires_grad=True)
-    implicit_token_loss(predictions, shallow, torch.ones(2, 5)).sum().backward()
+    implicit_token_loss(predictions, shallow, torch.ones(2, 5))[0].sum().backward()
     assert shallow.grad is None
     assert predictions.grad is not None and predictions.grad[:-1].abs().sum() > 0
     # the last position has no target: no gradient from it
@@ -75,7 +75,7 @@ def test_stop_gradient_off_lets_gradient_reach_targets():
     torch.manual_seed(1)
     predictions = torch.randn(5, 2, 8, requires_grad=True)
     shallow = torch.randn(5, 2, 8, requires_grad=True)
-    implicit_token_loss(predictions, shallow, torch.ones(2, 5), stop_gradient=False).sum().backward()
+    implicit_token_loss(predictions, shallow, torch.ones(2, 5), stop_gradient=False)[0].sum().backward()
     assert shallow.grad is not None
     assert shallow.grad[0].abs().sum() == 0  # z_1 is never a target
     assert shallow.grad[1:].abs().sum() > 0
@@ -97,7 +97,7 @@ def test_computed_in_fp32_from_bf16():
     # float64 reference from the same bf16 inputs: what an fp32 computation must match closely
     reference = _cosine_loss_reference(predictions, shallow).float()
     tolerance = dict(atol=1e-5, rtol=0)
-    loss = implicit_token_loss(predictions, shallow, mask)
+    loss = implicit_token_loss(predictions, shallow, mask)[0]
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, reference, **tolerance)
     # the tolerance is tight enough to reject the same loss computed in bf16
@@ -112,15 +112,15 @@ def test_computed_in_fp32_from_bf16():
 def test_other_loss_kinds_are_zero_on_identical_targets(kind):
     shallow = torch.randn(4, 1, 8)
     predictions = torch.cat([shallow[1:], torch.randn(1, 1, 8)])  # P(h_t) == z_{t+1}
-    loss = implicit_token_loss(predictions, shallow, torch.ones(1, 4), kind=kind)
+    loss = implicit_token_loss(predictions, shallow, torch.ones(1, 4), kind=kind)[0]
     torch.testing.assert_close(loss, torch.zeros(1, 4), atol=1e-6, rtol=0)
 
 
 def test_shape_errors_are_clear():
     with pytest.raises(ValueError, match=r"\[b, s\]"):
-        implicit_token_loss(torch.randn(4, 2, 8), torch.randn(4, 2, 8), torch.ones(4, 2))
+        implicit_token_loss(torch.randn(4, 2, 8), torch.randn(4, 2, 8), torch.ones(4, 2))[0]
     with pytest.raises(ValueError, match="unknown NITP loss kind"):
-        implicit_token_loss(torch.randn(4, 2, 8), torch.randn(4, 2, 8), torch.ones(2, 4), kind="l3")
+        implicit_token_loss(torch.randn(4, 2, 8), torch.randn(4, 2, 8), torch.ones(2, 4), kind="l3")[0]
 
 
 def test_training_forward_computes_the_distance_in_fp32_under_bf16(dist):
@@ -134,7 +134,7 @@ def test_training_forward_computes_the_distance_in_fp32_under_bf16(dist):
     from megatron_nitp.models.initialization import initialize_weights
     from megatron_nitp.training.initialize import set_seed
     from megatron_nitp.training.model import build_model
-    from tests.helpers import tiny_args
+    from tests.helpers import tiny_args, nitp_terms
 
     args = tiny_args("--bf16", "--seq-length", "32")
     set_seed(3)
@@ -150,8 +150,8 @@ def test_training_forward_computes_the_distance_in_fp32_under_bf16(dist):
     tokens = torch.randint(0, 128, (2, 32), generator=g)
     mask = torch.ones(2, 32)
     with torch.no_grad():
-        _, nitp, nitp_mask, _ = model(tokens, torch.arange(32).expand(2, -1), None,
-                                      labels=tokens, loss_mask=mask)
+        _, nitp, nitp_mask, _ = nitp_terms(model(tokens, torch.arange(32).expand(2, -1), None,
+                                      labels=tokens, loss_mask=mask))
     for hook in hooks:
         hook.remove()
     p, z = seen["p"], seen["z"]

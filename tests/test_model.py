@@ -8,7 +8,7 @@ from megatron_nitp.nitp.loss import implicit_token_loss
 from megatron_nitp.nitp.projector import SwiGLUProjector
 from megatron_nitp.training.initialize import set_seed
 from megatron_nitp.training.model import build_model, layer_spec, transformer_config
-from tests.helpers import tiny_args
+from tests.helpers import tiny_args, nitp_terms
 
 
 def _numel(module):
@@ -53,14 +53,14 @@ def test_forward_returns_per_token_losses_and_backward_reaches_projector(dist):
     set_seed(2)
     model = build_model(args, NITPConfig(target_layer=1), True, True)
     tokens, positions = _batch(args)
-    lm, nitp, nitp_mask, hidden = model(tokens, positions, None, labels=tokens,
-                                        loss_mask=torch.ones(2, 16), return_hidden=True)
+    lm, nitp, nitp_mask, hidden = nitp_terms(model(tokens, positions, None, labels=tokens,
+                                        loss_mask=torch.ones(2, 16), return_hidden=True))
     assert nitp_mask.sum() == 2 * 15 and torch.all(nitp_mask[:, -1] == 0)
     assert lm.shape == (2, 16) and nitp.shape == (2, 16) and hidden.shape == (16, 2, 32)
     assert torch.all(nitp[:, -1] == 0) and torch.all(nitp[:, :-1] > 0)
     # the hidden states only when asked for (the step asks on its geometry micro-batch)
-    lm_only, nitp_only, _, none = model(tokens, positions, None, labels=tokens,
-                                        loss_mask=torch.ones(2, 16))
+    lm_only, nitp_only, _, none = nitp_terms(model(tokens, positions, None, labels=tokens,
+                                        loss_mask=torch.ones(2, 16)))
     assert none is None
     assert torch.equal(lm_only, lm) and torch.equal(nitp_only, nitp)
     (lm.mean() + nitp.sum() / 30).backward()
@@ -77,11 +77,11 @@ def test_target_layer_zero_is_the_embedding_output(dist):
     model = build_model(args, NITPConfig(target_layer=0), True, True)
     tokens, positions = _batch(args, seed=1)
     mask = torch.ones(2, 16)
-    _, nitp, _, hidden = model(tokens, positions, None, labels=tokens,
-                               loss_mask=mask, return_hidden=True)
+    _, nitp, _, hidden = nitp_terms(model(tokens, positions, None, labels=tokens,
+                               loss_mask=mask, return_hidden=True))
     with torch.no_grad():
         embedded = model.embedding(input_ids=tokens, position_ids=positions)
-        expected = implicit_token_loss(model.projector(hidden), embedded, mask)
+        expected = implicit_token_loss(model.projector(hidden), embedded, mask)[0]
     torch.testing.assert_close(nitp, expected)
 
 
@@ -97,10 +97,10 @@ def test_target_layer_k_is_the_kth_layer_output(dist):
     model.decoder.layers[1].register_forward_hook(keep)
     tokens, positions = _batch(args, seed=2)
     mask = torch.ones(2, 16)
-    _, nitp, _, hidden = model(tokens, positions, None, labels=tokens,
-                               loss_mask=mask, return_hidden=True)
+    _, nitp, _, hidden = nitp_terms(model(tokens, positions, None, labels=tokens,
+                               loss_mask=mask, return_hidden=True))
     with torch.no_grad():
-        expected = implicit_token_loss(model.projector(hidden), seen["z"], mask)
+        expected = implicit_token_loss(model.projector(hidden), seen["z"], mask)[0]
     torch.testing.assert_close(nitp, expected)
     assert model.decoder.layers[1].layer_number == 2
 

@@ -36,6 +36,11 @@ OBJECTIVES = {
     "ntp": (["--no-nitp"], {"lm loss": 0.8}),
     "nitp": ([], {"lm loss": 0.8, "nitp loss": 0.3}),
     "cosine_reg": (["--nitp-objective", "cosine_reg"], {"lm loss": 0.3, "total loss": 0.3}),
+    "nitp+cosine_reg": (["--nitp-cosine-reg-weight", "0.5"], {"lm loss": 0.3, "nitp loss": 0.3}),
+    "nitp 2 layers 2 horizons": (["--nitp-extra-target-layers", "0", "--nitp-horizon", "2"],
+                                 {"lm loss": 0.8, "nitp loss k=1 t+1": 0.3,
+                                  "nitp loss k=1 t+2": 0.2, "nitp loss k=0 t+1": 0.1,
+                                  "nitp loss k=0 t+2": 0.1}),
     "mtp": (["--no-nitp", "--mtp-num-layers", "1"], {"lm loss": 0.8, "mtp loss": 0.8}),
     "nitp+mtp": (["--mtp-num-layers", "1"], {"lm loss": 0.8, "nitp loss": 0.3,
                                              "mtp loss": 0.8}),
@@ -51,9 +56,20 @@ def test_each_objective_lowers_its_losses(dist, tmp_path, name):
         assert len(history[key]) == 12, key
         assert _falls(history[key], by), (key, history[key])
     assert ("mtp loss" in history) == ("mtp" in name)
-    for i, total in enumerate(history["total loss"]):  # lm + lambda nitp + factor mtp
-        expected = (history["lm loss"][i] + history["nitp weight"][i] * history["nitp loss"][i]
-                    + 0.1 * history.get("mtp loss", [0.0] * 12)[i])
+    assert ("nitp loss" in history) == (name not in ("ntp", "mtp", "cosine_reg"))
+    assert ("cosine reg loss" in history) == ("cosine_reg" in name)
+    cosine_weight = 0.5 if name == "nitp+cosine_reg" else 1.0
+    terms = [k for k in history if k.startswith("nitp loss k=")]
+    assert len(terms) == (4 if "horizons" in name else 0)
+    for i, total in enumerate(history["total loss"]):  # lm + lambda nitp + w cos + factor mtp
+        zeros = [0.0] * 12
+        if terms:  # lambda weighs the mean of the terms, logged as the nitp loss
+            mean = sum(history[k][i] for k in terms) / len(terms)
+            assert history["nitp loss"][i] == pytest.approx(mean, rel=1e-12)
+        expected = (history["lm loss"][i]
+                    + history["nitp weight"][i] * history.get("nitp loss", zeros)[i]
+                    + cosine_weight * history.get("cosine reg loss", zeros)[i]
+                    + 0.1 * history.get("mtp loss", zeros)[i])
         assert total == pytest.approx(expected, rel=1e-9)
 
 
@@ -63,9 +79,10 @@ def test_cosine_regularization_holds_the_cosine_down(dist, tmp_path):
     rises from ~0.06); the regularizer's weight is what holds it down."""
     free = _train(tmp_path, "free", "--nitp-objective", "cosine_reg", "--nitp-loss-weight", "0")
     held = _train(tmp_path, "held", "--nitp-objective", "cosine_reg", "--nitp-loss-weight", "10")
-    assert free["nitp loss"][0] == pytest.approx(held["nitp loss"][0], rel=1e-6)
-    assert sum(free["nitp loss"][-3:]) / 3 > 2 * sum(free["nitp loss"][:3]) / 3
-    assert sum(held["nitp loss"][-3:]) < 0.5 * sum(free["nitp loss"][-3:])
+    free, held = free["cosine reg loss"], held["cosine reg loss"]
+    assert free[0] == pytest.approx(held[0], rel=1e-6)
+    assert sum(free[-3:]) / 3 > 2 * sum(free[:3]) / 3
+    assert sum(held[-3:]) < 0.5 * sum(free[-3:])
 
 
 def test_mtp_enters_the_gradient_with_its_factor(dist, tmp_path):

@@ -16,7 +16,7 @@ from megatron_nitp.device import device
 from megatron_nitp.nitp.config import NITPConfig
 from megatron_nitp.training import model as model_module
 from megatron_nitp.training.initialize import set_seed
-from tests.helpers import tiny_args
+from tests.helpers import tiny_args, nitp_terms
 
 FULL_RECOMPUTE = dict(recompute_granularity="full", recompute_method="uniform",
                       recompute_num_layers=1)
@@ -55,7 +55,7 @@ def _inputs(args, seed):
 
 def _step(model, args, seed=0):
     tokens, positions, mask = _inputs(args, seed)
-    lm, nitp, _, _ = model(tokens, positions, _causal(args), labels=tokens, loss_mask=mask)
+    lm, nitp, _, _ = nitp_terms(model(tokens, positions, _causal(args), labels=tokens, loss_mask=mask))
     ((lm * mask).sum() + 0.5 * nitp.sum()).backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     return lm.detach(), nitp.detach(), grads
@@ -75,8 +75,8 @@ def test_full_recompute_equals_no_recompute(dist, monkeypatch, nitp):
     lm, loss, grads = _step(model, args)
 
     # the layers really were recomputed in the backward pass, and those re-fires were ignored
-    assert model._shallow.fires_in_backward > 0
-    assert model._shallow.state is None and model._final.state is None
+    assert model._taps[model.nitp.target_layer].fires_in_backward > 0
+    assert model._taps[model.nitp.target_layer].state is None and model._final.state is None
     torch.testing.assert_close(lm, lm_ref, rtol=1e-6, atol=0)
     torch.testing.assert_close(loss, nitp_ref, rtol=1e-6, atol=0)
     assert loss.sum() > 0
@@ -135,9 +135,9 @@ def test_every_recompute_mode_equals_no_recompute(dist, mode, ablation):
     lm, loss, grads = _step(model, args)
     if mode.startswith("full") and nitp["target_layer"] >= 1:
         # layer k ran again in the backward pass (uniform: all layers; block: the first two)
-        assert (model._shallow.fires_in_backward > 0) == (nitp["target_layer"] <= 2
+        assert (model._taps[model.nitp.target_layer].fires_in_backward > 0) == (nitp["target_layer"] <= 2
                                                           or "uniform" in mode)
-    assert model._shallow.state is None and model._final.state is None
+    assert model._taps[model.nitp.target_layer].state is None and model._final.state is None
     torch.testing.assert_close(lm, lm_ref, rtol=1e-6, atol=0)
     torch.testing.assert_close(loss, nitp_ref, rtol=1e-6, atol=0)
     assert loss.sum() > 0
@@ -152,7 +152,7 @@ def test_last_layer_source_trains_the_layers_through_the_projector(dist, monkeyp
     the NITP loss, every decoder layer must still get a gradient under full recompute."""
     model, args = _build(monkeypatch, FULL_RECOMPUTE, target_layer=1, hidden_source="last_layer")
     tokens, positions, mask = _inputs(args, 1)
-    _, nitp, _, _ = model(tokens, positions, _causal(args), labels=tokens, loss_mask=mask)
+    _, nitp, _, _ = nitp_terms(model(tokens, positions, _causal(args), labels=tokens, loss_mask=mask))
     nitp.sum().backward()
     for layer in model.decoder.layers:
         assert layer.mlp.linear_fc2.weight.grad.abs().sum() > 0, layer.layer_number
@@ -168,7 +168,7 @@ def test_no_stop_gradient_under_full_recompute_is_a_clear_error(dist, monkeypatc
     assert "activation recomputation covers layer 2" in message
     assert "--nitp-no-stop-gradient" in message
     assert "recompute_num_layers <= 1" in message and "stop-gradient" in message
-    assert model._shallow.state is None and model._final.state is None
+    assert model._taps[model.nitp.target_layer].state is None and model._final.state is None
     # evaluation (no graph recorded) and the block method leaving layer k out are fine
     with torch.no_grad():
         model(tokens, positions, _causal(args), labels=tokens, loss_mask=mask)
@@ -184,8 +184,8 @@ def test_no_stop_gradient_under_full_recompute_is_a_clear_error(dist, monkeypatc
 def test_hooks_keep_nothing_after_backward_without_recompute(dist, monkeypatch):
     model, args = _build(monkeypatch, None, target_layer=1)
     _step(model, args)
-    assert model._shallow.fires_in_backward == 0
-    assert model._shallow.state is None and model._final.state is None
+    assert model._taps[model.nitp.target_layer].fires_in_backward == 0
+    assert model._taps[model.nitp.target_layer].state is None and model._final.state is None
 
 
 @pytest.mark.parametrize("field", ["cuda_graph_impl", "enable_cuda_graph"])

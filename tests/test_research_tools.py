@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, TINY_MODEL, clean_env, kill_group, load_tool
+from tests.helpers import ROOT, TINY_MODEL, clean_env, kill_group, load_tool, nitp_terms
 
 TINY = TINY_MODEL + ["--seq-length", "32", "--train-iters", "3", "--eval-interval", "2",
                      "--eval-iters", "1", "--geometry-interval", "1"]
@@ -216,7 +216,7 @@ def _check_held_out(result, run_dir, max_tokens, nitp, text=None):
             window = torch.tensor([stream[start: start + seq + 1]])
             inputs, labels = window[:, :-1], window[:, 1:]
             positions = torch.arange(inputs.shape[1]).unsqueeze(0)
-            _, nitp_loss, nitp_mask, _ = model(inputs, positions, None, labels=labels)
+            _, nitp_loss, nitp_mask, _ = nitp_terms(model(inputs, positions, None, labels=labels))
             nitp_sum += float((nitp_loss * nitp_mask).double().sum())
             nitp_count += int(nitp_mask.sum())
             states.append(captured.pop()[0].float())

@@ -124,8 +124,8 @@ def _worker() -> None:
         model = build_model(args)
         assert len(model.decoder.layers) == (first if stage == 0 else 4 - first)
         assert model.target_owner_stage == owner, (stage, model.target_owner_stage)
-        assert (model._router is not None) == (owner == 0)
-        assert model._shallow.owns_target == (stage == owner)
+        assert (model.nitp.target_layer in model._routers) == (owner == 0)
+        assert model._taps[model.nitp.target_layer].owns_target == (stage == owner)
 
         g = torch.Generator().manual_seed(k)
         batches = []
@@ -134,7 +134,8 @@ def _worker() -> None:
             batches.append({"tokens": tokens, "labels": tokens.roll(-1, 1),
                             "loss_mask": torch.ones(tokens.shape),
                             "position_ids": torch.arange(args.seq_length).expand_as(tokens)})
-        reports = _run_schedule(model, batches, args, 1.0, False, False)
+        reports = _run_schedule(model, batches, args, model.objectives, {"nitp loss": 1.0},
+                                False, False)
         routed = 2 * args.seq_length * args.micro_batch_size * args.hidden_size * 4
         assert model.routed_bytes == (routed if stage == 0 and owner == 0 else 0)
         if stage == 1:

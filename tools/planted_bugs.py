@@ -93,17 +93,17 @@ BUGS = [
     Bug(
         "lambda-twice",
         "the NITP term is weighted by lambda once",
-        "megatron_nitp/training/objectives.py",
-        "        return weight * n_ntp / n_aux if n_aux > 0 else 0.0\n",
-        "        return weight * weight * n_ntp / n_aux if n_aux > 0 else 0.0\n",
+        "megatron_nitp/objectives/implicit.py",
+        "        return self.nitp.weight_at(iteration) / self.terms\n",
+        "        return self.nitp.weight_at(iteration) ** 2 / self.terms\n",
         (ACCOUNTING,),
     ),
     Bug(
         "n-nitp-as-n-ntp",
         "the NITP sum is normalized by N_nitp (positions with a target), not N_ntp",
-        "megatron_nitp/training/objectives.py",
-        "        return weight * n_ntp / n_aux if n_aux > 0 else 0.0\n",
-        "        return weight * n_ntp / n_ntp if n_aux > 0 else 0.0\n",
+        "megatron_nitp/training/step.py",
+        "    return {o.report_key: (o.weight_at(iteration) * n_ntp / counts[1 + i].item()\n",
+        "    return {o.report_key: (o.weight_at(iteration) * n_ntp / n_ntp\n",
         (ACCOUNTING,),
     ),
     Bug(
@@ -119,10 +119,10 @@ BUGS = [
         "routing-previous-microbatch",
         "under PP the last stage gets the layer-k target of the same micro-batch",
         "megatron_nitp/nitp/routing.py",
-        "            with TIMERS.phase(ROUTING_WAIT):\n"
+        "            with self._wait_timer():\n"
         "                dist.recv(buffer, self.source, group=self.group)\n"
         "            return buffer\n",
-        "            with TIMERS.phase(ROUTING_WAIT):\n"
+        "            with self._wait_timer():\n"
         "                dist.recv(buffer, self.source, group=self.group)\n"
         "            previous, self._previous = getattr(self, '_previous', None), buffer\n"
         "            return buffer if previous is None else previous\n",
@@ -183,9 +183,9 @@ BUGS = [
     Bug(
         "distance-in-bf16",
         "under bf16 the training forward computes the NITP distance in fp32",
-        "megatron_nitp/models/gpt.py",
-        "        distance = token_distance(predictions.float(), targets.float(), nitp.loss_kind)\n",
-        "        distance = token_distance(predictions, targets, nitp.loss_kind)\n",
+        "megatron_nitp/nitp/loss.py",
+        "    distance = token_distance(predictions.float(), targets.float(), kind)  # [L, b]\n",
+        "    distance = token_distance(predictions, targets, kind)  # [L, b]\n",
         (BF16_PATH,),
         fast=True,
     ),
@@ -211,8 +211,8 @@ BUGS = [
         "cpu-literal-device",
         "tensors that enter collectives are made on device(), not on a CPU literal",
         "megatron_nitp/training/step.py",
-        "    counts = torch.zeros(2, dtype=torch.float64, device=device())\n",
-        '    counts = torch.zeros(2, dtype=torch.float64, device="cpu")\n',
+        "    counts = torch.zeros(1 + len(objectives), dtype=torch.float64, device=device())\n",
+        '    counts = torch.zeros(1 + len(objectives), dtype=torch.float64, device="cpu")\n',
         (DEVICE_GUARD,),
         fast=True,
     ),

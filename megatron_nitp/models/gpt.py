@@ -28,7 +28,7 @@ all-gather of ``[s/cp, b, h]`` over TP, and Float16Module's fp32 copy of it, per
 from __future__ import annotations
 
 import datetime
-from typing import Callable, ContextManager, Optional
+from typing import Callable, ContextManager, Optional, Sequence
 
 import torch
 from megatron.core import parallel_state
@@ -36,56 +36,80 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_nitp.data.datasets import CONTINUES_DOCUMENT
 from megatron_nitp.nitp.capture import ActivationCapture, find_target_module, recompute_error
 from megatron_nitp.nitp.config import NITPConfig
-from megatron_nitp.nitp.loss import cosine_regularization, token_distance
-from megatron_nitp.nitp.projector import build_projector
+from megatron_nitp.nitp.loss import SequenceShards
 from megatron_nitp.nitp.routing import TargetRouter, owner_stage
-from megatron_nitp.nitp.shift import local_positions, shift_targets, shift_targets_sharded
+from megatron_nitp.nitp.shift import local_positions
+from megatron_nitp.objectives import LossInputs, ModelOutput, Objective, representation_objectives
 
 
 class NITPGPTModel(GPTModel):
-    """GPTModel whose training forward returns ``(lm_loss, nitp_loss, nitp_mask, hidden)``.
+    """GPTModel whose training forward returns a :class:`ModelOutput`: the lm loss, and each
+    auxiliary objective's term.
 
-    With ``labels`` on the last pipeline stage, ``forward`` returns the ``[b, s]`` NTP per-token
-    loss, the ``[b, s]`` NITP per-token loss (zeros when NITP is off), the ``[b, s]`` mask of
-    positions that carry an NITP loss (``loss_mask`` and a target exists: not the sequence's
-    last position, nor a position whose ``document_mask`` is 0) and, with
-    ``return_hidden=True``, the detached ``[s, b, h]`` final hidden states (for
-    representation-geometry metrics; whole sequences over TP, gathered under sequence
-    parallelism), else None. Under context parallelism ``s`` is this rank's
+    With ``labels`` on the last pipeline stage, ``forward`` returns ``ModelOutput(lm_loss [b, s],
+    aux={report key: AuxTerm(loss [b, s], mask [b, s])}, hidden, taps)``: each objective's
+    per-token loss and the mask of the positions that carry it (for NITP: ``loss_mask`` where a
+    target exists - not the sequence's last position, nor a position whose ``document_mask`` is
+    0), and, with ``return_hidden=True``, the detached ``[s, b, h]`` final hidden states and
+    tapped layers' states (for representation-geometry metrics; whole sequences over TP,
+    gathered under sequence parallelism). Under context parallelism ``s`` is this rank's
     ``s / cp``. Otherwise it behaves as GPTModel.
 
-    ``routing_timeout`` and ``routing_wait_timer`` go to the target's router
+    ``objectives``: the terms the model computes (``megatron_nitp.objectives``); by default
+    those of ``nitp`` (the paper: one NITP term). Each objective's module lives on the last
+    stage: the first NITP term's at ``projector`` (the paper's name, kept in checkpoints), the
+    others in ``aux_modules``.
+
+    ``routing_timeout`` and ``routing_wait_timer`` go to the taps' routers
     (``nitp.routing.TargetRouter``): the builder's collective timeout and its timer of the
     routing wait (``training/model.py`` passes the run's).
     """
 
     def __init__(self, config: TransformerConfig, nitp: NITPConfig, *,
+                 objectives: Optional[Sequence[Objective]] = None,
                  routing_timeout: Optional[datetime.timedelta] = None,
                  routing_wait_timer: Optional[Callable[[], ContextManager]] = None,
                  **gpt_kwargs):
         _refuse_cuda_graphs(config)
         super().__init__(config=config, **gpt_kwargs)
         self.nitp = nitp
+        self.objectives = tuple(representation_objectives(nitp) if objectives is None
+                                else objectives)
         self.projector: Optional[torch.nn.Module] = None
-        self._shallow: Optional[ActivationCapture] = None
-        self._router: Optional[TargetRouter] = None
-        self.target_owner_stage: Optional[int] = None
-        if nitp.enabled and nitp.objective == "nitp":
-            target = find_target_module(self, nitp.target_layer)
-            self._shallow = ActivationCapture(target, detach=nitp.stop_gradient)
-            if self.post_process:
-                self.projector = build_projector(config, nitp.projector, nitp.projector_ffn_ratio)
-            # Where layer k really is (uneven splits included): one all-reduce over PP.
-            pp_size = config.pipeline_model_parallel_size
-            self.target_owner_stage = owner_stage(target is not None) if pp_size > 1 else 0
-            if pp_size > 1 and self.target_owner_stage != pp_size - 1:
+        self._modules_of: dict = {}
+        if self.post_process:
+            for objective in self.objectives:
+                module = objective.build_module(config)
+                if module is None:
+                    continue
+                if objective.module_name == "projector":
+                    self.projector = module
+                else:
+                    if not hasattr(self, "aux_modules"):
+                        self.aux_modules = torch.nn.ModuleDict()
+                    self.aux_modules[objective.module_name] = module
+                self._modules_of[objective.module_name] = module
+        # Every tapped layer: captured where it lives, routed to the last stage if elsewhere.
+        self._taps: dict[int, ActivationCapture] = {}
+        self._routers: dict[int, TargetRouter] = {}
+        self.tap_owner_stages: dict[int, int] = {}
+        pp_size = config.pipeline_model_parallel_size
+        for layer in sorted({layer for o in self.objectives for layer in o.taps}):
+            target = find_target_module(self, layer)
+            self._taps[layer] = ActivationCapture(target, detach=nitp.stop_gradient)
+            # Where the layer really is (uneven splits included): one all-reduce over PP.
+            owner = owner_stage(target is not None) if pp_size > 1 else 0
+            self.tap_owner_stages[layer] = owner
+            if pp_size > 1 and owner != pp_size - 1:
                 # without SP the TP ranks hold the same z: each routes 1/TP of its rows
-                self._router = TargetRouter(self.target_owner_stage,
-                                            split_over_tp=not config.sequence_parallel,
-                                            timeout=routing_timeout,
-                                            wait_timer=routing_wait_timer)
+                self._routers[layer] = TargetRouter(owner,
+                                                    split_over_tp=not config.sequence_parallel,
+                                                    timeout=routing_timeout,
+                                                    wait_timer=routing_wait_timer)
+        self.target_owner_stage: Optional[int] = self.tap_owner_stages.get(nitp.target_layer)
         self._final = ActivationCapture(None, detach=False)
         if self.post_process:
             # The final norm runs outside any activation-recomputation checkpoint: its input
@@ -107,30 +131,30 @@ class NITPGPTModel(GPTModel):
         loss_mask: Optional[torch.Tensor] = None,
         return_hidden: bool = False,
         document_mask: Optional[torch.Tensor] = None,
+        aux_inputs: Optional[dict] = None,
         **kwargs,
     ):
-        """GPTModel's forward plus the NITP terms (see the class docstring).
+        """GPTModel's forward plus the objectives' terms (see the class docstring).
 
         ``document_mask``: ``[b, s]`` (``s/cp`` under CP, sliced like the labels), 1 where
         position t+1 belongs to the document of position t, 0 where another document starts
         (``--nitp-document-boundary mask``): those positions get no NITP term, since their
         target would be another document's state. The shift itself is unchanged (it moves
         rows across shards and stages); the mask only drops pairs. None: every position with a
-        next position has a target. Read on the last stage only.
+        next position has a target. ``aux_inputs``: the objectives' other ``[b, s]`` inputs
+        (``Objective.batch_inputs``, sliced like the labels). Read on the last stage only.
 
-        ``return_hidden``: also return the final hidden states ``[s, b, h]`` as the 4th output
-        (None otherwise). Only the last stage's value matters; the step passes it on every stage
-        for the micro-batch whose representation geometry it measures, so the TP all-gather
-        under sequence parallelism (and Float16Module's fp32 copy) is paid only there.
+        ``return_hidden``: also return the final hidden states ``[s, b, h]`` and the tapped
+        layers' (``ModelOutput.hidden`` / ``taps``). Only the last stage's value matters; the
+        step passes it on every stage for the micro-batch whose representation geometry it
+        measures, so the TP all-gather under sequence parallelism is paid only there.
         """
         grad_enabled = torch.is_grad_enabled()
         output = super().forward(
             input_ids, position_ids, attention_mask, labels=labels, loss_mask=loss_mask, **kwargs
         )
-        if self._shallow is not None and self._shallow.needs_graph(grad_enabled):
-            self._shallow.pop()
-            self._final.pop()
-            raise recompute_error(self, self.nitp.target_layer)
+        states = {layer: capture.pop() if not capture.needs_graph(grad_enabled)
+                  else self._recompute_failure(layer) for layer, capture in self._taps.items()}
         if self._final.needs_graph(grad_enabled):  # only without a final norm on this stage
             self._final.pop()
             raise RuntimeError("the NITP hidden state (--nitp-hidden-source "
@@ -138,61 +162,58 @@ class NITPGPTModel(GPTModel):
                                "(activation recomputation covers the last layer): disable "
                                "recomputation of the last layer")
         hidden = self._final.pop()
-        shallow = self._shallow.pop() if self._shallow is not None else None
-        if shallow is not None and self._router is not None and not self.post_process:
-            # the stage's output carries the backward hook that releases this send's buffer
-            self._router.send(shallow, output)
+        if not self.post_process:
+            for layer, router in self._routers.items():  # ascending layers: the receive order
+                if states[layer] is not None:
+                    # the stage's output carries the backward hook that releases the buffer
+                    router.send(states[layer], output)
         if labels is None or not self.post_process:
             return output
         loss_mask = torch.ones_like(labels) if loss_mask is None else loss_mask
         loss_mask = loss_mask.float()
-        full = self._full(hidden) if return_hidden else None
-        if self.nitp.enabled and self.nitp.objective == "cosine_reg":
-            return output, cosine_regularization(hidden, loss_mask), loss_mask, full
-        if self.projector is None:
-            return output, torch.zeros_like(loss_mask), loss_mask, full
-        if shallow is None:
-            shallow = self._router.recv(like=hidden)
-        distance, valid = self._distance(self.projector(hidden), shallow)  # [s/cp, b], [s/cp]
-        nitp_mask = loss_mask * valid.unsqueeze(0)
+        for layer in states:
+            if states[layer] is None:
+                states[layer] = self._routers[layer].recv(like=hidden)
+        inputs = dict(aux_inputs or {})
         if document_mask is not None:
-            nitp_mask = nitp_mask * document_mask.float()
-        return output, distance.transpose(0, 1) * nitp_mask, nitp_mask, full
+            inputs[CONTINUES_DOCUMENT] = document_mask
+        terms = LossInputs(hidden, states, loss_mask, inputs, self._shards(hidden))
+        aux = {}
+        for objective in self.objectives:
+            term = objective.per_token_loss(terms, self._modules_of.get(objective.module_name))
+            if term is not None:
+                aux[objective.report_key] = term
+        if not return_hidden:
+            return ModelOutput(output, aux)
+        return ModelOutput(output, aux, self._full(hidden),
+                           {layer: self._full(state) for layer, state in states.items()})
 
-    def _distance(self, predictions: torch.Tensor, shallow: torch.Tensor):
-        """Per-position NITP distance ``[s/cp, b]`` over this rank's whole (CP-local) sequence,
-        and which positions have a target ``[s/cp]``."""
+    def _recompute_failure(self, layer: int):
+        for capture in (*self._taps.values(), self._final):
+            capture.pop()
+        raise recompute_error(self, layer)
+
+    def _shards(self, hidden: torch.Tensor) -> Optional[SequenceShards]:
+        """Where this rank's ``[L, b, h]`` rows sit in the sequence under sequence and/or
+        context parallelism (None otherwise): the shift then reaches other ranks' rows."""
         config = self.config
-        nitp = self.nitp
         tp = config.tensor_model_parallel_size if config.sequence_parallel else 1
         cp = config.context_parallel_size
         if tp == 1 and cp == 1:
-            targets, valid = shift_targets(shallow, nitp.shift)
+            return None
+        seq_length = hidden.shape[0] * tp * cp
+        positions = local_positions(
+            seq_length,
+            parallel_state.get_context_parallel_rank(), cp,
+            parallel_state.get_tensor_model_parallel_rank(), tp,
+        )
+        if tp > 1 and cp > 1:
+            group = parallel_state.get_tensor_and_context_parallel_group()
+        elif tp > 1:
+            group = parallel_state.get_tensor_model_parallel_group()
         else:
-            seq_length = predictions.shape[0] * tp * cp
-            positions = local_positions(
-                seq_length,
-                parallel_state.get_context_parallel_rank(), cp,
-                parallel_state.get_tensor_model_parallel_rank(), tp,
-            )
-            if tp > 1 and cp > 1:
-                group = parallel_state.get_tensor_and_context_parallel_group()
-            elif tp > 1:
-                group = parallel_state.get_tensor_model_parallel_group()
-            else:
-                group = parallel_state.get_context_parallel_group()
-            targets, valid = shift_targets_sharded(shallow, positions, seq_length, nitp.shift, group)
-        distance = token_distance(predictions.float(), targets.float(), nitp.loss_kind)
-        distance = distance * valid.unsqueeze(1)
-        if tp > 1:
-            # Replicated over TP from here on, like the lm loss: the backward only splits.
-            distance = gather_from_sequence_parallel_region(
-                distance.unsqueeze(-1), tensor_parallel_output_grad=False
-            ).squeeze(-1)
-            valid = gather_from_sequence_parallel_region(
-                valid.float().unsqueeze(-1), tensor_parallel_output_grad=False
-            ).squeeze(-1)
-        return distance, valid.float()
+            group = parallel_state.get_context_parallel_group()
+        return SequenceShards(positions, seq_length, group, _gather_over_tp if tp > 1 else None)
 
     def _full(self, hidden: torch.Tensor) -> torch.Tensor:
         """Detached final hidden states ``[s/cp, b, h]`` from this rank's ``[s/cp/tp, b, h]``
@@ -215,20 +236,27 @@ class NITPGPTModel(GPTModel):
 
     @property
     def routed_bytes(self) -> int:
-        """Bytes of layer-k targets this rank has sent to the last stage so far."""
-        return self._router.bytes_sent if self._router is not None else 0
+        """Bytes of tapped layers' states this rank has sent to the last stage so far."""
+        return sum(router.bytes_sent for router in self._routers.values())
 
     @property
     def routed_peak_bytes_held(self) -> int:
-        """Most bytes of layer-k targets this rank's pending sends held at once during the last
-        finished step (``finish_step``); 0 off the owning stage."""
-        return self._router.peak_bytes_held if self._router is not None else 0
+        """Most bytes of tapped states this rank's pending sends held during the last finished
+        step (``finish_step``), summed over its taps; 0 off the owning stages."""
+        return sum(router.peak_bytes_held for router in self._routers.values())
 
     def finish_step(self) -> None:
-        """Completes this step's outstanding target sends (owning pipeline stage) and closes
-        its accounting (``routed_peak_bytes_held``)."""
-        if self._router is not None:
-            self._router.wait()
+        """Completes this step's outstanding tap sends (owning pipeline stages) and closes
+        their accounting (``routed_peak_bytes_held``)."""
+        for router in self._routers.values():
+            router.wait()
+
+
+def _gather_over_tp(rows: torch.Tensor) -> torch.Tensor:
+    """``[L, b]`` per-position values of this rank's sequence shard -> ``[L * tp, b]`` over
+    TP; the backward only splits (the values are replicated over TP from here on)."""
+    return gather_from_sequence_parallel_region(
+        rows.unsqueeze(-1), tensor_parallel_output_grad=False).squeeze(-1)
 
 
 def _refuse_cuda_graphs(config: TransformerConfig) -> None:

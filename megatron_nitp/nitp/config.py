@@ -36,8 +36,20 @@ class NITPConfig:
     """k: the target is the output of the k-th transformer layer (1-based); 0 = the embeddings.
     The paper uses about 20% of depth (5 of 24, 6 of 28)."""
 
+    extra_target_layers: tuple = field(default=(), metadata={"nargs": "+", "item_type": int})
+    """More target layers, each an NITP term of its own (its own projector and logged loss)
+    beside k's; lambda weighs the mean of all the terms. None by default (the paper)."""
+
+    horizon: int = 1
+    """H: predict the layer-k states of t+1 .. t+H, each horizon a term of its own (its own
+    projector and logged loss); lambda weighs the mean of the terms. 1 = the paper."""
+
     loss_weight: float = 1.0
     """lambda in L = L_NTP + lambda * L_NITP (paper: 1.0; 0.8 at 9B MoE and 3B dense)."""
+
+    cosine_reg_weight: float = 0.0
+    """Add the cosine-regularization term (the generic baseline of --nitp-objective cosine_reg)
+    with this weight beside the NITP term; 0 = off."""
 
     start_iter: int = 0
     """Iteration from which lambda applies; before it the NITP weight is 0 (paper: 0)."""
@@ -83,17 +95,42 @@ class NITPConfig:
         return (self.enabled and self.objective == "nitp" and self.shift == 1
                 and self.document_boundary == "mask")
 
+    @property
+    def target_layers(self) -> tuple:
+        """Every target layer, k first."""
+        return (self.target_layer, *self.extra_target_layers)
+
     def validate(self, num_layers: int, hidden_size: int, tensor_parallel_size: int = 1) -> None:
         """Raise ValueError naming the bad field and the fix; called before any model is built."""
         if not self.enabled:
             return
-        if not 0 <= self.target_layer <= num_layers - 1:
-            raise ValueError(
-                f"--nitp-target-layer {self.target_layer} is outside 0..{num_layers - 1} for a "
-                f"{num_layers}-layer model: use 0 for the embeddings or k < num_layers for the "
-                f"k-th layer's output (the paper uses about 20% of depth, e.g. "
-                f"{max(1, round(0.2 * num_layers))})."
-            )
+        for layer in self.target_layers:
+            if not 0 <= layer <= num_layers - 1:
+                flag = ("--nitp-target-layer" if layer == self.target_layer
+                        else "--nitp-extra-target-layers")
+                raise ValueError(
+                    f"{flag} {layer} is outside 0..{num_layers - 1} for a "
+                    f"{num_layers}-layer model: use 0 for the embeddings or k < num_layers for "
+                    f"the k-th layer's output (the paper uses about 20% of depth, e.g. "
+                    f"{max(1, round(0.2 * num_layers))})."
+                )
+        if len(set(self.target_layers)) != len(self.target_layers):
+            raise ValueError(f"--nitp-extra-target-layers {list(self.extra_target_layers)} "
+                             f"repeats a target layer (k = {self.target_layer} included): give "
+                             "each layer once.")
+        if self.horizon < 1:
+            raise ValueError(f"--nitp-horizon {self.horizon} must be >= 1 (1 = the paper).")
+        if self.horizon > 1 and self.shift != 1:
+            raise ValueError(f"--nitp-horizon {self.horizon} predicts t+1 .. t+H: it needs "
+                             f"--nitp-shift 1, not {self.shift}.")
+        if self.cosine_reg_weight < 0:
+            raise ValueError(f"--nitp-cosine-reg-weight {self.cosine_reg_weight} must be >= 0.")
+        if self.objective == "cosine_reg" and (self.cosine_reg_weight or self.horizon > 1
+                                               or self.extra_target_layers):
+            raise ValueError("--nitp-objective cosine_reg replaces the NITP term: drop "
+                             "--nitp-cosine-reg-weight, --nitp-horizon and "
+                             "--nitp-extra-target-layers (or keep NITP and add the "
+                             "regularizer with --nitp-cosine-reg-weight).")
         if self.loss_weight < 0:
             raise ValueError(
                 f"--nitp-loss-weight {self.loss_weight} is negative: lambda must be >= 0 "

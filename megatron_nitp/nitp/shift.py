@@ -1,4 +1,4 @@
-"""The temporal shift t -> t+1, on a whole sequence or on a sharded one.
+"""The temporal shift t -> t+d (d = 1 in the paper), on a whole sequence or on a sharded one.
 
 Unsharded, the target of row t is row t+1 and the last row has none. When the sequence is split
 across ranks - contiguous shards under sequence parallelism, Megatron's load-balanced 2*CP chunks
@@ -20,7 +20,8 @@ def shift_targets(states: torch.Tensor, shift: int) -> tuple[torch.Tensor, torch
 
     Args:
         states: ``[s, b, h]``.
-        shift: 1 (t -> t+1, the paper) or 0 (same position, an ablation).
+        shift: d: 1 (t -> t+1, the paper), 0 (same position, an ablation), or d > 1 (a
+            longer horizon).
 
     Returns:
         ``([s, b, h] targets, [s] bool valid)``.
@@ -77,38 +78,46 @@ def shift_targets_sharded(
         states: ``[L, b, h]`` local rows (e.g. layer-k states under SP and/or CP).
         positions: ``[L]`` their global positions (`local_positions`).
         seq_length: the full sequence length s.
-        shift: 1 or 0.
+        shift: d >= 0; d > 1 (a longer horizon) needs every local run of positions to be at
+            least d long (the first d rows of each run are what the other ranks need).
         group: the process group over which the sequence is split (TP, CP, or TP x CP).
 
     Returns:
         ``([L, b, h] targets, [L] bool valid)``: row i's target is the state at global position
-        ``positions[i] + 1``; the sequence's last position has none. Every rank of ``group``
-        must call this (it is a collective), even one whose rows carry no loss.
+        ``positions[i] + shift``; the sequence's last ``shift`` positions have none. Every rank
+        of ``group`` must call this (it is a collective), even one whose rows carry no loss.
     """
     if shift == 0:
         return shift_targets(states, 0)
     runs = _runs(positions)
     if len(runs) > MAX_RUNS:
         raise ValueError(f"a rank holds {len(runs)} runs of positions; at most {MAX_RUNS}")
+    if any(end - begin < shift for begin, end in runs):
+        raise ValueError(f"a shift of {shift} needs local runs of at least {shift} positions; "
+                         f"this rank holds runs of {[end - begin for begin, end in runs]}: use "
+                         "a shorter horizon or fewer sequence shards")
     # Fixed shapes on every rank (all_gather needs them): pad to MAX_RUNS runs.
     starts = torch.full((MAX_RUNS,), -1, dtype=torch.long, device=states.device)
     for i, (begin, _) in enumerate(runs):
         starts[i] = positions[begin]
-    pad = torch.zeros(states.shape[1:], dtype=torch.float32, device=states.device)
-    firsts = torch.stack([states[b].float() for b, _ in runs] + [pad] * (MAX_RUNS - len(runs)))
+    pad = torch.zeros((shift, *states.shape[1:]), dtype=torch.float32, device=states.device)
+    firsts = torch.stack([states[b:b + shift].float() for b, _ in runs]
+                         + [pad] * (MAX_RUNS - len(runs)))  # [MAX_RUNS, shift, b, h]
     all_starts = torch.cat(_all_gather(starts, group)).tolist()
     all_firsts = torch.cat(_all_gather(firsts, group))
-    row_at = {start: all_firsts[i] for i, start in enumerate(all_starts) if start >= 0}
+    row_at = {start + j: all_firsts[i, j] for i, start in enumerate(all_starts) if start >= 0
+              for j in range(shift)}
 
     pieces, valid = [], []
     for begin, end in runs:
-        pieces.append(states[begin + 1:end])
-        valid += [True] * (end - begin - 1)
-        following = int(positions[end - 1]) + 1
-        if following < seq_length:
-            pieces.append(row_at[following].to(states.dtype).unsqueeze(0))
-            valid.append(True)
-        else:
-            pieces.append(torch.zeros_like(states[:1]))
-            valid.append(False)
+        pieces.append(states[begin + shift:end])
+        valid += [True] * (end - begin - shift)
+        for j in range(shift):
+            following = int(positions[end - 1]) + 1 + j
+            if following < seq_length:
+                pieces.append(row_at[following].to(states.dtype).unsqueeze(0))
+                valid.append(True)
+            else:
+                pieces.append(torch.zeros_like(states[:1]))
+                valid.append(False)
     return torch.cat(pieces), torch.tensor(valid, dtype=torch.bool, device=states.device)

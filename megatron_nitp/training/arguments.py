@@ -78,6 +78,8 @@ def _add_field(group, cls, f: dataclasses.Field, hint) -> None:
         kwargs["choices"] = list(meta["choices"])
     if meta.get("nargs"):
         kwargs["nargs"] = meta["nargs"]
+        if meta.get("item_type"):
+            kwargs["type"] = meta["item_type"]
     else:
         kwargs["type"] = _value_type(hint)
     group.add_argument(name, *meta.get("aliases", ()), **kwargs)

@@ -56,7 +56,8 @@ MODEL_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_he
 #: model flags added to MODEL_FLAGS later: compared only when the checkpoint stores them
 LATER_MODEL_FLAGS = ("rotary_base", "norm_epsilon")
 #: NITP fields added later, with the value a checkpoint that does not store them trained with
-LATER_NITP_FIELDS = {"document_boundary": "allow"}
+LATER_NITP_FIELDS = {"document_boundary": "allow", "extra_target_layers": [], "horizon": 1,
+                     "cosine_reg_weight": 0.0}
 
 
 #: The distributed optimizer's checkpoint formats (megatron-core's
@@ -786,7 +787,7 @@ def read_meta(path: str) -> dict:
 
 
 #: With --finetune (weights only) the NITP objective may change; the projector's shape may not.
-SHAPE_NITP_FIELDS = ("projector", "projector_ffn_ratio")
+SHAPE_NITP_FIELDS = ("projector", "projector_ffn_ratio", "extra_target_layers", "horizon")
 
 
 def check_compatible(meta: dict, args, override: bool = False,
@@ -805,8 +806,7 @@ def check_compatible(meta: dict, args, override: bool = False,
             saved, current = meta.get(section, {}).get(key), ours[section].get(key)
             if section == "nitp" and key not in meta.get("nitp", {}):
                 saved = LATER_NITP_FIELDS.get(key)
-            if isinstance(current, tuple):
-                current = list(current)
+            saved, current = (list(v) if isinstance(v, tuple) else v for v in (saved, current))
             if saved != current:
                 diffs.append(f"{section}.{key}: checkpoint {saved!r}, this run {current!r}")
     if diffs and not override:

@@ -20,14 +20,29 @@ from megatron_nitp.device import name as device_name
 from megatron_nitp.training import timers
 from megatron_nitp.training.memory import TENSORBOARD_TAGS as MEMORY_TAGS
 
-# Console order.
+# Console order; an objective's other losses (``nitp loss k=<k> t+<d>``, ``cosine reg loss``)
+# come after the nitp loss.
 CONSOLE_KEYS = ("lm loss", "nitp loss", "mtp loss", "load balancing loss", "z loss", "total loss",
                 "grad norm", "effective rank", "cosine similarity")
 # Shown on the console (and in the run summary) as their mean over the logging interval, as
 # Megatron-LM's ``training_log`` does: the line at iteration N averages the iterations since the
-# previous line, skipped ones left out. The other console values are the iteration's own.
+# previous line, skipped ones left out. The other console values are the iteration's own. Every
+# key ending in " loss" (each objective's) is one of them.
 INTERVAL_MEAN_KEYS = ("lm loss", "nitp loss", "mtp loss", "load balancing loss", "z loss",
                       "total loss")
+
+
+def loss_keys(metrics: dict) -> list[str]:
+    """The interval-mean keys of ``metrics``: the fixed ones, then any other objective's loss."""
+    extra = [k for k in metrics if k.endswith(" loss") and k not in INTERVAL_MEAN_KEYS]
+    return [k for k in INTERVAL_MEAN_KEYS if k in metrics] + extra
+
+
+def console_keys(metrics: dict) -> list[str]:
+    """Console order of ``metrics``' keys: the objectives' other losses after the nitp loss."""
+    extra = [k for k in loss_keys(metrics) if k not in CONSOLE_KEYS]
+    at = CONSOLE_KEYS.index("mtp loss")
+    return [k for k in (*CONSOLE_KEYS[:at], *extra, *CONSOLE_KEYS[at:]) if k in metrics]
 # TensorBoard tags in Megatron-LM's naming (losses keep their names; validation values are
 # "<key> validation").
 TENSORBOARD_TAGS = {
@@ -202,10 +217,6 @@ class TrainingLogger:
         last."""
         return iteration % self.args.log_interval == 0 or iteration == self.args.train_iters
 
-    def _shown(self, key: str) -> bool:
-        """An NTP run (``--no-nitp``) has no nitp loss to show (its history keeps the zeros)."""
-        return key != "nitp loss" or bool(self.args.nitp)
-
     def log_train(self, iteration: int, metrics: dict[str, float], iter_seconds: float) -> None:
         """Records the iteration's values (history and TensorBoard per iteration) and, every
         ``--log-interval`` iterations and at the last one, prints a console line whose losses
@@ -221,13 +232,12 @@ class TrainingLogger:
             self._interval_first = iteration
         if not skipped:  # Megatron-LM leaves skipped iterations out of the averages
             self._loss_iters += 1
-            for key in INTERVAL_MEAN_KEYS:
-                if key in metrics:
-                    self._loss_sums[key] += metrics[key]
+            for key in loss_keys(metrics):
+                self._loss_sums[key] += metrics[key]
         if self.bar is not None:
             self.bar.update(1)
             postfix = {"lm": f"{metrics['lm loss']:.3f}"}
-            if self._shown("nitp loss"):
+            if "nitp loss" in metrics:
                 postfix["nitp"] = f"{metrics.get('nitp loss', float('nan')):.3f}"
             self.bar.set_postfix(**postfix)
         if not self.is_log_iteration(iteration):
@@ -237,7 +247,7 @@ class TrainingLogger:
         self._interval_seconds, self._interval_iters = 0.0, 0
         self.interval_means = {
             key: (self._loss_sums[key] / self._loss_iters if self._loss_iters else float("nan"))
-            for key in INTERVAL_MEAN_KEYS if key in metrics}
+            for key in loss_keys(metrics)}
         self._loss_sums.clear()
         self._loss_iters = 0
         self.interval_span, self._interval_first = (self._interval_first, iteration), None
@@ -251,7 +261,7 @@ class TrainingLogger:
             f"learning rate: {metrics['learning rate']:.3E}",
             f"global batch size: {args.global_batch_size:5d}",
         ]
-        parts += [f"{k}: {shown[k]:.6E}" for k in CONSOLE_KEYS if k in shown and self._shown(k)]
+        parts += [f"{k}: {shown[k]:.6E}" for k in console_keys(shown)]
         if self.memory is not None:
             parts += self.memory.console(metrics)
         parts += timers.console(metrics)
@@ -273,9 +283,7 @@ class TrainingLogger:
         return parts
 
     def log_eval(self, iteration: int, metrics: dict[str, float]) -> None:
-        """The validation line and record; an NTP run's has no nitp loss (it is not computed:
-        the zero the schedule reports is not a measurement)."""
-        metrics = {k: v for k, v in metrics.items() if self._shown(k)}
+        """The validation line and record: the lm loss and each objective's term."""
         self.record(iteration, metrics, validation=True)
         body = " | ".join(f"{k} value: {v:.6E}" for k, v in metrics.items())
         ppl = math.exp(min(20.0, metrics["lm loss"]))

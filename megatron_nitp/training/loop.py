@@ -437,7 +437,7 @@ def _pretrain(args: RunConfig, progress: Progress) -> dict:
     # --dry-run's estimate for this config, printed beside the first interval's measured peak
     planned = planned_memory(args)
     params = sum(p.numel() for p in model.parameters())
-    from megatron_nitp.training.objectives import describe
+    from megatron_nitp.objectives import describe
 
     what = describe(args)
     logger.print(

@@ -17,6 +17,7 @@ from megatron_nitp.config import performance
 from megatron_nitp.device import device, has_cuda
 from megatron_nitp.models import NITPGPTModel
 from megatron_nitp.nitp.config import NITPConfig
+from megatron_nitp.objectives import build_objectives
 from megatron_nitp.training.initialize import distributed_timeout
 from megatron_nitp.training.timers import ROUTING_WAIT, TIMERS
 
@@ -92,8 +93,6 @@ def transformer_config(args, perform_initialization: bool = True) -> Transformer
     """Qwen2/Llama-style blocks: RMSNorm, SwiGLU, RoPE, GQA, no linear biases, from a resolved
     run config. ``perform_initialization=False`` leaves the weights' storage uninitialized
     (counting parameters of the paper's models without computing them)."""
-    from megatron_nitp.training.objectives import build_objectives
-
     on_gpu = has_cuda()
     dtype = params_dtype(args)
     objective_fields = {}
@@ -188,8 +187,6 @@ def build_model(
     local spec's norms (``torch.nn.RMSNorm``) and the MoE router on the default device, the
     CPU: every caller (training, export, evaluation) gets the whole model on one device.
     """
-    from megatron_nitp.training.objectives import build_objectives
-
     config = transformer_config(args, perform_initialization)
     if args.num_moe_experts:
         # megatron-core's router losses go to a module-level per-layer tracker sized by the
@@ -208,9 +205,10 @@ def build_model(
     extra = {}
     for objective in build_objectives(args):
         extra.update(objective.model_kwargs(config, spec, te))
+    nitp = nitp if nitp is not None else args.nitp_config
     model = NITPGPTModel(
         config,
-        nitp if nitp is not None else args.nitp_config,
+        nitp,
         routing_timeout=distributed_timeout(),
         routing_wait_timer=partial(TIMERS.phase, ROUTING_WAIT),
         transformer_layer_spec=spec,

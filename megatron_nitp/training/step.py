@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from megatron.core import parallel_state
@@ -26,12 +26,12 @@ from megatron.core.utils import get_batch_on_this_cp_rank
 from megatron_nitp.data.datasets import ATTENTION_MASK, CONTINUES_DOCUMENT
 from megatron_nitp.device import device, to_device
 from megatron_nitp.geometry import effective_rank, mean_pairwise_cosine, valid_token_states
-from megatron_nitp.nitp.loss import num_contributing_positions
+from megatron_nitp.objectives import ModelOutput, build_objectives, combine
 from megatron_nitp.training import faults, timers
 from megatron_nitp.training.model import unwrap
 from megatron_nitp.training.timers import TIMERS
 
-REPORT_KEYS = ("lm loss", "nitp loss", "mtp loss", "effective rank", "cosine similarity")
+GEOMETRY_KEYS = ("effective rank", "cosine similarity")
 
 
 class NonFiniteError(RuntimeError):
@@ -43,22 +43,22 @@ class NonFiniteError(RuntimeError):
         self.diagnostics = diagnostics
 
 
-def _loss_func(loss_mask, nitp_scale, geometry, output):
-    """Reduces one micro-batch's model output
-    ``(lm [b, s], nitp [b, s], nitp_mask [b, s], hidden [s, b, h] or None)``; ``hidden`` is
-    there (and read) only on the micro-batch whose geometry is measured (``geometry``)."""
-    lm_loss, nitp_loss, nitp_mask, hidden = output
+def _loss_func(loss_mask, scales, geometry, output: ModelOutput):
+    """Reduces one micro-batch's model output (``ModelOutput``): ``sum(lm) + sum_o scale_o *
+    sum(aux_o)``, where ``scales`` maps each term's report key to its weight times
+    ``N_ntp / N_o``. ``output.hidden`` is there (and read) only on the micro-batch whose
+    geometry is measured (``geometry``)."""
     mask = loss_mask.float()
-    lm_sum = (lm_loss.float() * mask).sum()
+    lm_sum = (output.lm_loss.float() * mask).sum()
     num_tokens = mask.sum()
-    nitp_sum = nitp_loss.sum()
-    loss = lm_sum + nitp_scale * nitp_sum
-    report = {
-        "lm loss": torch.stack([lm_sum.detach(), num_tokens]),
-        "nitp loss": torch.stack([nitp_sum.detach(), nitp_mask.sum()]),
-    }
+    loss = lm_sum
+    report = {"lm loss": torch.stack([lm_sum.detach(), num_tokens])}
+    for key, term in output.aux.items():
+        term_sum = term.loss.sum()
+        loss = loss + scales[key] * term_sum
+        report[key] = torch.stack([term_sum.detach(), term.mask.sum()])
     if geometry:
-        states = valid_token_states(hidden.float(), mask)
+        states = valid_token_states(output.hidden.float(), mask)
         generator = torch.Generator(device="cpu").manual_seed(0)  # same pairs on any device
         one = torch.ones((), dtype=torch.float64, device=states.device)
         report["effective rank"] = torch.stack([effective_rank(states), one])
@@ -68,12 +68,18 @@ def _loss_func(loss_mask, nitp_scale, geometry, output):
     return loss, num_tokens.int(), report
 
 
-def _forward_step(nitp_scale, geometry_first, data_iterator, model):
+def _forward_step(scales, objectives, geometry_first, data_iterator, model):
     """megatron-core's forward step: one micro-batch through ``model``. The final hidden
     states are asked for (``return_hidden``) only on the micro-batch whose representation
-    geometry is measured; every other one skips their TP all-gather under SP."""
+    geometry is measured; every other one skips their TP all-gather under SP. The objectives'
+    extra inputs are made from whole sequences, before the context-parallel split."""
     batch = dict(next(data_iterator))
     geometry = geometry_first and batch.pop("_first", False)
+    aux_keys = []
+    for objective in objectives:
+        extra = objective.batch_inputs(batch)
+        batch.update(extra)
+        aux_keys += list(extra)
     # Context parallelism: this rank's 2 of the 2*CP load-balanced chunks of every sequence.
     if parallel_state.get_context_parallel_world_size() > 1:
         batch = _cp_slice(batch)
@@ -84,9 +90,10 @@ def _forward_step(nitp_scale, geometry_first, data_iterator, model):
         labels=batch["labels"],
         loss_mask=batch["loss_mask"],
         document_mask=batch.get(CONTINUES_DOCUMENT),
+        aux_inputs={key: batch[key] for key in aux_keys},
         return_hidden=geometry,
     )
-    return output, partial(_loss_func, batch["loss_mask"], nitp_scale, geometry)
+    return output, partial(_loss_func, batch["loss_mask"], scales, geometry)
 
 
 def _cp_slice(batch: dict) -> dict:
@@ -103,32 +110,39 @@ def _cp_slice(batch: dict) -> dict:
     return get_batch_on_this_cp_rank(batch, cp_group=cp_group)
 
 
-def _global_counts(batches: list[dict], shift: int) -> tuple[float, float]:
-    """(N_ntp, N_nitp) over the global batch: this rank's micro-batches (whole sequences, before
-    any context-parallel split), summed over the data-parallel replicas. A position whose next
-    token starts another document has no NITP target when the batch says so
-    (``CONTINUES_DOCUMENT``), as in the model's NITP mask."""
-    counts = torch.zeros(2, dtype=torch.float64, device=device())
+def _global_counts(batches: list[dict], objectives) -> torch.Tensor:
+    """``[N_ntp, N_o for each objective]`` over the global batch: this rank's micro-batches
+    (whole sequences, before any context-parallel split), summed over the data-parallel
+    replicas. Each objective counts the positions that carry its term (``Objective.count``)."""
+    counts = torch.zeros(1 + len(objectives), dtype=torch.float64, device=device())
     for batch in batches:
-        mask = batch["loss_mask"].double()
-        counts[0] += mask.sum()
-        if CONTINUES_DOCUMENT in batch:
-            mask = mask * batch[CONTINUES_DOCUMENT].double()
-        counts[1] += num_contributing_positions(mask, shift)
+        counts[0] += batch["loss_mask"].double().sum()
+        for i, objective in enumerate(objectives):
+            extra = objective.batch_inputs(batch)
+            counts[1 + i] += objective.count({**batch, **extra}).to(counts.device)
     torch.distributed.all_reduce(counts, group=parallel_state.get_data_parallel_group())
-    return counts[0].item(), counts[1].item()
+    return counts
 
 
-def reduce_report(reports: list[dict]) -> dict[str, float]:
-    """Global means of the reported (sum, count) pairs.
+def term_scales(objectives, counts: torch.Tensor, iteration: int) -> dict[str, float]:
+    """Each term's factor on its per-token sum: ``w_o(iteration) * N_ntp / N_o`` (0 when no
+    position carries it); megatron-core divides the whole sum by ``N_ntp`` once."""
+    n_ntp = counts[0].item()
+    return {o.report_key: (o.weight_at(iteration) * n_ntp / counts[1 + i].item()
+                           if counts[1 + i] > 0 else 0.0)
+            for i, o in enumerate(objectives) if o.report_key is not None}
 
-    Every pipeline rank builds a tensor of the same shape ``[len(REPORT_KEYS), 2]`` (zeros off the
-    last stage) and all-reduces it over PP and then DP, so collectives never see mismatched
-    shapes and every rank ends with the same values.
+
+def reduce_report(reports: list[dict], keys: Sequence[str]) -> dict[str, float]:
+    """Global means of the reported (sum, count) pairs of ``keys``.
+
+    Every pipeline rank builds a tensor of the same shape ``[len(keys), 2]`` (zeros off the last
+    stage) and all-reduces it over PP and then DP, so collectives never see mismatched shapes
+    and every rank ends with the same values.
     """
-    packed = torch.zeros(len(REPORT_KEYS), 2, dtype=torch.float64, device=device())
+    packed = torch.zeros(len(keys), 2, dtype=torch.float64, device=device())
     for report in reports:
-        for i, key in enumerate(REPORT_KEYS):
+        for i, key in enumerate(keys):
             if key in report:
                 packed[i] += report[key].double().to(packed.device)
     torch.distributed.all_reduce(packed, group=parallel_state.get_pipeline_model_parallel_group())
@@ -138,19 +152,25 @@ def reduce_report(reports: list[dict]) -> dict[str, float]:
     packed = packed.cpu()
     return {
         key: (packed[i, 0] / packed[i, 1]).item()
-        for i, key in enumerate(REPORT_KEYS)
+        for i, key in enumerate(keys)
         if packed[i, 1] > 0
     }
 
 
-def _run_schedule(model, batches, args, nitp_scale, forward_only, geometry):
+def report_keys(objectives, geometry: bool = True) -> tuple[str, ...]:
+    """The reported values of a run: the lm loss, each objective's, the geometry."""
+    keys = ("lm loss", *(o.report_key for o in objectives if o.report_key is not None))
+    return keys + (GEOMETRY_KEYS if geometry else ())
+
+
+def _run_schedule(model, batches, args, objectives, scales, forward_only, geometry):
     # Geometry is measured on the first micro-batch of data-parallel rank 0 only: the same
     # tokens as in a single-process run, whatever the layout.
     geometry = geometry and parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0
     if geometry and batches:
         batches[0] = dict(batches[0], _first=True)
     forward_backward = get_forward_backward_func()
-    step = partial(_forward_step, nitp_scale, geometry)
+    step = partial(_forward_step, scales, objectives, geometry)
     reports = forward_backward(
         forward_step_func=step,
         data_iterator=iter(batches),
@@ -185,29 +205,26 @@ def train_step(
     weights are never updated with it. The ``nan-loss`` and ``nan-grad`` test faults
     (``training/faults.py``) strike here.
     """
-    from megatron_nitp.training.objectives import build_objectives
-
     objectives = build_objectives(args)
     with TIMERS.phase(timers.DATA):
         batches = [to_device(next(data_iterator)) for _ in range(args.num_microbatches)]
     weight = args.nitp_config.weight_at(iteration)
-    n_ntp, n_nitp = _global_counts(batches, args.nitp_config.shift)
-    nitp_scale = sum(o.aux_scale(iteration, n_ntp, n_nitp) for o in objectives)
+    scales = term_scales(objectives, _global_counts(batches, objectives), iteration)
     nan_loss = faults.due("nan-loss", iteration + 1)
     if nan_loss:
-        nitp_scale = float("nan")
+        scales = {key: float("nan") for key in scales}
 
     model.zero_grad_buffer()
     optimizer.zero_grad()
     with TIMERS.phase(timers.FORWARD_BACKWARD):
-        reports = _run_schedule(model, batches, args, nitp_scale, False, geometry)
+        reports = _run_schedule(model, batches, args, objectives, scales, False, geometry)
     for objective in objectives:
         reports.append(objective.reports(len(batches)))
     if faults.due("nan-grad", iteration + 1):
         model.buffers[0].grad_data.view(-1)[0] = float("nan")
-    metrics = reduce_report(reports)
+    metrics = reduce_report(reports, report_keys(objectives))
     losses_finite = all(math.isfinite(metrics.get(k, 0.0))
-                        for k in ("lm loss", "nitp loss", "mtp loss"))
+                        for k in report_keys(objectives, geometry=False))
     if nan_loss:
         losses_finite = False
     if not (losses_finite and _grads_finite(model)):
@@ -228,8 +245,7 @@ def train_step(
         if update_successful:
             scheduler.step(increment=1)
 
-    metrics["total loss"] = (metrics["lm loss"] + weight * metrics.get("nitp loss", 0.0)
-                             + args.mtp_loss_scaling_factor * metrics.get("mtp loss", 0.0))
+    combine(metrics, objectives, iteration)
     metrics["grad norm"] = float(grad_norm) if grad_norm is not None else float("nan")
     metrics["learning rate"] = optimizer.param_groups[0]["lr"]
     metrics["nitp weight"] = weight
@@ -282,14 +298,19 @@ def _average_z_loss_over_ranks() -> None:
 
 @torch.no_grad()
 def evaluate(model, data_iterator: Iterator, args, eval_iters: int) -> dict[str, float]:
-    """Forward-only passes over ``eval_iters`` global batches: validation lm and nitp loss."""
+    """Forward-only passes over ``eval_iters`` global batches: the validation lm loss and each
+    objective's term computed by the model (no weights: nothing is trained)."""
+    objectives = tuple(o for o in build_objectives(args) if o.name != "mtp")
     model.eval()
     reports = []
     for _ in range(eval_iters):
         batches = [to_device(next(data_iterator)) for _ in range(args.num_microbatches)]
-        reports += _run_schedule(model, batches, args, 0.0, True, False)
+        scales = {o.report_key: 0.0 for o in objectives}
+        reports += _run_schedule(model, batches, args, objectives, scales, True, False)
     model.train()
-    metrics = reduce_report(reports)
-    metrics.pop("effective rank", None)
-    metrics.pop("cosine similarity", None)
+    metrics = reduce_report(reports, report_keys(objectives, geometry=False))
+    nitp_terms = [o for o in objectives if getattr(o, "terms", 1) > 1]
+    if nitp_terms:
+        combine(metrics, nitp_terms, 0)
+        metrics.pop("total loss")
     return metrics

@@ -1,0 +1,52 @@
+"""megatron-core's multi-token prediction (DeepSeek-V3) as an objective.
+
+``depth`` extra blocks on the last stage each predict one token further ahead; GPTModel adds
+their mean cross entropy times ``factor`` to the loss itself (``MTPLossAutoScaler``: the model
+keeps GPTModel's return contract), so this objective computes nothing in the forward: it asks
+for the blocks and reads the value from megatron-core's tracker. Megatron-LM's
+``--mtp-num-layers`` / ``--mtp-loss-scaling-factor``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megatron_nitp.device import device
+from megatron_nitp.objectives.base import Objective
+
+
+class MultiTokenPrediction(Objective):
+    name = "mtp"
+    report_key = "mtp loss"
+
+    def __init__(self, depth: int, factor: float):
+        self.depth, self.factor = depth, factor
+
+    def transformer_config(self) -> dict:
+        return {"mtp_num_layers": self.depth, "mtp_loss_scaling_factor": self.factor}
+
+    def model_kwargs(self, config, layer_spec, use_te: bool) -> dict:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+        # None off the last pipeline stage: megatron-core puts every MTP layer there.
+        return {"mtp_block_spec": get_gpt_mtp_block_spec(config, layer_spec,
+                                                         use_transformer_engine=use_te)}
+
+    def weight_at(self, iteration: int) -> float:
+        return self.factor
+
+    def reports(self, num_microbatches: int) -> dict:
+        """The mean MTP cross entropy of this step's micro-batches (over depths) from
+        megatron-core's tracker, which GPTModel fills on the last stage in training; the
+        tracker is cleared. Other stages report nothing (count 0)."""
+        from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+        values: Optional[torch.Tensor] = MTPLossLoggingHelper.tracker.get("values")
+        if values is None or not bool(values.any()):
+            return {self.report_key: torch.zeros(2, dtype=torch.float64, device=device())}
+        total = values.double().sum() / self.depth
+        values.zero_()
+        count = torch.tensor(float(num_microbatches), dtype=torch.float64, device=total.device)
+        return {self.report_key: torch.stack([total, count])}
