@@ -21,21 +21,32 @@ from the presets that transcribe its Table 4. The report is made by the package 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
 import megatron_nitp  # noqa: F401
 from megatron_nitp.cli import ArgumentParser
 
-# The package beside this script, also when the script is loaded as a module rather than run
-# (the tests load it by path, which does not put tools/ on sys.path).
-TOOLS = os.path.dirname(os.path.abspath(__file__))
-if TOOLS not in sys.path:
-    sys.path.insert(0, TOOLS)
 
-from report import build_report, common_config  # noqa: E402
+def _report_package():
+    """``tools/report/``, imported as the package ``report`` from its folder: found the same
+    whether this script is run or loaded by path (as the tests do), and from any directory."""
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "report")
+    init = os.path.join(folder, "__init__.py")
+    loaded = sys.modules.get("report")
+    if loaded is not None and getattr(loaded, "__file__", None) == init:
+        return loaded
+    spec = importlib.util.spec_from_file_location("report", init,
+                                                  submodule_search_locations=[folder])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["report"] = package  # before running it: its modules import each other by it
+    spec.loader.exec_module(package)
+    return package
 
-__all__ = ["build_report", "common_config", "main"]
+
+report = _report_package()
+common_config = report.common_config  # the check that the runs pair up (also for the tests)
 
 
 def main(argv=None):
@@ -49,7 +60,7 @@ def main(argv=None):
     p.add_argument("--results", default="docs/results")
     p.add_argument("--output", default="docs/results.md")
     args = p.parse_args(argv)
-    text = build_report(args)
+    text = report.build_report(args)
     with open(args.output, "w") as f:
         f.write(text)
     print(f"> wrote {args.output}")

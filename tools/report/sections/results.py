@@ -3,6 +3,8 @@ of training and in the frozen evaluation; then ``tools/compare_runs.py``'s table
 
 from __future__ import annotations
 
+import os
+
 from ..stats import arm_spread, mean_std, paired, values, verdict
 from ..text import plus_minus
 
@@ -22,8 +24,21 @@ EVAL_ROWS = (
     ("probe accuracy, nearest centroid", "eval", ("probe", "centroid_accuracy"), 4, "higher"),
     ("last-word cloze accuracy", "eval", ("cloze", "accuracy"), 4, "higher"),
 )
+TOOLS = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PAPER_SAYS = {"higher": "higher with NITP", "lower": "lower with NITP",
               "same": "essentially unchanged", None: ""}
+
+
+def _compare_runs():
+    """``tools/compare_runs.py``, whose table the report repeats: a script beside the package,
+    so it is loaded from its file."""
+    import importlib.util
+
+    path = os.path.join(TOOLS, "compare_runs.py")
+    spec = importlib.util.spec_from_file_location("compare_runs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _table(facts, rows) -> list[str]:
@@ -89,8 +104,6 @@ def render(facts) -> list[str]:
     if facts.evaluation:
         lines += _evaluated(facts) + _table(facts, EVAL_ROWS)
     if facts.compare:
-        from compare_runs import format_table
-
         lines += ["`tools/compare_runs.py` table (final logged values, mean ± std over seeds):",
-                  "", format_table(facts.compare, markdown=True), ""]
+                  "", _compare_runs().format_table(facts.compare, markdown=True), ""]
     return lines
