@@ -104,6 +104,7 @@ class Facts:
 
     @property
     def unit(self):
+        """What a document of the corpus is called in the text."""
         return "chapter" if self.names else "document"
 
     @property
@@ -113,6 +114,7 @@ class Facts:
 
     @property
     def measured_phases(self):
+        """The loss phases of the NITP runs that logged a NITP loss."""
         return [p for p in self.phases.values() if p]
 
     @property
@@ -123,11 +125,13 @@ class Facts:
 
     @property
     def hump(self):
+        """App. F's hump: every run's loss climbs back above its early minimum."""
         ph = self.measured_phases
         return bool(ph) and all(p["peak"] > p["min"] + 0.1 for p in ph)
 
     @property
     def decline(self):
+        """App. F's long decline: every run ends below its peak."""
         ph = self.measured_phases
         return bool(ph) and all(p["final"] < p["peak"] - 0.05 for p in ph)
 
