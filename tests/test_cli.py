@@ -219,7 +219,7 @@ def test_help_speaks_to_users():
     assert "--no-plot do not plot the curves to <run-dir>/training.png --no-progress-bar" in text
     assert "--log-throughput log model TFLOP/s" in text  # the positive flags keep defaults
     sources = glob.glob(os.path.join(ROOT, "megatron_nitp", "**", "*.py"), recursive=True)
-    sources += glob.glob(os.path.join(ROOT, "tools", "*.py"))
+    sources += glob.glob(os.path.join(ROOT, "tools", "**", "*.py"), recursive=True)
     sources += glob.glob(os.path.join(ROOT, "examples", "**", "*"), recursive=True)
     for path in sources:
         if os.path.isfile(path):

