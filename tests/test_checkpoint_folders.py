@@ -262,7 +262,7 @@ def tiny_model(dist):
     args = tiny_args("--use-distributed-optimizer")
     set_seed(args.seed)
     model = wrap_model(build_model(args), args)
-    optimizer, scheduler = build_optimizer(model, args)
+    optimizer, scheduler = build_optimizer(model, args.training, args.schedule, args.derived)
     ck._materialize_adam_state(optimizer)
     return args, model, optimizer, scheduler
 

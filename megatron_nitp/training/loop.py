@@ -272,7 +272,7 @@ def setup(args: RunConfig, save_dir: str | None = None) -> Run:
     model = build_model(args)
     initialize_weights(model, args.seed)  # from the seed and global names: layout-invariant
     model = wrap_model(model, args)
-    optimizer, scheduler = build_optimizer(model, args)
+    optimizer, scheduler = build_optimizer(model, args.training, args.schedule, args.derived)
     config = model.config
     config.no_sync_func = model.no_sync
     config.finalize_model_grads_func = TIMERS.wrap(GRAD_REDUCE, finalize_model_grads)
