@@ -41,7 +41,7 @@ def _parse(argv):
 
 def test_a_megatron_lm_command_line_is_the_dense_0_5b_model():
     from megatron_nitp.config import preset_config
-    from megatron_nitp.config.flops import parameter_counts
+    from megatron_nitp.accounting.parameters import parameter_counts
 
     config = _parse(MEGATRON_LM_0_5B)
     preset = preset_config("dense-0.5b")

@@ -478,7 +478,7 @@ def paper_presets():
     """The smallest activated parameter count and the context length of the paper's models,
     from the presets that transcribe its Table 4."""
     from megatron_nitp.config import preset_config
-    from megatron_nitp.config.flops import parameter_counts
+    from megatron_nitp.accounting.parameters import parameter_counts
     from megatron_nitp.config.presets import PRESETS
 
     names = [n for n, p in PRESETS.items() if p.get("description", "").startswith("paper")]
@@ -504,7 +504,7 @@ def planned_iters():
 
 def build_report(args) -> str:
     from megatron_nitp.device import has_cuda, name as device_name
-    from megatron_nitp.config.flops import parameter_counts
+    from megatron_nitp.accounting.parameters import parameter_counts
 
     runs, compare = _load(args)
     labels = args.seeds
