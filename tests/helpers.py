@@ -227,7 +227,7 @@ def _count(named_parameters, prefix: str) -> int:
 @functools.lru_cache(maxsize=None)
 def measured_counts(name: str) -> dict:
     """Total and active parameters of preset ``name`` from its built megatron-core modules: the
-    measurement that checks the preset table's counts (``config/preset_table.py``).
+    measurement that checks the preset table's counts (``accounting/preset_table.py``).
 
     Each preset is built at reduced depth - one dense layer and (for MoE) one MoE layer, with
     its real widths, experts and vocabulary - on CPU with uninitialized storage (no weights are

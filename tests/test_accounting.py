@@ -164,7 +164,7 @@ def check_accounting(dp_rank: int, dp_size: int) -> None:
         assert n1 == n2 and torch.equal(p1, p2), n1
 
     model = wrap_model(net, args)
-    optimizer, scheduler = build_optimizer(model, args)
+    optimizer, scheduler = build_optimizer(model, args.training, args.schedule, args.derived)
     config = model.config
     config.no_sync_func = model.no_sync
     config.finalize_model_grads_func = finalize_model_grads

@@ -185,14 +185,14 @@ def test_an_unwritable_save_folder_is_refused_before_the_model_is_built(dist, tm
 
 def test_free_space_is_compared_with_the_planned_checkpoint(dist, tmp_path, no_model,
                                                             monkeypatch, capsys):
-    """Refused if the disk cannot hold one checkpoint (plan.checkpoint_bytes), a warning if it
+    """Refused if the disk cannot hold one checkpoint (accounting.checkpoint.checkpoint_bytes), a warning if it
     cannot hold two; the figures are in the message."""
     import collections
     import shutil
 
     from megatron_nitp.training import checkpointing as ck
     from megatron_nitp.training.loop import UsageError
-    from megatron_nitp.training.plan import checkpoint_bytes
+    from megatron_nitp.accounting.checkpoint import checkpoint_bytes
 
     args = tiny_args("--mock-data")
     need = checkpoint_bytes(args)
@@ -262,7 +262,7 @@ def tiny_model(dist):
     args = tiny_args("--use-distributed-optimizer")
     set_seed(args.seed)
     model = wrap_model(build_model(args), args)
-    optimizer, scheduler = build_optimizer(model, args)
+    optimizer, scheduler = build_optimizer(model, args.training, args.schedule, args.derived)
     ck._materialize_adam_state(optimizer)
     return args, model, optimizer, scheduler
 
@@ -394,27 +394,28 @@ def test_checkpoint_figures_match_hand_counts(capsys):
     P = 4096 + 2 x 9280 + 32 + 12288 = 34976. Distributed optimizer in fp32: 4 B weights + 12 B
     optimizer on disk; at world 4 (DP 4) per rank dp_reshardable writes (4 + 12) P / 4 and
     reads 4 P + 12 P / 4; fully_reshardable gathers 12 P at save and reads 16 P at load."""
+    from megatron_nitp.accounting.checkpoint import checkpoint_bytes, checkpoint_host_memory
+    from megatron_nitp.accounting.dry_run import dry_run
     from megatron_nitp.config import resolve
-    from megatron_nitp.training import plan
     from megatron_nitp.training.arguments import parse_args
 
     base = TINY_MODEL + ["--micro-batch-size", "1", "--nitp-target-layer", "1", "--train-iters",
                          "4", "--vocab-size", "128"]
     p = 34976
     args = resolve(parse_args(base + ["--use-distributed-optimizer"]), 4, 128)
-    assert plan.checkpoint_bytes(args) == 16 * p
-    assert plan.checkpoint_host_memory(args) == {"format": "dp_reshardable",
-                                                 "save": 16 * p / 4, "load": 4 * p + 12 * p / 4}
+    assert checkpoint_bytes(args) == 16 * p
+    assert checkpoint_host_memory(args) == {"format": "dp_reshardable",
+                                            "save": 16 * p / 4, "load": 4 * p + 12 * p / 4}
     full = resolve(parse_args(base + ["--use-distributed-optimizer",
                                       "--dist-ckpt-optim-fully-reshardable"]), 4, 128)
-    assert plan.checkpoint_host_memory(full) == {"format": "fully_reshardable",
-                                                 "save": 4 * p / 4 + 12 * p, "load": 16 * p}
+    assert checkpoint_host_memory(full) == {"format": "fully_reshardable",
+                                            "save": 4 * p / 4 + 12 * p, "load": 16 * p}
     plain = resolve(parse_args(base), 4, 128)  # fp32 plain optimizer: the weights are main
-    assert plan.checkpoint_bytes(plain) == 12 * p
-    assert plan.checkpoint_host_memory(plain)["load"] == 12 * p
+    assert checkpoint_bytes(plain) == 12 * p
+    assert checkpoint_host_memory(plain)["load"] == 12 * p
 
-    assert plan.dry_run(parse_args(base + ["--use-distributed-optimizer", "--world-size",
-                                           "4"])) == 0
+    assert dry_run(parse_args(base + ["--use-distributed-optimizer", "--world-size",
+                                      "4"])) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if "checkpoint" in x)
     assert f"{16 * p / 1024:.1f} KiB on disk" in line
     assert f"{16 * p / 4 / 1024:.1f} KiB at save" in line

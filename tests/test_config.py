@@ -133,7 +133,7 @@ def test_short_run_below_the_warmup_names_the_fix():
 
 
 def test_dry_run_plans_with_the_resolved_values(capsys):
-    from megatron_nitp.training.plan import dry_run
+    from megatron_nitp.accounting.dry_run import dry_run
 
     config = parse_args(["--preset", "dense-2b", "--micro-batch-size", "1", "--train-iters", "5000",
                          "--tensor-model-parallel-size", "2", "--world-size", "64", "--dry-run"])

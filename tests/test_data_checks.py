@@ -148,21 +148,21 @@ def test_preprocessing_records_the_largest_token_id(tmp_path):
 
 
 def test_dry_run_checks_the_data_it_can_read(tmp_path, capsys):
-    from megatron_nitp.training import plan
+    from megatron_nitp.accounting.dry_run import dry_run
 
     prefix = _write(tmp_path / "small", 148)
     flags = ["--data-path", prefix, "--tokenizer-type", "NullTokenizer", "--vocab-size",
              str(VOCAB), "--train-iters", "10", "--lr-warmup-iters", "0"]
-    assert plan.dry_run(parse_args(flags)) == 2
+    assert dry_run(parse_args(flags)) == 2
     captured = capsys.readouterr()
     assert "fits" not in captured.out
     assert captured.err.startswith("error: --split 969,30,1 gives the test split none of the "
                                    "148 documents")
-    assert plan.dry_run(parse_args(flags + ["--split", "969,30,0"])) == 0
+    assert dry_run(parse_args(flags + ["--split", "969,30,0"])) == 0
     assert "data            1 dataset(s): file sizes, split, token ids checked" in (
         capsys.readouterr().out)
     missing = str(tmp_path / "elsewhere_text_document")
-    assert plan.dry_run(parse_args(flags[2:] + ["--data-path", missing])) == 0
+    assert dry_run(parse_args(flags[2:] + ["--data-path", missing])) == 0
     assert (f"data            not checked here (dataset file missing or unreadable: {missing}.bin)"
             in capsys.readouterr().out)
 

@@ -59,7 +59,7 @@ def command_lines(shim, tmp_path_factory):
 def _plan(argv, capsys, monkeypatch):
     """Runs the recorded ``python ENTRY FLAGS --dry-run ...`` in this process."""
     from megatron_nitp.training.arguments import parse_args
-    from megatron_nitp.training.plan import GPU_MEMORY_ENV, dry_run
+    from megatron_nitp.accounting.dry_run import GPU_MEMORY_ENV, dry_run
 
     for name in ("WORLD_SIZE", GPU_MEMORY_ENV):
         monkeypatch.delenv(name, raising=False)

@@ -1,4 +1,5 @@
-"""FLOPs accounting (megatron_nitp/config/flops.py) and its CLI (tools/flops_overhead.py)."""
+"""FLOPs and parameter accounting (megatron_nitp/accounting/flops.py, parameters.py) and its CLI
+(tools/flops_overhead.py)."""
 
 import json
 import os
@@ -7,14 +8,9 @@ import sys
 
 import pytest
 
-from megatron_nitp.config.flops import (
-    ModelShape,
-    exact_flops,
-    layer_forward_flops,
-    mtp_flops,
-    paper_flops,
-    parameter_counts,
-)
+from megatron_nitp.accounting.flops import exact_flops, layer_forward_flops, mtp_flops, paper_flops
+from megatron_nitp.accounting.parameters import parameter_counts
+from megatron_nitp.accounting.shape import ModelShape
 from megatron_nitp.config.presets import PRESETS
 
 from tests.helpers import ROOT, clean_env  # noqa: E402

@@ -34,9 +34,10 @@ LAYERS = (
         "megatron_nitp.cli",          # the command-line parser of the entry scripts and tools
     )),
     ("nitp", ("megatron_nitp.nitp.*",)),    # the method: knows no run settings
-    ("config", ("megatron_nitp.config.*",)),  # settings, checks, presets, FLOPs
+    ("config", ("megatron_nitp.config.*",)),  # settings, checks, presets
     ("data", ("megatron_nitp.data.*",)),
     ("objectives", ("megatron_nitp.objectives.*",)),  # auxiliary terms: what the model computes
+    ("accounting", ("megatron_nitp.accounting.*",)),  # counts a job without running it
     ("models", ("megatron_nitp.models.*",)),
     ("training", ("megatron_nitp.training.*",)),
     ("applications", (

@@ -41,7 +41,7 @@ def _parse(argv):
 
 def test_a_megatron_lm_command_line_is_the_dense_0_5b_model():
     from megatron_nitp.config import preset_config
-    from megatron_nitp.config.flops import parameter_counts
+    from megatron_nitp.accounting.parameters import parameter_counts
 
     config = _parse(MEGATRON_LM_0_5B)
     preset = preset_config("dense-0.5b")
@@ -102,7 +102,7 @@ def test_the_sample_based_schedule_equals_megatron_lms(style):
     def optimizer():
         return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
 
-    ours = build_scheduler(optimizer(), config)
+    ours = build_scheduler(optimizer(), config.training, config.schedule, config.derived)
     theirs = OptimizerParamScheduler(  # megatron/training/training.py, with --train-samples
         optimizer(), init_lr=0.0, max_lr=1e-3, min_lr=1e-5, lr_warmup_steps=fraction * decay,
         lr_decay_steps=decay, lr_decay_style=style, start_wd=0.1, end_wd=0.1,

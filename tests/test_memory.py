@@ -5,7 +5,9 @@ import re
 import pytest
 import torch
 
-from megatron_nitp.training import memory, plan
+from megatron_nitp.accounting import memory_plan
+from megatron_nitp.accounting.parallel import layout_of
+from megatron_nitp.training import memory
 from megatron_nitp.training.memory import MB, MemoryMonitor, key
 from tests.helpers import tiny_args
 
@@ -64,15 +66,15 @@ def test_console_parts_follow_megatron_names():
 
 def test_planned_memory_is_the_dry_runs_largest_stage():
     args = tiny_args("--pipeline-model-parallel-size", "2")
-    stages = plan.stage_memories(args)
+    stages = memory_plan.stage_memories(args)
     assert len(stages) == 2
-    assert plan.planned_memory(args) == max(stages, key=lambda m: m.total)
-    layout = plan.layout_of(args)
+    assert memory_plan.planned_memory(args) == max(stages, key=lambda m: m.total)
+    layout = layout_of(args)
     assert (layout.world, layout.pp, layout.dp) == (2, 2, 1)
 
 
 def test_planned_vs_measured_line():
-    planned = plan.planned_memory(tiny_args())
+    planned = memory_plan.planned_memory(tiny_args())
     model = planned.total - planned.runtime
     cpu = MemoryMonitor("proc").planned_vs_measured(
         10, {key("rss"): 500.0, key("max rss"): 1024.0}, planned)
@@ -87,8 +89,8 @@ def test_planned_vs_measured_line():
         10, {key("max allocated"): 2048.0, key("max reserved"): 3072.0}, planned, 2)
     assert "peak 2.00 GiB allocated, 3.00 GiB reserved measured (max over ranks" in gpu
     assert "; 512.0 MiB allocated before the first step) vs " in gpu
-    assert re.search(rf"vs {planned.total / plan.GIB:.2f} GiB planned per rank by --dry-run for "
+    assert re.search(rf"vs {planned.total / memory_plan.GIB:.2f} GiB planned per rank by --dry-run for "
                      rf"pipeline stage {planned.stage}, the largest, \(weights .* \+ runtime ",
                      gpu)
-    assert memory.readable(1.5 * plan.GIB) == "1.50 GiB"
+    assert memory.readable(1.5 * memory_plan.GIB) == "1.50 GiB"
     assert memory.readable(3 * MB) == "3.0 MiB"

@@ -12,7 +12,7 @@ with every replicated copy equal to the saved one. Layouts of one world size run
 
 import pytest
 
-from megatron_nitp.config.preset_table import preset_counts
+from megatron_nitp.accounting.preset_table import preset_counts
 from megatron_nitp.training.arguments import parse_args
 from megatron_nitp.training.loop import pretrain
 from tests.helpers import measured_counts

@@ -4,9 +4,17 @@ import dataclasses
 
 import pytest
 
-from megatron_nitp.config.flops import parameter_counts
+from megatron_nitp.accounting.dry_run import GPU_MEMORY_ENV, dry_run
+from megatron_nitp.accounting.memory_plan import (GIB, RUNTIME_OVERHEAD_GIB,
+                                                  activation_bytes_per_token, format_bytes,
+                                                  stage_memory)
+from megatron_nitp.accounting.parallel import Layout
+from megatron_nitp.accounting.parameters import (format_count, layer_parameters,
+                                                 model_parameters, parameter_counts,
+                                                 stage_parameters)
+from megatron_nitp.accounting.shape import vocab_of
+from megatron_nitp.config import resolve
 from megatron_nitp.config.presets import PRESETS
-from megatron_nitp.training import plan
 from megatron_nitp.training.arguments import parse_args
 from tests.helpers import load_tool, measured_counts, run_python_code
 
@@ -16,7 +24,7 @@ LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
-    for name in LAUNCH_VARS + (plan.GPU_MEMORY_ENV,):
+    for name in LAUNCH_VARS + (GPU_MEMORY_ENV,):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -35,7 +43,7 @@ def _layout(args, world):
     from megatron_nitp.config import resolve
 
     args = resolve(args, world)
-    return args, plan.Layout(world=world, tp=args.tensor_model_parallel_size,
+    return args, Layout(world=world, tp=args.tensor_model_parallel_size,
                        pp=args.pipeline_model_parallel_size, cp=args.context_parallel_size,
                        ep=args.expert_model_parallel_size, dp=args.data_parallel_size,
                        sp=args.sequence_parallel)
@@ -43,9 +51,9 @@ def _layout(args, world):
 
 @pytest.mark.parametrize("name", PAPER + ["tiny-dense", "tiny-moe"])
 def test_the_one_parameter_model_matches_megatron_cores_built_modules(dist, name):
-    """plan, preset table and FLOPs tool share flops.parameter_counts; it must count what
+    """plan, preset table and FLOPs tool share parameters.parameter_counts; it must count what
     megatron-core builds (tests/helpers.py's measured_counts: the modules, reduced depth)."""
-    counts = plan.model_parameters(_args("--preset", name))
+    counts = model_parameters(_args("--preset", name))
     built = measured_counts(name)
     assert counts["total"] == built["total_params"]
     assert counts["active"] == built["active_params"]
@@ -63,7 +71,7 @@ def _built_stage(args, stage, pp):
     whole = resolve(args, 1).derived
     pattern = whole.moe_layer_pattern
     derived = dataclasses.replace(
-        whole, padded_vocab_size=plan._vocab(args, 1)[1],
+        whole, padded_vocab_size=vocab_of(args, 1)[1],
         moe_layer_pattern=pattern[stage * per:(stage + 1) * per] if pattern else None)
     part = args.replace(num_layers=per, derived=derived)
     model = build_model(part, pre_process=stage == 0, post_process=stage == pp - 1,
@@ -80,27 +88,27 @@ def _built_stage(args, stage, pp):
 @pytest.mark.parametrize("pp", [1, 2, 4])
 def test_stage_parameters_match_the_built_stages(dist, flags, pp):
     args = _args(*flags)
-    layout = plan.Layout(world=pp, tp=1, pp=pp, cp=1, ep=1, dp=1, sp=False)
+    layout = Layout(world=pp, tp=1, pp=pp, cp=1, ep=1, dp=1, sp=False)
     for stage in range(pp):
-        dense, expert = plan.stage_parameters(args, layout, stage)
+        dense, expert = stage_parameters(args, layout, stage)
         assert dense + expert == _built_stage(args, stage, pp), (flags, pp, stage)
 
 
 def test_tensor_and_expert_parallel_divide_their_matrices():
     args = _args("--preset", "moe-9b-a1b")
-    one = plan.Layout(world=1, tp=1, pp=1, cp=1, ep=1, dp=1, sp=False)
-    split = plan.Layout(world=16, tp=2, pp=1, cp=1, ep=8, dp=8, sp=False)
+    one = Layout(world=1, tp=1, pp=1, cp=1, ep=1, dp=1, sp=False)
+    split = Layout(world=16, tp=2, pp=1, cp=1, ep=8, dp=8, sp=False)
     d = args.hidden_size
-    dense1, expert1 = plan.layer_parameters(args, True, 1, 1)
-    dense2, expert2 = plan.layer_parameters(args, True, 2, 8)
+    dense1, expert1 = layer_parameters(args, True, 1, 1)
+    dense2, expert2 = layer_parameters(args, True, 2, 8)
     assert expert2 == expert1 // 16
     replicated = 2 * d + args.num_moe_experts * d  # two norms and the router
     assert dense2 - replicated == (dense1 - replicated) // 2
-    s1, s2 = plan.stage_parameters(args, one, 0), plan.stage_parameters(args, split, 0)
+    s1, s2 = stage_parameters(args, one, 0), stage_parameters(args, split, 0)
     assert s2[1] == s1[1] // 16
     # --expert-tensor-parallel-size 1: whole experts per rank, twice the expert data parallelism
     whole = dataclasses.replace(split, etp=1)
-    assert plan.stage_parameters(args, whole, 0) == (s2[0], s1[1] // 8)
+    assert stage_parameters(args, whole, 0) == (s2[0], s1[1] // 8)
     assert (split.expert_dp, whole.expert_dp) == (1, 2)
 
 
@@ -112,7 +120,7 @@ def test_memory_terms_by_hand():
                  "--use-distributed-optimizer", "--vocab-size", "256", "--nitp-target-layer", "0")
     args, layout = _layout(args, 4)
     assert (layout.dp, args.num_microbatches) == (4, 2)
-    m = plan.stage_memory(args, layout, args.num_microbatches, 0)
+    m = stage_memory(args, layout, args.num_microbatches, 0)
     d, q, kv, f = 64, 64, 32, 128
     n = 2 * (2 * d + d * (q + 2 * kv) + q * d + 3 * d * f) + 256 * d + d  # layers, embedding, norm
     assert m.parameters == n
@@ -123,7 +131,7 @@ def test_memory_terms_by_hand():
     logits = tokens * 256 * (2 + 4) + tokens * d * 2
     assert m.activations == pytest.approx(tokens * 2 * per_layer + logits)
     assert m.total == pytest.approx(m.weights + m.gradients + m.optimizer + m.activations
-                                    + plan.RUNTIME_OVERHEAD_GIB * plan.GIB)
+                                    + RUNTIME_OVERHEAD_GIB * GIB)
 
 
 @pytest.mark.parametrize("recompute,kept_layers,rebuilt_layers,dropped", [
@@ -153,7 +161,7 @@ def test_recomputation_in_the_memory_estimate_by_hand(recompute, kept_layers, re
     logits = tokens * 256 * (2 + 4) + tokens * d * 2
     layers = (kept_layers * 2 * d + (4 - kept_layers) * (full - 2 * dropped)
               + rebuilt_layers * full)
-    m = plan.stage_memory(args, layout, args.num_microbatches, 0)
+    m = stage_memory(args, layout, args.num_microbatches, 0)
     assert m.activations == pytest.approx(tokens * layers + logits)
 
 
@@ -162,13 +170,13 @@ def test_pipeline_stages_hold_micro_batches_in_flight_and_the_routing_buffers():
                  "--micro-batch-size", "1")
     args, layout = _layout(args, 32)
     m = args.num_microbatches
-    stages = [plan.stage_memory(args, layout, m, i) for i in range(4)]
+    stages = [stage_memory(args, layout, m, i) for i in range(4)]
     # stage 0 owns layer 6 (layers 1-7): it keeps the send buffers of the 4 micro-batches in
     # flight (each released when the backward of its micro-batch reaches the stage)
     tokens, d = args.seq_length, args.hidden_size
     assert m > 4
     routing = 4 * tokens * d * 2
-    per_layer = tokens * plan.activation_bytes_per_token(args, False, layout)
+    per_layer = tokens * activation_bytes_per_token(args, False, layout)
     assert stages[0].activations == pytest.approx(4 * 7 * per_layer + routing)
     assert stages[1].activations == pytest.approx(3 * 7 * per_layer)
     assert stages[2].activations == pytest.approx(2 * 7 * per_layer)
@@ -178,13 +186,13 @@ def test_pipeline_stages_hold_micro_batches_in_flight_and_the_routing_buffers():
 def test_sequence_parallel_and_context_parallel_shrink_activations():
     base = _args("--preset", "dense-3b", "--tensor-model-parallel-size", "2")
     sp = _args("--preset", "dense-3b", "--tensor-model-parallel-size", "2", "--sequence-parallel")
-    a = plan.activation_bytes_per_token(base, False, _layout(base, 8)[1])
-    b = plan.activation_bytes_per_token(sp, False, _layout(sp, 8)[1])
+    a = activation_bytes_per_token(base, False, _layout(base, 8)[1])
+    b = activation_bytes_per_token(sp, False, _layout(sp, 8)[1])
     assert b == pytest.approx(a - 2 * 4 * base.hidden_size / 2)
 
 
 def _dry(capsys, *flags, model_type=None):
-    code = plan.dry_run(_args(*flags, model_type=model_type))
+    code = dry_run(_args(*flags, model_type=model_type))
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -269,19 +277,19 @@ def test_dry_run_reads_the_tokenizers_vocabulary(capsys, small_tokenizer):
     code, out, err = _dry(capsys, "--preset", "tiny-dense", "--tokenizer-model", small_tokenizer)
     assert code == 0, err
     assert f"vocab 1000 (the tokenizer's, {small_tokenizer}), padded 1024" in out
-    args = plan.resolve(_args("--preset", "tiny-dense"), 1)
-    small = plan.model_parameters(args.replace(derived=dataclasses.replace(
+    args = resolve(_args("--preset", "tiny-dense"), 1)
+    small = model_parameters(args.replace(derived=dataclasses.replace(
         args.derived, vocab_size=1000, padded_vocab_size=1024)))
-    default = plan.model_parameters(args)
+    default = model_parameters(args)
     assert args.vocab_size == 4096 and not args.untie_embeddings_and_output_weights
     assert default["total"] - small["total"] == (4096 - 1024) * args.hidden_size
-    assert _plan_numbers(out)[2] == plan._count(small["total"])
-    layout = plan.Layout(world=1, tp=1, pp=1, cp=1, ep=1, dp=1, sp=False)
-    tokenizer_args = plan.resolve(_args("--preset", "tiny-dense", "--tokenizer-model",
+    assert _plan_numbers(out)[2] == format_count(small["total"])
+    layout = Layout(world=1, tp=1, pp=1, cp=1, ep=1, dp=1, sp=False)
+    tokenizer_args = resolve(_args("--preset", "tiny-dense", "--tokenizer-model",
                                         small_tokenizer), 1, 1000)
-    m = plan.stage_memory(tokenizer_args, layout, tokenizer_args.num_microbatches, 0)
-    assert _plan_numbers(out)[3] == plan._bytes(m.total)
-    assert m.parameters == plan.stage_parameters(args, layout, 0)[0] - 3072 * args.hidden_size
+    m = stage_memory(tokenizer_args, layout, tokenizer_args.num_microbatches, 0)
+    assert _plan_numbers(out)[3] == format_bytes(m.total)
+    assert m.parameters == stage_parameters(args, layout, 0)[0] - 3072 * args.hidden_size
 
     # without a tokenizer the default is named as assumed
     code, out, _ = _dry(capsys, "--preset", "tiny-dense")
@@ -317,9 +325,9 @@ def test_impossible_layouts_exit_2(capsys, flags, message):
 
 
 def test_bad_gpu_memory_env_exits_2(capsys, monkeypatch):
-    monkeypatch.setenv(plan.GPU_MEMORY_ENV, "lots")
+    monkeypatch.setenv(GPU_MEMORY_ENV, "lots")
     code, _, err = _dry(capsys)
-    assert code == 2 and plan.GPU_MEMORY_ENV in err
+    assert code == 2 and GPU_MEMORY_ENV in err
 
 
 def test_too_large_for_the_gpu_exits_3_with_what_to_change(capsys, monkeypatch):
@@ -333,7 +341,7 @@ def test_too_large_for_the_gpu_exits_3_with_what_to_change(capsys, monkeypatch):
                 "--pipeline-model-parallel-size"):
         assert fix in err
     # the same layout fits a larger GPU
-    monkeypatch.setenv(plan.GPU_MEMORY_ENV, "400")
+    monkeypatch.setenv(GPU_MEMORY_ENV, "400")
     code, out, _ = _dry(capsys, *flags)
     assert code == 0 and "of 400 GiB" in out
 

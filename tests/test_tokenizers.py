@@ -150,14 +150,14 @@ def test_train_tokenizer_tool_trains_a_bpe_folder(files, tmp_path, capsys):
 
 
 def test_dry_run_reads_the_huggingface_tokenizers_vocabulary(files, capsys):
-    from megatron_nitp.training import plan
+    from megatron_nitp.accounting.dry_run import dry_run
 
-    code = plan.dry_run(parse_args(["--tokenizer-type", "HuggingFaceTokenizer",
-                                    "--tokenizer-model", files["bpe"], "--data-path", "d"]))
+    code = dry_run(parse_args(["--tokenizer-type", "HuggingFaceTokenizer",
+                               "--tokenizer-model", files["bpe"], "--data-path", "d"]))
     out = capsys.readouterr().out
     assert code == 0 and f"vocab 400 (the tokenizer's, {files['bpe']}), padded 512" in out
-    code = plan.dry_run(parse_args(["--mock-data", "--tokenizer-type", "NullTokenizer",
-                                    "--vocab-size", "1000"]))
+    code = dry_run(parse_args(["--mock-data", "--tokenizer-type", "NullTokenizer",
+                               "--vocab-size", "1000"]))
     assert code == 0 and "vocab 1000 (--vocab-size), padded 1024" in capsys.readouterr().out
 
 

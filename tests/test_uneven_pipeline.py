@@ -68,7 +68,7 @@ def test_impossible_splits_are_refused(num_layers, pp, first, last, match):
 
 
 def test_flags_and_plan_use_the_real_split(capsys):
-    from megatron_nitp.training import plan
+    from megatron_nitp.accounting.parallel import Layout, stage_layers, target_stage
     from megatron_nitp.training.arguments import parse_args
 
     flags = ["--preset", "tiny-dense", "--num-layers", "4", "--pipeline-model-parallel-size",
@@ -86,10 +86,10 @@ def test_flags_and_plan_use_the_real_split(capsys):
         parse_args(flags + ["--decoder-first-pipeline-num-layers", "4"])
     assert "do not split" in capsys.readouterr().err
 
-    layout = plan.Layout(world=2, tp=1, pp=2, cp=1, ep=1, dp=1, sp=False)
-    assert plan._stage_layers(args, layout, 0) == slice(0, 1)
-    assert plan._stage_layers(args, layout, 1) == slice(1, 4)
-    assert plan._target_stage(args, layout) == 1
+    layout = Layout(world=2, tp=1, pp=2, cp=1, ep=1, dp=1, sp=False)
+    assert stage_layers(args, layout, 0) == slice(0, 1)
+    assert stage_layers(args, layout, 1) == slice(1, 4)
+    assert target_stage(args, layout) == 1
 
 
 # ---- 2-process gloo job: the model decides from what it built --------------------------------

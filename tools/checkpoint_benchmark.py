@@ -10,8 +10,9 @@ megatron-core's dp_reshardable, the default save, and fully_reshardable,
 ``--dist-ckpt-optim-fully-reshardable``) and the table adds the optimizer state a rank holds in
 host memory for the save and for the load (the distinct tensors of its optimizer sharded state
 dict: its own shard, or its data-parallel group's whole state gathered) beside
-``plan.checkpoint_host_memory``'s figures for the same run (weights included), and what
-``dist_checkpointing.load`` read (``ckpt read``: ``rchar`` less the verification's bytes).
+``accounting.checkpoint.checkpoint_host_memory``'s figures for the same run (weights
+included), and what ``dist_checkpointing.load`` read (``ckpt read``: ``rchar`` less the
+verification's bytes).
 
 Each DP size is one ``torchrun`` job that builds a real run (``training.loop.setup``), trains
 one step (so the optimizer has state), saves synchronously, saves again with ``--async-save``
@@ -139,7 +140,7 @@ def worker(args) -> None:
         manifest = json.load(open(os.path.join(ck.checkpoint_dir(root, 1), ck.MANIFEST)))
         total = sum(e["bytes"] for e in manifest.values())
         row = {key: max(r[key] for r in everyone) for key in out}
-        from megatron_nitp.training.plan import checkpoint_bytes, checkpoint_host_memory
+        from megatron_nitp.accounting.checkpoint import checkpoint_bytes, checkpoint_host_memory
 
         row.update(dp=world, checkpoint_bytes=total, files=len(manifest), format=fmt,
                    planned_bytes=checkpoint_bytes(run.args),

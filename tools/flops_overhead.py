@@ -9,7 +9,8 @@ Examples:
     python tools/flops_overhead.py --measure               # CPU: d=512, 12 layers, s=512
     python tools/flops_overhead.py --measure --compare-mtp --measure-iters 8
 
-The formulas are in megatron_nitp/config/flops.py; docs/performance.md has the figures.
+The formulas are in megatron_nitp/accounting/flops.py and parameters.py; docs/performance.md
+has the figures.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ import time
 import megatron_nitp  # noqa: F401  (CPU import stubs must precede megatron-core)
 
 from megatron_nitp.cli import ArgumentParser
-from megatron_nitp.config import flops
+from megatron_nitp.accounting import flops, parameters
 from megatron_nitp.config.presets import PRESETS, get_preset
 
-# (flag, type) of the model shape; dest names match megatron_nitp.config.flops.ModelShape
+# (flag, type) of the model shape; dest names match megatron_nitp.accounting.shape.ModelShape
 MODEL_FLAGS = [
     ("--num-layers", int), ("--hidden-size", int), ("--ffn-hidden-size", int),
     ("--num-attention-heads", int), ("--num-query-groups", int), ("--kv-channels", int),
@@ -248,7 +249,7 @@ def measure(args) -> dict:
                              f"({type(err).__name__}: {err}); no MTP figures.") from err
     train_args = runs["nitp"].args
     shape = train_args.flat()
-    counted = flops.parameter_counts(shape)["total"]
+    counted = parameters.parameter_counts(shape)["total"]
     built = _model_params(runs["ntp"])
     if built != counted:
         raise SystemExit(f"error: the built model has {built:,} parameters but the analytic "
@@ -308,7 +309,7 @@ def measure(args) -> dict:
         overhead_exact_full_square=full.overhead,
         overhead_paper=flops.paper_flops(shape).overhead,
         memory=memory,
-        parameters=flops.parameter_counts(shape),
+        parameters=parameters.parameter_counts(shape),
     )
     if args.compare_mtp:
         result["mtp_overhead_exact_causal"] = flops.mtp_flops(shape) / exact.ntp_total

@@ -11,7 +11,7 @@ differences per seed and a rule-based reading against the paper's claims.
 
 Every fact the text states is computed from its source: the model, training and NITP settings
 from the runs' resolved configs (``summary.json``'s ``"config"``; the runs must agree in
-everything but NITP on/off and the seed), the parameter counts with ``megatron_nitp.config.flops``,
+everything but NITP on/off and the seed), the parameter counts with ``megatron_nitp.accounting.parameters``,
 the corpus (documents, tokens, the split, the documents training never sees and, for the built-in
 corpus, their chapters) from the indexed dataset the runs read and megatron-core's own split of
 it, the machine from this process. What the paper reports is quoted from ``report.paper`` or read

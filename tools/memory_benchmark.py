@@ -61,11 +61,12 @@ def config(args, mode: dict, nitp: bool):
 
 
 def measure_arm(args, mode: dict, nitp: bool) -> dict:
+    from megatron_nitp.accounting.memory_plan import stage_memory
+    from megatron_nitp.accounting.parallel import layout_of
     from megatron_nitp.config import validate
     from megatron_nitp.device import synchronize
     from megatron_nitp.training import loop
     from megatron_nitp.training.memory import step_memory
-    from megatron_nitp.training.plan import layout_of, stage_memory
     from megatron_nitp.training.step import train_step
 
     cfg = config(args, mode, nitp)

@@ -4,7 +4,7 @@
 parallel layouts the code cannot run. ``resolve(config, world_size, tokenizer_vocab_size)`` is
 pure: it returns a new config whose ``derived`` holds the data-parallel size, micro-batches per
 step, the (padded) vocabulary, the MoE layer pattern and the schedule's iterations. Training
-(``training/loop.py``) and ``--dry-run`` (``training/plan.py``) both call it, so the plan is
+(``training/loop.py``) and ``--dry-run`` (``accounting/dry_run.py``) both call it, so the plan is
 computed exactly as the run will be. Both raise :class:`ConfigError` naming the setting and the
 fix.
 """

@@ -183,7 +183,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, model_type: str = "dense") 
     parser = build_parser(model_type)
     known, _ = parser.parse_known_args(argv)
     if known.list_presets:
-        from megatron_nitp.config.preset_table import print_presets
+        from megatron_nitp.accounting.preset_table import print_presets
 
         print_presets(as_json=known.json)
         parser.exit(0)

@@ -10,7 +10,7 @@ from megatron_nitp.training.loop import UsageError, pretrain
 def main(argv=None, model_type: str = "dense") -> None:
     args = parse_args(argv, model_type=model_type)
     if args.dry_run:
-        from megatron_nitp.training.plan import dry_run
+        from megatron_nitp.accounting.dry_run import dry_run
 
         raise SystemExit(dry_run(args))
     from megatron_nitp.training.checkpointing import CheckpointError

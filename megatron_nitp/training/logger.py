@@ -105,7 +105,7 @@ def peak_tflops(args) -> float | None:
 def training_flops_per_token(args) -> float:
     """Exact training FLOPs per token of the model (forward + backward), NITP's and MTP's
     included."""
-    from megatron_nitp.config.flops import exact_flops, mtp_flops
+    from megatron_nitp.accounting.flops import exact_flops, mtp_flops
 
     flops = exact_flops(args.flat())
     total = flops.ntp_total + (flops.nitp if args.nitp else 0.0)

@@ -182,12 +182,12 @@ class Run:
 def check_checkpoint_folders(args: RunConfig, save_dir: str) -> list[str]:
     """The start checks of the checkpoints (``args`` resolved for the world): the ``--save``
     folder is writable, belongs to this run's lineage and has room for a checkpoint
-    (``checkpointing.check_save_folder``, with ``plan.checkpoint_bytes`` of the resolved
+    (``checkpointing.check_save_folder``, with ``checkpoint_bytes`` of the resolved
     vocabulary), and a ``dp_reshardable`` checkpoint to resume fits this layout (its
     nitp.json, read before the model is built). Returns the warnings; raises UsageError in one
     line."""
     from megatron_nitp.training import checkpointing as ck
-    from megatron_nitp.training.plan import checkpoint_bytes
+    from megatron_nitp.accounting.checkpoint import checkpoint_bytes
 
     try:
         warnings = ck.check_save_folder(save_dir, args, checkpoint_bytes(args))
@@ -272,7 +272,7 @@ def setup(args: RunConfig, save_dir: str | None = None) -> Run:
     model = build_model(args)
     initialize_weights(model, args.seed)  # from the seed and global names: layout-invariant
     model = wrap_model(model, args)
-    optimizer, scheduler = build_optimizer(model, args)
+    optimizer, scheduler = build_optimizer(model, args.training, args.schedule, args.derived)
     config = model.config
     config.no_sync_func = model.no_sync
     config.finalize_model_grads_func = TIMERS.wrap(GRAD_REDUCE, finalize_model_grads)
@@ -432,7 +432,7 @@ def _pretrain(args: RunConfig, progress: Progress) -> dict:
                             start_iteration=run.start_iteration)
     progress.logger = logger
     times = IntervalTimes(args.timing_log_level, args.log_straggler)
-    from megatron_nitp.training.plan import planned_memory
+    from megatron_nitp.accounting.memory_plan import planned_memory
 
     # --dry-run's estimate for this config, printed beside the first interval's measured peak
     planned = planned_memory(args)

@@ -15,8 +15,8 @@ since the previous line, in MB (MiB, 1024**2 bytes, as Megatron-LM's ``report_me
   includes the Python interpreter, torch's libraries and the data pipeline, not only tensors.
 
 The first line also prints ``--dry-run``'s estimate for the same config
-(``plan.planned_memory``) beside the measured peak, with the plan's terms, so a plan made for a
-cluster can be checked against the first iterations of the job.
+(``accounting.memory_plan.planned_memory``) beside the measured peak, with the plan's terms, so
+a plan made for a cluster can be checked against the first iterations of the job.
 """
 
 from __future__ import annotations
@@ -170,9 +170,9 @@ class MemoryMonitor:
     def planned_vs_measured(self, iteration: int, metrics: dict[str, float], planned,
                             stage_count: int = 1) -> str:
         """The one line that puts ``--dry-run``'s estimate (``planned``: a
-        ``plan.StageMemory``, the largest stage's) beside the measured peak of the first
+        ``memory_plan.StageMemory``, the largest stage's) beside the measured peak of the first
         interval (``metrics`` from :meth:`measure`), with what each figure counts."""
-        from megatron_nitp.training.plan import memory_terms
+        from megatron_nitp.accounting.memory_plan import memory_terms
 
         stage = f" for pipeline stage {planned.stage}, the largest," if stage_count > 1 else ""
         if self.source == "cuda":

@@ -1,58 +1,68 @@
-"""megatron-core's optimizer (AdamW, fp32 main params, grad clipping) and LR scheduler."""
+"""megatron-core's optimizer (AdamW, fp32 main params, grad clipping) and LR scheduler.
+
+Both take the run config's sections they read (``RunConfig.training``, ``.schedule`` and the
+``.derived`` values of a resolved config), not the whole config: what decides the optimizer
+is then visible at the call, and a test builds one from those sections alone.
+"""
 
 from __future__ import annotations
-
-import argparse
 
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_nitp.config.schema import Derived, ScheduleConfig, TrainingConfig
 from megatron_nitp.training.model import params_dtype
 
 
-def build_optimizer(model, args: argparse.Namespace):
-    """AdamW (betas 0.9/0.95, wd 0.1, clip 1.0 by default) over the DDP-wrapped model chunks.
+def build_optimizer(model, training: TrainingConfig, schedule: ScheduleConfig,
+                    derived: Derived):
+    """AdamW (betas 0.9/0.95, wd 0.1, clip 1.0 by default) over the DDP-wrapped model chunks,
+    and its scheduler (:func:`build_scheduler`).
 
     The scheduler counts optimizer steps (iterations): warm-up, then WSD's stable phase and its
     final decay of ``--lr-wsd-decay-iters`` (20% of training by default, as in the paper).
+    ``derived``: the resolved config's (``config.resolve``), for the decay lengths.
     """
     config = OptimizerConfig(
         optimizer="adam",
-        lr=args.lr,
-        min_lr=args.min_lr,
-        weight_decay=args.weight_decay,
-        adam_beta1=args.adam_beta1,
-        adam_beta2=args.adam_beta2,
-        adam_eps=args.adam_eps,
-        clip_grad=args.clip_grad,
-        bf16=args.bf16,
-        fp16=args.fp16,
-        params_dtype=params_dtype(args),
-        loss_scale=args.loss_scale,
-        initial_loss_scale=args.initial_loss_scale,
-        use_distributed_optimizer=args.use_distributed_optimizer,
+        lr=schedule.lr,
+        min_lr=schedule.min_lr,
+        weight_decay=training.weight_decay,
+        adam_beta1=training.adam_beta1,
+        adam_beta2=training.adam_beta2,
+        adam_eps=training.adam_eps,
+        clip_grad=training.clip_grad,
+        bf16=training.bf16,
+        fp16=training.fp16,
+        params_dtype=params_dtype(training),
+        loss_scale=training.loss_scale,
+        initial_loss_scale=training.initial_loss_scale,
+        use_distributed_optimizer=training.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(config, [model])
-    return optimizer, build_scheduler(optimizer, args)
+    return optimizer, build_scheduler(optimizer, training, schedule, derived)
 
 
-def build_scheduler(optimizer, args) -> OptimizerParamScheduler:
+def build_scheduler(optimizer, training: TrainingConfig, schedule: ScheduleConfig,
+                    derived: Derived) -> OptimizerParamScheduler:
     """megatron-core's scheduler, stepped once per iteration: Megatron-LM's sample-based
-    lengths arrive here as iterations (``config.resolve``)."""
+    lengths arrive here as iterations (``config.resolve`` writes them into ``training`` and
+    ``schedule`` and computes the decay lengths into ``derived``); the constant weight decay
+    and its length come from ``training``."""
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
-        max_lr=args.lr,
-        min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters,
-        lr_decay_steps=args.lr_decay_iters,
-        lr_decay_style=args.lr_decay_style,
-        start_wd=args.weight_decay,
-        end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters,
+        max_lr=schedule.lr,
+        min_lr=schedule.min_lr,
+        lr_warmup_steps=schedule.lr_warmup_iters,
+        lr_decay_steps=derived.lr_decay_iters,
+        lr_decay_style=schedule.lr_decay_style,
+        start_wd=training.weight_decay,
+        end_wd=training.weight_decay,
+        wd_incr_steps=training.train_iters,
         wd_incr_style="constant",
-        wsd_decay_steps=args.lr_wsd_decay_iters,
-        lr_wsd_decay_style=args.lr_wsd_decay_style,
+        wsd_decay_steps=derived.lr_wsd_decay_iters,
+        lr_wsd_decay_style=schedule.lr_wsd_decay_style,
     )
 
 

@@ -1,7 +1,7 @@
 """The facts the report states, gathered once from their sources into plain data.
 
 Each comes from where it is true: the runs' results and resolved config (:mod:`.runs`), the
-data they read (:mod:`.corpus`), the parameter counts of ``megatron_nitp.config.flops``, the
+data they read (:mod:`.corpus`), the parameter counts of ``megatron_nitp.accounting.parameters``, the
 learning-rate schedule as megatron-core applies it, and this machine. The sections only format
 what is here, so two sections never compute the same fact twice.
 """
@@ -87,7 +87,7 @@ class Facts:
     warmup: int
     decay_start: int | None
     decay_end: int
-    counts: dict            # parameter counts (megatron_nitp.config.flops)
+    counts: dict            # parameter counts (megatron_nitp.accounting.parameters)
     corpus: dict | None
     trained_tokens: int
     epochs: float | None
@@ -140,7 +140,7 @@ def gather(args) -> Facts:
     """The facts of the runs ``args.runs``/``{kind}-seed{S}`` for S in ``args.seeds`` and their
     results in ``args.results``. Refuses (SystemExit) runs that do not pair up and an
     ``args.iters`` other than the runs' length."""
-    from megatron_nitp.config.flops import parameter_counts
+    from megatron_nitp.accounting.parameters import parameter_counts
     from megatron_nitp.device import has_cuda, name as device_name
 
     runs, compare = load_runs(args.runs, args.results, args.seeds)

@@ -31,7 +31,7 @@ def paper_nitp_defaults(config) -> bool:
 def paper_presets():
     """The smallest activated parameter count and the context lengths of the paper's models."""
     from megatron_nitp.config import preset_config
-    from megatron_nitp.config.flops import parameter_counts
+    from megatron_nitp.accounting.parameters import parameter_counts
     from megatron_nitp.config.presets import PRESETS
 
     names = [n for n, p in PRESETS.items() if p.get("description", "").startswith("paper")]

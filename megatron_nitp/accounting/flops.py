@@ -1,4 +1,4 @@
-"""Training FLOPs per token of the NTP baseline and of NITP's additions, and parameter counts.
+"""Training FLOPs per token of the NTP baseline and of NITP's additions.
 
 Two conventions, both per token of a training step (forward + backward):
 
@@ -13,98 +13,18 @@ count, 2 FLOPs per multiply-add, training = 3 x forward (forward, backward data-
 backward weight-gradient), causal attention scores count half the ``s x s`` square. See
 :func:`exact_flops`.
 
-Notation: d hidden size, L layers, s sequence length, V vocabulary, h head dim, n_q / n_kv
-query / key-value heads (q = n_q h, kv = n_kv h), f dense FFN width, E experts, k routed top-k,
-f_e expert FFN width, f_s shared-expert FFN width, r projector width ratio (paper: 4).
+Notation: ``shape``'s (d hidden size, L layers, s sequence length, V vocabulary, ...). The
+parameter counts are in ``parameters``; both take the projector's from the method's one count,
+``nitp.config.projector_parameters``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
-from megatron_nitp.config.presets import moe_layer_pattern
-from megatron_nitp.config.resolve import DEFAULT_VOCAB_SIZE
-from megatron_nitp.config.schema import ModelConfig
+from megatron_nitp.accounting.parameters import parameter_counts
+from megatron_nitp.accounting.shape import ModelShape, shape_of
 from megatron_nitp.nitp.config import projector_parameters
-
-#: the training flags' ``--make-vocab-size-divisible-by`` default
-VOCAB_DIVISIBLE_BY = ModelConfig.make_vocab_size_divisible_by
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelShape:
-    """The shapes that decide FLOPs and parameters, with the training flags' defaults filled."""
-
-    num_layers: int
-    hidden_size: int
-    num_attention_heads: int
-    seq_length: int
-    ffn_hidden_size: Optional[int] = None  # default 4 d
-    num_query_groups: Optional[int] = None  # default n_q (no GQA)
-    kv_channels: Optional[int] = None  # default d / n_q
-    vocab_size: Optional[int] = None  # default DEFAULT_VOCAB_SIZE
-    num_moe_experts: Optional[int] = None
-    moe_router_topk: int = 2
-    moe_ffn_hidden_size: Optional[int] = None  # default: ffn_hidden_size
-    moe_shared_expert_intermediate_size: Optional[int] = None
-    moe_layer_freq: object = 1  # int, list or Megatron's "[0]*1+[1]*15"
-    untie_embeddings_and_output_weights: bool = False
-    add_qkv_bias: bool = False
-    nitp_projector_ffn_ratio: int = 4
-    make_vocab_size_divisible_by: int = VOCAB_DIVISIBLE_BY
-    tensor_model_parallel_size: int = 1  # the vocabulary is padded to a multiple of both
-
-    def __post_init__(self):
-        fill = {
-            "ffn_hidden_size": 4 * self.hidden_size,
-            "num_query_groups": self.num_attention_heads,
-            "kv_channels": self.hidden_size // self.num_attention_heads,
-            "vocab_size": DEFAULT_VOCAB_SIZE,
-        }
-        for name, default in fill.items():
-            if getattr(self, name) is None:
-                object.__setattr__(self, name, default)
-        if self.moe_ffn_hidden_size is None:
-            object.__setattr__(self, "moe_ffn_hidden_size", self.ffn_hidden_size)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "ModelShape":
-        """From a preset dict or parsed flags (``vars(args)``): unknown keys are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names and v is not None})
-
-    @property
-    def is_moe(self) -> bool:
-        return bool(self.num_moe_experts)
-
-    @property
-    def moe_layers(self) -> list[int]:
-        """Per layer, 1 for an MoE layer and 0 for a dense one."""
-        if not self.is_moe:
-            return [0] * self.num_layers
-        return moe_layer_pattern(self.moe_layer_freq, self.num_layers)
-
-    @property
-    def padded_vocab_size(self) -> int:
-        """The vocabulary the model is built with (rows of the embedding and output layer),
-        padded as the run config resolves it (``config.padded_vocab``)."""
-        from megatron_nitp.config.resolve import padded_vocab
-
-        return padded_vocab(self.vocab_size, self.make_vocab_size_divisible_by,
-                            self.tensor_model_parallel_size)
-
-    @property
-    def shared_ffn(self) -> int:
-        return self.moe_shared_expert_intermediate_size or 0
-
-    @property
-    def q_size(self) -> int:
-        return self.num_attention_heads * self.kv_channels
-
-    @property
-    def kv_size(self) -> int:
-        return self.num_query_groups * self.kv_channels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,10 +65,6 @@ class Flops:
         )
 
 
-def _shape(model) -> ModelShape:
-    return model if isinstance(model, ModelShape) else ModelShape.from_dict(model)
-
-
 # --------------------------------------------------------------------------------------------
 # The paper's convention (Appendix G)
 # --------------------------------------------------------------------------------------------
@@ -169,7 +85,7 @@ def paper_flops(model) -> Flops:
 
     ``model``: a :class:`ModelShape`, a preset dict or ``vars(args)``.
     """
-    m = _shape(model)
+    m = shape_of(model)
     d = m.hidden_size
     attention = 6 * (2 * d * m.q_size + 2 * d * m.kv_size)
     if m.is_moe:
@@ -242,7 +158,7 @@ def exact_flops(model, causal: bool = True) -> Flops:
       the target z, so nothing flows back into layer k from it). The target costs nothing
       else: it is layer k's output of the same forward pass.
     """
-    m = _shape(model)
+    m = shape_of(model)
     d = m.hidden_size
     forward = sum(sum(layer_forward_flops(m, bool(moe), causal).values()) for moe in m.moe_layers)
     return Flops(
@@ -259,70 +175,10 @@ def mtp_flops(model, num_layers: int = 1, causal: bool = True) -> float:
     convention), as Megatron-LM counts it: per MTP depth one more transformer layer (of the
     last layer's kind), the ``2d -> d`` projection ``eh_proj`` (``2 x 2 d^2`` forward) and one
     more unembedding (``2 d V_pad``); norms ignored; x 3 for training."""
-    m = _shape(model)
+    m = shape_of(model)
     d = m.hidden_size
     layer = sum(layer_forward_flops(m, bool(m.moe_layers[-1]), causal).values())
     return float(num_layers * 3 * (layer + 2 * 2 * d * d + 2 * d * m.padded_vocab_size))
-
-
-# --------------------------------------------------------------------------------------------
-# Parameters
-# --------------------------------------------------------------------------------------------
-
-
-def layer_parameters(model, moe: bool, tp: int = 1, ep: int = 1,
-                     etp: int | None = None) -> tuple[int, int]:
-    """``(dense, expert)`` parameters of one layer on one rank of a TP x EP layout: dense ones
-    (norms, attention, dense FFN, router, shared expert) are replicated over data-parallel
-    ranks, routed experts over the expert data-parallel ranks. Matrices are split over TP
-    (norms and the router are replicated); routed experts over EP and the expert TP (= TP).
-    The one per-layer count: ``parameter_counts`` (TP = EP = 1) and ``--dry-run``'s memory plan
-    (``training/plan.py``) both use it."""
-    m = _shape(model)
-    d, q, kv = m.hidden_size, m.q_size, m.kv_size
-    attention = (d * (q + 2 * kv) + q * d + (q + 2 * kv if m.add_qkv_bias else 0)) // tp
-    norms = 2 * d
-    if not moe:
-        return norms + attention + 3 * d * m.ffn_hidden_size // tp, 0
-    shared = 3 * d * m.shared_ffn // tp
-    router = m.num_moe_experts * d
-    experts = m.num_moe_experts // ep * 3 * d * m.moe_ffn_hidden_size // (etp or tp)
-    return norms + attention + router + shared, experts
-
-
-def parameter_counts(preset_dict) -> dict[str, int]:
-    """Parameters of the model as built (local or TE spec, TP = 1), analytically.
-
-    Returns ``total`` (all parameters of the NTP / inference model: embedding, layers, final
-    norm, untied output layer), ``activated`` (parameters one token uses: ``total`` minus the
-    ``E - k`` routed experts it skips in each MoE layer; embedding included), ``embedding``
-    (``V_pad d``), ``output_layer`` (``V_pad d`` if untied, else 0), ``non_embedding``
-    (``total`` - embedding - output layer) and ``nitp_projector`` (``3 r d^2``, training only:
-    not in ``total``).
-
-    Per layer: RMSNorm ``d`` twice; attention ``d (q + 2 kv)`` (+ ``q + 2 kv`` with
-    ``add_qkv_bias``) and ``q d``; dense SwiGLU ``3 d f``; MoE: router ``E d``, experts
-    ``E x 3 d f_e``, shared expert ``3 d f_s``.
-    """
-    m = _shape(preset_dict)
-    d = m.hidden_size
-    total = activated = 0
-    for moe in m.moe_layers:
-        dense, experts = layer_parameters(m, bool(moe))
-        skipped = (m.num_moe_experts - m.moe_router_topk) * 3 * d * m.moe_ffn_hidden_size if moe else 0
-        total += dense + experts
-        activated += dense + experts - skipped
-    embedding = m.padded_vocab_size * d
-    output_layer = embedding if m.untie_embeddings_and_output_weights else 0
-    outside = embedding + output_layer + d  # + final norm
-    return dict(
-        total=total + outside,
-        activated=activated + outside,
-        embedding=embedding,
-        output_layer=output_layer,
-        non_embedding=total + d,
-        nitp_projector=projector_parameters("swiglu", d, m.nitp_projector_ffn_ratio),
-    )
 
 
 def flops_report(model, causal: bool = True) -> dict:

@@ -1,7 +1,7 @@
 """The preset table (``--list-presets``): each preset's size and recipe, one row a preset.
 
-The parameter counts come from the one parameter model, ``flops.parameter_counts`` (also used
-by ``--dry-run``'s plan and ``tools/flops_overhead.py``). "Active" counts every parameter a
+The parameter counts come from the one parameter model, ``parameters.parameter_counts`` (also
+used by ``--dry-run``'s plan and ``tools/flops_overhead.py``). "Active" counts every parameter a
 token's forward touches: attention, the dense FFNs, the shared expert, the router, top-k routed
 experts, and the embedding and output matrices. The NITP projector (12 d^2, training only) is
 listed apart: the model for inference has none. The tests hold these counts to megatron-core's
@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 
+from megatron_nitp.accounting.parameters import parameter_counts
+from megatron_nitp.accounting.shape import ModelShape
 from megatron_nitp.config.presets import PRESETS, get_preset
 
 
 def preset_counts(name: str) -> dict:
-    """The table's row of preset ``name``: counts from ``flops.parameter_counts``."""
-    from megatron_nitp.config.flops import ModelShape, parameter_counts
-
+    """The table's row of preset ``name``: counts from ``parameters.parameter_counts``."""
     preset = get_preset(name)
     moe = preset.get("model_type") == "moe"
     shape = ModelShape.from_dict(preset)
