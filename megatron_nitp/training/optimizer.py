@@ -7,7 +7,7 @@ import argparse
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_nitp.training.model import params_dtype
+from megatron_nitp.training.model import as_chunks, params_dtype
 
 
 def build_optimizer(model, args: argparse.Namespace):
@@ -32,7 +32,7 @@ def build_optimizer(model, args: argparse.Namespace):
         initial_loss_scale=args.initial_loss_scale,
         use_distributed_optimizer=args.use_distributed_optimizer,
     )
-    optimizer = get_megatron_optimizer(config, [model])
+    optimizer = get_megatron_optimizer(config, as_chunks(model))
     return optimizer, build_scheduler(optimizer, args)
 
 

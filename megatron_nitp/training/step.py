@@ -28,7 +28,7 @@ from megatron_nitp.device import device, to_device
 from megatron_nitp.geometry import effective_rank, mean_pairwise_cosine, valid_token_states
 from megatron_nitp.nitp.loss import num_contributing_positions
 from megatron_nitp.training import faults, timers
-from megatron_nitp.training.model import unwrap
+from megatron_nitp.training.model import as_chunks, unwrap
 from megatron_nitp.training.timers import TIMERS
 
 REPORT_KEYS = ("lm loss", "nitp loss", "mtp loss", "effective rank", "cosine similarity")
@@ -151,26 +151,36 @@ def _run_schedule(model, batches, args, nitp_scale, forward_only, geometry):
         batches[0] = dict(batches[0], _first=True)
     forward_backward = get_forward_backward_func()
     step = partial(_forward_step, nitp_scale, geometry)
+    chunks = as_chunks(model)
     reports = forward_backward(
         forward_step_func=step,
-        data_iterator=iter(batches),
-        model=[model],
+        # the interleaved schedule reads each chunk's micro-batches from its own iterator:
+        # every chunk sees the step's micro-batches in order
+        data_iterator=[iter(batches) for _ in chunks] if len(chunks) > 1 else iter(batches),
+        model=chunks,
         num_microbatches=len(batches),
         seq_length=args.seq_length,
         micro_batch_size=args.micro_batch_size,
         forward_only=forward_only,
     )
-    unwrap(model).finish_step()
+    for chunk in chunks:
+        unwrap(chunk).finish_step()
     return reports
 
 
 def _grads_finite(model) -> bool:
     """True when every gradient on every rank is finite (one all-reduce of a flag)."""
     bad = torch.zeros(1, device=device())
-    for buffer in list(model.buffers) + list(getattr(model, "expert_parallel_buffers", [])):
-        bad += (~torch.isfinite(buffer.grad_data)).any().to(bad.dtype)
+    for chunk in as_chunks(model):
+        for buffer in list(chunk.buffers) + list(getattr(chunk, "expert_parallel_buffers", [])):
+            bad += (~torch.isfinite(buffer.grad_data)).any().to(bad.dtype)
     torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
     return bad.item() == 0
+
+
+def _zero_grad_buffers(model) -> None:
+    for chunk in as_chunks(model):
+        chunk.zero_grad_buffer()
 
 
 def train_step(
@@ -197,14 +207,14 @@ def train_step(
     if nan_loss:
         nitp_scale = float("nan")
 
-    model.zero_grad_buffer()
+    _zero_grad_buffers(model)
     optimizer.zero_grad()
     with TIMERS.phase(timers.FORWARD_BACKWARD):
         reports = _run_schedule(model, batches, args, nitp_scale, False, geometry)
     for objective in objectives:
         reports.append(objective.reports(len(batches)))
     if faults.due("nan-grad", iteration + 1):
-        model.buffers[0].grad_data.view(-1)[0] = float("nan")
+        as_chunks(model)[0].buffers[0].grad_data.view(-1)[0] = float("nan")
     metrics = reduce_report(reports)
     losses_finite = all(math.isfinite(metrics.get(k, 0.0))
                         for k in ("lm loss", "nitp loss", "mtp loss"))
@@ -216,7 +226,7 @@ def train_step(
                        "consumed_samples": getattr(data_iterator, "consumed_samples", None)}
         if args.nan_policy == "stop":
             raise NonFiniteError(diagnostics)
-        model.zero_grad_buffer()
+        _zero_grad_buffers(model)
         optimizer.zero_grad()
         metrics.update({"total loss": float("nan"), "grad norm": float("nan"), "skipped": 1.0,
                         "learning rate": optimizer.param_groups[0]["lr"], "nitp weight": weight})
@@ -283,12 +293,14 @@ def _average_z_loss_over_ranks() -> None:
 @torch.no_grad()
 def evaluate(model, data_iterator: Iterator, args, eval_iters: int) -> dict[str, float]:
     """Forward-only passes over ``eval_iters`` global batches: validation lm and nitp loss."""
-    model.eval()
+    for chunk in as_chunks(model):
+        chunk.eval()
     reports = []
     for _ in range(eval_iters):
         batches = [to_device(next(data_iterator)) for _ in range(args.num_microbatches)]
         reports += _run_schedule(model, batches, args, 0.0, True, False)
-    model.train()
+    for chunk in as_chunks(model):
+        chunk.train()
     metrics = reduce_report(reports)
     metrics.pop("effective rank", None)
     metrics.pop("cosine similarity", None)
