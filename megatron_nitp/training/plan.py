@@ -30,7 +30,9 @@ The memory estimate, per GPU, for each pipeline stage (the largest is reported),
   expert), these divided by TP. This is Korthikanti et al. (2022)'s ``34 s b h`` for a GPT
   (bytes; 32 here without dropout masks) generalized to GQA and SwiGLU. Tokens per micro-batch:
   ``s / CP x b``. Under the 1F1B schedule stage ``i`` holds ``min(PP - i, micro-batches)``
-  micro-batches in flight. With ``--recompute-granularity full`` a recomputed layer keeps only
+  micro-batches in flight; under the interleaved schedule (V chunks per rank)
+  ``(2 (PP - i - 1) + (V - 1) PP + 1) / V`` (megatron-core's warm-up, in chunks of 1/V of the
+  stage; the chunks are assumed alike). With ``--recompute-granularity full`` a recomputed layer keeps only
   its input (``d``), and the backward pass rebuilds one checkpoint's layers at a time (one
   micro-batch, added once); ``selective`` drops the ``--recompute-modules`` parts
   (``activation_bytes_per_token``).
@@ -300,7 +302,7 @@ def stage_memory(args: RunConfig, layout: Layout, num_microbatches: int,
     tokens = args.seq_length // layout.cp * args.micro_batch_size
     sp_split = layout.tp if layout.sp else 1
     per_micro, rebuilt = _stage_activations(args, layout, stage, tokens)
-    activations = min(layout.pp - stage, num_microbatches) * per_micro + rebuilt
+    activations = stage_in_flight(args, layout, num_microbatches, stage) * per_micro + rebuilt
     if stage == layout.pp - 1:
         padded = _vocab(args, layout.tp)[1]
         activations += tokens * padded / layout.tp * (dtype + 4)  # logits + fp32 copy
@@ -327,6 +329,73 @@ def stage_memory(args: RunConfig, layout: Layout, num_microbatches: int,
         activations=activations,
         runtime=RUNTIME_OVERHEAD_GIB * GIB,
     )
+
+
+def stage_in_flight(args: RunConfig, layout: Layout, num_microbatches: int, stage: int) -> float:
+    """Micro-batches of a whole stage's activations stage ``stage`` holds at its peak under the
+    run's schedule (``layout.in_flight_forwards``: 1F1B, or interleaved with V chunks)."""
+    from megatron_nitp.layout import in_flight_forwards
+
+    return in_flight_forwards(layout.pp, num_microbatches, stage,
+                              args.virtual_pipeline_model_parallel_size)
+
+
+def pipeline_schedules(args: RunConfig) -> Optional[dict]:
+    """The pipeline bubble and the activations of in-flight micro-batches on stage 0 (the
+    stage that holds the most) under the plain 1F1B schedule and the interleaved one: the
+    run's V chunks per rank, or 2 when the run is plain and its stages split in two (what
+    interleaving would give). None without pipeline parallelism.
+
+    Bubble: ``(p - 1) / m`` plain, ``(p - 1) / (v m)`` interleaved (idle time over ideal
+    compute time, Megatron-LM's figure); in flight: megatron-core's warm-up counts
+    (``layout.in_flight_forwards``), times one micro-batch's activations of the stage."""
+    from megatron_nitp.layout import (chunk_layer_ranges, in_flight_forwards,
+                                      pipeline_bubble_fraction)
+
+    layout = layout_of(args)
+    if layout.pp == 1:
+        return None
+    micro = args.num_microbatches
+    vpp = args.virtual_pipeline_model_parallel_size
+    if vpp is None:
+        try:
+            chunk_layer_ranges(args.num_layers, layout.pp, 2, *pipeline_split(args))
+            vpp, hypothetical = 2, True
+        except ValueError:
+            hypothetical = True
+    else:
+        hypothetical = False
+    tokens = args.seq_length // layout.cp * args.micro_batch_size
+    per_micro = _stage_activations(args, layout, 0, tokens)[0]
+    figures = {"pipeline": layout.pp, "microbatches": micro, "chunks": vpp,
+               "hypothetical": hypothetical,
+               "plain_bubble": pipeline_bubble_fraction(layout.pp, micro),
+               "plain_in_flight": in_flight_forwards(layout.pp, micro, 0),
+               "stage0_microbatch_bytes": per_micro}
+    figures["plain_in_flight_bytes"] = figures["plain_in_flight"] * per_micro
+    if vpp is not None:
+        figures["interleaved_bubble"] = pipeline_bubble_fraction(layout.pp, micro, vpp)
+        figures["interleaved_in_flight"] = in_flight_forwards(layout.pp, micro, 0, vpp)
+        figures["interleaved_in_flight_bytes"] = figures["interleaved_in_flight"] * per_micro
+    return figures
+
+
+def describe_schedules(figures: dict) -> str:
+    """One line of :func:`pipeline_schedules`' figures for the plan."""
+    p, m, v = figures["pipeline"], figures["microbatches"], figures["chunks"]
+    plain = (f"1F1B bubble (p-1)/m = {p - 1}/{m} = {figures['plain_bubble']:.1%}, in flight "
+             f"on stage 0 {figures['plain_in_flight']:g} micro-batches "
+             f"({_bytes(figures['plain_in_flight_bytes'])})")
+    if v is None:
+        return plain + "; interleaved: the stages' layers do not split into chunks"
+    interleaved = (f"interleaved V={v}: bubble (p-1)/(v m) = {p - 1}/{v * m} = "
+                   f"{figures['interleaved_bubble']:.1%}, in flight on stage 0 "
+                   f"{figures['interleaved_in_flight']:g} micro-batches "
+                   f"({_bytes(figures['interleaved_in_flight_bytes'])})")
+    if figures["hypothetical"]:
+        return (f"{plain} (this run); {interleaved} with "
+                f"--num-virtual-stages-per-pipeline-rank {v}")
+    return f"{interleaved} (this run); {plain} without interleaving"
 
 
 def layout_of(args: RunConfig) -> Layout:
@@ -587,6 +656,9 @@ def dry_run(args: RunConfig) -> int:
             lines.append(("NITP routing", "none (the target is on the last stage)"))
     else:
         lines.append(("NITP", "off (NTP baseline)"))
+    schedules = pipeline_schedules(args)
+    if schedules is not None:
+        lines.append(("pipeline", describe_schedules(schedules)))
     for m in stages:
         label = "memory/GPU" if layout.pp == 1 else f"memory stage {m.stage}"
         lines.append((label, describe_memory(m) + f" ({_count(m.parameters)} parameters on "
