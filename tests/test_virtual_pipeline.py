@@ -160,3 +160,15 @@ def test_dry_run_prints_both_schedules(capsys):
     figures = plan.pipeline_schedules(resolved)
     assert figures["interleaved_in_flight_bytes"] == 5.5 * figures["stage0_microbatch_bytes"]
     assert figures["plain_in_flight_bytes"] == 4 * figures["stage0_microbatch_bytes"]
+
+
+def test_export_and_tools_rebuild_a_vpp_run_as_one_process():
+    """``config_from_meta`` / tools rebuild a checkpoint's model in one process
+    (``ONE_PROCESS_LAYOUT``): the chunking goes with the rest of the layout."""
+    from megatron_nitp.config import ONE_PROCESS_LAYOUT
+
+    args = parse_args(FOUR + ["--no-nitp", "--pipeline-model-parallel-size", "2",
+                              "--num-virtual-stages-per-pipeline-rank", "2"])
+    one = args.replace(**ONE_PROCESS_LAYOUT)
+    assert one.virtual_pipeline_model_parallel_size is None
+    assert resolve(one, 1).num_microbatches == 4

@@ -534,7 +534,8 @@ FLAT = _index()
 ONE_PROCESS_LAYOUT = dict(
     tensor_model_parallel_size=1, pipeline_model_parallel_size=1, expert_model_parallel_size=1,
     expert_tensor_parallel_size=None, context_parallel_size=1, sequence_parallel=False,
-    decoder_first_pipeline_num_layers=None, decoder_last_pipeline_num_layers=None)
+    decoder_first_pipeline_num_layers=None, decoder_last_pipeline_num_layers=None,
+    num_layers_per_virtual_pipeline_stage=None, num_virtual_stages_per_pipeline_rank=None)
 DERIVED = {f.name for f in dataclasses.fields(Derived)}
 
 
