@@ -115,6 +115,10 @@ VPP_LAYOUTS = {
     # steps (test_checkpoint_under_vpp_resumes_with_and_without_vpp)
     "pp2-vpp2-k-on-last-chunk": ("ref-vpp", 2, SIX + UNEVEN_VPP2 + VPP2 + EVALUATE),
     "dp2xpp2-vpp2-k-on-last-chunk": ("ref-vpp", 4, SIX + UNEVEN_VPP2 + VPP2),
+    # the distributed optimizer with overlapped reduce-scatter / all-gather: each chunk's
+    # start_grad_sync / start_param_sync called by the interleaved schedule
+    "dp2xpp2-vpp2-distributed-optimizer-overlap": ("ref-vpp", 4, SIX + UNEVEN_VPP2 + VPP2 + [
+        "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"]),
 }
 # resumed (optimizer included) and not trained: the state as loaded, resharded from the
 # interleaved checkpoint to the plain schedule and back

@@ -158,11 +158,13 @@ def interleaving_fields(args) -> dict:
                 batch_p2p_comm=False)
 
 
-def layer_spec(config: TransformerConfig, impl: str = "transformer_engine", sdpa: bool = False):
+def layer_spec(config: TransformerConfig, impl: str = "transformer_engine", sdpa: bool = False,
+               vp_stage: int | None = None):
     """The layer spec (dense) or the per-layer block spec (MoE: dense and MoE layers by
     ``moe_layer_freq``), with TE's modules on GPU and megatron-core's local ones otherwise;
-    ``sdpa``: torch's scaled_dot_product_attention as core attention (``models/attention.py``)."""
-    spec = _base_layer_spec(config, impl)
+    ``sdpa``: torch's scaled_dot_product_attention as core attention (``models/attention.py``);
+    ``vp_stage``: the model chunk whose layers a MoE block spec lists (interleaved schedule)."""
+    spec = _base_layer_spec(config, impl, vp_stage)
     if sdpa:
         from megatron_nitp.models.attention import use_sdpa
 
@@ -170,7 +172,7 @@ def layer_spec(config: TransformerConfig, impl: str = "transformer_engine", sdpa
     return spec
 
 
-def _base_layer_spec(config: TransformerConfig, impl: str):
+def _base_layer_spec(config: TransformerConfig, impl: str, vp_stage: int | None = None):
     from megatron.core.models.gpt import gpt_layer_specs
 
     te = kernels.use_transformer_engine(impl)
@@ -181,8 +183,9 @@ def _base_layer_spec(config: TransformerConfig, impl: str):
 
         te_compat.patch_torch_norm_sequence_parallel()
     if config.num_moe_experts:
+        chunk = {} if vp_stage is None else {"vp_stage": vp_stage}
         return gpt_layer_specs.get_gpt_decoder_block_spec(
-            config, use_transformer_engine=te, normalization="RMSNorm"
+            config, use_transformer_engine=te, normalization="RMSNorm", **chunk
         )
     if te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
@@ -232,7 +235,7 @@ def build_model(
     else:
         extra_chunk = {}
     spec = layer_spec(config, args.transformer_impl,
-                      sdpa=performance.attention_path(args) == "sdpa")
+                      sdpa=performance.attention_path(args) == "sdpa", vp_stage=vp_stage)
     te = kernels.use_transformer_engine(args.transformer_impl)
     extra = {}
     for objective in build_objectives(args):
