@@ -172,3 +172,20 @@ def test_export_and_tools_rebuild_a_vpp_run_as_one_process():
     one = args.replace(**ONE_PROCESS_LAYOUT)
     assert one.virtual_pipeline_model_parallel_size is None
     assert resolve(one, 1).num_microbatches == 4
+
+
+def test_a_dp_reshardable_optimizer_state_keeps_its_chunking():
+    """The distributed optimizer's dp_reshardable state follows each chunk's gradient buckets:
+    a checkpoint records V in its layout, and a resume at another V is refused (the fully
+    reshardable form reshards, tests/test_parallel.py)."""
+    from megatron_nitp.training import checkpointing as ck
+
+    args = parse_args(FOUR + ["--no-nitp", "--pipeline-model-parallel-size", "2",
+                              "--num-virtual-stages-per-pipeline-rank", "2",
+                              "--use-distributed-optimizer"])
+    meta = {"iteration": 4, "optimizer_format": "dp_reshardable", "layout": ck._layout(args)}
+    assert meta["layout"]["vpp"] == 2
+    ck.check_optimizer_layout(meta, args, "x")
+    plain = args.replace(num_virtual_stages_per_pipeline_rank=None)
+    with pytest.raises(ck.CheckpointError, match="VPP 2 -> None"):
+        ck.check_optimizer_layout(meta, plain, "x")
