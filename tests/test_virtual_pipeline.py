@@ -84,7 +84,8 @@ def test_refusals_name_the_fix(capsys):
 
 
 def test_micro_batches_must_be_a_multiple_of_pp():
-    # megatron-core runs micro-batches in groups of PP per chunk (microbatch_group_size_per_vp_stage)
+    # megatron-core runs micro-batches in groups of PP per chunk
+    # (microbatch_group_size_per_vp_stage)
     args = parse_args(FOUR + ["--no-nitp", "--pipeline-model-parallel-size", "2",
                               "--num-virtual-stages-per-pipeline-rank", "2",
                               "--global-batch-size", "6"])

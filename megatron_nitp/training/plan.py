@@ -32,8 +32,8 @@ The memory estimate, per GPU, for each pipeline stage (the largest is reported),
   ``s / CP x b``. Under the 1F1B schedule stage ``i`` holds ``min(PP - i, micro-batches)``
   micro-batches in flight; under the interleaved schedule (V chunks per rank)
   ``(2 (PP - i - 1) + (V - 1) PP + 1) / V`` (megatron-core's warm-up, in chunks of 1/V of the
-  stage; the chunks are assumed alike). With ``--recompute-granularity full`` a recomputed layer keeps only
-  its input (``d``), and the backward pass rebuilds one checkpoint's layers at a time (one
+  stage; the chunks are assumed alike). With ``--recompute-granularity full`` a recomputed
+  layer keeps only its input (``d``), and the backward pass rebuilds one checkpoint's layers at a time (one
   micro-batch, added once); ``selective`` drops the ``--recompute-modules`` parts
   (``activation_bytes_per_token``).
 - **Last stage, one micro-batch**: logits ``s b V/TP`` in the activation dtype plus their fp32
