@@ -33,9 +33,9 @@ The memory estimate, per GPU, for each pipeline stage (the largest is reported),
   micro-batches in flight; under the interleaved schedule (V chunks per rank)
   ``(2 (PP - i - 1) + (V - 1) PP + 1) / V`` (megatron-core's warm-up, in chunks of 1/V of the
   stage; the chunks are assumed alike). With ``--recompute-granularity full`` a recomputed
-  layer keeps only its input (``d``), and the backward pass rebuilds one checkpoint's layers at a time (one
-  micro-batch, added once); ``selective`` drops the ``--recompute-modules`` parts
-  (``activation_bytes_per_token``).
+  layer keeps only its input (``d``), and the backward pass rebuilds one checkpoint's layers
+  at a time (one micro-batch, added once); ``selective`` drops the ``--recompute-modules``
+  parts (``activation_bytes_per_token``).
 - **Last stage, one micro-batch**: logits ``s b V/TP`` in the activation dtype plus their fp32
   copy for the cross entropy (``+ 4 B``); the output layer input; the NITP projector's
   ``3 r d / TP`` activations, the target ``z`` and the fp32 copies of prediction and target for
