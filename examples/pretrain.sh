@@ -15,7 +15,7 @@
 #   DRY_RUN=1 bash examples/pretrain.sh moe-9b-a1b
 # Extra flags are appended last, so they override the ones below (e.g. --train-iters 100).
 #
-# Environment (unset: the table's line and the preset): NNODES, GPUS_PER_NODE, TP, PP, EP,
+# Environment (unset: the table's line and the preset): NNODES, GPUS_PER_NODE, TP, PP, VPP, EP,
 # MICRO_BATCH_SIZE, GLOBAL_BATCH_SIZE, TRAIN_TOKENS (e.g. 240B), TRAIN_ITERS, VOCAB_SIZE,
 # DATA_PATH, TOKENIZER_TYPE, TOKENIZER_MODEL, VOCAB_FILE, MERGE_FILE, RUN_DIR, CHECKPOINT_PATH,
 # TENSORBOARD_DIR, DATA_CACHE_PATH, SAVE_INTERVAL; FAST (yes: megatron-core's fast GPU settings below; no: none of them, e.g. for
@@ -34,7 +34,7 @@ if [ -z "$MODEL" ] || [ -z "$row" ]; then
   exit 2
 fi
 shift
-read -r _ nodes gpus tp pp ep sp mbs distopt first last tokens save eval <<<"$row"
+read -r _ nodes gpus tp pp ep sp mbs distopt first last vpp tokens save eval <<<"$row"
 ENTRY=pretrain_gpt_nitp.py
 case $MODEL in moe-*) ENTRY=pretrain_moe_nitp.py ;; esac
 
@@ -99,6 +99,10 @@ if [ "$first" != - ]; then
 fi
 if [ "$last" != - ]; then
   ARGS+=(--decoder-last-pipeline-num-layers "$last")
+fi
+vpp=${VPP:-$vpp}
+if [ "$vpp" != - ]; then  # the interleaved schedule: model chunks per pipeline rank
+  ARGS+=(--num-virtual-stages-per-pipeline-rank "$vpp")
 fi
 if [ "$ENTRY" = pretrain_moe_nitp.py ]; then
   ARGS+=(--expert-model-parallel-size "${EP:-$ep}" --moe-token-dispatcher-type alltoall)

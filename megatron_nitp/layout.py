@@ -134,3 +134,82 @@ def routed_bytes_per_step(
         "pipeline_bytes_per_step_per_rank": 2 * (pipeline_parallel - 1) * pipeline_activation
         * num_microbatches,
     }
+
+
+def virtual_pipeline_size(num_layers: int | None, pipeline_size: int,
+                          layers_per_virtual_stage: int | None = None,
+                          virtual_stages_per_rank: int | None = None) -> int | None:
+    """Model chunks per pipeline rank of the interleaved schedule (megatron-core's
+    ``virtual_pipeline_model_parallel_size``), None for the plain schedule. As Megatron-LM's
+    ``validate_args``: ``--num-virtual-stages-per-pipeline-rank`` V, else the layers of a stage
+    over ``--num-layers-per-virtual-pipeline-stage``; one chunk is the plain schedule. No
+    checks here (``config.resolve`` makes them); a split that does not divide gives a floor."""
+    if virtual_stages_per_rank is not None:
+        chunks = virtual_stages_per_rank
+    elif layers_per_virtual_stage and num_layers and pipeline_size:
+        chunks = num_layers // pipeline_size // layers_per_virtual_stage
+    else:
+        return None
+    return chunks if chunks and chunks > 1 else None
+
+
+def chunk_layer_ranges(
+    num_layers: int, pipeline_size: int, virtual_size: int | None,
+    first_stage_layers: int | None = None, last_stage_layers: int | None = None,
+) -> dict[tuple[int, int], range]:
+    """``(pipeline rank, model chunk) -> range of 1-based layer numbers`` as megatron-core
+    builds them (``get_num_layers_to_build`` / ``get_transformer_layer_offset`` with
+    ``vp_stage``): chunk v of rank r follows chunk v of rank r-1, and chunk v+1 of rank 0
+    follows chunk v of the last rank, each rank's layers split evenly over its chunks. The
+    plain schedule is one chunk per rank. Raises ValueError when a stage's layers do not split
+    over its chunks."""
+    counts = stage_layer_counts(num_layers, pipeline_size, first_stage_layers, last_stage_layers)
+    chunks = virtual_size or 1
+    for rank, count in enumerate(counts):
+        if count % chunks:
+            raise ValueError(f"pipeline stage {rank} holds {count} layers, which do not split "
+                             f"into {chunks} model chunks (virtual stages) of equal size")
+    ranges, start = {}, 1
+    for chunk in range(chunks):
+        for rank, count in enumerate(counts):
+            ranges[rank, chunk] = range(start, start + count // chunks)
+            start += count // chunks
+    return ranges
+
+
+def target_chunk(target_layer: int, num_layers: int, pipeline_size: int,
+                 virtual_size: int | None, first_stage_layers: int | None = None,
+                 last_stage_layers: int | None = None) -> tuple[int, int]:
+    """(pipeline rank, model chunk) that owns layer k (k = 0, the embedding: the first rank's
+    first chunk). The last stage of the model is ``(pipeline_size - 1, chunks - 1)``."""
+    if target_layer == 0:
+        return 0, 0
+    for owner, layers in chunk_layer_ranges(num_layers, pipeline_size, virtual_size,
+                                            first_stage_layers, last_stage_layers).items():
+        if target_layer in layers:
+            return owner
+    raise ValueError(f"target layer {target_layer} is not one of the {num_layers} layers")
+
+
+def pipeline_bubble_fraction(pipeline_size: int, num_microbatches: int,
+                             virtual_size: int | None = None) -> float:
+    """Idle fraction of a step's ideal compute time under 1F1B: ``(p - 1) / m``, and
+    ``(p - 1) / (v m)`` under the interleaved schedule with v chunks per rank (Narayanan et
+    al. 2021, sec. 2.2; the bubble time over the ideal time, Megatron-LM's figure)."""
+    return (pipeline_size - 1) / ((virtual_size or 1) * num_microbatches)
+
+
+def in_flight_forwards(pipeline_size: int, num_microbatches: int, stage: int,
+                       virtual_size: int | None = None) -> float:
+    """How many micro-batches' activations of a whole stage rank ``stage`` holds at its peak,
+    from megatron-core's warm-up counts (``get_pp_rank_microbatches``): 1F1B holds its
+    ``p - r - 1`` warm-up forwards plus one, ``min(p - r, m)``; the interleaved schedule holds
+    ``2 (p - r - 1) + (v - 1) p + 1`` chunk forwards (micro-batch groups of p, at most all
+    ``v m``), each 1/v of the stage's layers."""
+    if pipeline_size == 1:
+        return 1.0
+    if not virtual_size:
+        return float(min(pipeline_size - stage, num_microbatches))
+    chunks = min(2 * (pipeline_size - stage - 1) + (virtual_size - 1) * pipeline_size + 1,
+                 virtual_size * num_microbatches)
+    return chunks / virtual_size

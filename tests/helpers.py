@@ -75,7 +75,7 @@ def clean_env(**extra) -> dict:
 
 
 # Variables the scripts read: a caller's values must not leak into the checks.
-SCRIPT_VARS = ("NNODES", "GPUS_PER_NODE", "TP", "PP", "EP", "MICRO_BATCH_SIZE",
+SCRIPT_VARS = ("NNODES", "GPUS_PER_NODE", "TP", "PP", "VPP", "EP", "MICRO_BATCH_SIZE",
                "GLOBAL_BATCH_SIZE", "TRAIN_TOKENS", "TRAIN_ITERS", "DATA_PATH", "TOKENIZER_MODEL",
                "TOKENIZER_TYPE", "VOCAB_FILE", "MERGE_FILE",
                "VOCAB_SIZE", "RUN_DIR", "CHECKPOINT_PATH", "DATA_CACHE_PATH", "TENSORBOARD_DIR",

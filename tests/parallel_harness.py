@@ -38,9 +38,11 @@ def gathered_projector(model):
     """Full projector weights on the last stage (gate/up split on dim 0, down on dim 1)."""
     from megatron.core import parallel_state
 
-    from megatron_nitp.training.model import unwrap
+    from megatron_nitp.training.model import last_chunk
 
-    projector = unwrap(model).projector
+    projector = last_chunk(model).projector
+    if projector is None:  # --no-nitp: nothing to gather
+        return {}
     group = parallel_state.get_tensor_model_parallel_group()
     full = {}
     for name, dim in (("gate", 0), ("up", 0), ("down", 1)):
@@ -105,12 +107,14 @@ def _tensor_shards(tree):
 
 def gathered_initial_weights(model):
     """Full initial value of every parameter by checkpoint key, on rank 0 (None elsewhere)."""
-    from megatron_nitp.training.model import unwrap
+    from megatron_nitp.training.model import as_chunks, unwrap
 
-    net = unwrap(model)
-    storages = {p.untyped_storage().data_ptr() for p in net.parameters()}
-    shards = [sh for sh in _tensor_shards(net.sharded_state_dict())
-              if sh.data.untyped_storage().data_ptr() in storages]
+    shards = []
+    for chunk in as_chunks(model):
+        net = unwrap(chunk)
+        storages = {p.untyped_storage().data_ptr() for p in net.parameters()}
+        shards += [sh for sh in _tensor_shards(net.sharded_state_dict())
+                   if sh.data.untyped_storage().data_ptr() in storages]
     return _assemble(shards)[0]
 
 
@@ -147,8 +151,13 @@ def _local_snapshot(run):
 
     from megatron.core import tensor_parallel
 
-    snap = {f"param {name}": p.detach().clone() for name, p in run.model.named_parameters()}
-    buffers = list(run.model.buffers) + list(getattr(run.model, "expert_parallel_buffers", []))
+    from megatron_nitp.training.model import as_chunks
+
+    chunks = as_chunks(run.model)
+    snap = {f"param {i} {name}": p.detach().clone() for i, chunk in enumerate(chunks)
+            for name, p in chunk.named_parameters()}
+    buffers = [b for chunk in chunks
+               for b in list(chunk.buffers) + list(getattr(chunk, "expert_parallel_buffers", []))]
     for i, buffer in enumerate(buffers):
         snap[f"grad buffer {i}"] = buffer.grad_data.clone()
     for i, sub in enumerate(getattr(run.optimizer, "chained_optimizers", [run.optimizer])):
@@ -166,7 +175,7 @@ def _local_snapshot(run):
     snap["torch rng"] = torch.get_rng_state()
     snap["tracker rng"] = {k: v.clone() for k, v in
                            tensor_parallel.get_cuda_rng_tracker().get_states().items()}
-    snap["training modes"] = [m.training for m in run.model.modules()]
+    snap["training modes"] = [m.training for chunk in chunks for m in chunk.modules()]
     return snap
 
 
@@ -186,16 +195,17 @@ def _same(a, b):
 def evaluate_without_side_effects(run, args):
     """evaluate() between two training steps: its metrics, the layer-k target bytes it routed
     between pipeline stages (all ranks), and what it changed (should be nothing) on any rank."""
-    from megatron_nitp.training.model import params_synced, unwrap
+    from megatron_nitp.training.model import params_synced
     from megatron_nitp.training.step import evaluate
 
     # As the training loop does: with --overlap-param-gather the updated parameters are
     # all-gathered first (hooks off), so the snapshot is taken with them.
     with params_synced(run.model):
         before = _local_snapshot(run)
-        routed = unwrap(run.model).routed_bytes
+        routed = _routed(run.model, "routed_bytes")
         metrics = evaluate(run.model, run.valid_iter(), args, args.eval_iters)
-        routed = torch.tensor([unwrap(run.model).routed_bytes - routed], dtype=torch.float64)
+        routed = torch.tensor([_routed(run.model, "routed_bytes") - routed],
+                              dtype=torch.float64)
         after = _local_snapshot(run)
     changed = [name for name in before if not _same(before[name], after[name])]
     every = [None] * dist.get_world_size()
@@ -204,6 +214,13 @@ def evaluate_without_side_effects(run, args):
     return {"metrics": metrics, "routed bytes": routed.item(),
             "changed": sorted({f"rank {r}: {name}" for r, names in enumerate(every)
                                for name in names})}
+
+
+def _routed(model, what):
+    """This rank's ``routed_bytes`` / ``routed_peak_bytes_held``, summed over its chunks."""
+    from megatron_nitp.training.model import as_chunks, unwrap
+
+    return sum(getattr(unwrap(chunk), what) for chunk in as_chunks(model))
 
 
 def _pop_option(argv, flag):
@@ -220,6 +237,12 @@ def run_layout(out, argv):
     """One layout: set-up (from scratch, ``--load`` or ``--save-init``), the steps (with
     ``--evaluate-at K``, an evaluate() call after step K), the files."""
     save_init = _pop_option(argv, "--save-init")
+    # --save-final DIR: a checkpoint after the steps; --resume: --load resumes (optimizer and
+    # all) instead of taking the weights only, and no step is run (the state as loaded)
+    save_final = _pop_option(argv, "--save-final")
+    resume = "--resume" in argv
+    if resume:
+        argv.remove("--resume")
     evaluate_at = _pop_option(argv, "--evaluate-at")
     dump_init = "--dump-init" in argv
     if dump_init:
@@ -229,10 +252,10 @@ def run_layout(out, argv):
     from megatron_nitp.training.arguments import parse_args
     from megatron_nitp.training.checkpointing import save_checkpoint
     from megatron_nitp.training.loop import setup
-    from megatron_nitp.training.model import params_synced, unwrap
+    from megatron_nitp.training.model import params_synced
     from megatron_nitp.training.step import train_step
 
-    if "--load" in argv and "--finetune" not in argv:
+    if "--load" in argv and "--finetune" not in argv and not resume:
         argv.append("--finetune")  # the initial checkpoint: weights only, no optimizer state yet
     model_type = "moe" if "--num-experts" in argv or "--preset" in argv else "dense"
     # A non-zero eval interval only makes setup() build the validation data (run.valid_iter);
@@ -250,21 +273,25 @@ def run_layout(out, argv):
         save_checkpoint(save_init, 0, run.model, run.optimizer, run.scheduler, args)
     history = []
     evaluation = None
-    for iteration in range(args.train_iters):
+    for iteration in range(0 if resume else args.train_iters):
         metrics = train_step(run.model, run.optimizer, run.scheduler, run.train_iter, args,
                              iteration, geometry=True)
         # the most layer-k send-buffer bytes any rank held at once during this step
-        held = torch.tensor([unwrap(run.model).routed_peak_bytes_held], dtype=torch.float64)
+        held = torch.tensor([_routed(run.model, "routed_peak_bytes_held")], dtype=torch.float64)
         dist.all_reduce(held, op=dist.ReduceOp.MAX)
         metrics["routing peak bytes held"] = held.item()
         history.append(metrics)
         if evaluate_at is not None and iteration + 1 == int(evaluate_at):
             evaluation = evaluate_without_side_effects(run, args)
-    routed = torch.tensor([unwrap(run.model).routed_bytes], dtype=torch.float64)
+    routed = torch.tensor([_routed(run.model, "routed_bytes")], dtype=torch.float64)
     dist.all_reduce(routed)
     training_bytes = routed.item() - (evaluation["routed bytes"] if evaluation else 0.0)
     for metrics in history:
         metrics["routed bytes per step"] = training_bytes / args.train_iters
+    if save_final:
+        save_checkpoint(save_final, run.start_iteration + len(history), run.model,
+                        run.optimizer, run.scheduler, args,
+                        consumed_samples=run.train_iter.consumed_samples)
     with params_synced(run.model):
         state = gathered_state(run.model, run.optimizer)
     if dist.get_rank() == 0:

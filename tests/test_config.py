@@ -29,7 +29,8 @@ MEGATRON_LM_FLAGS = {
     "--lr-warmup-iters", "--lr-decay-iters", "--lr-wsd-decay-style", "--lr-wsd-decay-iters",
     "--data-path", "--split", "--tokenizer-model", "--data-cache-path",
     "--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--sequence-parallel",
-    "--context-parallel-size", "--virtual-pipeline-model-parallel-size",
+    "--context-parallel-size", "--num-layers-per-virtual-pipeline-stage",
+    "--num-virtual-stages-per-pipeline-rank",
     "--decoder-first-pipeline-num-layers", "--decoder-last-pipeline-num-layers",
     "--distributed-backend", "--transformer-impl", "--distributed-timeout-minutes",
     "--eval-interval", "--eval-iters", "--log-interval", "--log-throughput", "--tensorboard-dir",
@@ -57,7 +58,7 @@ def test_every_flag_is_one_field_and_keeps_megatron_lm_names():
     assert MEGATRON_LM_FLAGS <= flags, sorted(MEGATRON_LM_FLAGS - flags)
     dests = {a.dest for a in parser._actions if a.option_strings} - {"help"}
     launch_only = {"preset", "list_presets", "json", "dry_run", "planned_world_size"}
-    described = {d.dest for d in megatron_lm.ACCEPTED + megatron_lm.REFUSED}
+    described = {d.dest for d in megatron_lm.ACCEPTED + megatron_lm.REFUSED + megatron_lm.RENAMED}
     assert MEGATRON_LM_DESCRIBED <= flags
     # no flag without a field, no field without a flag (but the checked Megatron-LM ones)
     assert dests - launch_only - described == set(FLAT)

@@ -19,7 +19,7 @@ SBATCH = os.path.join(ROOT, "examples", "slurm", "pretrain.sbatch")
 TINY_SBATCH = os.path.join(ROOT, "examples", "slurm", "tiny_cpu.sbatch")
 PAPER = [name for name in PRESETS if not name.startswith("tiny")]
 COLUMNS = ("model", "nodes", "gpus", "tp", "pp", "ep", "sp", "mbs", "distopt", "first", "last",
-           "tokens", "save", "eval")
+           "vpp", "tokens", "save", "eval")
 def _table() -> dict:
     """examples/models.txt: {model: {column: value}}."""
     rows = {}
@@ -290,3 +290,15 @@ def test_launcher_runs_torchrun_on_cpu(tmp_path):
     assert "world 2" in proc.stdout
     assert re.search(r"iteration +2/ +2", proc.stdout)
     assert os.listdir(tmp_path / "run" / "data-cache")  # the index cache went to the run folder
+
+
+@pytest.mark.distributed
+def test_the_45b_plan_shows_the_bubble_interleaving_saves(command_lines, capsys, monkeypatch):
+    """moe-45b-a5.5b (PP 4, 96 micro-batches): the plan prints the 1F1B bubble and what 2
+    chunks per rank would give, with the activations each schedule keeps in flight."""
+    code, out, err = _plan(command_lines["moe-45b-a5.5b"], capsys, monkeypatch)
+    assert code == 0, out + err
+    line = next(line for line in out.splitlines() if line.strip().startswith("pipeline "))
+    assert "1F1B bubble (p-1)/m = 3/96 = 3.1%, in flight on stage 0 4 micro-batches" in line
+    assert "interleaved V=2: bubble (p-1)/(v m) = 3/192 = 1.6%" in line
+    assert "5.5 micro-batches" in line

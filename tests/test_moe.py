@@ -58,8 +58,14 @@ def moe_results(tmp_path_factory):
                 MOE + ["--moe-token-dispatcher-type", dispatcher, "--load", init] + flags)
     # the router's other settings, with their own initial checkpoint (the expert bias)
     groups[1]["ref-router"] = MOE + ROUTER + ["--save-init", str(root / "init-router")]
-    groups[4]["tp2-sp-ep2-router"] = (MOE + ROUTER + ["--load", str(root / "init-router")]
+    groups.setdefault(4, {})["tp2-sp-ep2-router"] = (MOE + ROUTER + ["--load", str(root / "init-router")]
                                       + LAYOUTS["tp2-sp-ep2"][1])
+    # the interleaved schedule (2 chunks of 1 layer per rank) under EP2 x PP2, without NITP
+    # (its layer k would be routed: not yet under interleaving)
+    groups[1]["ref-ntp"] = MOE + ["--no-nitp", "--load", init]
+    groups.setdefault(4, {})["ep2xpp2-vpp2-ntp"] = MOE + EP2 + [
+        "--no-nitp", "--load", init, "--pipeline-model-parallel-size", "2",
+        "--num-layers-per-virtual-pipeline-stage", "1"]
     launcher = Launcher(root, groups)
 
     def get(name):
@@ -102,6 +108,20 @@ def test_router_settings_under_tp_sp_ep_equal_single_process(moe_results):
         for key in ("lm loss", "nitp loss", "load balancing loss", "z loss", "grad norm"):
             assert got[key] == pytest.approx(want[key], rel=1e-5), (step, key)
     assert_state_close(state, ref_state, "tp2-sp-ep2-router")
+
+
+@pytest.mark.distributed
+def test_expert_parallel_under_the_interleaved_schedule_equals_single_process(moe_results):
+    """EP2 x PP2 with 2 model chunks per rank (dense layer 1 and MoE layer 3 on rank 0, MoE
+    layers 2 and 4 on rank 1): losses, load-balancing loss, grad norm and the whole state
+    equal one process."""
+    ref_metrics, ref_state, _ = moe_results("ref-ntp")
+    metrics, state, _ = moe_results("ep2xpp2-vpp2-ntp")
+    for step, (got, want) in enumerate(zip(metrics, ref_metrics)):
+        assert got["load balancing loss"] > 0, step
+        for key in ("lm loss", "load balancing loss", "grad norm"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5), (step, key)
+    assert_state_close(state, ref_state, "ep2xpp2-vpp2-ntp")
 
 
 @pytest.mark.slow

@@ -93,6 +93,40 @@ LAYOUTS = {
 }
 EVALUATED = [name for name, layout in LAYOUTS.items() if "--evaluate-at" in layout[4]]
 
+# The interleaved schedule (virtual pipeline stages). Until the NITP target is routed under
+# interleaving, layer k lies on the last rank's last chunk: a 6-layer model split 2 + 4 over
+# PP 2, each rank's layers in 2 chunks (rank 0: [1] [4]; rank 1: [2 3] [5 6]), k = 5; and the
+# 4-layer model without NITP and with the cosine regularization (1 layer per chunk).
+SIX = ["--num-layers", "6", "--nitp-target-layer", "5"]
+UNEVEN_VPP2 = ["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "2"]
+VPP2 = ["--num-virtual-stages-per-pipeline-rank", "2"]
+VPP_REFERENCES = {
+    "ref-ntp": ["--no-nitp"],
+    "ref-cosine-reg": ["--nitp-objective", "cosine_reg"],
+}
+# name: (reference, world size, flags after FLAGS; "INIT" is the reference's initial checkpoint)
+VPP_LAYOUTS = {
+    "pp2-vpp2-ntp": ("ref-ntp", 2, ["--no-nitp", "--pipeline-model-parallel-size", "2",
+                                    "--num-layers-per-virtual-pipeline-stage", "1"]),
+    "pp2-vpp2-cosine-reg": ("ref-cosine-reg", 2, ["--nitp-objective", "cosine_reg",
+                                                  "--pipeline-model-parallel-size", "2",
+                                                  "--num-virtual-stages-per-pipeline-rank", "2"]),
+    # evaluate() under the interleaved forward-only schedule, and a checkpoint saved after the
+    # steps (test_checkpoint_under_vpp_resumes_with_and_without_vpp)
+    "pp2-vpp2-k-on-last-chunk": ("ref-vpp", 2, SIX + UNEVEN_VPP2 + VPP2 + EVALUATE),
+    "dp2xpp2-vpp2-k-on-last-chunk": ("ref-vpp", 4, SIX + UNEVEN_VPP2 + VPP2),
+    # the distributed optimizer with overlapped reduce-scatter / all-gather: each chunk's
+    # start_grad_sync / start_param_sync called by the interleaved schedule
+    "dp2xpp2-vpp2-distributed-optimizer-overlap": ("ref-vpp", 4, SIX + UNEVEN_VPP2 + VPP2 + [
+        "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"]),
+}
+# resumed (optimizer included) and not trained: the state as loaded, resharded from the
+# interleaved checkpoint to the plain schedule and back
+RESUMED = {
+    "resume-vpp-as-pp2": SIX + UNEVEN_VPP2 + ["--load", "CKPT-VPP", "--save-final", "CKPT-PP2"],
+    "resume-pp2-as-vpp2": SIX + UNEVEN_VPP2 + VPP2 + ["--load", "CKPT-PP2"],
+}
+
 
 def _layout_flags(name, init):
     k, tp, pp, dp, flags = LAYOUTS[name]
@@ -121,8 +155,18 @@ def results(tmp_path_factory):
         groups.setdefault(tp * pp * dp, {})[name] = (
             _layout_flags(name, root / "init-documents") + documents
             if name.endswith("-documents") else _layout_flags(name, init))
-    groups[2]["pp2-mtp"] = FLAGS + MTP + ["--load", str(root / "init-mtp"),
+    groups.setdefault(2, {})["pp2-mtp"] = FLAGS + MTP + ["--load", str(root / "init-mtp"),
                                           "--pipeline-model-parallel-size", "2"]
+    for name, flags in VPP_REFERENCES.items():
+        references[name] = FLAGS + flags + ["--load", str(init)]
+    references["ref-vpp"] = FLAGS + SIX + EVALUATE + ["--save-init", str(root / "init-vpp")]
+    for name, (reference, world, flags) in VPP_LAYOUTS.items():
+        start = root / ("init-vpp" if reference == "ref-vpp" else "init")
+        groups.setdefault(world, {})[name] = FLAGS + flags + ["--load", str(start)]
+    groups[2]["pp2-vpp2-k-on-last-chunk"] += ["--save-final", str(root / "ckpt-vpp")]
+    for name, flags in RESUMED.items():  # after the save, in the same launch
+        paths = {"CKPT-VPP": str(root / "ckpt-vpp"), "CKPT-PP2": str(root / "ckpt-pp2")}
+        groups[2][name] = FLAGS + [paths.get(f, f) for f in flags] + ["--resume"]
     launcher = Launcher(root, groups)
 
     def get(name):
@@ -264,3 +308,47 @@ def test_evaluate_equals_single_process_and_changes_nothing(results, name):
     assert got["metrics"].keys() == want["metrics"].keys() == {"lm loss", "nitp loss"}
     for key in ("lm loss", "nitp loss"):
         assert got["metrics"][key] == pytest.approx(want["metrics"][key], rel=1e-5), key
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", list(VPP_LAYOUTS))
+def test_interleaved_layout_equals_single_process(results, name):
+    """megatron-core's interleaved schedule over model chunks (DDP per chunk, one optimizer
+    over all of them) equals one process: losses, grad norm, geometry and the whole state;
+    NITP > 0 with k on the last rank's last chunk (nothing routed), and without NITP."""
+    reference, _, flags = VPP_LAYOUTS[name]
+    ref_metrics, ref_state, _ = results(reference)
+    metrics, state, _ = results(name)
+    assert len(metrics) == len(ref_metrics) == 3
+    nitp = "--no-nitp" not in flags
+    for step, (got, want) in enumerate(zip(metrics, ref_metrics)):
+        assert got["routed bytes per step"] == got["routing peak bytes held"] == 0
+        if nitp:
+            assert got["nitp loss"] > 0 and want["nitp loss"] > 0, (name, step)
+        for key in ("lm loss", "nitp loss", "grad norm", "effective rank"):
+            if key in want:
+                assert got[key] == pytest.approx(want[key], rel=1e-5), (name, step, key)
+    assert_state_close(state, ref_state, name)
+
+
+@pytest.mark.distributed
+def test_evaluate_under_vpp_equals_single_process_and_changes_nothing(results):
+    _, _, want = results("ref-vpp")
+    _, _, got = results("pp2-vpp2-k-on-last-chunk")
+    assert got["changed"] == [] and want["changed"] == []
+    assert got["metrics"].keys() == want["metrics"].keys() == {"lm loss", "nitp loss"}
+    for key in ("lm loss", "nitp loss"):
+        assert got["metrics"][key] == pytest.approx(want["metrics"][key], rel=1e-5), key
+
+
+@pytest.mark.distributed
+def test_checkpoint_under_vpp_resumes_with_and_without_vpp(results):
+    """A checkpoint saved under the interleaved schedule resumes (weights, Adam moments) at PP
+    2 without it, and that one back under it: megatron-core's dist-checkpointing reshards the
+    chunks (global layer keys); the state as loaded equals the saved state exactly."""
+    _, saved, _ = results("pp2-vpp2-k-on-last-chunk")
+    for name in RESUMED:
+        _, state, _ = results(name)
+        assert state["tensors"].keys() == saved["tensors"].keys(), name
+        for key, tensor in saved["tensors"].items():
+            assert torch.equal(state["tensors"][key], tensor), (name, key)

@@ -22,6 +22,7 @@ from megatron_nitp.accounting.memory_plan import (GIB, StageMemory, describe_mem
                                                   format_bytes, stage_memories)
 from megatron_nitp.accounting.parallel import Layout, layout_of, target_stage
 from megatron_nitp.accounting.parameters import format_count, model_parameters, moe_layers
+from megatron_nitp.accounting.schedules import describe_schedules, pipeline_schedules
 from megatron_nitp.accounting.shape import vocab_of
 from megatron_nitp.config import RunConfig, pipeline_split, resolve
 from megatron_nitp.layout import routed_bytes_per_step
@@ -243,7 +244,9 @@ def plan_lines(job: CheckedJob, stages: list[StageMemory]) -> list[tuple[str, st
     counts = model_parameters(args)
     worst = max(stages, key=lambda m: m.total)
     verdict = "fits" if worst.total <= job.gpu_gib * GIB else "DOES NOT FIT"
-    return (_job_lines(job, layout, counts) + _nitp_lines(args, layout)
+    schedules = pipeline_schedules(args)
+    pipeline = [("pipeline", describe_schedules(schedules))] if schedules is not None else []
+    return (_job_lines(job, layout, counts) + _nitp_lines(args, layout) + pipeline
             + _memory_lines(args, layout, stages, counts)
             + [("estimate", f"{format_bytes(worst.total)} per GPU (pipeline stage "
                             f"{worst.stage}) of {job.gpu_gib:g} GiB (${GPU_MEMORY_ENV}): "

@@ -25,10 +25,12 @@ The memory estimate, per GPU, for each pipeline stage (the largest is reported),
   expert), these divided by TP. This is Korthikanti et al. (2022)'s ``34 s b h`` for a GPT
   (bytes; 32 here without dropout masks) generalized to GQA and SwiGLU. Tokens per micro-batch:
   ``s / CP x b``. Under the 1F1B schedule stage ``i`` holds ``min(PP - i, micro-batches)``
-  micro-batches in flight. With ``--recompute-granularity full`` a recomputed layer keeps only
-  its input (``d``), and the backward pass rebuilds one checkpoint's layers at a time (one
-  micro-batch, added once); ``selective`` drops the ``--recompute-modules`` parts
-  (``activation_bytes_per_token``).
+  micro-batches in flight; under the interleaved schedule (V chunks per rank)
+  ``(2 (PP - i - 1) + (V - 1) PP + 1) / V`` (megatron-core's warm-up, in chunks of 1/V of the
+  stage; the chunks are assumed alike). With ``--recompute-granularity full`` a recomputed
+  layer keeps only its input (``d``), and the backward pass rebuilds one checkpoint's layers
+  at a time (one micro-batch, added once); ``selective`` drops the ``--recompute-modules``
+  parts (``activation_bytes_per_token``).
 - **Last stage, one micro-batch**: logits ``s b V/TP`` in the activation dtype plus their fp32
   copy for the cross entropy (``+ 4 B``); the output layer input; the NITP projector's
   ``3 r d / TP`` activations, the target ``z`` and the fp32 copies of prediction and target for
@@ -51,7 +53,7 @@ from megatron_nitp.accounting.parallel import Layout, layout_of, stage_layers, t
 from megatron_nitp.accounting.parameters import moe_layers, stage_parameters
 from megatron_nitp.accounting.shape import vocab_of
 from megatron_nitp.config import RunConfig
-from megatron_nitp.layout import routed_rows
+from megatron_nitp.layout import in_flight_forwards, routed_rows
 
 GIB = 1024**3
 #: CUDA context, NCCL buffers, cuBLAS/Transformer Engine workspaces, allocator fragmentation.
@@ -145,7 +147,7 @@ def stage_memory(args: RunConfig, layout: Layout, num_microbatches: int,
     tokens = args.seq_length // layout.cp * args.micro_batch_size
     sp_split = layout.tp if layout.sp else 1
     per_micro, rebuilt = _stage_activations(args, layout, stage, tokens)
-    activations = min(layout.pp - stage, num_microbatches) * per_micro + rebuilt
+    activations = stage_in_flight(args, layout, num_microbatches, stage) * per_micro + rebuilt
     if stage == layout.pp - 1:
         padded = vocab_of(args, layout.tp)[1]
         activations += tokens * padded / layout.tp * (dtype + 4)  # logits + fp32 copy
@@ -170,6 +172,13 @@ def stage_memory(args: RunConfig, layout: Layout, num_microbatches: int,
         activations=activations,
         runtime=RUNTIME_OVERHEAD_GIB * GIB,
     )
+
+
+def stage_in_flight(args: RunConfig, layout: Layout, num_microbatches: int, stage: int) -> float:
+    """Micro-batches of a whole stage's activations stage ``stage`` holds at its peak under the
+    run's schedule (``layout.in_flight_forwards``: 1F1B, or interleaved with V chunks)."""
+    return in_flight_forwards(layout.pp, num_microbatches, stage,
+                              args.virtual_pipeline_model_parallel_size)
 
 
 def stage_memories(args: RunConfig) -> list[StageMemory]:

@@ -88,6 +88,14 @@ REFUSED = (
               "here)"}),
 )
 
+#: Flags of old Megatron-LM versions that current Megatron-LM no longer has, with their
+#: replacement (a value flag: refused whatever its value).
+RENAMED = (
+    Described("--virtual-pipeline-model-parallel-size", "", refused={
+        "*": "not a Megatron-LM flag (any more): give --num-virtual-stages-per-pipeline-rank V "
+             "or --num-layers-per-virtual-pipeline-stage N"}),
+)
+
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """Adds the flags of :data:`ACCEPTED` and :data:`REFUSED` to ``parser``, in one group."""
@@ -103,12 +111,14 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     for d in REFUSED:
         group.add_argument(d.flag, dest=d.dest, action="store_true",
                            help=f"refused: {d.refused[True]}")
+    for d in RENAMED:
+        group.add_argument(d.flag, dest=d.dest, default=None, help=f"refused: {d.refused['*']}")
 
 
 def check(namespace: argparse.Namespace) -> Optional[str]:
     """The one-line refusal of the first Megatron-LM flag that asks for another architecture
     (None when every one given describes what runs here)."""
-    for d in ACCEPTED + REFUSED:
+    for d in ACCEPTED + REFUSED + RENAMED:
         value = getattr(namespace, d.dest, None)
         if value is None or value is False:
             continue

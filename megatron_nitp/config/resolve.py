@@ -476,12 +476,7 @@ def _validate_layout(config: RunConfig) -> None:
 
     nitp, p, m = config.nitp_config, config.parallel, config.model
     pp, tp = p.pipeline_model_parallel_size, p.tensor_model_parallel_size
-    if p.virtual_pipeline_model_parallel_size not in (None, 1):
-        raise ConfigError(
-            "--virtual-pipeline-model-parallel-size: the interleaved pipeline schedule is not "
-            "supported (the NITP target is routed per micro-batch in 1F1B order, which the "
-            "interleaved schedule does not keep); use a plain --pipeline-model-parallel-size."
-        )
+    _validate_virtual_pipeline(config)
     if p.context_parallel_size > 1 and not config.dry_run:
         if not kernels.use_transformer_engine(p.transformer_impl):
             raise ConfigError(
@@ -513,6 +508,68 @@ def _validate_layout(config: RunConfig) -> None:
                           "swiglu (the paper's) or drop --sequence-parallel.")
 
 
+def _validate_virtual_pipeline(config: RunConfig) -> None:
+    """The interleaved schedule's flags (Megatron-LM's checks, and megatron-core's where it
+    would assert): PP >= 2, each stage's layers split evenly over its chunks, and, until the
+    NITP target is routed under interleaving, layer k on the last rank's last chunk."""
+    from megatron_nitp.layout import chunk_layer_ranges, target_chunk
+
+    p, m, nitp = config.parallel, config.model, config.nitp_config
+    per_stage, chunks = (p.num_layers_per_virtual_pipeline_stage,
+                         p.num_virtual_stages_per_pipeline_rank)
+    if per_stage is None and chunks is None:
+        return
+    pp = p.pipeline_model_parallel_size
+    if per_stage is not None and chunks is not None:
+        raise ConfigError("--num-layers-per-virtual-pipeline-stage and "
+                          "--num-virtual-stages-per-pipeline-rank are exclusive: give one.")
+    for flag, value in (("--num-layers-per-virtual-pipeline-stage", per_stage),
+                        ("--num-virtual-stages-per-pipeline-rank", chunks)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} {value} must be >= 1.")
+    if pp < 2:
+        raise ConfigError("the interleaved pipeline schedule (--num-layers-per-virtual-pipeline-"
+                          "stage / --num-virtual-stages-per-pipeline-rank) needs "
+                          f"--pipeline-model-parallel-size >= 2 (got {pp}).")
+    if per_stage is not None:
+        if pipeline_split(config) != (None, None):
+            raise ConfigError("with --decoder-first/last-pipeline-num-layers give the chunks "
+                              "per rank with --num-virtual-stages-per-pipeline-rank (as "
+                              "Megatron-LM), not --num-layers-per-virtual-pipeline-stage.")
+        if (m.num_layers // pp) % per_stage:
+            raise ConfigError(
+                f"--num-layers-per-virtual-pipeline-stage {per_stage} does not divide the "
+                f"{m.num_layers // pp} layers of a pipeline stage ({m.num_layers} layers / PP "
+                f"{pp}): choose a divisor.")
+    vpp = config.virtual_pipeline_model_parallel_size
+    if vpp is None:
+        return  # one chunk per rank: the plain schedule
+    if pp == 2 and None not in pipeline_split(config):
+        # megatron-core (0.16 to 0.19) divides by the count of middle stages to place the
+        # chunks of an uneven split (get_transformer_layer_offset): with none it fails
+        raise ConfigError("with the interleaved schedule at PP 2, give only one of "
+                          "--decoder-first-pipeline-num-layers / --decoder-last-pipeline-num-"
+                          "layers (megatron-core places uneven chunks through the middle "
+                          "stages, and PP 2 has none).")
+    try:
+        chunk_layer_ranges(m.num_layers, pp, vpp, *pipeline_split(config))
+    except ValueError as err:
+        raise ConfigError(f"{err} (--num-virtual-stages-per-pipeline-rank {vpp}).") from None
+    if config.mtp.mtp_num_layers:
+        raise ConfigError("--mtp-num-layers with the interleaved pipeline schedule is not "
+                          "supported yet: drop one of them.")
+    if nitp.enabled and nitp.objective == "nitp":
+        owner = target_chunk(nitp.target_layer, m.num_layers, pp, vpp, *pipeline_split(config))
+        if owner != (pp - 1, vpp - 1):
+            last = chunk_layer_ranges(m.num_layers, pp, vpp, *pipeline_split(config))[
+                pp - 1, vpp - 1]
+            raise ConfigError(
+                f"--nitp-target-layer {nitp.target_layer} lies on pipeline rank {owner[0]}'s "
+                f"model chunk {owner[1]}: routing the NITP target under the interleaved "
+                "schedule is not supported yet; choose k on the last rank's last chunk "
+                f"(layers {last[0]}-{last[-1]}), --no-nitp, or the plain schedule.")
+
+
 def _layout(config: RunConfig, world_size: int) -> tuple[int, int]:
     """(data-parallel size, micro-batches per step) of ``world_size`` processes."""
     p, t = config.parallel, config.training
@@ -540,7 +597,13 @@ def _layout(config: RunConfig, world_size: int) -> tuple[int, int]:
             f"{t.micro_batch_size} x data-parallel size {dp} = {per_step}: choose a global batch "
             f"that is a multiple of {per_step}."
         )
-    return dp, t.global_batch_size // per_step
+    micro = t.global_batch_size // per_step
+    if config.virtual_pipeline_model_parallel_size and micro % pp:
+        raise ConfigError(
+            f"the interleaved pipeline schedule runs micro-batches in groups of PP {pp}: "
+            f"{micro} micro-batches per step (--global-batch-size {t.global_batch_size} / "
+            f"{per_step}) must be a multiple of {pp}.")
+    return dp, micro
 
 
 def resolve(config: RunConfig, world_size: int,

@@ -301,8 +301,14 @@ class ParallelConfig:
     expert_tensor_parallel_size: Optional[int] = None
     """tensor parallelism inside each expert (default: --tensor-model-parallel-size); 1 keeps
     whole experts on a rank, so EP can stay inside a node"""
-    virtual_pipeline_model_parallel_size: Optional[int] = None
-    """interleaved pipeline schedule: not supported with NITP (refused)"""
+    num_layers_per_virtual_pipeline_stage: Optional[int] = None
+    """interleaved pipeline schedule (virtual stages): transformer layers per model chunk; the
+    chunks per rank follow from it (Megatron-LM's flag; exclusive with
+    --num-virtual-stages-per-pipeline-rank, which uneven first/last stages need)"""
+    num_virtual_stages_per_pipeline_rank: Optional[int] = None
+    """interleaved pipeline schedule: model chunks (virtual stages) per pipeline rank, V
+    (megatron-core's virtual_pipeline_model_parallel_size; Megatron-LM's flag); the bubble
+    shrinks V times, micro-batches per step must be a multiple of PP"""
     decoder_first_pipeline_num_layers: Optional[int] = None
     """uneven pipeline: layers on the first stage (the other stages share the rest evenly);
     megatron-core's num_layers_in_first_pipeline_stage"""
@@ -528,7 +534,8 @@ FLAT = _index()
 ONE_PROCESS_LAYOUT = dict(
     tensor_model_parallel_size=1, pipeline_model_parallel_size=1, expert_model_parallel_size=1,
     expert_tensor_parallel_size=None, context_parallel_size=1, sequence_parallel=False,
-    decoder_first_pipeline_num_layers=None, decoder_last_pipeline_num_layers=None)
+    decoder_first_pipeline_num_layers=None, decoder_last_pipeline_num_layers=None,
+    num_layers_per_virtual_pipeline_stage=None, num_virtual_stages_per_pipeline_rank=None)
 DERIVED = {f.name for f in dataclasses.fields(Derived)}
 
 
@@ -582,6 +589,19 @@ class RunConfig:
         """Megatron's ``args.world_size``: the resolved world, else the planned one."""
         derived = self.__dict__.get("derived")
         return derived.world_size if derived is not None else self.planned_world_size
+
+    @property
+    def virtual_pipeline_model_parallel_size(self) -> Optional[int]:
+        """Model chunks per pipeline rank under the interleaved schedule (megatron-core's
+        ``virtual_pipeline_model_parallel_size``), None for the plain schedule: from
+        --num-virtual-stages-per-pipeline-rank, or layers per stage / --num-layers-per-virtual-
+        pipeline-stage, as Megatron-LM derives it (1 chunk is the plain schedule)."""
+        from megatron_nitp.layout import virtual_pipeline_size
+
+        p = self.parallel
+        return virtual_pipeline_size(
+            self.model.num_layers, p.pipeline_model_parallel_size,
+            p.num_layers_per_virtual_pipeline_stage, p.num_virtual_stages_per_pipeline_rank)
 
     @property
     def nitp_enabled(self) -> bool:

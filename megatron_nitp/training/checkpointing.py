@@ -43,7 +43,7 @@ from megatron.core import dist_checkpointing, tensor_parallel
 from megatron_nitp import device
 from megatron_nitp.training import faults
 from megatron_nitp.training.megatron_lm_folder import is_megatron_lm_checkpoint
-from megatron_nitp.training.model import unwrap
+from megatron_nitp.training.model import as_chunks, unwrap
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MANIFEST = "manifest.json"
@@ -71,7 +71,7 @@ FULLY_RESHARDABLE = "fully_reshardable"
 #: the plain (not distributed) optimizer's per-parameter state: loadable at any layout
 MODEL_SPACE = "model_space"
 #: the layout fields a dp_reshardable optimizer state is tied to (nitp.json "layout")
-DP_RESHARDABLE_FIXED = ("tp", "pp", "ep", "etp", "cp")
+DP_RESHARDABLE_FIXED = ("tp", "pp", "vpp", "ep", "etp", "cp")
 
 
 #: nitp.json "imported_format" of a checkpoint converted from a Megatron-LM run: its iteration
@@ -189,7 +189,7 @@ def _sharded_state(model, optimizer, is_loading: bool, fmt: str = FULLY_RESHARDA
     the layout-independent per-parameter form, which tests/parallel_harness.py compares across
     layouts). megatron-core's own default (flattened ranges, "fully_sharded_model_space") cannot
     be saved at DP >= 2, so a distributed optimizer always names its format."""
-    model_sd = unwrap(model).sharded_state_dict(prefix="model.")
+    model_sd = _model_sharded_state(model)
     state = {"model": model_sd}
     if optimizer is not None:
         kwargs = {}
@@ -200,6 +200,26 @@ def _sharded_state(model, optimizer, is_loading: bool, fmt: str = FULLY_RESHARDA
     return state
 
 
+def _model_sharded_state(model) -> dict:
+    """The model's sharded state; under the interleaved schedule one entry per chunk. The
+    tensors' keys are global (layer numbers, TP offsets), so a checkpoint written with any
+    chunking loads into any other: the entries only group them."""
+    chunks = as_chunks(model)
+    if len(chunks) == 1:
+        return unwrap(chunks[0]).sharded_state_dict(prefix="model.")
+    return {f"chunk{i}": unwrap(c).sharded_state_dict(prefix="model.")
+            for i, c in enumerate(chunks)}
+
+
+def _load_model_state(model, loaded: dict) -> None:
+    """Loads :func:`_model_sharded_state`'s filled entries into the (unwrapped) chunks."""
+    chunks = as_chunks(model)
+    parts = [loaded] if len(chunks) == 1 else [loaded[f"chunk{i}"] for i in range(len(chunks))]
+    for chunk, part in zip(chunks, parts):
+        unwrap(chunk).load_state_dict({k[len("model."):]: v for k, v in part.items()
+                                       if k.startswith("model.")}, strict=False)
+
+
 def _layout(args) -> dict:
     """The parallel layout a checkpoint was written at (nitp.json "layout")."""
     return {"tp": args.tensor_model_parallel_size, "pp": args.pipeline_model_parallel_size,
@@ -208,6 +228,7 @@ def _layout(args) -> dict:
             "etp": (getattr(args, "expert_tensor_parallel_size", None)
                     or args.tensor_model_parallel_size),
             "cp": getattr(args, "context_parallel_size", 1),
+            "vpp": getattr(args, "virtual_pipeline_model_parallel_size", None),
             "dp": getattr(args, "data_parallel_size", None)}
 
 
@@ -936,9 +957,7 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, args=None,
     if scheduler is not None and not weights_only and not fresh:
         state["scheduler"] = _optimizer().schedule_state(scheduler)
     loaded = dist_checkpointing.load(state, path, strict="assume_ok_unexpected")
-    inner = unwrap(model)
-    inner.load_state_dict({k[len("model."):]: v for k, v in loaded["model"].items()},
-                          strict=False)
+    _load_model_state(model, loaded["model"])
     if weights_only or optimizer is None or fresh:
         if optimizer is not None:
             optimizer.reload_model_params()

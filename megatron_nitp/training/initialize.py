@@ -42,6 +42,7 @@ def initialize_distributed(
     expert_model_parallel_size: int = 1,
     timeout_minutes: int = 10,
     expert_tensor_parallel_size: int | None = None,
+    virtual_pipeline_model_parallel_size: int | None = None,
 ) -> None:
     """Start torch.distributed (torchrun's env:// or a single local process) and megatron's
     parallel state. Idempotent.
@@ -80,6 +81,10 @@ def initialize_distributed(
             expert_tensor_parallel_size=expert_tensor_parallel_size,
             distributed_timeout_minutes=timeout_minutes,
         )
+    # the interleaved schedule's chunks per rank (megatron-core's schedules read it from the
+    # parallel state); set apart so that a process initialized before keeps it current
+    parallel_state.set_virtual_pipeline_model_parallel_world_size(
+        virtual_pipeline_model_parallel_size)
 
 
 def set_seed(seed: int) -> None:

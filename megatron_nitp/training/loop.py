@@ -22,7 +22,7 @@ from megatron_nitp.training.exits import EXIT_NON_FINITE, ExitConditions, interr
 from megatron_nitp.training.initialize import initialize_distributed, set_seed
 from megatron_nitp.training.logger import Throughput, TrainingLogger, is_logging_rank
 from megatron_nitp.training.memory import MemoryMonitor
-from megatron_nitp.training.model import params_synced
+from megatron_nitp.training.model import as_chunks, params_synced
 from megatron_nitp.training.step import evaluate, train_step
 from megatron_nitp.training.timers import GRAD_REDUCE, TIMERS, IntervalTimes
 
@@ -243,6 +243,7 @@ def setup(args: RunConfig, save_dir: str | None = None) -> Run:
         args.expert_model_parallel_size,
         timeout_minutes=args.distributed_timeout_minutes,
         expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
     )
     fresh = nothing_to_load(args)
     try:
@@ -265,18 +266,18 @@ def setup(args: RunConfig, save_dir: str | None = None) -> Run:
 
     from megatron_nitp.models.initialization import initialize_weights
     from megatron_nitp.training.checkpointing import CheckpointError, load_checkpoint
-    from megatron_nitp.training.model import build_model, wrap_model
+    from megatron_nitp.training.model import build_model_chunks, set_schedule_functions, wrap_model
     from megatron_nitp.training.optimizer import build_optimizer
 
     set_seed(args.seed)
-    model = build_model(args)
-    initialize_weights(model, args.seed)  # from the seed and global names: layout-invariant
-    model = wrap_model(model, args)
+    chunks = build_model_chunks(args)  # one per virtual stage under the interleaved schedule
+    for chunk in chunks:
+        initialize_weights(chunk, args.seed)  # from the seed and global names: layout-invariant
+    # a list of DDP-wrapped chunks under interleaving (megatron-core's convention), else one
+    model = wrap_model(chunks if len(chunks) > 1 else chunks[0], args)
     optimizer, scheduler = build_optimizer(model, args.training, args.schedule, args.derived)
-    config = model.config
-    config.no_sync_func = model.no_sync
-    config.finalize_model_grads_func = TIMERS.wrap(GRAD_REDUCE, finalize_model_grads)
-    config.grad_scale_func = optimizer.scale_loss if args.fp16 else None
+    set_schedule_functions(model, TIMERS.wrap(GRAD_REDUCE, finalize_model_grads),
+                           optimizer.scale_loss if args.fp16 else None)
     start, meta = 0, None
     if args.load and not fresh:
         try:
@@ -436,7 +437,7 @@ def _pretrain(args: RunConfig, progress: Progress) -> dict:
 
     # --dry-run's estimate for this config, printed beside the first interval's measured peak
     planned = planned_memory(args)
-    params = sum(p.numel() for p in model.parameters())
+    params = sum(p.numel() for chunk in as_chunks(model) for p in chunk.parameters())
     from megatron_nitp.objectives import describe
 
     what = describe(args)
@@ -444,7 +445,10 @@ def _pretrain(args: RunConfig, progress: Progress) -> dict:
         f"> run folder {run_dir} | {what} | parameters on rank 0: {params:,} | vocab "
         f"{run.tokenizer.vocab_size} (padded {args.padded_vocab_size}) | world "
         f"{torch.distributed.get_world_size()} (TP {args.tensor_model_parallel_size}, PP "
-        f"{args.pipeline_model_parallel_size}, EP {args.expert_model_parallel_size}, DP "
+        f"{args.pipeline_model_parallel_size}"
+        + (f" x {args.virtual_pipeline_model_parallel_size} chunks (interleaved)"
+           if args.virtual_pipeline_model_parallel_size else "")
+        + f", EP {args.expert_model_parallel_size}, DP "
         f"{args.data_parallel_size}) | micro-batches per step {args.num_microbatches} | "
         f"backend {torch.distributed.get_backend()}, device {device()} ({device_name()})"
     )
@@ -473,7 +477,8 @@ def _pretrain(args: RunConfig, progress: Progress) -> dict:
                      + (f"; imported from {source}: the optimizer starts fresh (Adam moments "
                         "not imported), the LR schedule is this run's at that iteration"
                         if source and not args.finetune else ""))
-    model.train()
+    for chunk in as_chunks(model):
+        chunk.train()
     throughput = Throughput(args.global_batch_size * args.seq_length)
     iteration = run.start_iteration
     memory.begin()  # the first interval's peak counts from the first step, set-up left out

@@ -207,14 +207,17 @@ def resident_tensor_bytes(run) -> int:
     """Bytes of the tensors an arm keeps between steps: parameters, gradient buffers (DDP's
     ``main_grad``), module buffers, the optimizer's main parameters and Adam states. Each
     storage is counted once (gradients are views of one contiguous buffer)."""
+    from megatron_nitp.training.model import as_chunks
+
     def tensors():
-        yield from run.model.parameters()
-        yield from torch.nn.Module.buffers(run.model)  # DDP's own .buffers is its grad buffers
-        for buffer in getattr(run.model, "buffers", []):
-            yield from (t for t in (buffer.param_data, buffer.grad_data) if t is not None)
-        for p in run.model.parameters():
-            if getattr(p, "main_grad", None) is not None:
-                yield p.main_grad
+        for model in as_chunks(run.model):  # the chunks of the interleaved schedule
+            yield from model.parameters()
+            yield from torch.nn.Module.buffers(model)  # DDP's own .buffers: its grad buffers
+            for buffer in getattr(model, "buffers", []):
+                yield from (t for t in (buffer.param_data, buffer.grad_data) if t is not None)
+            for p in model.parameters():
+                if getattr(p, "main_grad", None) is not None:
+                    yield p.main_grad
         for optimizer in getattr(run.optimizer, "chained_optimizers", [run.optimizer]):
             inner = optimizer.optimizer
             for group in inner.param_groups:

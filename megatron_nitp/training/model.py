@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from functools import partial
 
 import torch
@@ -140,14 +141,29 @@ def transformer_config(args, perform_initialization: bool = True) -> Transformer
         # which completes only when the last stage reaches that micro-batch's loss: 1F1B's
         # warm-up would run one micro-batch at a time. The p2p requests are still waited on.
         batch_p2p_sync=False,
+        **interleaving_fields(args),
     )
 
 
-def layer_spec(config: TransformerConfig, impl: str = "transformer_engine", sdpa: bool = False):
+def interleaving_fields(args) -> dict:
+    """The TransformerConfig fields of the interleaved pipeline schedule (none without it):
+    the chunks per rank, and the pipeline p2p as Megatron-LM sets it by default there
+    (``--overlap-p2p-communication``: individual isend/irecv overlapped with compute, not
+    batched), which also lets PP=2 run interleaved."""
+    vpp = args.virtual_pipeline_model_parallel_size
+    if vpp is None:
+        return {}
+    return dict(virtual_pipeline_model_parallel_size=vpp, overlap_p2p_comm=True,
+                batch_p2p_comm=False)
+
+
+def layer_spec(config: TransformerConfig, impl: str = "transformer_engine", sdpa: bool = False,
+               vp_stage: int | None = None):
     """The layer spec (dense) or the per-layer block spec (MoE: dense and MoE layers by
     ``moe_layer_freq``), with TE's modules on GPU and megatron-core's local ones otherwise;
-    ``sdpa``: torch's scaled_dot_product_attention as core attention (``models/attention.py``)."""
-    spec = _base_layer_spec(config, impl)
+    ``sdpa``: torch's scaled_dot_product_attention as core attention (``models/attention.py``);
+    ``vp_stage``: the model chunk whose layers a MoE block spec lists (interleaved schedule)."""
+    spec = _base_layer_spec(config, impl, vp_stage)
     if sdpa:
         from megatron_nitp.models.attention import use_sdpa
 
@@ -155,7 +171,7 @@ def layer_spec(config: TransformerConfig, impl: str = "transformer_engine", sdpa
     return spec
 
 
-def _base_layer_spec(config: TransformerConfig, impl: str):
+def _base_layer_spec(config: TransformerConfig, impl: str, vp_stage: int | None = None):
     from megatron.core.models.gpt import gpt_layer_specs
 
     te = kernels.use_transformer_engine(impl)
@@ -166,8 +182,9 @@ def _base_layer_spec(config: TransformerConfig, impl: str):
 
         te_compat.patch_torch_norm_sequence_parallel()
     if config.num_moe_experts:
+        chunk = {} if vp_stage is None else {"vp_stage": vp_stage}
         return gpt_layer_specs.get_gpt_decoder_block_spec(
-            config, use_transformer_engine=te, normalization="RMSNorm"
+            config, use_transformer_engine=te, normalization="RMSNorm", **chunk
         )
     if te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
@@ -180,12 +197,16 @@ def build_model(
     pre_process: bool | None = None,
     post_process: bool | None = None,
     perform_initialization: bool = True,
+    vp_stage: int | None = None,
 ) -> NITPGPTModel:
     """This rank's pipeline stage of the model, not yet wrapped, on ``device()``.
 
     On GPU megatron-core allocates its parallel linears on the current CUDA device, but the
     local spec's norms (``torch.nn.RMSNorm``) and the MoE router on the default device, the
     CPU: every caller (training, export, evaluation) gets the whole model on one device.
+
+    ``vp_stage``: under the interleaved schedule, which of this rank's model chunks
+    (:func:`build_model_chunks`).
     """
     config = transformer_config(args, perform_initialization)
     if args.num_moe_experts:
@@ -196,11 +217,22 @@ def build_model(
 
         get_moe_layer_wise_logging_tracker().clear()
     if pre_process is None:
-        pre_process = parallel_state.is_pipeline_first_stage()
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False,
+                                                             vp_stage=vp_stage)
     if post_process is None:
-        post_process = parallel_state.is_pipeline_last_stage()
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False,
+                                                             vp_stage=vp_stage)
+    nitp = nitp if nitp is not None else args.nitp_config
+    if vp_stage is not None:
+        extra_chunk = {"vp_stage": vp_stage}
+        if vp_stage != args.virtual_pipeline_model_parallel_size - 1:
+            # config.resolve keeps layer k on the last chunk until the target is routed under
+            # interleaving: an earlier chunk captures nothing and computes no loss
+            nitp = dataclasses.replace(nitp, enabled=False)
+    else:
+        extra_chunk = {}
     spec = layer_spec(config, args.transformer_impl,
-                      sdpa=performance.attention_path(args) == "sdpa")
+                      sdpa=performance.attention_path(args) == "sdpa", vp_stage=vp_stage)
     te = kernels.use_transformer_engine(args.transformer_impl)
     extra = {}
     for objective in build_objectives(args):
@@ -220,13 +252,61 @@ def build_model(
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         position_embedding_type="rope",
         rotary_base=args.rotary_base,
+        **extra_chunk,
     )
     return model.to(device())
 
 
-def wrap_model(model: NITPGPTModel, args) -> DistributedDataParallel:
+def build_model_chunks(args, perform_initialization: bool = True) -> list[NITPGPTModel]:
+    """This rank's model chunks: one per virtual stage under the interleaved schedule
+    (megatron-core's ``vp_stage`` 0..V-1, each with its own pre/post-process flags, built in
+    the same order on every rank: the NITP owner vote is collective), else one."""
+    vpp = args.virtual_pipeline_model_parallel_size
+    if vpp is None:
+        return [build_model(args, perform_initialization=perform_initialization)]
+    return [build_model(args, perform_initialization=perform_initialization, vp_stage=v)
+            for v in range(vpp)]
+
+
+def as_chunks(model) -> list:
+    """The model chunks of ``model``: the list itself under the interleaved schedule (a list of
+    DDP-wrapped chunks, megatron-core's convention), else ``[model]``."""
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def last_chunk(model) -> NITPGPTModel:
+    """The unwrapped chunk that computes the loss on the last pipeline rank (the only one with
+    the NITP projector): the last chunk."""
+    return unwrap(as_chunks(model)[-1])
+
+
+def set_schedule_functions(model, finalize_model_grads_func, grad_scale_func=None) -> None:
+    """The hooks megatron-core's schedules read from the first chunk's config, as Megatron-LM
+    sets them: ``no_sync`` (one per chunk under interleaving), the gradient finalization, the
+    fp16 loss scale and, with overlapped reduction/gather under interleaving, each chunk's
+    ``start_grad_sync`` / ``start_param_sync`` so they start as its chunk's backward ends."""
+    chunks = as_chunks(model)
+    config = chunks[0].config
+
+    def one_or_list(funcs):
+        return funcs[0] if len(funcs) == 1 else funcs
+
+    config.no_sync_func = one_or_list([c.no_sync for c in chunks])
+    if len(chunks) > 1 and getattr(chunks[0].ddp_config, "overlap_grad_reduce", False):
+        config.grad_sync_func = [c.start_grad_sync for c in chunks]
+    if len(chunks) > 1 and getattr(chunks[0].ddp_config, "overlap_param_gather", False):
+        config.param_sync_func = [c.start_param_sync for c in chunks]
+    config.finalize_model_grads_func = finalize_model_grads_func
+    config.grad_scale_func = grad_scale_func
+
+
+def wrap_model(model: NITPGPTModel, args, disable_bucketing: bool = False):
     """Mixed-precision wrapper (bf16/fp16 weights, fp32 outputs) and megatron DDP with fp32
-    gradient buffers, as megatron's training loop does."""
+    gradient buffers, as megatron's training loop does; a list of chunks gives a list, chunk 2
+    onwards without bucketing (their communication overlaps compute anyway: Megatron-LM's
+    ``get_model``)."""
+    if isinstance(model, (list, tuple)):
+        return [wrap_model(chunk, args, disable_bucketing=i > 0) for i, chunk in enumerate(model)]
     config = model.config
     module = Float16Module(config, model) if (args.bf16 or args.fp16) else model
     ddp_config = DistributedDataParallelConfig(
@@ -234,24 +314,25 @@ def wrap_model(model: NITPGPTModel, args) -> DistributedDataParallel:
         use_distributed_optimizer=args.use_distributed_optimizer,
         **performance.ddp_config_fields(args),
     )
-    return DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)
+    return DistributedDataParallel(config=config, ddp_config=ddp_config, module=module,
+                                   disable_bucketing=disable_bucketing)
 
 
 @contextlib.contextmanager
-def params_synced(model: DistributedDataParallel):
+def params_synced(model):
     """With ``--overlap-param-gather`` the distributed optimizer's updated parameters reach
     each rank's model only in the next forward pass (DDP's forward pre-hooks start the
     all-gather layer by layer). A checkpoint or an evaluation in between would read the old
     weights: as Megatron-LM does, turn the hooks off around them, which all-gathers the
     parameters first, and back on after. A no-op without overlap."""
-    hooked = getattr(model, "use_forward_hook", False)
-    if hooked:
-        model.disable_forward_pre_hook(param_sync=True)
+    hooked = [c for c in as_chunks(model) if getattr(c, "use_forward_hook", False)]
+    for chunk in hooked:
+        chunk.disable_forward_pre_hook(param_sync=True)
     try:
         yield
     finally:
-        if hooked:
-            model.enable_forward_pre_hook()
+        for chunk in hooked:
+            chunk.enable_forward_pre_hook()
 
 
 def unwrap(model: torch.nn.Module) -> NITPGPTModel:

@@ -11,7 +11,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_nitp.config.schema import Derived, ScheduleConfig, TrainingConfig
-from megatron_nitp.training.model import params_dtype
+from megatron_nitp.training.model import as_chunks, params_dtype
 
 
 def build_optimizer(model, training: TrainingConfig, schedule: ScheduleConfig,
@@ -39,7 +39,7 @@ def build_optimizer(model, training: TrainingConfig, schedule: ScheduleConfig,
         initial_loss_scale=training.initial_loss_scale,
         use_distributed_optimizer=training.use_distributed_optimizer,
     )
-    optimizer = get_megatron_optimizer(config, [model])
+    optimizer = get_megatron_optimizer(config, as_chunks(model))
     return optimizer, build_scheduler(optimizer, training, schedule, derived)
 
 

@@ -28,7 +28,7 @@ from megatron_nitp.device import device, to_device
 from megatron_nitp.geometry import effective_rank, mean_pairwise_cosine, valid_token_states
 from megatron_nitp.objectives import ModelOutput, build_objectives, combine
 from megatron_nitp.training import faults, timers
-from megatron_nitp.training.model import unwrap
+from megatron_nitp.training.model import as_chunks, unwrap
 from megatron_nitp.training.timers import TIMERS
 
 GEOMETRY_KEYS = ("effective rank", "cosine similarity")
@@ -171,26 +171,36 @@ def _run_schedule(model, batches, args, objectives, scales, forward_only, geomet
         batches[0] = dict(batches[0], _first=True)
     forward_backward = get_forward_backward_func()
     step = partial(_forward_step, scales, objectives, geometry)
+    chunks = as_chunks(model)
     reports = forward_backward(
         forward_step_func=step,
-        data_iterator=iter(batches),
-        model=[model],
+        # the interleaved schedule reads each chunk's micro-batches from its own iterator:
+        # every chunk sees the step's micro-batches in order
+        data_iterator=[iter(batches) for _ in chunks] if len(chunks) > 1 else iter(batches),
+        model=chunks,
         num_microbatches=len(batches),
         seq_length=args.seq_length,
         micro_batch_size=args.micro_batch_size,
         forward_only=forward_only,
     )
-    unwrap(model).finish_step()
+    for chunk in chunks:
+        unwrap(chunk).finish_step()
     return reports
 
 
 def _grads_finite(model) -> bool:
     """True when every gradient on every rank is finite (one all-reduce of a flag)."""
     bad = torch.zeros(1, device=device())
-    for buffer in list(model.buffers) + list(getattr(model, "expert_parallel_buffers", [])):
-        bad += (~torch.isfinite(buffer.grad_data)).any().to(bad.dtype)
+    for chunk in as_chunks(model):
+        for buffer in list(chunk.buffers) + list(getattr(chunk, "expert_parallel_buffers", [])):
+            bad += (~torch.isfinite(buffer.grad_data)).any().to(bad.dtype)
     torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
     return bad.item() == 0
+
+
+def _zero_grad_buffers(model) -> None:
+    for chunk in as_chunks(model):
+        chunk.zero_grad_buffer()
 
 
 def train_step(
@@ -214,14 +224,14 @@ def train_step(
     if nan_loss:
         scales = {key: float("nan") for key in scales}
 
-    model.zero_grad_buffer()
+    _zero_grad_buffers(model)
     optimizer.zero_grad()
     with TIMERS.phase(timers.FORWARD_BACKWARD):
         reports = _run_schedule(model, batches, args, objectives, scales, False, geometry)
     for objective in objectives:
         reports.append(objective.reports(len(batches)))
     if faults.due("nan-grad", iteration + 1):
-        model.buffers[0].grad_data.view(-1)[0] = float("nan")
+        as_chunks(model)[0].buffers[0].grad_data.view(-1)[0] = float("nan")
     metrics = reduce_report(reports, report_keys(objectives))
     losses_finite = all(math.isfinite(metrics.get(k, 0.0))
                         for k in report_keys(objectives, geometry=False))
@@ -233,7 +243,7 @@ def train_step(
                        "consumed_samples": getattr(data_iterator, "consumed_samples", None)}
         if args.nan_policy == "stop":
             raise NonFiniteError(diagnostics)
-        model.zero_grad_buffer()
+        _zero_grad_buffers(model)
         optimizer.zero_grad()
         metrics.update({"total loss": float("nan"), "grad norm": float("nan"), "skipped": 1.0,
                         "learning rate": optimizer.param_groups[0]["lr"], "nitp weight": weight})
@@ -301,13 +311,15 @@ def evaluate(model, data_iterator: Iterator, args, eval_iters: int) -> dict[str,
     """Forward-only passes over ``eval_iters`` global batches: the validation lm loss and each
     objective's term computed by the model (no weights: nothing is trained)."""
     objectives = tuple(o for o in build_objectives(args) if o.name != "mtp")
-    model.eval()
+    for chunk in as_chunks(model):
+        chunk.eval()
     reports = []
     for _ in range(eval_iters):
         batches = [to_device(next(data_iterator)) for _ in range(args.num_microbatches)]
         scales = {o.report_key: 0.0 for o in objectives}
         reports += _run_schedule(model, batches, args, objectives, scales, True, False)
-    model.train()
+    for chunk in as_chunks(model):
+        chunk.train()
     metrics = reduce_report(reports, report_keys(objectives, geometry=False))
     nitp_terms = [o for o in objectives if getattr(o, "terms", 1) > 1]
     if nitp_terms:
