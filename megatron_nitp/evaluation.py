@@ -217,8 +217,10 @@ class FrozenLM:
         dev = device()
         tokens = tokens.to(dev)
         positions = torch.arange(tokens.shape[1], device=dev).unsqueeze(0).expand_as(tokens)
+        # the paper's term (layer k, t+1): the one whose module is the model's projector
+        key = next(o.report_key for o in self.model.objectives if o.module_name == "projector")
         term = self.model(tokens, positions, None, labels=labels.to(dev),
-                          loss_mask=loss_mask.to(dev).float()).aux["nitp loss"]
+                          loss_mask=loss_mask.to(dev).float()).aux[key]
         return float(term.loss.double().sum()), int(term.mask.sum())
 
     def padded_batches(self, sequences: list[list[int]], batch_size: int):

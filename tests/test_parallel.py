@@ -104,6 +104,11 @@ VPP_REFERENCES = {
     "ref-ntp": ["--no-nitp"],
     "ref-cosine-reg": ["--nitp-objective", "cosine_reg"],
 }
+# Two tapped layers and two horizons (4 NITP terms, each its own projector): plain PP 2 routes
+# layer 1 from stage 0 and reads layer 3 on the last stage; PP 2 x VPP 2 (one layer per chunk:
+# rank 0 holds [1] [3], rank 1 [2] [4]) routes both from rank 0's two chunks.
+TWO_TAPS = ["--nitp-target-layer", "1", "--nitp-extra-target-layers", "3", "--nitp-horizon", "2"]
+PP2_VPP2 = ["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2"]
 # name: (reference, world size, flags after FLAGS; "INIT" is the reference's initial checkpoint)
 VPP_LAYOUTS = {
     "pp2-vpp2-ntp": ("ref-ntp", 2, ["--no-nitp", "--pipeline-model-parallel-size", "2",
@@ -111,6 +116,13 @@ VPP_LAYOUTS = {
     "pp2-vpp2-cosine-reg": ("ref-cosine-reg", 2, ["--nitp-objective", "cosine_reg",
                                                   "--pipeline-model-parallel-size", "2",
                                                   "--num-virtual-stages-per-pipeline-rank", "2"]),
+    # layer k routed under interleaving, matched by micro-batch: from rank 0's first chunk, from
+    # its second chunk, and handed over in memory from the last rank's first chunk
+    "pp2-vpp2-k-rank0-chunk0": ("ref1", 2, ["--nitp-target-layer", "1"] + PP2_VPP2),
+    "pp2-vpp2-k-rank0-chunk1": ("ref3", 2, ["--nitp-target-layer", "3"] + PP2_VPP2),
+    "pp2-vpp2-k-rank1-chunk0": ("ref2", 2, ["--nitp-target-layer", "2"] + PP2_VPP2),
+    "pp2-two-taps": ("ref-two-taps", 2, TWO_TAPS + ["--pipeline-model-parallel-size", "2"]),
+    "pp2-vpp2-two-taps": ("ref-two-taps", 2, TWO_TAPS + PP2_VPP2),
     # evaluate() under the interleaved forward-only schedule, and a checkpoint saved after the
     # steps (test_checkpoint_under_vpp_resumes_with_and_without_vpp)
     "pp2-vpp2-k-on-last-chunk": ("ref-vpp", 2, SIX + UNEVEN_VPP2 + VPP2 + EVALUATE),
@@ -160,8 +172,10 @@ def results(tmp_path_factory):
     for name, flags in VPP_REFERENCES.items():
         references[name] = FLAGS + flags + ["--load", str(init)]
     references["ref-vpp"] = FLAGS + SIX + EVALUATE + ["--save-init", str(root / "init-vpp")]
+    references["ref-two-taps"] = FLAGS + TWO_TAPS + ["--save-init", str(root / "init-two-taps")]
     for name, (reference, world, flags) in VPP_LAYOUTS.items():
-        start = root / ("init-vpp" if reference == "ref-vpp" else "init")
+        start = root / {"ref-vpp": "init-vpp", "ref-two-taps": "init-two-taps"}.get(reference,
+                                                                                 "init")
         groups.setdefault(world, {})[name] = FLAGS + flags + ["--load", str(start)]
     groups[2]["pp2-vpp2-k-on-last-chunk"] += ["--save-final", str(root / "ckpt-vpp")]
     for name, flags in RESUMED.items():  # after the save, in the same launch
@@ -314,20 +328,29 @@ def test_evaluate_equals_single_process_and_changes_nothing(results, name):
 @pytest.mark.parametrize("name", list(VPP_LAYOUTS))
 def test_interleaved_layout_equals_single_process(results, name):
     """megatron-core's interleaved schedule over model chunks (DDP per chunk, one optimizer
-    over all of them) equals one process: losses, grad norm, geometry and the whole state;
-    NITP > 0 with k on the last rank's last chunk (nothing routed), and without NITP."""
+    over all of them), and several tapped layers under PP, equal one process: every logged
+    loss, grad norm, geometry and the whole state; NITP > 0 wherever layer k is (routed from an
+    earlier rank's chunk, handed over within the last rank, or on the last chunk), and without
+    NITP. The routed bytes are one ``[s, b, h]`` fp32 state per micro-batch per tap sent over
+    the wire."""
     reference, _, flags = VPP_LAYOUTS[name]
     ref_metrics, ref_state, _ = results(reference)
     metrics, state, _ = results(name)
     assert len(metrics) == len(ref_metrics) == 3
-    nitp = "--no-nitp" not in flags
+    nitp = "--no-nitp" not in flags and "cosine_reg" not in flags
+    per_tap = 32 * 2 * 32 * 4 * 4  # s b h fp32, 4 micro-batches
+    sent = {"pp2-vpp2-k-rank0-chunk0": 1, "pp2-vpp2-k-rank0-chunk1": 1, "pp2-two-taps": 1,
+            "pp2-vpp2-two-taps": 2}.get(name, 0)
+    keys = [k for k in ref_metrics[0] if k.endswith(" loss")] + ["grad norm", "effective rank"]
+    assert ("cosine reg loss" in keys) == ("cosine_reg" in flags)
+    assert len([k for k in keys if k.startswith("nitp loss k=")]) == (4 if "taps" in name else 0)
     for step, (got, want) in enumerate(zip(metrics, ref_metrics)):
-        assert got["routed bytes per step"] == got["routing peak bytes held"] == 0
+        assert got["routed bytes per step"] == sent * per_tap, (name, step)
+        assert 0 < got["routing peak bytes held"] <= sent * per_tap if sent else True
         if nitp:
             assert got["nitp loss"] > 0 and want["nitp loss"] > 0, (name, step)
-        for key in ("lm loss", "nitp loss", "grad norm", "effective rank"):
-            if key in want:
-                assert got[key] == pytest.approx(want[key], rel=1e-5), (name, step, key)
+        for key in keys:
+            assert got[key] == pytest.approx(want[key], rel=1e-5), (name, step, key)
     assert_state_close(state, ref_state, name)
 
 

@@ -512,7 +512,7 @@ def _validate_virtual_pipeline(config: RunConfig) -> None:
     """The interleaved schedule's flags (Megatron-LM's checks, and megatron-core's where it
     would assert): PP >= 2, each stage's layers split evenly over its chunks, and, until the
     NITP target is routed under interleaving, layer k on the last rank's last chunk."""
-    from megatron_nitp.layout import chunk_layer_ranges, target_chunk
+    from megatron_nitp.layout import chunk_layer_ranges
 
     p, m, nitp = config.parallel, config.model, config.nitp_config
     per_stage, chunks = (p.num_layers_per_virtual_pipeline_stage,
@@ -558,16 +558,6 @@ def _validate_virtual_pipeline(config: RunConfig) -> None:
     if config.mtp.mtp_num_layers:
         raise ConfigError("--mtp-num-layers with the interleaved pipeline schedule is not "
                           "supported yet: drop one of them.")
-    if nitp.enabled and nitp.objective == "nitp":
-        owner = target_chunk(nitp.target_layer, m.num_layers, pp, vpp, *pipeline_split(config))
-        if owner != (pp - 1, vpp - 1):
-            last = chunk_layer_ranges(m.num_layers, pp, vpp, *pipeline_split(config))[
-                pp - 1, vpp - 1]
-            raise ConfigError(
-                f"--nitp-target-layer {nitp.target_layer} lies on pipeline rank {owner[0]}'s "
-                f"model chunk {owner[1]}: routing the NITP target under the interleaved "
-                "schedule is not supported yet; choose k on the last rank's last chunk "
-                f"(layers {last[0]}-{last[-1]}), --no-nitp, or the plain schedule.")
 
 
 def _layout(config: RunConfig, world_size: int) -> tuple[int, int]:

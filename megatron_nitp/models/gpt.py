@@ -63,6 +63,12 @@ class NITPGPTModel(GPTModel):
     stage: the first NITP term's at ``projector`` (the paper's name, kept in checkpoints), the
     others in ``aux_modules``.
 
+    ``tap_owners`` (the interleaved schedule): tapped layer -> (pipeline rank, model chunk)
+    that holds it (``layout.target_chunk``), checked against the built chunk; without it the
+    stages find the owner by one all-reduce. ``shared_routers``: the dict of routers that a
+    rank's model chunks share (the chunk that holds a tapped layer sends through it, the last
+    chunk receives), filled by the first chunk built.
+
     ``routing_timeout`` and ``routing_wait_timer`` go to the taps' routers
     (``nitp.routing.TargetRouter``): the builder's collective timeout and its timer of the
     routing wait (``training/model.py`` passes the run's).
@@ -70,6 +76,8 @@ class NITPGPTModel(GPTModel):
 
     def __init__(self, config: TransformerConfig, nitp: NITPConfig, *,
                  objectives: Optional[Sequence[Objective]] = None,
+                 tap_owners: Optional[dict] = None,
+                 shared_routers: Optional[dict] = None,
                  routing_timeout: Optional[datetime.timedelta] = None,
                  routing_wait_timer: Optional[Callable[[], ContextManager]] = None,
                  **gpt_kwargs):
@@ -100,15 +108,22 @@ class NITPGPTModel(GPTModel):
         for layer in sorted({layer for o in self.objectives for layer in o.taps}):
             target = find_target_module(self, layer)
             self._taps[layer] = ActivationCapture(target, detach=nitp.stop_gradient)
-            # Where the layer really is (uneven splits included): one all-reduce over PP.
-            owner = owner_stage(target is not None) if pp_size > 1 else 0
+            if tap_owners is not None:  # the interleaved schedule: (rank, chunk) given
+                owner, routed = self._check_owner(layer, target is not None, tap_owners[layer])
+            else:  # where the layer really is (uneven splits included): one all-reduce over PP
+                owner = owner_stage(target is not None) if pp_size > 1 else 0
+                routed = owner != pp_size - 1
             self.tap_owner_stages[layer] = owner
-            if pp_size > 1 and owner != pp_size - 1:
-                # without SP the TP ranks hold the same z: each routes 1/TP of its rows
-                self._routers[layer] = TargetRouter(owner,
-                                                    split_over_tp=not config.sequence_parallel,
-                                                    timeout=routing_timeout,
-                                                    wait_timer=routing_wait_timer)
+            if pp_size > 1 and routed:
+                routers = self._routers if shared_routers is None else shared_routers
+                if layer not in routers:  # built once per rank, in tap order, on every rank
+                    # without SP the TP ranks hold the same z: each routes 1/TP of its rows
+                    routers[layer] = TargetRouter(owner,
+                                                  split_over_tp=not config.sequence_parallel,
+                                                  timeout=routing_timeout,
+                                                  wait_timer=routing_wait_timer)
+                if target is not None or self.post_process:  # the sending or receiving chunk
+                    self._routers[layer] = routers[layer]
         self.target_owner_stage: Optional[int] = self.tap_owner_stages.get(nitp.target_layer)
         self._final = ActivationCapture(None, detach=False)
         if self.post_process:
@@ -132,6 +147,7 @@ class NITPGPTModel(GPTModel):
         return_hidden: bool = False,
         document_mask: Optional[torch.Tensor] = None,
         aux_inputs: Optional[dict] = None,
+        microbatch: Optional[int] = None,
         **kwargs,
     ):
         """GPTModel's forward plus the objectives' terms (see the class docstring).
@@ -143,6 +159,8 @@ class NITPGPTModel(GPTModel):
         rows across shards and stages); the mask only drops pairs. None: every position with a
         next position has a target. ``aux_inputs``: the objectives' other ``[b, s]`` inputs
         (``Objective.batch_inputs``, sliced like the labels). Read on the last stage only.
+        ``microbatch``: the step's index of this micro-batch, the identity under which tapped
+        layers are routed between stages (None: their order).
 
         ``return_hidden``: also return the final hidden states ``[s, b, h]`` and the tapped
         layers' (``ModelOutput.hidden`` / ``taps``). Only the last stage's value matters; the
@@ -166,14 +184,14 @@ class NITPGPTModel(GPTModel):
             for layer, router in self._routers.items():  # ascending layers: the receive order
                 if states[layer] is not None:
                     # the stage's output carries the backward hook that releases the buffer
-                    router.send(states[layer], output)
+                    router.send(states[layer], output, microbatch)
         if labels is None or not self.post_process:
             return output
         loss_mask = torch.ones_like(labels) if loss_mask is None else loss_mask
         loss_mask = loss_mask.float()
         for layer in states:
             if states[layer] is None:
-                states[layer] = self._routers[layer].recv(like=hidden)
+                states[layer] = self._routers[layer].recv(like=hidden, microbatch=microbatch)
         inputs = dict(aux_inputs or {})
         if document_mask is not None:
             inputs[CONTINUES_DOCUMENT] = document_mask
@@ -187,6 +205,19 @@ class NITPGPTModel(GPTModel):
             return ModelOutput(output, aux)
         return ModelOutput(output, aux, self._full(hidden),
                            {layer: self._full(state) for layer, state in states.items()})
+
+    def _check_owner(self, layer: int, here: bool, owner: tuple) -> tuple[int, bool]:
+        """(owning pipeline rank, whether the layer must be routed) from the given (rank,
+        chunk) of a tapped layer, checked against this chunk (which holds it or not)."""
+        config = self.config
+        chunk = self.vp_stage or 0
+        me = (parallel_state.get_pipeline_model_parallel_rank(), chunk)
+        if here != (me == tuple(owner)):
+            raise RuntimeError(f"tapped layer {layer} is placed on (rank, chunk) {tuple(owner)} "
+                               f"but chunk {me} {'holds' if here else 'does not hold'} it")
+        chunks = config.virtual_pipeline_model_parallel_size or 1
+        last = (config.pipeline_model_parallel_size - 1, chunks - 1)
+        return owner[0], tuple(owner) != last
 
     def _recompute_failure(self, layer: int):
         for capture in (*self._taps.values(), self._final):
@@ -236,14 +267,19 @@ class NITPGPTModel(GPTModel):
 
     @property
     def routed_bytes(self) -> int:
-        """Bytes of tapped layers' states this rank has sent to the last stage so far."""
-        return sum(router.bytes_sent for router in self._routers.values())
+        """Bytes of tapped layers' states this chunk has sent to the last stage so far."""
+        return sum(router.bytes_sent for router in self._sending())
 
     @property
     def routed_peak_bytes_held(self) -> int:
-        """Most bytes of tapped states this rank's pending sends held during the last finished
+        """Most bytes of tapped states this chunk's pending sends held during the last finished
         step (``finish_step``), summed over its taps; 0 off the owning stages."""
-        return sum(router.peak_bytes_held for router in self._routers.values())
+        return sum(router.peak_bytes_held for router in self._sending())
+
+    def _sending(self) -> list:
+        """The routers this chunk sends through (it holds their tapped layer)."""
+        return [router for layer, router in self._routers.items()
+                if self._taps[layer].owns_target and not self.post_process]
 
     def finish_step(self) -> None:
         """Completes this step's outstanding tap sends (owning pipeline stages) and closes

@@ -80,21 +80,46 @@ def reset_routing_group() -> None:
 
 
 class _Pending:
-    """One outstanding send: its request, the ``[rows, b, h]`` tensor it reads from (kept alive
-    until the send completes) and its micro-batch's index in send order."""
+    """One outstanding send: its requests (the micro-batch header and the rows), the tensors
+    they read from (kept alive until the send completes) and its index in send order."""
 
-    __slots__ = ("index", "work", "tensor", "nbytes")
+    __slots__ = ("index", "works", "tensors", "nbytes")
 
-    def __init__(self, index: int, work, tensor: torch.Tensor):
-        self.index, self.work, self.tensor = index, work, tensor
-        self.nbytes = tensor.numel() * tensor.element_size()
+    def __init__(self, index: int, works: list, tensors: list):
+        self.index, self.works, self.tensors = index, works, tensors
+        self.nbytes = tensors[-1].numel() * tensors[-1].element_size()
+
+    def is_completed(self) -> bool:
+        return all(work.is_completed() for work in self.works)
+
+    def wait(self) -> None:
+        for work in self.works:
+            work.wait()
+
+
+#: Received targets a receiver may keep for micro-batches it has not reached yet, before it
+#: calls the pairing broken (a schedule never runs that far ahead of its own order).
+MAX_STASHED = 64
 
 
 class TargetRouter:
-    """Sends layer-k states from the owning stage; receives them on the last stage.
+    """Sends one tapped layer's states from the owning stage; receives them on the last stage,
+    each matched to its micro-batch by identity.
 
-    ``split_over_tp``: the TP ranks hold identical copies of z (no sequence parallelism), so
-    each sends ``ceil(L / tp)`` of its ``L`` rows and the last stage all-gathers them over TP.
+    ``owner_stage``: the pipeline rank that holds the layer (under the interleaved schedule,
+    one of its model chunks); the receiver is the last rank (its last chunk). When both are the
+    same rank - the layer on an earlier chunk of the last rank - the state is handed over in
+    memory, no message. ``split_over_tp``: the TP ranks hold identical copies of z (no sequence
+    parallelism), so each sends ``ceil(L / tp)`` of its ``L`` rows and the last stage
+    all-gathers them over TP.
+
+    Identity. Every send carries its micro-batch's number (a one-element header before the
+    rows; ``microbatch``, the step's index of the micro-batch, or the send count when the
+    caller gives none), and ``recv(microbatch=m)`` returns the rows sent for m: a target that
+    arrives for a later micro-batch is kept until asked for. Under the plain and the
+    interleaved 1F1B schedules and the forward-only one, each model chunk runs its micro-batches
+    in order, so targets arrive in the order they are asked for; the identity makes that a
+    checked fact rather than an assumption, and the pairing does not depend on the schedule.
 
     Releasing the send buffers. A send's tensor must stay alive until the send completes, but
     the owning stage must never wait for the last stage in the middle of the schedule unless
@@ -103,18 +128,18 @@ class TargetRouter:
 
     - the backend reports it complete (``Work.is_completed()``; NCCL does once its kernel has
       run, gloo never before ``wait()``);
-    - the backward pass of its micro-batch has reached the owning stage. That gradient was sent
-      by the next stage after its own backward, ..., after the last stage's backward of the
-      micro-batch, which follows its forward, in which the target was received (blocking
-      ``recv``, in send order). So waiting on that send, or on any earlier one, cannot block
-      on the peer. A gradient hook on the stage's output of the micro-batch records it.
+    - the backward pass of its micro-batch has reached the owning stage (chunk). That gradient
+      was sent by the next stage after its own backward, ..., after the last stage's backward of
+      the micro-batch, which follows its forward, in which the target was received (blocking
+      ``recv``). So waiting on that send, or on any earlier one, cannot block on the peer. A
+      gradient hook on the stage's output of the micro-batch records it.
 
     Pending sends are checked at each new send and all completed at the end of the step
     (``wait``). Under 1F1B stage p runs ``W = min(PP - p - 1, M)`` warm-up forwards, then the
     forward of micro-batch ``W + i`` after the backward of ``i - 1``: at most ``min(PP - p, M)``
     sends are held, the micro-batches whose activations the stage holds anyway (the forward-only
-    schedule of evaluation holds all M until the end). ``bytes_held`` / ``peak_bytes_held``
-    account for it.
+    schedule of evaluation holds all M until the end; the interleaved schedule its warm-up
+    count of chunk forwards). ``bytes_held`` / ``peak_bytes_held`` account for it.
 
     ``timeout``: the routing group's collective timeout (``routing_group``). ``wait_timer``:
     a context manager factory around each blocking receive, through which the caller times the
@@ -127,20 +152,26 @@ class TargetRouter:
         group = parallel_state.get_pipeline_model_parallel_group()
         ranks = dist.get_process_group_ranks(group)
         self.source, self.destination = ranks[owner_stage], ranks[-1]
+        self.local = self.source == self.destination
         self.group = routing_group(timeout)
         self._wait_timer = wait_timer or contextlib.nullcontext
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         tp = parallel_state.get_tensor_model_parallel_world_size()
-        self.tp_split = tp if split_over_tp else 1
+        self.tp_split = tp if split_over_tp and not self.local else 1
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank() if split_over_tp else 0
         self._pending: list[_Pending] = []
+        self._stash: dict[int, torch.Tensor] = {}  # micro-batch -> its rows, not yet asked for
         self._sent = 0  # sends so far (the next send's index)
+        self._received = 0  # receives so far
         self._delivered = -1  # highest send index known to be received by the last stage
+        self._active = False  # sent or received since the last wait()
         self.bytes_sent = 0
         self.bytes_held = 0  # bytes the pending sends' tensors hold now
         self._step_peak = 0
         self.peak_bytes_held = 0  # most bytes held at once during the last finished step
-        self._warm_up()
+        if not self.local:
+            self._warm_up()
+
     def _warm_up(self) -> None:
         """One blocking 1-element exchange, owner -> last stage, while the model is built.
 
@@ -156,18 +187,28 @@ class TargetRouter:
         elif rank == self.destination:
             dist.recv(torch.empty(1, device=device()), self.source, group=self.group)
 
-    def send(self, state: torch.Tensor, output: torch.Tensor | None = None) -> None:
+    def send(self, state: torch.Tensor, output: torch.Tensor | None = None,
+             microbatch: Optional[int] = None) -> None:
         """Non-blocking send of one micro-batch's target (owning stage).
 
-        ``state``: this rank's ``[L, b, h]`` layer-k output (``L = s/cp``, ``s/cp/tp`` under
+        ``state``: this rank's ``[L, b, h]`` layer output (``L = s/cp``, ``s/cp/tp`` under
         SP); this rank's ``[ceil(L/tp), b, h]`` share of it goes without SP (``routed_rows``).
         ``output``: the stage's output of the same micro-batch; when it records a graph, a
         gradient hook on it marks this send delivered once the backward pass reaches it.
+        ``microbatch``: the micro-batch's identity (default: the send count).
         """
+        self._active = True
+        identity = self._sent if microbatch is None else microbatch
+        if self.local:
+            self._stash[identity] = state.detach()
+            self._sent += 1
+            return
         self._release()
         tensor = self._share(state.detach())
-        pending = _Pending(self._sent, dist.isend(tensor, self.destination, group=self.group),
-                           tensor)
+        header = torch.tensor([identity], dtype=torch.int64, device=device())
+        works = [dist.isend(header, self.destination, group=self.group),
+                 dist.isend(tensor, self.destination, group=self.group)]
+        pending = _Pending(self._sent, works, [header, tensor])
         self._sent += 1
         self._pending.append(pending)
         self.bytes_sent += pending.nbytes
@@ -204,29 +245,44 @@ class TargetRouter:
         reference to the tensor."""
         keep = []
         for pending in self._pending:
-            if pending.index <= self._delivered or pending.work.is_completed():
-                pending.work.wait()
+            if pending.index <= self._delivered or pending.is_completed():
+                pending.wait()
                 self.bytes_held -= pending.nbytes
             else:
                 keep.append(pending)
         self._pending = keep
 
-    def recv(self, like: torch.Tensor) -> torch.Tensor:
-        """Blocking receive of the next micro-batch's ``[L, b, h]`` target, shaped like ``like``
-        (last stage): the whole of it, or, split over TP, this rank's ``[ceil(L/tp), b, h]``
-        share followed by an all-gather of the shares over the TP group (trimmed to L rows).
-        The receive runs inside ``wait_timer`` (training times it as the NITP routing wait,
-        ``--timing-log-level 2``)."""
-        if self.tp_split == 1:
-            buffer = torch.empty(like.shape, dtype=like.dtype, device=device())
-            with self._wait_timer():
-                dist.recv(buffer, self.source, group=self.group)
-            return buffer
+    def recv(self, like: torch.Tensor, microbatch: Optional[int] = None) -> torch.Tensor:
+        """The ``[L, b, h]`` target of micro-batch ``microbatch`` (default: the receive count),
+        shaped like ``like`` (last stage): received whole, or, split over TP, this rank's
+        ``[ceil(L/tp), b, h]`` share followed by an all-gather of the shares over the TP group
+        (trimmed to L rows). A target received for another micro-batch is kept for when it is
+        asked for. The receives run inside ``wait_timer`` (training times them as the NITP
+        routing wait, ``--timing-log-level 2``)."""
+        self._active = True
+        identity = self._received if microbatch is None else microbatch
+        self._received += 1
+        if self.local:
+            if identity not in self._stash:
+                raise RuntimeError(f"no routed target for micro-batch {identity}: the layer's "
+                                   f"model chunk has sent {sorted(self._stash)}")
+            return self._stash.pop(identity)
         rows, rest = like.shape[0], tuple(like.shape[1:])
-        chunk = routed_rows(rows, self.tp_split, False)
-        share = torch.empty((chunk, *rest), dtype=like.dtype, device=device())
-        with self._wait_timer():
-            dist.recv(share, self.source, group=self.group)
+        chunk = routed_rows(rows, self.tp_split, False) if self.tp_split > 1 else rows
+        while identity not in self._stash:
+            if len(self._stash) >= MAX_STASHED:
+                raise RuntimeError(f"waiting for the routed target of micro-batch {identity}, "
+                                   f"received those of {sorted(self._stash)}: the sending "
+                                   "stage's micro-batches do not match this stage's")
+            header = torch.empty(1, dtype=torch.int64, device=device())
+            share = torch.empty((chunk, *rest), dtype=like.dtype, device=device())
+            with self._wait_timer():
+                dist.recv(header, self.source, group=self.group)
+                dist.recv(share, self.source, group=self.group)
+            self._stash[int(header.item())] = share
+        share = self._stash.pop(identity)
+        if self.tp_split == 1:
+            return share
         full = torch.empty((chunk * self.tp_split, *rest), dtype=like.dtype, device=device())
         # torch >= 2.13 names it all_gather_single (all_gather_into_tensor is deprecated there)
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -234,10 +290,18 @@ class TargetRouter:
         return full[:rows]
 
     def wait(self) -> None:
-        """Completes every outstanding send (called once per step, after the schedule) and
-        closes the step's accounting (``peak_bytes_held``)."""
+        """Completes every outstanding send (called once per step, after the schedule, by
+        each model chunk that shares the router: only the first call after a send or receive
+        acts) and closes the step's accounting (``peak_bytes_held``)."""
+        if not self._active:
+            return
+        self._active = False
         for pending in self._pending:
-            pending.work.wait()
+            pending.wait()
         self._pending.clear()
+        if self._stash:
+            stale, self._stash = sorted(self._stash), {}
+            raise RuntimeError(f"routed targets of micro-batches {stale} were never used: the "
+                               "sending and receiving stages ran different micro-batches")
         self.bytes_held = 0
         self.peak_bytes_held, self._step_peak = self._step_peak, 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from functools import partial
 
 import torch
@@ -18,7 +17,9 @@ from megatron_nitp.config import performance
 from megatron_nitp.device import device, has_cuda
 from megatron_nitp.models import NITPGPTModel
 from megatron_nitp.nitp.config import NITPConfig
-from megatron_nitp.objectives import build_objectives
+from megatron_nitp.config import pipeline_split
+from megatron_nitp.layout import target_chunk
+from megatron_nitp.objectives import build_objectives, representation_objectives
 from megatron_nitp.training.initialize import distributed_timeout
 from megatron_nitp.training.timers import ROUTING_WAIT, TIMERS
 
@@ -198,6 +199,7 @@ def build_model(
     post_process: bool | None = None,
     perform_initialization: bool = True,
     vp_stage: int | None = None,
+    shared_routers: dict | None = None,
 ) -> NITPGPTModel:
     """This rank's pipeline stage of the model, not yet wrapped, on ``device()``.
 
@@ -206,7 +208,8 @@ def build_model(
     CPU: every caller (training, export, evaluation) gets the whole model on one device.
 
     ``vp_stage``: under the interleaved schedule, which of this rank's model chunks
-    (:func:`build_model_chunks`).
+    (:func:`build_model_chunks`); ``shared_routers``: the routers of tapped layers its chunks
+    share.
     """
     config = transformer_config(args, perform_initialization)
     if args.num_moe_experts:
@@ -223,21 +226,21 @@ def build_model(
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False,
                                                              vp_stage=vp_stage)
     nitp = nitp if nitp is not None else args.nitp_config
+    extra_chunk = {}
     if vp_stage is not None:
-        extra_chunk = {"vp_stage": vp_stage}
-        if vp_stage != args.virtual_pipeline_model_parallel_size - 1:
-            # config.resolve keeps layer k on the last chunk until the target is routed under
-            # interleaving: an earlier chunk captures nothing and computes no loss
-            nitp = dataclasses.replace(nitp, enabled=False)
-    else:
-        extra_chunk = {}
+        # the (rank, chunk) of each tapped layer, from the layout megatron-core builds
+        owners = {layer: target_chunk(layer, args.num_layers, args.pipeline_model_parallel_size,
+                                      args.virtual_pipeline_model_parallel_size,
+                                      *pipeline_split(args))
+                  for o in representation_objectives(nitp) for layer in o.taps}
+        extra_chunk = {"vp_stage": vp_stage, "tap_owners": owners,
+                       "shared_routers": shared_routers if shared_routers is not None else {}}
     spec = layer_spec(config, args.transformer_impl,
                       sdpa=performance.attention_path(args) == "sdpa", vp_stage=vp_stage)
     te = kernels.use_transformer_engine(args.transformer_impl)
     extra = {}
     for objective in build_objectives(args):
         extra.update(objective.model_kwargs(config, spec, te))
-    nitp = nitp if nitp is not None else args.nitp_config
     model = NITPGPTModel(
         config,
         nitp,
@@ -264,8 +267,9 @@ def build_model_chunks(args, perform_initialization: bool = True) -> list[NITPGP
     vpp = args.virtual_pipeline_model_parallel_size
     if vpp is None:
         return [build_model(args, perform_initialization=perform_initialization)]
-    return [build_model(args, perform_initialization=perform_initialization, vp_stage=v)
-            for v in range(vpp)]
+    routers: dict = {}  # one router per routed tapped layer, shared by the chunks
+    return [build_model(args, perform_initialization=perform_initialization, vp_stage=v,
+                        shared_routers=routers) for v in range(vpp)]
 
 
 def as_chunks(model) -> list:

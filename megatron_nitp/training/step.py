@@ -32,6 +32,7 @@ from megatron_nitp.training.model import as_chunks, unwrap
 from megatron_nitp.training.timers import TIMERS
 
 GEOMETRY_KEYS = ("effective rank", "cosine similarity")
+MICROBATCH = "_microbatch"  # the batch key of a micro-batch's index in its step
 
 
 class NonFiniteError(RuntimeError):
@@ -75,6 +76,7 @@ def _forward_step(scales, objectives, geometry_first, data_iterator, model):
     extra inputs are made from whole sequences, before the context-parallel split."""
     batch = dict(next(data_iterator))
     geometry = geometry_first and batch.pop("_first", False)
+    microbatch = batch.pop(MICROBATCH)
     aux_keys = []
     for objective in objectives:
         extra = objective.batch_inputs(batch)
@@ -92,6 +94,7 @@ def _forward_step(scales, objectives, geometry_first, data_iterator, model):
         document_mask=batch.get(CONTINUES_DOCUMENT),
         aux_inputs={key: batch[key] for key in aux_keys},
         return_hidden=geometry,
+        microbatch=microbatch,
     )
     return output, partial(_loss_func, batch["loss_mask"], scales, geometry)
 
@@ -167,6 +170,8 @@ def _run_schedule(model, batches, args, objectives, scales, forward_only, geomet
     # Geometry is measured on the first micro-batch of data-parallel rank 0 only: the same
     # tokens as in a single-process run, whatever the layout.
     geometry = geometry and parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0
+    # each micro-batch's identity in the step: the key under which tapped layers are routed
+    batches = [dict(batch, **{MICROBATCH: i}) for i, batch in enumerate(batches)]
     if geometry and batches:
         batches[0] = dict(batches[0], _first=True)
     forward_backward = get_forward_backward_func()
