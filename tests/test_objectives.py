@@ -1,5 +1,5 @@
 """The objective seam: NTP, NITP, cosine regularization and megatron-core's multi-token
-prediction are interchangeable training objectives (training/objectives.py): each trains and
+prediction are interchangeable training objectives (megatron_nitp/objectives/): each trains and
 lowers its own loss, MTP's term enters the gradient with its factor (0 gives the baseline's
 trajectory exactly), NITP + MTP train together, and the FLOPs tool's MTP arm is built through the
 same seam."""

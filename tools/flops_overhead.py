@@ -195,7 +195,7 @@ def _training_config(args):
 def build_arm(arm: str, config):
     """One arm's Run through ``training.loop.setup`` (data, model, optimizer): ``ntp`` with
     NITP off, ``nitp`` as given, ``mtp`` = ``ntp`` plus megatron-core's MTP at depth 1 (the
-    MTP objective of ``training/objectives.py``, megatron-core's default factor 0.1). Every arm
+    MTP objective of ``megatron_nitp/objectives/``, megatron-core's default factor 0.1). Every arm
     uses the same seed (same initial backbone) and the same batches."""
     from megatron_nitp.config import validate
     from megatron_nitp.training import loop

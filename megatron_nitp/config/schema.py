@@ -126,7 +126,7 @@ class MoEConfig:
 @dataclass(frozen=True)
 class MTPConfig:
     """megatron-core's multi-token prediction as a training objective (beside or instead of
-    NITP; ``training/objectives.py``)."""
+    NITP; ``megatron_nitp/objectives/mtp.py``)."""
 
     mtp_num_layers: Optional[int] = None
     """MTP depth D: extra blocks on the last stage, the d-th predicting token t+1+d (unset: no
