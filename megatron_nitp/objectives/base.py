@@ -60,8 +60,8 @@ class LossInputs:
 
     ``hidden``: the final hidden states ``[L, b, h]`` with their graph (``L = s/cp``, or
     ``s/cp/tp`` under sequence parallelism); ``taps``: layer number -> that layer's ``[L, b,
-    h]`` output (detached, unless the run sets ``--nitp-no-stop-gradient``); ``loss_mask``: ``[b, s/cp]``;
-    ``inputs``: the batch's extra ``[b, s/cp]`` inputs (``batch_inputs``, document masks);
+    h]`` output (detached, unless the run sets ``--nitp-no-stop-gradient``); ``loss_mask``:
+    ``[b, s/cp]``; ``inputs``: the batch's extra ``[b, s/cp]`` inputs (``batch_inputs``, document masks);
     ``shards``: where the local rows sit when the sequence is split, else None."""
 
     hidden: torch.Tensor
