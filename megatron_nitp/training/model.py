@@ -19,6 +19,7 @@ from megatron_nitp.models import NITPGPTModel
 from megatron_nitp.nitp.config import NITPConfig
 from megatron_nitp.config import pipeline_split
 from megatron_nitp.layout import target_chunk
+from megatron_nitp.nitp.routing import TargetRouter
 from megatron_nitp.objectives import build_objectives, representation_objectives
 from megatron_nitp.training.initialize import distributed_timeout
 from megatron_nitp.training.timers import ROUTING_WAIT, TIMERS
@@ -228,12 +229,7 @@ def build_model(
     nitp = nitp if nitp is not None else args.nitp_config
     extra_chunk = {}
     if vp_stage is not None:
-        # the (rank, chunk) of each tapped layer, from the layout megatron-core builds
-        owners = {layer: target_chunk(layer, args.num_layers, args.pipeline_model_parallel_size,
-                                      args.virtual_pipeline_model_parallel_size,
-                                      *pipeline_split(args))
-                  for o in representation_objectives(nitp) for layer in o.taps}
-        extra_chunk = {"vp_stage": vp_stage, "tap_owners": owners,
+        extra_chunk = {"vp_stage": vp_stage, "tap_owners": tap_owners(args, nitp),
                        "shared_routers": shared_routers if shared_routers is not None else {}}
     spec = layer_spec(config, args.transformer_impl,
                       sdpa=performance.attention_path(args) == "sdpa", vp_stage=vp_stage)
@@ -267,9 +263,25 @@ def build_model_chunks(args, perform_initialization: bool = True) -> list[NITPGP
     vpp = args.virtual_pipeline_model_parallel_size
     if vpp is None:
         return [build_model(args, perform_initialization=perform_initialization)]
-    routers: dict = {}  # one router per routed tapped layer, shared by the chunks
+    # One router per routed tapped layer, shared by the chunks, made before any chunk: a chunk's
+    # construction may block in megatron-core's collectives (the tied embedding's all-reduce
+    # between the first and the last chunk) that the other ranks join only at a later chunk.
+    last = (args.pipeline_model_parallel_size - 1, vpp - 1)
+    routers = {layer: TargetRouter(owner[0], split_over_tp=not args.sequence_parallel,
+                                   timeout=distributed_timeout(),
+                                   wait_timer=partial(TIMERS.phase, ROUTING_WAIT))
+               for layer, owner in sorted(tap_owners(args, args.nitp_config).items())
+               if owner != last}
     return [build_model(args, perform_initialization=perform_initialization, vp_stage=v,
                         shared_routers=routers) for v in range(vpp)]
+
+
+def tap_owners(args, nitp: NITPConfig) -> dict[int, tuple[int, int]]:
+    """Tapped layer -> the (pipeline rank, model chunk) that builds it under the interleaved
+    schedule, from the layout megatron-core builds (``layout.target_chunk``)."""
+    return {layer: target_chunk(layer, args.num_layers, args.pipeline_model_parallel_size,
+                                args.virtual_pipeline_model_parallel_size, *pipeline_split(args))
+            for o in representation_objectives(nitp) for layer in o.taps}
 
 
 def as_chunks(model) -> list:
