@@ -207,10 +207,10 @@ def test_free_space_is_compared_with_the_planned_checkpoint(dist, tmp_path, no_m
     assert f"about {need / gib:.2f} GiB" in message and "another --save folder" in message
 
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * need, 0, 3 * need // 2))
-    warnings = ck.check_save_folder(str(tmp_path / "tight"), args, need)
+    warnings = ck.check_save_folder(str(tmp_path / "tight"), args.checkpoint, need)
     assert len(warnings) == 1 and "less than two checkpoints" in warnings[0]
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * need, 0, 2 * need))
-    assert ck.check_save_folder(str(tmp_path / "roomy"), args, need) == []
+    assert ck.check_save_folder(str(tmp_path / "roomy"), args.checkpoint, need) == []
 
 
 def _finalize(root, iteration, keep_last=None):
