@@ -124,10 +124,11 @@ def _state_key(key):
 def gathered_state(model, optimizer):
     """The whole checkpoint state, as full global tensors by key, on rank 0 (None elsewhere).
 
-    Exactly what ``save_checkpoint`` writes (``checkpoint.state.sharded_state``): every model tensor (backbone,
-    projector, buffers) and the optimizer's per-parameter state, ``optimizer.state.exp_avg.K``
-    and ``optimizer.state.exp_avg_sq.K`` for model key K (and with the distributed optimizer
-    ``optimizer.state.param.K``, its fp32 main parameters), whatever the layout or optimizer.
+    Exactly what ``save_checkpoint`` writes (``checkpoint.state.sharded_state``): every model
+    tensor (backbone, projector, buffers) and the optimizer's per-parameter state,
+    ``optimizer.state.exp_avg.K`` and ``optimizer.state.exp_avg_sq.K`` for model key K (and with
+    the distributed optimizer ``optimizer.state.param.K``, its fp32 main parameters), whatever
+    the layout or optimizer.
     """
     from megatron_nitp.training.checkpoint.state import sharded_state
 
