@@ -275,7 +275,7 @@ def import_checkpoint(root: str, save: str, flags: list[str] = ()) -> tuple[str,
     config, a summary: ``iteration``, ``consumed_samples``, ``source``, the run's
     ``tokenizer_type`` and whether ours builds it: ``tokenizer_supported``)."""
     from megatron_nitp.config import ConfigError
-    from megatron_nitp.training.checkpoint import save_checkpoint
+    from megatron_nitp.training.checkpoint import MEGATRON_LM, save_checkpoint
 
     path, iteration = iteration_dir(root)
     common = read_common(path)
@@ -298,7 +298,7 @@ def import_checkpoint(root: str, save: str, flags: list[str] = ()) -> tuple[str,
     load_weights(model, path)
     consumed = consumed_samples(margs, iteration)
     out = save_checkpoint(save, iteration, model, None, None, target, consumed_samples=consumed,
-                          imported_from=os.path.abspath(root), imported_format="megatron-lm")
+                          imported_from=os.path.abspath(root), imported_format=MEGATRON_LM)
     tokenizer = getattr(margs, "tokenizer_type", None)
     return out, target, {"iteration": iteration, "consumed_samples": consumed, "source": path,
                          "tokenizer_type": tokenizer,
