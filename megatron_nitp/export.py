@@ -13,7 +13,7 @@ import json
 import os
 
 from megatron_nitp.hf import HFFormatError, hf_config, to_hf  # noqa: F401  (hf_config: API)
-from megatron_nitp.training.checkpointing import CheckpointError
+from megatron_nitp.training.checkpoint import CheckpointError
 
 #: What export and evaluation report as one line (``error: ...``) instead of a traceback: a
 #: checkpoint that is missing, damaged or not rebuildable here, or not expressible in Hugging
@@ -23,7 +23,7 @@ EXPORT_ERRORS = (CheckpointError, HFFormatError)
 
 def load_checkpoint_model(checkpoint_root: str, bf16: bool = False):
     """(model, config): the single-process model of a checkpoint, built from the run config it
-    stores (``checkpointing.config_from_meta``) and loaded with its weights (resharded from any
+    stores (``config.stored.config_from_meta``) and loaded with its weights (resharded from any
     training layout). Export, the evaluation tools and the lm-eval bridge start here. Raises
     CheckpointError (one line) for a checkpoint that cannot be used.
 
@@ -32,8 +32,9 @@ def load_checkpoint_model(checkpoint_root: str, bf16: bool = False):
     compare like with like; ``bf16=True`` builds it in bf16 instead (``config.bf16`` says
     which)."""
     from megatron_nitp.config import ConfigError
-    from megatron_nitp.training.checkpointing import (config_from_meta, find_checkpoint,
-                                                      load_model_weights, read_meta)
+    from megatron_nitp.config.stored import config_from_meta
+    from megatron_nitp.training.checkpoint import (find_checkpoint, load_model_weights,
+                                                   read_meta)
     from megatron_nitp.training.initialize import initialize_distributed, set_seed
     from megatron_nitp.training.model import build_model
 
@@ -168,7 +169,7 @@ def export_hf(model, args, out_dir: str, keep_projector: bool = False) -> list[s
 
     from megatron_nitp.hf import check_moe_exportable
 
-    if getattr(args, "num_moe_experts", None):
+    if args.moe.num_moe_experts:
         check_moe_exportable(model.config)
     os.makedirs(out_dir, exist_ok=True)
     written = []

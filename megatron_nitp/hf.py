@@ -112,7 +112,7 @@ def _stack_rule(ours: list, theirs: str) -> Rule:
 def rules(args) -> list[Rule]:
     """Every tensor of the decoder (no NITP projector, no MTP block) with its counterpart."""
     out = [Rule(("embedding.word_embeddings.weight",), ("model.embed_tokens.weight",))]
-    pattern = getattr(args, "moe_layer_pattern", None) or [0] * args.num_layers
+    pattern = args.derived.moe_layer_pattern or [0] * args.num_layers
     for i in range(args.num_layers):
         p, hf = f"decoder.layers.{i}.", f"model.layers.{i}."
         attn = [hf + f"self_attn.{x}_proj" for x in "qkv"]
@@ -228,7 +228,7 @@ def check_moe_exportable(model_config) -> None:
         "moe_shared_expert_gate": False, "moe_router_num_groups": None,
     }
     for name, expected in required.items():
-        value = getattr(model_config, name, expected)
+        value = getattr(model_config, name)  # megatron-core TransformerConfig fields
         if value != expected:
             raise HFFormatError(f"Qwen2-MoE export: {name}={value!r} is not representable "
                                 f"(only {expected!r}: top-k logits, softmax over the k)")
@@ -238,7 +238,7 @@ def hf_config(args) -> dict:
     """config.json of the equivalent ``LlamaForCausalLM``, ``Qwen2ForCausalLM`` (QKV bias) or,
     for a MoE model, ``Qwen2MoeForCausalLM``."""
     heads, groups, head_dim, hidden = _shape(args)
-    moe = bool(getattr(args, "num_moe_experts", None))
+    moe = bool(args.moe.num_moe_experts)
     model_type = "qwen2_moe" if moe else "qwen2" if args.add_qkv_bias else "llama"
     config = {
         "architectures": [ARCHITECTURES[model_type]],
@@ -366,9 +366,9 @@ def import_model(argv: list[str], vocab_size: int):
     run (the NITP projector keeps that draw; the caller loads the imported weights).
     Raises ConfigError / ValueError for flags that cannot run."""
     from megatron_nitp.config import resolve
+    from megatron_nitp.config.stored import config_from_meta
     from megatron_nitp.models.initialization import initialize_weights
     from megatron_nitp.training.arguments import parse_args
-    from megatron_nitp.training.checkpointing import config_from_meta
     from megatron_nitp.training.initialize import initialize_distributed, set_seed
     from megatron_nitp.training.model import build_model
 
@@ -376,8 +376,7 @@ def import_model(argv: list[str], vocab_size: int):
     tp = args.tensor_model_parallel_size
     args = args.replace(make_vocab_size_divisible_by=vocab_divisor(vocab_size, tp))
     target = resolve(args, tp * args.pipeline_model_parallel_size * args.context_parallel_size)
-    one = config_from_meta({"config": target.to_dict(),
-                            "model": {"padded_vocab_size": target.padded_vocab_size}})
+    one = config_from_meta({"config": target.to_dict()})
     initialize_distributed()
     set_seed(one.seed)
     model = build_model(one, pre_process=True, post_process=True)
@@ -434,7 +433,7 @@ def import_checkpoint(hf_dir: str, save: str, flags: list[str] = ()) -> tuple[st
     dist_checkpointing's and loads under any TP/PP layout; ``--tensor-model-parallel-size``
     only chooses the vocabulary padding (none where TP divides it)."""
     from megatron_nitp.config import ConfigError
-    from megatron_nitp.training.checkpointing import save_checkpoint
+    from megatron_nitp.training.checkpoint import save_checkpoint
 
     with open(os.path.join(hf_dir, "config.json")) as f:
         hf = json.load(f)

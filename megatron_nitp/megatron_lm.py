@@ -28,7 +28,7 @@ The optimizer state is not imported: Megatron-LM's distributed optimizer stores 
 bucket layout (``dp_reshardable``) of parameters that do not include our projector, and its
 scheduler counts samples where ours counts iterations. The import keeps the weights, the
 iteration and the consumed samples; the continued run starts Adam afresh and takes the LR
-schedule from its flags at that iteration (``checkpointing.load_checkpoint``).
+schedule from its flags at that iteration (``training/checkpoint/load.py``).
 """
 
 from __future__ import annotations
@@ -254,8 +254,9 @@ def continue_command(save: str, config, flags: list[str] = (),
     tokenizer (TYPE/MODEL placeholders for a tokenizer kind we lack), the import's ``flags``,
     and ``--nitp-start-iter`` as stored."""
     given = {f.split("=")[0][2:].replace("-", "_") for f in flags if f.startswith("--")}
-    train = {k: getattr(config, k) for k in CONTINUE_SETTINGS
-             if k not in given and getattr(config, k, None) is not None}
+    settings = config.flat()
+    train = {k: settings[k] for k in CONTINUE_SETTINGS
+             if k not in given and settings[k] is not None}
     if not tokenizer_supported and "tokenizer_type" not in given:
         train.update(tokenizer_type="TYPE", tokenizer_model="MODEL")
     nitp = [] if "nitp_start_iter" in given else ["--nitp-start-iter",
@@ -274,7 +275,7 @@ def import_checkpoint(root: str, save: str, flags: list[str] = ()) -> tuple[str,
     config, a summary: ``iteration``, ``consumed_samples``, ``source``, the run's
     ``tokenizer_type`` and whether ours builds it: ``tokenizer_supported``)."""
     from megatron_nitp.config import ConfigError
-    from megatron_nitp.training.checkpointing import save_checkpoint
+    from megatron_nitp.training.checkpoint import MEGATRON_LM, save_checkpoint
 
     path, iteration = iteration_dir(root)
     common = read_common(path)
@@ -297,7 +298,7 @@ def import_checkpoint(root: str, save: str, flags: list[str] = ()) -> tuple[str,
     load_weights(model, path)
     consumed = consumed_samples(margs, iteration)
     out = save_checkpoint(save, iteration, model, None, None, target, consumed_samples=consumed,
-                          imported_from=os.path.abspath(root), imported_format="megatron-lm")
+                          imported_from=os.path.abspath(root), imported_format=MEGATRON_LM)
     tokenizer = getattr(margs, "tokenizer_type", None)
     return out, target, {"iteration": iteration, "consumed_samples": consumed, "source": path,
                          "tokenizer_type": tokenizer,
@@ -348,15 +349,16 @@ def export_checkpoint(checkpoint_root: str, out_root: str) -> tuple[str, int, in
     from megatron.core import dist_checkpointing
 
     from megatron_nitp.export import load_checkpoint_model
-    from megatron_nitp.training.checkpointing import find_checkpoint, read_meta
+    from megatron_nitp.training.checkpoint import (find_checkpoint, read_meta,
+                                                   saved_consumed_samples, trained_precision)
 
     model, config = load_checkpoint_model(checkpoint_root)
-    if getattr(config, "num_moe_experts", None):
+    if config.moe.num_moe_experts:
         raise MegatronFormatError("MoE checkpoints cannot be exported to Megatron-LM here "
                                   "(dense GPT only): export to Hugging Face instead")
     meta = read_meta(find_checkpoint(checkpoint_root))
-    iteration, consumed = meta["iteration"], meta.get("consumed_samples", 0)
-    bf16 = bool(meta.get("config", {}).get("training", {}).get("bf16", False))
+    iteration, consumed = meta["iteration"], saved_consumed_samples(meta)
+    bf16, _ = trained_precision(meta)
     path = os.path.join(out_root, f"iter_{iteration:07d}")
     if os.path.exists(path) and os.listdir(path):
         raise MegatronFormatError(f"{path} exists already: give another output folder")

@@ -128,14 +128,15 @@ def _state_key(key):
 def gathered_state(model, optimizer):
     """The whole checkpoint state, as full global tensors by key, on rank 0 (None elsewhere).
 
-    Exactly what ``save_checkpoint`` writes (``_sharded_state``): every model tensor (backbone,
-    projector, buffers) and the optimizer's per-parameter state, ``optimizer.state.exp_avg.K``
-    and ``optimizer.state.exp_avg_sq.K`` for model key K (and with the distributed optimizer
-    ``optimizer.state.param.K``, its fp32 main parameters), whatever the layout or optimizer.
+    Exactly what ``save_checkpoint`` writes (``checkpoint.state.sharded_state``): every model
+    tensor (backbone, projector, buffers) and the optimizer's per-parameter state,
+    ``optimizer.state.exp_avg.K`` and ``optimizer.state.exp_avg_sq.K`` for model key K (and with
+    the distributed optimizer ``optimizer.state.param.K``, its fp32 main parameters), whatever
+    the layout or optimizer.
     """
-    from megatron_nitp.training.checkpointing import _sharded_state
+    from megatron_nitp.training.checkpoint.state import sharded_state
 
-    state = _sharded_state(model, optimizer, is_loading=False)
+    state = sharded_state(model, optimizer, is_loading=False)
     full, differences = _assemble(_tensor_shards(state), _state_key)
     if full is None:
         return None
@@ -250,7 +251,7 @@ def run_layout(out, argv):
     from megatron.core import parallel_state
 
     from megatron_nitp.training.arguments import parse_args
-    from megatron_nitp.training.checkpointing import save_checkpoint
+    from megatron_nitp.training.checkpoint import save_checkpoint
     from megatron_nitp.training.loop import setup
     from megatron_nitp.training.model import params_synced
     from megatron_nitp.training.step import train_step

@@ -130,7 +130,7 @@ def _weights_at(dist_ckpt, iteration, tmp_path):
 
     from megatron_nitp.config import resolve
     from megatron_nitp.training.arguments import parse_args
-    from megatron_nitp.training.checkpointing import load_model_weights
+    from megatron_nitp.training.checkpoint import load_model_weights
     from megatron_nitp.training.initialize import set_seed
     from megatron_nitp.training.model import build_model
 
@@ -256,7 +256,7 @@ def test_adam_state_is_materialized_for_torch_adam_only():
 
     import torch
 
-    from megatron_nitp.training.checkpointing import _materialize_adam_state
+    from megatron_nitp.training.checkpoint.state import materialize_adam_state
 
     class FusedAdamStandIn(torch.optim.Optimizer):
         """Like TE's and Apex's FusedAdam: a torch Optimizer that is not torch's Adam, whose
@@ -276,8 +276,8 @@ def test_adam_state_is_materialized_for_torch_adam_only():
     adamw, adamw_param = wrapped(torch.optim.AdamW)
     adam, adam_param = wrapped(torch.optim.Adam)
     # a ChainedOptimizer's sub-optimizers, each handled by its own kind
-    _materialize_adam_state(types.SimpleNamespace(chained_optimizers=[fused, adamw]))
-    _materialize_adam_state(adam)
+    materialize_adam_state(types.SimpleNamespace(chained_optimizers=[fused, adamw]))
+    materialize_adam_state(adam)
     assert len(fused.optimizer.state[fused_param]) == 0
     for inner, param in ((adamw.optimizer, adamw_param), (adam.optimizer, adam_param)):
         state = inner.state[param]
@@ -288,7 +288,7 @@ def test_adam_state_is_materialized_for_torch_adam_only():
     param.grad = torch.ones(3)
     stepped.optimizer.step()
     before = stepped.optimizer.state[param]["exp_avg"].clone()
-    _materialize_adam_state(stepped)
+    materialize_adam_state(stepped)
     assert torch.equal(stepped.optimizer.state[param]["exp_avg"], before)
     assert float(stepped.optimizer.state[param]["step"]) == 1.0
 
@@ -307,7 +307,7 @@ def _reread(folder):
 
 
 def test_verification_shares_are_disjoint_and_balanced():
-    from megatron_nitp.training.checkpointing import _share
+    from megatron_nitp.training.checkpoint.files import _share
 
     manifest = {f"f{i}": {"bytes": b} for i, b in enumerate([100, 90, 50, 40, 30, 5, 5, 1])}
     for world in (1, 2, 3, 4):
@@ -316,6 +316,46 @@ def test_verification_shares_are_disjoint_and_balanced():
         loads = [sum(manifest[f]["bytes"] for f in s) for s in shares]
         assert max(loads) - min(loads) <= max(m["bytes"] for m in manifest.values())
 
+
+
+def test_nitp_json_stores_the_config_once_and_older_forms_still_load():
+    """A checkpoint's nitp.json stores the run config once ("config"): the model and NITP
+    settings a load compares are computed from it, equal to what older checkpoints stored in
+    their "model" and "nitp" sections, so both forms compare (and rebuild) alike; a changed
+    setting is named."""
+    import dataclasses
+
+    from megatron_nitp.config.stored import config_from_meta
+    from megatron_nitp.training.checkpoint.files import CheckpointError
+    from megatron_nitp.training.checkpoint.meta import (build_meta, check_compatible,
+                                                        model_meta, saved_model, saved_nitp)
+    from tests.helpers import tiny_args
+
+    args = tiny_args()
+    meta = json.loads(json.dumps(build_meta(3, 12, 1, args, "model_space")))
+    assert set(meta) == {"iteration", "consumed_samples", "world_size", "layout",
+                         "optimizer_format", "config"}
+    assert saved_model(meta) == model_meta(args)
+    assert saved_nitp(meta) == dataclasses.asdict(args.nitp_config)
+    assert check_compatible(meta, args) == []
+    flat = args.flat()
+    export = {k: flat[k] for k in ("seq_length", "max_position_embeddings", "rotary_base",
+                                   "norm_epsilon", "vocab_size", "tokenizer_type",
+                                   "tokenizer_model", "moe_layer_freq")}
+    sections = {"model": model_meta(args), "nitp": dataclasses.asdict(args.nitp_config),
+                "export": export}
+    older = {**meta, **sections}  # the config and its three other copies
+    oldest = {k: v for k, v in older.items() if k != "config"}  # before the stored config
+    for stored in (older, oldest):
+        assert check_compatible(stored, args) == []
+        rebuilt = config_from_meta(stored)
+        assert rebuilt.model.hidden_size == args.hidden_size
+        assert rebuilt.padded_vocab_size == args.padded_vocab_size
+    assert config_from_meta(meta).padded_vocab_size == args.padded_vocab_size
+    changed = json.loads(json.dumps(meta))
+    changed["config"]["model"]["hidden_size"] *= 2
+    with pytest.raises(CheckpointError, match="model.hidden_size: checkpoint 64, this run 32"):
+        check_compatible(changed, args)
 
 @pytest.mark.distributed
 @pytest.mark.slow

@@ -37,7 +37,7 @@ def _pretrain(tmp_path, *flags):
 
 def _fake_checkpoint(root, iteration, meta=None):
     """A complete-looking checkpoint folder (manifest present) named by the tracker."""
-    from megatron_nitp.training import checkpointing as ck
+    from megatron_nitp.training import checkpoint as ck
 
     path = ck.checkpoint_dir(str(root), iteration)
     os.makedirs(path)
@@ -86,7 +86,7 @@ def test_load_of_an_empty_folder_starts_from_scratch_unless_told_to_stop(dist, t
     one command line (--load = --save) serves the first launch and every requeue;
     --exit-on-missing-checkpoint stops with exit code 1 instead. A folder that holds anything
     (a crashed save's iter_*, a tracker naming an incomplete checkpoint) is still refused."""
-    from megatron_nitp.training import checkpointing as ck
+    from megatron_nitp.training import checkpoint as ck
     from megatron_nitp.training.entry import main
     from megatron_nitp.training.loop import UsageError
 
@@ -130,7 +130,7 @@ def test_a_resume_with_another_schedule_needs_one_of_megatron_lms_two_options(di
     import math
     import shutil
 
-    from megatron_nitp.training import checkpointing as ck
+    from megatron_nitp.training import checkpoint as ck
     from megatron_nitp.training.arguments import parse_args
     from megatron_nitp.training.loop import UsageError
 
@@ -190,7 +190,7 @@ def test_free_space_is_compared_with_the_planned_checkpoint(dist, tmp_path, no_m
     import collections
     import shutil
 
-    from megatron_nitp.training import checkpointing as ck
+    from megatron_nitp.training import checkpoint as ck
     from megatron_nitp.training.loop import UsageError
     from megatron_nitp.accounting.checkpoint import checkpoint_bytes
 
@@ -207,20 +207,21 @@ def test_free_space_is_compared_with_the_planned_checkpoint(dist, tmp_path, no_m
     assert f"about {need / gib:.2f} GiB" in message and "another --save folder" in message
 
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * need, 0, 3 * need // 2))
-    warnings = ck.check_save_folder(str(tmp_path / "tight"), args, need)
+    warnings = ck.check_save_folder(str(tmp_path / "tight"), args.checkpoint, need)
     assert len(warnings) == 1 and "less than two checkpoints" in warnings[0]
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * need, 0, 2 * need))
-    assert ck.check_save_folder(str(tmp_path / "roomy"), args, need) == []
+    assert ck.check_save_folder(str(tmp_path / "roomy"), args.checkpoint, need) == []
 
 
 def _finalize(root, iteration, keep_last=None):
     """Finalizes a save of ``iteration`` (an empty folder) as save_checkpoint does: manifest,
     tracker, rotation."""
-    from megatron_nitp.training import checkpointing as ck
+    from megatron_nitp.training import checkpoint as ck
+    from megatron_nitp.training.checkpoint.save import _finalize as finalize
 
     path = ck.checkpoint_dir(str(root), iteration)
     os.makedirs(path)
-    ck._finalize(str(root), path, iteration, {}, keep_last, False, None)
+    finalize(str(root), path, iteration, {}, keep_last, False, None)
 
 
 def _iterations(root):
@@ -242,7 +243,7 @@ def test_rotation_keeps_the_checkpoint_just_written_and_never_touches_newer_ones
 
 
 def test_the_tracker_never_moves_back_silently(dist, tmp_path, capsys):
-    from megatron_nitp.training import checkpointing as ck
+    from megatron_nitp.training import checkpoint as ck
 
     _fake_checkpoint(tmp_path, 6)
     _finalize(tmp_path, 5)
@@ -254,7 +255,7 @@ def test_the_tracker_never_moves_back_silently(dist, tmp_path, capsys):
 @pytest.fixture
 def tiny_model(dist):
     """(args, model, optimizer, scheduler) of a 2-layer model, distributed optimizer (DP 1)."""
-    from megatron_nitp.training import checkpointing as ck
+    from megatron_nitp.training.checkpoint.state import materialize_adam_state
     from megatron_nitp.training.initialize import set_seed
     from megatron_nitp.training.model import build_model, wrap_model
     from megatron_nitp.training.optimizer import build_optimizer
@@ -263,12 +264,12 @@ def tiny_model(dist):
     set_seed(args.seed)
     model = wrap_model(build_model(args), args)
     optimizer, scheduler = build_optimizer(model, args.training, args.schedule, args.derived)
-    ck._materialize_adam_state(optimizer)
+    materialize_adam_state(optimizer)
     return args, model, optimizer, scheduler
 
 
 def _save(tiny, root, iteration):
-    from megatron_nitp.training import checkpointing as ck
+    from megatron_nitp.training import checkpoint as ck
 
     args, model, optimizer, scheduler = tiny
     return ck.save_checkpoint(str(root), iteration, model, optimizer, scheduler, args)
@@ -282,7 +283,7 @@ def test_a_full_disk_is_named_in_one_line_and_the_previous_checkpoint_stays_late
     checkpoint, the failed one without a manifest."""
     import torch
 
-    from megatron_nitp.training import checkpointing as ck
+    from megatron_nitp.training import checkpoint as ck
     from megatron_nitp.training import faults
 
     _save(tiny_model, tmp_path, 1)
@@ -324,7 +325,7 @@ def test_a_full_disk_is_named_in_one_line_and_the_previous_checkpoint_stays_late
 
 
 def test_permission_denied_is_named(tmp_path):
-    from megatron_nitp.training import checkpointing as ck
+    from megatron_nitp.training import checkpoint as ck
 
     err = RuntimeError("Worker failure")
     err.__cause__ = PermissionError(errno.EACCES, "Permission denied", "/x/__0_0.distcp")
@@ -338,7 +339,7 @@ def test_periodic_saves_are_dp_reshardable_and_record_it(tiny_model, tmp_path):
     Both load back into the same optimizer, state equal."""
     import torch
 
-    from megatron_nitp.training import checkpointing as ck
+    from megatron_nitp.training import checkpoint as ck
 
     args, model, optimizer, scheduler = tiny_model
     path = _save(tiny_model, tmp_path / "dp", 1)
@@ -376,7 +377,7 @@ def test_a_dp_reshardable_checkpoint_at_another_tp_is_refused_before_the_model(
     assert "\n" not in message and "dp_reshardable" in message and "TP 2 -> 1" in message
     assert "--dist-ckpt-optim-fully-reshardable" in message and "--finetune" in message
     # the same layout at another DP, the fully reshardable form and weights only pass
-    from megatron_nitp.training import checkpointing as ck
+    from megatron_nitp.training import checkpoint as ck
 
     args = tiny_args("--use-distributed-optimizer")
     ck.check_optimizer_layout({**meta, "layout": {**meta["layout"], "tp": 1, "etp": 1,

@@ -54,7 +54,7 @@ ALLOWED = {
         "drawn from the CPU generator above (same pairs on any device)",
     (os.path.join("megatron_nitp", "training", "step.py"), "packed = packed.cpu()"):
         "after the last collective: the reduced report is read on the host",
-    (os.path.join("megatron_nitp", "training", "checkpointing.py"),
+    (os.path.join("megatron_nitp", "training", "checkpoint", "state.py"),
      'state["step"] = torch.tensor(0.0, device="cpu")  # where torch\'s Adam keeps it'):
         "torch Adam keeps its per-parameter step on the CPU (capturable=False); a CUDA step "
         "would not match the state it loads into",

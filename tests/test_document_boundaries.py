@@ -238,7 +238,7 @@ def test_mock_data_with_the_flags(dist, tmp_path, monkeypatch):
 def test_a_checkpoint_from_before_the_flag_resumes_as_allow():
     """Checkpoints saved before ``document_boundary`` was stored trained with ``allow``: they
     resume without it, and a run that masks is told the objective changed."""
-    from megatron_nitp.training.checkpointing import CheckpointError, check_compatible, model_meta
+    from megatron_nitp.training.checkpoint import CheckpointError, check_compatible, model_meta
 
     args = tiny_args()
     nitp = {k: v for k, v in args.nitp_config.__dict__.items() if k != "document_boundary"}

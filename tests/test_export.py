@@ -74,7 +74,7 @@ def test_moe_export_loads_as_qwen2_moe_with_equal_logits(dist, tmp_path):
     from megatron_nitp.config import preset_config, resolve
     from megatron_nitp.export import load_checkpoint_model
     from megatron_nitp.models.initialization import initialize_weights
-    from megatron_nitp.training.checkpointing import save_checkpoint
+    from megatron_nitp.training.checkpoint import save_checkpoint
     from megatron_nitp.training.model import build_model
 
     args = resolve(preset_config("tiny-moe", add_qkv_bias=True), 1, 4000)

@@ -67,7 +67,7 @@ def test_import_gives_equal_logits_and_continues_pretraining(dist, tmp_path, cap
     assert "--nitp-target-layer 1 --tokenizer-type TYPE --tokenizer-model MODEL --data-path" in out
     meta = json.loads((ckpt / "iter_0000000" / "nitp.json").read_text())
     assert meta["iteration"] == 0 and meta["imported_from"] == str(folder)
-    assert meta["model"]["add_qkv_bias"] == (variant == "qwen2")
+    assert meta["config"]["model"]["add_qkv_bias"] == (variant == "qwen2")
 
     ours, config = load_checkpoint_model(str(ckpt))
     ours.eval()
@@ -182,7 +182,7 @@ def test_vocabulary_needs_no_padding_where_tp_divides_it():
 def test_rope_base_and_norm_epsilon_are_compared_when_the_checkpoint_stores_them():
     """An imported Qwen2 (RoPE base 1e6) loaded without --rotary-base would run with another
     rotation: refused. Checkpoints saved before these fields were stored still load."""
-    from megatron_nitp.training.checkpointing import CheckpointError, check_compatible, model_meta
+    from megatron_nitp.training.checkpoint import CheckpointError, check_compatible, model_meta
     from tests.helpers import tiny_args
 
     args = tiny_args()

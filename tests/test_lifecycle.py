@@ -263,7 +263,7 @@ def test_export_model_is_built_without_the_training_kernels():
     SequentialMLP (whose ``local_experts.{j}`` names the Hugging Face mapping knows; TE's
     grouped experts are ``linear_fc1.weight{j}``), with no overlap, FP8 or fusion, in fp32."""
     from megatron_nitp.config import preset_config
-    from megatron_nitp.training.checkpointing import config_from_meta
+    from megatron_nitp.config.stored import config_from_meta
 
     trained = preset_config("moe-1.9b-a0.3b", moe_grouped_gemm=True, moe_permute_fusion=True,
                             use_distributed_optimizer=True, overlap_param_gather=True,

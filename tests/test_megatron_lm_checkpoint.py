@@ -140,7 +140,7 @@ def test_import_gives_equal_logits_and_continues_the_iteration(dist, tmp_path, c
 
 
 def test_refused_architecture_and_plain_load_say_so_in_one_line(dist, tmp_path):
-    from megatron_nitp.training.checkpointing import CheckpointError, find_checkpoint
+    from megatron_nitp.training.checkpoint import CheckpointError, find_checkpoint
 
     margs = _megatron_args()
     _save_megatron_lm(tmp_path / "mlm", _megatron_args(normalization="LayerNorm"),

@@ -179,9 +179,10 @@ def test_stored_config_round_trips_the_tokenizer_and_defaults_to_sentencepiece(f
 def test_preprocess_with_a_huggingface_tokenizer_train_export(dist, files, tmp_path):
     """Preprocess with the BPE tokenizer, train a few iterations in-process, and export: the
     checkpoint's stored config names the tokenizer, and the export carries it."""
+    from megatron_nitp.config.stored import config_from_meta
     from megatron_nitp.data import preprocess
     from megatron_nitp.export import TOKENIZER_RECORD, export_checkpoint, exported_tokenizer
-    from megatron_nitp.training.checkpointing import config_from_meta, find_checkpoint, read_meta
+    from megatron_nitp.training.checkpoint import find_checkpoint, read_meta
     from megatron_nitp.training.loop import pretrain
 
     prefix = preprocess([files["jsonl"]], files["bpe"], str(tmp_path / "docs"),

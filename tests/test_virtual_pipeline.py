@@ -179,12 +179,13 @@ def test_a_dp_reshardable_optimizer_state_keeps_its_chunking():
     """The distributed optimizer's dp_reshardable state follows each chunk's gradient buckets:
     a checkpoint records V in its layout, and a resume at another V is refused (the fully
     reshardable form reshards, tests/test_parallel.py)."""
-    from megatron_nitp.training import checkpointing as ck
+    from megatron_nitp.training import checkpoint as ck
+    from megatron_nitp.training.checkpoint.meta import layout
 
     args = parse_args(FOUR + ["--no-nitp", "--pipeline-model-parallel-size", "2",
                               "--num-virtual-stages-per-pipeline-rank", "2",
                               "--use-distributed-optimizer"])
-    meta = {"iteration": 4, "optimizer_format": "dp_reshardable", "layout": ck._layout(args)}
+    meta = {"iteration": 4, "optimizer_format": "dp_reshardable", "layout": layout(args)}
     assert meta["layout"]["vpp"] == 2
     ck.check_optimizer_layout(meta, args, "x")
     plain = args.replace(num_virtual_stages_per_pipeline_rank=None)

@@ -86,8 +86,9 @@ def worker(args) -> None:
     import torch
 
     from megatron_nitp.config import preset_config, validate
-    from megatron_nitp.training import checkpointing as ck
+    from megatron_nitp.training import checkpoint as ck
     from megatron_nitp.training import loop
+    from megatron_nitp.training.checkpoint.state import sharded_state
     from megatron_nitp.training.step import train_step
 
     world = int(os.environ["WORLD_SIZE"])
@@ -132,7 +133,7 @@ def worker(args) -> None:
                load_verified=ck.STATS["load_verify_bytes"])
     fmt = ck.optimizer_format(run.args, run.optimizer)
     for key, loading in (("opt_save_bytes", False), ("opt_load_bytes", True)):
-        state = ck._sharded_state(run.model, run.optimizer, is_loading=loading, fmt=fmt)
+        state = sharded_state(run.model, run.optimizer, is_loading=loading, fmt=fmt)
         out[key] = _tensor_bytes(state["optimizer"])
     everyone = [None] * world
     torch.distributed.all_gather_object(everyone, out)

@@ -144,7 +144,8 @@ def evaluate(args) -> dict:
 
     from megatron_nitp import evaluation as ev
     from megatron_nitp.data.tokenizer import build_tokenizer, iter_documents
-    from megatron_nitp.training.checkpointing import CheckpointError, find_checkpoint, read_meta
+    from megatron_nitp.training.checkpoint import (CheckpointError, find_checkpoint, read_meta,
+                                                   saved_model, saved_nitp, trained_precision)
 
     evaluations = parse_evaluations(args.evaluations)
     try:
@@ -173,17 +174,16 @@ def evaluate(args) -> dict:
     lm = ev.FrozenLM(model, tokenizer, seq_length, target_layer=target_layer)
     torch.manual_seed(args.seed)
 
-    trained = meta.get("config", {}).get("training", {})  # older checkpoints: fp32
+    nitp, shape = saved_nitp(meta), saved_model(meta)
     result = {
         "checkpoint": args.load,
         "iteration": meta["iteration"],
-        "nitp": bool(meta["nitp"]["enabled"]),
-        "nitp_target_layer": meta["nitp"].get("target_layer"),
-        "model": {k: meta["model"].get(k) for k in ("num_layers", "hidden_size",
-                                                     "num_attention_heads")},
+        "nitp": bool(nitp["enabled"]),
+        "nitp_target_layer": nitp.get("target_layer"),
+        "model": {k: shape.get(k) for k in ("num_layers", "hidden_size",
+                                            "num_attention_heads")},
         "seq_length": seq_length,
-        "precision": precision_note(trained.get("bf16", False), trained.get("fp16", False),
-                                    args.bf16),
+        "precision": precision_note(*trained_precision(meta), args.bf16),
         "seed": args.seed,
         "evaluations": evaluations,
     }

@@ -129,7 +129,7 @@ BUGS = [
     Bug(
         "resume-without-optimizer-state",
         "resuming restores the optimizer state (exact resume)",
-        "megatron_nitp/training/checkpointing.py",
+        "megatron_nitp/training/checkpoint/load.py",
         '    optimizer.load_state_dict(loaded["optimizer"])\n',
         '    pass  # planted: optimizer.load_state_dict(loaded["optimizer"]) dropped\n',
         ("tests/test_checkpoint.py::test_sigkill_then_resume_is_bitwise_identical",),
@@ -172,8 +172,8 @@ BUGS = [
     Bug(
         "resume-rng-not-restored",
         "resuming restores the RNG states (dropout masks continue exactly)",
-        "megatron_nitp/training/checkpointing.py",
-        "        _set_rng_state(torch.load(rank_file, weights_only=False))\n",
+        "megatron_nitp/training/checkpoint/load.py",
+        "        set_rng_state(torch.load(rank_file, weights_only=False))\n",
         "        pass  # planted: the RNG states are not restored\n",
         (RESUME_EXACT,),
         fast=True,
@@ -191,8 +191,8 @@ BUGS = [
         "evaluation-in-train-mode",
         "validation runs the model in eval mode (no dropout)",
         "megatron_nitp/training/step.py",
-        "    model.eval()\n    reports = []\n",
-        "    reports = []\n",
+        "        chunk.eval()\n    reports = []\n",
+        "        pass\n    reports = []\n",
         (VALIDATION,),
         fast=True,
     ),
@@ -217,7 +217,7 @@ BUGS = [
     Bug(
         "rotation-ranks-by-number",
         "--save-keep-last never deletes the checkpoint just written for another run's newer one",
-        "megatron_nitp/training/checkpointing.py",
+        "megatron_nitp/training/checkpoint/files.py",
         "    own = [i for i in _complete_iterations(root) if i <= newest]\n",
         "    own = _complete_iterations(root)\n",
         ("tests/test_checkpoint_folders.py::test_rotation_keeps_the_checkpoint_just_written_and_"
@@ -236,7 +236,7 @@ BUGS = [
     Bug(
         "export-keeps-training-kernels",
         "export and evaluation rebuild a checkpoint's model without its GPU-only speed settings",
-        "megatron_nitp/training/checkpointing.py",
+        "megatron_nitp/config/stored.py",
         "    config = dataclasses.replace(config, performance=PerformanceConfig())\n",
         "    config = dataclasses.replace(config)\n",
         ("tests/test_lifecycle.py::test_export_model_is_built_without_the_training_kernels",),

@@ -79,17 +79,18 @@ def _stream_seed(seed: int, key: str, prepended: tuple, block: int) -> int:
 
 
 def init_rule(key: str, config):
-    """What megatron-core draws for the tensor of sharded-state-dict key ``key``: a callable
+    """What megatron-core draws for the tensor of sharded-state-dict key ``key`` under
+    ``config`` (the model's megatron-core ``TransformerConfig``): a callable
     ``f(tensor, generator=g)``, or ``"ones"`` / ``"zeros"``."""
     parts = key.split(".")
     module, name = (parts[-2] if len(parts) > 1 else ""), parts[-1]
     if name in ("layer_norm_weight",) or (name == "weight" and module.endswith("norm")):
-        return _ZEROS if getattr(config, "layernorm_zero_centered_gamma", False) else _ONES
+        return _ZEROS if config.layernorm_zero_centered_gamma else _ONES
     if name == "layer_norm_bias" or name == "bias":
         return config.init_method if module == "router" else _ZEROS
     if name == "weight" and module in ("word_embeddings", "position_embeddings",
                                        "tokentype_embeddings"):
-        return getattr(config, "embedding_init_method", None) or config.init_method
+        return config.embedding_init_method or config.init_method
     if name == "weight" and (module in ("linear_proj", "linear_fc2")
                              or (parts[0] == "projector" and module == "down")):
         return config.output_layer_init_method

@@ -13,7 +13,7 @@ def main(argv=None, model_type: str = "dense") -> None:
         from megatron_nitp.accounting.dry_run import dry_run
 
         raise SystemExit(dry_run(args))
-    from megatron_nitp.training.checkpointing import CheckpointError
+    from megatron_nitp.training.checkpoint import CheckpointError
 
     try:
         pretrain(args)

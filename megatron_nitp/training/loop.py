@@ -182,15 +182,15 @@ class Run:
 def check_checkpoint_folders(args: RunConfig, save_dir: str) -> list[str]:
     """The start checks of the checkpoints (``args`` resolved for the world): the ``--save``
     folder is writable, belongs to this run's lineage and has room for a checkpoint
-    (``checkpointing.check_save_folder``, with ``checkpoint_bytes`` of the resolved
+    (``checkpoint.check_save_folder``, with ``accounting.checkpoint.checkpoint_bytes`` of the resolved
     vocabulary), and a ``dp_reshardable`` checkpoint to resume fits this layout (its
     nitp.json, read before the model is built). Returns the warnings; raises UsageError in one
     line."""
-    from megatron_nitp.training import checkpointing as ck
+    from megatron_nitp.training import checkpoint as ck
     from megatron_nitp.accounting.checkpoint import checkpoint_bytes
 
     try:
-        warnings = ck.check_save_folder(save_dir, args, checkpoint_bytes(args))
+        warnings = ck.check_save_folder(save_dir, args.checkpoint, checkpoint_bytes(args))
         latest = ck.read_tracker(args.load) if args.load and not args.finetune else None
         meta_file = os.path.join(ck.checkpoint_dir(args.load, latest), ck.META) if (
             latest is not None) else None
@@ -203,13 +203,13 @@ def check_checkpoint_folders(args: RunConfig, save_dir: str) -> list[str]:
 
 
 def nothing_to_load(args: RunConfig) -> bool:
-    """Whether ``--load`` names an absent or empty folder (``checkpointing.holds_nothing``), in
+    """Whether ``--load`` names an absent or empty folder (``checkpoint.holds_nothing``), in
     which case the run starts from scratch with a one-line warning (Megatron-LM's behaviour:
     the first launch and every requeue share one command line). All ranks decide together
     (one gather, before any rank's start checks write into the folder). Raises UsageError
     (exit code 1, Megatron-LM's) with ``--exit-on-missing-checkpoint``, and with
     ``--finetune``, whose point is the weights it names."""
-    from megatron_nitp.training.checkpointing import holds_nothing
+    from megatron_nitp.training.checkpoint import holds_nothing
 
     if not args.load:
         return False
@@ -265,7 +265,7 @@ def setup(args: RunConfig, save_dir: str | None = None) -> Run:
     from megatron.core.distributed import finalize_model_grads
 
     from megatron_nitp.models.initialization import initialize_weights
-    from megatron_nitp.training.checkpointing import CheckpointError, load_checkpoint
+    from megatron_nitp.training.checkpoint import CheckpointError, load_checkpoint
     from megatron_nitp.training.model import build_model_chunks, set_schedule_functions, wrap_model
     from megatron_nitp.training.optimizer import build_optimizer
 
@@ -338,7 +338,7 @@ def resume_command(argv: list[str], save_dir: str, run_dir: str) -> str:
 
 def latest_checkpoint(save_dir: str | None) -> str | None:
     """The checkpoint ``--load SAVE_DIR`` would resume from (the tracker's), None if none."""
-    from megatron_nitp.training.checkpointing import TRACKER, checkpoint_dir
+    from megatron_nitp.training.checkpoint import TRACKER, checkpoint_dir
 
     try:
         with open(os.path.join(save_dir, TRACKER)) as f:
@@ -386,7 +386,7 @@ def pretrain(args: RunConfig) -> dict:
 def _pretrain(args: RunConfig, progress: Progress) -> dict:
     import signal
 
-    from megatron_nitp.training.checkpointing import AsyncSaves, save_checkpoint
+    from megatron_nitp.training.checkpoint import AsyncSaves, save_checkpoint
     from megatron_nitp.training.step import NonFiniteError
 
     from megatron_nitp.training import faults
@@ -462,7 +462,7 @@ def _pretrain(args: RunConfig, progress: Progress) -> dict:
     if is_logging_rank():
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump(args.to_dict(), f, indent=1)
-    from megatron_nitp.training.checkpointing import imported_source
+    from megatron_nitp.training.checkpoint import imported_source
 
     source = imported_source(run.loaded) if run.loaded else None
     if args.load and args.finetune:

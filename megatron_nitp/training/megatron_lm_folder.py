@@ -2,7 +2,7 @@
 from ours.
 
 Its own module, below the conversion (``megatron_lm.py``, which imports and exports these
-folders): ``training/checkpointing.py`` recognises a Megatron-LM folder given to ``--load``
+folders): ``training/checkpoint/`` recognises a Megatron-LM folder given to ``--load``
 and refuses it with the conversion command, without depending on the converter.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-#: Megatron-LM's tracker file (the same name as ours: ``checkpointing.TRACKER``)
+#: Megatron-LM's tracker file (the same name as ours: ``checkpoint.TRACKER``)
 TRACKER = "latest_checkpointed_iteration.txt"
 
 
