@@ -41,7 +41,7 @@ def test_megatron_lm_flags_give_the_chunks_per_rank():
     assert virtual_pipeline_size(8, 2, virtual_stages_per_rank=4) == 4
 
 
-def test_layer_k_on_the_last_ranks_last_chunk_and_no_routing_objectives_are_accepted():
+def test_layer_k_on_any_chunk_and_every_objective_are_accepted():
     pp2 = ["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2"]
     # 6 layers split 2 + 4: rank 0 [1] [4], rank 1 [2 3] [5 6]: k = 5 is on the last chunk
     args = parse_args(FOUR + pp2 + ["--num-layers", "6", "--decoder-first-pipeline-num-layers",
@@ -49,6 +49,8 @@ def test_layer_k_on_the_last_ranks_last_chunk_and_no_routing_objectives_are_acce
     assert args.virtual_pipeline_model_parallel_size == 2
     parse_args(FOUR + pp2 + ["--no-nitp"])
     parse_args(FOUR + pp2 + ["--nitp-objective", "cosine_reg"])
+    for k in ("0", "1", "2", "3"):  # routed from either rank's chunks, or handed over on rank 1
+        parse_args(FOUR + pp2 + ["--nitp-target-layer", k])
 
 
 def test_refusals_name_the_fix(capsys):
@@ -73,11 +75,6 @@ def test_refusals_name_the_fix(capsys):
         capsys, *pp2, "--no-nitp", "--num-layers", "8", "--decoder-first-pipeline-num-layers",
         "2", "--decoder-last-pipeline-num-layers", "6", "--num-virtual-stages-per-pipeline-rank",
         "2")
-    # k = 1 is on rank 0's first chunk: the target would have to be routed
-    err = _error(capsys, *pp2, "--num-virtual-stages-per-pipeline-rank", "2",
-                 "--nitp-target-layer", "1")
-    assert "--nitp-target-layer 1 lies on pipeline rank 0's model chunk 0" in err
-    assert "not supported yet" in err and "layers 4-4" in err
     assert "--mtp-num-layers" in _error(
         capsys, *pp2, "--no-nitp", "--num-virtual-stages-per-pipeline-rank", "2",
         "--mtp-num-layers", "1", "--untie-embeddings-and-output-weights")
@@ -139,11 +136,12 @@ def test_bubble_and_in_flight_figures():
 
 
 def test_dry_run_prints_both_schedules(capsys):
-    from megatron_nitp.accounting import schedules as plan
+    from megatron_nitp.accounting import schedules
+    from megatron_nitp.accounting.dry_run import dry_run
 
     flags = FOUR + ["--num-layers", "16", "--pipeline-model-parallel-size", "4",
                     "--global-batch-size", "16", "--nitp-target-layer", "15", "--world-size", "4"]
-    assert plan.dry_run(parse_args(flags + ["--dry-run"])) == 0
+    assert dry_run(parse_args(flags + ["--dry-run"])) == 0
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if line.strip().startswith("pipeline "))
     # M = 16 / 2 = 8 micro-batches; this run is plain, the line says what V = 2 would give
@@ -152,13 +150,13 @@ def test_dry_run_prints_both_schedules(capsys):
     assert "in flight on stage 0 5.5 micro-batches" in line
     assert "--num-virtual-stages-per-pipeline-rank 2" in line
     args = parse_args(flags + ["--num-virtual-stages-per-pipeline-rank", "2", "--dry-run"])
-    assert plan.dry_run(args) == 0
+    assert dry_run(args) == 0
     line = next(line for line in capsys.readouterr().out.splitlines()
                 if line.strip().startswith("pipeline "))
     assert "interleaved V=2: bubble (p-1)/(v m) = 3/16 = 18.8%" in line and "(this run)" in line
     # the activations the plan counts on stage 0 follow the schedule: 5.5 vs 4 micro-batches
     resolved = resolve(args, 4)
-    figures = plan.pipeline_schedules(resolved)
+    figures = schedules.pipeline_schedules(resolved)
     assert figures["interleaved_in_flight_bytes"] == 5.5 * figures["stage0_microbatch_bytes"]
     assert figures["plain_in_flight_bytes"] == 4 * figures["stage0_microbatch_bytes"]
 
@@ -185,9 +183,10 @@ def test_a_dp_reshardable_optimizer_state_keeps_its_chunking():
     args = parse_args(FOUR + ["--no-nitp", "--pipeline-model-parallel-size", "2",
                               "--num-virtual-stages-per-pipeline-rank", "2",
                               "--use-distributed-optimizer"])
-    meta = {"iteration": 4, "optimizer_format": "dp_reshardable", "layout": layout(args)}
+    meta = {"iteration": 4, "optimizer_format": "dp_reshardable",
+            "layout": layout(resolve(args, 2))}
     assert meta["layout"]["vpp"] == 2
-    ck.check_optimizer_layout(meta, args, "x")
-    plain = args.replace(num_virtual_stages_per_pipeline_rank=None)
+    ck.check_optimizer_layout(meta, resolve(args, 2), "x")
+    plain = resolve(args.replace(num_virtual_stages_per_pipeline_rank=None), 2)
     with pytest.raises(ck.CheckpointError, match="VPP 2 -> None"):
         ck.check_optimizer_layout(meta, plain, "x")

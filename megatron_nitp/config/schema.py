@@ -671,15 +671,11 @@ class RunConfig:
         """The inverse of :meth:`to_dict` (fields unknown to this version are ignored)."""
         kwargs = {}
         for g, (group_cls, _) in GROUPS.items():
-            names = {f.name for f in dataclasses.fields(group_cls)}
-            values = {k: v for k, v in data.get(g, {}).items() if k in names}
-            if g == "data":
-                for name in ("data_path", "train_data_path", "valid_data_path",
-                             "test_data_path"):
-                    if values.get(name) is not None:
-                        values[name] = tuple(values[name])
-            if g == "performance" and values.get("recompute_modules") is not None:
-                values["recompute_modules"] = tuple(values["recompute_modules"])
+            fields = {f.name: f for f in dataclasses.fields(group_cls)}
+            values = {k: v for k, v in data.get(g, {}).items() if k in fields}
+            for name, value in values.items():  # settings of several values are tuples
+                if "nargs" in fields[name].metadata and value is not None:
+                    values[name] = tuple(value)
             kwargs[g] = group_cls(**values)
         for f in dataclasses.fields(RunConfig):
             if f.name not in GROUPS and f.name not in ("derived", "sources") and f.name in data:
