@@ -97,7 +97,7 @@ def routed_bytes_per_step(
     target_layer: int, num_layers: int, tensor_parallel: int = 1, pipeline_parallel: int = 1,
     data_parallel: int = 1, context_parallel: int = 1, sequence_parallel: bool = False,
     dtype_bytes: int = 2, first_stage_layers: int | None = None,
-    last_stage_layers: int | None = None,
+    last_stage_layers: int | None = None, virtual_pipeline: int | None = None,
 ) -> dict:
     """Bytes NITP adds to pipeline communication, per micro-batch and per optimizer step, and
     the send buffers the owning stage holds at once.
@@ -111,10 +111,20 @@ def routed_bytes_per_step(
     once under 1F1B, ``min(PP - owner, M)`` micro-batches (a send is released once the
     backward of its micro-batch reaches the owner; ``nitp.routing.TargetRouter``).
     ``first_stage_layers`` / ``last_stage_layers``: an uneven pipeline split
-    (``stage_layer_counts``).
+    (``stage_layer_counts``). ``virtual_pipeline``: the interleaved schedule's chunks per rank:
+    the owner is a (rank, chunk) (``owner_chunk``); nothing travels when it is a chunk of the
+    last rank (handed over in memory); the peak held is bounded by the rank's warm-up count of
+    chunk forwards, ``min(2 (PP - owner - 1) + (V - 1) PP + 1, M)``.
     """
-    owner = target_stage(target_layer, num_layers, pipeline_parallel, first_stage_layers,
-                         last_stage_layers)
+    if virtual_pipeline:
+        owner, chunk = target_chunk(target_layer, num_layers, pipeline_parallel,
+                                    virtual_pipeline, first_stage_layers, last_stage_layers)
+        in_flight = min(2 * (pipeline_parallel - owner - 1)
+                        + (virtual_pipeline - 1) * pipeline_parallel + 1, num_microbatches)
+    else:
+        owner = target_stage(target_layer, num_layers, pipeline_parallel, first_stage_layers,
+                             last_stage_layers)
+        chunk, in_flight = 0, min(pipeline_parallel - owner, num_microbatches)
     routed = pipeline_parallel > 1 and owner != pipeline_parallel - 1
     rows = seq_length // context_parallel // (tensor_parallel if sequence_parallel else 1)
     share = routed_rows(rows, tensor_parallel, sequence_parallel)
@@ -123,11 +133,12 @@ def routed_bytes_per_step(
     pipeline_activation = rows * micro_batch_size * hidden_size * dtype_bytes
     return {
         "owner_stage": owner,
+        "owner_chunk": chunk,
         "routed": routed,
         "bytes_per_microbatch_per_rank": per_micro,
         "bytes_per_step_per_rank": per_micro * num_microbatches,
         "bytes_per_step_total": per_micro * num_microbatches * senders,
-        "peak_bytes_held_per_rank": per_micro * min(pipeline_parallel - owner, num_microbatches),
+        "peak_bytes_held_per_rank": per_micro * in_flight,
         "backward_bytes": 0,
         # megatron-core's own traffic, for scale: forward activation + backward gradient at each
         # of the PP-1 stage boundaries, per micro-batch, per rank.

@@ -265,7 +265,7 @@ def test_dry_run_refuses_a_layout_that_does_not_fit():
     # a real `python ... --dry-run` (exit code through the script): the 45B model on 2 nodes
     # without pipeline parallelism does not fit
     proc = subprocess.run(["bash", PRETRAIN, "moe-45b-a5.5b"], cwd=ROOT,
-                          env=_env(DRY_RUN="1", NNODES="2", PP="1", TP="2"),
+                          env=_env(DRY_RUN="1", NNODES="2", PP="1", VPP="-", TP="2"),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "DOES NOT FIT" in proc.stdout and "exceeds the GPU memory" in proc.stderr
@@ -294,11 +294,13 @@ def test_launcher_runs_torchrun_on_cpu(tmp_path):
 
 @pytest.mark.distributed
 def test_the_45b_plan_shows_the_bubble_interleaving_saves(command_lines, capsys, monkeypatch):
-    """moe-45b-a5.5b (PP 4, 96 micro-batches): the plan prints the 1F1B bubble and what 2
-    chunks per rank would give, with the activations each schedule keeps in flight."""
+    """moe-45b-a5.5b (PP 4 x 2 chunks, 96 micro-batches): the plan prints the interleaved
+    schedule's bubble and the plain 1F1B one it saves, with the activations each keeps in
+    flight, and where layer k's chunk routes its target."""
     code, out, err = _plan(command_lines["moe-45b-a5.5b"], capsys, monkeypatch)
     assert code == 0, out + err
     line = next(line for line in out.splitlines() if line.strip().startswith("pipeline "))
     assert "1F1B bubble (p-1)/m = 3/96 = 3.1%, in flight on stage 0 4 micro-batches" in line
     assert "interleaved V=2: bubble (p-1)/(v m) = 3/192 = 1.6%" in line
-    assert "5.5 micro-batches" in line
+    assert "5.5 micro-batches" in line and "(this run)" in line.split(";")[0]
+    assert "on pipeline stage 1 (model chunk 0 of 2) of 4" in out

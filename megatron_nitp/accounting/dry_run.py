@@ -20,7 +20,7 @@ import sys
 from megatron_nitp.accounting.checkpoint import checkpoint_bytes, checkpoint_host_memory
 from megatron_nitp.accounting.memory_plan import (GIB, StageMemory, describe_memory,
                                                   format_bytes, stage_memories)
-from megatron_nitp.accounting.parallel import Layout, layout_of, target_stage
+from megatron_nitp.accounting.parallel import Layout, layout_of
 from megatron_nitp.accounting.parameters import format_count, model_parameters, moe_layers
 from megatron_nitp.accounting.schedules import describe_schedules, pipeline_schedules
 from megatron_nitp.accounting.shape import vocab_of
@@ -191,7 +191,7 @@ def _nitp_lines(args: RunConfig, layout: Layout) -> list[tuple[str, str]]:
     """Where layer k is and what routing its target to the last stage costs."""
     if not args.nitp:
         return [("NITP", "off (NTP baseline)")]
-    owner = target_stage(args, layout)
+    vpp = args.virtual_pipeline_model_parallel_size
     routed = routed_bytes_per_step(
         seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
         hidden_size=args.hidden_size, num_microbatches=args.num_microbatches,
@@ -200,10 +200,13 @@ def _nitp_lines(args: RunConfig, layout: Layout) -> list[tuple[str, str]]:
         context_parallel=layout.cp, sequence_parallel=layout.sp,
         dtype_bytes=2 if (args.bf16 or args.fp16) else 4,
         first_stage_layers=pipeline_split(args)[0],
-        last_stage_layers=pipeline_split(args)[1])
+        last_stage_layers=pipeline_split(args)[1], virtual_pipeline=vpp)
+    owner = routed["owner_stage"]
     where = (f"layer {args.nitp_target_layer}" if args.nitp_target_layer else "embeddings")
+    chunk = f" (model chunk {routed['owner_chunk']} of {vpp})" if vpp else ""
     lines = [("NITP", f"k={args.nitp_target_layer} ({where}), lambda "
-                      f"{args.nitp_loss_weight:g}, on pipeline stage {owner} of {layout.pp}")]
+                      f"{args.nitp_loss_weight:g}, on pipeline stage {owner}{chunk} of "
+                      f"{layout.pp}")]
     if routed["routed"]:
         lines.append(("NITP routing", f"{format_bytes(routed['bytes_per_microbatch_per_rank'])} "
                       f"per micro-batch per sending rank, "
@@ -211,6 +214,9 @@ def _nitp_lines(args: RunConfig, layout: Layout) -> list[tuple[str, str]]:
                       f"(stage {owner} -> stage {layout.pp - 1}; nothing backward); send "
                       f"buffers held at once: at most "
                       f"{format_bytes(routed['peak_bytes_held_per_rank'])} per sending rank"))
+    elif vpp and owner == layout.pp - 1 and routed["owner_chunk"] != vpp - 1:
+        lines.append(("NITP routing", "none over the wire (the target is on an earlier chunk "
+                                      "of the last stage: handed over in memory)"))
     else:
         lines.append(("NITP routing", "none (the target is on the last stage)"))
     return lines

@@ -27,14 +27,14 @@ CONSOLE_KEYS = ("lm loss", "nitp loss", "mtp loss", "load balancing loss", "z lo
 # Shown on the console (and in the run summary) as their mean over the logging interval, as
 # Megatron-LM's ``training_log`` does: the line at iteration N averages the iterations since the
 # previous line, skipped ones left out. The other console values are the iteration's own. Every
-# key ending in " loss" (each objective's) is one of them.
+# key naming a loss (each objective's: " loss" in it) is one of them.
 INTERVAL_MEAN_KEYS = ("lm loss", "nitp loss", "mtp loss", "load balancing loss", "z loss",
                       "total loss")
 
 
 def loss_keys(metrics: dict) -> list[str]:
     """The interval-mean keys of ``metrics``: the fixed ones, then any other objective's loss."""
-    extra = [k for k in metrics if k.endswith(" loss") and k not in INTERVAL_MEAN_KEYS]
+    extra = [k for k in metrics if " loss" in k and k not in INTERVAL_MEAN_KEYS]
     return [k for k in INTERVAL_MEAN_KEYS if k in metrics] + extra
 
 
