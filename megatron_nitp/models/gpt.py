@@ -1,4 +1,8 @@
-"""`NITPGPTModel`: megatron-core's GPTModel with the NITP objective attached at its edges.
+"""`NITPGPTModel`: megatron-core's GPTModel with the auxiliary objectives attached at its edges.
+
+The model captures the layers the objectives tap, routes them to the last stage and calls each
+objective's ``per_token_loss`` there (``megatron_nitp.objectives``); the paper is one objective,
+NITP at layer k, computed by ``nitp.loss.implicit_token_loss``.
 
 Data flow of one forward on the last pipeline stage (shapes in Megatron layout)::
 
@@ -6,7 +10,7 @@ Data flow of one forward on the last pipeline stage (shapes in Megatron layout):
       -> final norm: h [s, b, h] -> output layer -> lm loss [b, s]           (GPTModel, unchanged)
                                  -> projector P(h) [s, b, h] -> 1 - cos(P(h_t), z_{t+1}) [b, s]
 
-GPTModel's own forward is not modified: two hooks (layer k's output, and the final norm's output
+GPTModel's own forward is not modified: hooks (each tapped layer's output, and the final norm's output
 - or its input, the last layer's output, for ``--nitp-hidden-source last_layer``) hand the NITP
 loss what it needs; they are correct under activation recomputation and CUDA graphs are refused
 (`nitp.capture`). A model built with NITP disabled - the NTP baseline, or the model for

@@ -1,11 +1,13 @@
-"""Routing the layer-k target to the last pipeline stage.
+"""Routing tapped layers' states (the layer-k target) to the last pipeline stage.
 
 The target comes from layer k (about 20% of depth, so usually on an early pipeline stage) but
-the loss is computed on the last stage. The owning stage sends each micro-batch's detached
-layer-k state straight to the last stage with a point-to-point send on a process group of its
-own; the last stage receives it when it computes that micro-batch's loss. Both stages run their
-forwards in micro-batch order under megatron-core's schedules, so the n-th receive is the n-th
-send. Nothing travels backward: the target needs no gradient.
+the loss is computed on the last stage. The owning stage (under the interleaved schedule, the
+model chunk that holds the layer) sends each micro-batch's detached layer-k state straight to
+the last stage with a point-to-point send on a process group of its own; the last stage receives
+it when it computes that micro-batch's loss. Each message carries its micro-batch's identity,
+and the receiver asks for the micro-batch it computes (``TargetRouter``), so the pairing holds
+under any schedule megatron-core runs. One router per tapped layer. Nothing travels backward:
+the target needs no gradient.
 
 Cost: one ``[ceil(s/cp/tp), b, h]`` tensor in the pipeline dtype per micro-batch and per
 (tensor-parallel, context-parallel, data-parallel) rank of the owning stage; zero when layer k is
