@@ -109,6 +109,7 @@ VPP_REFERENCES = {
 # rank 0 holds [1] [3], rank 1 [2] [4]) routes both from rank 0's two chunks.
 TWO_TAPS = ["--nitp-target-layer", "1", "--nitp-extra-target-layers", "3", "--nitp-horizon", "2"]
 PP2_VPP2 = ["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2"]
+EIGHT = ["--num-layers", "8", "--nitp-target-layer", "2"]
 # name: (reference, world size, flags after FLAGS; "INIT" is the reference's initial checkpoint)
 VPP_LAYOUTS = {
     "pp2-vpp2-ntp": ("ref-ntp", 2, ["--no-nitp", "--pipeline-model-parallel-size", "2",
@@ -118,11 +119,18 @@ VPP_LAYOUTS = {
                                                   "--num-virtual-stages-per-pipeline-rank", "2"]),
     # layer k routed under interleaving, matched by micro-batch: from rank 0's first chunk, from
     # its second chunk, and handed over in memory from the last rank's first chunk
-    "pp2-vpp2-k-rank0-chunk0": ("ref1", 2, ["--nitp-target-layer", "1"] + PP2_VPP2),
+    # (and evaluate() under the interleaved forward-only schedule with the target routed)
+    "pp2-vpp2-k-rank0-chunk0": ("ref1-evaluate", 2, ["--nitp-target-layer", "1"] + PP2_VPP2
+                                + EVALUATE),
     "pp2-vpp2-k-rank0-chunk1": ("ref3", 2, ["--nitp-target-layer", "3"] + PP2_VPP2),
     "pp2-vpp2-k-rank1-chunk0": ("ref2", 2, ["--nitp-target-layer", "2"] + PP2_VPP2),
     "pp2-two-taps": ("ref-two-taps", 2, TWO_TAPS + ["--pipeline-model-parallel-size", "2"]),
     "pp2-vpp2-two-taps": ("ref-two-taps", 2, TWO_TAPS + PP2_VPP2),
+    "dp2xpp2-vpp2-k-rank0-chunk0": ("ref1", 4, ["--nitp-target-layer", "1"] + PP2_VPP2),
+    # 8 layers, one per chunk (rank r: [r+1] [r+5]): k = 2 on rank 1's first chunk, routed to
+    # rank 3's last chunk over two middle ranks
+    "pp4-vpp2-k-rank1-chunk0": ("ref-8-layers", 4, EIGHT + [
+        "--pipeline-model-parallel-size", "4", "--num-virtual-stages-per-pipeline-rank", "2"]),
     # evaluate() under the interleaved forward-only schedule, and a checkpoint saved after the
     # steps (test_checkpoint_under_vpp_resumes_with_and_without_vpp)
     "pp2-vpp2-k-on-last-chunk": ("ref-vpp", 2, SIX + UNEVEN_VPP2 + VPP2 + EVALUATE),
@@ -173,9 +181,10 @@ def results(tmp_path_factory):
         references[name] = FLAGS + flags + ["--load", str(init)]
     references["ref-vpp"] = FLAGS + SIX + EVALUATE + ["--save-init", str(root / "init-vpp")]
     references["ref-two-taps"] = FLAGS + TWO_TAPS + ["--save-init", str(root / "init-two-taps")]
+    references["ref-8-layers"] = FLAGS + EIGHT + ["--save-init", str(root / "init-8-layers")]
     for name, (reference, world, flags) in VPP_LAYOUTS.items():
-        start = root / {"ref-vpp": "init-vpp", "ref-two-taps": "init-two-taps"}.get(reference,
-                                                                                 "init")
+        start = root / {"ref-vpp": "init-vpp", "ref-two-taps": "init-two-taps",
+                        "ref-8-layers": "init-8-layers"}.get(reference, "init")
         groups.setdefault(world, {})[name] = FLAGS + flags + ["--load", str(start)]
     groups[2]["pp2-vpp2-k-on-last-chunk"] += ["--save-final", str(root / "ckpt-vpp")]
     for name, flags in RESUMED.items():  # after the save, in the same launch
@@ -339,14 +348,17 @@ def test_interleaved_layout_equals_single_process(results, name):
     assert len(metrics) == len(ref_metrics) == 3
     nitp = "--no-nitp" not in flags and "cosine_reg" not in flags
     per_tap = 32 * 2 * 32 * 4 * 4  # s b h fp32, 4 micro-batches
+    dp = 2 if name.startswith("dp2") else 1
     sent = {"pp2-vpp2-k-rank0-chunk0": 1, "pp2-vpp2-k-rank0-chunk1": 1, "pp2-two-taps": 1,
-            "pp2-vpp2-two-taps": 2}.get(name, 0)
+            "pp2-vpp2-two-taps": 2, "dp2xpp2-vpp2-k-rank0-chunk0": 1,
+            "pp4-vpp2-k-rank1-chunk0": 1}.get(name, 0)
     keys = [k for k in ref_metrics[0] if " loss" in k] + ["grad norm", "effective rank"]
     assert ("cosine reg loss" in keys) == ("cosine_reg" in flags)
     assert len([k for k in keys if k.startswith("nitp loss k=")]) == (4 if "taps" in name else 0)
     for step, (got, want) in enumerate(zip(metrics, ref_metrics)):
+        # DP 2: each replica routes its half of the micro-batches; the job total is the same
         assert got["routed bytes per step"] == sent * per_tap, (name, step)
-        assert 0 < got["routing peak bytes held"] <= sent * per_tap if sent else True
+        assert 0 < got["routing peak bytes held"] <= sent * per_tap / dp if sent else True
         if nitp:
             assert got["nitp loss"] > 0 and want["nitp loss"] > 0, (name, step)
         for key in keys:
@@ -355,13 +367,19 @@ def test_interleaved_layout_equals_single_process(results, name):
 
 
 @pytest.mark.distributed
-def test_evaluate_under_vpp_equals_single_process_and_changes_nothing(results):
-    _, _, want = results("ref-vpp")
-    _, _, got = results("pp2-vpp2-k-on-last-chunk")
+@pytest.mark.parametrize("name,reference", [("pp2-vpp2-k-on-last-chunk", "ref-vpp"),
+                                            ("pp2-vpp2-k-rank0-chunk0", "ref1-evaluate")])
+def test_evaluate_under_vpp_equals_single_process_and_changes_nothing(results, name, reference):
+    """evaluate() under the interleaved forward-only schedule, with layer k on the last chunk
+    and routed from rank 0's first chunk (one training step's targets per validation batch)."""
+    _, _, want = results(reference)
+    _, _, got = results(name)
     assert got["changed"] == [] and want["changed"] == []
     assert got["metrics"].keys() == want["metrics"].keys() == {"lm loss", "nitp loss"}
     for key in ("lm loss", "nitp loss"):
         assert got["metrics"][key] == pytest.approx(want["metrics"][key], rel=1e-5), key
+    routed = 32 * 2 * 32 * 4 * 4 if "rank0" in name else 0
+    assert got["routed bytes"] == EVAL_ITERS * routed
 
 
 @pytest.mark.distributed

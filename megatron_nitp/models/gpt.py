@@ -125,7 +125,7 @@ class NITPGPTModel(GPTModel):
                     routers[layer] = TargetRouter(owner,
                                                   split_over_tp=not config.sequence_parallel,
                                                   timeout=routing_timeout,
-                                                  wait_timer=routing_wait_timer)
+                                                  wait_timer=routing_wait_timer, tap=layer)
                 if target is not None or self.post_process:  # the sending or receiving chunk
                     self._routers[layer] = routers[layer]
         self.target_owner_stage: Optional[int] = self.tap_owner_stages.get(nitp.target_layer)

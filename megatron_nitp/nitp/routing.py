@@ -79,6 +79,14 @@ def routing_group(timeout: Optional[datetime.timedelta] = None):
 def reset_routing_group() -> None:
     global _GROUP
     _GROUP = None
+    _INBOX.clear()
+
+
+#: Targets received but not yet asked for, by sending rank: ``{(tap, micro-batch): rows}``. The
+#: routers of one rank's taps share it: one sender's messages for several taps arrive in one
+#: FIFO stream (per pair of ranks on the routing group), in the sender's order, which under the
+#: interleaved schedule interleaves the taps' micro-batches differently from the receiver's.
+_INBOX: dict = {}
 
 
 class _Pending:
@@ -115,10 +123,11 @@ class TargetRouter:
     parallelism), so each sends ``ceil(L / tp)`` of its ``L`` rows and the last stage
     all-gathers them over TP.
 
-    Identity. Every send carries its micro-batch's number (a one-element header before the
-    rows; ``microbatch``, the step's index of the micro-batch, or the send count when the
-    caller gives none), and ``recv(microbatch=m)`` returns the rows sent for m: a target that
-    arrives for a later micro-batch is kept until asked for. Under the plain and the
+    Identity. Every send carries its tap and micro-batch (a two-element header before the
+    rows: ``tap``, the layer, and ``microbatch``, the step's index of the micro-batch, or the
+    send count when the caller gives none), and ``recv(microbatch=m)`` returns the rows sent
+    for this tap and m: a target that arrives for another tap or a later micro-batch is kept
+    (in the sending rank's inbox, which the rank's routers share) until asked for. Under the plain and the
     interleaved 1F1B schedules and the forward-only one, each model chunk runs its micro-batches
     in order, so targets arrive in the order they are asked for; the identity makes that a
     checked fact rather than an assumption, and the pairing does not depend on the schedule.
@@ -150,7 +159,8 @@ class TargetRouter:
 
     def __init__(self, owner_stage: int, split_over_tp: bool = False,
                  timeout: Optional[datetime.timedelta] = None,
-                 wait_timer: Optional[Callable[[], ContextManager]] = None):
+                 wait_timer: Optional[Callable[[], ContextManager]] = None, tap: int = 0):
+        self.tap = tap
         group = parallel_state.get_pipeline_model_parallel_group()
         ranks = dist.get_process_group_ranks(group)
         self.source, self.destination = ranks[owner_stage], ranks[-1]
@@ -162,7 +172,9 @@ class TargetRouter:
         self.tp_split = tp if split_over_tp and not self.local else 1
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank() if split_over_tp else 0
         self._pending: list[_Pending] = []
-        self._stash: dict[int, torch.Tensor] = {}  # micro-batch -> its rows, not yet asked for
+        # (tap, micro-batch) -> rows not yet asked for: in memory for a local handoff, else
+        # the inbox of the sending rank that this rank's routers share
+        self._stash: dict = {} if self.local else _INBOX.setdefault(self.source, {})
         self._sent = 0  # sends so far (the next send's index)
         self._received = 0  # receives so far
         self._delivered = -1  # highest send index known to be received by the last stage
@@ -202,12 +214,12 @@ class TargetRouter:
         self._active = True
         identity = self._sent if microbatch is None else microbatch
         if self.local:
-            self._stash[identity] = state.detach()
+            self._stash[self.tap, identity] = state.detach()
             self._sent += 1
             return
         self._release()
         tensor = self._share(state.detach())
-        header = torch.tensor([identity], dtype=torch.int64, device=device())
+        header = torch.tensor([self.tap, identity], dtype=torch.int64, device=device())
         works = [dist.isend(header, self.destination, group=self.group),
                  dist.isend(tensor, self.destination, group=self.group)]
         pending = _Pending(self._sent, works, [header, tensor])
@@ -262,27 +274,27 @@ class TargetRouter:
         asked for. The receives run inside ``wait_timer`` (training times them as the NITP
         routing wait, ``--timing-log-level 2``)."""
         self._active = True
-        identity = self._received if microbatch is None else microbatch
+        key = (self.tap, self._received if microbatch is None else microbatch)
         self._received += 1
         if self.local:
-            if identity not in self._stash:
-                raise RuntimeError(f"no routed target for micro-batch {identity}: the layer's "
+            if key not in self._stash:
+                raise RuntimeError(f"no routed target for (tap, micro-batch) {key}: the layer's "
                                    f"model chunk has sent {sorted(self._stash)}")
-            return self._stash.pop(identity)
+            return self._stash.pop(key)
         rows, rest = like.shape[0], tuple(like.shape[1:])
         chunk = routed_rows(rows, self.tp_split, False) if self.tp_split > 1 else rows
-        while identity not in self._stash:
+        while key not in self._stash:
             if len(self._stash) >= MAX_STASHED:
-                raise RuntimeError(f"waiting for the routed target of micro-batch {identity}, "
+                raise RuntimeError(f"waiting for the routed target of (tap, micro-batch) {key}, "
                                    f"received those of {sorted(self._stash)}: the sending "
                                    "stage's micro-batches do not match this stage's")
-            header = torch.empty(1, dtype=torch.int64, device=device())
+            header = torch.empty(2, dtype=torch.int64, device=device())
             share = torch.empty((chunk, *rest), dtype=like.dtype, device=device())
             with self._wait_timer():
                 dist.recv(header, self.source, group=self.group)
                 dist.recv(share, self.source, group=self.group)
-            self._stash[int(header.item())] = share
-        share = self._stash.pop(identity)
+            self._stash[tuple(header.tolist())] = share
+        share = self._stash.pop(key)
         if self.tp_split == 1:
             return share
         full = torch.empty((chunk * self.tp_split, *rest), dtype=like.dtype, device=device())
@@ -301,8 +313,10 @@ class TargetRouter:
         for pending in self._pending:
             pending.wait()
         self._pending.clear()
-        if self._stash:
-            stale, self._stash = sorted(self._stash), {}
+        stale = sorted(key for key in self._stash if key[0] == self.tap)
+        if stale:
+            for key in stale:
+                del self._stash[key]
             raise RuntimeError(f"routed targets of micro-batches {stale} were never used: the "
                                "sending and receiving stages ran different micro-batches")
         self.bytes_held = 0

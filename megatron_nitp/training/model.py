@@ -269,7 +269,7 @@ def build_model_chunks(args, perform_initialization: bool = True) -> list[NITPGP
     last = (args.pipeline_model_parallel_size - 1, vpp - 1)
     routers = {layer: TargetRouter(owner[0], split_over_tp=not args.sequence_parallel,
                                    timeout=distributed_timeout(),
-                                   wait_timer=partial(TIMERS.phase, ROUTING_WAIT))
+                                   wait_timer=partial(TIMERS.phase, ROUTING_WAIT), tap=layer)
                for layer, owner in sorted(tap_owners(args, args.nitp_config).items())
                if owner != last}
     return [build_model(args, perform_initialization=perform_initialization, vp_stage=v,
