@@ -208,3 +208,19 @@ def test_step_loss_has_the_gradient_of_the_hand_written_objective(dist):
                    "aux_modules.k2_t2."):
         grads = [g for name, g in step_grads.items() if name.startswith(prefix)]
         assert grads and all(g.abs().sum() > 0 for g in grads), prefix
+
+
+def test_the_plan_counts_one_projector_per_nitp_term(dist):
+    """Two target layers x two horizons: the model holds four projectors (the paper's at
+    ``projector``, the others in ``aux_modules``) and the plan's projector count is theirs."""
+    from megatron_nitp.accounting.parameters import run_projector_parameters
+
+    args = tiny_args("--num-layers", "3", "--nitp-target-layer", "1",
+                     "--nitp-extra-target-layers", "2", "--nitp-horizon", "2")
+    model = build_model(args, None, True, True)
+    assert sorted(model.aux_modules) == ["k1_t2", "k2_t1", "k2_t2"]
+    held = sum(p.numel() for m in (model.projector, *model.aux_modules.values())
+               for p in m.parameters())
+    one = sum(p.numel() for p in model.projector.parameters())
+    assert held == 4 * one == run_projector_parameters(args)
+    assert run_projector_parameters(tiny_args("--nitp-objective", "cosine_reg")) == 0

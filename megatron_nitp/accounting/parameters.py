@@ -74,12 +74,15 @@ def parameter_counts(model) -> dict[str, int]:
 
 
 def run_projector_parameters(args: RunConfig, tp: int = 1) -> int:
-    """The NITP projector of a run (training only), split over TP: its kind's count
-    (``nitp.config.projector_parameters``), 0 without NITP."""
-    if not args.nitp:
+    """The NITP projectors of a run (training only), split over TP: one per NITP term (target
+    layer x horizon), each its kind's count (``nitp.config.projector_parameters``); 0 without
+    NITP or with the cosine regularization alone (no projector)."""
+    nitp = args.nitp_config
+    if not nitp.enabled or nitp.objective != "nitp":
         return 0
-    return projector_parameters(args.nitp_projector, args.hidden_size,
-                                args.nitp_projector_ffn_ratio) // tp
+    terms = len(nitp.target_layers) * nitp.horizon
+    return terms * projector_parameters(nitp.projector, args.hidden_size,
+                                        nitp.projector_ffn_ratio) // tp
 
 
 def moe_layers(args: RunConfig) -> list[int]:
