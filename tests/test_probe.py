@@ -1,0 +1,138 @@
+"""The per-layer geometry probe (training/probe.py): values against a hand computation from the
+model's own tensors, a fixed probe batch, no side effects on training, history keys."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_nitp.data.datasets import CONTINUES_DOCUMENT
+from megatron_nitp.geometry import effective_rank
+from megatron_nitp.training.arguments import parse_args
+from megatron_nitp.training.probe import POSITION, Probe
+from tests.helpers import TINY_MODEL, TINY_RUN
+
+FLAGS = TINY_MODEL + TINY_RUN + ["--nitp-target-layer", "1", "--train-iters", "4", "--no-save"]
+
+
+@pytest.fixture(scope="module")
+def run(dist):
+    from megatron_nitp.training.loop import setup
+
+    return setup(parse_args(FLAGS))
+
+
+def _hand(run, probe):
+    """The probe's values from the model's own forward on the probe batch (eval mode)."""
+    from megatron_nitp.training.model import unwrap
+
+    model = unwrap(run.model)
+    model.eval()
+    states = {1: [], "final": []}
+    cosines = []
+    with torch.no_grad():
+        for i, batch in enumerate(probe.batches):
+            out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                        loss_mask=batch["loss_mask"],
+                        document_mask=batch.get(CONTINUES_DOCUMENT), return_hidden=True,
+                        microbatch=i)
+            counted = batch["loss_mask"].reshape(-1) > 0
+            for layer, x in ((1, out.taps[1]), ("final", out.hidden)):
+                states[layer].append(x.transpose(0, 1).reshape(-1, x.shape[-1])[counted])
+            cos = F.cosine_similarity(model.projector(out.hidden)[:-1].float(),
+                                      out.taps[1][1:].float(), dim=-1).T  # [b, s - 1]
+            mask = batch["loss_mask"][:, :-1] > 0
+            if CONTINUES_DOCUMENT in batch:
+                mask &= batch[CONTINUES_DOCUMENT][:, :-1] > 0
+            cosines.append(cos[mask])
+    model.train()
+    values = {}
+    for layer, parts in states.items():
+        x = torch.cat(parts).double()
+        n = x.shape[0]
+        u = F.normalize(x, dim=-1)
+        name = "final" if layer == "final" else f"layer {layer}"
+        values[f"probe effective rank {name}"] = effective_rank(x).item()
+        values[f"probe cosine similarity {name}"] = ((u @ u.T).sum() - n).item() / (n * (n - 1))
+        values[f"probe norm {name}"] = x.norm(dim=-1).mean().item()
+    return values, torch.cat(cosines).double()
+
+
+def test_probe_values_equal_a_hand_computation_and_leave_training_alone(run):
+    from tests.parallel_harness import _local_snapshot, _same
+
+    probe = Probe.build(run.args, run.train_iter, None)
+    before = _local_snapshot(run)
+    values, cosines = probe.measure(run.model, run.args)
+    after = _local_snapshot(run)
+    assert [name for name in before if not _same(before[name], after[name])] == []
+    assert set(values) == set(probe.keys())
+    hand, hand_cos = _hand(run, probe)
+    for key, value in hand.items():
+        assert values[key] == pytest.approx(value, rel=1e-5), key
+    for name in ("layer 1", "final"):
+        assert values[f"probe drift {name}"] == 0.0  # the first probe
+        assert 1.0 < values[f"probe effective rank {name}"] <= run.args.hidden_size
+    assert cosines.numel() == hand_cos.numel() == 4 * 15
+    assert torch.allclose(cosines.sort().values, hand_cos.sort().values, atol=1e-5)
+    assert values["probe cos(P(h),z) mean"] == pytest.approx(hand_cos.mean().item(), abs=1e-6)
+    for q in (10, 50, 90):
+        assert values[f"probe cos(P(h),z) p{q}"] == pytest.approx(
+            torch.quantile(hand_cos, q / 100).item(), abs=1e-5)
+    # the same model: the same values, no drift
+    again, _ = probe.measure(run.model, run.args)
+    assert again["probe drift layer 1"] == pytest.approx(0.0, abs=1e-12)
+    assert again["probe norm final"] == values["probe norm final"]
+
+
+def test_probe_batch_is_fixed_whatever_the_data_position(run):
+    """Read from the dataset, not the iterator: a resumed run (samples consumed) gets the
+    same probe batch; the validation data's first global batch when the run evaluates."""
+    first = Probe.build(run.args, run.train_iter, None)
+    consumed = run.train_iter.consumed_samples
+    try:
+        run.train_iter.consumed_samples = 12
+        resumed = Probe.build(run.args, run.train_iter, None)
+        assert run.train_iter.consumed_samples == 12
+    finally:
+        run.train_iter.consumed_samples = consumed
+    assert len(first.batches) == run.args.num_microbatches == 2
+    for a, b in zip(first.batches, resumed.batches):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [b[POSITION][0, 0].item() for b in first.batches] == [0, 2 * 16]
+    assert not first.held_out
+
+
+def _pretrain(tmp_path, monkeypatch, probe_on):
+    from megatron_nitp.training import probe as probe_module
+    from megatron_nitp.training.loop import pretrain
+
+    if not probe_on:
+        monkeypatch.setattr(probe_module.Probe, "measure", lambda self, model, args: ({}, None))
+    run_dir = tmp_path / ("on" if probe_on else "off")
+    pretrain(parse_args(FLAGS + ["--geometry-interval", "2", "--run-dir", str(run_dir)]))
+    monkeypatch.undo()
+    with open(run_dir / "summary.json") as f:
+        return json.load(f)["history"], run_dir
+
+
+def test_training_with_the_probe_equals_training_without(dist, tmp_path, monkeypatch):
+    on, run_dir = _pretrain(tmp_path, monkeypatch, True)
+    off, _ = _pretrain(tmp_path, monkeypatch, False)
+    for key in ("lm loss", "nitp loss", "grad norm", "effective rank"):
+        assert on[key] == off[key], key  # bitwise
+    assert not any(key.startswith("probe") for key in off)
+    for key in ("probe effective rank layer 1", "probe effective rank final",
+                "probe cosine similarity final", "probe norm layer 1", "probe drift layer 1",
+                "probe drift final", "probe cos(P(h),z) p50", "probe cos(P(h),z) mean"):
+        assert [i for i, _ in on[key]] == [1, 2, 4], key
+    drift = dict(on["probe drift layer 1"])
+    assert drift[1] == 0.0 and drift[4] > 0.0
+    assert dict(on["probe drift final"])[4] > 0.0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"histograms": 0})
+    events.Reload()
+    assert [e.step for e in events.Histograms("probe cos(P(h),z)")] == [1, 2, 4]
+    assert [e.step for e in events.Scalars("probe drift layer 1")] == [1, 2, 4]
