@@ -322,6 +322,19 @@ def test_evaluate_equals_single_process_and_changes_nothing(results, name):
     assert got["metrics"].keys() == want["metrics"].keys() == {"lm loss", "nitp loss"}
     for key in ("lm loss", "nitp loss"):
         assert got["metrics"][key] == pytest.approx(want["metrics"][key], rel=1e-5), key
+    assert got["probe routed bytes"] == _routed_bytes(name)  # one global batch's targets
+    assert_probe_equal(got, want)
+
+
+def assert_probe_equal(got, want):
+    """The per-layer geometry probe (training/probe.py) of a layout equals one process's: the
+    same keys and values, the same cos(P(h), z) at every (sample, position)."""
+    assert got["probe"].keys() == want["probe"].keys()
+    assert "probe drift layer 1" in got["probe"] or "probe drift layer 5" in got["probe"]
+    for key, value in want["probe"].items():
+        assert got["probe"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert len(got["probe cosines"]) == len(want["probe cosines"]) > 0
+    assert got["probe cosines"] == pytest.approx(want["probe cosines"], abs=1e-5)
 
 
 @pytest.mark.distributed
@@ -362,6 +375,7 @@ def test_evaluate_under_vpp_equals_single_process_and_changes_nothing(results):
     assert got["metrics"].keys() == want["metrics"].keys() == {"lm loss", "nitp loss"}
     for key in ("lm loss", "nitp loss"):
         assert got["metrics"][key] == pytest.approx(want["metrics"][key], rel=1e-5), key
+    assert_probe_equal(got, want)
 
 
 @pytest.mark.distributed
