@@ -136,3 +136,39 @@ def test_training_with_the_probe_equals_training_without(dist, tmp_path, monkeyp
     events.Reload()
     assert [e.step for e in events.Histograms("probe cos(P(h),z)")] == [1, 2, 4]
     assert [e.step for e in events.Scalars("probe drift layer 1")] == [1, 2, 4]
+
+
+def test_report_section_and_figure(tmp_path):
+    """tools/report: the probe section (a table of the last probe per arm and layer, the
+    cos(P(h), z) percentiles) and its figure; nothing for runs without a probe."""
+    from types import SimpleNamespace
+
+    from tests.helpers import load_tool
+
+    load_tool("make_report")
+    from report.figures import PROBE_FIGURE, plot_probe, probe_layers
+    from report.sections import SECTIONS, probe
+
+    def history(layers, drift):
+        keys = {f"probe {what} {layer}": [[1, 2.0], [4, value]] for layer in layers
+                for what, value in (("effective rank", 3.0), ("cosine similarity", 0.5),
+                                    ("norm", 1.5), ("drift", drift))}
+        return {"history": keys}
+
+    runs = {"ntp": {"1": history(["final"], 0.25)},
+            "nitp": {"1": history(["layer 1", "final"], 0.125)}}
+    runs["nitp"]["1"]["history"].update({f"probe cos(P(h),z) p{q}": [[4, q / 100]]
+                                         for q in (10, 50, 90)})
+    facts = SimpleNamespace(runs=runs, labels=["1"], rel="results")
+    assert probe in SECTIONS and probe_layers(runs, ["1"]) == ["layer 1", "final"]
+    text = "\n".join(probe.render(facts))
+    assert f"](results/{PROBE_FIGURE})" in text
+    assert "| NTP | final | 3.000 | 0.500 | 1.500 | 0.250 |" in text
+    assert "| NITP | layer 1 | 3.000 | 0.500 | 1.500 | 0.125 |" in text
+    assert "| NTP | layer 1 |" not in text
+    assert "0.100 / 0.500 / 0.900" in text
+    assert plot_probe(runs, ["1"], str(tmp_path / PROBE_FIGURE)) is not None
+    assert (tmp_path / PROBE_FIGURE).stat().st_size > 10_000
+    bare = {"ntp": {"1": {"history": {}}}, "nitp": {"1": {"history": {}}}}
+    assert probe.render(SimpleNamespace(runs=bare, labels=["1"], rel="r")) == []
+    assert plot_probe(bare, ["1"], str(tmp_path / "none.png")) is None
