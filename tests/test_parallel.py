@@ -63,7 +63,8 @@ DOCUMENTS = ["--reset-position-ids", "--reset-attention-mask", "--eod-mask-loss"
 # name: (k, tp, pp, dp, more flags). The 4 layers are split evenly over the pipeline stages.
 LAYOUTS = {
     "tp2": (1, 2, 1, 1, []),
-    "tp2-sp": (1, 2, 1, 1, SP),
+    # evaluate() and the geometry probe on TP-gathered states and per-position terms
+    "tp2-sp": (1, 2, 1, 1, SP + EVALUATE),
     # megatron-core's unfused attention against the one-process reference's SDPA (auto on
     # CPU): equal under TP 2 + SP with GQA (tests/test_attention.py: one process)
     "tp2-sp-unfused": (1, 2, 1, 1, SP + ["--attention-backend", "unfused"]),
