@@ -13,8 +13,9 @@ key, the largest difference of any replicated copy from the saved one) and ``OUT
 every parameter's full initial value by checkpoint key, assembled from all ranks.
 
 ``--evaluate-at K`` calls evaluate() (``--eval-iters`` batches of the validation data) after
-step K and writes ``OUT/eval.json``: its metrics, the layer-k bytes it routed, and whatever it
-changed on any rank (weights, gradients, optimizer, scheduler, data position, RNG, train mode).
+step K, then the per-layer geometry probe (``training/probe.py``), and writes ``OUT/eval.json``:
+their metrics, the layer-k bytes each routed, and whatever they changed on any rank (weights,
+gradients, optimizer, scheduler, data position, RNG, train mode).
 
 ``--runs RUNS.json`` (a list of ``[OUT, [flags...]]``) runs several layouts of the same world
 size one after the other in one launch (megatron's parallel state is rebuilt between them): the
@@ -197,6 +198,7 @@ def evaluate_without_side_effects(run, args):
     """evaluate() between two training steps: its metrics, the layer-k target bytes it routed
     between pipeline stages (all ranks), and what it changed (should be nothing) on any rank."""
     from megatron_nitp.training.model import params_synced
+    from megatron_nitp.training.probe import Probe
     from megatron_nitp.training.step import evaluate
 
     # As the training loop does: with --overlap-param-gather the updated parameters are
@@ -207,12 +209,21 @@ def evaluate_without_side_effects(run, args):
         metrics = evaluate(run.model, run.valid_iter(), args, args.eval_iters)
         routed = torch.tensor([_routed(run.model, "routed_bytes") - routed],
                               dtype=torch.float64)
+        # the per-layer geometry probe (training/probe.py) on the validation data's first batch
+        probe_routed = _routed(run.model, "routed_bytes")
+        probe = Probe.build(args, run.train_iter, run.valid_iter)
+        values, cosines = probe.measure(run.model, args)
+        probe_routed = torch.tensor([_routed(run.model, "routed_bytes") - probe_routed],
+                                    dtype=torch.float64)
         after = _local_snapshot(run)
     changed = [name for name in before if not _same(before[name], after[name])]
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, changed)
     dist.all_reduce(routed)
+    dist.all_reduce(probe_routed)
     return {"metrics": metrics, "routed bytes": routed.item(),
+            "probe": values, "probe cosines": cosines.tolist() if cosines is not None else None,
+            "probe routed bytes": probe_routed.item(),
             "changed": sorted({f"rank {r}: {name}" for r, names in enumerate(every)
                                for name in names})}
 
@@ -286,7 +297,8 @@ def run_layout(out, argv):
             evaluation = evaluate_without_side_effects(run, args)
     routed = torch.tensor([_routed(run.model, "routed_bytes")], dtype=torch.float64)
     dist.all_reduce(routed)
-    training_bytes = routed.item() - (evaluation["routed bytes"] if evaluation else 0.0)
+    training_bytes = routed.item() - (evaluation["routed bytes"] + evaluation["probe routed bytes"]
+                                      if evaluation else 0.0)
     for metrics in history:
         metrics["routed bytes per step"] = training_bytes / args.train_iters
     if save_final:

@@ -63,7 +63,8 @@ DOCUMENTS = ["--reset-position-ids", "--reset-attention-mask", "--eod-mask-loss"
 # name: (k, tp, pp, dp, more flags). The 4 layers are split evenly over the pipeline stages.
 LAYOUTS = {
     "tp2": (1, 2, 1, 1, []),
-    "tp2-sp": (1, 2, 1, 1, SP),
+    # evaluate() and the geometry probe on TP-gathered states and per-position terms
+    "tp2-sp": (1, 2, 1, 1, SP + EVALUATE),
     # megatron-core's unfused attention against the one-process reference's SDPA (auto on
     # CPU): equal under TP 2 + SP with GQA (tests/test_attention.py: one process)
     "tp2-sp-unfused": (1, 2, 1, 1, SP + ["--attention-backend", "unfused"]),
@@ -331,6 +332,19 @@ def test_evaluate_equals_single_process_and_changes_nothing(results, name):
     assert got["metrics"].keys() == want["metrics"].keys() == {"lm loss", "nitp loss"}
     for key in ("lm loss", "nitp loss"):
         assert got["metrics"][key] == pytest.approx(want["metrics"][key], rel=1e-5), key
+    assert got["probe routed bytes"] == _routed_bytes(name)  # one global batch's targets
+    assert_probe_equal(got, want)
+
+
+def assert_probe_equal(got, want):
+    """The per-layer geometry probe (training/probe.py) of a layout equals one process's: the
+    same keys and values, the same cos(P(h), z) at every (sample, position)."""
+    assert got["probe"].keys() == want["probe"].keys()
+    assert "probe drift layer 1" in got["probe"] or "probe drift layer 5" in got["probe"]
+    for key, value in want["probe"].items():
+        assert got["probe"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert len(got["probe cosines"]) == len(want["probe cosines"]) > 0
+    assert got["probe cosines"] == pytest.approx(want["probe cosines"], abs=1e-5)
 
 
 @pytest.mark.distributed
@@ -380,6 +394,7 @@ def test_evaluate_under_vpp_equals_single_process_and_changes_nothing(results, n
         assert got["metrics"][key] == pytest.approx(want["metrics"][key], rel=1e-5), key
     routed = 32 * 2 * 32 * 4 * 4 if "rank0" in name else 0
     assert got["routed bytes"] == EVAL_ITERS * routed
+    assert_probe_equal(got, want)
 
 
 @pytest.mark.distributed

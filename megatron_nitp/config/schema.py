@@ -386,8 +386,8 @@ class LoggingConfig:
     log_interval: int = 10
     """log every N iterations"""
     geometry_interval: int = 20
-    """log effective rank and pairwise cosine of the last hidden states every N iterations
-    (0 = never)"""
+    """log effective rank and pairwise cosine of the last hidden states, and the per-layer
+    geometry of a fixed probe batch (training/probe.py), every N iterations (0 = never)"""
     log_throughput: bool = flag(True, negative="--no-log-throughput")
     """log model TFLOP/s per device (NITP's FLOPs counted) and, on GPU, MFU"""
     peak_tflops: Optional[float] = None

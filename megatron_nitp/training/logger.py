@@ -290,6 +290,14 @@ class TrainingLogger:
         line = f" validation loss at iteration {iteration} | {body} | lm loss PPL: {ppl:.6E} |"
         self.print("-" * len(line) + "\n" + line + "\n" + "-" * len(line))
 
+    def log_probe(self, iteration: int, values: dict[str, float], cosines=None,
+                  histogram: str = "probe cos(P(h),z)") -> None:
+        """The probe's values (``training/probe.py``) in the history and TensorBoard, and the
+        distribution of ``cosines`` as a TensorBoard histogram."""
+        self.record(iteration, values)
+        if self.writer is not None and cosines is not None and cosines.numel():
+            self.writer.add_histogram(histogram, cosines.float(), iteration)
+
     def close(self) -> None:
         if self._history_file is not None:
             self._history_file.close()

@@ -479,6 +479,10 @@ def _pretrain(args: RunConfig, progress: Progress) -> dict:
                         if source and not args.finetune else ""))
     for chunk in as_chunks(model):
         chunk.train()
+    from megatron_nitp.training.probe import Probe
+
+    # per-layer geometry on a fixed probe batch, at the iterations that measure the geometry
+    probe = Probe.build(args, train_iter, valid_iter) if args.geometry_interval else None
     throughput = Throughput(args.global_batch_size * args.seq_length)
     iteration = run.start_iteration
     memory.begin()  # the first interval's peak counts from the first step, set-up left out
@@ -517,6 +521,10 @@ def _pretrain(args: RunConfig, progress: Progress) -> dict:
             seconds, tokens_per_second = throughput.lap()
             metrics["tokens per second"] = tokens_per_second
             logger.log_train(iteration, metrics, seconds)
+            if probe is not None and geometry:
+                with params_synced(model):
+                    logger.log_probe(iteration, *probe.measure(model, args))
+                throughput.lap()
             if logged and planned is not None:
                 logger.print(memory.planned_vs_measured(iteration, metrics, planned,
                                                         args.pipeline_model_parallel_size))

@@ -9,7 +9,7 @@ One module a purpose, read in the order the report is made:
 - :mod:`.stats` the seed statistics and the rule-based reading of a paired difference;
 - :mod:`.text` how numbers are written;
 - :mod:`.paper` what the paper reports, quoted, and what is read from its presets;
-- :mod:`.figures` the figure of the NITP loss phases;
+- :mod:`.figures` the figures of the NITP loss phases and of the probe batch's geometry;
 - :mod:`.command` the command line that trains the runs' config again;
 - :mod:`.sections` one module a section of the report, each with one ``render``;
 - :mod:`.build` composes them.

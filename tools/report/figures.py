@@ -1,6 +1,7 @@
-"""The report's own figure: the NITP loss phases next to the collapse of the hidden states.
+"""The report's own figures: the NITP loss phases next to the collapse of the hidden states,
+and the per-layer geometry of the probe batch.
 
-The training curves of both arms are ``tools/compare_runs.py``'s figure; this one shows what
+The training curves of both arms are ``tools/compare_runs.py``'s figure; the first shows what
 App. F of the paper describes, on the NITP runs only.
 """
 
@@ -57,6 +58,52 @@ def plot_phases(runs, seeds, seed_of, path, warmup, decay_start, iters):
         ax.set_xlabel("iteration (log scale)")
         ax.set_ylabel("nitp loss (1 - cos), train")
         ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+PROBE_FIGURE = "probe_geometry.png"
+
+
+def probe_layers(runs, seeds) -> list[str]:
+    """The probed layers of the runs (``layer k`` ..., then ``final``), [] without a probe."""
+    prefix = "probe effective rank "
+    names = {key[len(prefix):] for kind in runs for s in seeds
+             for key in runs[kind][s]["history"] if key.startswith(prefix)}
+    tapped = sorted((n for n in names if n != "final"), key=lambda n: int(n.split()[-1]))
+    return tapped + (["final"] if "final" in names else [])
+
+
+def plot_probe(runs, seeds, path):
+    """Effective rank (left) and drift (right) of each probed layer over training, mean over
+    seeds, NTP dashed and NITP solid. None (nothing drawn) without a probe."""
+    layers = probe_layers(runs, seeds)
+    if not layers:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.3))
+    for ax, what in zip(axes, ("effective rank", "drift")):
+        for i, layer in enumerate(layers):
+            for kind, style in (("ntp", "--"), ("nitp", "-")):
+                series = [dict(map(tuple, runs[kind][s]["history"].get(f"probe {what} {layer}",
+                                                                      [])))
+                          for s in seeds]
+                if not all(series):
+                    continue
+                steps = sorted(set.intersection(*[set(d) for d in series]))
+                ax.plot(steps, [float(np.mean([d[t] for d in series])) for t in steps], style,
+                        color=f"C{i}", lw=1.2, label=f"{kind.upper()} {layer}")
+        ax.set_title(f"probe batch: {what} per layer (mean of seeds)")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(what if what != "drift" else "drift (1 - cos to the first probe)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
