@@ -60,12 +60,11 @@ def moe_results(tmp_path_factory):
     groups[1]["ref-router"] = MOE + ROUTER + ["--save-init", str(root / "init-router")]
     groups.setdefault(4, {})["tp2-sp-ep2-router"] = (MOE + ROUTER + ["--load", str(root / "init-router")]
                                       + LAYOUTS["tp2-sp-ep2"][1])
-    # the interleaved schedule (2 chunks of 1 layer per rank) under EP2 x PP2, without NITP
-    # (its layer k would be routed: not yet under interleaving)
-    groups[1]["ref-ntp"] = MOE + ["--no-nitp", "--load", init]
-    groups.setdefault(4, {})["ep2xpp2-vpp2-ntp"] = MOE + EP2 + [
-        "--no-nitp", "--load", init, "--pipeline-model-parallel-size", "2",
-        "--num-layers-per-virtual-pipeline-stage", "1"]
+    # the interleaved schedule (2 chunks of 1 layer per rank) under EP2 x PP2, NITP's layer 1
+    # routed from rank 0's first chunk to rank 1's last
+    groups.setdefault(4, {})["ep2xpp2-vpp2"] = MOE + EP2 + [
+        "--moe-token-dispatcher-type", DISPATCHERS[0], "--load", init,
+        "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"]
     launcher = Launcher(root, groups)
 
     def get(name):
@@ -113,15 +112,16 @@ def test_router_settings_under_tp_sp_ep_equal_single_process(moe_results):
 @pytest.mark.distributed
 def test_expert_parallel_under_the_interleaved_schedule_equals_single_process(moe_results):
     """EP2 x PP2 with 2 model chunks per rank (dense layer 1 and MoE layer 3 on rank 0, MoE
-    layers 2 and 4 on rank 1): losses, load-balancing loss, grad norm and the whole state
-    equal one process."""
-    ref_metrics, ref_state, _ = moe_results("ref-ntp")
-    metrics, state, _ = moe_results("ep2xpp2-vpp2-ntp")
+    layers 2 and 4 on rank 1), NITP's target routed from rank 0's first chunk: losses,
+    load-balancing loss, grad norm and the whole state equal one process."""
+    ref_metrics, ref_state, _ = moe_results(f"ref-{DISPATCHERS[0]}")
+    metrics, state, _ = moe_results("ep2xpp2-vpp2")
     for step, (got, want) in enumerate(zip(metrics, ref_metrics)):
-        assert got["load balancing loss"] > 0, step
-        for key in ("lm loss", "load balancing loss", "grad norm"):
+        assert got["load balancing loss"] > 0 and got["nitp loss"] > 0, step
+        assert got["routed bytes per step"] > 0, step
+        for key in ("lm loss", "nitp loss", "load balancing loss", "grad norm"):
             assert got[key] == pytest.approx(want[key], rel=1e-5), (step, key)
-    assert_state_close(state, ref_state, "ep2xpp2-vpp2-ntp")
+    assert_state_close(state, ref_state, "ep2xpp2-vpp2")
 
 
 @pytest.mark.slow
