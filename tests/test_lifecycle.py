@@ -60,8 +60,8 @@ MOE_SHAPE = ["--num-experts", "4", "--moe-ffn-hidden-size", "32",
              "--moe-shared-expert-intermediate-size", "32", "--moe-layer-freq", "[0]*1+[1]*2",
              "--moe-router-topk", "2"]
 #: The script's variables for one CPU process and a tiny budget; the built-in corpus.
-SMALL = dict(NNODES="1", GPUS_PER_NODE="1", TP="1", PP="1", EP="1", MICRO_BATCH_SIZE="1",
-             GLOBAL_BATCH_SIZE="2", VOCAB_SIZE="4096", SAVE_INTERVAL="2", DATA_PATH="")
+SMALL = dict(NNODES="1", GPUS_PER_NODE="1", TP="1", PP="1", VPP="-", EP="1",
+             MICRO_BATCH_SIZE="1", GLOBAL_BATCH_SIZE="2", VOCAB_SIZE="4096", SAVE_INTERVAL="2", DATA_PATH="")
 
 
 def _flags(argv: list) -> tuple[str, list, int]:
