@@ -54,6 +54,16 @@ ALLOWED = {
         "drawn from the CPU generator above (same pairs on any device)",
     (os.path.join("megatron_nitp", "training", "step.py"), "packed = packed.cpu()"):
         "after the last collective: the reduced report is read on the host",
+    (os.path.join("megatron_nitp", "training", "probe.py"),
+     'stats = stats.to("cpu")  # after the last collective: read on the host'):
+        "the probe's reduced sums are read on the host after the last all-reduce",
+    (os.path.join("megatron_nitp", "training", "probe.py"),
+     'cosines = cosines.to("cpu")  # after the last collective: read on the host'):
+        "the probe's reduced cosines are read on the host after the last all-reduce",
+    (os.path.join("megatron_nitp", "training", "probe.py"),
+     'self.reference[(microbatch, layer)] = x.to("cpu")  # host memory, not the GPU\'s'):
+        "the first probe's states are kept in host memory (G/DP x s x h per tapped layer), "
+        "never communicated; the drift moves them back to the device",
     (os.path.join("megatron_nitp", "training", "checkpoint", "state.py"),
      'state["step"] = torch.tensor(0.0, device="cpu")  # where torch\'s Adam keeps it'):
         "torch Adam keeps its per-parameter step on the CPU (capturable=False); a CUDA step "

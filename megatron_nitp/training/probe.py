@@ -1,4 +1,4 @@
-"""Per-layer geometry on a fixed probe batch (issue 25, item 2).
+"""Per-layer geometry on a fixed probe batch.
 
 Every ``--geometry-interval`` iterations (the iterations that measure the step's geometry), the
 probe runs one forward-only pass (as ``evaluate()``: the model in eval mode, no gradient,
@@ -98,8 +98,9 @@ class Probe:
         for m in range(args.num_microbatches):
             first = (m * dp_size + dp_rank) * mbs  # the micro-batch's first sample
             batch = next(source)
-            samples = torch.arange(first, first + mbs).unsqueeze(1)
-            batch[POSITION] = samples * s + torch.arange(s).unsqueeze(0)
+            where = batch["tokens"].device  # the batch's own (moved to device() with it)
+            samples = torch.arange(first, first + mbs, device=where).unsqueeze(1)
+            batch[POSITION] = samples * s + torch.arange(s, device=where).unsqueeze(0)
             batches.append(batch)
         return cls(batches, args, held_out)
 
@@ -142,16 +143,18 @@ class Probe:
             torch.distributed.all_reduce(
                 tensor, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
         values = {}
-        for layer, row in zip(self.layers, stats.cpu()):
+        stats = stats.to("cpu")  # after the last collective: read on the host
+        for layer, row in zip(self.layers, stats):
             values.update(_geometry(layer, row, h))
         if self.term is None:
             return values, None
-        cosines = cosines.cpu()
+        cosines = cosines.to("cpu")  # after the last collective: read on the host
         carried = cosines[0][cosines[1] > 0]
         if carried.numel():
             values[f"{HISTOGRAM} mean"] = carried.mean().item()
             quantiles = torch.quantile(carried, torch.tensor([q / 100 for q in PERCENTILES],
-                                                             dtype=torch.float64))
+                                                             dtype=torch.float64,
+                                                             device=carried.device))
             for q, value in zip(PERCENTILES, quantiles.tolist()):
                 values[f"{HISTOGRAM} p{q}"] = value
         return values, carried
@@ -184,7 +187,7 @@ class Probe:
             x = states.transpose(0, 1).reshape(-1, states.shape[-1])[counted].double()
             first = (microbatch, layer) not in self.reference
             if first:
-                self.reference[(microbatch, layer)] = x.cpu()
+                self.reference[(microbatch, layer)] = x.to("cpu")  # host memory, not the GPU's
             stats[i] += _sums(x, None if first else self.reference[(microbatch, layer)])
         if self.term is not None and self.term in output.aux:
             term = output.aux[self.term]
@@ -221,7 +224,8 @@ def _geometry(layer, row: torch.Tensor, h: int) -> dict[str, float]:
         return {}
     centred = gram - torch.outer(total, total) / n  # sum_i (x_i - mean)(x_i - mean)^T
     eig = torch.linalg.eigvalsh((centred + centred.T) / 2).clamp_min(0)
-    p = eig / eig.sum() if eig.sum() > 0 else torch.ones(1, dtype=torch.float64)
+    p = eig / eig.sum() if eig.sum() > 0 else torch.ones(1, dtype=torch.float64,
+                                                          device=eig.device)
     p = p[p > 0]
     name = layer_name(layer)
     return {
