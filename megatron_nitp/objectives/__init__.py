@@ -22,6 +22,8 @@ from :func:`build_objectives`. The model captures and routes its taps and calls 
 
 from __future__ import annotations
 
+import functools
+
 from megatron_nitp.nitp.config import NITPConfig
 from megatron_nitp.objectives.base import AuxTerm, LossInputs, ModelOutput, Objective
 from megatron_nitp.objectives.cosine import CosineRegularization
@@ -49,8 +51,10 @@ def representation_objectives(nitp: NITPConfig) -> tuple[Objective, ...]:
     return tuple(terms)
 
 
+@functools.lru_cache(maxsize=8)
 def build_objectives(config) -> tuple[Objective, ...]:
-    """The auxiliary objectives of a run config: the model's terms, then MTP."""
+    """The auxiliary objectives of a run config: the model's terms, then MTP. Built once per
+    (frozen, hashable) config: every step of a run asks for the same objects."""
     objectives = list(representation_objectives(config.nitp_config))
     if config.mtp_num_layers:
         objectives.append(MultiTokenPrediction(config.mtp_num_layers,
