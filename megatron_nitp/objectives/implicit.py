@@ -59,7 +59,9 @@ class ImplicitTokenPrediction(Objective):
     def per_token_loss(self, inputs: LossInputs, module) -> AuxTerm:
         loss, mask = implicit_token_loss(
             module(inputs.hidden), inputs.taps[self.layer], inputs.loss_mask,
-            shift=self.shift, kind=self.nitp.loss_kind, stop_gradient=self.nitp.stop_gradient,
+            # the tap is already detached where it was captured (--nitp-no-stop-gradient keeps
+            # its graph): one place decides, so a capture that forgot it would show
+            shift=self.shift, kind=self.nitp.loss_kind, stop_gradient=False,
             document_mask=inputs.inputs.get(self.document_key), shards=inputs.shards)
         return AuxTerm(loss, mask)
 
