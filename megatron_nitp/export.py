@@ -29,7 +29,7 @@ def load_checkpoint_model(checkpoint_root: str, bf16: bool = False):
 
     The model computes in fp32 whatever precision it was trained in (a ``--bf16`` run's
     weights, already bf16-rounded, are held in fp32), so that evaluations of bf16 and fp32 runs
-    compare like with like; ``bf16=True`` builds it in bf16 instead (``config.bf16`` says
+    compare like with like; ``bf16=True`` builds it in bf16 instead (``config.training.bf16`` says
     which)."""
     from megatron_nitp.config import ConfigError
     from megatron_nitp.config.stored import config_from_meta
@@ -75,7 +75,7 @@ _HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_token
 
 
 def export_tokenizer(config, out_dir: str) -> list[str]:
-    """Writes the checkpoint's tokenizer (``config.tokenizer_type`` / ``tokenizer_model``, as
+    """Writes the checkpoint's tokenizer (``config.data.tokenizer_type`` / ``tokenizer_model``, as
     the stored config records them; a config without the type is SentencePiece) into the export,
     so that ``transformers.AutoTokenizer.from_pretrained(out_dir)`` (and lm-eval's own ``hf``
     model) encodes as training did, and records it in :data:`TOKENIZER_RECORD`: SentencePiece as
@@ -86,7 +86,7 @@ def export_tokenizer(config, out_dir: str) -> list[str]:
     skipped (the record says none). Returns the files written."""
     import shutil
 
-    kind, source = config.tokenizer_type, config.tokenizer_model
+    kind, source = config.data.tokenizer_type, config.data.tokenizer_model
     copied: list[str] = []
     merge_file = config.data.merge_file
     if kind == "GPT2BPETokenizer" and source and merge_file and os.path.exists(source) \

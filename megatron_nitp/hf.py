@@ -70,8 +70,8 @@ class Rule:
 
 def _shape(args) -> tuple[int, int, int, int]:
     """(heads, key/value groups, head dim, hidden)."""
-    heads, groups = args.num_attention_heads, args.num_query_groups or args.num_attention_heads
-    return heads, groups, args.kv_channels or args.hidden_size // heads, args.hidden_size
+    heads, groups = args.model.num_attention_heads, args.model.num_query_groups or args.model.num_attention_heads
+    return heads, groups, args.model.kv_channels or args.model.hidden_size // heads, args.model.hidden_size
 
 
 def _qkv_rule(ours: str, theirs: tuple, args) -> Rule:
@@ -112,8 +112,8 @@ def _stack_rule(ours: list, theirs: str) -> Rule:
 def rules(args) -> list[Rule]:
     """Every tensor of the decoder (no NITP projector, no MTP block) with its counterpart."""
     out = [Rule(("embedding.word_embeddings.weight",), ("model.embed_tokens.weight",))]
-    pattern = args.derived.moe_layer_pattern or [0] * args.num_layers
-    for i in range(args.num_layers):
+    pattern = args.derived.moe_layer_pattern or [0] * args.model.num_layers
+    for i in range(args.model.num_layers):
         p, hf = f"decoder.layers.{i}.", f"model.layers.{i}."
         attn = [hf + f"self_attn.{x}_proj" for x in "qkv"]
         out += [
@@ -123,7 +123,7 @@ def rules(args) -> list[Rule]:
             Rule((p + "self_attention.linear_proj.weight",), (hf + "self_attn.o_proj.weight",)),
             Rule((p + "pre_mlp_layernorm.weight",), (hf + "post_attention_layernorm.weight",)),
         ]
-        if args.add_qkv_bias:
+        if args.model.add_qkv_bias:
             out.append(_qkv_rule(p + "self_attention.linear_qkv.bias",
                                  tuple(a + ".bias" for a in attn), args))
         if not pattern[i]:
@@ -131,14 +131,14 @@ def rules(args) -> list[Rule]:
                               hf + "mlp.up_proj.weight"),
                     Rule((p + "mlp.linear_fc2.weight",), (hf + "mlp.down_proj.weight",))]
             continue
-        experts = [p + f"mlp.experts.local_experts.{j}." for j in range(args.num_moe_experts)]
+        experts = [p + f"mlp.experts.local_experts.{j}." for j in range(args.moe.num_moe_experts)]
         out += [
             Rule((p + "mlp.router.weight",), (hf + "mlp.gate.weight",)),
             _stack_rule([e + "linear_fc1.weight" for e in experts],
                         hf + "mlp.experts.gate_up_proj"),
             _stack_rule([e + "linear_fc2.weight" for e in experts], hf + "mlp.experts.down_proj"),
         ]
-        if args.moe_shared_expert_intermediate_size:
+        if args.moe.moe_shared_expert_intermediate_size:
             shared = hf + "mlp.shared_expert."
             out += [
                 _glu_rule(p + "mlp.shared_experts.linear_fc1.weight", shared + "gate_proj.weight",
@@ -150,7 +150,7 @@ def rules(args) -> list[Rule]:
                      lambda ts: [ts[0] / 2]),
             ]
     out.append(Rule(("decoder.final_layernorm.weight",), ("model.norm.weight",)))
-    if args.untie_embeddings_and_output_weights:
+    if args.model.untie_embeddings_and_output_weights:
         out.append(Rule(("output_layer.weight",), ("lm_head.weight",)))
     return out
 
@@ -239,42 +239,42 @@ def hf_config(args) -> dict:
     for a MoE model, ``Qwen2MoeForCausalLM``."""
     heads, groups, head_dim, hidden = _shape(args)
     moe = bool(args.moe.num_moe_experts)
-    model_type = "qwen2_moe" if moe else "qwen2" if args.add_qkv_bias else "llama"
+    model_type = "qwen2_moe" if moe else "qwen2" if args.model.add_qkv_bias else "llama"
     config = {
         "architectures": [ARCHITECTURES[model_type]],
         "model_type": model_type,
         "hidden_size": hidden,
-        "intermediate_size": args.ffn_hidden_size,
-        "num_hidden_layers": args.num_layers,
+        "intermediate_size": args.model.ffn_hidden_size,
+        "num_hidden_layers": args.model.num_layers,
         "num_attention_heads": heads,
         "num_key_value_heads": groups,
         "head_dim": head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": args.max_position_embeddings,
-        "rms_norm_eps": args.norm_epsilon,
-        "rope_theta": float(args.rotary_base),
-        "rope_parameters": {"rope_type": "default", "rope_theta": float(args.rotary_base)},
-        "vocab_size": args.padded_vocab_size,
-        "tie_word_embeddings": not args.untie_embeddings_and_output_weights,
+        "max_position_embeddings": args.model.max_position_embeddings,
+        "rms_norm_eps": args.model.norm_epsilon,
+        "rope_theta": float(args.model.rotary_base),
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(args.model.rotary_base)},
+        "vocab_size": args.derived.padded_vocab_size,
+        "tie_word_embeddings": not args.model.untie_embeddings_and_output_weights,
         "attention_bias": False,
         "mlp_bias": False,
         "torch_dtype": "float32",
     }
     if moe:
-        pattern = list(args.moe_layer_pattern)
+        pattern = list(args.derived.moe_layer_pattern)
         config.update({
-            "qkv_bias": bool(args.add_qkv_bias),
-            "num_experts": args.num_moe_experts,
-            "num_experts_per_tok": args.moe_router_topk,
-            "moe_intermediate_size": args.moe_ffn_hidden_size,
-            "shared_expert_intermediate_size": args.moe_shared_expert_intermediate_size or 0,
+            "qkv_bias": bool(args.model.add_qkv_bias),
+            "num_experts": args.moe.num_moe_experts,
+            "num_experts_per_tok": args.moe.moe_router_topk,
+            "moe_intermediate_size": args.moe.moe_ffn_hidden_size,
+            "shared_expert_intermediate_size": args.moe.moe_shared_expert_intermediate_size or 0,
             "norm_topk_prob": True,
             "decoder_sparse_step": 1,
             "mlp_only_layers": [i for i, is_moe in enumerate(pattern) if not is_moe],
             "use_sliding_window": False,
             "output_router_logits": False,
         })
-        if not args.moe_shared_expert_intermediate_size:
+        if not args.moe.moe_shared_expert_intermediate_size:
             raise HFFormatError("Qwen2-MoE export needs the shared expert (every Qwen2-MoE "
                                 "layer has one); this model has none.")
     return config
@@ -373,14 +373,14 @@ def import_model(argv: list[str], vocab_size: int):
     from megatron_nitp.training.model import build_model
 
     args = parse_args(argv)
-    tp = args.tensor_model_parallel_size
+    tp = args.parallel.tensor_model_parallel_size
     args = args.replace(make_vocab_size_divisible_by=vocab_divisor(vocab_size, tp))
-    target = resolve(args, tp * args.pipeline_model_parallel_size * args.context_parallel_size)
+    target = resolve(args, tp * args.parallel.pipeline_model_parallel_size * args.parallel.context_parallel_size)
     one = config_from_meta({"config": target.to_dict()})
     initialize_distributed()
-    set_seed(one.seed)
+    set_seed(one.training.seed)
     model = build_model(one, pre_process=True, post_process=True)
-    initialize_weights(model, one.seed)
+    initialize_weights(model, one.training.seed)
     return target, one, model
 
 

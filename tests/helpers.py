@@ -35,8 +35,8 @@ def tiny_args(*extra):
 
     args = parse_args(TINY_MODEL + ["--nitp-target-layer", "1", "--train-iters", "4"]
                       + list(extra))
-    world = (args.tensor_model_parallel_size * args.pipeline_model_parallel_size
-             * args.context_parallel_size)
+    world = (args.parallel.tensor_model_parallel_size * args.parallel.pipeline_model_parallel_size
+             * args.parallel.context_parallel_size)
     return resolve(args, world, 128)
 
 
@@ -266,7 +266,7 @@ def measured_counts(name: str) -> dict:
     total = embedding + output + final_norm + n_dense * dense_layer + n_moe * moe_layer
     inactive = 0
     if moe:
-        inactive = n_moe * routed * (1 - args.moe_router_topk / args.num_moe_experts)
+        inactive = n_moe * routed * (1 - args.moe.moe_router_topk / args.moe.num_moe_experts)
     del model
     return {
         "preset": name,
@@ -277,10 +277,10 @@ def measured_counts(name: str) -> dict:
         "layers": full_layers,
         "dense_layers": n_dense,
         "moe_layers": n_moe,
-        "hidden_size": args.hidden_size,
-        "experts": f"{args.num_moe_experts}+{1 if args.moe_shared_expert_intermediate_size else 0}"
-                   f" top-{args.moe_router_topk}" if moe else "-",
-        "tied_embeddings": not args.untie_embeddings_and_output_weights,
+        "hidden_size": args.model.hidden_size,
+        "experts": f"{args.moe.num_moe_experts}+{1 if args.moe.moe_shared_expert_intermediate_size else 0}"
+                   f" top-{args.moe.moe_router_topk}" if moe else "-",
+        "tied_embeddings": not args.model.untie_embeddings_and_output_weights,
         "nitp_target_layer": preset["nitp_target_layer"],
         "nitp_loss_weight": preset["nitp_loss_weight"],
         "lr": preset["lr"],

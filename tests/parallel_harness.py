@@ -206,7 +206,7 @@ def evaluate_without_side_effects(run, args):
     with params_synced(run.model):
         before = _local_snapshot(run)
         routed = _routed(run.model, "routed_bytes")
-        metrics = evaluate(run.model, run.valid_iter(), args, args.eval_iters)
+        metrics = evaluate(run.model, run.valid_iter(), args, args.logging.eval_iters)
         routed = torch.tensor([_routed(run.model, "routed_bytes") - routed],
                               dtype=torch.float64)
         # the per-layer geometry probe (training/probe.py) on the validation data's first batch
@@ -285,7 +285,7 @@ def run_layout(out, argv):
         save_checkpoint(save_init, 0, run.model, run.optimizer, run.scheduler, args)
     history = []
     evaluation = None
-    for iteration in range(0 if resume else args.train_iters):
+    for iteration in range(0 if resume else args.training.train_iters):
         metrics = train_step(run.model, run.optimizer, run.scheduler, run.train_iter, args,
                              iteration, geometry=True)
         # the most layer-k send-buffer bytes any rank held at once during this step
@@ -300,7 +300,7 @@ def run_layout(out, argv):
     training_bytes = routed.item() - (evaluation["routed bytes"] + evaluation["probe routed bytes"]
                                       if evaluation else 0.0)
     for metrics in history:
-        metrics["routed bytes per step"] = training_bytes / args.train_iters
+        metrics["routed bytes per step"] = training_bytes / args.training.train_iters
     if save_final:
         save_checkpoint(save_final, run.start_iteration + len(history), run.model,
                         run.optimizer, run.scheduler, args,

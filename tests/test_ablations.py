@@ -14,8 +14,8 @@ from tests.helpers import tiny_args, nitp_terms
 
 def _inputs(args, seed=0):
     g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, 100, (2, args.seq_length), generator=g)
-    return tokens, torch.arange(args.seq_length).expand(2, -1), torch.ones(2, args.seq_length)
+    tokens = torch.randint(0, 100, (2, args.model.seq_length), generator=g)
+    return tokens, torch.arange(args.model.seq_length).expand(2, -1), torch.ones(2, args.model.seq_length)
 
 
 def _model(args, **nitp):
@@ -70,7 +70,7 @@ def test_loss_kinds_use_their_distance(dist, kind):
 
 def test_projector_kinds(dist):
     args = tiny_args()
-    d = args.hidden_size
+    d = args.model.hidden_size
     assert sum(p.numel() for p in _model(args, projector="linear").projector.parameters()) == d * d
     none = _model(args, projector="none")
     assert sum(p.numel() for p in none.projector.parameters()) == 0

@@ -147,16 +147,16 @@ def check_accounting(dp_rank: int, dp_size: int) -> None:
                      "--global-batch-size", str(MBS * NUM_MICROBATCHES * dp_size),
                      "--seq-length", str(SEQ), "--transformer-impl", "local")
     args = resolve(args, dp_size, VOCAB)
-    assert args.padded_vocab_size == VOCAB
-    assert args.num_microbatches == NUM_MICROBATCHES and args.data_parallel_size == dp_size
-    assert not (args.bf16 or args.fp16)
+    assert args.derived.padded_vocab_size == VOCAB
+    assert args.derived.num_microbatches == NUM_MICROBATCHES and args.derived.data_parallel_size == dp_size
+    assert not (args.training.bf16 or args.training.fp16)
     assert args.nitp_config.weight_at(0) == LAMBDA
     assert args.nitp_config.shift == 1
 
-    set_seed(args.seed)
+    set_seed(args.training.seed)
     net = build_model(args)
-    initialize_weights(net, args.seed)
-    set_seed(args.seed)
+    initialize_weights(net, args.training.seed)
+    set_seed(args.training.seed)
     plain = build_model(args)
     plain.load_state_dict(net.state_dict())
     plain.train()
@@ -234,10 +234,10 @@ def check_validation(dp_rank: int, dp_size: int) -> None:
                      "--hidden-dropout", "0.2", "--attention-dropout", "0.2",
                      "--transformer-impl", "local")
     args = resolve(args, dp_size, VOCAB)
-    assert args.num_microbatches == NUM_MICROBATCHES and args.padded_vocab_size == VOCAB
-    set_seed(args.seed)
+    assert args.derived.num_microbatches == NUM_MICROBATCHES and args.derived.padded_vocab_size == VOCAB
+    set_seed(args.training.seed)
     net = build_model(args)
-    initialize_weights(net, args.seed)
+    initialize_weights(net, args.training.seed)
     plain = build_model(args)
     plain.load_state_dict(net.state_dict())
     model = wrap_model(net, args)

@@ -25,10 +25,10 @@ def _losses_and_grads(backend: str, *flags):
     cores = {type(m).__name__ for n, m in model.named_modules() if n.endswith("core_attention")}
     assert cores == {"SDPAttention" if backend == "sdpa" else "DotProductAttention"}, cores
     g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, 100, (2, args.seq_length), generator=g)
-    positions = torch.arange(args.seq_length).expand(2, -1)
+    tokens = torch.randint(0, 100, (2, args.model.seq_length), generator=g)
+    positions = torch.arange(args.model.seq_length).expand(2, -1)
     lm, nitp, mask, _ = nitp_terms(model(tokens, positions, None, labels=tokens,
-                              loss_mask=torch.ones(2, args.seq_length)))
+                              loss_mask=torch.ones(2, args.model.seq_length)))
     loss = lm.mean() + nitp.sum() / mask.sum()
     loss.backward()
     return lm.mean().item(), nitp.sum().item(), {
@@ -50,8 +50,8 @@ def test_sdpa_with_attention_dropout_trains_and_differs_from_eval(dist):
     args = tiny_args("--attention-backend", "sdpa", "--attention-dropout", "0.5")
     set_seed(6)
     model = build_model(args, NITPConfig(target_layer=1), True, True)
-    tokens = torch.randint(0, 100, (2, args.seq_length), generator=torch.Generator().manual_seed(1))
-    positions = torch.arange(args.seq_length).expand(2, -1)
+    tokens = torch.randint(0, 100, (2, args.model.seq_length), generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(args.model.seq_length).expand(2, -1)
     with torch.no_grad():
         train = model(tokens, positions, None)
         model.eval()

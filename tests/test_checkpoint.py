@@ -349,9 +349,9 @@ def test_nitp_json_stores_the_config_once_and_older_forms_still_load():
     for stored in (older, oldest):
         assert check_compatible(stored, args) == []
         rebuilt = config_from_meta(stored)
-        assert rebuilt.model.hidden_size == args.hidden_size
-        assert rebuilt.padded_vocab_size == args.padded_vocab_size
-    assert config_from_meta(meta).padded_vocab_size == args.padded_vocab_size
+        assert rebuilt.model.hidden_size == args.model.hidden_size
+        assert rebuilt.derived.padded_vocab_size == args.derived.padded_vocab_size
+    assert config_from_meta(meta).derived.padded_vocab_size == args.derived.padded_vocab_size
     changed = json.loads(json.dumps(meta))
     changed["config"]["model"]["hidden_size"] *= 2
     with pytest.raises(CheckpointError, match="model.hidden_size: checkpoint 64, this run 32"):
@@ -470,7 +470,7 @@ def test_async_save_with_nothing_to_save_is_refused(capsys):
         parse_args(TRAIN_FLAGS + ["--train-iters", "3", "--async-save", "--no-save"])
     assert "--async-save with --no-save" in capsys.readouterr().err
     args = parse_args(TRAIN_FLAGS + ["--train-iters", "3", "--async-save", "--no-verify"])
-    assert args.async_save and not args.verify
+    assert args.checkpoint.async_save and not args.checkpoint.verify
 
 
 @pytest.mark.distributed

@@ -261,7 +261,7 @@ def tiny_model(dist):
     from megatron_nitp.training.optimizer import build_optimizer
 
     args = tiny_args("--use-distributed-optimizer")
-    set_seed(args.seed)
+    set_seed(args.training.seed)
     model = wrap_model(build_model(args), args)
     optimizer, scheduler = build_optimizer(model, args.training, args.schedule, args.derived)
     materialize_adam_state(optimizer)
@@ -430,4 +430,4 @@ def test_fully_reshardable_without_the_distributed_optimizer_is_refused(capsys):
         parse_args(TINY + ["--dist-ckpt-optim-fully-reshardable"])
     assert "add --use-distributed-optimizer or drop the flag" in capsys.readouterr().err
     assert parse_args(TINY + ["--dist-ckpt-optim-fully-reshardable",
-                              "--use-distributed-optimizer"]).dist_ckpt_optim_fully_reshardable
+                              "--use-distributed-optimizer"]).checkpoint.dist_ckpt_optim_fully_reshardable

@@ -78,20 +78,23 @@ def test_the_config_is_frozen_and_changes_make_a_new_one():
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.derived = None
     wider = config.replace(hidden_size=64, nitp_target_layer=2)
-    assert (config.hidden_size, config.nitp_target_layer) == (32, 1)
+    assert (config.model.hidden_size, config.nitp_config.target_layer) == (32, 1)
     assert (wider.model.hidden_size, wider.nitp_config.target_layer) == (64, 2)
     with pytest.raises(KeyError, match="unknown setting 'hiden_size'"):
         config.replace(hiden_size=64)
 
 
-def test_flat_view_names_each_group_field():
+def test_settings_are_read_by_section_and_by_flag_name_only_through_setting():
     config = parse_args(TINY + ["--num-experts", "4", "--no-nitp"], "moe")
-    assert config.num_moe_experts == config.moe.num_moe_experts == 4
-    assert config.nitp is False and config.nitp_config.enabled is False
-    assert config.ffn_hidden_size == 352  # the preset's
-    assert complete(config.replace(ffn_hidden_size=None)).ffn_hidden_size == 4 * 32
-    with pytest.raises(AttributeError, match="derived: call megatron_nitp.config.resolve"):
-        config.num_microbatches
+    assert config.setting("num_moe_experts") == config.moe.num_moe_experts == 4
+    assert config.setting("nitp") is False and config.nitp_config.enabled is False
+    assert config.model.ffn_hidden_size == 352  # the preset's
+    assert complete(config.replace(ffn_hidden_size=None)).model.ffn_hidden_size == 4 * 32
+    with pytest.raises(AttributeError):  # no flat view: components read their section
+        config.hidden_size  # noqa: B018
+    with pytest.raises(KeyError, match="no setting 'hiden_size'"):
+        config.setting("hiden_size")
+    assert config.derived is None  # derived values exist after resolve only
 
 
 def test_resolve_computes_every_derived_value_and_is_pure():
@@ -166,8 +169,8 @@ def test_json_round_trip_is_lossless():
     text = json.dumps(config.to_dict())
     back = RunConfig.from_dict(json.loads(text))
     assert back == config
-    assert back.data_path == ("0.3", "a", "0.7", "b")
-    assert back.moe_layer_pattern == config.moe_layer_pattern
+    assert back.data.data_path == ("0.3", "a", "0.7", "b")
+    assert back.derived.moe_layer_pattern == config.derived.moe_layer_pattern
 
 
 def test_every_value_says_where_it_came_from():
@@ -209,5 +212,5 @@ def test_a_run_prints_and_keeps_its_configuration(dist, tmp_path, capsys):
     line = next(x for x in out.splitlines() if x.strip().startswith("hidden_size "))
     assert line.split()[2] == "32" and line.split()[-1] == "flag"
     saved = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
-    assert saved.hidden_size == 32 and saved.source("min_lr") == "preset tiny-dense"
+    assert saved.model.hidden_size == 32 and saved.source("min_lr") == "preset tiny-dense"
     assert summary["preset"].startswith("tiny-dense (default; flags override part of it")

@@ -377,22 +377,22 @@ def test_data_files_give_the_datasets_of_the_equivalent_flags(corpus, tokenizer,
     (tmp_path / "blend.txt").write_text(f"{blend[0]} {blend[1]}\n  {blend[2]}\t{blend[3]}\n")
     from_file = parse_args(common + ["--data-args-path", str(tmp_path / "blend.txt")])
     from_flags = parse_args(common + ["--data-path", *blend])
-    assert from_file.data_path == from_flags.data_path == tuple(blend)
+    assert from_file.data.data_path == from_flags.data.data_path == tuple(blend)
     assert from_file.source("data_path") == "file --data-args-path"
     (tmp_path / "split.json").write_text(json.dumps(
         {"train": f"0.5 {corpus['prefix']} 0.5 {second}", "valid": [second], "test": None}))
     per_split = parse_args(common + ["--per-split-data-args-path", str(tmp_path / "split.json")])
     per_flags = parse_args(common + ["--train-data-path", "0.5", corpus["prefix"], "0.5", second,
                                      "--valid-data-path", second])
-    assert [per_split.train_data_path, per_split.valid_data_path, per_split.test_data_path] == [
-        per_flags.train_data_path, per_flags.valid_data_path, None]
+    assert [per_split.data.train_data_path, per_split.data.valid_data_path, per_split.data.test_data_path] == [
+        per_flags.data.train_data_path, per_flags.data.valid_data_path, None]
 
     def build(config):
-        per = [config.train_data_path, config.valid_data_path, config.test_data_path]
-        return build_datasets(list(config.data_path or ()), tokenizer, SEQ_LENGTH, 1,
+        per = [config.data.train_data_path, config.data.valid_data_path, config.data.test_data_path]
+        return build_datasets(list(config.data.data_path or ()), tokenizer, SEQ_LENGTH, 1,
                               "90,10,0", (16, 4, 0), str(tmp_path / "index-cache"),
                               per_split=([list(p) if p else None for p in per]
-                                         if config.train_data_path else None))
+                                         if config.data.train_data_path else None))
 
     for a, b in ((from_file, from_flags), (per_split, per_flags)):
         (train_a, valid_a, _), (train_b, valid_b, _) = build(a), build(b)
@@ -443,4 +443,4 @@ def test_data_files_errors_name_the_file_and_the_format(tmp_path, capsys):
     from megatron_nitp.data.datasets import check_data_prefixes
 
     with pytest.raises(FileNotFoundError, match="nothing_text_document.bin"):
-        check_data_prefixes(get_blend_from_list(list(config.data_path))[0])
+        check_data_prefixes(get_blend_from_list(list(config.data.data_path))[0])

@@ -81,13 +81,13 @@ def test_batches_carry_the_hand_built_positions_masks_and_loss_mask(short_docume
 
 def test_flags_default_off_and_the_nitp_boundary_follows_the_attention_mask():
     args = tiny_args()
-    assert not (args.reset_position_ids or args.reset_attention_mask or args.eod_mask_loss)
-    assert args.nitp_document_boundary == "allow" and not args.nitp_config.masks_documents
+    assert not (args.data.reset_position_ids or args.data.reset_attention_mask or args.data.eod_mask_loss)
+    assert args.nitp_config.document_boundary == "allow" and not args.nitp_config.masks_documents
     args = tiny_args(*DOCUMENTS)
-    assert args.reset_position_ids and args.reset_attention_mask and args.eod_mask_loss
-    assert args.nitp_document_boundary == "mask" and args.nitp_config.masks_documents
+    assert args.data.reset_position_ids and args.data.reset_attention_mask and args.data.eod_mask_loss
+    assert args.nitp_config.document_boundary == "mask" and args.nitp_config.masks_documents
     assert tiny_args("--reset-attention-mask", "--nitp-document-boundary",
-                     "allow").nitp_document_boundary == "allow"
+                     "allow").nitp_config.document_boundary == "allow"
     assert tiny_args("--nitp-document-boundary", "mask").nitp_config.masks_documents
     # shift 0 pairs t with itself: nothing crosses a boundary
     assert not tiny_args(*DOCUMENTS, "--nitp-shift", "0").nitp_config.masks_documents

@@ -26,10 +26,10 @@ def test_a_bf16_checkpoint_is_loaded_in_fp32_unless_asked(bf16_checkpoint):
     from megatron_nitp.export import load_checkpoint_model
 
     model, config = load_checkpoint_model(bf16_checkpoint)
-    assert not config.bf16
+    assert not config.training.bf16
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     low, low_config = load_checkpoint_model(bf16_checkpoint, bf16=True)
-    assert low_config.bf16 and low.embedding.word_embeddings.weight.dtype == torch.bfloat16
+    assert low_config.training.bf16 and low.embedding.word_embeddings.weight.dtype == torch.bfloat16
     for (name, a), (_, b) in zip(model.named_parameters(), low.named_parameters()):
         assert torch.equal(a.to(b.dtype), b), name  # the same (bf16-rounded) weights
 

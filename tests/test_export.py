@@ -31,7 +31,7 @@ def test_export_loads_in_transformers_with_equal_logits(dist, tmp_path, variant)
     hf.eval()
     baseline = sum(p.numel() for n, p in ours.named_parameters() if not n.startswith("projector."))
     assert sum(p.numel() for p in hf.parameters()) == baseline
-    assert sum(p.numel() for p in ours.projector.parameters()) == 12 * args.hidden_size ** 2
+    assert sum(p.numel() for p in ours.projector.parameters()) == 12 * args.model.hidden_size ** 2
 
     tokens = torch.randint(0, 4000, (2, 24), generator=torch.Generator().manual_seed(0))
     positions = torch.arange(24).expand(2, -1)

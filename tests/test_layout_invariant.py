@@ -167,8 +167,8 @@ def test_rules_follow_megatron(dist):
                      "--num-attention-heads", "4")
     model = build_model(args, NITPConfig(target_layer=1), True, True)
     initialize_weights(model, 3)
-    std = args.init_method_std
-    scaled = std / (2 * args.num_layers) ** 0.5
+    std = args.model.init_method_std
+    scaled = std / (2 * args.model.num_layers) ** 0.5
     params = dict(model.named_parameters())
     for name, param in params.items():
         if "norm" in name:

@@ -273,8 +273,8 @@ def test_export_model_is_built_without_the_training_kernels():
     meta = {"config": trained.to_dict(), "model": {"padded_vocab_size": 152064}}
     with kernels.simulate(**ENVIRONMENTS["NGC image (TE and Apex)"]):
         config = config_from_meta(meta)
-    assert not (config.moe_grouped_gemm or config.moe_permute_fusion or config.fp8
-                or config.overlap_param_gather or config.overlap_grad_reduce or config.bf16)
-    assert config.gradient_accumulation_fusion is None  # auto: decided on the exporting machine
-    assert (config.expert_model_parallel_size, config.expert_tensor_parallel_size) == (1, None)
-    assert config.num_moe_experts == trained.num_moe_experts and config.padded_vocab_size == 152064
+    assert not (config.performance.moe_grouped_gemm or config.performance.moe_permute_fusion or config.performance.fp8
+                or config.performance.overlap_param_gather or config.performance.overlap_grad_reduce or config.training.bf16)
+    assert config.performance.gradient_accumulation_fusion is None  # auto: decided on the exporting machine
+    assert (config.parallel.expert_model_parallel_size, config.parallel.expert_tensor_parallel_size) == (1, None)
+    assert config.moe.num_moe_experts == trained.moe.num_moe_experts and config.derived.padded_vocab_size == 152064

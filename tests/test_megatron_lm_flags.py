@@ -49,8 +49,8 @@ def test_a_megatron_lm_command_line_is_the_dense_0_5b_model():
                  "num_query_groups", "kv_channels", "seq_length", "add_qkv_bias",
                  "untie_embeddings_and_output_weights", "vocab_size", "nitp_target_layer"):
         assert getattr(config, name) == getattr(preset, name), name
-    assert config.train_iters == 5120000 // 512 == 10000
-    assert config.lr_warmup_iters == 100  # 0.01 of the 10,000 decay iterations
+    assert config.training.train_iters == 5120000 // 512 == 10000
+    assert config.schedule.lr_warmup_iters == 100  # 0.01 of the 10,000 decay iterations
     total = parameter_counts(config.flat())["total"]
     assert total == parameter_counts(preset.flat())["total"]
     assert 0.49e9 < total < 0.5e9  # the paper's "0.5B" (Qwen2-0.5B: 494M)
@@ -96,8 +96,8 @@ def test_the_sample_based_schedule_equals_megatron_lms(style):
         "--lr-wsd-decay-samples", str(wsd), "--lr-warmup-fraction", str(fraction),
         "--lr", "1e-3", "--min-lr", "1e-5", "--lr-decay-style", style, "--nitp-target-layer",
         "1"]), 1, 128)
-    assert (config.train_iters, config.lr_decay_iters, config.lr_wsd_decay_iters,
-            config.lr_warmup_iters) == (120, 100, 20, 10)
+    assert (config.training.train_iters, config.derived.lr_decay_iters, config.derived.lr_wsd_decay_iters,
+            config.schedule.lr_warmup_iters) == (120, 100, 20, 10)
 
     def optimizer():
         return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
@@ -109,7 +109,7 @@ def test_the_sample_based_schedule_equals_megatron_lms(style):
         wd_incr_steps=train, wd_incr_style="constant", wsd_decay_steps=wsd,
         lr_wsd_decay_style="linear")
     lrs = []
-    for _ in range(config.train_iters):
+    for _ in range(config.training.train_iters):
         ours.step(increment=1)
         theirs.step(increment=gbs)
         a, b = ours.optimizer.param_groups[0]["lr"], theirs.optimizer.param_groups[0]["lr"]
@@ -199,7 +199,7 @@ def test_gpt2_bpe_tokenizer_equals_gpt2s_reference_encoder(gpt2_files, tmp_path,
         assert tokenizer.detokenize(ids) == text
     again = build_tokenizer("GPT2BPETokenizer", gpt2_files["vocab"], None,
                             merge_file=gpt2_files["merges"])
-    assert len(os.listdir(tmp_path / "tokenizers")) == 1 and again.vocab_size == len(vocab)
+    assert len(os.listdir(tmp_path / "tokenizers")) == 1 and again.derived.vocab_size == len(vocab)
 
 
 @pytest.mark.distributed

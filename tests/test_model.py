@@ -17,8 +17,8 @@ def _numel(module):
 
 def _batch(args, seed=0):
     g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, 100, (2, args.seq_length), generator=g)
-    positions = torch.arange(args.seq_length).expand(2, -1)
+    tokens = torch.randint(0, 100, (2, args.model.seq_length), generator=g)
+    positions = torch.arange(args.model.seq_length).expand(2, -1)
     return tokens, positions
 
 
@@ -38,14 +38,14 @@ def test_inference_model_has_exactly_the_baseline_parameters(dist):
     set_seed(1)
     baseline = GPTModel(
         transformer_config(args), layer_spec(transformer_config(args)),
-        vocab_size=args.padded_vocab_size, max_sequence_length=args.seq_length,
+        vocab_size=args.derived.padded_vocab_size, max_sequence_length=args.model.seq_length,
         share_embeddings_and_output_weights=True, position_embedding_type="rope",
     )
     inference = build_model(args, NITPConfig(enabled=False), True, True)
     training = build_model(args, NITPConfig(target_layer=1), True, True)
     assert inference.projector is None
     assert _numel(inference) == _numel(baseline)
-    assert _numel(training) == _numel(baseline) + 12 * args.hidden_size**2
+    assert _numel(training) == _numel(baseline) + 12 * args.model.hidden_size**2
 
 
 def test_forward_returns_per_token_losses_and_backward_reaches_projector(dist):
@@ -68,7 +68,7 @@ def test_forward_returns_per_token_losses_and_backward_reaches_projector(dist):
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     # without labels it is a plain GPTModel: logits [b, s, V]
     logits = model(tokens, positions, None)
-    assert logits.shape == (2, 16, args.padded_vocab_size)
+    assert logits.shape == (2, 16, args.derived.padded_vocab_size)
 
 
 def test_target_layer_zero_is_the_embedding_output(dist):
@@ -117,4 +117,4 @@ def test_inference_model_gives_the_training_models_logits(dist):
     with torch.no_grad():
         torch.testing.assert_close(inference(tokens, positions, None),
                                    training(tokens, positions, None), rtol=0, atol=0)
-    assert _numel(training) - _numel(inference) == 12 * args.hidden_size ** 2
+    assert _numel(training) - _numel(inference) == 12 * args.model.hidden_size ** 2

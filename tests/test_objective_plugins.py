@@ -46,12 +46,12 @@ def _build(args, nitp, objectives, monkeypatch, seed=3):
 
 def _batch(args, seed=0, masked=()):
     g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, 100, (2, args.seq_length + 1), generator=g)
-    loss_mask = torch.ones(2, args.seq_length)
+    tokens = torch.randint(0, 100, (2, args.model.seq_length + 1), generator=g)
+    loss_mask = torch.ones(2, args.model.seq_length)
     for b, t in masked:
         loss_mask[b, t] = 0.0
     return {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": loss_mask,
-            "position_ids": torch.arange(args.seq_length).expand(2, -1)}
+            "position_ids": torch.arange(args.model.seq_length).expand(2, -1)}
 
 
 def _forward(model, batch, **kwargs):

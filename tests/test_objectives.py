@@ -123,4 +123,4 @@ def test_flops_tool_builds_its_mtp_arm_through_the_seam(dist):
 
     model = unwrap(run.model)
     assert model.config.mtp_num_layers == 1 and model.mtp is not None
-    assert model.projector is None and not run.args.nitp
+    assert model.projector is None and not run.args.nitp_config.enabled

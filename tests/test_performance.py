@@ -104,7 +104,7 @@ def test_overlap_reaches_megatron_ddp(dist):
 
 def test_auto_fusions_follow_the_kernels():
     config = tiny_args()
-    assert config.gradient_accumulation_fusion is None and config.apply_rope_fusion is None
+    assert config.performance.gradient_accumulation_fusion is None and config.performance.apply_rope_fusion is None
     assert performance.resolved_fusions(config) == dict(gradient_accumulation_fusion=False,
                                                         apply_rope_fusion=False)  # CPU
     with kernels.simulate(cuda=True, te=True, apex_fused_wgrad=True):
@@ -248,7 +248,7 @@ def test_gradient_accumulation_fusion_needs_apex_even_with_te():
         with pytest.raises(SystemExit):
             parse_args(flags)
     with kernels.simulate(cuda=True, te=True, apex_fused_wgrad=True):
-        assert parse_args(flags).gradient_accumulation_fusion is True
+        assert parse_args(flags).performance.gradient_accumulation_fusion is True
 
 
 def test_mxfp8_needs_blackwell(capsys):
@@ -258,9 +258,9 @@ def test_mxfp8_needs_blackwell(capsys):
             parse_args(flags)
         assert "mxfp8 needs a Blackwell GPU (compute capability 10.0 or higher), and this one " \
                "is 9.0" in capsys.readouterr().err
-        assert parse_args(flags[:2] + ["--fp8-recipe", "tensorwise", "--bf16"]).fp8 == "e4m3"
+        assert parse_args(flags[:2] + ["--fp8-recipe", "tensorwise", "--bf16"]).performance.fp8 == "e4m3"
     with kernels.simulate(cuda=True, te=True, compute_capability=(10, 0)):
-        assert parse_args(flags).fp8_recipe == "mxfp8"
+        assert parse_args(flags).performance.fp8_recipe == "mxfp8"
 
 
 def test_simulation_reaches_every_decision():

@@ -43,10 +43,10 @@ def _layout(args, world):
     from megatron_nitp.config import resolve
 
     args = resolve(args, world)
-    return args, Layout(world=world, tp=args.tensor_model_parallel_size,
-                       pp=args.pipeline_model_parallel_size, cp=args.context_parallel_size,
-                       ep=args.expert_model_parallel_size, dp=args.data_parallel_size,
-                       sp=args.sequence_parallel)
+    return args, Layout(world=world, tp=args.parallel.tensor_model_parallel_size,
+                       pp=args.parallel.pipeline_model_parallel_size, cp=args.parallel.context_parallel_size,
+                       ep=args.parallel.expert_model_parallel_size, dp=args.derived.data_parallel_size,
+                       sp=args.parallel.sequence_parallel)
 
 
 @pytest.mark.parametrize("name", PAPER + ["tiny-dense", "tiny-moe"])
@@ -67,9 +67,9 @@ def _built_stage(args, stage, pp):
 
     from megatron_nitp.config import resolve
 
-    per = args.num_layers // pp
+    per = args.model.num_layers // pp
     whole = resolve(args, 1).derived
-    pattern = whole.moe_layer_pattern
+    pattern = whole.derived.moe_layer_pattern
     derived = dataclasses.replace(
         whole, padded_vocab_size=vocab_of(args, 1)[1],
         moe_layer_pattern=pattern[stage * per:(stage + 1) * per] if pattern else None)
@@ -98,11 +98,11 @@ def test_tensor_and_expert_parallel_divide_their_matrices():
     args = _args("--preset", "moe-9b-a1b")
     one = Layout(world=1, tp=1, pp=1, cp=1, ep=1, dp=1, sp=False)
     split = Layout(world=16, tp=2, pp=1, cp=1, ep=8, dp=8, sp=False)
-    d = args.hidden_size
+    d = args.model.hidden_size
     dense1, expert1 = layer_parameters(args, True, 1, 1)
     dense2, expert2 = layer_parameters(args, True, 2, 8)
     assert expert2 == expert1 // 16
-    replicated = 2 * d + args.num_moe_experts * d  # two norms and the router
+    replicated = 2 * d + args.moe.num_moe_experts * d  # two norms and the router
     assert dense2 - replicated == (dense1 - replicated) // 2
     s1, s2 = stage_parameters(args, one, 0), stage_parameters(args, split, 0)
     assert s2[1] == s1[1] // 16
@@ -119,8 +119,8 @@ def test_memory_terms_by_hand():
                  "--micro-batch-size", "2", "--global-batch-size", "16", "--bf16", "--no-nitp",
                  "--use-distributed-optimizer", "--vocab-size", "256", "--nitp-target-layer", "0")
     args, layout = _layout(args, 4)
-    assert (layout.dp, args.num_microbatches) == (4, 2)
-    m = stage_memory(args, layout, args.num_microbatches, 0)
+    assert (layout.dp, args.derived.num_microbatches) == (4, 2)
+    m = stage_memory(args, layout, args.derived.num_microbatches, 0)
     d, q, kv, f = 64, 64, 32, 128
     n = 2 * (2 * d + d * (q + 2 * kv) + q * d + 3 * d * f) + 256 * d + d  # layers, embedding, norm
     assert m.parameters == n
@@ -161,7 +161,7 @@ def test_recomputation_in_the_memory_estimate_by_hand(recompute, kept_layers, re
     logits = tokens * 256 * (2 + 4) + tokens * d * 2
     layers = (kept_layers * 2 * d + (4 - kept_layers) * (full - 2 * dropped)
               + rebuilt_layers * full)
-    m = stage_memory(args, layout, args.num_microbatches, 0)
+    m = stage_memory(args, layout, args.derived.num_microbatches, 0)
     assert m.activations == pytest.approx(tokens * layers + logits)
 
 
@@ -169,11 +169,11 @@ def test_pipeline_stages_hold_micro_batches_in_flight_and_the_routing_buffers():
     args = _args("--preset", "dense-2b", "--pipeline-model-parallel-size", "4",
                  "--micro-batch-size", "1")
     args, layout = _layout(args, 32)
-    m = args.num_microbatches
+    m = args.derived.num_microbatches
     stages = [stage_memory(args, layout, m, i) for i in range(4)]
     # stage 0 owns layer 6 (layers 1-7): it keeps the send buffers of the 4 micro-batches in
     # flight (each released when the backward of its micro-batch reaches the stage)
-    tokens, d = args.seq_length, args.hidden_size
+    tokens, d = args.model.seq_length, args.model.hidden_size
     assert m > 4
     routing = 4 * tokens * d * 2
     per_layer = tokens * activation_bytes_per_token(args, False, layout)
@@ -188,7 +188,7 @@ def test_sequence_parallel_and_context_parallel_shrink_activations():
     sp = _args("--preset", "dense-3b", "--tensor-model-parallel-size", "2", "--sequence-parallel")
     a = activation_bytes_per_token(base, False, _layout(base, 8)[1])
     b = activation_bytes_per_token(sp, False, _layout(sp, 8)[1])
-    assert b == pytest.approx(a - 2 * 4 * base.hidden_size / 2)
+    assert b == pytest.approx(a - 2 * 4 * base.model.hidden_size / 2)
 
 
 def _dry(capsys, *flags, model_type=None):
@@ -281,15 +281,15 @@ def test_dry_run_reads_the_tokenizers_vocabulary(capsys, small_tokenizer):
     small = model_parameters(args.replace(derived=dataclasses.replace(
         args.derived, vocab_size=1000, padded_vocab_size=1024)))
     default = model_parameters(args)
-    assert args.vocab_size == 4096 and not args.untie_embeddings_and_output_weights
-    assert default["total"] - small["total"] == (4096 - 1024) * args.hidden_size
+    assert args.derived.vocab_size == 4096 and not args.model.untie_embeddings_and_output_weights
+    assert default["total"] - small["total"] == (4096 - 1024) * args.model.hidden_size
     assert _plan_numbers(out)[2] == format_count(small["total"])
     layout = Layout(world=1, tp=1, pp=1, cp=1, ep=1, dp=1, sp=False)
     tokenizer_args = resolve(_args("--preset", "tiny-dense", "--tokenizer-model",
                                         small_tokenizer), 1, 1000)
-    m = stage_memory(tokenizer_args, layout, tokenizer_args.num_microbatches, 0)
+    m = stage_memory(tokenizer_args, layout, tokenizer_args.derived.num_microbatches, 0)
     assert _plan_numbers(out)[3] == format_bytes(m.total)
-    assert m.parameters == stage_parameters(args, layout, 0)[0] - 3072 * args.hidden_size
+    assert m.parameters == stage_parameters(args, layout, 0)[0] - 3072 * args.model.hidden_size
 
     # without a tokenizer the default is named as assumed
     code, out, _ = _dry(capsys, "--preset", "tiny-dense")

@@ -73,7 +73,7 @@ def test_probe_values_equal_a_hand_computation_and_leave_training_alone(run):
         assert values[key] == pytest.approx(value, rel=1e-5), key
     for name in ("layer 1", "final"):
         assert values[f"probe drift {name}"] == 0.0  # the first probe
-        assert 1.0 < values[f"probe effective rank {name}"] <= run.args.hidden_size
+        assert 1.0 < values[f"probe effective rank {name}"] <= run.args.model.hidden_size
     assert cosines.numel() == hand_cos.numel() == 4 * 15
     assert torch.allclose(cosines.sort().values, hand_cos.sort().values, atol=1e-5)
     assert values["probe cos(P(h),z) mean"] == pytest.approx(hand_cos.mean().item(), abs=1e-6)
@@ -97,7 +97,7 @@ def test_probe_batch_is_fixed_whatever_the_data_position(run):
         assert run.train_iter.consumed_samples == 12
     finally:
         run.train_iter.consumed_samples = consumed
-    assert len(first.batches) == run.args.num_microbatches == 2
+    assert len(first.batches) == run.args.derived.num_microbatches == 2
     for a, b in zip(first.batches, resumed.batches):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [b[POSITION][0, 0].item() for b in first.batches] == [0, 2 * 16]

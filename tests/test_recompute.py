@@ -42,15 +42,15 @@ def _causal(args):
     """An explicit causal mask (True = masked). With None, megatron-core builds one with
     ``device="cuda"``, which compat's CUDA-to-CPU torch function mode maps to CPU in the forward
     but cannot in the backward pass, where the recomputation runs and function modes are off."""
-    ones = torch.ones(args.seq_length, args.seq_length, dtype=torch.bool, device=device())
+    ones = torch.ones(args.model.seq_length, args.model.seq_length, dtype=torch.bool, device=device())
     return torch.triu(ones, 1)[None, None]
 
 
 def _inputs(args, seed):
     g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, 100, (2, args.seq_length), generator=g).to(device())
-    positions = torch.arange(args.seq_length, device=device()).expand(2, -1)
-    return tokens, positions, torch.ones(2, args.seq_length, device=device())
+    tokens = torch.randint(0, 100, (2, args.model.seq_length), generator=g).to(device())
+    positions = torch.arange(args.model.seq_length, device=device()).expand(2, -1)
+    return tokens, positions, torch.ones(2, args.model.seq_length, device=device())
 
 
 def _step(model, args, seed=0):

@@ -189,10 +189,10 @@ def _check_held_out(result, run_dir, max_tokens, nitp, text=None):
     model.eval()
     k = config.nitp_config.target_layer
     assert g["layer_k"]["layer"] == k == result["nitp_target_layer"]
-    tok = build_tokenizer("SentencePieceTokenizer", config.tokenizer_model)
+    tok = build_tokenizer("SentencePieceTokenizer", config.data.tokenizer_model)
     docs = list(iter_documents([text])) if text else held_out_chapters()[0]
     stream = [t for d in docs for t in tok.tokenize(d) + [tok.eod]]
-    seq = config.seq_length
+    seq = config.model.seq_length
     assert g["stream_tokens"] == len(stream)
     n = max_tokens // seq
     if len(stream) - 1 > n * seq:  # more text than the budget: n windows spread over all of it

@@ -57,7 +57,7 @@ def test_sentencepiece_tokenizer_is_the_default_kind(files):
     assert tok.vocab_size == 400 and (tok.unk, tok.bos, tok.eod, tok.pad) == (0, 1, 2, 3)
     ids = tok.tokenize(TEXT)
     assert tok.unk not in ids and tok.detokenize(ids) == TEXT
-    assert parse_args([]).tokenizer_type == "SentencePieceTokenizer"
+    assert parse_args([]).data.tokenizer_type == "SentencePieceTokenizer"
 
 
 def test_null_tokenizer_has_vocab_size_ids_the_last_eod_on_every_megatron_core():
@@ -169,10 +169,10 @@ def test_stored_config_round_trips_the_tokenizer_and_defaults_to_sentencepiece(f
     stored = json.loads(json.dumps(config.to_dict()))
     assert stored["data"]["tokenizer_type"] == "HuggingFaceTokenizer"
     again = RunConfig.from_dict(stored)
-    assert (again.tokenizer_type, again.tokenizer_model) == ("HuggingFaceTokenizer", files["bpe"])
+    assert (again.data.tokenizer_type, again.data.tokenizer_model) == ("HuggingFaceTokenizer", files["bpe"])
     # a checkpoint written before --tokenizer-type existed: SentencePiece
     del stored["data"]["tokenizer_type"]
-    assert RunConfig.from_dict(stored).tokenizer_type == "SentencePieceTokenizer"
+    assert RunConfig.from_dict(stored).data.tokenizer_type == "SentencePieceTokenizer"
 
 
 @pytest.mark.slow
@@ -197,7 +197,7 @@ def test_preprocess_with_a_huggingface_tokenizer_train_export(dist, files, tmp_p
     meta = read_meta(find_checkpoint(str(run_dir / "checkpoints")))
     assert meta["config"]["derived"]["vocab_size"] == 400  # the tokenizer's
     config = config_from_meta(meta)
-    assert (config.tokenizer_type, config.tokenizer_model) == ("HuggingFaceTokenizer", files["bpe"])
+    assert (config.data.tokenizer_type, config.data.tokenizer_model) == ("HuggingFaceTokenizer", files["bpe"])
 
     out = tmp_path / "hf"
     written, _ = export_checkpoint(str(run_dir / "checkpoints"), str(out))

@@ -159,7 +159,7 @@ def test_geometry_is_logged_and_the_run_folder_is_complete(dist, tmp_path):
                        "--eval-interval", "2", "--eval-iters", "1", "--no-progress-bar",
                        "--run-dir", str(run_dir)])
     summary = pretrain(args)
-    assert 1.0 <= summary["effective rank"] <= args.hidden_size
+    assert 1.0 <= summary["effective rank"] <= args.model.hidden_size
     assert -1.0 <= summary["cosine similarity"] <= 1.0
     assert (run_dir / "training.png").stat().st_size > 10_000
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(run_dir / "tensorboard"))

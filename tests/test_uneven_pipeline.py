@@ -77,8 +77,8 @@ def test_flags_and_plan_use_the_real_split(capsys):
     # --nitp-no-stop-gradient is refused only when layer k is before the last stage
     args = parse_args(flags + ["--decoder-first-pipeline-num-layers", "1",
                                "--nitp-no-stop-gradient"])
-    assert args.decoder_first_pipeline_num_layers == 1
-    assert args.decoder_last_pipeline_num_layers is None
+    assert args.parallel.decoder_first_pipeline_num_layers == 1
+    assert args.parallel.decoder_last_pipeline_num_layers is None
     with pytest.raises(SystemExit):
         parse_args(flags + ["--nitp-no-stop-gradient"])
     assert "earlier pipeline stage" in capsys.readouterr().err
@@ -130,13 +130,13 @@ def _worker() -> None:
         g = torch.Generator().manual_seed(k)
         batches = []
         for _ in range(2):
-            tokens = torch.randint(0, 100, (args.micro_batch_size, args.seq_length), generator=g)
+            tokens = torch.randint(0, 100, (args.training.micro_batch_size, args.model.seq_length), generator=g)
             batches.append({"tokens": tokens, "labels": tokens.roll(-1, 1),
                             "loss_mask": torch.ones(tokens.shape),
-                            "position_ids": torch.arange(args.seq_length).expand_as(tokens)})
+                            "position_ids": torch.arange(args.model.seq_length).expand_as(tokens)})
         reports = _run_schedule(model, batches, args, model.objectives, {"nitp loss": 1.0},
                                 False, False)
-        routed = 2 * args.seq_length * args.micro_batch_size * args.hidden_size * 4
+        routed = 2 * args.model.seq_length * args.training.micro_batch_size * args.model.hidden_size * 4
         assert model.routed_bytes == (routed if stage == 0 and owner == 0 else 0)
         if stage == 1:
             nitp = sum(r["nitp loss"][0] for r in reports) / sum(r["nitp loss"][1] for r in reports)

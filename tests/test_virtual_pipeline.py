@@ -88,7 +88,7 @@ def test_micro_batches_must_be_a_multiple_of_pp():
                               "--global-batch-size", "6"])
     with pytest.raises(ConfigError, match="3 micro-batches per step .* must be a multiple of 2"):
         resolve(args, 2)
-    assert resolve(args.replace(global_batch_size=8), 2).num_microbatches == 4
+    assert resolve(args.replace(global_batch_size=8), 2).derived.num_microbatches == 4
 
 
 @pytest.mark.parametrize("num_layers,pp,vpp,first,last", [
@@ -170,7 +170,7 @@ def test_export_and_tools_rebuild_a_vpp_run_as_one_process():
                               "--num-virtual-stages-per-pipeline-rank", "2"])
     one = args.replace(**ONE_PROCESS_LAYOUT)
     assert one.virtual_pipeline_model_parallel_size is None
-    assert resolve(one, 1).num_microbatches == 4
+    assert resolve(one, 1).derived.num_microbatches == 4
 
 
 def test_a_dp_reshardable_optimizer_state_keeps_its_chunking():

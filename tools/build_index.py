@@ -40,9 +40,9 @@ def main(argv=None) -> str:
 
     config = parse_args(argv, _model_type(argv))
     one = config.replace(**ONE_PROCESS_LAYOUT)
-    if one.mock_data:
+    if one.data.mock_data:
         raise SystemExit("error: --mock-data has no index to build.")
-    cache = one.data_cache_path or f"{default_cache_root()}/dataset-index"
+    cache = one.data.data_cache_path or f"{default_cache_root()}/dataset-index"
     initialize_distributed()
     start = time.monotonic()
     print(f"> building the dataset index in {cache}", flush=True)

@@ -153,8 +153,8 @@ def evaluate(args) -> dict:
         model, margs = _load_model(args.load, bf16=args.bf16)
     except CheckpointError as err:
         raise SystemExit(f"error: {err}")
-    tokenizer_type = args.tokenizer_type or margs.tokenizer_type
-    tokenizer_model = args.tokenizer_model or margs.tokenizer_model
+    tokenizer_type = args.tokenizer_type or margs.data.tokenizer_type
+    tokenizer_model = args.tokenizer_model or margs.data.tokenizer_model
     if tokenizer_type != "NullTokenizer" and (not tokenizer_model
                                               or not os.path.exists(tokenizer_model)):
         if (args.tokenizer_model is None and tokenizer_type == "SentencePieceTokenizer"
@@ -166,10 +166,10 @@ def evaluate(args) -> dict:
             raise SystemExit(f"error: tokenizer model not found: {tokenizer_model} "
                              "(pass --tokenizer-model)")
     try:
-        tokenizer = build_tokenizer(tokenizer_type, tokenizer_model, margs.vocab_size)
+        tokenizer = build_tokenizer(tokenizer_type, tokenizer_model, margs.derived.vocab_size)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}")
-    seq_length = args.seq_length or margs.seq_length
+    seq_length = args.seq_length or margs.model.seq_length
     target_layer = margs.nitp_config.target_layer
     lm = ev.FrozenLM(model, tokenizer, seq_length, target_layer=target_layer)
     torch.manual_seed(args.seed)

@@ -275,7 +275,7 @@ def measure(args) -> dict:
 
     memory = {arm: step_memory(runs[arm], iteration) for arm in arms} if args.memory else {}
 
-    tokens = train_args.micro_batch_size * train_args.seq_length
+    tokens = train_args.training.micro_batch_size * train_args.model.seq_length
     median = {arm: statistics.median(t) for arm, t in times.items()}
     paired = {arm: statistics.median(a / b for a, b in zip(times[arm], times["ntp"]))
               for arm in arms if arm != "ntp"}

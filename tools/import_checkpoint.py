@@ -54,8 +54,8 @@ def import_hf(hf_dir, save, flags):
     except (HFFormatError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}")
     print(f"> imported {hf_dir} -> {path} (iteration 0, NITP projector freshly initialized)")
-    if config.padded_vocab_size > config.vocab_size:
-        print(f"> vocabulary {config.vocab_size} padded to {config.padded_vocab_size} rows "
+    if config.derived.padded_vocab_size > config.derived.vocab_size:
+        print(f"> vocabulary {config.derived.vocab_size} padded to {config.derived.padded_vocab_size} rows "
               "(zeros; TP does not divide it): never targets, they add to the softmax's sum "
               "until trained down")
     tokenizer = tokenizer_flags(hf_dir, flags)

@@ -79,7 +79,7 @@ def measure_arm(args, mode: dict, nitp: bool) -> dict:
     synchronize()
     seconds = time.perf_counter() - start
     memory = step_memory(run, 2)
-    planned = stage_memory(run.args, layout_of(run.args), run.args.num_microbatches, 0)
+    planned = stage_memory(run.args, layout_of(run.args), run.args.derived.num_microbatches, 0)
     return dict(memory, planned_activations_mib=planned.activations / 2**20,
                 step_seconds=seconds)
 

@@ -90,10 +90,10 @@ def main(argv=None):
         given["global_batch_size"] = given["micro_batch_size"]
     try:
         config = preset_config(args.preset, **given, train_iters=1, lr_warmup_iters=0)
-        tp, pp, cp = (config.tensor_model_parallel_size, config.pipeline_model_parallel_size,
-                      config.context_parallel_size)
+        tp, pp, cp = (config.parallel.tensor_model_parallel_size, config.parallel.pipeline_model_parallel_size,
+                      config.parallel.context_parallel_size)
         config = resolve(config, args.world_size or tp * pp * cp)  # DP, micro-batches per step
-        dp, num_micro = config.data_parallel_size, config.num_microbatches
+        dp, num_micro = config.derived.data_parallel_size, config.derived.num_microbatches
         result = _routed(config, num_micro, tp, pp, cp, dp, 4 if args.fp32 else 2)
     except ValueError as err:  # ConfigError: an impossible layout or (uneven) pipeline split
         p.error(str(err))

@@ -14,17 +14,17 @@ def checkpoint_format(args: RunConfig) -> str:
     """The optimizer format a save of this run writes (``checkpointing.optimizer_format``):
     ``dp_reshardable`` (distributed optimizer, the default), ``fully_reshardable``
     (``--dist-ckpt-optim-fully-reshardable``) or ``model_space`` (the plain optimizer)."""
-    if not args.use_distributed_optimizer:
+    if not args.training.use_distributed_optimizer:
         return "model_space"
-    return "fully_reshardable" if args.dist_ckpt_optim_fully_reshardable else "dp_reshardable"
+    return "fully_reshardable" if args.checkpoint.dist_ckpt_optim_fully_reshardable else "dp_reshardable"
 
 
 def _checkpoint_bytes_per_parameter(args: RunConfig) -> tuple[int, int]:
     """(weights, optimizer) bytes per parameter in a checkpoint: weights in the training dtype;
     the optimizer's fp32 main parameters and two Adam moments (12 B), except the plain
     optimizer in fp32, whose main parameters are the weights (8 B)."""
-    half = args.bf16 or args.fp16
-    return (2 if half else 4), (12 if half or args.use_distributed_optimizer else 8)
+    half = args.training.bf16 or args.training.fp16
+    return (2 if half else 4), (12 if half or args.training.use_distributed_optimizer else 8)
 
 
 def checkpoint_bytes(args: RunConfig) -> int:

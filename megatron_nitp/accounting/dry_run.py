@@ -40,8 +40,8 @@ def world_size(args: RunConfig) -> int:
         return args.planned_world_size
     if os.environ.get("WORLD_SIZE"):
         return int(os.environ["WORLD_SIZE"])
-    return (args.tensor_model_parallel_size * args.pipeline_model_parallel_size
-            * args.context_parallel_size)
+    return (args.parallel.tensor_model_parallel_size * args.parallel.pipeline_model_parallel_size
+            * args.parallel.context_parallel_size)
 
 
 def gpu_memory_gib() -> float:
@@ -63,12 +63,12 @@ def tokenizer_vocab_size(args: RunConfig) -> int | None:
     as training builds it, ``build_tokenizer``), None when none is named (the built-in corpus,
     or ``--mock-data`` alone: ``--vocab-size`` or the default then). Raises FileNotFoundError
     or ValueError for a missing or unreadable tokenizer."""
-    if args.tokenizer_model is None and args.tokenizer_type != "NullTokenizer":
+    if args.data.tokenizer_model is None and args.data.tokenizer_type != "NullTokenizer":
         return None
     from megatron_nitp.data.tokenizer import build_tokenizer
 
-    return build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.model.vocab_size,
-                           merge_file=args.merge_file).vocab_size
+    return build_tokenizer(args.data.tokenizer_type, args.data.tokenizer_model, args.model.vocab_size,
+                           merge_file=args.data.merge_file).vocab_size
 
 
 def check_data_files(args: RunConfig, vocab_size: int | None) -> str | None:
@@ -80,9 +80,9 @@ def check_data_files(args: RunConfig, vocab_size: int | None) -> str | None:
 
     from megatron_nitp.data.datasets import check_data, check_data_prefixes, requested_samples
 
-    per_split = (args.train_data_path, args.valid_data_path, args.test_data_path)
-    blends = [b for b in (per_split if args.train_data_path else (args.data_path,)) if b]
-    if args.mock_data or not blends:
+    per_split = (args.data.train_data_path, args.data.valid_data_path, args.data.test_data_path)
+    blends = [b for b in (per_split if args.data.train_data_path else (args.data.data_path,)) if b]
+    if args.data.mock_data or not blends:
         return None
     prefixes = [p for blend in blends for p in get_blend_from_list(list(blend))[0]]
     try:
@@ -90,9 +90,9 @@ def check_data_files(args: RunConfig, vocab_size: int | None) -> str | None:
     except FileNotFoundError as err:
         missing = str(err).split(" (data prefix")[0]
         return f"not checked here ({missing}); the job checks it at start"
-    samples = requested_samples(args.train_iters, args.global_batch_size, args.eval_iters,
-                                args.eval_interval)
-    notes = check_data(prefixes, None if args.train_data_path else args.split, samples,
+    samples = requested_samples(args.training.train_iters, args.training.global_batch_size, args.logging.eval_iters,
+                                args.logging.eval_interval)
+    notes = check_data(prefixes, None if args.data.train_data_path else args.data.split, samples,
                        vocab_size)
     checked = "file sizes, split" + (", token ids" if vocab_size is not None else "")
     return f"{len(prefixes)} dataset(s): {checked} checked" + "".join(f"; {n}" for n in notes)
@@ -138,30 +138,30 @@ def check_job(args: RunConfig) -> CheckedJob:
 def _vocab_source(args: RunConfig) -> str:
     if args.model.vocab_size:
         return " (--vocab-size)"
-    if args.tokenizer_model is not None:
-        return f" (the tokenizer's, {args.tokenizer_model})"
-    if args.mock_data:
+    if args.data.tokenizer_model is not None:
+        return f" (the tokenizer's, {args.data.tokenizer_model})"
+    if args.data.mock_data:
         return " (--mock-data: a NullTokenizer of the default size; --vocab-size sets it)"
     return " (assumed: give --tokenizer-model or --vocab-size for the real one)"
 
 
 def _model_line(args: RunConfig, layout: Layout) -> str:
     vocab, padded = vocab_of(args, layout.tp)
-    kind = "MoE GPT" if args.num_moe_experts else "dense GPT"
-    ffn = (f"FFN {args.ffn_hidden_size}" if not args.num_moe_experts else
-           f"dense FFN {args.ffn_hidden_size}, {sum(moe_layers(args))} MoE layers of "
-           f"{args.num_moe_experts} experts (width {args.moe_ffn_hidden_size}) top-"
-           f"{args.moe_router_topk}" + (f" + shared {args.moe_shared_expert_intermediate_size}"
-                                        if args.moe_shared_expert_intermediate_size else ""))
-    return (f"{args.preset} ({kind}): {args.num_layers} layers, hidden {args.hidden_size}, "
-            f"{ffn}, {args.num_attention_heads} heads / {args.num_query_groups} KV groups, "
-            f"seq {args.seq_length}, vocab {vocab}" + _vocab_source(args) + f", padded {padded}")
+    kind = "MoE GPT" if args.moe.num_moe_experts else "dense GPT"
+    ffn = (f"FFN {args.model.ffn_hidden_size}" if not args.moe.num_moe_experts else
+           f"dense FFN {args.model.ffn_hidden_size}, {sum(moe_layers(args))} MoE layers of "
+           f"{args.moe.num_moe_experts} experts (width {args.moe.moe_ffn_hidden_size}) top-"
+           f"{args.moe.moe_router_topk}" + (f" + shared {args.moe.moe_shared_expert_intermediate_size}"
+                                        if args.moe.moe_shared_expert_intermediate_size else ""))
+    return (f"{args.preset} ({kind}): {args.model.num_layers} layers, hidden {args.model.hidden_size}, "
+            f"{ffn}, {args.model.num_attention_heads} heads / {args.model.num_query_groups} KV groups, "
+            f"seq {args.model.seq_length}, vocab {vocab}" + _vocab_source(args) + f", padded {padded}")
 
 
 def _job_lines(job: CheckedJob, layout: Layout, counts: dict) -> list[tuple[str, str]]:
     """The model, its parameters, the layout, the batch and the training settings."""
     args = job.args
-    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    precision = "bf16" if args.training.bf16 else "fp16" if args.training.fp16 else "fp32"
     lines = [
         ("model", _model_line(args, layout)),
         ("parameters", f"total {format_count(counts['total'])}, active "
@@ -170,14 +170,14 @@ def _job_lines(job: CheckedJob, layout: Layout, counts: dict) -> list[tuple[str,
                           if counts["projector"] else "")),
         ("layout", f"world {job.world} = TP {layout.tp} x PP {layout.pp} x CP {layout.cp} x "
                    f"DP {layout.dp}; EP {layout.ep}"
-                   + (f" (expert DP {layout.expert_dp})" if args.num_moe_experts else "")
+                   + (f" (expert DP {layout.expert_dp})" if args.moe.num_moe_experts else "")
                    + f"; sequence parallel {'on' if layout.sp else 'off'}"),
-        ("batch", f"micro-batch {args.micro_batch_size} x DP {layout.dp} x "
-                  f"{args.num_microbatches} micro-batches = global batch "
-                  f"{args.global_batch_size}; {args.global_batch_size * args.seq_length:,} "
-                  f"tokens per step; {args.train_iters:,} iterations"),
-        ("training", f"{precision}, lr {args.lr:g} ({args.lr_decay_style}), distributed "
-                     f"optimizer {'on' if args.use_distributed_optimizer else 'off'}"),
+        ("batch", f"micro-batch {args.training.micro_batch_size} x DP {layout.dp} x "
+                  f"{args.derived.num_microbatches} micro-batches = global batch "
+                  f"{args.training.global_batch_size}; {args.training.global_batch_size * args.model.seq_length:,} "
+                  f"tokens per step; {args.training.train_iters:,} iterations"),
+        ("training", f"{precision}, lr {args.schedule.lr:g} ({args.schedule.lr_decay_style}), distributed "
+                     f"optimizer {'on' if args.training.use_distributed_optimizer else 'off'}"),
     ]
     if job.data:
         lines.append(("data", job.data))
@@ -189,23 +189,23 @@ def _job_lines(job: CheckedJob, layout: Layout, counts: dict) -> list[tuple[str,
 
 def _nitp_lines(args: RunConfig, layout: Layout) -> list[tuple[str, str]]:
     """Where layer k is and what routing its target to the last stage costs."""
-    if not args.nitp:
+    if not args.nitp_config.enabled:
         return [("NITP", "off (NTP baseline)")]
     vpp = args.virtual_pipeline_model_parallel_size
     routed = routed_bytes_per_step(
-        seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
-        hidden_size=args.hidden_size, num_microbatches=args.num_microbatches,
-        target_layer=args.nitp_target_layer, num_layers=args.num_layers,
+        seq_length=args.model.seq_length, micro_batch_size=args.training.micro_batch_size,
+        hidden_size=args.model.hidden_size, num_microbatches=args.derived.num_microbatches,
+        target_layer=args.nitp_config.target_layer, num_layers=args.model.num_layers,
         tensor_parallel=layout.tp, pipeline_parallel=layout.pp, data_parallel=layout.dp,
         context_parallel=layout.cp, sequence_parallel=layout.sp,
-        dtype_bytes=2 if (args.bf16 or args.fp16) else 4,
+        dtype_bytes=2 if (args.training.bf16 or args.training.fp16) else 4,
         first_stage_layers=pipeline_split(args)[0],
         last_stage_layers=pipeline_split(args)[1], virtual_pipeline=vpp)
     owner = routed["owner_stage"]
-    where = (f"layer {args.nitp_target_layer}" if args.nitp_target_layer else "embeddings")
+    where = (f"layer {args.nitp_config.target_layer}" if args.nitp_config.target_layer else "embeddings")
     chunk = f" (model chunk {routed['owner_chunk']} of {vpp})" if vpp else ""
-    lines = [("NITP", f"k={args.nitp_target_layer} ({where}), lambda "
-                      f"{args.nitp_loss_weight:g}, on pipeline stage {owner}{chunk} of "
+    lines = [("NITP", f"k={args.nitp_config.target_layer} ({where}), lambda "
+                      f"{args.nitp_config.loss_weight:g}, on pipeline stage {owner}{chunk} of "
                       f"{layout.pp}")]
     if routed["routed"]:
         lines.append(("NITP routing", f"{format_bytes(routed['bytes_per_microbatch_per_rank'])} "
@@ -263,20 +263,20 @@ def _advice(args: RunConfig, layout: Layout, worst: StageMemory) -> list[str]:
     """What to change, largest memory term first."""
     fixes = []
     static = worst.weights + worst.gradients + worst.optimizer
-    if not args.use_distributed_optimizer and (layout.dp * layout.cp > 1 or layout.expert_dp > 1):
+    if not args.training.use_distributed_optimizer and (layout.dp * layout.cp > 1 or layout.expert_dp > 1):
         fixes.append((worst.optimizer, "add --use-distributed-optimizer (shards the optimizer "
                                        "states over the data-parallel ranks)"))
     model = ["raise --pipeline-model-parallel-size (now %d) or --tensor-model-parallel-size "
              "(now %d)" % (layout.pp, layout.tp)]
-    if args.num_moe_experts:
+    if args.moe.num_moe_experts:
         model.append("raise --expert-model-parallel-size (now %d)" % layout.ep)
     fixes.append((static, " or ".join(model) + " to hold fewer parameters per GPU"))
     act = []
-    if args.micro_batch_size > 1:
-        act.append(f"lower --micro-batch-size (now {args.micro_batch_size})")
+    if args.training.micro_batch_size > 1:
+        act.append(f"lower --micro-batch-size (now {args.training.micro_batch_size})")
     if layout.tp > 1 and not layout.sp:
         act.append("add --sequence-parallel")
-    if args.recompute_granularity != "full":
+    if args.performance.recompute_granularity != "full":
         act.append("add --recompute-granularity full --recompute-method uniform "
                    "--recompute-num-layers 1 (each layer keeps only its input)")
     act.append("raise --tensor-model-parallel-size or --context-parallel-size")

@@ -79,8 +79,8 @@ class StageMemory:
 
 def _widths(args: RunConfig) -> tuple[int, int, int]:
     """(d, q, kv): hidden size, query and key/value projection widths."""
-    head = args.kv_channels or args.hidden_size // args.num_attention_heads
-    return args.hidden_size, args.num_attention_heads * head, args.num_query_groups * head
+    head = args.model.kv_channels or args.model.hidden_size // args.model.num_attention_heads
+    return args.model.hidden_size, args.model.num_attention_heads * head, args.model.num_query_groups * head
 
 
 def activation_bytes_per_token(args: RunConfig, moe: bool, layout: Layout,
@@ -94,22 +94,22 @@ def activation_bytes_per_token(args: RunConfig, moe: bool, layout: Layout,
     ``layernorm`` the two norm outputs (``2d`` of the ``4d``); ``core_attn`` nothing here,
     since the estimate already assumes flash attention (no ``s x s`` scores to drop)."""
     d, q, kv = _widths(args)
-    dtype = 2 if (args.bf16 or args.fp16) else 4
+    dtype = 2 if (args.training.bf16 or args.training.fp16) else 4
     sp = layout.tp if layout.sp else 1
     if full_recompute:
         return dtype * d / sp
     recomputed = set()
-    if args.recompute_granularity == "selective":
-        recomputed = set(args.recompute_modules or ("core_attn",))
+    if args.performance.recompute_granularity == "selective":
+        recomputed = set(args.performance.recompute_modules or ("core_attn",))
     wide = (2 if "layernorm" in recomputed else 4) * d / sp
     experts = 0.0
     if moe:
-        experts = 0 if "moe" in recomputed else args.moe_router_topk * (
-            d + (2 if "moe_act" in recomputed else 3) * args.moe_ffn_hidden_size)
+        experts = 0 if "moe" in recomputed else args.moe.moe_router_topk * (
+            d + (2 if "moe_act" in recomputed else 3) * args.moe.moe_ffn_hidden_size)
         ffn = 0 if recomputed & {"moe", "shared_experts"} else 3 * (
-            args.moe_shared_expert_intermediate_size or 0)
+            args.moe.moe_shared_expert_intermediate_size or 0)
     else:
-        ffn = 0 if "mlp" in recomputed else 3 * args.ffn_hidden_size
+        ffn = 0 if "mlp" in recomputed else 3 * args.model.ffn_hidden_size
     return dtype * (wide + (2 * q + 2 * kv + ffn) / layout.tp + experts / layout.expert_tp)
 
 
@@ -119,14 +119,14 @@ def _stage_activations(args: RunConfig, layout: Layout, stage: int, tokens: int)
     time)."""
     layers = stage_layers(args, layout, stage)
     pattern = moe_layers(args)[layers]
-    if args.recompute_granularity != "full":
+    if args.performance.recompute_granularity != "full":
         return tokens * sum(activation_bytes_per_token(args, bool(m), layout)
                             for m in pattern), 0.0
-    n = args.recompute_num_layers
-    covered = len(pattern) if args.recompute_method == "uniform" else min(n, len(pattern))
+    n = args.performance.recompute_num_layers
+    covered = len(pattern) if args.performance.recompute_method == "uniform" else min(n, len(pattern))
     kept = sum(activation_bytes_per_token(args, bool(m), layout, full_recompute=i < covered)
                for i, m in enumerate(pattern))
-    chunk = n if args.recompute_method == "uniform" else 1
+    chunk = n if args.performance.recompute_method == "uniform" else 1
     rebuilt = max((sum(activation_bytes_per_token(args, bool(m), layout)
                        for m in pattern[i:i + chunk]) for i in range(0, covered, chunk)),
                   default=0.0)
@@ -136,15 +136,15 @@ def _stage_activations(args: RunConfig, layout: Layout, stage: int, tokens: int)
 def stage_memory(args: RunConfig, layout: Layout, num_microbatches: int,
                  stage: int) -> StageMemory:
     """The memory estimate of one GPU of pipeline stage ``stage`` (module docstring)."""
-    half = args.bf16 or args.fp16
+    half = args.training.bf16 or args.training.fp16
     dtype = 2 if half else 4
     dense, expert = stage_parameters(args, layout, stage)
     optimizer_bytes = 12 if half else 8
-    dense_shards = layout.dp * layout.cp if args.use_distributed_optimizer else 1
-    expert_shards = layout.expert_dp if args.use_distributed_optimizer else 1
+    dense_shards = layout.dp * layout.cp if args.training.use_distributed_optimizer else 1
+    expert_shards = layout.expert_dp if args.training.use_distributed_optimizer else 1
 
-    d = args.hidden_size
-    tokens = args.seq_length // layout.cp * args.micro_batch_size
+    d = args.model.hidden_size
+    tokens = args.model.seq_length // layout.cp * args.training.micro_batch_size
     sp_split = layout.tp if layout.sp else 1
     per_micro, rebuilt = _stage_activations(args, layout, stage, tokens)
     activations = stage_in_flight(args, layout, num_microbatches, stage) * per_micro + rebuilt
@@ -152,17 +152,17 @@ def stage_memory(args: RunConfig, layout: Layout, num_microbatches: int,
         padded = vocab_of(args, layout.tp)[1]
         activations += tokens * padded / layout.tp * (dtype + 4)  # logits + fp32 copy
         activations += tokens * d / sp_split * dtype  # output layer input
-        if args.nitp:
-            ratio = args.nitp_projector_ffn_ratio if args.nitp_projector == "swiglu" else 0
+        if args.nitp_config.enabled:
+            ratio = args.nitp_config.projector_ffn_ratio if args.nitp_config.projector == "swiglu" else 0
             activations += tokens * (3 * ratio * d / layout.tp * dtype
                                      + d / sp_split * (dtype + 2 * 4))
-    if (args.nitp and layout.pp > 1 and stage != layout.pp - 1
+    if (args.nitp_config.enabled and layout.pp > 1 and stage != layout.pp - 1
             and target_stage(args, layout) == stage):
         # routed send buffers: this rank's [ceil(s/cp/tp), b, d] share of z (its shard under
         # SP), held until the backward of its micro-batch reaches the stage
-        rows = routed_rows(args.seq_length // layout.cp // sp_split, layout.tp, layout.sp)
+        rows = routed_rows(args.model.seq_length // layout.cp // sp_split, layout.tp, layout.sp)
         in_flight = min(layout.pp - stage, num_microbatches)
-        activations += in_flight * rows * args.micro_batch_size * d * dtype
+        activations += in_flight * rows * args.training.micro_batch_size * d * dtype
     return StageMemory(
         stage=stage,
         parameters=dense + expert,
@@ -184,7 +184,7 @@ def stage_in_flight(args: RunConfig, layout: Layout, num_microbatches: int, stag
 def stage_memories(args: RunConfig) -> list[StageMemory]:
     """The estimate of every pipeline stage of a resolved config, stage 0 first."""
     layout = layout_of(args)
-    return [stage_memory(args, layout, args.num_microbatches, i) for i in range(layout.pp)]
+    return [stage_memory(args, layout, args.derived.num_microbatches, i) for i in range(layout.pp)]
 
 
 def planned_memory(args: RunConfig) -> StageMemory:

@@ -39,20 +39,20 @@ class Layout:
 def layout_of(args: RunConfig) -> Layout:
     """The layout of a resolved config (``config.resolve``: world and data-parallel size
     known)."""
-    return Layout(world=args.world_size, tp=args.tensor_model_parallel_size,
-                  pp=args.pipeline_model_parallel_size, cp=args.context_parallel_size,
-                  ep=args.expert_model_parallel_size, dp=args.data_parallel_size,
-                  sp=bool(args.sequence_parallel), etp=args.expert_tensor_parallel_size)
+    return Layout(world=args.world_size, tp=args.parallel.tensor_model_parallel_size,
+                  pp=args.parallel.pipeline_model_parallel_size, cp=args.parallel.context_parallel_size,
+                  ep=args.parallel.expert_model_parallel_size, dp=args.derived.data_parallel_size,
+                  sp=bool(args.parallel.sequence_parallel), etp=args.parallel.expert_tensor_parallel_size)
 
 
 def stage_layers(args: RunConfig, layout: Layout, stage: int) -> slice:
     """The (0-based) layers pipeline stage ``stage`` builds, uneven splits included."""
-    counts = stage_layer_counts(args.num_layers, layout.pp, *pipeline_split(args))
+    counts = stage_layer_counts(args.model.num_layers, layout.pp, *pipeline_split(args))
     start = sum(counts[:stage])
     return slice(start, start + counts[stage])
 
 
 def target_stage(args: RunConfig, layout: Layout) -> int:
     """The pipeline stage that holds layer k, uneven splits included."""
-    return layout_target_stage(args.nitp_target_layer, args.num_layers, layout.pp,
+    return layout_target_stage(args.nitp_config.target_layer, args.model.num_layers, layout.pp,
                                *pipeline_split(args))

@@ -81,13 +81,13 @@ def run_projector_parameters(args: RunConfig, tp: int = 1) -> int:
     if not nitp.enabled or nitp.objective != "nitp":
         return 0
     terms = len(nitp.target_layers) * nitp.horizon
-    return terms * projector_parameters(nitp.projector, args.hidden_size,
+    return terms * projector_parameters(nitp.projector, args.model.hidden_size,
                                         nitp.projector_ffn_ratio) // tp
 
 
 def moe_layers(args: RunConfig) -> list[int]:
     """Per layer of a run, 1 for an MoE layer and 0 for a dense one."""
-    return list(moe_pattern(args) or [0] * args.num_layers)
+    return list(moe_pattern(args) or [0] * args.model.num_layers)
 
 
 def stage_parameters(args: RunConfig, layout: Layout, stage: int) -> tuple[int, int]:
@@ -99,13 +99,13 @@ def stage_parameters(args: RunConfig, layout: Layout, stage: int) -> tuple[int, 
     for moe in moe_layers(args)[stage_layers(args, layout, stage)]:
         a, b = layer_parameters(args, bool(moe), layout.tp, layout.ep, layout.expert_tp)
         dense, expert = dense + a, expert + b
-    d = args.hidden_size
+    d = args.model.hidden_size
     vocab_rows = vocab_of(args, layout.tp)[1] // layout.tp * d
     if stage == 0:
         dense += vocab_rows
     if stage == layout.pp - 1:
         dense += d + run_projector_parameters(args, layout.tp)  # final norm, NITP projector
-        if args.untie_embeddings_and_output_weights or layout.pp > 1:
+        if args.model.untie_embeddings_and_output_weights or layout.pp > 1:
             dense += vocab_rows  # output layer (a copy of the tied embedding when PP > 1)
     return dense, expert
 

@@ -23,16 +23,16 @@ def pipeline_schedules(args: RunConfig) -> Optional[dict]:
     layout = layout_of(args)
     if layout.pp == 1:
         return None
-    micro = args.num_microbatches
+    micro = args.derived.num_microbatches
     vpp = args.virtual_pipeline_model_parallel_size
     hypothetical = vpp is None
     if vpp is None:
         try:
-            chunk_layer_ranges(args.num_layers, layout.pp, 2, *pipeline_split(args))
+            chunk_layer_ranges(args.model.num_layers, layout.pp, 2, *pipeline_split(args))
             vpp = 2
         except ValueError:
             pass
-    tokens = args.seq_length // layout.cp * args.micro_batch_size
+    tokens = args.model.seq_length // layout.cp * args.training.micro_batch_size
     per_micro = _stage_activations(args, layout, 0, tokens)[0]
     figures = {"pipeline": layout.pp, "microbatches": micro, "chunks": vpp,
                "hypothetical": hypothetical,

@@ -112,4 +112,4 @@ def vocab_of(args: RunConfig, tp: int) -> tuple[int, int]:
         vocab = args.derived.vocab_size
     else:
         vocab = args.model.vocab_size or DEFAULT_VOCAB_SIZE
-    return vocab, padded_vocab(vocab, args.make_vocab_size_divisible_by, tp)
+    return vocab, padded_vocab(vocab, args.model.make_vocab_size_divisible_by, tp)

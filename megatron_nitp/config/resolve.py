@@ -140,7 +140,7 @@ def _schedule_in_iterations(config: RunConfig) -> dict:
                                                                         t.train_iters)
         if decay:
             out["lr_warmup_iters"] = int(round(s.lr_warmup_fraction * decay))
-    return {name: value for name, value in out.items() if getattr(config, name) != value}
+    return {name: value for name, value in out.items() if config.setting(name) != value}
 
 
 def _validate_megatron_lm_schedule(config: RunConfig) -> None:
@@ -439,7 +439,7 @@ def _origin(config: RunConfig, *names: str) -> str:
     """For an error message: which of ``names`` no flag gave (a preset's value), so the user
     sees why a value they never typed is involved."""
     unsaid = [(n, config.source(n)) for n in names if config.source(n).startswith("preset ")]
-    return "".join(f" (--{n.replace('_', '-')} {getattr(config, n)} is the {where}'s value, not "
+    return "".join(f" (--{n.replace('_', '-')} {config.setting(n)} is the {where}'s value, not "
                    f"a flag you gave: give --{n.replace('_', '-')} or choose a --preset)"
                    for n, where in unsaid)
 

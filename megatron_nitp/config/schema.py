@@ -566,23 +566,14 @@ class RunConfig:
     """(flat name, where its value came from: "flag", "preset NAME" or "default") pairs, from
     the command line; not part of the config's identity"""
 
-    def __getattr__(self, name: str):
-        """The flat view: ``config.hidden_size`` is ``config.model.hidden_size``; after
-        ``resolve`` a derived value takes the place of the setting of the same name
-        (``vocab_size``, ``lr_decay_iters``, ``lr_wsd_decay_iters``)."""
-        if name.startswith("__"):
-            raise AttributeError(name)
-        derived = self.__dict__.get("derived")
-        if name in DERIVED and derived is not None:
-            return getattr(derived, name)
-        if name in FLAT and FLAT[name][0] in self.__dict__:
-            group, attr = FLAT[name]
-            return getattr(self.__dict__[group], attr)
-        if name in DERIVED:
-            raise AttributeError(
-                f"{name} is derived: call megatron_nitp.config.resolve(config, world_size) "
-                "first")
-        raise AttributeError(f"RunConfig has no setting {name!r}")
+    def setting(self, name: str):
+        """The value of the setting whose flag dest is ``name`` (``"hidden_size"`` is
+        ``config.model.hidden_size``): for code that works from flag names (the sources of a
+        command line, messages that quote flags). Components read their section instead."""
+        if name not in FLAT:
+            raise KeyError(f"RunConfig has no setting {name!r}")
+        group, attr = FLAT[name]
+        return getattr(getattr(self, group), attr)
 
     @property
     def world_size(self) -> Optional[int]:

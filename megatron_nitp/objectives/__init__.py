@@ -56,9 +56,9 @@ def build_objectives(config) -> tuple[Objective, ...]:
     """The auxiliary objectives of a run config: the model's terms, then MTP. Built once per
     (frozen, hashable) config: every step of a run asks for the same objects."""
     objectives = list(representation_objectives(config.nitp_config))
-    if config.mtp_num_layers:
-        objectives.append(MultiTokenPrediction(config.mtp_num_layers,
-                                               config.mtp_loss_scaling_factor))
+    if config.mtp.mtp_num_layers:
+        objectives.append(MultiTokenPrediction(config.mtp.mtp_num_layers,
+                                               config.mtp.mtp_loss_scaling_factor))
     return tuple(objectives)
 
 

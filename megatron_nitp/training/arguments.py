@@ -254,7 +254,7 @@ def validate_data_cache(args, environ=None) -> None:
     read it. The default folder (``$MEGATRON_NITP_CACHE/dataset-index``, inside each node's
     container in the Docker image, or ``~/.cache``) is local to a node, so every rank on the
     other nodes would fail with FileNotFoundError after the first node built its cache."""
-    if args.data_cache_path or args.dry_run:
+    if args.data.data_cache_path or args.dry_run:
         return
     why = multi_node_launch(environ)
     if why:
@@ -271,5 +271,5 @@ def validate_data_cache(args, environ=None) -> None:
 def default_run_dir(args) -> str:
     import time
 
-    kind = "nitp" if args.nitp else "ntp"
+    kind = "nitp" if args.nitp_config.enabled else "ntp"
     return os.path.join("runs", f"{args.preset}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -44,12 +44,12 @@ class ExitConditions:
     """
 
     def __init__(self, args, start: float):
-        self.duration_s = (args.exit_duration_in_mins * 60.0
-                           if args.exit_duration_in_mins is not None else None)
-        self.interval = args.exit_interval
+        self.duration_s = (args.training.exit_duration_in_mins * 60.0
+                           if args.training.exit_duration_in_mins is not None else None)
+        self.interval = args.training.exit_interval
         self.signals = ()
-        if args.exit_signal_handler:
-            chosen = signal_number(args.exit_signal)
+        if args.training.exit_signal_handler:
+            chosen = signal_number(args.training.exit_signal)
             self.signals = tuple(dict.fromkeys((chosen, signal.SIGTERM)))
         self.start = start
         self.received: signal.Signals | None = None

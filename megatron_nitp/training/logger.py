@@ -94,8 +94,8 @@ PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "A800
 
 def peak_tflops(args) -> float | None:
     """The device's peak for MFU: ``--peak-tflops``, else a known GPU's bf16 dense peak."""
-    if args.peak_tflops:
-        return args.peak_tflops
+    if args.logging.peak_tflops:
+        return args.logging.peak_tflops
     if not has_cuda():
         return None
     name = device_name()
@@ -108,9 +108,9 @@ def training_flops_per_token(args) -> float:
     from megatron_nitp.accounting.flops import exact_flops, mtp_flops
 
     flops = exact_flops(args.flat())
-    total = flops.ntp_total + (flops.nitp if args.nitp else 0.0)
-    if args.mtp_num_layers:
-        total += mtp_flops(args.flat(), args.mtp_num_layers)
+    total = flops.ntp_total + (flops.nitp if args.nitp_config.enabled else 0.0)
+    if args.mtp.mtp_num_layers:
+        total += mtp_flops(args.flat(), args.mtp.mtp_num_layers)
     return total
 
 
@@ -128,7 +128,7 @@ class TrainingLogger:
         #: the ``memory.MemoryMonitor`` whose figures (in the metrics of a logging iteration)
         #: the console line shows; None shows none
         self.memory = memory
-        self.flops_per_token = training_flops_per_token(args) if args.log_throughput else None
+        self.flops_per_token = training_flops_per_token(args) if args.logging.log_throughput else None
         self.peak = peak_tflops(args)
         self.enabled = is_logging_rank()
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
@@ -156,12 +156,12 @@ class TrainingLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=tensorboard_dir, max_queue=100)
-        if args.wandb_project:
+        if args.logging.wandb_project:
             self.wandb = _start_wandb(args, run_dir)
-        if args.progress_bar and sys.stderr.isatty():
+        if args.logging.progress_bar and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=args.train_iters, desc="training", unit="it", dynamic_ncols=True)
+            self.bar = tqdm(total=args.training.train_iters, desc="training", unit="it", dynamic_ncols=True)
 
     def _open_history(self, path: str, start_iteration: int) -> None:
         """Continues the folder's history when this run resumes at ``start_iteration`` (the
@@ -198,7 +198,7 @@ class TrainingLogger:
         scalars = {}
         for key, value in metrics.items():
             self.history[("validation " if validation else "") + key].append((iteration, value))
-            if key in MEMORY_TAGS and not self.args.log_memory_to_tensorboard:
+            if key in MEMORY_TAGS and not self.args.logging.log_memory_to_tensorboard:
                 continue
             if math.isfinite(value):
                 scalars[tensorboard_tag(key, validation)] = value
@@ -215,7 +215,7 @@ class TrainingLogger:
     def is_log_iteration(self, iteration: int) -> bool:
         """Whether ``iteration`` prints a console line: every ``--log-interval``, and the
         last."""
-        return iteration % self.args.log_interval == 0 or iteration == self.args.train_iters
+        return iteration % self.args.logging.log_interval == 0 or iteration == self.args.training.train_iters
 
     def log_train(self, iteration: int, metrics: dict[str, float], iter_seconds: float) -> None:
         """Records the iteration's values (history and TensorBoard per iteration) and, every
@@ -253,13 +253,13 @@ class TrainingLogger:
         self.interval_span, self._interval_first = (self._interval_first, iteration), None
         shown = {**metrics, **self.interval_means}
         parts = [
-            f" iteration {iteration:8d}/{args.train_iters:8d}",
-            f"consumed samples: {iteration * args.global_batch_size:10d}",
+            f" iteration {iteration:8d}/{args.training.train_iters:8d}",
+            f"consumed samples: {iteration * args.training.global_batch_size:10d}",
             f"elapsed time per iteration (ms): {1000 * seconds:.1f}",
-            f"tokens/s: {args.global_batch_size * args.seq_length / seconds:.0f}",
+            f"tokens/s: {args.training.global_batch_size * args.model.seq_length / seconds:.0f}",
             *self._throughput(seconds),
             f"learning rate: {metrics['learning rate']:.3E}",
-            f"global batch size: {args.global_batch_size:5d}",
+            f"global batch size: {args.training.global_batch_size:5d}",
         ]
         parts += [f"{k}: {shown[k]:.6E}" for k in console_keys(shown)]
         if self.memory is not None:
@@ -275,7 +275,7 @@ class TrainingLogger:
             return []
         args = self.args
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        tflops = self.flops_per_token * args.global_batch_size * args.seq_length / seconds
+        tflops = self.flops_per_token * args.training.global_batch_size * args.model.seq_length / seconds
         tflops = tflops / world / 1e12
         parts = [f"throughput per device (TFLOP/s): {tflops:.3f}"]
         if self.peak:
@@ -323,11 +323,11 @@ def _start_wandb(args, run_dir: str | None):
     except ImportError as err:
         raise RuntimeError("--wandb-project needs the wandb package: pip install wandb, or drop "
                            "--wandb-project.") from err
-    run_dir = run_dir or args.run_dir or "."
-    save_dir = args.wandb_save_dir or os.path.join(run_dir, "wandb")
+    run_dir = run_dir or args.logging.run_dir or "."
+    save_dir = args.logging.wandb_save_dir or os.path.join(run_dir, "wandb")
     os.makedirs(save_dir, exist_ok=True)
-    return wandb.init(project=args.wandb_project,
-                      name=args.wandb_exp_name or os.path.basename(os.path.normpath(run_dir)),
+    return wandb.init(project=args.logging.wandb_project,
+                      name=args.logging.wandb_exp_name or os.path.basename(os.path.normpath(run_dir)),
                       dir=save_dir, config=args.to_dict())
 
 

@@ -45,21 +45,21 @@ def data_tokenizer(args: RunConfig) -> tuple[RunConfig, object]:
     from megatron_nitp.data.corpus import prepare_default_corpus
     from megatron_nitp.data.tokenizer import DEFAULT_TOKENIZER_TYPE, build_tokenizer
 
-    default_kind = args.tokenizer_type == DEFAULT_TOKENIZER_TYPE and args.tokenizer_model is None
-    if args.mock_data and default_kind:
+    default_kind = args.data.tokenizer_type == DEFAULT_TOKENIZER_TYPE and args.data.tokenizer_model is None
+    if args.data.mock_data and default_kind:
         args = args.replace(tokenizer_type="NullTokenizer",
                             vocab_size=args.model.vocab_size or DEFAULT_VOCAB_SIZE)
-    elif not args.mock_data and args.data_path is None and not args.train_data_path:
-        if args.tokenizer_model is not None:
+    elif not args.data.mock_data and args.data.data_path is None and not args.data.train_data_path:
+        if args.data.tokenizer_model is not None:
             raise ValueError("--tokenizer-model was given without --data-path: give both, or "
                              "neither to use the built-in corpus.")
         prefix, tokenizer_model = prepare_default_corpus()
         args = args.replace(data_path=(prefix,), tokenizer_model=tokenizer_model)
-    elif args.tokenizer_model is None and args.tokenizer_type != "NullTokenizer":
-        raise ValueError(f"--data-path needs --tokenizer-model (the {args.tokenizer_type} the "
+    elif args.data.tokenizer_model is None and args.data.tokenizer_type != "NullTokenizer":
+        raise ValueError(f"--data-path needs --tokenizer-model (the {args.data.tokenizer_type} the "
                          "data was preprocessed with; see tools/train_tokenizer.py).")
-    return args, build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.model.vocab_size,
-                                 merge_file=args.merge_file)
+    return args, build_tokenizer(args.data.tokenizer_type, args.data.tokenizer_model, args.model.vocab_size,
+                                 merge_file=args.data.merge_file)
 
 
 def prepare_data(args: RunConfig):
@@ -73,42 +73,42 @@ def prepare_data(args: RunConfig):
                                              build_mock_datasets, check_data_prefixes,
                                              requested_samples)
 
-    per_split = (args.train_data_path, args.valid_data_path, args.test_data_path)
-    for blend in (per_split if args.train_data_path else (args.data_path,)):
+    per_split = (args.data.train_data_path, args.data.valid_data_path, args.data.test_data_path)
+    for blend in (per_split if args.data.train_data_path else (args.data.data_path,)):
         if blend:
             check_data_prefixes(get_blend_from_list(list(blend))[0])
     args, tokenizer = data_tokenizer(args)
     args = resolve(args, torch.distributed.get_world_size(), tokenizer.vocab_size)
     dp_size = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
-    num_samples = requested_samples(args.train_iters, args.global_batch_size, args.eval_iters,
-                                    args.eval_interval)
-    documents = dict(reset_position_ids=args.reset_position_ids,
-                     reset_attention_mask=args.reset_attention_mask,
-                     eod_mask_loss=args.eod_mask_loss)
-    if args.mock_data:
-        train_ds, valid_ds, _ = build_mock_datasets(tokenizer, args.seq_length, args.seed,
+    num_samples = requested_samples(args.training.train_iters, args.training.global_batch_size, args.logging.eval_iters,
+                                    args.logging.eval_interval)
+    documents = dict(reset_position_ids=args.data.reset_position_ids,
+                     reset_attention_mask=args.data.reset_attention_mask,
+                     eod_mask_loss=args.data.eod_mask_loss)
+    if args.data.mock_data:
+        train_ds, valid_ds, _ = build_mock_datasets(tokenizer, args.model.seq_length, args.training.seed,
                                                     num_samples, **documents)
     else:
         if is_logging_rank():  # the index build can take minutes on a large corpus
             print(f"> building datasets: {num_samples[0]:,} training and {num_samples[1]:,} "
                   "validation samples", flush=True)
         train_ds, valid_ds, _ = build_datasets(
-            list(args.data_path or ()), tokenizer, args.seq_length, args.seed, args.split,
-            num_samples, args.data_cache_path,
-            per_split=([list(p) if p else None for p in per_split] if args.train_data_path
+            list(args.data.data_path or ()), tokenizer, args.model.seq_length, args.training.seed, args.data.split,
+            num_samples, args.data.data_cache_path,
+            per_split=([list(p) if p else None for p in per_split] if args.data.train_data_path
                        else None),
-            build_timeout_minutes=args.dataset_build_timeout_minutes, **documents,
+            build_timeout_minutes=args.data.dataset_build_timeout_minutes, **documents,
         )
     # where documents end, for NITP targets that stop there (--nitp-document-boundary mask)
     eod = tokenizer.eod if args.nitp_config.masks_documents else None
-    train = MicroBatchIterator(train_ds, args.micro_batch_size, dp_rank, dp_size, eod=eod)
+    train = MicroBatchIterator(train_ds, args.training.micro_batch_size, dp_rank, dp_size, eod=eod)
 
     def valid():
         """The same held-out batches at every evaluation: comparable points on the curve."""
-        return MicroBatchIterator(valid_ds, args.micro_batch_size, dp_rank, dp_size, eod=eod)
+        return MicroBatchIterator(valid_ds, args.training.micro_batch_size, dp_rank, dp_size, eod=eod)
 
-    evaluates = valid_ds is not None and len(valid_ds) and args.eval_interval
+    evaluates = valid_ds is not None and len(valid_ds) and args.logging.eval_interval
     return args, tokenizer, train, (valid if evaluates else None)
 
 
@@ -130,12 +130,12 @@ def _summary(args, logger, wall: float) -> dict:
         "preset": args.preset if args.source("preset") != "default" or not
         arguments.kept_preset_fields(args) else f"{args.preset} (default; flags override "
         "part of it: see config.json)",
-        "nitp": args.nitp,
-        "iterations": args.train_iters,
+        "nitp": args.nitp_config.enabled,
+        "iterations": args.training.train_iters,
         "wall time (s)": round(wall, 1),
         "segments": logger.segments,
         "lm loss": logger.interval_means.get("lm loss"),
-        "nitp loss": logger.interval_means.get("nitp loss") if args.nitp else None,
+        "nitp loss": logger.interval_means.get("nitp loss") if args.nitp_config.enabled else None,
         "validation lm loss": last("validation lm loss"),
         "effective rank": last("effective rank"),
         "cosine similarity": last("cosine similarity"),
@@ -191,8 +191,8 @@ def check_checkpoint_folders(args: RunConfig, save_dir: str) -> list[str]:
 
     try:
         warnings = ck.check_save_folder(save_dir, args.checkpoint, checkpoint_bytes(args))
-        latest = ck.read_tracker(args.load) if args.load and not args.finetune else None
-        meta_file = os.path.join(ck.checkpoint_dir(args.load, latest), ck.META) if (
+        latest = ck.read_tracker(args.checkpoint.load) if args.checkpoint.load and not args.checkpoint.finetune else None
+        meta_file = os.path.join(ck.checkpoint_dir(args.checkpoint.load, latest), ck.META) if (
             latest is not None) else None
         if meta_file and os.path.exists(meta_file):
             with open(meta_file) as f:
@@ -211,21 +211,21 @@ def nothing_to_load(args: RunConfig) -> bool:
     ``--finetune``, whose point is the weights it names."""
     from megatron_nitp.training.checkpoint import holds_nothing
 
-    if not args.load:
+    if not args.checkpoint.load:
         return False
     everyone = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(everyone, holds_nothing(args.load))
+    torch.distributed.all_gather_object(everyone, holds_nothing(args.checkpoint.load))
     if not all(everyone):
         return False
-    if args.exit_on_missing_checkpoint or args.finetune:
-        why = ("--exit-on-missing-checkpoint is set" if args.exit_on_missing_checkpoint else
+    if args.checkpoint.exit_on_missing_checkpoint or args.checkpoint.finetune:
+        why = ("--exit-on-missing-checkpoint is set" if args.checkpoint.exit_on_missing_checkpoint else
                "--finetune needs the weights it names")
-        raise UsageError(f"no checkpoint in {args.load} (the folder is absent or empty) and "
+        raise UsageError(f"no checkpoint in {args.checkpoint.load} (the folder is absent or empty) and "
                          f"{why}: check the --load path"
                          + (", or drop the flag to start from scratch"
-                            if args.exit_on_missing_checkpoint else ""))
+                            if args.checkpoint.exit_on_missing_checkpoint else ""))
     if is_logging_rank():
-        print(f"warning: no checkpoint in {args.load}: starting from scratch "
+        print(f"warning: no checkpoint in {args.checkpoint.load}: starting from scratch "
               "(--exit-on-missing-checkpoint stops instead)", flush=True)
     return True
 
@@ -236,22 +236,22 @@ def setup(args: RunConfig, save_dir: str | None = None) -> Run:
     folder's, :func:`check_checkpoint_folders`). ``Run.args`` is the config resolved for this
     world and tokenizer."""
     initialize_distributed(
-        args.tensor_model_parallel_size,
-        args.pipeline_model_parallel_size,
-        args.context_parallel_size,
-        args.distributed_backend,
-        args.expert_model_parallel_size,
-        timeout_minutes=args.distributed_timeout_minutes,
-        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+        args.parallel.tensor_model_parallel_size,
+        args.parallel.pipeline_model_parallel_size,
+        args.parallel.context_parallel_size,
+        args.parallel.distributed_backend,
+        args.parallel.expert_model_parallel_size,
+        timeout_minutes=args.parallel.distributed_timeout_minutes,
+        expert_tensor_parallel_size=args.parallel.expert_tensor_parallel_size,
         virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
     )
     fresh = nothing_to_load(args)
     try:
         arguments.validate_data_cache(args)
-        if args.data_cache_path and not args.mock_data and torch.distributed.get_world_size() > 1:
+        if args.data.data_cache_path and not args.data.mock_data and torch.distributed.get_world_size() > 1:
             from megatron_nitp.data.index_cache import check_shared
 
-            check_shared(args.data_cache_path)
+            check_shared(args.data.data_cache_path)
         resolve(args, torch.distributed.get_world_size())  # the layout, before data work
         args, tokenizer, train_iter, valid_iter = prepare_data(args)
     except (ValueError, FileNotFoundError, PermissionError) as err:
@@ -269,24 +269,24 @@ def setup(args: RunConfig, save_dir: str | None = None) -> Run:
     from megatron_nitp.training.model import build_model_chunks, set_schedule_functions, wrap_model
     from megatron_nitp.training.optimizer import build_optimizer
 
-    set_seed(args.seed)
+    set_seed(args.training.seed)
     chunks = build_model_chunks(args)  # one per virtual stage under the interleaved schedule
     for chunk in chunks:
-        initialize_weights(chunk, args.seed)  # from the seed and global names: layout-invariant
+        initialize_weights(chunk, args.training.seed)  # from the seed and global names: layout-invariant
     # a list of DDP-wrapped chunks under interleaving (megatron-core's convention), else one
     model = wrap_model(chunks if len(chunks) > 1 else chunks[0], args)
     optimizer, scheduler = build_optimizer(model, args.training, args.schedule, args.derived)
     set_schedule_functions(model, TIMERS.wrap(GRAD_REDUCE, finalize_model_grads),
-                           optimizer.scale_loss if args.fp16 else None)
+                           optimizer.scale_loss if args.training.fp16 else None)
     start, meta = 0, None
-    if args.load and not fresh:
+    if args.checkpoint.load and not fresh:
         try:
-            meta = load_checkpoint(args.load, model, optimizer, scheduler, args,
-                                   weights_only=args.finetune, fallback=args.load_fallback,
-                                   override=args.override_config)
+            meta = load_checkpoint(args.checkpoint.load, model, optimizer, scheduler, args,
+                                   weights_only=args.checkpoint.finetune, fallback=args.checkpoint.load_fallback,
+                                   override=args.checkpoint.override_config)
         except CheckpointError as err:
             raise UsageError(str(err)) from err
-        if not args.finetune:
+        if not args.checkpoint.finetune:
             start = meta["iteration"]
             train_iter.consumed_samples = meta["consumed_samples"]
     return Run(args, model, optimizer, scheduler, tokenizer, train_iter, valid_iter, start, meta)
@@ -297,7 +297,7 @@ def check_wandb(args) -> None:
     rank (only rank 0 imports it later)."""
     import importlib.util
 
-    if args.wandb_project and importlib.util.find_spec("wandb") is None:
+    if args.logging.wandb_project and importlib.util.find_spec("wandb") is None:
         raise UsageError("--wandb-project needs the wandb package, which is not installed: "
                          "pip install wandb (WANDB_MODE=offline logs without a network), or "
                          "drop --wandb-project.")
@@ -397,18 +397,18 @@ def _pretrain(args: RunConfig, progress: Progress) -> dict:
     except ValueError as err:
         raise UsageError(str(err)) from err
     check_wandb(args)
-    run_dir = args.run_dir or arguments.default_run_dir(args)
-    save_dir = args.save or os.path.join(run_dir, "checkpoints")
+    run_dir = args.logging.run_dir or arguments.default_run_dir(args)
+    save_dir = args.checkpoint.save or os.path.join(run_dir, "checkpoints")
     run = setup(args, save_dir)
     args = run.args
     model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
     train_iter, valid_iter = run.train_iter, run.valid_iter
     if is_logging_rank():
         os.makedirs(run_dir, exist_ok=True)
-    tensorboard_dir = args.tensorboard_dir or os.path.join(run_dir, "tensorboard")
+    tensorboard_dir = args.logging.tensorboard_dir or os.path.join(run_dir, "tensorboard")
     progress.run_dir, progress.save_dir = run_dir, save_dir
     progress.iteration = run.start_iteration
-    async_saves = AsyncSaves() if args.async_save else None
+    async_saves = AsyncSaves() if args.checkpoint.async_save else None
 
     def save(iteration: int, wait: bool = False) -> str:
         """The checkpoint's path; with --async-save it is complete only once finalized
@@ -418,7 +418,7 @@ def _pretrain(args: RunConfig, progress: Progress) -> dict:
             with params_synced(model):
                 path = save_checkpoint(save_dir, iteration, model, optimizer, scheduler, args,
                                        consumed_samples=train_iter.consumed_samples,
-                                       keep_last=args.save_keep_last, async_saves=async_saves)
+                                       keep_last=args.checkpoint.save_keep_last, async_saves=async_saves)
             if wait:
                 finish_saves()
         return path
@@ -432,7 +432,7 @@ def _pretrain(args: RunConfig, progress: Progress) -> dict:
     logger = TrainingLogger(args, tensorboard_dir, memory, run_dir=run_dir,
                             start_iteration=run.start_iteration)
     progress.logger = logger
-    times = IntervalTimes(args.timing_log_level, args.log_straggler)
+    times = IntervalTimes(args.logging.timing_log_level, args.logging.log_straggler)
     from megatron_nitp.accounting.memory_plan import planned_memory
 
     # --dry-run's estimate for this config, printed beside the first interval's measured peak
@@ -443,13 +443,13 @@ def _pretrain(args: RunConfig, progress: Progress) -> dict:
     what = describe(args)
     logger.print(
         f"> run folder {run_dir} | {what} | parameters on rank 0: {params:,} | vocab "
-        f"{run.tokenizer.vocab_size} (padded {args.padded_vocab_size}) | world "
-        f"{torch.distributed.get_world_size()} (TP {args.tensor_model_parallel_size}, PP "
-        f"{args.pipeline_model_parallel_size}"
+        f"{run.tokenizer.vocab_size} (padded {args.derived.padded_vocab_size}) | world "
+        f"{torch.distributed.get_world_size()} (TP {args.parallel.tensor_model_parallel_size}, PP "
+        f"{args.parallel.pipeline_model_parallel_size}"
         + (f" x {args.virtual_pipeline_model_parallel_size} chunks (interleaved)"
            if args.virtual_pipeline_model_parallel_size else "")
-        + f", EP {args.expert_model_parallel_size}, DP "
-        f"{args.data_parallel_size}) | micro-batches per step {args.num_microbatches} | "
+        + f", EP {args.parallel.expert_model_parallel_size}, DP "
+        f"{args.derived.data_parallel_size}) | micro-batches per step {args.derived.num_microbatches} | "
         f"backend {torch.distributed.get_backend()}, device {device()} ({device_name()})"
     )
     kept = arguments.kept_preset_fields(args)
@@ -465,38 +465,38 @@ def _pretrain(args: RunConfig, progress: Progress) -> dict:
     from megatron_nitp.training.checkpoint import imported_source
 
     source = imported_source(run.loaded) if run.loaded else None
-    if args.load and args.finetune:
-        logger.print(f"> --finetune: weights of {args.load} (saved at iteration "
+    if args.checkpoint.load and args.checkpoint.finetune:
+        logger.print(f"> --finetune: weights of {args.checkpoint.load} (saved at iteration "
                      f"{run.loaded['iteration']}"
                      + (f", imported from {source}" if source else "")
                      + "); training starts at iteration 0 with a fresh optimizer, schedule and "
                      "data position")
     if run.start_iteration:
-        logger.print(f"> resumed from {args.load} at iteration {run.start_iteration} "
+        logger.print(f"> resumed from {args.checkpoint.load} at iteration {run.start_iteration} "
                      f"({train_iter.consumed_samples} samples consumed)"
                      + (f"; imported from {source}: the optimizer starts fresh (Adam moments "
                         "not imported), the LR schedule is this run's at that iteration"
-                        if source and not args.finetune else ""))
+                        if source and not args.checkpoint.finetune else ""))
     for chunk in as_chunks(model):
         chunk.train()
     from megatron_nitp.training.probe import Probe
 
     # per-layer geometry on a fixed probe batch, at the iterations that measure the geometry
-    probe = Probe.build(args, train_iter, valid_iter) if args.geometry_interval else None
-    throughput = Throughput(args.global_batch_size * args.seq_length)
+    probe = Probe.build(args, train_iter, valid_iter) if args.logging.geometry_interval else None
+    throughput = Throughput(args.training.global_batch_size * args.model.seq_length)
     iteration = run.start_iteration
     memory.begin()  # the first interval's peak counts from the first step, set-up left out
     exits = ExitConditions(args, start)
     exits.install()
     try:
-        while iteration < args.train_iters:
+        while iteration < args.training.train_iters:
             iteration += 1
             if faults.due("sigkill", iteration):
                 os.kill(os.getpid(), signal.SIGKILL)
             if faults.due("sigterm", iteration):
                 os.kill(os.getpid(), signal.SIGTERM)
-            geometry = bool(args.geometry_interval) and (
-                iteration % args.geometry_interval == 0 or iteration in (1, args.train_iters)
+            geometry = bool(args.logging.geometry_interval) and (
+                iteration % args.logging.geometry_interval == 0 or iteration in (1, args.training.train_iters)
             )
             TIMERS.take()  # what evaluation and saving timed belongs to no step
             try:
@@ -527,25 +527,25 @@ def _pretrain(args: RunConfig, progress: Progress) -> dict:
                 throughput.lap()
             if logged and planned is not None:
                 logger.print(memory.planned_vs_measured(iteration, metrics, planned,
-                                                        args.pipeline_model_parallel_size))
+                                                        args.parallel.pipeline_model_parallel_size))
                 planned = None  # once per run
             if valid_iter is not None and (
-                iteration % args.eval_interval == 0 or iteration == args.train_iters
+                iteration % args.logging.eval_interval == 0 or iteration == args.training.train_iters
             ):
                 with params_synced(model):
                     logger.log_eval(iteration,
-                                    evaluate(model, valid_iter(), args, args.eval_iters))
+                                    evaluate(model, valid_iter(), args, args.logging.eval_iters))
                 throughput.lap()
             saved = None
-            if (args.save_interval and iteration % args.save_interval == 0
-                    and iteration < args.train_iters):
+            if (args.checkpoint.save_interval and iteration % args.checkpoint.save_interval == 0
+                    and iteration < args.training.train_iters):
                 saved = save(iteration)
                 logger.print(f"> {'saving' if async_saves else 'saved'} checkpoint {saved}")
                 throughput.lap()
             if async_saves is not None and async_saves.pending():
                 for path in async_saves.poll():  # never waits: finalizes the saves written by now
                     logger.print(f"> checkpoint complete {path}")
-            decision = exits.decide(iteration, args.train_iters)
+            decision = exits.decide(iteration, args.training.train_iters)
             if decision is not None:
                 code, reason = decision
                 finish_saves()  # the interval's checkpoint, if written in the background
@@ -562,12 +562,12 @@ def _pretrain(args: RunConfig, progress: Progress) -> dict:
         exits.restore()
     logger.close()
 
-    if args.save_final or args.save:
-        logger.print(f"> saved checkpoint {save(args.train_iters, wait=True)}")
+    if args.checkpoint.save_final or args.checkpoint.save:
+        logger.print(f"> saved checkpoint {save(args.training.train_iters, wait=True)}")
     finish_saves()
     summary = _summary(args, logger, time.perf_counter() - start)
     if is_logging_rank():
-        if args.plot:
+        if args.logging.plot:
             from megatron_nitp.training.plot import plot_run
 
             title = f"{args.preset}: {describe(args)}"

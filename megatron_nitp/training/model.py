@@ -26,9 +26,9 @@ from megatron_nitp.training.timers import ROUTING_WAIT, TIMERS
 
 
 def params_dtype(args) -> torch.dtype:
-    if args.bf16:
+    if args.training.bf16:
         return torch.bfloat16
-    if args.fp16:
+    if args.training.fp16:
         return torch.float16
     return torch.float32
 
@@ -56,38 +56,38 @@ def router_loss_gradient_correction(args) -> int:
 
     if megatron_core_version() >= Version("0.19.0rc0"):
         return 1
-    return args.tensor_model_parallel_size * args.context_parallel_size
+    return args.parallel.tensor_model_parallel_size * args.parallel.context_parallel_size
 
 
 def moe_config(args) -> dict:
     """DeepSeek-V2-style MoE fields of the TransformerConfig (empty for a dense model): routed
     SwiGLU experts with top-k softmax routing, one shared expert, the load-balancing loss, and
     the per-layer dense/MoE pattern (a shallow dense stage first)."""
-    if not args.num_moe_experts:
+    if not args.moe.num_moe_experts:
         return {}
     return dict(
-        num_moe_experts=args.num_moe_experts,
-        moe_router_topk=args.moe_router_topk,
-        moe_ffn_hidden_size=args.moe_ffn_hidden_size,
-        moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size or None,
-        moe_layer_freq=list(args.moe_layer_pattern),
-        moe_router_load_balancing_type=args.moe_router_load_balancing_type,
-        moe_aux_loss_coeff=(0.0 if args.moe_router_load_balancing_type == "none" else
-                            args.moe_aux_loss_coeff * router_loss_gradient_correction(args)),
-        moe_router_score_function=args.moe_router_score_function,
-        moe_router_pre_softmax=args.moe_router_pre_softmax,
-        moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
-        moe_router_bias_update_rate=args.moe_router_bias_update_rate,
-        moe_z_loss_coeff=(None if args.moe_z_loss_coeff is None else
-                          args.moe_z_loss_coeff * router_loss_gradient_correction(args)),
-        moe_expert_capacity_factor=args.moe_expert_capacity_factor,
-        moe_token_drop_policy=args.moe_token_drop_policy,
-        moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,
-        moe_token_dispatcher_type=args.moe_token_dispatcher_type,
-        expert_model_parallel_size=args.expert_model_parallel_size,
-        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
-        moe_grouped_gemm=args.moe_grouped_gemm,
-        moe_permute_fusion=args.moe_permute_fusion,
+        num_moe_experts=args.moe.num_moe_experts,
+        moe_router_topk=args.moe.moe_router_topk,
+        moe_ffn_hidden_size=args.moe.moe_ffn_hidden_size,
+        moe_shared_expert_intermediate_size=args.moe.moe_shared_expert_intermediate_size or None,
+        moe_layer_freq=list(args.derived.moe_layer_pattern),
+        moe_router_load_balancing_type=args.moe.moe_router_load_balancing_type,
+        moe_aux_loss_coeff=(0.0 if args.moe.moe_router_load_balancing_type == "none" else
+                            args.moe.moe_aux_loss_coeff * router_loss_gradient_correction(args)),
+        moe_router_score_function=args.moe.moe_router_score_function,
+        moe_router_pre_softmax=args.moe.moe_router_pre_softmax,
+        moe_router_enable_expert_bias=args.moe.moe_router_enable_expert_bias,
+        moe_router_bias_update_rate=args.moe.moe_router_bias_update_rate,
+        moe_z_loss_coeff=(None if args.moe.moe_z_loss_coeff is None else
+                          args.moe.moe_z_loss_coeff * router_loss_gradient_correction(args)),
+        moe_expert_capacity_factor=args.moe.moe_expert_capacity_factor,
+        moe_token_drop_policy=args.moe.moe_token_drop_policy,
+        moe_pad_expert_input_to_capacity=args.moe.moe_pad_expert_input_to_capacity,
+        moe_token_dispatcher_type=args.moe.moe_token_dispatcher_type,
+        expert_model_parallel_size=args.parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.parallel.expert_tensor_parallel_size,
+        moe_grouped_gemm=args.performance.moe_grouped_gemm,
+        moe_permute_fusion=args.performance.moe_permute_fusion,
         moe_router_dtype="fp32",
     )
 
@@ -105,37 +105,37 @@ def transformer_config(args, perform_initialization: bool = True) -> Transformer
         **moe_config(args),
         **objective_fields,
         **performance.transformer_config_fields(args),
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        ffn_hidden_size=args.ffn_hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        num_query_groups=args.num_query_groups,
-        kv_channels=args.kv_channels,
+        num_layers=args.model.num_layers,
+        hidden_size=args.model.hidden_size,
+        ffn_hidden_size=args.model.ffn_hidden_size,
+        num_attention_heads=args.model.num_attention_heads,
+        num_query_groups=args.model.num_query_groups,
+        kv_channels=args.model.kv_channels,
         normalization="RMSNorm",
-        layernorm_epsilon=args.norm_epsilon,
+        layernorm_epsilon=args.model.norm_epsilon,
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=args.add_qkv_bias,
-        hidden_dropout=args.hidden_dropout,
-        attention_dropout=args.attention_dropout,
-        init_method_std=args.init_method_std,
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
-        num_layers_in_last_pipeline_stage=args.decoder_last_pipeline_num_layers,
-        context_parallel_size=args.context_parallel_size,
-        sequence_parallel=args.sequence_parallel,
+        add_qkv_bias=args.model.add_qkv_bias,
+        hidden_dropout=args.model.hidden_dropout,
+        attention_dropout=args.model.attention_dropout,
+        init_method_std=args.model.init_method_std,
+        tensor_model_parallel_size=args.parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.parallel.pipeline_model_parallel_size,
+        num_layers_in_first_pipeline_stage=args.parallel.decoder_first_pipeline_num_layers,
+        num_layers_in_last_pipeline_stage=args.parallel.decoder_last_pipeline_num_layers,
+        context_parallel_size=args.parallel.context_parallel_size,
+        sequence_parallel=args.parallel.sequence_parallel,
         pipeline_dtype=dtype,
         params_dtype=dtype,
-        bf16=args.bf16,
-        fp16=args.fp16,
+        bf16=args.training.bf16,
+        fp16=args.training.fp16,
         use_cpu_initialization=not on_gpu,
         perform_initialization=perform_initialization,
         bias_dropout_fusion=on_gpu,
         # Apex's fused softmax under the local spec's causal mask type ignores the mask it is
         # given (an upper-triangular kernel): the per-document mask needs the unfused softmax.
-        masked_softmax_fusion=kernels.fused_softmax_available() and not args.reset_attention_mask,
+        masked_softmax_fusion=kernels.fused_softmax_available() and not args.data.reset_attention_mask,
         calculate_per_token_loss=True,
         # megatron-core's default synchronizes the whole device after every batched pipeline
         # send/recv, a workaround for a race in old PyTorch (< 1.13; we need >= 2.4). Under PP
@@ -213,7 +213,7 @@ def build_model(
     share.
     """
     config = transformer_config(args, perform_initialization)
-    if args.num_moe_experts:
+    if args.moe.num_moe_experts:
         # megatron-core's router losses go to a module-level per-layer tracker sized by the
         # first model that logs; a model of another depth built later in this process (an
         # export after training, in-process tests) would index past it
@@ -231,9 +231,9 @@ def build_model(
     if vp_stage is not None:
         extra_chunk = {"vp_stage": vp_stage, "tap_owners": tap_owners(args, nitp),
                        "shared_routers": shared_routers if shared_routers is not None else {}}
-    spec = layer_spec(config, args.transformer_impl,
+    spec = layer_spec(config, args.parallel.transformer_impl,
                       sdpa=performance.attention_path(args) == "sdpa", vp_stage=vp_stage)
-    te = kernels.use_transformer_engine(args.transformer_impl)
+    te = kernels.use_transformer_engine(args.parallel.transformer_impl)
     extra = {}
     for objective in build_objectives(args):
         extra.update(objective.model_kwargs(config, spec, te))
@@ -244,13 +244,13 @@ def build_model(
         routing_wait_timer=partial(TIMERS.phase, ROUTING_WAIT),
         transformer_layer_spec=spec,
         **extra,
-        vocab_size=args.padded_vocab_size,
-        max_sequence_length=args.max_position_embeddings,
+        vocab_size=args.derived.padded_vocab_size,
+        max_sequence_length=args.model.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        share_embeddings_and_output_weights=not args.model.untie_embeddings_and_output_weights,
         position_embedding_type="rope",
-        rotary_base=args.rotary_base,
+        rotary_base=args.model.rotary_base,
         **extra_chunk,
     )
     return model.to(device())
@@ -266,8 +266,8 @@ def build_model_chunks(args, perform_initialization: bool = True) -> list[NITPGP
     # One router per routed tapped layer, shared by the chunks, made before any chunk: a chunk's
     # construction may block in megatron-core's collectives (the tied embedding's all-reduce
     # between the first and the last chunk) that the other ranks join only at a later chunk.
-    last = (args.pipeline_model_parallel_size - 1, vpp - 1)
-    routers = {layer: TargetRouter(owner[0], split_over_tp=not args.sequence_parallel,
+    last = (args.parallel.pipeline_model_parallel_size - 1, vpp - 1)
+    routers = {layer: TargetRouter(owner[0], split_over_tp=not args.parallel.sequence_parallel,
                                    timeout=distributed_timeout(),
                                    wait_timer=partial(TIMERS.phase, ROUTING_WAIT), tap=layer)
                for layer, owner in sorted(tap_owners(args, args.nitp_config).items())
@@ -279,7 +279,7 @@ def build_model_chunks(args, perform_initialization: bool = True) -> list[NITPGP
 def tap_owners(args, nitp: NITPConfig) -> dict[int, tuple[int, int]]:
     """Tapped layer -> the (pipeline rank, model chunk) that builds it under the interleaved
     schedule, from the layout megatron-core builds (``layout.target_chunk``)."""
-    return {layer: target_chunk(layer, args.num_layers, args.pipeline_model_parallel_size,
+    return {layer: target_chunk(layer, args.model.num_layers, args.parallel.pipeline_model_parallel_size,
                                 args.virtual_pipeline_model_parallel_size, *pipeline_split(args))
             for o in representation_objectives(nitp) for layer in o.taps}
 
@@ -324,10 +324,10 @@ def wrap_model(model: NITPGPTModel, args, disable_bucketing: bool = False):
     if isinstance(model, (list, tuple)):
         return [wrap_model(chunk, args, disable_bucketing=i > 0) for i, chunk in enumerate(model)]
     config = model.config
-    module = Float16Module(config, model) if (args.bf16 or args.fp16) else model
+    module = Float16Module(config, model) if (args.training.bf16 or args.training.fp16) else model
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        use_distributed_optimizer=args.use_distributed_optimizer,
+        use_distributed_optimizer=args.training.use_distributed_optimizer,
         **performance.ddp_config_fields(args),
     )
     return DistributedDataParallel(config=config, ddp_config=ddp_config, module=module,

@@ -80,7 +80,7 @@ class Probe:
         self.objectives = tuple(o for o in build_objectives(args) if o.name != "mtp")
         self.layers = (*sorted({k for o in self.objectives for k in o.taps}), "final")
         self.term = _paper_term(self.objectives)
-        self.hidden_size = args.hidden_size
+        self.hidden_size = args.model.hidden_size
         self.reference: dict = {}  # (micro-batch, layer) -> first probe's [n, h] states (CPU)
 
     @classmethod
@@ -92,10 +92,10 @@ class Probe:
         dataset = valid_iter().dataset if held_out else train_iter.dataset
         dp_size = parallel_state.get_data_parallel_world_size()
         dp_rank = parallel_state.get_data_parallel_rank()
-        mbs, s = args.micro_batch_size, args.seq_length
+        mbs, s = args.training.micro_batch_size, args.model.seq_length
         source = MicroBatchIterator(dataset, mbs, dp_rank, dp_size, eod=train_iter.eod)
         batches = []
-        for m in range(args.num_microbatches):
+        for m in range(args.derived.num_microbatches):
             first = (m * dp_size + dp_rank) * mbs  # the micro-batch's first sample
             batch = next(source)
             where = batch["tokens"].device  # the batch's own (moved to device() with it)
@@ -121,7 +121,7 @@ class Probe:
         h = self.hidden_size
         width = 2 + 2 * h + h * h + 2  # n, norm sum, sum, unit sum, Gram, drift cos sum, count
         stats = torch.zeros(len(self.layers), width, dtype=torch.float64, device=device())
-        slots = len(self.batches) * args.micro_batch_size * args.seq_length
+        slots = len(self.batches) * args.training.micro_batch_size * args.model.seq_length
         slots *= parallel_state.get_data_parallel_world_size()
         cosines = torch.zeros(2, slots, dtype=torch.float64, device=device())  # value, carried
         batches = [dict(to_device(b), _microbatch=i) for i, b in enumerate(self.batches)]
@@ -130,8 +130,8 @@ class Probe:
                 forward_step_func=partial(self._forward_step, stats, cosines),
                 data_iterator=([iter(batches) for _ in chunks] if len(chunks) > 1
                                else iter(batches)),
-                model=chunks, num_microbatches=len(batches), seq_length=args.seq_length,
-                micro_batch_size=args.micro_batch_size, forward_only=True)
+                model=chunks, num_microbatches=len(batches), seq_length=args.model.seq_length,
+                micro_batch_size=args.training.micro_batch_size, forward_only=True)
             for chunk in chunks:
                 unwrap(chunk).finish_step()
         finally:

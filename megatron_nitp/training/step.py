@@ -184,8 +184,8 @@ def _run_schedule(model, batches, args, objectives, scales, forward_only, geomet
         data_iterator=[iter(batches) for _ in chunks] if len(chunks) > 1 else iter(batches),
         model=chunks,
         num_microbatches=len(batches),
-        seq_length=args.seq_length,
-        micro_batch_size=args.micro_batch_size,
+        seq_length=args.model.seq_length,
+        micro_batch_size=args.training.micro_batch_size,
         forward_only=forward_only,
     )
     for chunk in chunks:
@@ -211,7 +211,7 @@ def _zero_grad_buffers(model) -> None:
 def train_step(
     model, optimizer, scheduler, data_iterator: Iterator, args, iteration: int, geometry: bool,
 ) -> dict[str, float]:
-    """Forward/backward over ``args.num_microbatches`` micro-batches, then one optimizer step.
+    """Forward/backward over ``args.derived.num_microbatches`` micro-batches, then one optimizer step.
 
     Returns the global lm loss, nitp loss, total loss, grad norm, lr (and geometry if asked).
     Its phases (data loading, forward-backward, optimizer) are timed in ``timers.TIMERS``.
@@ -222,7 +222,7 @@ def train_step(
     """
     objectives = build_objectives(args)
     with TIMERS.phase(timers.DATA):
-        batches = [to_device(next(data_iterator)) for _ in range(args.num_microbatches)]
+        batches = [to_device(next(data_iterator)) for _ in range(args.derived.num_microbatches)]
     weight = args.nitp_config.weight_at(iteration)
     scales = term_scales(objectives, _global_counts(batches, objectives), iteration)
     nan_loss = faults.due("nan-loss", iteration + 1)
@@ -246,13 +246,13 @@ def train_step(
         diagnostics = {"iteration": iteration + 1, "losses": metrics,
                        "non_finite": "loss" if not losses_finite else "gradient",
                        "consumed_samples": getattr(data_iterator, "consumed_samples", None)}
-        if args.nan_policy == "stop":
+        if args.training.nan_policy == "stop":
             raise NonFiniteError(diagnostics)
         _zero_grad_buffers(model)
         optimizer.zero_grad()
         metrics.update({"total loss": float("nan"), "grad norm": float("nan"), "skipped": 1.0,
                         "learning rate": optimizer.param_groups[0]["lr"], "nitp weight": weight})
-        if args.num_moe_experts:
+        if args.moe.num_moe_experts:
             metrics.update(router_losses(args))
         return metrics
     with TIMERS.phase(timers.OPTIMIZER):
@@ -265,7 +265,7 @@ def train_step(
     metrics["learning rate"] = optimizer.param_groups[0]["lr"]
     metrics["nitp weight"] = weight
     metrics["skipped"] = 0.0 if update_successful else 1.0
-    if args.num_moe_experts:
+    if args.moe.num_moe_experts:
         metrics.update(router_losses(args))
     return metrics
 
@@ -281,10 +281,10 @@ def router_losses(args) -> dict[str, float]:
 
     names = {}
     balancing = {"aux_loss": "load_balancing_loss",
-                 "seq_aux_loss": "seq_load_balancing_loss"}.get(args.moe_router_load_balancing_type)
+                 "seq_aux_loss": "seq_load_balancing_loss"}.get(args.moe.moe_router_load_balancing_type)
     if balancing:
         names[balancing] = "load balancing loss"
-    if args.moe_z_loss_coeff is not None:
+    if args.moe.moe_z_loss_coeff is not None:
         names["z_loss"] = "z loss"
     if not names:
         return {}
@@ -292,9 +292,9 @@ def router_losses(args) -> dict[str, float]:
         _average_z_loss_over_ranks()
     totals: dict = {}
     track_moe_metrics(
-        loss_scale=1.0 / args.num_microbatches, iteration=0, total_loss_dict=totals,
-        force_initialize=True, track_names=list(names), num_layers=args.num_layers,
-        moe_layer_freq=list(args.moe_layer_pattern),
+        loss_scale=1.0 / args.derived.num_microbatches, iteration=0, total_loss_dict=totals,
+        force_initialize=True, track_names=list(names), num_layers=args.model.num_layers,
+        moe_layer_freq=list(args.derived.moe_layer_pattern),
     )
     return {label: float(totals[name]) for name, label in names.items()}
 
@@ -320,7 +320,7 @@ def evaluate(model, data_iterator: Iterator, args, eval_iters: int) -> dict[str,
         chunk.eval()
     reports = []
     for _ in range(eval_iters):
-        batches = [to_device(next(data_iterator)) for _ in range(args.num_microbatches)]
+        batches = [to_device(next(data_iterator)) for _ in range(args.derived.num_microbatches)]
         scales = {o.report_key: 0.0 for o in objectives}
         reports += _run_schedule(model, batches, args, objectives, scales, True, False)
     for chunk in as_chunks(model):

@@ -30,11 +30,6 @@ def flag_spellings(parser):
     return on, off
 
 
-def _setting(config, name):
-    from megatron_nitp.config import FLAT
-
-    group, attr = FLAT[name]
-    return getattr(getattr(config, group), attr)
 
 
 def _flag(spellings, name, value) -> list[str]:
@@ -61,10 +56,10 @@ def command_flags(config, builtin_corpus) -> list[str]:
     for _ in range(len(FLAT)):
         base = preset_config(config.preset, config.model_type, **given)
         differ = [n for n in FLAT if n not in skip and n not in given
-                  and _setting(config, n) != _setting(base, n)]
+                  and config.setting(n) != base.setting(n)]
         if not differ:
             break
-        given[differ[0]] = _setting(config, differ[0])
+        given[differ[0]] = config.setting(differ[0])
     spellings = flag_spellings(build_parser(config.model_type))
     flags = ["--preset", config.preset]
     for name, value in given.items():

@@ -28,11 +28,11 @@ def schedule(config):
     run's learning-rate schedule, as megatron-core's OptimizerParamScheduler applies it: WSD
     holds the peak until ``lr_decay_iters - lr_wsd_decay_iters``; the other decaying styles
     decay from the end of the warm-up."""
-    warmup, end = config.lr_warmup_iters, config.lr_decay_iters
-    if config.lr_decay_style == "constant":
+    warmup, end = config.schedule.lr_warmup_iters, config.derived.lr_decay_iters
+    if config.schedule.lr_decay_style == "constant":
         return warmup, None, end
-    if config.lr_decay_style == "WSD":
-        return warmup, end - config.lr_wsd_decay_iters + 1, end
+    if config.schedule.lr_decay_style == "WSD":
+        return warmup, end - config.derived.lr_wsd_decay_iters + 1, end
     return warmup, warmup + 1, end
 
 
@@ -146,13 +146,13 @@ def gather(args) -> Facts:
     runs, compare = load_runs(args.runs, args.results, args.seeds)
     labels = args.seeds
     config, seed_of = common_config({(k, s): runs[k][s]["config"] for k in KINDS for s in labels})
-    iters = config.train_iters
+    iters = config.training.train_iters
     if args.iters is not None and args.iters != iters:
         raise SystemExit(f"error: --iters {args.iters}, but the runs were trained for {iters} "
                          "iterations")
     warmup, decay_start, decay_end = schedule(config)
     corpus = corpus_facts(config)
-    trained_tokens = iters * config.global_batch_size * config.seq_length
+    trained_tokens = iters * config.training.global_batch_size * config.model.seq_length
     epochs = (trained_tokens / corpus["train_tokens"]
               if corpus and corpus["train_tokens"] and len(corpus["prefixes"]) == 1 else None)
     return Facts(

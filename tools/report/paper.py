@@ -37,5 +37,5 @@ def paper_presets():
     names = [n for n, p in PRESETS.items() if p.get("description", "").startswith("paper")]
     configs = [preset_config(n) for n in names]
     active = min(parameter_counts(c.flat())["activated"] for c in configs)
-    contexts = sorted({c.seq_length for c in configs})
+    contexts = sorted({c.model.seq_length for c in configs})
     return active, contexts

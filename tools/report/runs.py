@@ -89,9 +89,9 @@ def common_config(configs):
         if config.nitp_enabled != (kind == "nitp"):
             raise SystemExit(f"error: run {kind}-seed{label} has NITP "
                              f"{'on' if config.nitp_enabled else 'off'}")
-        if seeds.setdefault(label, config.seed) != config.seed:
+        if seeds.setdefault(label, config.training.seed) != config.training.seed:
             raise SystemExit(f"error: the two arms of seed{label} were trained with different "
-                             f"seeds ({seeds[label]} and {config.seed})")
+                             f"seeds ({seeds[label]} and {config.training.seed})")
     if len(set(seeds.values())) != len(seeds):
         raise SystemExit(f"error: different run folders were trained with the same seed: {seeds}")
     return RunConfig.from_dict(ref), seeds

@@ -35,7 +35,7 @@ def _geometry(facts) -> str:
         ntp_er = mean_std(values(runs, "ntp", "summary", ("effective rank",), labels))
         parts.append(f"On the training batch NITP − NTP = {er:+.2f} effective rank "
                      f"(per seed {signed(er_d, 2)}; NTP ends at {ntp_er[0]:.1f} ± "
-                     f"{ntp_er[1]:.1f} of {facts.config.hidden_size}) and {cs:+.4f} cosine "
+                     f"{ntp_er[1]:.1f} of {facts.config.model.hidden_size}) and {cs:+.4f} cosine "
                      f"(per seed {signed(cs_d, 4)}).")
     if her is not None:
         parts.append(f"On the held-out text: {her:+.2f} effective rank (per seed "
@@ -155,8 +155,8 @@ def _validation(facts):
     ntp_v = mean_std(values(runs, "ntp", "summary", ("validation lm loss",), labels))
     spread = arm_spread(runs, "summary", ("validation lm loss",), labels)
     same = abs(vl) <= spread
-    text = (f"Validation lm loss ({config.eval_iters} batches of "
-            f"{config.global_batch_size} sequences of the validation split, logged by the "
+    text = (f"Validation lm loss ({config.logging.eval_iters} batches of "
+            f"{config.training.global_batch_size} sequences of the validation split, logged by the "
             f"trainer): NITP − NTP = {vl:+.4f} nats ({100 * vl / ntp_v[0]:+.2f}%; per seed "
             f"{signed(vl_d, 4)}; seed spread {spread:.4f}): "
             + ("within the seed spread. " if same else "beyond the seed spread. "))
@@ -208,9 +208,9 @@ def _scale(facts, same, cost) -> str:
     return (f"**Why this scale cannot settle the paper's claims.** The model has "
             f"{human(facts.counts['total'])} parameters (the paper's smallest has "
             f"{active / 1e9:.1f}B active), trains on {human(facts.trained_tokens)} tokens (the "
-            f"paper: {PAPER['train_tokens']}) with a {config.seq_length}-token context "
+            f"paper: {PAPER['train_tokens']}) with a {config.model.seq_length}-token context "
             f"({context}) on one small, homogeneous corpus, and its hidden size "
-            f"({config.hidden_size}) bounds the effective rank. {len(facts.labels)} seeds "
+            f"({config.model.hidden_size}) bounds the effective rank. {len(facts.labels)} seeds "
             "resolve differences about as large as the seed spread in the tables, not smaller. "
             "What the report does show: " + "; ".join(shown) + ".")
 

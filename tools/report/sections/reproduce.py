@@ -24,7 +24,7 @@ def render(facts) -> list[str]:
         f"python tools/compare_runs.py --label NTP={ntp} --label NITP={nitp} "
         f"--output {facts.results}/compare",
         f"python tools/evaluate_representations.py --load {nitp}/checkpoints "
-        f"--split {config.split} --evaluations geometry,probe,cloze "
+        f"--split {config.data.split} --evaluations geometry,probe,cloze "
         f"--json {facts.results}/eval-nitp-seed{labels[0]}.json",
         "```",
         "",

@@ -15,17 +15,17 @@ from ..text import human, sci
 
 def _model(facts) -> str:
     config, counts = facts.config, facts.counts
-    nitp, d = config.nitp_config, config.hidden_size
-    vocab = f"vocab {config.vocab_size}" + (
-        f" (padded to {config.padded_vocab_size})"
-        if config.padded_vocab_size != config.vocab_size else "")
+    nitp, d = config.nitp_config, config.model.hidden_size
+    vocab = f"vocab {config.derived.vocab_size}" + (
+        f" (padded to {config.derived.padded_vocab_size})"
+        if config.derived.padded_vocab_size != config.derived.vocab_size else "")
     projector = ""
     if nitp.projector == "swiglu":
         projector = (f"; the NITP projector adds {3 * nitp.projector_ffn_ratio}·{d}² = "
                      f"{human(counts['nitp_projector'])} in training only")
-    return (f"| model | `--preset {config.preset}`: {config.num_layers} layers, hidden {d}, "
-            f"{config.num_attention_heads} query / {config.num_query_groups} KV heads, SwiGLU "
-            f"FFN {config.ffn_hidden_size}, {vocab} ({human(counts['total'])} parameters"
+    return (f"| model | `--preset {config.preset}`: {config.model.num_layers} layers, hidden {d}, "
+            f"{config.model.num_attention_heads} query / {config.model.num_query_groups} KV heads, SwiGLU "
+            f"FFN {config.model.ffn_hidden_size}, {vocab} ({human(counts['total'])} parameters"
             f"{projector}) |")
 
 
@@ -35,7 +35,7 @@ def _data(facts) -> str:
     source = ("default corpus: KJV Bible" if names else
               ", ".join(f"`{p}`" for p in corpus["prefixes"]))
     text = (f"{source}, {corpus['documents']:,} {unit}s, {human(corpus['tokens'])} tokens; "
-            f"split {facts.config.split} by {unit}")
+            f"split {facts.config.data.split} by {unit}")
     if len(corpus["prefixes"]) == 1 and held:
         where = "the last " if corpus["unseen_is_tail"] else ""
         text += f": training never sees {where}{held} {unit}s"
@@ -55,7 +55,7 @@ def _data(facts) -> str:
 
 def _training(facts) -> str:
     config = facts.config
-    precision = "bf16" if config.bf16 else "fp16" if config.fp16 else "fp32"
+    precision = "bf16" if config.training.bf16 else "fp16" if config.training.fp16 else "fp32"
     epoch_text = (f" (≈ {facts.epochs:.2f} epochs of the training split)"
                   if facts.epochs is not None else "")
     if facts.decay_start is None:
@@ -64,17 +64,17 @@ def _training(facts) -> str:
         decay = f", decay at iteration {facts.decay_end}"
     else:
         decay = f", decay over iterations {facts.decay_start}–{facts.decay_end}"
-    return (f"| training | {facts.iters} iterations × {config.global_batch_size} sequences × "
-            f"{config.seq_length} tokens = {human(facts.trained_tokens)} tokens{epoch_text}; "
-            f"AdamW, lr {sci(config.lr)} → {sci(config.min_lr)}, {config.lr_decay_style} "
+    return (f"| training | {facts.iters} iterations × {config.training.global_batch_size} sequences × "
+            f"{config.model.seq_length} tokens = {human(facts.trained_tokens)} tokens{epoch_text}; "
+            f"AdamW, lr {sci(config.schedule.lr)} → {sci(config.schedule.min_lr)}, {config.schedule.lr_decay_style} "
             f"(warm-up {facts.warmup} iterations{decay}), weight decay "
-            f"{config.weight_decay}, clip {config.clip_grad}, {precision} |")
+            f"{config.training.weight_decay}, clip {config.training.clip_grad}, {precision} |")
 
 
 def _nitp(facts) -> str:
     config = facts.config
     nitp = config.nitp_config
-    parts = [f"target layer k = {nitp.target_layer} (of {config.num_layers})",
+    parts = [f"target layer k = {nitp.target_layer} (of {config.model.num_layers})",
              f"λ = {nitp.loss_weight:g}", f"{nitp.loss_kind} loss",
              {"swiglu": "SwiGLU projector", "linear": "linear projector",
               "none": "no projector"}.get(nitp.projector, f"{nitp.projector} projector"),
@@ -135,8 +135,8 @@ def render(facts) -> list[str]:
     if facts.corpus:
         lines.append(_data(facts))
     lines += [_training(facts), _nitp(facts), _runs(facts)]
-    if config.geometry_interval:
-        lines.append(f"| geometry during training | every {config.geometry_interval} "
-                     f"iterations on the first micro-batch ({config.micro_batch_size} × "
-                     f"{config.seq_length} tokens) |")
+    if config.logging.geometry_interval:
+        lines.append(f"| geometry during training | every {config.logging.geometry_interval} "
+                     f"iterations on the first micro-batch ({config.training.micro_batch_size} × "
+                     f"{config.model.seq_length} tokens) |")
     return lines + [_machine(facts), "", _length(facts), ""]
