@@ -48,7 +48,7 @@ def moe_pattern(config: RunConfig) -> Optional[tuple]:
 def pipeline_split(config) -> tuple[Optional[int], Optional[int]]:
     """(layers on the first stage, layers on the last stage) of an uneven pipeline split, each
     None when not given (megatron-core's num_layers_in_first/last_pipeline_stage)."""
-    return (config.decoder_first_pipeline_num_layers, config.decoder_last_pipeline_num_layers)
+    return (config.parallel.decoder_first_pipeline_num_layers, config.parallel.decoder_last_pipeline_num_layers)
 
 
 def signal_number(name: str) -> signal.Signals:
@@ -271,7 +271,7 @@ def _validate_checkpoint(config: RunConfig) -> None:
     if c.async_save and "fork" not in multiprocessing.get_all_start_methods():
         raise ConfigError("--async-save needs the 'fork' process start method (Linux), which "
                           "this platform lacks: drop --async-save to save synchronously.")
-    if c.dist_ckpt_optim_fully_reshardable and not config.use_distributed_optimizer:
+    if c.dist_ckpt_optim_fully_reshardable and not config.training.use_distributed_optimizer:
         raise ConfigError("--dist-ckpt-optim-fully-reshardable applies to the distributed "
                           "optimizer's state only (the plain optimizer's is always fully "
                           "reshardable): add --use-distributed-optimizer or drop the flag.")

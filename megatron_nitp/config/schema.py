@@ -10,10 +10,13 @@ Values derived from settings (padded vocabulary, data-parallel size, micro-batch
 layer pattern, the schedule's iterations) are not settings: :func:`megatron_nitp.config.resolve`
 computes them into :class:`Derived`, for training and ``--dry-run`` alike.
 
-A config is read two ways. ``config.model.hidden_size`` names the group. ``config.hidden_size``
-is the flat, Megatron-style view by flag ``dest``; after ``resolve`` it gives the value training
-uses (``config.vocab_size`` is then the tokenizer's vocabulary when ``--vocab-size`` was not
-given). Nothing can be assigned: a changed setting is a new config (:meth:`RunConfig.replace`).
+A component reads the sections it uses: ``config.model.hidden_size``, and after ``resolve``
+the derived values in ``config.derived`` (``config.derived.vocab_size`` is the tokenizer's
+vocabulary when ``--vocab-size`` was not given). There is no flat view; code that works from
+flag names (a command line's sources, messages quoting a flag) asks ``config.setting(dest)``.
+``config.flat()`` is every value by flag dest, as Megatron-LM's ``vars(args)`` (what is stored
+and compared). Nothing can be assigned: a changed setting is a new config
+(:meth:`RunConfig.replace`).
 """
 
 from __future__ import annotations
