@@ -71,8 +71,9 @@ def test_sdpa_with_attention_dropout_trains_and_differs_from_eval(dist):
 def test_each_machine_gets_the_backend_it_serves(env, backend, path):
     with kernels.simulate(**env):
         config = tiny_args("--attention-backend", backend)
-        assert performance.attention_path(config) == path
-        field = performance.transformer_config_fields(config)["attention_backend"]
+        assert performance.attention_path(config.performance, config.parallel.transformer_impl) == path
+        field = performance.transformer_config_fields(
+            config.performance, config.parallel.transformer_impl)["attention_backend"]
         assert field.name == (backend if path == "te" else "auto")
 
 

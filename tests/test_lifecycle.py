@@ -103,7 +103,8 @@ def test_examples_are_accepted_or_refused_on_every_machine(shim, tmp_path, capsy
                 assert err.count("\n") <= 2, err  # the error line (and "see --help")
                 continue
             config = resolve(parse_args(flags, model_type), world)
-            fusions = performance.resolved_fusions(config)
+            fusions = performance.resolved_fusions(config.performance,
+                                                   config.parallel.transformer_impl)
             assert fusions == dict(gradient_accumulation_fusion=env["apex_fused_wgrad"],
                                    apply_rope_fusion=env["te"]), name
 

@@ -7,7 +7,7 @@ from megatron_nitp.nitp.config import NITPConfig
 from megatron_nitp.nitp.loss import implicit_token_loss
 from megatron_nitp.nitp.projector import SwiGLUProjector
 from megatron_nitp.training.initialize import set_seed
-from megatron_nitp.training.model import build_model, layer_spec, transformer_config
+from megatron_nitp.training.model import build_model, layer_spec, run_transformer_config
 from tests.helpers import tiny_args, nitp_terms
 
 
@@ -24,7 +24,7 @@ def _batch(args, seed=0):
 
 def test_projector_is_swiglu_with_12_d_squared_parameters(dist):
     args = tiny_args("--hidden-size", "48")
-    projector = SwiGLUProjector(transformer_config(args))
+    projector = SwiGLUProjector(run_transformer_config(args))
     assert _numel(projector) == 12 * 48 * 48
     assert projector.gate.weight.shape == (192, 48)
     assert projector.down.weight.shape == (48, 192)
@@ -37,7 +37,7 @@ def test_inference_model_has_exactly_the_baseline_parameters(dist):
     args = tiny_args()
     set_seed(1)
     baseline = GPTModel(
-        transformer_config(args), layer_spec(transformer_config(args)),
+        run_transformer_config(args), layer_spec(run_transformer_config(args)),
         vocab_size=args.derived.padded_vocab_size, max_sequence_length=args.model.seq_length,
         share_embeddings_and_output_weights=True, position_embedding_type="rope",
     )

@@ -51,7 +51,7 @@ def _moe_type(flags):
                          if isinstance(v, list) else "")
 def test_each_flag_reaches_the_transformer_config(flags, fields):
     config = tiny_args(*flags) if _moe_type(flags) == "dense" else _moe_args(flags)
-    built = model_module.transformer_config(config)
+    built = model_module.run_transformer_config(config)
     for name, value in fields.items():
         assert getattr(built, name) == value, name
 
@@ -81,13 +81,14 @@ def test_gpu_flags_reach_megatron_core_where_te_is_present(with_te):
                    "--cross-entropy-fusion-impl", "te", "--use-distributed-optimizer",
                    "--overlap-grad-reduce", "--overlap-param-gather"]
     config = _moe_args(flags)
-    fields = performance.transformer_config_fields(config)
+    fields = performance.transformer_config_fields(config.performance, config.parallel.transformer_impl)
     assert fields["fp8"] == "hybrid" and fields["fp8_recipe"] == "tensorwise"
     assert fields["apply_rope_fusion"] and fields["gradient_accumulation_fusion"]
     assert fields["cross_entropy_loss_fusion"] and fields["cross_entropy_fusion_impl"] == "te"
-    moe = model_module.moe_config(config)
+    moe = model_module.moe_config(config.moe, config.parallel, config.performance,
+                                 config.derived.moe_layer_pattern)
     assert moe["moe_grouped_gemm"] and moe["moe_permute_fusion"]
-    assert performance.ddp_config_fields(config) == dict(overlap_grad_reduce=True,
+    assert performance.ddp_config_fields(config.performance) == dict(overlap_grad_reduce=True,
                                                          overlap_param_gather=True)
 
 
@@ -105,18 +106,18 @@ def test_overlap_reaches_megatron_ddp(dist):
 def test_auto_fusions_follow_the_kernels():
     config = tiny_args()
     assert config.performance.gradient_accumulation_fusion is None and config.performance.apply_rope_fusion is None
-    assert performance.resolved_fusions(config) == dict(gradient_accumulation_fusion=False,
+    assert performance.resolved_fusions(config.performance, config.parallel.transformer_impl) == dict(gradient_accumulation_fusion=False,
                                                         apply_rope_fusion=False)  # CPU
     with kernels.simulate(cuda=True, te=True, apex_fused_wgrad=True):
-        assert performance.resolved_fusions(config) == dict(gradient_accumulation_fusion=True,
+        assert performance.resolved_fusions(config.performance, config.parallel.transformer_impl) == dict(gradient_accumulation_fusion=True,
                                                             apply_rope_fusion=True)
     # pip-installed TE without Apex: the output layer and the projector (megatron-core's own
     # ColumnParallelLinear) would raise at construction with the fusion on
     with kernels.simulate(cuda=True, te=True, apex_fused_wgrad=False):
-        assert performance.resolved_fusions(config) == dict(gradient_accumulation_fusion=False,
+        assert performance.resolved_fusions(config.performance, config.parallel.transformer_impl) == dict(gradient_accumulation_fusion=False,
                                                             apply_rope_fusion=True)
     off = tiny_args("--no-gradient-accumulation-fusion", "--no-rope-fusion")
-    assert performance.resolved_fusions(off) == dict(gradient_accumulation_fusion=False,
+    assert performance.resolved_fusions(off.performance, off.parallel.transformer_impl) == dict(gradient_accumulation_fusion=False,
                                                      apply_rope_fusion=False)
 
 

@@ -192,7 +192,7 @@ def test_hooks_keep_nothing_after_backward_without_recompute(dist, monkeypatch):
 def test_cuda_graphs_are_refused(dist, field):
     from megatron_nitp.models.gpt import _refuse_cuda_graphs
 
-    config = model_module.transformer_config(tiny_args())
+    config = model_module.run_transformer_config(tiny_args())
     _refuse_cuda_graphs(config)  # the default: no CUDA graphs
     if not hasattr(config, field):
         pytest.skip(f"this megatron-core has no TransformerConfig.{field}")

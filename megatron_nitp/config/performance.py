@@ -24,7 +24,7 @@ checkpoint. One combination cannot be: a target that needs its gradient
 from __future__ import annotations
 
 from megatron_nitp import kernels
-from megatron_nitp.config.schema import RunConfig
+from megatron_nitp.config.schema import PerformanceConfig, RunConfig
 from megatron_nitp.kernels import Kernels
 
 
@@ -205,43 +205,41 @@ def _fused_wgrad(k: Kernels) -> bool:
     return k.cuda and k.apex_fused_wgrad
 
 
-def resolved_fusions(config: RunConfig) -> dict:
+def resolved_fusions(perf: PerformanceConfig, transformer_impl: str) -> dict:
     """The auto settings decided for this machine: ``gradient_accumulation_fusion`` and
     ``apply_rope_fusion`` (``None`` -> on where the kernel is present)."""
-    perf = config.performance
     k = kernels.available()
     wgrad = perf.gradient_accumulation_fusion
     rope = perf.apply_rope_fusion
     return dict(
         gradient_accumulation_fusion=_fused_wgrad(k) if wgrad is None else wgrad,
-        apply_rope_fusion=k.te_layers(config.parallel.transformer_impl) if rope is None
+        apply_rope_fusion=k.te_layers(transformer_impl) if rope is None
         else rope,
     )
 
 
-def attention_path(config: RunConfig) -> str:
+def attention_path(perf: PerformanceConfig, transformer_impl: str) -> str:
     """Which core attention the model gets here: ``te`` (TE's, the backend chosen by
     megatron-core from ``--attention-backend``), ``sdpa`` (``models/attention.py``, in either
     spec) or ``unfused`` (the local spec's DotProductAttention)."""
-    backend = config.performance.attention_backend
+    backend = perf.attention_backend
     if backend == "sdpa":
         return "sdpa"
-    if kernels.available().te_layers(config.parallel.transformer_impl):
+    if kernels.available().te_layers(transformer_impl):
         return "te"
     return "sdpa" if backend == "auto" else "unfused"
 
 
-def transformer_config_fields(config: RunConfig) -> dict:
+def transformer_config_fields(perf: PerformanceConfig, transformer_impl: str) -> dict:
     """The TransformerConfig fields of the speed and memory settings (auto ones decided)."""
-    perf = config.performance
     from megatron.core.transformer.enums import AttnBackend
 
     # megatron-core sets TE's NVTE_*_ATTN variables from it (and asserts they never change in
     # a process): the user's choice where TE's attention runs, else its default
-    attention = (AttnBackend[perf.attention_backend] if attention_path(config) == "te"
+    attention = (AttnBackend[perf.attention_backend] if attention_path(perf, transformer_impl) == "te"
                  else AttnBackend.auto)
     fields = dict(
-        **resolved_fusions(config),
+        **resolved_fusions(perf, transformer_impl),
         attention_backend=attention,
         cross_entropy_loss_fusion=perf.cross_entropy_loss_fusion,
         cross_entropy_fusion_impl=perf.cross_entropy_fusion_impl,
@@ -256,8 +254,7 @@ def transformer_config_fields(config: RunConfig) -> dict:
     return fields
 
 
-def ddp_config_fields(config: RunConfig) -> dict:
+def ddp_config_fields(perf: PerformanceConfig) -> dict:
     """The DistributedDataParallelConfig fields (communication overlap)."""
-    perf = config.performance
     return dict(overlap_grad_reduce=perf.overlap_grad_reduce,
                 overlap_param_gather=perf.overlap_param_gather)

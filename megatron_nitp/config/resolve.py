@@ -350,7 +350,7 @@ def _validate_document_mask(config: RunConfig) -> None:
                           f"{p.context_parallel_size}: context-parallel attention cannot take "
                           "a per-document mask; use --context-parallel-size 1 or drop "
                           "--reset-attention-mask.")
-    if attention_path(config) == "te":
+    if attention_path(config.performance, p.transformer_impl) == "te":
         raise ConfigError(f"--reset-attention-mask with Transformer Engine's attention "
                           f"(--attention-backend {config.performance.attention_backend}), which "
                           "would ignore the per-document mask: use --attention-backend sdpa or "

@@ -13,27 +13,30 @@ from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_nitp import kernels
-from megatron_nitp.config import performance
+from megatron_nitp.config import performance as config_performance
 from megatron_nitp.device import device, has_cuda
 from megatron_nitp.models import NITPGPTModel
 from megatron_nitp.nitp.config import NITPConfig
 from megatron_nitp.config import pipeline_split
-from megatron_nitp.layout import target_chunk
+from megatron_nitp.config.schema import (ModelConfig, MoEConfig, ParallelConfig,
+                                         PerformanceConfig, RunConfig, TrainingConfig)
+from megatron_nitp.layout import target_chunk, virtual_pipeline_size
 from megatron_nitp.nitp.routing import TargetRouter
 from megatron_nitp.objectives import build_objectives, representation_objectives
 from megatron_nitp.training.initialize import distributed_timeout
 from megatron_nitp.training.timers import ROUTING_WAIT, TIMERS
 
 
-def params_dtype(args) -> torch.dtype:
-    if args.training.bf16:
+def params_dtype(training: TrainingConfig) -> torch.dtype:
+    """The weights' dtype of ``--bf16`` / ``--fp16`` (fp32 otherwise)."""
+    if training.bf16:
         return torch.bfloat16
-    if args.training.fp16:
+    if training.fp16:
         return torch.float16
     return torch.float32
 
 
-def router_loss_gradient_correction(args) -> int:
+def router_loss_gradient_correction(parallel: ParallelConfig) -> int:
     """The factor by which megatron-core < 0.19's router-loss gradients (load balancing and
     z-loss) are too small under per-token loss (``calculate_per_token_loss``, which NITP's
     accounting uses) with TP or CP > 1.
@@ -56,86 +59,92 @@ def router_loss_gradient_correction(args) -> int:
 
     if megatron_core_version() >= Version("0.19.0rc0"):
         return 1
-    return args.parallel.tensor_model_parallel_size * args.parallel.context_parallel_size
+    return parallel.tensor_model_parallel_size * parallel.context_parallel_size
 
 
-def moe_config(args) -> dict:
+def moe_config(moe: MoEConfig, parallel: ParallelConfig, performance: PerformanceConfig,
+               moe_layer_pattern: tuple | None) -> dict:
     """DeepSeek-V2-style MoE fields of the TransformerConfig (empty for a dense model): routed
     SwiGLU experts with top-k softmax routing, one shared expert, the load-balancing loss, and
-    the per-layer dense/MoE pattern (a shallow dense stage first)."""
-    if not args.moe.num_moe_experts:
+    the per-layer dense/MoE pattern (a shallow dense stage first, ``Derived.moe_layer_pattern``)."""
+    if not moe.num_moe_experts:
         return {}
+    correction = router_loss_gradient_correction(parallel)
     return dict(
-        num_moe_experts=args.moe.num_moe_experts,
-        moe_router_topk=args.moe.moe_router_topk,
-        moe_ffn_hidden_size=args.moe.moe_ffn_hidden_size,
-        moe_shared_expert_intermediate_size=args.moe.moe_shared_expert_intermediate_size or None,
-        moe_layer_freq=list(args.derived.moe_layer_pattern),
-        moe_router_load_balancing_type=args.moe.moe_router_load_balancing_type,
-        moe_aux_loss_coeff=(0.0 if args.moe.moe_router_load_balancing_type == "none" else
-                            args.moe.moe_aux_loss_coeff * router_loss_gradient_correction(args)),
-        moe_router_score_function=args.moe.moe_router_score_function,
-        moe_router_pre_softmax=args.moe.moe_router_pre_softmax,
-        moe_router_enable_expert_bias=args.moe.moe_router_enable_expert_bias,
-        moe_router_bias_update_rate=args.moe.moe_router_bias_update_rate,
-        moe_z_loss_coeff=(None if args.moe.moe_z_loss_coeff is None else
-                          args.moe.moe_z_loss_coeff * router_loss_gradient_correction(args)),
-        moe_expert_capacity_factor=args.moe.moe_expert_capacity_factor,
-        moe_token_drop_policy=args.moe.moe_token_drop_policy,
-        moe_pad_expert_input_to_capacity=args.moe.moe_pad_expert_input_to_capacity,
-        moe_token_dispatcher_type=args.moe.moe_token_dispatcher_type,
-        expert_model_parallel_size=args.parallel.expert_model_parallel_size,
-        expert_tensor_parallel_size=args.parallel.expert_tensor_parallel_size,
-        moe_grouped_gemm=args.performance.moe_grouped_gemm,
-        moe_permute_fusion=args.performance.moe_permute_fusion,
+        num_moe_experts=moe.num_moe_experts,
+        moe_router_topk=moe.moe_router_topk,
+        moe_ffn_hidden_size=moe.moe_ffn_hidden_size,
+        moe_shared_expert_intermediate_size=moe.moe_shared_expert_intermediate_size or None,
+        moe_layer_freq=list(moe_layer_pattern),
+        moe_router_load_balancing_type=moe.moe_router_load_balancing_type,
+        moe_aux_loss_coeff=(0.0 if moe.moe_router_load_balancing_type == "none" else
+                            moe.moe_aux_loss_coeff * correction),
+        moe_router_score_function=moe.moe_router_score_function,
+        moe_router_pre_softmax=moe.moe_router_pre_softmax,
+        moe_router_enable_expert_bias=moe.moe_router_enable_expert_bias,
+        moe_router_bias_update_rate=moe.moe_router_bias_update_rate,
+        moe_z_loss_coeff=(None if moe.moe_z_loss_coeff is None else
+                          moe.moe_z_loss_coeff * correction),
+        moe_expert_capacity_factor=moe.moe_expert_capacity_factor,
+        moe_token_drop_policy=moe.moe_token_drop_policy,
+        moe_pad_expert_input_to_capacity=moe.moe_pad_expert_input_to_capacity,
+        moe_token_dispatcher_type=moe.moe_token_dispatcher_type,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
+        moe_grouped_gemm=performance.moe_grouped_gemm,
+        moe_permute_fusion=performance.moe_permute_fusion,
         moe_router_dtype="fp32",
     )
 
 
-def transformer_config(args, perform_initialization: bool = True) -> TransformerConfig:
-    """Qwen2/Llama-style blocks: RMSNorm, SwiGLU, RoPE, GQA, no linear biases, from a resolved
-    run config. ``perform_initialization=False`` leaves the weights' storage uninitialized
-    (counting parameters of the paper's models without computing them)."""
+def transformer_config(model: ModelConfig, moe: MoEConfig, parallel: ParallelConfig,
+                       performance: PerformanceConfig, *, dtype: torch.dtype,
+                       moe_layer_pattern: tuple | None = None, document_mask: bool = False,
+                       objective_fields: dict | None = None,
+                       perform_initialization: bool = True) -> TransformerConfig:
+    """Qwen2/Llama-style blocks: RMSNorm, SwiGLU, RoPE, GQA, no linear biases, from the model,
+    MoE, layout and kernel sections of a resolved run config (:func:`run_transformer_config`
+    gives the rest from the run). ``dtype``: weights and pipeline messages; ``document_mask``:
+    ``--reset-attention-mask`` (no fused softmax); ``objective_fields``: what the auxiliary
+    objectives ask of megatron-core (MTP's depth). ``perform_initialization=False`` leaves the
+    weights' storage uninitialized (counting parameters of the paper's models without
+    computing them)."""
     on_gpu = has_cuda()
-    dtype = params_dtype(args)
-    objective_fields = {}
-    for objective in build_objectives(args):
-        objective_fields.update(objective.transformer_config())
     return TransformerConfig(
-        **moe_config(args),
-        **objective_fields,
-        **performance.transformer_config_fields(args),
-        num_layers=args.model.num_layers,
-        hidden_size=args.model.hidden_size,
-        ffn_hidden_size=args.model.ffn_hidden_size,
-        num_attention_heads=args.model.num_attention_heads,
-        num_query_groups=args.model.num_query_groups,
-        kv_channels=args.model.kv_channels,
+        **moe_config(moe, parallel, performance, moe_layer_pattern),
+        **(objective_fields or {}),
+        **config_performance.transformer_config_fields(performance, parallel.transformer_impl),
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.kv_channels,
         normalization="RMSNorm",
-        layernorm_epsilon=args.model.norm_epsilon,
+        layernorm_epsilon=model.norm_epsilon,
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=args.model.add_qkv_bias,
-        hidden_dropout=args.model.hidden_dropout,
-        attention_dropout=args.model.attention_dropout,
-        init_method_std=args.model.init_method_std,
-        tensor_model_parallel_size=args.parallel.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.parallel.pipeline_model_parallel_size,
-        num_layers_in_first_pipeline_stage=args.parallel.decoder_first_pipeline_num_layers,
-        num_layers_in_last_pipeline_stage=args.parallel.decoder_last_pipeline_num_layers,
-        context_parallel_size=args.parallel.context_parallel_size,
-        sequence_parallel=args.parallel.sequence_parallel,
+        add_qkv_bias=model.add_qkv_bias,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        num_layers_in_first_pipeline_stage=parallel.decoder_first_pipeline_num_layers,
+        num_layers_in_last_pipeline_stage=parallel.decoder_last_pipeline_num_layers,
+        context_parallel_size=parallel.context_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
         pipeline_dtype=dtype,
         params_dtype=dtype,
-        bf16=args.training.bf16,
-        fp16=args.training.fp16,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
         use_cpu_initialization=not on_gpu,
         perform_initialization=perform_initialization,
         bias_dropout_fusion=on_gpu,
         # Apex's fused softmax under the local spec's causal mask type ignores the mask it is
         # given (an upper-triangular kernel): the per-document mask needs the unfused softmax.
-        masked_softmax_fusion=kernels.fused_softmax_available() and not args.data.reset_attention_mask,
+        masked_softmax_fusion=kernels.fused_softmax_available() and not document_mask,
         calculate_per_token_loss=True,
         # megatron-core's default synchronizes the whole device after every batched pipeline
         # send/recv, a workaround for a race in old PyTorch (< 1.13; we need >= 2.4). Under PP
@@ -143,16 +152,32 @@ def transformer_config(args, perform_initialization: bool = True) -> Transformer
         # which completes only when the last stage reaches that micro-batch's loss: 1F1B's
         # warm-up would run one micro-batch at a time. The p2p requests are still waited on.
         batch_p2p_sync=False,
-        **interleaving_fields(args),
+        **interleaving_fields(virtual_pipeline_size(
+            model.num_layers, parallel.pipeline_model_parallel_size,
+            parallel.num_layers_per_virtual_pipeline_stage,
+            parallel.num_virtual_stages_per_pipeline_rank)),
     )
 
 
-def interleaving_fields(args) -> dict:
+def run_transformer_config(config: RunConfig,
+                           perform_initialization: bool = True) -> TransformerConfig:
+    """The TransformerConfig of a resolved run config: its sections, its precision, document
+    mask, MoE layer pattern and the fields its objectives ask for."""
+    objective_fields = {}
+    for objective in build_objectives(config):
+        objective_fields.update(objective.transformer_config())
+    return transformer_config(
+        config.model, config.moe, config.parallel, config.performance,
+        dtype=params_dtype(config.training), moe_layer_pattern=config.derived.moe_layer_pattern,
+        document_mask=config.data.reset_attention_mask, objective_fields=objective_fields,
+        perform_initialization=perform_initialization)
+
+
+def interleaving_fields(vpp: int | None) -> dict:
     """The TransformerConfig fields of the interleaved pipeline schedule (none without it):
     the chunks per rank, and the pipeline p2p as Megatron-LM sets it by default there
     (``--overlap-p2p-communication``: individual isend/irecv overlapped with compute, not
     batched), which also lets PP=2 run interleaved."""
-    vpp = args.virtual_pipeline_model_parallel_size
     if vpp is None:
         return {}
     return dict(virtual_pipeline_model_parallel_size=vpp, overlap_p2p_comm=True,
@@ -212,7 +237,7 @@ def build_model(
     (:func:`build_model_chunks`); ``shared_routers``: the routers of tapped layers its chunks
     share.
     """
-    config = transformer_config(args, perform_initialization)
+    config = run_transformer_config(args, perform_initialization)
     if args.moe.num_moe_experts:
         # megatron-core's router losses go to a module-level per-layer tracker sized by the
         # first model that logs; a model of another depth built later in this process (an
@@ -232,7 +257,8 @@ def build_model(
         extra_chunk = {"vp_stage": vp_stage, "tap_owners": tap_owners(args, nitp),
                        "shared_routers": shared_routers if shared_routers is not None else {}}
     spec = layer_spec(config, args.parallel.transformer_impl,
-                      sdpa=performance.attention_path(args) == "sdpa", vp_stage=vp_stage)
+                      sdpa=config_performance.attention_path(
+                          args.performance, args.parallel.transformer_impl) == "sdpa", vp_stage=vp_stage)
     te = kernels.use_transformer_engine(args.parallel.transformer_impl)
     extra = {}
     for objective in build_objectives(args):
@@ -328,7 +354,7 @@ def wrap_model(model: NITPGPTModel, args, disable_bucketing: bool = False):
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         use_distributed_optimizer=args.training.use_distributed_optimizer,
-        **performance.ddp_config_fields(args),
+        **config_performance.ddp_config_fields(args.performance),
     )
     return DistributedDataParallel(config=config, ddp_config=ddp_config, module=module,
                                    disable_bucketing=disable_bucketing)
