@@ -110,9 +110,9 @@ def test_resolve_computes_every_derived_value_and_is_pure():
     assert (d.vocab_size, d.padded_vocab_size) == (1000, 1024)  # 128 x TP 2 = 256 | 1024
     assert d.moe_layer_pattern == (0, 1, 1, 1)
     assert (d.lr_decay_iters, d.lr_wsd_decay_iters) == (10, 3)
-    assert resolved.vocab_size == 1000 and resolved.model.vocab_size == 1000
+    assert resolved.derived.vocab_size == 1000 and resolved.model.vocab_size == 1000
     tokenizer_sized = resolve(config.replace(vocab_size=None), 8, tokenizer_vocab_size=900)
-    assert (tokenizer_sized.vocab_size, tokenizer_sized.padded_vocab_size) == (900, 1024)
+    assert (tokenizer_sized.derived.vocab_size, tokenizer_sized.derived.padded_vocab_size) == (900, 1024)
 
 
 @pytest.mark.parametrize("world,tokens,message", [
@@ -144,9 +144,10 @@ def test_dry_run_plans_with_the_resolved_values(capsys):
     assert dry_run(config) == 0
     out = capsys.readouterr().out
     resolved = resolve(config, 64)
-    assert (f"micro-batch 1 x DP {resolved.data_parallel_size} x {resolved.num_microbatches} "
+    assert (f"micro-batch 1 x DP {resolved.derived.data_parallel_size} x "
+            f"{resolved.derived.num_microbatches} "
             "micro-batches") in out
-    assert f"padded {resolved.padded_vocab_size}" in out
+    assert f"padded {resolved.derived.padded_vocab_size}" in out
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -160,7 +161,7 @@ def test_presets_are_configs_equal_to_their_flags(name):
     assert preset_config(name, **extra) == parsed
     for key, value in PRESETS[name].items():
         if key in FLAT:
-            assert getattr(parsed, key) == value, key
+            assert parsed.setting(key) == value, key
 
 
 def test_json_round_trip_is_lossless():

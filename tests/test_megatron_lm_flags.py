@@ -48,7 +48,7 @@ def test_a_megatron_lm_command_line_is_the_dense_0_5b_model():
     for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                  "num_query_groups", "kv_channels", "seq_length", "add_qkv_bias",
                  "untie_embeddings_and_output_weights", "vocab_size", "nitp_target_layer"):
-        assert getattr(config, name) == getattr(preset, name), name
+        assert config.setting(name) == preset.setting(name), name
     assert config.training.train_iters == 5120000 // 512 == 10000
     assert config.schedule.lr_warmup_iters == 100  # 0.01 of the 10,000 decay iterations
     total = parameter_counts(config.flat())["total"]
@@ -199,7 +199,7 @@ def test_gpt2_bpe_tokenizer_equals_gpt2s_reference_encoder(gpt2_files, tmp_path,
         assert tokenizer.detokenize(ids) == text
     again = build_tokenizer("GPT2BPETokenizer", gpt2_files["vocab"], None,
                             merge_file=gpt2_files["merges"])
-    assert len(os.listdir(tmp_path / "tokenizers")) == 1 and again.derived.vocab_size == len(vocab)
+    assert len(os.listdir(tmp_path / "tokenizers")) == 1 and again.vocab_size == len(vocab)
 
 
 @pytest.mark.distributed

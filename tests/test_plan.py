@@ -69,7 +69,7 @@ def _built_stage(args, stage, pp):
 
     per = args.model.num_layers // pp
     whole = resolve(args, 1).derived
-    pattern = whole.derived.moe_layer_pattern
+    pattern = whole.moe_layer_pattern
     derived = dataclasses.replace(
         whole, padded_vocab_size=vocab_of(args, 1)[1],
         moe_layer_pattern=pattern[stage * per:(stage + 1) * per] if pattern else None)

@@ -27,7 +27,7 @@ def _build(monkeypatch, recompute: dict | None, **nitp):
     if recompute:
         original = model_module.transformer_config
         monkeypatch.setattr(model_module, "transformer_config",
-                            lambda *a: dataclasses.replace(original(*a), **recompute))
+                            lambda *a, **k: dataclasses.replace(original(*a, **k), **recompute))
     set_seed(5)
     try:
         model = model_module.build_model(args, NITPConfig(**nitp), True, True)

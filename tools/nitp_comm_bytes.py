@@ -31,16 +31,17 @@ def _human(n: float) -> str:
         n /= 1024
 
 
-def _routed(args, num_micro, tp, pp, cp, dp, dtype_bytes):
+def _routed(config, num_micro, tp, pp, cp, dp, dtype_bytes):
     """``routed_bytes_per_step`` for a resolved run config."""
+    m, p = config.model, config.parallel
     return routed_bytes_per_step(
-        seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
-        hidden_size=args.hidden_size, num_microbatches=num_micro,
-        target_layer=args.nitp_target_layer, num_layers=args.num_layers,
+        seq_length=m.seq_length, micro_batch_size=config.training.micro_batch_size,
+        hidden_size=m.hidden_size, num_microbatches=num_micro,
+        target_layer=config.nitp_config.target_layer, num_layers=m.num_layers,
         tensor_parallel=tp, pipeline_parallel=pp, data_parallel=dp, context_parallel=cp,
-        sequence_parallel=args.sequence_parallel, dtype_bytes=dtype_bytes,
-        first_stage_layers=args.decoder_first_pipeline_num_layers,
-        last_stage_layers=args.decoder_last_pipeline_num_layers,
+        sequence_parallel=p.sequence_parallel, dtype_bytes=dtype_bytes,
+        first_stage_layers=p.decoder_first_pipeline_num_layers,
+        last_stage_layers=p.decoder_last_pipeline_num_layers,
     )
 
 
@@ -90,8 +91,9 @@ def main(argv=None):
         given["global_batch_size"] = given["micro_batch_size"]
     try:
         config = preset_config(args.preset, **given, train_iters=1, lr_warmup_iters=0)
-        tp, pp, cp = (config.parallel.tensor_model_parallel_size, config.parallel.pipeline_model_parallel_size,
-                      config.parallel.context_parallel_size)
+        layout = config.parallel
+        tp, pp, cp = (layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size,
+                      layout.context_parallel_size)
         config = resolve(config, args.world_size or tp * pp * cp)  # DP, micro-batches per step
         dp, num_micro = config.derived.data_parallel_size, config.derived.num_microbatches
         result = _routed(config, num_micro, tp, pp, cp, dp, 4 if args.fp32 else 2)
