@@ -29,7 +29,8 @@ NITP target layer k:
   rows (its own shard under SP), and the send buffers held at once stay below the step's M
   micro-batches wherever 1F1B has a steady phase on the owning stage.
 - test_mtp_under_pipeline_parallelism_equals_single_process: NITP with megatron-core's
-  multi-token prediction under PP=2 equals one process (losses incl. the mtp loss, state).
+  multi-token prediction under PP=2 equals one process (losses incl. the mtp loss, state);
+  under PP 2 x VPP 2 it is one of test_interleaved_layout_equals_single_process's layouts.
 
 Runs of one world size go one after the other in one launch (``parallel_harness.py --runs``):
 the interpreter and megatron-core are imported once per world size, which keeps this module
@@ -128,6 +129,9 @@ VPP_LAYOUTS = {
     "pp2-two-taps": ("ref-two-taps", 2, TWO_TAPS + ["--pipeline-model-parallel-size", "2"]),
     "pp2-vpp2-two-taps": ("ref-two-taps", 2, TWO_TAPS + PP2_VPP2),
     "dp2xpp2-vpp2-k-rank0-chunk0": ("ref1", 4, ["--nitp-target-layer", "1"] + PP2_VPP2),
+    # NITP + megatron-core's MTP: the MTP blocks and an embedding copy on rank 1's last chunk
+    # only, layer k = 1 routed from rank 0's first chunk (pp2-mtp's flags, interleaved)
+    "pp2-vpp2-mtp-k-rank0-chunk0": ("ref-mtp", 2, MTP + PP2_VPP2),
     # 8 layers, one per chunk (rank r: [r+1] [r+5]): k = 2 on rank 1's first chunk, routed to
     # rank 3's last chunk over two middle ranks
     "pp4-vpp2-k-rank1-chunk0": ("ref-8-layers", 4, EIGHT + [
@@ -185,7 +189,8 @@ def results(tmp_path_factory):
     references["ref-8-layers"] = FLAGS + EIGHT + ["--save-init", str(root / "init-8-layers")]
     for name, (reference, world, flags) in VPP_LAYOUTS.items():
         start = root / {"ref-vpp": "init-vpp", "ref-two-taps": "init-two-taps",
-                        "ref-8-layers": "init-8-layers"}.get(reference, "init")
+                        "ref-8-layers": "init-8-layers",
+                        "ref-mtp": "init-mtp"}.get(reference, "init")
         groups.setdefault(world, {})[name] = FLAGS + flags + ["--load", str(start)]
     groups[2]["pp2-vpp2-k-on-last-chunk"] += ["--save-final", str(root / "ckpt-vpp")]
     for name, flags in RESUMED.items():  # after the save, in the same launch
@@ -354,8 +359,8 @@ def test_interleaved_layout_equals_single_process(results, name):
     over all of them), and several tapped layers under PP, equal one process: every logged
     loss, grad norm, geometry and the whole state; NITP > 0 wherever layer k is (routed from an
     earlier rank's chunk, handed over within the last rank, or on the last chunk), and without
-    NITP. The routed bytes are one ``[s, b, h]`` fp32 state per micro-batch per tap sent over
-    the wire."""
+    NITP; with MTP, its loss > 0 and its blocks in the state. The routed bytes are one
+    ``[s, b, h]`` fp32 state per micro-batch per tap sent over the wire."""
     reference, _, flags = VPP_LAYOUTS[name]
     ref_metrics, ref_state, _ = results(reference)
     metrics, state, _ = results(name)
@@ -365,7 +370,8 @@ def test_interleaved_layout_equals_single_process(results, name):
     dp = 2 if name.startswith("dp2") else 1
     sent = {"pp2-vpp2-k-rank0-chunk0": 1, "pp2-vpp2-k-rank0-chunk1": 1, "pp2-two-taps": 1,
             "pp2-vpp2-two-taps": 2, "dp2xpp2-vpp2-k-rank0-chunk0": 1,
-            "pp4-vpp2-k-rank1-chunk0": 1}.get(name, 0)
+            "pp4-vpp2-k-rank1-chunk0": 1, "pp2-vpp2-mtp-k-rank0-chunk0": 1}.get(name, 0)
+    mtp = "--mtp-num-layers" in flags
     keys = [k for k in ref_metrics[0] if " loss" in k] + ["grad norm", "effective rank"]
     assert ("cosine reg loss" in keys) == ("cosine_reg" in flags)
     assert len([k for k in keys if k.startswith("nitp loss k=")]) == (4 if "taps" in name else 0)
@@ -375,8 +381,11 @@ def test_interleaved_layout_equals_single_process(results, name):
         assert 0 < got["routing peak bytes held"] <= sent * per_tap / dp if sent else True
         if nitp:
             assert got["nitp loss"] > 0 and want["nitp loss"] > 0, (name, step)
+        if mtp:
+            assert got["mtp loss"] > 0 and want["mtp loss"] > 0, (name, step)
         for key in keys:
             assert got[key] == pytest.approx(want[key], rel=1e-5), (name, step, key)
+    assert any(key.startswith("model.mtp.") for key in state["tensors"]) == mtp
     assert_state_close(state, ref_state, name)
 
 

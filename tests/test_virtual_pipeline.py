@@ -51,6 +51,10 @@ def test_layer_k_on_any_chunk_and_every_objective_are_accepted():
     parse_args(FOUR + pp2 + ["--nitp-objective", "cosine_reg"])
     for k in ("0", "1", "2", "3"):  # routed from either rank's chunks, or handed over on rank 1
         parse_args(FOUR + pp2 + ["--nitp-target-layer", k])
+    # MTP's blocks on the last rank's last chunk, beside NITP and alone
+    mtp = ["--mtp-num-layers", "1", "--untie-embeddings-and-output-weights"]
+    assert parse_args(FOUR + pp2 + mtp + ["--nitp-target-layer", "1"]).mtp.mtp_num_layers == 1
+    parse_args(FOUR + pp2 + mtp + ["--no-nitp"])
 
 
 def test_refusals_name_the_fix(capsys):
@@ -75,9 +79,10 @@ def test_refusals_name_the_fix(capsys):
         capsys, *pp2, "--no-nitp", "--num-layers", "8", "--decoder-first-pipeline-num-layers",
         "2", "--decoder-last-pipeline-num-layers", "6", "--num-virtual-stages-per-pipeline-rank",
         "2")
-    assert "--mtp-num-layers" in _error(
-        capsys, *pp2, "--no-nitp", "--num-virtual-stages-per-pipeline-rank", "2",
-        "--mtp-num-layers", "1", "--untie-embeddings-and-output-weights")
+    # MTP under interleaving (accepted untied, above) keeps PP's condition on the embeddings
+    assert "--mtp-num-layers with --pipeline-model-parallel-size > 1 needs " \
+        "--untie-embeddings-and-output-weights" in _error(
+            capsys, *pp2, "--num-virtual-stages-per-pipeline-rank", "2", "--mtp-num-layers", "1")
 
 
 def test_micro_batches_must_be_a_multiple_of_pp():

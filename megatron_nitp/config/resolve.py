@@ -510,11 +510,12 @@ def _validate_layout(config: RunConfig) -> None:
 
 def _validate_virtual_pipeline(config: RunConfig) -> None:
     """The interleaved schedule's flags (Megatron-LM's checks, and megatron-core's where it
-    would assert): PP >= 2, each stage's layers split evenly over its chunks, and, until the
-    NITP target is routed under interleaving, layer k on the last rank's last chunk."""
+    would assert): PP >= 2, and each stage's layers split evenly over its chunks. MTP needs
+    nothing more here: its blocks go on the last rank's last chunk (``objectives/mtp.py``), and
+    its PP > 1 condition (untied embeddings) is checked with the other MTP flags."""
     from megatron_nitp.layout import chunk_layer_ranges
 
-    p, m, nitp = config.parallel, config.model, config.nitp_config
+    p, m = config.parallel, config.model
     per_stage, chunks = (p.num_layers_per_virtual_pipeline_stage,
                          p.num_virtual_stages_per_pipeline_rank)
     if per_stage is None and chunks is None:
@@ -555,9 +556,6 @@ def _validate_virtual_pipeline(config: RunConfig) -> None:
         chunk_layer_ranges(m.num_layers, pp, vpp, *pipeline_split(config))
     except ValueError as err:
         raise ConfigError(f"{err} (--num-virtual-stages-per-pipeline-rank {vpp}).") from None
-    if config.mtp.mtp_num_layers:
-        raise ConfigError("--mtp-num-layers with the interleaved pipeline schedule is not "
-                          "supported yet: drop one of them.")
 
 
 def _layout(config: RunConfig, world_size: int) -> tuple[int, int]:

@@ -83,8 +83,9 @@ class Objective:
         """TransformerConfig fields this objective needs."""
         return {}
 
-    def model_kwargs(self, config, layer_spec, use_te: bool) -> dict:
-        """GPTModel keyword arguments this objective needs (e.g. an MTP block spec)."""
+    def model_kwargs(self, config, layer_spec, use_te: bool, vp_stage=None) -> dict:
+        """GPTModel keyword arguments this objective needs (e.g. an MTP block spec) for the
+        model chunk ``vp_stage`` (the interleaved schedule; None without it)."""
         return {}
 
     def build_module(self, config) -> Optional[torch.nn.Module]:

@@ -27,12 +27,16 @@ class MultiTokenPrediction(Objective):
     def transformer_config(self) -> dict:
         return {"mtp_num_layers": self.depth, "mtp_loss_scaling_factor": self.factor}
 
-    def model_kwargs(self, config, layer_spec, use_te: bool) -> dict:
+    def model_kwargs(self, config, layer_spec, use_te: bool, vp_stage=None) -> dict:
+        """The MTP block spec of this model chunk: None except on the last pipeline rank's last
+        chunk, where megatron-core puts every MTP layer (``mtp_on_this_rank``). Under the
+        interleaved schedule megatron-core needs the chunk's ``vp_stage`` to tell (without it
+        ``is_pipeline_last_stage`` asserts), and GPTModel gets the same ``vp_stage``."""
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
 
-        # None off the last pipeline stage: megatron-core puts every MTP layer there.
+        chunk = {} if vp_stage is None else {"vp_stage": vp_stage}
         return {"mtp_block_spec": get_gpt_mtp_block_spec(config, layer_spec,
-                                                         use_transformer_engine=use_te)}
+                                                         use_transformer_engine=use_te, **chunk)}
 
     def weight_at(self, iteration: int) -> float:
         return self.factor

@@ -262,7 +262,7 @@ def build_model(
     te = kernels.use_transformer_engine(args.parallel.transformer_impl)
     extra = {}
     for objective in build_objectives(args):
-        extra.update(objective.model_kwargs(config, spec, te))
+        extra.update(objective.model_kwargs(config, spec, te, vp_stage=vp_stage))
     model = NITPGPTModel(
         config,
         nitp,
