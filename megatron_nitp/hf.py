@@ -70,8 +70,9 @@ class Rule:
 
 def _shape(args) -> tuple[int, int, int, int]:
     """(heads, key/value groups, head dim, hidden)."""
-    heads, groups = args.model.num_attention_heads, args.model.num_query_groups or args.model.num_attention_heads
-    return heads, groups, args.model.kv_channels or args.model.hidden_size // heads, args.model.hidden_size
+    m = args.model
+    heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
+    return heads, groups, m.kv_channels or m.hidden_size // heads, m.hidden_size
 
 
 def _qkv_rule(ours: str, theirs: tuple, args) -> Rule:
@@ -375,7 +376,8 @@ def import_model(argv: list[str], vocab_size: int):
     args = parse_args(argv)
     tp = args.parallel.tensor_model_parallel_size
     args = args.replace(make_vocab_size_divisible_by=vocab_divisor(vocab_size, tp))
-    target = resolve(args, tp * args.parallel.pipeline_model_parallel_size * args.parallel.context_parallel_size)
+    p = args.parallel
+    target = resolve(args, tp * p.pipeline_model_parallel_size * p.context_parallel_size)
     one = config_from_meta({"config": target.to_dict()})
     initialize_distributed()
     set_seed(one.training.seed)

@@ -312,30 +312,31 @@ def megatron_args(config, iteration: int, consumed: int, bf16: bool = False
     """Megatron-LM's ``args`` of our run config: the architecture (what Megatron-LM's
     ``--use-checkpoint-args`` and its checks read), the batch and schedule, the position;
     ``bf16``: the precision the run trained in (``config`` is the one-process fp32 one)."""
-    heads = config.model.num_attention_heads
-    groups = config.model.num_query_groups or heads
+    m, t, s = config.model, config.training, config.schedule
+    heads = m.num_attention_heads
+    groups = m.num_query_groups or heads
     return argparse.Namespace(
-        num_layers=config.model.num_layers, hidden_size=config.model.hidden_size,
-        ffn_hidden_size=config.model.ffn_hidden_size, num_attention_heads=heads,
+        num_layers=m.num_layers, hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size, num_attention_heads=heads,
         group_query_attention=groups != heads, num_query_groups=groups,
-        kv_channels=config.model.kv_channels or config.model.hidden_size // heads,
-        seq_length=config.model.seq_length, max_position_embeddings=config.model.max_position_embeddings,
+        kv_channels=m.kv_channels or m.hidden_size // heads,
+        seq_length=m.seq_length, max_position_embeddings=m.max_position_embeddings,
         padded_vocab_size=config.derived.padded_vocab_size, vocab_size=config.derived.vocab_size,
-        make_vocab_size_divisible_by=config.model.make_vocab_size_divisible_by,
-        untie_embeddings_and_output_weights=config.model.untie_embeddings_and_output_weights,
-        add_qkv_bias=config.model.add_qkv_bias, add_bias_linear=False, swiglu=True,
-        normalization="RMSNorm", norm_epsilon=config.model.norm_epsilon,
+        make_vocab_size_divisible_by=m.make_vocab_size_divisible_by,
+        untie_embeddings_and_output_weights=m.untie_embeddings_and_output_weights,
+        add_qkv_bias=m.add_qkv_bias, add_bias_linear=False, swiglu=True,
+        normalization="RMSNorm", norm_epsilon=m.norm_epsilon,
         position_embedding_type="rope", add_position_embedding=True, rotary_percent=1.0,
-        rotary_base=config.model.rotary_base, rotary_interleaved=False, use_rope_scaling=False,
+        rotary_base=m.rotary_base, rotary_interleaved=False, use_rope_scaling=False,
         qk_layernorm=False, num_experts=None, mtp_num_layers=None,
         tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-        global_batch_size=config.training.global_batch_size, micro_batch_size=config.training.micro_batch_size,
-        train_iters=config.training.train_iters, lr=config.schedule.lr, min_lr=config.schedule.min_lr,
-        lr_decay_style=config.schedule.lr_decay_style, lr_warmup_iters=config.schedule.lr_warmup_iters,
-        weight_decay=config.training.weight_decay, clip_grad=config.training.clip_grad, bf16=bf16, fp16=False,
+        global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
+        train_iters=t.train_iters, lr=s.lr, min_lr=s.min_lr,
+        lr_decay_style=s.lr_decay_style, lr_warmup_iters=s.lr_warmup_iters,
+        weight_decay=t.weight_decay, clip_grad=t.clip_grad, bf16=bf16, fp16=False,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         tokenizer_type=config.data.tokenizer_type, tokenizer_model=config.data.tokenizer_model,
-        seed=config.training.seed, iteration=iteration, consumed_train_samples=consumed,
+        seed=t.seed, iteration=iteration, consumed_train_samples=consumed,
         consumed_valid_samples=0, ckpt_format="torch_dist", use_dist_ckpt=True,
     )
 

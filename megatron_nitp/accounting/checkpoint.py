@@ -16,7 +16,9 @@ def checkpoint_format(args: RunConfig) -> str:
     (``--dist-ckpt-optim-fully-reshardable``) or ``model_space`` (the plain optimizer)."""
     if not args.training.use_distributed_optimizer:
         return "model_space"
-    return "fully_reshardable" if args.checkpoint.dist_ckpt_optim_fully_reshardable else "dp_reshardable"
+    if args.checkpoint.dist_ckpt_optim_fully_reshardable:
+        return "fully_reshardable"
+    return "dp_reshardable"
 
 
 def _checkpoint_bytes_per_parameter(args: RunConfig) -> tuple[int, int]:

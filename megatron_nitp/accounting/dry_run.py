@@ -63,12 +63,13 @@ def tokenizer_vocab_size(args: RunConfig) -> int | None:
     as training builds it, ``build_tokenizer``), None when none is named (the built-in corpus,
     or ``--mock-data`` alone: ``--vocab-size`` or the default then). Raises FileNotFoundError
     or ValueError for a missing or unreadable tokenizer."""
-    if args.data.tokenizer_model is None and args.data.tokenizer_type != "NullTokenizer":
+    data = args.data
+    if data.tokenizer_model is None and data.tokenizer_type != "NullTokenizer":
         return None
     from megatron_nitp.data.tokenizer import build_tokenizer
 
-    return build_tokenizer(args.data.tokenizer_type, args.data.tokenizer_model, args.model.vocab_size,
-                           merge_file=args.data.merge_file).vocab_size
+    return build_tokenizer(data.tokenizer_type, data.tokenizer_model, args.model.vocab_size,
+                           merge_file=data.merge_file).vocab_size
 
 
 def check_data_files(args: RunConfig, vocab_size: int | None) -> str | None:
@@ -90,8 +91,9 @@ def check_data_files(args: RunConfig, vocab_size: int | None) -> str | None:
     except FileNotFoundError as err:
         missing = str(err).split(" (data prefix")[0]
         return f"not checked here ({missing}); the job checks it at start"
-    samples = requested_samples(args.training.train_iters, args.training.global_batch_size, args.logging.eval_iters,
-                                args.logging.eval_interval)
+    t, log = args.training, args.logging
+    samples = requested_samples(t.train_iters, t.global_batch_size, log.eval_iters,
+                                log.eval_interval)
     notes = check_data(prefixes, None if args.data.train_data_path else args.data.split, samples,
                        vocab_size)
     checked = "file sizes, split" + (", token ids" if vocab_size is not None else "")
@@ -147,21 +149,23 @@ def _vocab_source(args: RunConfig) -> str:
 
 def _model_line(args: RunConfig, layout: Layout) -> str:
     vocab, padded = vocab_of(args, layout.tp)
-    kind = "MoE GPT" if args.moe.num_moe_experts else "dense GPT"
-    ffn = (f"FFN {args.model.ffn_hidden_size}" if not args.moe.num_moe_experts else
-           f"dense FFN {args.model.ffn_hidden_size}, {sum(moe_layers(args))} MoE layers of "
-           f"{args.moe.num_moe_experts} experts (width {args.moe.moe_ffn_hidden_size}) top-"
-           f"{args.moe.moe_router_topk}" + (f" + shared {args.moe.moe_shared_expert_intermediate_size}"
-                                        if args.moe.moe_shared_expert_intermediate_size else ""))
-    return (f"{args.preset} ({kind}): {args.model.num_layers} layers, hidden {args.model.hidden_size}, "
-            f"{ffn}, {args.model.num_attention_heads} heads / {args.model.num_query_groups} KV groups, "
-            f"seq {args.model.seq_length}, vocab {vocab}" + _vocab_source(args) + f", padded {padded}")
+    m, moe = args.model, args.moe
+    kind = "MoE GPT" if moe.num_moe_experts else "dense GPT"
+    ffn = (f"FFN {m.ffn_hidden_size}" if not moe.num_moe_experts else
+           f"dense FFN {m.ffn_hidden_size}, {sum(moe_layers(args))} MoE layers of "
+           f"{moe.num_moe_experts} experts (width {moe.moe_ffn_hidden_size}) top-"
+           f"{moe.moe_router_topk}" + (f" + shared {moe.moe_shared_expert_intermediate_size}"
+                                       if moe.moe_shared_expert_intermediate_size else ""))
+    return (f"{args.preset} ({kind}): {m.num_layers} layers, hidden {m.hidden_size}, "
+            f"{ffn}, {m.num_attention_heads} heads / {m.num_query_groups} KV groups, "
+            f"seq {m.seq_length}, vocab {vocab}" + _vocab_source(args) + f", padded {padded}")
 
 
 def _job_lines(job: CheckedJob, layout: Layout, counts: dict) -> list[tuple[str, str]]:
     """The model, its parameters, the layout, the batch and the training settings."""
     args = job.args
-    precision = "bf16" if args.training.bf16 else "fp16" if args.training.fp16 else "fp32"
+    t, s = args.training, args.schedule
+    precision = "bf16" if t.bf16 else "fp16" if t.fp16 else "fp32"
     lines = [
         ("model", _model_line(args, layout)),
         ("parameters", f"total {format_count(counts['total'])}, active "
@@ -172,12 +176,12 @@ def _job_lines(job: CheckedJob, layout: Layout, counts: dict) -> list[tuple[str,
                    f"DP {layout.dp}; EP {layout.ep}"
                    + (f" (expert DP {layout.expert_dp})" if args.moe.num_moe_experts else "")
                    + f"; sequence parallel {'on' if layout.sp else 'off'}"),
-        ("batch", f"micro-batch {args.training.micro_batch_size} x DP {layout.dp} x "
+        ("batch", f"micro-batch {t.micro_batch_size} x DP {layout.dp} x "
                   f"{args.derived.num_microbatches} micro-batches = global batch "
-                  f"{args.training.global_batch_size}; {args.training.global_batch_size * args.model.seq_length:,} "
-                  f"tokens per step; {args.training.train_iters:,} iterations"),
-        ("training", f"{precision}, lr {args.schedule.lr:g} ({args.schedule.lr_decay_style}), distributed "
-                     f"optimizer {'on' if args.training.use_distributed_optimizer else 'off'}"),
+                  f"{t.global_batch_size}; {t.global_batch_size * args.model.seq_length:,} "
+                  f"tokens per step; {t.train_iters:,} iterations"),
+        ("training", f"{precision}, lr {s.lr:g} ({s.lr_decay_style}), distributed "
+                     f"optimizer {'on' if t.use_distributed_optimizer else 'off'}"),
     ]
     if job.data:
         lines.append(("data", job.data))
@@ -202,7 +206,8 @@ def _nitp_lines(args: RunConfig, layout: Layout) -> list[tuple[str, str]]:
         first_stage_layers=pipeline_split(args)[0],
         last_stage_layers=pipeline_split(args)[1], virtual_pipeline=vpp)
     owner = routed["owner_stage"]
-    where = (f"layer {args.nitp_config.target_layer}" if args.nitp_config.target_layer else "embeddings")
+    k = args.nitp_config.target_layer
+    where = f"layer {k}" if k else "embeddings"
     chunk = f" (model chunk {routed['owner_chunk']} of {vpp})" if vpp else ""
     lines = [("NITP", f"k={args.nitp_config.target_layer} ({where}), lambda "
                       f"{args.nitp_config.loss_weight:g}, on pipeline stage {owner}{chunk} of "
@@ -263,7 +268,8 @@ def _advice(args: RunConfig, layout: Layout, worst: StageMemory) -> list[str]:
     """What to change, largest memory term first."""
     fixes = []
     static = worst.weights + worst.gradients + worst.optimizer
-    if not args.training.use_distributed_optimizer and (layout.dp * layout.cp > 1 or layout.expert_dp > 1):
+    sharded = layout.dp * layout.cp > 1 or layout.expert_dp > 1
+    if not args.training.use_distributed_optimizer and sharded:
         fixes.append((worst.optimizer, "add --use-distributed-optimizer (shards the optimizer "
                                        "states over the data-parallel ranks)"))
     model = ["raise --pipeline-model-parallel-size (now %d) or --tensor-model-parallel-size "

@@ -79,8 +79,9 @@ class StageMemory:
 
 def _widths(args: RunConfig) -> tuple[int, int, int]:
     """(d, q, kv): hidden size, query and key/value projection widths."""
-    head = args.model.kv_channels or args.model.hidden_size // args.model.num_attention_heads
-    return args.model.hidden_size, args.model.num_attention_heads * head, args.model.num_query_groups * head
+    m = args.model
+    head = m.kv_channels or m.hidden_size // m.num_attention_heads
+    return m.hidden_size, m.num_attention_heads * head, m.num_query_groups * head
 
 
 def activation_bytes_per_token(args: RunConfig, moe: bool, layout: Layout,
@@ -123,7 +124,8 @@ def _stage_activations(args: RunConfig, layout: Layout, stage: int, tokens: int)
         return tokens * sum(activation_bytes_per_token(args, bool(m), layout)
                             for m in pattern), 0.0
     n = args.performance.recompute_num_layers
-    covered = len(pattern) if args.performance.recompute_method == "uniform" else min(n, len(pattern))
+    uniform = args.performance.recompute_method == "uniform"
+    covered = len(pattern) if uniform else min(n, len(pattern))
     kept = sum(activation_bytes_per_token(args, bool(m), layout, full_recompute=i < covered)
                for i, m in enumerate(pattern))
     chunk = n if args.performance.recompute_method == "uniform" else 1
@@ -153,7 +155,8 @@ def stage_memory(args: RunConfig, layout: Layout, num_microbatches: int,
         activations += tokens * padded / layout.tp * (dtype + 4)  # logits + fp32 copy
         activations += tokens * d / sp_split * dtype  # output layer input
         if args.nitp_config.enabled:
-            ratio = args.nitp_config.projector_ffn_ratio if args.nitp_config.projector == "swiglu" else 0
+            nitp = args.nitp_config
+            ratio = nitp.projector_ffn_ratio if nitp.projector == "swiglu" else 0
             activations += tokens * (3 * ratio * d / layout.tp * dtype
                                      + d / sp_split * (dtype + 2 * 4))
     if (args.nitp_config.enabled and layout.pp > 1 and stage != layout.pp - 1

@@ -39,10 +39,11 @@ class Layout:
 def layout_of(args: RunConfig) -> Layout:
     """The layout of a resolved config (``config.resolve``: world and data-parallel size
     known)."""
-    return Layout(world=args.world_size, tp=args.parallel.tensor_model_parallel_size,
-                  pp=args.parallel.pipeline_model_parallel_size, cp=args.parallel.context_parallel_size,
-                  ep=args.parallel.expert_model_parallel_size, dp=args.derived.data_parallel_size,
-                  sp=bool(args.parallel.sequence_parallel), etp=args.parallel.expert_tensor_parallel_size)
+    p = args.parallel
+    return Layout(world=args.world_size, tp=p.tensor_model_parallel_size,
+                  pp=p.pipeline_model_parallel_size, cp=p.context_parallel_size,
+                  ep=p.expert_model_parallel_size, dp=args.derived.data_parallel_size,
+                  sp=bool(p.sequence_parallel), etp=p.expert_tensor_parallel_size)
 
 
 def stage_layers(args: RunConfig, layout: Layout, stage: int) -> slice:

@@ -128,7 +128,8 @@ class TrainingLogger:
         #: the ``memory.MemoryMonitor`` whose figures (in the metrics of a logging iteration)
         #: the console line shows; None shows none
         self.memory = memory
-        self.flops_per_token = training_flops_per_token(args) if args.logging.log_throughput else None
+        self.flops_per_token = (training_flops_per_token(args) if args.logging.log_throughput
+                                else None)
         self.peak = peak_tflops(args)
         self.enabled = is_logging_rank()
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
@@ -161,7 +162,8 @@ class TrainingLogger:
         if args.logging.progress_bar and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=args.training.train_iters, desc="training", unit="it", dynamic_ncols=True)
+            self.bar = tqdm(total=args.training.train_iters, desc="training", unit="it",
+                            dynamic_ncols=True)
 
     def _open_history(self, path: str, start_iteration: int) -> None:
         """Continues the folder's history when this run resumes at ``start_iteration`` (the
@@ -215,7 +217,8 @@ class TrainingLogger:
     def is_log_iteration(self, iteration: int) -> bool:
         """Whether ``iteration`` prints a console line: every ``--log-interval``, and the
         last."""
-        return iteration % self.args.logging.log_interval == 0 or iteration == self.args.training.train_iters
+        return (iteration % self.args.logging.log_interval == 0
+                or iteration == self.args.training.train_iters)
 
     def log_train(self, iteration: int, metrics: dict[str, float], iter_seconds: float) -> None:
         """Records the iteration's values (history and TensorBoard per iteration) and, every
@@ -275,7 +278,8 @@ class TrainingLogger:
             return []
         args = self.args
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        tflops = self.flops_per_token * args.training.global_batch_size * args.model.seq_length / seconds
+        tokens = args.training.global_batch_size * args.model.seq_length
+        tflops = self.flops_per_token * tokens / seconds
         tflops = tflops / world / 1e12
         parts = [f"throughput per device (TFLOP/s): {tflops:.3f}"]
         if self.peak:
@@ -327,7 +331,8 @@ def _start_wandb(args, run_dir: str | None):
     save_dir = args.logging.wandb_save_dir or os.path.join(run_dir, "wandb")
     os.makedirs(save_dir, exist_ok=True)
     return wandb.init(project=args.logging.wandb_project,
-                      name=args.logging.wandb_exp_name or os.path.basename(os.path.normpath(run_dir)),
+                      name=(args.logging.wandb_exp_name
+                            or os.path.basename(os.path.normpath(run_dir))),
                       dir=save_dir, config=args.to_dict())
 
 
