@@ -43,6 +43,8 @@ from typing import Callable
 
 import torch
 
+from megatron_nitp.config.schema import ModelConfig
+
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen2_moe": "Qwen2MoeForCausalLM"}
 
@@ -68,16 +70,15 @@ class Rule:
     from_hf: Callable = lambda ts: ts
 
 
-def _shape(args) -> tuple[int, int, int, int]:
+def _shape(m: ModelConfig) -> tuple[int, int, int, int]:
     """(heads, key/value groups, head dim, hidden)."""
-    m = args.model
     heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
     return heads, groups, m.kv_channels or m.hidden_size // heads, m.hidden_size
 
 
 def _qkv_rule(ours: str, theirs: tuple, args) -> Rule:
     """The fused, per-group interleaved QKV (weight ``[.., h]`` or bias) <-> q, k, v."""
-    heads, groups, head_dim, _ = _shape(args)
+    heads, groups, head_dim, _ = _shape(args.model)
     per_group = heads // groups
 
     def split(ts):
@@ -238,7 +239,7 @@ def check_moe_exportable(model_config) -> None:
 def hf_config(args) -> dict:
     """config.json of the equivalent ``LlamaForCausalLM``, ``Qwen2ForCausalLM`` (QKV bias) or,
     for a MoE model, ``Qwen2MoeForCausalLM``."""
-    heads, groups, head_dim, hidden = _shape(args)
+    heads, groups, head_dim, hidden = _shape(args.model)
     moe = bool(args.moe.num_moe_experts)
     model_type = "qwen2_moe" if moe else "qwen2" if args.model.add_qkv_bias else "llama"
     config = {

@@ -285,7 +285,7 @@ def measure(args) -> dict:
 
     per_token = {"ntp": exact.ntp_total, "nitp": exact.ntp_total + exact.nitp}
     tflops = {arm: per_token[arm] * tokens / median[arm] / 1e12 for arm in per_token}
-    peak = peak_tflops(train_args)
+    peak = peak_tflops(train_args.logging)
     result = dict(
         tflops_per_device=tflops,
         mfu={arm: t / peak for arm, t in tflops.items()} if peak else None,

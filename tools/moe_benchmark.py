@@ -82,7 +82,7 @@ def measure_arm(args, variant: str, nitp: bool) -> dict:
     seconds = statistics.median(times)
     tokens = args.seq_length * args.micro_batch_size
     tflops = training_flops_per_token(run.args) * tokens / seconds / 1e12
-    peak = peak_tflops(run.args)
+    peak = peak_tflops(run.args.logging)
     return dict(step_seconds=seconds, tokens_per_second=tokens / seconds, tflops=tflops,
                 mfu=tflops / peak if peak else None)
 

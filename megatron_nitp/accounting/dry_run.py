@@ -203,8 +203,8 @@ def _nitp_lines(args: RunConfig, layout: Layout) -> list[tuple[str, str]]:
         tensor_parallel=layout.tp, pipeline_parallel=layout.pp, data_parallel=layout.dp,
         context_parallel=layout.cp, sequence_parallel=layout.sp,
         dtype_bytes=2 if (args.training.bf16 or args.training.fp16) else 4,
-        first_stage_layers=pipeline_split(args)[0],
-        last_stage_layers=pipeline_split(args)[1], virtual_pipeline=vpp)
+        first_stage_layers=pipeline_split(args.parallel)[0],
+        last_stage_layers=pipeline_split(args.parallel)[1], virtual_pipeline=vpp)
     owner = routed["owner_stage"]
     k = args.nitp_config.target_layer
     where = f"layer {k}" if k else "embeddings"

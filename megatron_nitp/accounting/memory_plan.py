@@ -53,6 +53,7 @@ from megatron_nitp.accounting.parallel import Layout, layout_of, stage_layers, t
 from megatron_nitp.accounting.parameters import moe_layers, stage_parameters
 from megatron_nitp.accounting.shape import vocab_of
 from megatron_nitp.config import RunConfig
+from megatron_nitp.config.schema import ModelConfig
 from megatron_nitp.layout import in_flight_forwards, routed_rows
 
 GIB = 1024**3
@@ -77,9 +78,8 @@ class StageMemory:
         return self.weights + self.gradients + self.optimizer + self.activations + self.runtime
 
 
-def _widths(args: RunConfig) -> tuple[int, int, int]:
+def _widths(m: ModelConfig) -> tuple[int, int, int]:
     """(d, q, kv): hidden size, query and key/value projection widths."""
-    m = args.model
     head = m.kv_channels or m.hidden_size // m.num_attention_heads
     return m.hidden_size, m.num_attention_heads * head, m.num_query_groups * head
 
@@ -94,7 +94,7 @@ def activation_bytes_per_token(args: RunConfig, moe: bool, layout: Layout,
     the experts' product ``k f_e``, ``shared_experts`` the shared expert's ``3 f_s``,
     ``layernorm`` the two norm outputs (``2d`` of the ``4d``); ``core_attn`` nothing here,
     since the estimate already assumes flash attention (no ``s x s`` scores to drop)."""
-    d, q, kv = _widths(args)
+    d, q, kv = _widths(args.model)
     dtype = 2 if (args.training.bf16 or args.training.fp16) else 4
     sp = layout.tp if layout.sp else 1
     if full_recompute:

@@ -48,7 +48,7 @@ def layout_of(args: RunConfig) -> Layout:
 
 def stage_layers(args: RunConfig, layout: Layout, stage: int) -> slice:
     """The (0-based) layers pipeline stage ``stage`` builds, uneven splits included."""
-    counts = stage_layer_counts(args.model.num_layers, layout.pp, *pipeline_split(args))
+    counts = stage_layer_counts(args.model.num_layers, layout.pp, *pipeline_split(args.parallel))
     start = sum(counts[:stage])
     return slice(start, start + counts[stage])
 
@@ -56,4 +56,4 @@ def stage_layers(args: RunConfig, layout: Layout, stage: int) -> slice:
 def target_stage(args: RunConfig, layout: Layout) -> int:
     """The pipeline stage that holds layer k, uneven splits included."""
     return layout_target_stage(args.nitp_config.target_layer, args.model.num_layers, layout.pp,
-                               *pipeline_split(args))
+                               *pipeline_split(args.parallel))

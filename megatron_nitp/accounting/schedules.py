@@ -28,7 +28,7 @@ def pipeline_schedules(args: RunConfig) -> Optional[dict]:
     hypothetical = vpp is None
     if vpp is None:
         try:
-            chunk_layer_ranges(args.model.num_layers, layout.pp, 2, *pipeline_split(args))
+            chunk_layer_ranges(args.model.num_layers, layout.pp, 2, *pipeline_split(args.parallel))
             vpp = 2
         except ValueError:
             pass

@@ -14,7 +14,7 @@ from __future__ import annotations
 import signal
 from typing import Optional
 
-from megatron_nitp.config.schema import Derived, RunConfig
+from megatron_nitp.config.schema import Derived, ParallelConfig, RunConfig
 
 #: vocabulary assumed when neither --vocab-size nor a tokenizer gives one (the built-in corpus's
 #: SentencePiece model): ``--dry-run`` and the FLOPs tool
@@ -45,10 +45,10 @@ def moe_pattern(config: RunConfig) -> Optional[tuple]:
         raise ConfigError(str(err)) from None
 
 
-def pipeline_split(config) -> tuple[Optional[int], Optional[int]]:
+def pipeline_split(parallel: ParallelConfig) -> tuple[Optional[int], Optional[int]]:
     """(layers on the first stage, layers on the last stage) of an uneven pipeline split, each
     None when not given (megatron-core's num_layers_in_first/last_pipeline_stage)."""
-    return (config.parallel.decoder_first_pipeline_num_layers, config.parallel.decoder_last_pipeline_num_layers)
+    return (parallel.decoder_first_pipeline_num_layers, parallel.decoder_last_pipeline_num_layers)
 
 
 def signal_number(name: str) -> signal.Signals:
@@ -200,12 +200,12 @@ def validate(config: RunConfig) -> None:
                 f"--{name.replace('_', '-')} {getattr(m, name)} is not divisible by "
                 f"--tensor-model-parallel-size {tp}" + _origin(config, name) + "."
             )
-    if pipeline_split(config) != (None, None):
+    if pipeline_split(config.parallel) != (None, None):
         from megatron_nitp.layout import stage_layer_counts
 
         try:  # ValueError naming the numbers when the layers do not split that way
             stage_layer_counts(m.num_layers, p.pipeline_model_parallel_size,
-                               *pipeline_split(config))
+                               *pipeline_split(config.parallel))
         except ValueError as err:
             raise ConfigError(str(err)) from None
     elif m.num_layers % p.pipeline_model_parallel_size:
@@ -290,7 +290,7 @@ def _validate_performance(config: RunConfig) -> None:
 
     stages = stage_layer_counts(config.model.num_layers,
                                 config.parallel.pipeline_model_parallel_size,
-                                *pipeline_split(config))
+                                *pipeline_split(config.parallel))
     try:
         validate_performance(config, stages)
     except ValueError as err:
@@ -492,7 +492,7 @@ def _validate_layout(config: RunConfig) -> None:
             "(x tensor-parallel size with --sequence-parallel)."
         )
     if (nitp.enabled and not nitp.stop_gradient and pp > 1
-            and target_stage(nitp.target_layer, m.num_layers, pp, *pipeline_split(config))
+            and target_stage(nitp.target_layer, m.num_layers, pp, *pipeline_split(config.parallel))
             != pp - 1):
         raise ConfigError(
             "--nitp-no-stop-gradient with the target layer on an earlier pipeline stage is not "
@@ -533,7 +533,7 @@ def _validate_virtual_pipeline(config: RunConfig) -> None:
                           "stage / --num-virtual-stages-per-pipeline-rank) needs "
                           f"--pipeline-model-parallel-size >= 2 (got {pp}).")
     if per_stage is not None:
-        if pipeline_split(config) != (None, None):
+        if pipeline_split(config.parallel) != (None, None):
             raise ConfigError("with --decoder-first/last-pipeline-num-layers give the chunks "
                               "per rank with --num-virtual-stages-per-pipeline-rank (as "
                               "Megatron-LM), not --num-layers-per-virtual-pipeline-stage.")
@@ -545,7 +545,7 @@ def _validate_virtual_pipeline(config: RunConfig) -> None:
     vpp = config.virtual_pipeline_model_parallel_size
     if vpp is None:
         return  # one chunk per rank: the plain schedule
-    if pp == 2 and None not in pipeline_split(config):
+    if pp == 2 and None not in pipeline_split(config.parallel):
         # megatron-core (0.16 to 0.19) divides by the count of middle stages to place the
         # chunks of an uneven split (get_transformer_layer_offset): with none it fails
         raise ConfigError("with the interleaved schedule at PP 2, give only one of "
@@ -553,7 +553,7 @@ def _validate_virtual_pipeline(config: RunConfig) -> None:
                           "layers (megatron-core places uneven chunks through the middle "
                           "stages, and PP 2 has none).")
     try:
-        chunk_layer_ranges(m.num_layers, pp, vpp, *pipeline_split(config))
+        chunk_layer_ranges(m.num_layers, pp, vpp, *pipeline_split(config.parallel))
     except ValueError as err:
         raise ConfigError(f"{err} (--num-virtual-stages-per-pipeline-rank {vpp}).") from None
 

@@ -24,6 +24,7 @@ import time
 import torch
 
 from megatron_nitp.config.resolve import signal_number
+from megatron_nitp.config.schema import TrainingConfig
 from megatron_nitp.device import device
 
 EXIT_SIGNAL = 75  # --exit-signal or SIGTERM: checkpoint written; requeue to resume (EX_TEMPFAIL)
@@ -43,13 +44,13 @@ class ExitConditions:
     :meth:`restore`, so a run inside a longer-lived process (the tests) leaves them as found.
     """
 
-    def __init__(self, args, start: float):
-        self.duration_s = (args.training.exit_duration_in_mins * 60.0
-                           if args.training.exit_duration_in_mins is not None else None)
-        self.interval = args.training.exit_interval
+    def __init__(self, training: TrainingConfig, start: float):
+        self.duration_s = (training.exit_duration_in_mins * 60.0
+                           if training.exit_duration_in_mins is not None else None)
+        self.interval = training.exit_interval
         self.signals = ()
-        if args.training.exit_signal_handler:
-            chosen = signal_number(args.training.exit_signal)
+        if training.exit_signal_handler:
+            chosen = signal_number(training.exit_signal)
             self.signals = tuple(dict.fromkeys((chosen, signal.SIGTERM)))
         self.start = start
         self.received: signal.Signals | None = None

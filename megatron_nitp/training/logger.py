@@ -15,6 +15,7 @@ from collections import defaultdict
 
 import torch
 
+from megatron_nitp.config.schema import LoggingConfig
 from megatron_nitp.device import has_cuda
 from megatron_nitp.device import name as device_name
 from megatron_nitp.training import timers
@@ -92,10 +93,10 @@ PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "A800
                "L40S": 362.1, "B200": 2250.0}
 
 
-def peak_tflops(args) -> float | None:
+def peak_tflops(logging: LoggingConfig) -> float | None:
     """The device's peak for MFU: ``--peak-tflops``, else a known GPU's bf16 dense peak."""
-    if args.logging.peak_tflops:
-        return args.logging.peak_tflops
+    if logging.peak_tflops:
+        return logging.peak_tflops
     if not has_cuda():
         return None
     name = device_name()
@@ -130,7 +131,7 @@ class TrainingLogger:
         self.memory = memory
         self.flops_per_token = (training_flops_per_token(args) if args.logging.log_throughput
                                 else None)
-        self.peak = peak_tflops(args)
+        self.peak = peak_tflops(args.logging)
         self.enabled = is_logging_rank()
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
         self.writer = None

@@ -15,6 +15,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_nitp.config import RunConfig, resolve
+from megatron_nitp.config.schema import LoggingConfig
 from megatron_nitp.device import device
 from megatron_nitp.device import name as device_name
 from megatron_nitp.training import arguments
@@ -292,12 +293,12 @@ def setup(args: RunConfig, save_dir: str | None = None) -> Run:
     return Run(args, model, optimizer, scheduler, tokenizer, train_iter, valid_iter, start, meta)
 
 
-def check_wandb(args) -> None:
+def check_wandb(logging: LoggingConfig) -> None:
     """``--wandb-project`` needs the optional wandb package: said before any work, on every
     rank (only rank 0 imports it later)."""
     import importlib.util
 
-    if args.logging.wandb_project and importlib.util.find_spec("wandb") is None:
+    if logging.wandb_project and importlib.util.find_spec("wandb") is None:
         raise UsageError("--wandb-project needs the wandb package, which is not installed: "
                          "pip install wandb (WANDB_MODE=offline logs without a network), or "
                          "drop --wandb-project.")
@@ -396,7 +397,7 @@ def _pretrain(args: RunConfig, progress: Progress) -> dict:
         faults.planned()  # a malformed test fault fails before any work
     except ValueError as err:
         raise UsageError(str(err)) from err
-    check_wandb(args)
+    check_wandb(args.logging)
     run_dir = args.logging.run_dir or arguments.default_run_dir(args)
     save_dir = args.checkpoint.save or os.path.join(run_dir, "checkpoints")
     run = setup(args, save_dir)
@@ -486,7 +487,7 @@ def _pretrain(args: RunConfig, progress: Progress) -> dict:
     throughput = Throughput(args.training.global_batch_size * args.model.seq_length)
     iteration = run.start_iteration
     memory.begin()  # the first interval's peak counts from the first step, set-up left out
-    exits = ExitConditions(args, start)
+    exits = ExitConditions(args.training, start)
     exits.install()
     try:
         while iteration < args.training.train_iters:

@@ -306,7 +306,7 @@ def tap_owners(args, nitp: NITPConfig) -> dict[int, tuple[int, int]]:
     """Tapped layer -> the (pipeline rank, model chunk) that builds it under the interleaved
     schedule, from the layout megatron-core builds (``layout.target_chunk``)."""
     return {layer: target_chunk(layer, args.model.num_layers, args.parallel.pipeline_model_parallel_size,
-                                args.virtual_pipeline_model_parallel_size, *pipeline_split(args))
+                                args.virtual_pipeline_model_parallel_size, *pipeline_split(args.parallel))
             for o in representation_objectives(nitp) for layer in o.taps}
 
 
