@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 
+from megatron_nitp.config.schema import MTPConfig
 from megatron_nitp.nitp.config import NITPConfig
 from megatron_nitp.objectives.base import AuxTerm, LossInputs, ModelOutput, Objective
 from megatron_nitp.objectives.cosine import CosineRegularization
@@ -52,13 +53,12 @@ def representation_objectives(nitp: NITPConfig) -> tuple[Objective, ...]:
 
 
 @functools.lru_cache(maxsize=8)
-def build_objectives(config) -> tuple[Objective, ...]:
-    """The auxiliary objectives of a run config: the model's terms, then MTP. Built once per
-    (frozen, hashable) config: every step of a run asks for the same objects."""
-    objectives = list(representation_objectives(config.nitp_config))
-    if config.mtp.mtp_num_layers:
-        objectives.append(MultiTokenPrediction(config.mtp.mtp_num_layers,
-                                               config.mtp.mtp_loss_scaling_factor))
+def build_objectives(nitp: NITPConfig, mtp: MTPConfig) -> tuple[Objective, ...]:
+    """The auxiliary objectives of a run's NITP and MTP sections: the model's terms, then MTP.
+    Built once per (frozen, hashable) pair: every step of a run asks for the same objects."""
+    objectives = list(representation_objectives(nitp))
+    if mtp.mtp_num_layers:
+        objectives.append(MultiTokenPrediction(mtp.mtp_num_layers, mtp.mtp_loss_scaling_factor))
     return tuple(objectives)
 
 
@@ -73,11 +73,10 @@ def combine(metrics: dict, objectives, iteration: int) -> None:
         o.weight_at(iteration) * metrics.get(o.report_key, 0.0) for o in objectives)
 
 
-def describe(config) -> str:
+def describe(nitp: NITPConfig, mtp: MTPConfig) -> str:
     """One line for the run log: what this run optimizes."""
-    nitp = config.nitp_config
     parts = ["NTP"]
-    for objective in build_objectives(config):
+    for objective in build_objectives(nitp, mtp):
         if isinstance(objective, ImplicitTokenPrediction) and objective.horizon == 1:
             ahead = f", t+1..t+{nitp.horizon}" if nitp.horizon > 1 else ""
             parts.append(f"NITP (k={objective.layer}{ahead}, lambda={nitp.loss_weight:g})")

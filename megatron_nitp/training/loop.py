@@ -441,7 +441,7 @@ def _pretrain(args: RunConfig, progress: Progress) -> dict:
     params = sum(p.numel() for chunk in as_chunks(model) for p in chunk.parameters())
     from megatron_nitp.objectives import describe
 
-    what = describe(args)
+    what = describe(args.nitp_config, args.mtp)
     logger.print(
         f"> run folder {run_dir} | {what} | parameters on rank 0: {params:,} | vocab "
         f"{run.tokenizer.vocab_size} (padded {args.derived.padded_vocab_size}) | world "
@@ -571,7 +571,7 @@ def _pretrain(args: RunConfig, progress: Progress) -> dict:
         if args.logging.plot:
             from megatron_nitp.training.plot import plot_run
 
-            title = f"{args.preset}: {describe(args)}"
+            title = f"{args.preset}: {describe(args.nitp_config, args.mtp)}"
             png = plot_run(logger.history, os.path.join(run_dir, "training.png"), title)
             print(f"> plot {png}")
         with open(os.path.join(run_dir, "summary.json"), "w") as f:

@@ -164,7 +164,7 @@ def run_transformer_config(config: RunConfig,
     """The TransformerConfig of a resolved run config: its sections, its precision, document
     mask, MoE layer pattern and the fields its objectives ask for."""
     objective_fields = {}
-    for objective in build_objectives(config):
+    for objective in build_objectives(config.nitp_config, config.mtp):
         objective_fields.update(objective.transformer_config())
     return transformer_config(
         config.model, config.moe, config.parallel, config.performance,
@@ -261,7 +261,7 @@ def build_model(
                           args.performance, args.parallel.transformer_impl) == "sdpa", vp_stage=vp_stage)
     te = kernels.use_transformer_engine(args.parallel.transformer_impl)
     extra = {}
-    for objective in build_objectives(args):
+    for objective in build_objectives(args.nitp_config, args.mtp):
         extra.update(objective.model_kwargs(config, spec, te, vp_stage=vp_stage))
     model = NITPGPTModel(
         config,

@@ -77,7 +77,7 @@ class Probe:
     def __init__(self, batches: list[dict], args, held_out: bool):
         self.batches = batches  # on the CPU; each with POSITION
         self.held_out = held_out
-        self.objectives = tuple(o for o in build_objectives(args) if o.name != "mtp")
+        self.objectives = tuple(o for o in build_objectives(args.nitp_config, args.mtp) if o.name != "mtp")
         self.layers = (*sorted({k for o in self.objectives for k in o.taps}), "final")
         self.term = _paper_term(self.objectives)
         self.hidden_size = args.model.hidden_size

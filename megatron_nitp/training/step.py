@@ -220,7 +220,7 @@ def train_step(
     weights are never updated with it. The ``nan-loss`` and ``nan-grad`` test faults
     (``training/faults.py``) strike here.
     """
-    objectives = build_objectives(args)
+    objectives = build_objectives(args.nitp_config, args.mtp)
     with TIMERS.phase(timers.DATA):
         batches = [to_device(next(data_iterator)) for _ in range(args.derived.num_microbatches)]
     weight = args.nitp_config.weight_at(iteration)
@@ -315,7 +315,7 @@ def _average_z_loss_over_ranks() -> None:
 def evaluate(model, data_iterator: Iterator, args, eval_iters: int) -> dict[str, float]:
     """Forward-only passes over ``eval_iters`` global batches: the validation lm loss and each
     objective's term computed by the model (no weights: nothing is trained)."""
-    objectives = tuple(o for o in build_objectives(args) if o.name != "mtp")
+    objectives = tuple(o for o in build_objectives(args.nitp_config, args.mtp) if o.name != "mtp")
     for chunk in as_chunks(model):
         chunk.eval()
     reports = []
