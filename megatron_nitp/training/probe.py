@@ -175,7 +175,7 @@ class Probe:
         if problem is None:
             return None
         self.reference = {}
-        return (f"> probe: the drift restarts from 0 at this run's first probe: {problem}")
+        return f"> probe: the drift restarts from 0 at this run's first probe: {problem}"
 
     @torch.no_grad()
     def measure(self, model, args) -> tuple[dict[str, float], torch.Tensor | None]:
