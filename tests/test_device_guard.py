@@ -61,7 +61,7 @@ ALLOWED = {
      'cosines = cosines.to("cpu")  # after the last collective: read on the host'):
         "the probe's reduced cosines are read on the host after the last all-reduce",
     (os.path.join("megatron_nitp", "training", "probe.py"),
-     'self.reference[(microbatch, layer)] = x.to("cpu")  # host memory, not the GPU\'s'):
+     'self.reference[(microbatch, layer)] = raw.detach().to("cpu")  # host memory'):
         "the first probe's states are kept in host memory (G/DP x s x h per tapped layer), "
         "never communicated; the drift moves them back to the device",
     (os.path.join("megatron_nitp", "training", "checkpoint", "state.py"),

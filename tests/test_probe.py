@@ -172,3 +172,73 @@ def test_report_section_and_figure(tmp_path):
     bare = {"ntp": {"1": {"history": {}}}, "nitp": {"1": {"history": {}}}}
     assert probe.render(SimpleNamespace(runs=bare, labels=["1"], rel="r")) == []
     assert plot_probe(bare, ["1"], str(tmp_path / "none.png")) is None
+
+
+def test_stored_references_come_back_only_for_the_same_probe_tokens(run, tmp_path):
+    """Probe.checkpoint_files / resume: the first probe's states come back when the stored
+    tokens are this rank's; other tokens (another layout's per-rank batches) or no stored
+    references (an older checkpoint) drop them with one line, without failing."""
+    probe = Probe.build(run.args, run.train_iter, None)
+    probe.measure(run.model, run.args)
+    files = probe.checkpoint_files()
+    assert list(files) == ["probe/dp_00000_cp_00000.pt"]
+    (tmp_path / "probe").mkdir()
+    for rel, obj in files.items():
+        torch.save(obj, tmp_path / rel)
+    again = Probe.build(run.args, run.train_iter, None)
+    assert again.resume(str(tmp_path)) is None
+    assert again.reference.keys() == probe.reference.keys()
+    assert all(torch.equal(again.reference[k], probe.reference[k]) for k in probe.reference)
+    stored = files["probe/dp_00000_cp_00000.pt"]
+    stored["of"]["tokens"][1] = stored["of"]["tokens"][1].flip(0)  # another rank's samples
+    torch.save(stored, tmp_path / "probe/dp_00000_cp_00000.pt")
+    other = Probe.build(run.args, run.train_iter, None)
+    line = other.resume(str(tmp_path))
+    assert "drift restarts" in line and "other probe tokens" in line and other.reference == {}
+    (tmp_path / "probe/dp_00000_cp_00000.pt").unlink()
+    assert "another data-parallel" in other.resume(str(tmp_path))
+    assert "holds no probe references" in other.resume(str(tmp_path / "elsewhere"))
+    assert other.reference == {}
+
+
+def _probe_run(run_dir, *flags):
+    from megatron_nitp.training.loop import pretrain
+
+    pretrain(parse_args(FLAGS + ["--geometry-interval", "1", "--run-dir", str(run_dir), *flags]))
+    with open(run_dir / "summary.json") as f:
+        return json.load(f)["history"]
+
+
+def test_drift_continues_across_a_resume(dist, tmp_path, capsys):
+    """Four iterations in one go (its asynchronous checkpoint at 2 kept) against a resume of
+    that checkpoint for iterations 3 and 4: the same drift curve, not a restart from 0. A
+    checkpoint without the probe's references (written before they were stored) still
+    resumes; its drift restarts and the log says so once."""
+    import shutil
+
+    full = _probe_run(tmp_path / "full", "--save-interval", "2", "--async-save")
+    checkpoints = tmp_path / "full" / "checkpoints"
+    assert (checkpoints / "iter_0000002" / "probe" / "dp_00000_cp_00000.pt").exists()
+    capsys.readouterr()
+    resumed = _probe_run(tmp_path / "resumed", "--load", str(checkpoints))
+    assert "drift restarts" not in capsys.readouterr().out
+    for key in ("probe drift layer 1", "probe drift final"):
+        assert [i for i, _ in resumed[key]] == [3, 4], key
+        want = dict(full[key])
+        assert want[3] > 0.0
+        for i, value in resumed[key]:
+            assert value == pytest.approx(want[i], rel=1e-5), (key, i)
+    assert resumed["lm loss"] == [e for e in full["lm loss"] if e[0] > 2]
+
+    older = tmp_path / "older"
+    shutil.copytree(checkpoints, older)
+    shutil.rmtree(older / "iter_0000002" / "probe")
+    manifest = older / "iter_0000002" / "manifest.json"
+    entries = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({k: v for k, v in entries.items()
+                                    if not k.startswith("probe")}))
+    restarted = _probe_run(tmp_path / "restarted", "--load", str(older))
+    out = capsys.readouterr().out
+    assert out.count("drift restarts") == 1 and "holds no probe references" in out
+    assert dict(restarted["probe drift layer 1"])[3] == 0.0
+    assert dict(restarted["probe drift layer 1"])[4] > 0.0

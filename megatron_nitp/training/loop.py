@@ -410,6 +410,11 @@ def _pretrain(args: RunConfig, progress: Progress) -> dict:
     progress.run_dir, progress.save_dir = run_dir, save_dir
     progress.iteration = run.start_iteration
     async_saves = AsyncSaves() if args.checkpoint.async_save else None
+    from megatron_nitp.training.probe import Probe
+
+    # per-layer geometry on a fixed probe batch, at the iterations that measure the geometry
+    probe = (Probe.build(args, train_iter, valid_iter) if args.logging.geometry_interval
+             else None)
 
     def save(iteration: int, wait: bool = False) -> str:
         """The checkpoint's path; with --async-save it is complete only once finalized
@@ -419,7 +424,9 @@ def _pretrain(args: RunConfig, progress: Progress) -> dict:
             with params_synced(model):
                 path = save_checkpoint(save_dir, iteration, model, optimizer, scheduler, args,
                                        consumed_samples=train_iter.consumed_samples,
-                                       keep_last=args.checkpoint.save_keep_last, async_saves=async_saves)
+                                       keep_last=args.checkpoint.save_keep_last,
+                                       async_saves=async_saves,
+                                       rank_files=probe.checkpoint_files() if probe else None)
             if wait:
                 finish_saves()
         return path
@@ -480,10 +487,13 @@ def _pretrain(args: RunConfig, progress: Progress) -> dict:
                         if source and not args.checkpoint.finetune else ""))
     for chunk in as_chunks(model):
         chunk.train()
-    from megatron_nitp.training.probe import Probe
+    if probe is not None and run.start_iteration:
+        # the drift continues from the first probe's states the checkpoint stored
+        from megatron_nitp.training.checkpoint import checkpoint_dir
 
-    # per-layer geometry on a fixed probe batch, at the iterations that measure the geometry
-    probe = Probe.build(args, train_iter, valid_iter) if args.logging.geometry_interval else None
+        restart = probe.resume(checkpoint_dir(args.checkpoint.load, run.start_iteration))
+        if restart:
+            logger.print(restart)
     throughput = Throughput(args.training.global_batch_size * args.model.seq_length)
     iteration = run.start_iteration
     memory.begin()  # the first interval's peak counts from the first step, set-up left out

@@ -12,7 +12,8 @@ state, over the probe batch's counted tokens (``loss_mask > 0``):
   ``(|sum_i u_i|^2 - n) / (n (n - 1))`` with ``u_i`` the unit states;
 - ``probe norm layer k``: the mean L2 norm of the token states;
 - ``probe drift layer k``: ``1 - mean_i cos(x_i, x_i^0)``, with ``x^0`` the same token's state at
-  this process's first probe (0 there), held on the last stage in host memory;
+  the run's first probe (0 there), held on the last stage in host memory and stored in every
+  checkpoint (below), so a resumed run continues the same curve;
 - ``probe cos(P(h),z) mean|p10|p50|p90``: the distribution of ``cos(P(h_t), z_{t+1})`` of the
   paper's NITP term (its projector, ``--nitp-loss-kind cosine``: ``1 - `` its per-token term)
   over the positions that carry it, and a TensorBoard histogram ``probe cos(P(h),z)``.
@@ -30,25 +31,38 @@ every rank holds them; the cosine values are placed at their (sample, position) 
 ``[G * s]`` tensor reduced the same way (exactly one rank writes each slot), so their
 distribution does not depend on the layout. Cost: a ``[h, h]`` float64 Gram matrix per tapped
 layer (and the final state) and the first probe's states (``G/DP * s * h`` values per layer on
-each last-stage rank, in host memory).
+each last-stage rank, in host memory, in the model's dtype).
+
+The first probe's states in a checkpoint: ``probe/dp_<d>_cp_<c>.pt``, one per data-parallel and
+context-parallel rank, written (``torch.save``, in the trainer, also with ``--async-save``, like
+the RNG states) by tensor-parallel rank 0 of the last stage (its TP peers hold the same,
+TP-gathered states) with the probe tokens they are of. A resume takes them back when this
+rank's probe tokens (its micro-batches of the probe batch and, under CP, its chunks of them)
+and tapped layers are those stored, whatever the pipeline and tensor-parallel layout; else
+(another DP or CP size, micro-batch size, probe data or taps, or a checkpoint written without
+them) every rank drops them, the drift restarts from 0 at the resumed run's first probe and
+the log says so in one line.
 """
 
 from __future__ import annotations
 
+import os
 from functools import partial
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_nitp.data.datasets import ATTENTION_MASK, CONTINUES_DOCUMENT, MicroBatchIterator
+from megatron_nitp.data.datasets import MicroBatchIterator
 from megatron_nitp.device import device, to_device
 from megatron_nitp.objectives import build_objectives
 from megatron_nitp.training.model import as_chunks, unwrap
+from megatron_nitp.training.step import MICROBATCH, forward_microbatch
 
 POSITION = "_probe_position"  # [b, s]: each token's slot sample * s + t in the probe batch
 HISTOGRAM = "probe cos(P(h),z)"
 PERCENTILES = (10, 50, 90)
+REFERENCE_FOLDER = "probe"  # in a checkpoint: the first probe's states, one file per DP x CP rank
 
 
 def layer_name(layer) -> str:
@@ -110,6 +124,59 @@ class Probe:
             keys += [f"{HISTOGRAM} mean"] + [f"{HISTOGRAM} p{q}" for q in PERCENTILES]
         return keys
 
+    def _tokens_held(self) -> dict:
+        """What this rank's references are of: its micro-batches' ``[b, s]`` tokens of the
+        probe batch, its context-parallel chunk of them and the tapped layers."""
+        return {"tokens": [batch["tokens"] for batch in self.batches],
+                "cp": [parallel_state.get_context_parallel_world_size(),
+                       parallel_state.get_context_parallel_rank()],
+                "layers": list(self.layers)}
+
+    def _reference_file(self) -> str:
+        """This rank's reference file, relative to a checkpoint folder."""
+        return os.path.join(REFERENCE_FOLDER,
+                            f"dp_{parallel_state.get_data_parallel_rank():05d}_"
+                            f"cp_{parallel_state.get_context_parallel_rank():05d}.pt")
+
+    def checkpoint_files(self) -> dict[str, dict]:
+        """What this rank stores in a checkpoint (``save_checkpoint``'s ``rank_files``): the
+        first probe's states, ``{(micro-batch, layer): [n, h]}`` in the model's dtype on the
+        host, with the tokens they are of, on tensor-parallel rank 0 of the last stage once a probe has run;
+        nothing elsewhere."""
+        if not self.reference or parallel_state.get_tensor_model_parallel_rank() != 0:
+            return {}
+        return {self._reference_file(): {"of": self._tokens_held(),
+                                         "reference": self.reference}}
+
+    def resume(self, path: str) -> str | None:
+        """Takes the first probe's states back from checkpoint ``path`` (the last stage's
+        ranks; see the module docstring). Every rank must call it (one all-gather): all keep
+        them or all drop them. Returns, on every rank, the one line that says why the drift
+        restarts, or None when it continues."""
+        problem = None
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            file = os.path.join(path, self._reference_file())
+            if not os.path.isdir(os.path.join(path, REFERENCE_FOLDER)):
+                problem = "the checkpoint holds no probe references (written without them)"
+            elif not os.path.exists(file):
+                problem = ("the checkpoint's probe references are of another data-parallel or "
+                           "context-parallel layout")
+            else:
+                stored = torch.load(file, weights_only=True)
+                if _same_tokens(stored["of"], self._tokens_held()):
+                    self.reference = stored["reference"]
+                else:
+                    problem = ("the checkpoint's probe references are of other probe tokens "
+                               "(another data-parallel or context-parallel layout, micro-batch "
+                               "size, probe data or tapped layers)")
+        everyone = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everyone, problem)
+        problem = next((p for p in everyone if p), None)
+        if problem is None:
+            return None
+        self.reference = {}
+        return f"> probe: the drift restarts from 0 at this run's first probe: {problem}"
+
     @torch.no_grad()
     def measure(self, model, args) -> tuple[dict[str, float], torch.Tensor | None]:
         """One forward-only pass over the probe batch: ``(values by key, the cosine values of
@@ -124,7 +191,7 @@ class Probe:
         slots = len(self.batches) * args.training.micro_batch_size * args.model.seq_length
         slots *= parallel_state.get_data_parallel_world_size()
         cosines = torch.zeros(2, slots, dtype=torch.float64, device=device())  # value, carried
-        batches = [dict(to_device(b), _microbatch=i) for i, b in enumerate(self.batches)]
+        batches = [dict(to_device(b), **{MICROBATCH: i}) for i, b in enumerate(self.batches)]
         try:
             get_forward_backward_func()(
                 forward_step_func=partial(self._forward_step, stats, cosines),
@@ -160,34 +227,23 @@ class Probe:
         return values, carried
 
     def _forward_step(self, stats, cosines, data_iterator, model):
-        from megatron_nitp.training.step import _cp_slice
-
-        batch = dict(next(data_iterator))
-        microbatch = batch.pop("_microbatch")
-        aux_keys = []
-        for objective in self.objectives:
-            extra = objective.batch_inputs(batch)
-            batch.update(extra)
-            aux_keys += list(extra)
-        if parallel_state.get_context_parallel_world_size() > 1:
-            batch = _cp_slice(batch)
-        output = model(batch["tokens"], batch["position_ids"], batch.get(ATTENTION_MASK),
-                       labels=batch["labels"], loss_mask=batch["loss_mask"],
-                       document_mask=batch.get(CONTINUES_DOCUMENT),
-                       aux_inputs={key: batch[key] for key in aux_keys},
-                       return_hidden=True, microbatch=microbatch)
-        return output, partial(self._reduce, stats, cosines, microbatch, batch["loss_mask"],
-                               batch[POSITION])
+        """megatron-core's forward step: the training step's (``forward_microbatch``) with the
+        final and tapped states asked for, reduced by :meth:`_reduce` on the last stage."""
+        batch = next(data_iterator)
+        output, seen = forward_microbatch(model, batch, self.objectives, return_hidden=True)
+        return output, partial(self._reduce, stats, cosines, batch[MICROBATCH],
+                               seen["loss_mask"], seen[POSITION])
 
     def _reduce(self, stats, cosines, microbatch, loss_mask, position, output):
         """This micro-batch's sums (last stage), added into ``stats`` and ``cosines``."""
         counted = loss_mask.reshape(-1) > 0  # [b * s] in [b, s] order
         for i, layer in enumerate(self.layers):
             states = output.hidden if layer == "final" else output.taps[layer]
-            x = states.transpose(0, 1).reshape(-1, states.shape[-1])[counted].double()
+            raw = states.transpose(0, 1).reshape(-1, states.shape[-1])[counted]
+            x = raw.double()
             first = (microbatch, layer) not in self.reference
-            if first:
-                self.reference[(microbatch, layer)] = x.to("cpu")  # host memory, not the GPU's
+            if first:  # in the states' own dtype (bf16 in a bf16 run: half of fp32's bytes)
+                self.reference[(microbatch, layer)] = raw.detach().to("cpu")  # host memory
             stats[i] += _sums(x, None if first else self.reference[(microbatch, layer)])
         if self.term is not None and self.term in output.aux:
             term = output.aux[self.term]
@@ -197,6 +253,14 @@ class Probe:
             cosines[1, slot] += 1.0
         zero = torch.zeros((), device=loss_mask.device)
         return zero, torch.ones((), dtype=torch.int, device=loss_mask.device), {}
+
+
+def _same_tokens(stored: dict, ours: dict) -> bool:
+    """Whether stored references (:meth:`Probe.checkpoint_files`) are of this rank's tokens."""
+    return (stored["cp"] == ours["cp"] and stored["layers"] == ours["layers"]
+            and len(stored["tokens"]) == len(ours["tokens"])
+            and all(a.shape == b.shape and torch.equal(a.to(b.device), b)
+                    for a, b in zip(stored["tokens"], ours["tokens"])))
 
 
 def _sums(x: torch.Tensor, reference) -> torch.Tensor:
@@ -209,7 +273,7 @@ def _sums(x: torch.Tensor, reference) -> torch.Tensor:
         same = n[0]
     else:
         same = torch.nn.functional.cosine_similarity(
-            x, reference.to(x.device), dim=-1, eps=1e-30).sum()
+            x, reference.to(x.device, torch.float64), dim=-1, eps=1e-30).sum()
     return torch.cat([n, norms.sum().view(1), x.sum(0), unit.sum(0), (x.T @ x).reshape(-1),
                       same.view(1), n])
 

@@ -69,13 +69,15 @@ def _loss_func(loss_mask, scales, geometry, output: ModelOutput):
     return loss, num_tokens.int(), report
 
 
-def _forward_step(scales, objectives, geometry_first, data_iterator, model):
-    """megatron-core's forward step: one micro-batch through ``model``. The final hidden
-    states are asked for (``return_hidden``) only on the micro-batch whose representation
-    geometry is measured; every other one skips their TP all-gather under SP. The objectives'
-    extra inputs are made from whole sequences, before the context-parallel split."""
-    batch = dict(next(data_iterator))
-    geometry = geometry_first and batch.pop("_first", False)
+def forward_microbatch(model, batch: dict, objectives, return_hidden: bool):
+    """One micro-batch through ``model``, as megatron-core's forward step runs it (the
+    training and evaluation steps, the geometry probe): the objectives' extra inputs are made
+    from whole ``[b, s]`` sequences, then each ``[b, s]`` key is cut to this rank's
+    context-parallel chunks. ``batch`` is one of the step's micro-batches on the device, its
+    index in the step under :data:`MICROBATCH`. Returns the model's ``ModelOutput`` and the
+    batch as the model saw it (the extra inputs added, the CP slice taken, the index dropped),
+    whose ``loss_mask`` is what the output's per-token terms line up with."""
+    batch = dict(batch)
     microbatch = batch.pop(MICROBATCH)
     aux_keys = []
     for objective in objectives:
@@ -93,9 +95,19 @@ def _forward_step(scales, objectives, geometry_first, data_iterator, model):
         loss_mask=batch["loss_mask"],
         document_mask=batch.get(CONTINUES_DOCUMENT),
         aux_inputs={key: batch[key] for key in aux_keys},
-        return_hidden=geometry,
+        return_hidden=return_hidden,
         microbatch=microbatch,
     )
+    return output, batch
+
+
+def _forward_step(scales, objectives, geometry_first, data_iterator, model):
+    """megatron-core's forward step: one micro-batch through ``model``. The final hidden
+    states are asked for (``return_hidden``) only on the micro-batch whose representation
+    geometry is measured; every other one skips their TP all-gather under SP."""
+    batch = dict(next(data_iterator))
+    geometry = geometry_first and batch.pop("_first", False)
+    output, batch = forward_microbatch(model, batch, objectives, geometry)
     return output, partial(_loss_func, batch["loss_mask"], scales, geometry)
 
 

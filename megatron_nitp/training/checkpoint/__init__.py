@@ -6,6 +6,8 @@ layout can reload it; the data-parallel replicas share the writing) plus a few s
     SAVE/iter_0000300/                 dist_checkpointing: model (projector included), optimizer,
                                        LR scheduler
     SAVE/iter_0000300/rng/rank_*.pt    per-rank RNG states (Python, NumPy, torch, megatron tracker)
+    SAVE/iter_0000300/probe/dp_*_cp_*.pt   the geometry probe's first states, per DP x CP rank
+                                       (``save_checkpoint``'s ``rank_files``; training/probe.py)
     SAVE/iter_0000300/nitp.json        iteration, consumed samples, layout, the run config
     SAVE/iter_0000300/manifest.json    every file's size and CRC32, written last by rank 0
     SAVE/latest_checkpointed_iteration.txt   moved (atomically) only after the manifest exists

@@ -187,7 +187,8 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, conf
                     consumed_samples: int = 0, keep_last: int | None = None,
                     async_saves: AsyncSaves | None = None,
                     imported_from: str | None = None,
-                    imported_format: str | None = None) -> str:
+                    imported_format: str | None = None,
+                    rank_files: dict[str, object] | None = None) -> str:
     """Writes a checkpoint of ``iteration`` of a run of ``config`` (its resolved ``RunConfig``,
     stored in nitp.json); once every rank's files are written, rank 0 puts the ranks'
     manifest entries together and then moves the tracker to it (the ``crash-in-save`` test
@@ -200,7 +201,11 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, conf
     folder, without optimizer and scheduler (loadable with ``--finetune`` only); with
     ``imported_format`` :data:`MEGATRON_LM` (``megatron_nitp/megatron_lm.py``) converted from
     that Megatron-LM run, whose iteration and consumed samples it keeps: a resume continues
-    them with a fresh optimizer."""
+    them with a fresh optimizer. ``rank_files``: this rank's own small state that lives outside
+    megatron-core's sharded state, ``{path relative to the checkpoint: object}``, each
+    ``torch.save``'d beside the RNG state before this returns (also with ``async_saves``), so
+    the checkpoint holds it once it is complete and the objects may change afterwards; the
+    geometry probe's first states (``training/probe.py``), which the probe reads back."""
     if async_saves is not None:
         async_saves.wait()
     verify = config.checkpoint.verify
@@ -237,6 +242,10 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, conf
         rng_file = os.path.join("rng", f"rank_{rank:05d}.pt")
         torch.save(rng_state(), os.path.join(path, rng_file))
         own[rng_file] = manifest_entry(os.path.join(path, rng_file), verify)
+        for rel, obj in (rank_files or {}).items():
+            os.makedirs(os.path.dirname(os.path.join(path, rel)), exist_ok=True)
+            torch.save(obj, os.path.join(path, rel))
+            own[rel] = manifest_entry(os.path.join(path, rel), verify)
         if rank == 0:
             meta = build_meta(iteration, consumed_samples, torch.distributed.get_world_size(),
                               config, fmt, imported_from, imported_format)
