@@ -194,11 +194,11 @@ def test_no_stop_gradient_with_layer_k_outside_recomputation_is_accepted():
     config = tiny_args("--num-layers", "3", "--nitp-no-stop-gradient", "--nitp-target-layer", "2",
                        "--recompute-granularity", "full", "--recompute-method", "block",
                        "--recompute-num-layers", "1")
-    assert performance.recomputed_layers(config, [3]) == {1}
-    assert performance.recomputed_layers(config, [2, 2]) == {1, 3}  # per pipeline stage
+    assert performance.recomputed_layers(config.performance, [3]) == {1}
+    assert performance.recomputed_layers(config.performance, [2, 2]) == {1, 3}  # per pipeline stage
     uniform = config.replace(recompute_method="uniform")
-    assert performance.recomputed_layers(uniform, [2, 2]) == {1, 2, 3, 4}
-    assert performance.recomputed_layers(tiny_args(), [2]) == set()
+    assert performance.recomputed_layers(uniform.performance, [2, 2]) == {1, 2, 3, 4}
+    assert performance.recomputed_layers(tiny_args().performance, [2]) == set()
 
 
 def test_memory_benchmark_shows_recomputation_saving_memory(dist, capsys):

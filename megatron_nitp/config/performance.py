@@ -32,11 +32,10 @@ class _Error(ValueError):
     """Raised as the package's ConfigError by ``resolve.validate`` (no import cycle)."""
 
 
-def recomputed_layers(config: RunConfig, stage_layers: list[int]) -> set[int]:
+def recomputed_layers(perf: PerformanceConfig, stage_layers: list[int]) -> set[int]:
     """Global 1-based numbers of the layers whose outputs a full-recompute checkpoint computes
     under ``no_grad`` (uniform: every layer; block: the first ``--recompute-num-layers`` of each
     pipeline stage); empty without full recompute. ``stage_layers``: layers per stage."""
-    perf = config.performance
     if perf.recompute_granularity != "full":
         return set()
     layers, first = set(), 1
@@ -91,7 +90,7 @@ def _validate_recompute(config: RunConfig, stage_layers: list[int]) -> None:
     nitp = config.nitp_config
     k = nitp.target_layer
     if (nitp.enabled and nitp.objective == "nitp" and not nitp.stop_gradient
-            and k in recomputed_layers(config, stage_layers)):
+            and k in recomputed_layers(config.performance, stage_layers)):
         index = k - 1 - sum(stage_layers[:_stage_of(k, stage_layers)])
         fix = (f"--recompute-method block --recompute-num-layers {index} (layer {k} is "
                f"layer {index} of its pipeline stage, counting from 0), " if index else "")
