@@ -562,11 +562,11 @@ def _kjv_chapter_name(index):
 def _parameters(c):
     """Parameters of the dense GPT of config ``c``, counted here from its shapes: tied
     embedding, per layer two RMSNorms, QKV, attention output and SwiGLU; the final norm."""
-    d, heads, groups = c.hidden_size, c.num_attention_heads, c.num_query_groups
-    head = c.kv_channels or d // heads
+    d, heads, groups = c.model.hidden_size, c.model.num_attention_heads, c.model.num_query_groups
+    head = c.model.kv_channels or d // heads
     q, kv = heads * head, groups * head
-    layer = 2 * d + d * (q + 2 * kv) + q * d + 3 * d * c.ffn_hidden_size
-    return c.padded_vocab_size * d + c.num_layers * layer + d
+    layer = 2 * d + d * (q + 2 * kv) + q * d + 3 * d * c.model.ffn_hidden_size
+    return c.derived.padded_vocab_size * d + c.model.num_layers * layer + d
 
 
 def _matches_rounded(text, pattern, value):
@@ -619,36 +619,36 @@ def test_make_report_from_tiny_runs(dist, runs, tmp_path):
              for kind in runs}
     c = RunConfig.from_dict(saved["nitp"])
     # model, training, NITP
-    assert (f"{c.num_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} query / "
-            f"{c.num_query_groups} KV heads, SwiGLU FFN {c.ffn_hidden_size}") in text
+    assert (f"{c.model.num_layers} layers, hidden {c.model.hidden_size}, {c.model.num_attention_heads} query / "
+            f"{c.model.num_query_groups} KV heads, SwiGLU FFN {c.model.ffn_hidden_size}") in text
     total = _parameters(c)
     assert _matches_rounded(text, "parameters", total)
     ratio = 3 * c.nitp_config.projector_ffn_ratio
-    assert f"{ratio}·{c.hidden_size}² = " in text
-    assert _matches_rounded(text, "in training only", ratio * c.hidden_size ** 2)
-    assert (f"{c.train_iters} iterations × {c.global_batch_size} sequences × {c.seq_length} "
+    assert f"{ratio}·{c.model.hidden_size}² = " in text
+    assert _matches_rounded(text, "in training only", ratio * c.model.hidden_size ** 2)
+    assert (f"{c.training.train_iters} iterations × {c.training.global_batch_size} sequences × {c.model.seq_length} "
             "tokens") in text
     lr = re.search(r"lr (\S+) → (\S+),", text)
-    assert (float(lr.group(1)), float(lr.group(2))) == (c.lr, c.min_lr)
-    assert f"{c.lr_decay_style} (warm-up {c.lr_warmup_iters} iterations" in text
-    assert f"weight decay {c.weight_decay}, clip {c.clip_grad}, fp32" in text
-    assert f"target layer k = {c.nitp_config.target_layer} (of {c.num_layers})" in text
-    assert (f"every {c.geometry_interval} iterations on the first micro-batch "
-            f"({c.micro_batch_size} × {c.seq_length} tokens)") in text
-    assert f"{c.eval_iters} batches of {c.global_batch_size} sequences" in text
-    assert f"of {c.hidden_size}) and" in text  # the effective rank's bound
-    assert f"seeds {c.seed} (" in text and f"| NITP seed {c.seed} |" in text
+    assert (float(lr.group(1)), float(lr.group(2))) == (c.schedule.lr, c.schedule.min_lr)
+    assert f"{c.schedule.lr_decay_style} (warm-up {c.schedule.lr_warmup_iters} iterations" in text
+    assert f"weight decay {c.training.weight_decay}, clip {c.training.clip_grad}, fp32" in text
+    assert f"target layer k = {c.nitp_config.target_layer} (of {c.model.num_layers})" in text
+    assert (f"every {c.logging.geometry_interval} iterations on the first micro-batch "
+            f"({c.training.micro_batch_size} × {c.model.seq_length} tokens)") in text
+    assert f"{c.logging.eval_iters} batches of {c.training.global_batch_size} sequences" in text
+    assert f"of {c.model.hidden_size}) and" in text  # the effective rank's bound
+    assert f"seeds {c.training.seed} (" in text and f"| NITP seed {c.training.seed} |" in text
     assert f", {os.cpu_count()} cores," in text
     # the corpus: the indexed dataset the runs read, split as evaluation.py derives it
-    dataset = IndexedDataset(c.data_path[0])
+    dataset = IndexedDataset(c.data.data_path[0])
     lengths = np.asarray(dataset.sequence_lengths, dtype=np.int64)
     n = len(dataset)
-    n_train = train_document_count(n, c.split)
+    n_train = train_document_count(n, c.data.split)
     assert f"KJV Bible, {n:,} chapters" in text
     assert _matches_rounded(text, "tokens; split", lengths.sum())
     assert (f"training never sees the last {n - n_train} chapters "
             f"({_kjv_chapter_name(n_train)} – {_kjv_chapter_name(n - 1)})") in text
-    epochs = c.train_iters * c.global_batch_size * c.seq_length / lengths[:n_train].sum()
+    epochs = c.training.train_iters * c.training.global_batch_size * c.model.seq_length / lengths[:n_train].sum()
     assert f"≈ {epochs:.2f} epochs of the training split" in text
     # the step-by-step command trains the same config
     command = next(line for line in text.splitlines()
@@ -660,9 +660,9 @@ def test_make_report_from_tiny_runs(dist, runs, tmp_path):
             assert getattr(getattr(again, group), attr) == getattr(getattr(c, group), attr), name
     # runs that differ in more than the arm and the seed are refused
     changed = json.loads(json.dumps(saved["ntp"]))
-    changed["schedule"]["lr"] = 2 * c.lr
+    changed["schedule"]["lr"] = 2 * c.schedule.lr
     with pytest.raises(SystemExit, match="schedule.lr"):
         make_report.common_config({("nitp", 1): saved["nitp"], ("ntp", 1): changed})
     with pytest.raises(SystemExit, match="were trained for"):
-        make_report.main(["--runs", base, "--seeds", "1", "--iters", str(c.train_iters + 1),
+        make_report.main(["--runs", base, "--seeds", "1", "--iters", str(c.training.train_iters + 1),
                           "--results", str(results), "--output", str(output)])

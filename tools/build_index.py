@@ -51,8 +51,8 @@ def main(argv=None) -> str:
     except (ValueError, FileNotFoundError, PermissionError) as err:
         raise SystemExit(f"error: {err}")
     print(f"> dataset index ready in {cache} ({time.monotonic() - start:.1f} s): "
-          f"{args.train_iters * args.global_batch_size:,} training samples of "
-          f"{args.seq_length} tokens", flush=True)
+          f"{args.training.train_iters * args.training.global_batch_size:,} training samples of "
+          f"{args.model.seq_length} tokens", flush=True)
     return cache
 
 
