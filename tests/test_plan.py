@@ -73,7 +73,8 @@ def _built_stage(args, stage, pp):
     derived = dataclasses.replace(
         whole, padded_vocab_size=vocab_of(args, 1)[1],
         moe_layer_pattern=pattern[stage * per:(stage + 1) * per] if pattern else None)
-    part = args.replace(num_layers=per, derived=derived)
+    mtp = {} if stage == pp - 1 else {"mtp_num_layers": None}  # MTP: on the last stage only
+    part = args.replace(num_layers=per, derived=derived, **mtp)
     model = build_model(part, pre_process=stage == 0, post_process=stage == pp - 1,
                         perform_initialization=False)
     return sum(p.numel() for p in model.parameters())
@@ -84,6 +85,8 @@ def _built_stage(args, stage, pp):
     ("--preset", "tiny-dense", "--untie-embeddings-and-output-weights"),
     ("--preset", "tiny-dense", "--no-nitp"),
     ("--preset", "tiny-moe"),
+    ("--preset", "tiny-dense", "--untie-embeddings-and-output-weights", "--mtp-num-layers", "1"),
+    ("--preset", "tiny-moe", "--mtp-num-layers", "2"),
 ])
 @pytest.mark.parametrize("pp", [1, 2, 4])
 def test_stage_parameters_match_the_built_stages(dist, flags, pp):

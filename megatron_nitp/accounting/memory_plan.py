@@ -159,6 +159,13 @@ def stage_memory(args: RunConfig, layout: Layout, num_microbatches: int,
             ratio = nitp.projector_ffn_ratio if nitp.projector == "swiglu" else 0
             activations += tokens * (3 * ratio * d / layout.tp * dtype
                                      + d / sp_split * (dtype + 2 * 4))
+        if args.mtp.mtp_num_layers:
+            # per MTP depth: its layer, the [2d] input of its projection, its own logits (+ fp32
+            # copy) and output-layer input, as the main head's
+            per_depth = (activation_bytes_per_token(args, bool(moe_layers(args)[-1]), layout)
+                         + 2 * d / sp_split * dtype + padded / layout.tp * (dtype + 4)
+                         + d / sp_split * dtype)
+            activations += args.mtp.mtp_num_layers * tokens * per_depth
     if (args.nitp_config.enabled and layout.pp > 1 and stage != layout.pp - 1
             and target_stage(args, layout) == stage):
         # routed send buffers: this rank's [ceil(s/cp/tp), b, d] share of z (its shard under

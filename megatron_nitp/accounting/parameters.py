@@ -90,11 +90,24 @@ def moe_layers(args: RunConfig) -> list[int]:
     return list(moe_pattern(args) or [0] * args.model.num_layers)
 
 
+def mtp_parameters(args: RunConfig, layout: Layout) -> tuple[int, int]:
+    """``(dense, expert)`` parameters of one rank's MTP blocks (``--mtp-num-layers``, on the
+    last stage, training only): per depth megatron-core's ``MultiTokenPredictionLayer``, a
+    layer of the decoder's last kind (:func:`layer_parameters`), the ``[d, 2d]`` projection of
+    the embedded next token beside the hidden state (split over TP) and three norms."""
+    depth = args.mtp.mtp_num_layers or 0
+    d = args.model.hidden_size
+    dense, expert = layer_parameters(args, bool(moe_layers(args)[-1]), layout.tp, layout.ep,
+                                     layout.expert_tp)
+    return depth * (dense + 2 * d * d // layout.tp + 3 * d), depth * expert
+
+
 def stage_parameters(args: RunConfig, layout: Layout, stage: int) -> tuple[int, int]:
     """``(dense, expert)`` parameters of one rank of pipeline stage ``stage``: its layers
     (:func:`layer_parameters`), the embedding on the first stage, and on the last the final
-    norm, the NITP projector and the output layer (untied, or with PP > 1 a copy of the tied
-    embedding)."""
+    norm, the NITP projector, the output layer (untied, or with PP > 1 a copy of the tied
+    embedding) and the MTP blocks (:func:`mtp_parameters`, with PP > 1 beside their own copy of
+    the embedding for the next tokens)."""
     dense = expert = 0
     for moe in moe_layers(args)[stage_layers(args, layout, stage)]:
         a, b = layer_parameters(args, bool(moe), layout.tp, layout.ep, layout.expert_tp)
@@ -107,6 +120,10 @@ def stage_parameters(args: RunConfig, layout: Layout, stage: int) -> tuple[int, 
         dense += d + run_projector_parameters(args, layout.tp)  # final norm, NITP projector
         if args.model.untie_embeddings_and_output_weights or layout.pp > 1:
             dense += vocab_rows  # output layer (a copy of the tied embedding when PP > 1)
+        if args.mtp.mtp_num_layers:
+            mtp_dense, mtp_expert = mtp_parameters(args, layout)
+            dense += mtp_dense + (vocab_rows if stage > 0 else 0)
+            expert += mtp_expert
     return dense, expert
 
 
