@@ -46,21 +46,23 @@ def data_tokenizer(args: RunConfig) -> tuple[RunConfig, object]:
     from megatron_nitp.data.corpus import prepare_default_corpus
     from megatron_nitp.data.tokenizer import DEFAULT_TOKENIZER_TYPE, build_tokenizer
 
-    default_kind = args.data.tokenizer_type == DEFAULT_TOKENIZER_TYPE and args.data.tokenizer_model is None
-    if args.data.mock_data and default_kind:
+    data = args.data
+    default_kind = data.tokenizer_type == DEFAULT_TOKENIZER_TYPE and data.tokenizer_model is None
+    if data.mock_data and default_kind:
         args = args.replace(tokenizer_type="NullTokenizer",
                             vocab_size=args.model.vocab_size or DEFAULT_VOCAB_SIZE)
-    elif not args.data.mock_data and args.data.data_path is None and not args.data.train_data_path:
-        if args.data.tokenizer_model is not None:
+    elif not data.mock_data and data.data_path is None and not data.train_data_path:
+        if data.tokenizer_model is not None:
             raise ValueError("--tokenizer-model was given without --data-path: give both, or "
                              "neither to use the built-in corpus.")
         prefix, tokenizer_model = prepare_default_corpus()
         args = args.replace(data_path=(prefix,), tokenizer_model=tokenizer_model)
-    elif args.data.tokenizer_model is None and args.data.tokenizer_type != "NullTokenizer":
-        raise ValueError(f"--data-path needs --tokenizer-model (the {args.data.tokenizer_type} the "
+    elif data.tokenizer_model is None and data.tokenizer_type != "NullTokenizer":
+        raise ValueError(f"--data-path needs --tokenizer-model (the {data.tokenizer_type} the "
                          "data was preprocessed with; see tools/train_tokenizer.py).")
-    return args, build_tokenizer(args.data.tokenizer_type, args.data.tokenizer_model, args.model.vocab_size,
-                                 merge_file=args.data.merge_file)
+    data = args.data  # the built-in corpus's paths, or the NullTokenizer, when set above
+    return args, build_tokenizer(data.tokenizer_type, data.tokenizer_model, args.model.vocab_size,
+                                 merge_file=data.merge_file)
 
 
 def prepare_data(args: RunConfig):
@@ -82,21 +84,22 @@ def prepare_data(args: RunConfig):
     args = resolve(args, torch.distributed.get_world_size(), tokenizer.vocab_size)
     dp_size = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
-    num_samples = requested_samples(args.training.train_iters, args.training.global_batch_size, args.logging.eval_iters,
+    t, data = args.training, args.data
+    num_samples = requested_samples(t.train_iters, t.global_batch_size, args.logging.eval_iters,
                                     args.logging.eval_interval)
     documents = dict(reset_position_ids=args.data.reset_position_ids,
                      reset_attention_mask=args.data.reset_attention_mask,
                      eod_mask_loss=args.data.eod_mask_loss)
     if args.data.mock_data:
-        train_ds, valid_ds, _ = build_mock_datasets(tokenizer, args.model.seq_length, args.training.seed,
+        train_ds, valid_ds, _ = build_mock_datasets(tokenizer, args.model.seq_length, t.seed,
                                                     num_samples, **documents)
     else:
         if is_logging_rank():  # the index build can take minutes on a large corpus
             print(f"> building datasets: {num_samples[0]:,} training and {num_samples[1]:,} "
                   "validation samples", flush=True)
         train_ds, valid_ds, _ = build_datasets(
-            list(args.data.data_path or ()), tokenizer, args.model.seq_length, args.training.seed, args.data.split,
-            num_samples, args.data.data_cache_path,
+            list(data.data_path or ()), tokenizer, args.model.seq_length, t.seed, data.split,
+            num_samples, data.data_cache_path,
             per_split=([list(p) if p else None for p in per_split] if args.data.train_data_path
                        else None),
             build_timeout_minutes=args.data.dataset_build_timeout_minutes, **documents,
@@ -107,7 +110,7 @@ def prepare_data(args: RunConfig):
 
     def valid():
         """The same held-out batches at every evaluation: comparable points on the curve."""
-        return MicroBatchIterator(valid_ds, args.training.micro_batch_size, dp_rank, dp_size, eod=eod)
+        return MicroBatchIterator(valid_ds, t.micro_batch_size, dp_rank, dp_size, eod=eod)
 
     evaluates = valid_ds is not None and len(valid_ds) and args.logging.eval_interval
     return args, tokenizer, train, (valid if evaluates else None)
@@ -183,8 +186,8 @@ class Run:
 def check_checkpoint_folders(args: RunConfig, save_dir: str) -> list[str]:
     """The start checks of the checkpoints (``args`` resolved for the world): the ``--save``
     folder is writable, belongs to this run's lineage and has room for a checkpoint
-    (``checkpoint.check_save_folder``, with ``accounting.checkpoint.checkpoint_bytes`` of the resolved
-    vocabulary), and a ``dp_reshardable`` checkpoint to resume fits this layout (its
+    (``checkpoint.check_save_folder``, with ``accounting.checkpoint.checkpoint_bytes`` of the
+    resolved vocabulary), and a ``dp_reshardable`` checkpoint to resume fits this layout (its
     nitp.json, read before the model is built). Returns the warnings; raises UsageError in one
     line."""
     from megatron_nitp.training import checkpoint as ck
@@ -192,8 +195,9 @@ def check_checkpoint_folders(args: RunConfig, save_dir: str) -> list[str]:
 
     try:
         warnings = ck.check_save_folder(save_dir, args.checkpoint, checkpoint_bytes(args))
-        latest = ck.read_tracker(args.checkpoint.load) if args.checkpoint.load and not args.checkpoint.finetune else None
-        meta_file = os.path.join(ck.checkpoint_dir(args.checkpoint.load, latest), ck.META) if (
+        c = args.checkpoint
+        latest = ck.read_tracker(c.load) if c.load and not c.finetune else None
+        meta_file = os.path.join(ck.checkpoint_dir(c.load, latest), ck.META) if (
             latest is not None) else None
         if meta_file and os.path.exists(meta_file):
             with open(meta_file) as f:
@@ -218,13 +222,14 @@ def nothing_to_load(args: RunConfig) -> bool:
     torch.distributed.all_gather_object(everyone, holds_nothing(args.checkpoint.load))
     if not all(everyone):
         return False
-    if args.checkpoint.exit_on_missing_checkpoint or args.checkpoint.finetune:
-        why = ("--exit-on-missing-checkpoint is set" if args.checkpoint.exit_on_missing_checkpoint else
+    c = args.checkpoint
+    if c.exit_on_missing_checkpoint or c.finetune:
+        why = ("--exit-on-missing-checkpoint is set" if c.exit_on_missing_checkpoint else
                "--finetune needs the weights it names")
-        raise UsageError(f"no checkpoint in {args.checkpoint.load} (the folder is absent or empty) and "
+        raise UsageError(f"no checkpoint in {c.load} (the folder is absent or empty) and "
                          f"{why}: check the --load path"
                          + (", or drop the flag to start from scratch"
-                            if args.checkpoint.exit_on_missing_checkpoint else ""))
+                            if c.exit_on_missing_checkpoint else ""))
     if is_logging_rank():
         print(f"warning: no checkpoint in {args.checkpoint.load}: starting from scratch "
               "(--exit-on-missing-checkpoint stops instead)", flush=True)
@@ -249,7 +254,8 @@ def setup(args: RunConfig, save_dir: str | None = None) -> Run:
     fresh = nothing_to_load(args)
     try:
         arguments.validate_data_cache(args)
-        if args.data.data_cache_path and not args.data.mock_data and torch.distributed.get_world_size() > 1:
+        shared_cache = args.data.data_cache_path and not args.data.mock_data
+        if shared_cache and torch.distributed.get_world_size() > 1:
             from megatron_nitp.data.index_cache import check_shared
 
             check_shared(args.data.data_cache_path)
@@ -273,7 +279,8 @@ def setup(args: RunConfig, save_dir: str | None = None) -> Run:
     set_seed(args.training.seed)
     chunks = build_model_chunks(args)  # one per virtual stage under the interleaved schedule
     for chunk in chunks:
-        initialize_weights(chunk, args.training.seed)  # from the seed and global names: layout-invariant
+        # from the seed and global names: layout-invariant
+        initialize_weights(chunk, args.training.seed)
     # a list of DDP-wrapped chunks under interleaving (megatron-core's convention), else one
     model = wrap_model(chunks if len(chunks) > 1 else chunks[0], args)
     optimizer, scheduler = build_optimizer(model, args.training, args.schedule, args.derived)
@@ -283,7 +290,8 @@ def setup(args: RunConfig, save_dir: str | None = None) -> Run:
     if args.checkpoint.load and not fresh:
         try:
             meta = load_checkpoint(args.checkpoint.load, model, optimizer, scheduler, args,
-                                   weights_only=args.checkpoint.finetune, fallback=args.checkpoint.load_fallback,
+                                   weights_only=args.checkpoint.finetune,
+                                   fallback=args.checkpoint.load_fallback,
                                    override=args.checkpoint.override_config)
         except CheckpointError as err:
             raise UsageError(str(err)) from err
@@ -457,7 +465,8 @@ def _pretrain(args: RunConfig, progress: Progress) -> dict:
         + (f" x {args.virtual_pipeline_model_parallel_size} chunks (interleaved)"
            if args.virtual_pipeline_model_parallel_size else "")
         + f", EP {args.parallel.expert_model_parallel_size}, DP "
-        f"{args.derived.data_parallel_size}) | micro-batches per step {args.derived.num_microbatches} | "
+        f"{args.derived.data_parallel_size}) | micro-batches per step "
+        f"{args.derived.num_microbatches} | "
         f"backend {torch.distributed.get_backend()}, device {device()} ({device_name()})"
     )
     kept = arguments.kept_preset_fields(args)
@@ -507,7 +516,8 @@ def _pretrain(args: RunConfig, progress: Progress) -> dict:
             if faults.due("sigterm", iteration):
                 os.kill(os.getpid(), signal.SIGTERM)
             geometry = bool(args.logging.geometry_interval) and (
-                iteration % args.logging.geometry_interval == 0 or iteration in (1, args.training.train_iters)
+                iteration % args.logging.geometry_interval == 0
+                or iteration in (1, args.training.train_iters)
             )
             TIMERS.take()  # what evaluation and saving timed belongs to no step
             try:
@@ -541,7 +551,8 @@ def _pretrain(args: RunConfig, progress: Progress) -> dict:
                                                         args.parallel.pipeline_model_parallel_size))
                 planned = None  # once per run
             if valid_iter is not None and (
-                iteration % args.logging.eval_interval == 0 or iteration == args.training.train_iters
+                iteration % args.logging.eval_interval == 0
+                or iteration == args.training.train_iters
             ):
                 with params_synced(model):
                     logger.log_eval(iteration,

@@ -256,10 +256,10 @@ def build_model(
     if vp_stage is not None:
         extra_chunk = {"vp_stage": vp_stage, "tap_owners": tap_owners(args, nitp),
                        "shared_routers": shared_routers if shared_routers is not None else {}}
-    spec = layer_spec(config, args.parallel.transformer_impl,
-                      sdpa=config_performance.attention_path(
-                          args.performance, args.parallel.transformer_impl) == "sdpa", vp_stage=vp_stage)
-    te = kernels.use_transformer_engine(args.parallel.transformer_impl)
+    impl = args.parallel.transformer_impl
+    sdpa = config_performance.attention_path(args.performance, impl) == "sdpa"
+    spec = layer_spec(config, impl, sdpa=sdpa, vp_stage=vp_stage)
+    te = kernels.use_transformer_engine(impl)
     extra = {}
     for objective in build_objectives(args.nitp_config, args.mtp):
         extra.update(objective.model_kwargs(config, spec, te, vp_stage=vp_stage))
@@ -305,8 +305,9 @@ def build_model_chunks(args, perform_initialization: bool = True) -> list[NITPGP
 def tap_owners(args, nitp: NITPConfig) -> dict[int, tuple[int, int]]:
     """Tapped layer -> the (pipeline rank, model chunk) that builds it under the interleaved
     schedule, from the layout megatron-core builds (``layout.target_chunk``)."""
-    return {layer: target_chunk(layer, args.model.num_layers, args.parallel.pipeline_model_parallel_size,
-                                args.virtual_pipeline_model_parallel_size, *pipeline_split(args.parallel))
+    p = args.parallel
+    return {layer: target_chunk(layer, args.model.num_layers, p.pipeline_model_parallel_size,
+                                args.virtual_pipeline_model_parallel_size, *pipeline_split(p))
             for o in representation_objectives(nitp) for layer in o.taps}
 
 

@@ -91,7 +91,8 @@ class Probe:
     def __init__(self, batches: list[dict], args, held_out: bool):
         self.batches = batches  # on the CPU; each with POSITION
         self.held_out = held_out
-        self.objectives = tuple(o for o in build_objectives(args.nitp_config, args.mtp) if o.name != "mtp")
+        self.objectives = tuple(o for o in build_objectives(args.nitp_config, args.mtp)
+                                if o.name != "mtp")
         self.layers = (*sorted({k for o in self.objectives for k in o.taps}), "final")
         self.term = _paper_term(self.objectives)
         self.hidden_size = args.model.hidden_size
@@ -141,8 +142,8 @@ class Probe:
     def checkpoint_files(self) -> dict[str, dict]:
         """What this rank stores in a checkpoint (``save_checkpoint``'s ``rank_files``): the
         first probe's states, ``{(micro-batch, layer): [n, h]}`` in the model's dtype on the
-        host, with the tokens they are of, on tensor-parallel rank 0 of the last stage once a probe has run;
-        nothing elsewhere."""
+        host, with the tokens they are of, on tensor-parallel rank 0 of the last stage once a
+        probe has run; nothing elsewhere."""
         if not self.reference or parallel_state.get_tensor_model_parallel_rank() != 0:
             return {}
         return {self._reference_file(): {"of": self._tokens_held(),

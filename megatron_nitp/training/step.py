@@ -223,7 +223,8 @@ def _zero_grad_buffers(model) -> None:
 def train_step(
     model, optimizer, scheduler, data_iterator: Iterator, args, iteration: int, geometry: bool,
 ) -> dict[str, float]:
-    """Forward/backward over ``args.derived.num_microbatches`` micro-batches, then one optimizer step.
+    """Forward/backward over the step's micro-batches (``args.derived.num_microbatches``), then
+    one optimizer step.
 
     Returns the global lm loss, nitp loss, total loss, grad norm, lr (and geometry if asked).
     Its phases (data loading, forward-backward, optimizer) are timed in ``timers.TIMERS``.
@@ -292,8 +293,8 @@ def router_losses(args) -> dict[str, float]:
     from megatron.core.transformer.moe.moe_utils import track_moe_metrics
 
     names = {}
-    balancing = {"aux_loss": "load_balancing_loss",
-                 "seq_aux_loss": "seq_load_balancing_loss"}.get(args.moe.moe_router_load_balancing_type)
+    balancing = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss"
+                 }.get(args.moe.moe_router_load_balancing_type)
     if balancing:
         names[balancing] = "load balancing loss"
     if args.moe.moe_z_loss_coeff is not None:
@@ -327,7 +328,8 @@ def _average_z_loss_over_ranks() -> None:
 def evaluate(model, data_iterator: Iterator, args, eval_iters: int) -> dict[str, float]:
     """Forward-only passes over ``eval_iters`` global batches: the validation lm loss and each
     objective's term computed by the model (no weights: nothing is trained)."""
-    objectives = tuple(o for o in build_objectives(args.nitp_config, args.mtp) if o.name != "mtp")
+    objectives = tuple(o for o in build_objectives(args.nitp_config, args.mtp)
+                       if o.name != "mtp")
     for chunk in as_chunks(model):
         chunk.eval()
     reports = []
