@@ -41,6 +41,11 @@ def gpu_index(local_rank: int, device_count: int, shared: bool = False) -> int:
     return local_rank
 
 
+def nccl_version() -> tuple[int, ...]:
+    """The NCCL version torch was built with, e.g. ``(2, 27, 3)``; ``()`` without CUDA."""
+    return tuple(torch.cuda.nccl.version()) if has_cuda() else ()
+
+
 def shared_gpu_nccl_env(rank: int, nccl_version: tuple) -> dict[str, str]:
     """The NCCL settings that let ranks share one GPU. NCCL <= 2.29 refuses two ranks on one
     GPU ("Duplicate GPU detected": same host hash and bus id); a host id of its own per rank
@@ -60,7 +65,7 @@ def bind(local_rank: int) -> None:
         return
     if shared_gpu():
         rank = int(os.environ.get("RANK", local_rank))
-        for name, value in shared_gpu_nccl_env(rank, torch.cuda.nccl.version()).items():
+        for name, value in shared_gpu_nccl_env(rank, nccl_version()).items():
             os.environ.setdefault(name, value)
     torch.cuda.set_device(gpu_index(local_rank, torch.cuda.device_count(), shared_gpu()))
 

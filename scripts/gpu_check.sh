@@ -14,7 +14,7 @@
 #    check_env's tiny run; two ranks - on two GPUs, or sharing a single GPU
 #    ($MEGATRON_NITP_SHARED_GPU, after tools/nccl_probe.py) - for TP2, TP2+SP, PP2 with
 #    routing, PP2 with evaluate(), DP2 with the distributed optimizer and overlap, CP2 (TE) and
-#    EP2 with both dispatchers, against one rank);
+#    MoE EP2 with both dispatchers, each equal to one rank: losses, grad norm, whole state);
 # 4. measures NTP vs NITP on the full dense-0.5b preset (24 layers, seq 8192, micro-batch 1,
 #    bf16, the fastest attention here: TE's, else torch's SDPA): step time (paired medians),
 #    NITP's overhead against the exact analytic ratio and the paper's +1.8% wall clock,

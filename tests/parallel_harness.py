@@ -34,6 +34,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from megatron_nitp.device import device  # noqa: E402
+
 
 def gathered_projector(model):
     """Full projector weights on the last stage (gate/up split on dim 0, down on dim 1)."""
@@ -208,13 +210,13 @@ def evaluate_without_side_effects(run, args):
         routed = _routed(run.model, "routed_bytes")
         metrics = evaluate(run.model, run.valid_iter(), args, args.logging.eval_iters)
         routed = torch.tensor([_routed(run.model, "routed_bytes") - routed],
-                              dtype=torch.float64)
+                              dtype=torch.float64, device=device())
         # the per-layer geometry probe (training/probe.py) on the validation data's first batch
         probe_routed = _routed(run.model, "routed_bytes")
         probe = Probe.build(args, run.train_iter, run.valid_iter)
         values, cosines = probe.measure(run.model, args)
         probe_routed = torch.tensor([_routed(run.model, "routed_bytes") - probe_routed],
-                                    dtype=torch.float64)
+                                    dtype=torch.float64, device=device())
         after = _local_snapshot(run)
     changed = [name for name in before if not _same(before[name], after[name])]
     every = [None] * dist.get_world_size()
@@ -289,13 +291,15 @@ def run_layout(out, argv):
         metrics = train_step(run.model, run.optimizer, run.scheduler, run.train_iter, args,
                              iteration, geometry=True)
         # the most layer-k send-buffer bytes any rank held at once during this step
-        held = torch.tensor([_routed(run.model, "routed_peak_bytes_held")], dtype=torch.float64)
+        held = torch.tensor([_routed(run.model, "routed_peak_bytes_held")], dtype=torch.float64,
+                            device=device())
         dist.all_reduce(held, op=dist.ReduceOp.MAX)
         metrics["routing peak bytes held"] = held.item()
         history.append(metrics)
         if evaluate_at is not None and iteration + 1 == int(evaluate_at):
             evaluation = evaluate_without_side_effects(run, args)
-    routed = torch.tensor([_routed(run.model, "routed_bytes")], dtype=torch.float64)
+    routed = torch.tensor([_routed(run.model, "routed_bytes")], dtype=torch.float64,
+                          device=device())
     dist.all_reduce(routed)
     training_bytes = routed.item() - (evaluation["routed bytes"] + evaluation["probe routed bytes"]
                                       if evaluation else 0.0)

@@ -3,7 +3,8 @@
 Under gloo a tensor made without ``device=`` lands on the CPU and every collective accepts it;
 under NCCL the same line crashes the first GPU iteration (a CPU tensor all-reduced on an NCCL
 group, a CPU scalar stacked with CUDA results). So the package states a device for every tensor
-it creates: this test parses every module and fails on a tensor constructor without a
+it creates: this test parses every module (and the scripts ``scripts/gpu_check.sh`` runs under NCCL:
+the parallel harness, the NCCL probe) and fails on a tensor constructor without a
 ``device=`` argument (``device()`` from ``megatron_nitp.device`` or the device of a tensor at
 hand), and on device branches outside the one helper. Constructors that derive their device
 from a tensor (``*_like``, ``Tensor.new_*``) are fine.
@@ -26,6 +27,8 @@ PACKAGE = os.path.join(ROOT, "megatron_nitp")
 
 CONSTRUCTORS = {"zeros", "ones", "empty", "full", "tensor", "arange", "rand", "randn",
                 "randint", "randperm", "linspace", "eye", "as_tensor"}
+# Scripts outside the package that scripts/gpu_check.sh runs under NCCL: the same rules.
+GPU_SCRIPTS = [os.path.join("tests", "parallel_harness.py"), os.path.join("tools", "nccl_probe.py")]
 # Modules whose job is devices: the helper itself and the compatibility layer (which maps
 # megatron-core's CUDA calls to the CPU).
 EXEMPT = {os.path.join("megatron_nitp", "device.py")}
@@ -64,6 +67,14 @@ ALLOWED = {
      'self.reference[(microbatch, layer)] = raw.detach().to("cpu")  # host memory'):
         "the first probe's states are kept in host memory (G/DP x s x h per tapped layer), "
         "never communicated; the drift moves them back to the device",
+    (os.path.join("tests", "parallel_harness.py"),
+     'full[key] = torch.full(shape, float("nan"))'):
+        "the full tensors are assembled on rank 0's host from the shards all_gather_object "
+        "brought (pickled, on the CPU); never communicated",
+    (os.path.join("tests", "parallel_harness.py"),
+     "sh_ten.data.detach().float().cpu().clone()))"):
+        "each shard goes to the host to be pickled by all_gather_object (an object "
+        "collective, which NCCL serves from the current device itself)",
     (os.path.join("megatron_nitp", "training", "checkpoint", "state.py"),
      'state["step"] = torch.tensor(0.0, device="cpu")  # where torch\'s Adam keeps it'):
         "torch Adam keeps its per-parameter step on the CPU (capturable=False); a CUDA step "
@@ -81,6 +92,8 @@ def _modules():
             if rel in EXEMPT or any(rel.startswith(d + os.sep) for d in EXEMPT_DIRS):
                 continue
             yield rel, path
+    for rel in GPU_SCRIPTS:
+        yield rel, os.path.join(ROOT, rel)
 
 
 def _torch_attr(node: ast.AST) -> str | None:

@@ -40,8 +40,7 @@ def main() -> None:
             print(f"> {check}: ok", flush=True)
 
     if rank == 0:
-        version = (".".join(map(str, torch.cuda.nccl.version())) if backend == "nccl"
-                   else "-")
+        version = ".".join(map(str, device.nccl_version())) or "-"
         print(f"> {world} ranks, {backend} (NCCL {version}), rank 0 on {device.name()}"
               + (" (GPU shared by the ranks)" if device.shared_gpu() else ""), flush=True)
     payload = torch.full((1 << 20,), float(rank), device=here)  # 4 MiB: past NCCL's eager size
@@ -60,8 +59,8 @@ def main() -> None:
     report("all-reduce")
     gathered = torch.empty(world * payload.numel(), device=here)
     torch.distributed.all_gather_into_tensor(gathered, payload)
-    assert torch.equal(gathered.view(world, -1)[:, 0].cpu(), torch.arange(world).float()), \
-        "all-gather: wrong order"
+    expected = torch.arange(world, dtype=gathered.dtype, device=here)
+    assert torch.equal(gathered.view(world, -1)[:, 0], expected), "all-gather: wrong order"
     report("all-gather")
     torch.distributed.destroy_process_group()
 
