@@ -28,9 +28,25 @@
 # benchmark.json, memory.json, moe.json. Exit status: 0 when every test passed and the benchmark ran.
 # Knobs: PYTHON (default python3), QUICK=1, BENCH_LAYERS (24), BENCH_SEQ (8192), BENCH_MBS (1),
 # BENCH_ITERS (10), GPU_TESTS_K (a pytest -k expression), SKIP_TESTS=1, SKIP_BENCH=1.
+# Time caps, so that a lent GPU's few minutes see every phase even if one hangs (seconds; the
+# defaults add up to 9 minutes): PROBE_TIME_S (60), TESTS_TIME_S (300), BENCH_TIME_S (100),
+# MEMORY_TIME_S (50), MOE_TIME_S (50). A phase that reaches its cap is stopped and says so.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
+
+# limited SECONDS CMD...: CMD, stopped after SECONDS (SIGINT first, so that pytest unwinds and
+# kills the process groups of its launches; SIGKILL 15 s later), saying so when it was.
+limited() {
+  local seconds=$1 rc
+  shift
+  timeout -s INT -k 15 "$seconds" "$@"
+  rc=$?
+  if [ $rc = 124 ] || [ $rc = 137 ]; then
+    echo "> stopped after its cap of $seconds s (raise the phase's *_TIME_S knob): $*" >&2
+  fi
+  return $rc
+}
 
 if ! "$PY" - <<'EOF'
 import sys
@@ -94,16 +110,16 @@ if [ "$gpus" = 1 ]; then
 fi
 echo
 echo "> NCCL probe, 2 ranks"
-"$PY" -m torch.distributed.run --nproc-per-node 2 --master-port "${PROBE_PORT:-29517}" \
-  tools/nccl_probe.py 2>&1 | tail -20
+limited "${PROBE_TIME_S:-60}" "$PY" -m torch.distributed.run --nproc-per-node 2 \
+  --master-port "${PROBE_PORT:-29517}" tools/nccl_probe.py 2>&1 | tail -20
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   echo
   echo "> pytest -m gpu"
   start=$(date +%s)
-  "$PY" -m pytest -q -m gpu -rs --durations=0 ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} tests/test_gpu.py \
-    2>&1 | tee "$OUT_DIR/pytest.log"
+  limited "${TESTS_TIME_S:-300}" "$PY" -m pytest -q -m gpu -rs --durations=0 \
+    ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} tests/test_gpu.py 2>&1 | tee "$OUT_DIR/pytest.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
   echo "> gpu tests: $(( $(date +%s) - start )) s"
 fi
@@ -116,8 +132,8 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     layers=${BENCH_LAYERS:-24} seq=${BENCH_SEQ:-8192} mbs=${BENCH_MBS:-1} k=5
   fi
   echo "> NTP vs NITP on dense-0.5b: $layers layers, seq $seq, micro-batch $mbs"
-  "$PY" tools/flops_overhead.py --measure --preset dense-0.5b --bf16 \
-    --num-layers "$layers" --nitp-target-layer "$k" --seq-length "$seq" \
+  limited "${BENCH_TIME_S:-100}" "$PY" tools/flops_overhead.py --measure --preset dense-0.5b \
+    --bf16 --num-layers "$layers" --nitp-target-layer "$k" --seq-length "$seq" \
     --micro-batch-size "$mbs" --warmup-iters 3 --measure-iters "${BENCH_ITERS:-10}" \
     --json > "$OUT_DIR/benchmark.json" || status=1
   "$PY" - "$OUT_DIR/benchmark.json" <<'EOF' || status=1
@@ -128,11 +144,12 @@ print_measurement(json.load(open(sys.argv[1])))
 EOF
   echo
   echo "> step memory: no recompute, selective, full; NTP and NITP"
-  "$PY" tools/memory_benchmark.py --bf16 --json-out "$OUT_DIR/memory.json" || status=1
+  limited "${MEMORY_TIME_S:-50}" "$PY" tools/memory_benchmark.py --bf16 \
+    --json-out "$OUT_DIR/memory.json" || status=1
   echo
   echo "> MoE step time: expert loop vs grouped GEMM (vs + fused permutation)"
-  "$PY" tools/moe_benchmark.py --seq-length "${BENCH_SEQ:-4096}" --json-out "$OUT_DIR/moe.json" \
-    || status=1
+  limited "${MOE_TIME_S:-50}" "$PY" tools/moe_benchmark.py --seq-length "${BENCH_SEQ:-4096}" \
+    --json-out "$OUT_DIR/moe.json" || status=1
 fi
 
 echo

@@ -172,8 +172,8 @@ def launch_runs(root, nproc, runs, timeout=900):
     spec = root / f"runs-{nproc}.json"
     spec.write_text(json.dumps([[str(root / name), list(flags)] for name, flags in runs.items()]))
     cmd = python_command(HARNESS, nproc) + ["--runs", str(spec)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    # its own session: a launch that times out takes its ranks with it (none left holding a GPU)
+    proc = run_in_own_session(cmd, timeout, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 

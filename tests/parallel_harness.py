@@ -6,10 +6,10 @@
 
 Writes ``OUT/metrics.json`` (per-iteration lm loss, nitp loss, grad norm, ..., the layer-k
 bytes routed per step and the most routing send-buffer bytes any rank held at once),
-``OUT/state.pt`` (the whole checkpoint state after the steps as full global tensors by key:
-every model tensor, backbone and projector, and the optimizer's per-parameter state; plus, per
-key, the largest difference of any replicated copy from the saved one) and ``OUT/projector.pt``
-(the projector's full weights, gathered over TP). With ``--dump-init``, also ``OUT/init.pt``:
+``OUT/projector.pt`` (the projector's full weights, gathered over TP) and, last, ``OUT/state.pt``
+(the whole checkpoint state after the steps as full global tensors by key: every model tensor,
+backbone and projector, and the optimizer's per-parameter state; plus, per key, the largest
+difference of any replicated copy from the saved one). With ``--dump-init``, also ``OUT/init.pt``:
 every parameter's full initial value by checkpoint key, assembled from all ranks.
 
 ``--evaluate-at K`` calls evaluate() (``--eval-iters`` batches of the validation data) after
@@ -314,7 +314,6 @@ def run_layout(out, argv):
     if dist.get_rank() == 0:
         with open(os.path.join(out, "metrics.json"), "w") as f:
             json.dump(history, f)
-        torch.save(state, os.path.join(out, "state.pt"))
         if evaluation is not None:
             with open(os.path.join(out, "eval.json"), "w") as f:
                 json.dump(evaluation, f)
@@ -324,6 +323,8 @@ def run_layout(out, argv):
                 and parallel_state.get_data_parallel_rank() == 0):
             torch.save(weights, os.path.join(out, "projector.pt"))
     dist.barrier()
+    if dist.get_rank() == 0:  # last: its presence says the run finished (tests/parallel_runs.py)
+        torch.save(state, os.path.join(out, "state.pt"))
 
 
 def reset_between_runs():

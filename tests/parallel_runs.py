@@ -30,22 +30,40 @@ def load_result(out):
 
 
 class Launcher:
-    """Results by run name; each world size is launched once, when a test first needs it.
-    A failed launch fails every test that needs it, with the launch's output."""
+    """Results by run name; each world size is launched once, when a test first needs it
+    (``timeout`` seconds a launch). A run that crashes fails its test with the launch's output,
+    and the runs after it are launched again without it; a launch that times out (a hang)
+    fails every run it left unfinished. A run is finished when its ``state.pt`` exists (the
+    harness writes it last)."""
 
-    def __init__(self, root, groups):
-        self.root, self.groups, self.errors = root, groups, {}
+    def __init__(self, root, groups, timeout=900):
+        self.root, self.groups, self.timeout = root, groups, timeout
+        self.launched, self.errors = set(), {}
+
+    def _finished(self, name):
+        return os.path.exists(self.root / name / "state.pt")
+
+    def _launch(self, nproc):
+        pending = dict(self.groups[nproc])
+        while pending:
+            try:
+                launch_runs(self.root, nproc, pending, timeout=self.timeout)
+                return
+            except (AssertionError, subprocess.TimeoutExpired) as err:
+                left = [name for name in pending if not self._finished(name)]
+                hung = isinstance(err, subprocess.TimeoutExpired)
+                for name in left if hung else left[:1]:
+                    self.errors[name] = (f"the launch of world size {nproc} failed before run "
+                                         f"{name} finished:\n{err}")
+                pending = {} if hung else {name: pending[name] for name in left[1:]}
 
     def __call__(self, name):
         nproc = next(n for n, runs in self.groups.items() if name in runs)
-        if nproc not in self.errors:
-            try:
-                launch_runs(self.root, nproc, self.groups[nproc])
-                self.errors[nproc] = None
-            except (AssertionError, subprocess.TimeoutExpired) as err:
-                self.errors[nproc] = str(err)
-        if self.errors[nproc] is not None:
-            pytest.fail(f"the launch of world size {nproc} failed:\n{self.errors[nproc]}")
+        if nproc not in self.launched:
+            self.launched.add(nproc)
+            self._launch(nproc)
+        if name in self.errors:
+            pytest.fail(self.errors[name])
         return load_result(self.root / name)
 
 

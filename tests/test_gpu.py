@@ -15,9 +15,9 @@ import sys
 import pytest
 
 from tests.helpers import (
-    HARNESS, ROOT, clean_env, python_command, run_in_own_session, run_python_code,
+    ROOT, clean_env, python_command, run_in_own_session, run_python_code,
 )
-from tests.parallel_runs import assert_state_close
+from tests.parallel_runs import Launcher, assert_state_close
 
 try:
     import torch
@@ -43,6 +43,95 @@ SHARED_GPU = os.environ.get("MEGATRON_NITP_SHARED_GPU") == "1"
 two_gpus = pytest.mark.skipif(GPUS < 2 and not SHARED_GPU,
                               reason=f"needs 2 CUDA GPUs ({GPUS} here) or "
                                      "MEGATRON_NITP_SHARED_GPU=1")
+
+
+# ------------------------------------------------------------------ 2 ranks: layouts vs one rank
+#
+# Each layout trains 3 steps from the one-rank reference's initial checkpoint and is compared
+# with it as the CPU suite compares (tests/test_parallel.py, test_moe.py): every iteration's
+# losses and grad norm, and the whole state after the steps (assert_state_close, the CPU
+# bounds). Tolerances: these runs are fp32 with TF32 off (torch's default; nothing here turns
+# it on), so a layout differs from one rank only in the order of its sums (TP's split GEMMs,
+# NCCL's ring reductions, atomics in the embedding's and the token permutation's backward):
+# last-ulp differences per operation, the same class as gloo's on the CPU. The per-iteration
+# figures get rel 1e-4: after the first update Adam turns those ulps into weight differences of
+# a small fraction of lr (see assert_state_close), and the grad norm, a sum of squares over
+# every entry, carries them (DP2 with the distributed optimizer on the CPU: 1.1e-5 at step 2);
+# a missing or doubled gradient term moves it by O(1). bf16 is not compared across layouts:
+# its rounding (2^-8 relative per operation) on differently ordered sums moves losses by ~1e-3,
+# a bound that would also pass a missing gradient term of the NITP loss; bf16 is checked where
+# it is exact instead (the 20-iteration runs below, the resume at rel 1e-4).
+
+PARALLEL = ["--num-layers", "4", "--hidden-size", "64", "--ffn-hidden-size", "128",
+            "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "64",
+            "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "3",
+            "--lr-warmup-iters", "0", "--nitp-target-layer", "1"]
+MOE_PARALLEL = PARALLEL + ["--num-experts", "4", "--moe-router-topk", "2",
+                           "--moe-ffn-hidden-size", "32", "--moe-layer-freq", "[0]*1+[1]*3"]
+# the reference models: dense, and MoE with each token dispatcher
+MODELS = {"dense": PARALLEL,
+          "moe-alltoall": MOE_PARALLEL + ["--moe-token-dispatcher-type", "alltoall"],
+          "moe-allgather": MOE_PARALLEL + ["--moe-token-dispatcher-type", "allgather"]}
+# name: (model, layout flags), in the order the shared launch runs them: the routed target first
+LAYOUTS = {
+    "pp2-routing": ("dense", ["--pipeline-model-parallel-size", "2"]),  # k = 1 on stage 0
+    "tp2": ("dense", ["--tensor-model-parallel-size", "2"]),
+    "tp2-sp": ("dense", ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+    "dp2-distopt-overlap": ("dense", ["--use-distributed-optimizer", "--overlap-grad-reduce",
+                                      "--overlap-param-gather"]),
+    "ep2-alltoall": ("moe-alltoall", ["--expert-model-parallel-size", "2"]),
+    "ep2-allgather": ("moe-allgather", ["--expert-model-parallel-size", "2"]),
+    "pp2-evaluate": ("dense", ["--pipeline-model-parallel-size", "2", "--evaluate-at", "1",
+                               "--eval-iters", "2"]),
+    "cp2": ("dense", ["--context-parallel-size", "2"]),  # TE's attention only
+}
+# PP2 routes layer 1's output from stage 0: one [s, b, h] fp32 target per micro-batch
+ROUTED_BYTES = 64 * 2 * 64 * 4 * (8 // 2)
+# a hang in a collective becomes an error in 2 minutes, not the default 10
+TIMEOUT = ["--distributed-timeout-minutes", "2"]
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    """Results by run name (``ref-<model>``, a layout): one launch of one rank runs the
+    references (each writes its initial checkpoint), one launch of two ranks every layout
+    (:class:`tests.parallel_runs.Launcher`: a crash fails only the layouts it left unfinished).
+    Shared launches: on a one-GPU machine each launch costs ~20 s of start-up, and the whole
+    check must fit the minutes a lent GPU gives."""
+    root = tmp_path_factory.mktemp("gpu-layouts")
+    init = {model: str(root / f"init-{model}") for model in MODELS}
+    groups = {1: {f"ref-{model}": flags + TIMEOUT + ["--save-init", init[model]]
+                  for model, flags in MODELS.items()},
+              2: {name: MODELS[model] + layout + TIMEOUT + ["--load", init[model]]
+                  for name, (model, layout) in LAYOUTS.items() if name != "cp2" or HAS_TE}}
+    return Launcher(root, groups, timeout=420)
+
+
+@two_gpus
+@pytest.mark.parametrize("name", [
+    *[n for n in LAYOUTS if n != "cp2"],
+    pytest.param("cp2", marks=pytest.mark.skipif(
+        not HAS_TE, reason="context parallelism needs Transformer Engine's attention")),
+])
+def test_two_rank_layout_equals_one_rank(layouts, name):
+    model, layout = LAYOUTS[name]
+    ref_metrics, ref_state, _ = layouts(f"ref-{model}")
+    metrics, state, evaluation = layouts(name)
+    assert len(metrics) == len(ref_metrics) == 3
+    keys = ["lm loss", "nitp loss", "grad norm"] + (["load balancing loss"] if "moe" in model
+                                                    else [])
+    for step, (got, want) in enumerate(zip(metrics, ref_metrics)):
+        assert got["nitp loss"] > 0, (name, step)
+        for key in keys:
+            assert got[key] == pytest.approx(want[key], rel=1e-4), (name, step, key)
+    if "--pipeline-model-parallel-size" in layout:  # the target crossed NCCL
+        assert metrics[0]["routed bytes per step"] == ROUTED_BYTES
+    if evaluation is not None:  # evaluate() after step 1 left every rank's state alone
+        assert evaluation["metrics"]["lm loss"] > 0 and not evaluation["changed"], evaluation
+    assert_state_close(state, ref_state, name)
+
+
+# ------------------------------------------------------------------ one rank, bf16
 
 # Tiny models, bf16, NCCL: 20 iterations with geometry and evaluation on.
 COMMON = ["--bf16", "--train-iters", "20", "--lr", "1e-3", "--lr-warmup-iters", "2",
@@ -175,93 +264,3 @@ def test_check_env_tiny_run_on_gpu():
                           cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "tiny run OK" in proc.stdout and "backend nccl" in proc.stdout
-
-
-# ------------------------------------------------------------------ 2 ranks: layouts vs one rank
-#
-# Each layout trains 3 steps from the one-rank reference's initial checkpoint and is compared
-# with it as the CPU suite compares (tests/test_parallel.py, test_moe.py): every iteration's
-# losses and grad norm, and the whole state after the steps (assert_state_close, the CPU
-# bounds). Tolerances: these runs are fp32 with TF32 off (torch's default; nothing here turns
-# it on), so a layout differs from one rank only in the order of its sums (TP's split GEMMs,
-# NCCL's ring reductions, atomics in the embedding's and the token permutation's backward):
-# last-ulp differences per operation, the same class as gloo's on the CPU. The per-iteration
-# figures get rel 1e-4: after the first update Adam turns those ulps into weight differences of
-# a small fraction of lr (see assert_state_close), and the grad norm, a sum of squares over
-# every entry, carries them (DP2 with the distributed optimizer on the CPU: 1.1e-5 at step 2);
-# a missing or doubled gradient term moves it by O(1). bf16
-# is not compared across layouts: its rounding (2^-8 relative per operation) on differently
-# ordered sums moves losses by ~1e-3, a bound that would also pass a missing gradient term of
-# the NITP loss; bf16 is checked where it is exact instead (the 20-iteration runs above, the
-# resume at rel 1e-4).
-
-PARALLEL = ["--num-layers", "4", "--hidden-size", "64", "--ffn-hidden-size", "128",
-            "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "64",
-            "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "3",
-            "--lr-warmup-iters", "0", "--nitp-target-layer", "1"]
-MOE_PARALLEL = PARALLEL + ["--num-experts", "4", "--moe-router-topk", "2",
-                           "--moe-ffn-hidden-size", "32", "--moe-layer-freq", "[0]*1+[1]*3"]
-# the reference models: dense, and MoE with each token dispatcher
-MODELS = {"dense": PARALLEL,
-          "moe-alltoall": MOE_PARALLEL + ["--moe-token-dispatcher-type", "alltoall"],
-          "moe-allgather": MOE_PARALLEL + ["--moe-token-dispatcher-type", "allgather"]}
-# PP2 routes layer 1's output from stage 0: one [s, b, h] fp32 target per micro-batch
-ROUTED_BYTES = 64 * 2 * 64 * 4 * (8 // 2)
-
-
-def _harness(out, flags, nproc):
-    """One ``tests/parallel_harness.py`` run: (per-iteration metrics, whole state)."""
-    cmd = python_command(HARNESS, nproc) + [str(out)] + flags
-    proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    with open(os.path.join(out, "metrics.json")) as f:
-        metrics = json.load(f)
-    return metrics, torch.load(os.path.join(out, "state.pt"), weights_only=False)
-
-
-@pytest.fixture(scope="module")
-def one_rank(tmp_path_factory):
-    """``reference(model)``: (initial checkpoint, metrics, state) of the one-rank run of a model
-    of :data:`MODELS`, run once, when a layout of it first needs it."""
-    root = tmp_path_factory.mktemp("gpu-layouts")
-    cache = {}
-
-    def reference(model):
-        if model not in cache:
-            init = str(root / f"init-{model}")
-            cache[model] = (init, *_harness(root / f"ref-{model}",
-                                           MODELS[model] + ["--save-init", init], 1))
-        return cache[model]
-
-    return root, reference
-
-
-@two_gpus
-@pytest.mark.parametrize("model, layout", [
-    ("dense", ["--tensor-model-parallel-size", "2"]),
-    ("dense", ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
-    ("dense", ["--pipeline-model-parallel-size", "2"]),  # k = 1 on stage 0: the target is routed
-    ("dense", ["--pipeline-model-parallel-size", "2", "--evaluate-at", "1", "--eval-iters", "2"]),
-    ("dense", ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"]),
-    pytest.param("dense", ["--context-parallel-size", "2"], marks=pytest.mark.skipif(
-        not HAS_TE, reason="context parallelism needs Transformer Engine's attention")),
-    ("moe-alltoall", ["--expert-model-parallel-size", "2"]),
-    ("moe-allgather", ["--expert-model-parallel-size", "2"]),
-], ids=["tp2", "tp2-sp", "pp2-routing", "pp2-evaluate", "dp2-distopt-overlap", "cp2",
-        "ep2-alltoall", "ep2-allgather"])
-def test_two_rank_layout_equals_one_rank(one_rank, model, layout):
-    root, reference = one_rank
-    init, ref_metrics, ref_state = reference(model)
-    name = f"{model}-" + "-".join(layout).replace("--", "")
-    metrics, state = _harness(root / name, MODELS[model] + layout + ["--load", init], 2)
-    assert len(metrics) == len(ref_metrics) == 3
-    keys = ["lm loss", "nitp loss", "grad norm"] + (["load balancing loss"] if "moe" in model
-                                                    else [])
-    for step, (got, want) in enumerate(zip(metrics, ref_metrics)):
-        assert got["nitp loss"] > 0, (name, step)
-        for key in keys:
-            assert got[key] == pytest.approx(want[key], rel=1e-4), (name, step, key)
-    if "--pipeline-model-parallel-size" in layout:  # the target crossed NCCL
-        assert metrics[0]["routed bytes per step"] == ROUTED_BYTES
-    assert_state_close(state, ref_state, name)
