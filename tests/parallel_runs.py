@@ -32,12 +32,13 @@ def load_result(out):
 class Launcher:
     """Results by run name; each world size is launched once, when a test first needs it
     (``timeout`` seconds a launch). A run that crashes fails its test with the launch's output,
-    and the runs after it are launched again without it; a launch that times out (a hang)
-    fails every run it left unfinished. A run is finished when its ``state.pt`` exists (the
-    harness writes it last)."""
+    and the runs after it are launched again without it, ``relaunches`` times at most (a bug
+    that crashes every run costs 1 + ``relaunches`` launches, not one per run); a launch that
+    times out (a hang) fails every run it left unfinished. A run is finished when its
+    ``state.pt`` exists (the harness writes it last)."""
 
-    def __init__(self, root, groups, timeout=900):
-        self.root, self.groups, self.timeout = root, groups, timeout
+    def __init__(self, root, groups, timeout=900, relaunches=2):
+        self.root, self.groups, self.timeout, self.relaunches = root, groups, timeout, relaunches
         self.launched, self.errors = set(), {}
 
     def _finished(self, name):
@@ -45,17 +46,19 @@ class Launcher:
 
     def _launch(self, nproc):
         pending = dict(self.groups[nproc])
-        while pending:
+        for attempt in range(1 + self.relaunches):
             try:
                 launch_runs(self.root, nproc, pending, timeout=self.timeout)
                 return
             except (AssertionError, subprocess.TimeoutExpired) as err:
                 left = [name for name in pending if not self._finished(name)]
-                hung = isinstance(err, subprocess.TimeoutExpired)
-                for name in left if hung else left[:1]:
+                last = attempt == self.relaunches or isinstance(err, subprocess.TimeoutExpired)
+                for name in left if last else left[:1]:
                     self.errors[name] = (f"the launch of world size {nproc} failed before run "
                                          f"{name} finished:\n{err}")
-                pending = {} if hung else {name: pending[name] for name in left[1:]}
+                pending = {} if last else {name: pending[name] for name in left[1:]}
+            if not pending:
+                return
 
     def __call__(self, name):
         nproc = next(n for n, runs in self.groups.items() if name in runs)
