@@ -13,7 +13,7 @@ from megatron_nitp.accounting.parameters import parameter_counts
 from megatron_nitp.accounting.shape import ModelShape
 from megatron_nitp.config.presets import PRESETS
 
-from tests.helpers import ROOT, clean_env  # noqa: E402
+from tests.helpers import ROOT, clean_env, load_tool  # noqa: E402
 
 TOOL = os.path.join(ROOT, "tools", "flops_overhead.py")
 
@@ -196,7 +196,7 @@ def test_cli_compare_mtp_needs_measure():
 
 
 @pytest.mark.distributed
-def test_cli_measure_smoke_on_a_very_small_model():
+def test_cli_measure_smoke_on_a_very_small_model(capsys):
     """Two timed iterations per arm of a 2-layer d=32 model (a few seconds): the plumbing, not
     the numbers."""
     out = _tool("--measure", "--num-layers", "2", "--hidden-size", "32",
@@ -206,3 +206,10 @@ def test_cli_measure_smoke_on_a_very_small_model():
     assert set(result["seconds"]) == {"ntp", "nitp"}
     assert all(len(t) == 2 and min(t) > 0 for t in result["seconds"].values())
     assert result["overhead_exact_causal"] > 0
+    # what gpu_check.sh prints from the JSON: the model and kernels that were timed
+    tool = load_tool("flops_overhead")
+    tool.print_measurement(result)
+    printed = capsys.readouterr().out
+    assert ("model: tiny-dense, 2 layers, hidden 32, seq 16, micro-batch 2, fp32, NITP layer k "
+            "1; layer spec local, attention sdpa") in printed
+    assert "NITP vs NTP, analytic (exact)" in printed

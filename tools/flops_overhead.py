@@ -281,6 +281,8 @@ def measure(args) -> dict:
               for arm in arms if arm != "ntp"}
     exact = flops.exact_flops(shape, causal=True)
     full = flops.exact_flops(shape, causal=False)
+    from megatron_nitp import kernels
+    from megatron_nitp.config.performance import attention_path
     from megatron_nitp.training.logger import peak_tflops
 
     per_token = {"ntp": exact.ntp_total, "nitp": exact.ntp_total + exact.nitp}
@@ -294,7 +296,10 @@ def measure(args) -> dict:
                 else f"CPU ({platform.processor() or platform.machine()}), "
                      f"{torch.get_num_threads()} torch threads"),
         torch=torch.__version__,
-        training_config=config.to_dict(),
+        training_config=train_args.to_dict(),
+        layer_spec=("transformer_engine" if kernels.use_transformer_engine(
+            train_args.parallel.transformer_impl) else "local"),
+        attention=attention_path(train_args.performance, train_args.parallel.transformer_impl),
         tokens_per_iteration=tokens,
         warmup_iters=args.warmup_iters,
         measure_iters=args.measure_iters,
@@ -318,11 +323,22 @@ def measure(args) -> dict:
     return result
 
 
+def model_line(r: dict) -> str:
+    """One line naming what was timed: the model's shape, precision and kernels."""
+    c = r["training_config"]
+    m, t = c["model"], c["training"]
+    return (f"model: {c['preset'] or c['model_type']}, {m['num_layers']} layers, hidden "
+            f"{m['hidden_size']}, seq {m['seq_length']}, micro-batch {t['micro_batch_size']}, "
+            f"{'bf16' if t['bf16'] else 'fp16' if t['fp16'] else 'fp32'}, NITP layer k "
+            f"{c['nitp_config']['target_layer']}; layer spec {r['layer_spec']}, attention "
+            f"{r['attention']}")
+
+
 def print_measurement(r: dict) -> None:
     names = {"ntp": "NTP", "nitp": "NITP", "mtp": "MTP (1 depth)"}
     load = lambda xs: "/".join(f"{x:.2f}" for x in xs)  # noqa: E731
     print(f"device: {r['device']}, torch {r['torch']}")
-    print("training flags: " + " ".join(r["training_flags"]))
+    print(model_line(r))
     print(f"{r['measure_iters']} timed iterations per arm, interleaved, after "
           f"{r['warmup_iters']} warm-up; {r['tokens_per_iteration']} tokens per iteration; "
           f"load average (1/5/15 min) before {load(r['load_average_before'])}, after "
