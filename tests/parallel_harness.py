@@ -332,14 +332,14 @@ def reset_between_runs():
     import gc
 
     from megatron.core import parallel_state
-    from megatron.core.transformer.moe import moe_utils
 
     from megatron_nitp.nitp.routing import reset_routing_group
+    from megatron_nitp.training.model import clear_moe_tracker
 
     dist.barrier()
     parallel_state.destroy_model_parallel()
     reset_routing_group()
-    moe_utils.get_moe_layer_wise_logging_tracker().clear()
+    clear_moe_tracker()
     gc.collect()
 
 

@@ -84,10 +84,12 @@ def assert_state_close(state, ref, what):
     size, so where a gradient entry is near zero its rounding noise moves that weight by a small
     fraction of lr (measured: up to 9e-6 after 3 steps, single elements); a wrong or missing
     gradient moves weights by O(lr). Optimizer moments (exp_avg, exp_avg_sq): relative 1e-5 plus
-    1e-4 of the tensor's largest entry. They are statistics of gradients computed from those
-    slightly different weights, so their error scales with the tensor's largest entries
-    (measured: up to 3.6e-5 of it, MoE with TP2+SP+EP2); entries near zero have no meaningful
-    relative accuracy. A wrong or missing gradient term, scaled gradients (which Adam's weights
+    5e-4 of the tensor's largest entry. They are statistics of gradients computed from those
+    slightly different weights, so their error scales with the tensor's largest entries, and
+    exp_avg_sq, a square (error 2 g dg), by about twice the gradients' relative error
+    (measured, MoE with TP2+SP+EP2: up to 3.6e-5 of it on one machine, 1.1e-4 on an AMD EPYC
+    host, where the router settings' layout failed a 1e-4 bound by one element of 8192);
+    entries near zero have no meaningful relative accuracy. A wrong or missing gradient term, scaled gradients (which Adam's weights
     would not show) or the state of another parameter differ by O(1) of it.
     """
     tensors, ref_tensors = dict(state["tensors"]), ref["tensors"]
@@ -103,7 +105,7 @@ def assert_state_close(state, ref, what):
         assert got.shape == want.shape, (what, key)
         assert not got.isnan().any(), (what, key, "not covered by any rank's shards")
         moment = key.startswith("optimizer.state.")
-        atol = 1e-4 * want.abs().max().item() if moment else 3e-5
+        atol = 5e-4 * want.abs().max().item() if moment else 3e-5
         torch.testing.assert_close(got, want, rtol=1e-5, atol=atol,
                                    msg=lambda m, key=key: f"{what}: {key}: {m}")
     different = {k: v for k, v in state["replica differences"].items() if v != 0.0}

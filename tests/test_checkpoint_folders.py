@@ -120,8 +120,10 @@ def test_load_of_an_empty_folder_starts_from_scratch_unless_told_to_stop(dist, t
         _pretrain(tmp_path, "--load", str(broken), "--no-save")
 
 
+@pytest.mark.parametrize("optimizer", [[], ["--use-distributed-optimizer"]],
+                         ids=["adam", "distributed"])
 def test_a_resume_with_another_schedule_needs_one_of_megatron_lms_two_options(dist, tmp_path,
-                                                                              capsys):
+                                                                              capsys, optimizer):
     """Constant to iteration 2, then a linear WSD decay to 0 at 4; saved at 2. Resuming at 2
     with another decay (minus_sqrt down to --min-lr 1e-4) is refused unless told which
     schedule wins: --override-opt_param-scheduler follows the new one from iteration 3
@@ -139,7 +141,7 @@ def test_a_resume_with_another_schedule_needs_one_of_megatron_lms_two_options(di
             return {int(i): v for i, v in json.load(f)["history"]["learning rate"]}
 
     schedule = ["--train-iters", "4", "--lr", "1e-3", "--min-lr", "0", "--lr-decay-style", "WSD",
-                "--lr-wsd-decay-iters", "2", "--log-interval", "1"]
+                "--lr-wsd-decay-iters", "2", "--log-interval", "1"] + optimizer
     ckpt = tmp_path / "ckpt"
     _pretrain(tmp_path / "a", *schedule, "--save", str(ckpt), "--save-interval", "2")
     assert learning_rates("a/run") == pytest.approx({1: 1e-3, 2: 1e-3, 3: 5e-4, 4: 0.0})

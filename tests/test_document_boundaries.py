@@ -280,6 +280,12 @@ def test_the_document_mask_follows_the_context_parallel_shards(dist, monkeypatch
     unsharded = continues.clone()
     unsharded[:, -1] = 0.0  # no t+1
     together = torch.full_like(continues, -1.0)
+    # megatron-core 0.19 asks torch.distributed for the group's size and rank
+    world_size, get_rank = torch.distributed.get_world_size, torch.distributed.get_rank
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: (
+        group.size() if isinstance(group, _Group) else world_size(group)))
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: (
+        group.rank() if isinstance(group, _Group) else get_rank(group)))
     for rank in range(cp):
         monkeypatch.setattr(parallel_state, "get_context_parallel_group",
                             lambda rank=rank: _Group(cp, rank))

@@ -197,3 +197,32 @@ def test_bad_moe_input_is_refused(capsys):
     assert "is a dense model" in _error(capsys, ["--preset", "dense-2b"], "moe")
     err = _error(capsys, ["--preset", "moe-10b"], "moe")
     assert "unknown --preset 'moe-10b'" in err and "moe-9b-a1b" in err
+
+
+def test_a_moe_model_of_another_depth_later_in_the_process_logs_its_own_layers(dist):
+    """megatron-core's router-loss tracker is module-level and sized by the first MoE model
+    that logs; building a model empties it (``training.model.clear_moe_tracker``: 0.19 keeps
+    it in ``moe_logging``, where clearing the legacy accessor's copy did nothing). A 4-layer
+    model after a 2-layer one logs 4 layers instead of indexing past 2 (an export after
+    training, in-process tests)."""
+    import torch
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    from megatron_nitp.config import resolve
+    from megatron_nitp.nitp.config import NITPConfig
+    from megatron_nitp.training.model import build_model
+    from tests.helpers import TINY_MODEL
+
+    for layers in (2, 4):
+        args = resolve(parse_args(TINY_MODEL + [
+            "--num-layers", str(layers), "--num-experts", "4", "--moe-router-topk", "2",
+            "--moe-ffn-hidden-size", "32", "--moe-layer-freq", "1", "--nitp-target-layer", "1",
+            "--train-iters", "4"], model_type="moe"), 1, 128)
+        model = build_model(args, NITPConfig(target_layer=1), True, True)
+        model.train()
+        tokens = torch.randint(0, 100, (2, args.model.seq_length),
+                               generator=torch.Generator().manual_seed(layers))
+        positions = torch.arange(args.model.seq_length).expand(2, -1)
+        model(tokens, positions, None, labels=tokens, loss_mask=torch.ones(2, 16))
+        values = get_moe_layer_wise_logging_tracker()["load_balancing_loss"]["values"]
+        assert values.shape == (layers,) and bool((values > 0).all()), values

@@ -47,10 +47,15 @@ class MultiTokenPrediction(Objective):
         tracker is cleared. Other stages report nothing (count 0)."""
         from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
-        values: Optional[torch.Tensor] = MTPLossLoggingHelper.tracker.get("values")
+        tracker = MTPLossLoggingHelper.tracker
+        # the per-depth losses: "values" in megatron-core 0.16 to 0.18, "loss_values" in 0.19
+        # (beside "correct_values" and "total_values", its acceptance counts)
+        values: Optional[torch.Tensor] = tracker.get("loss_values", tracker.get("values"))
         if values is None or not bool(values.any()):
             return {self.report_key: torch.zeros(2, dtype=torch.float64, device=device())}
         total = values.double().sum() / self.depth
-        values.zero_()
+        for entry in tracker.values():
+            if isinstance(entry, torch.Tensor):
+                entry.zero_()
         count = torch.tensor(float(num_microbatches), dtype=torch.float64, device=total.device)
         return {self.report_key: torch.stack([total, count])}

@@ -218,6 +218,20 @@ def _base_layer_spec(config: TransformerConfig, impl: str, vp_stage: int | None 
     return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
 
 
+def clear_moe_tracker() -> None:
+    """Empties megatron-core's module-level MoE metrics tracker: 0.19 keeps it in
+    ``moe_logging`` (``get_moe_layer_wise_logging_tracker()`` there returns a copy, so clearing
+    that copy cleared nothing); 0.16 to 0.18 in a dict ``moe_utils`` returns itself."""
+    try:
+        from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
+    except ImportError:
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        get_moe_layer_wise_logging_tracker().clear()
+    else:
+        destroy_moe_metrics_tracker()
+
+
 def build_model(
     args,
     nitp: NITPConfig | None = None,
@@ -242,9 +256,7 @@ def build_model(
         # megatron-core's router losses go to a module-level per-layer tracker sized by the
         # first model that logs; a model of another depth built later in this process (an
         # export after training, in-process tests) would index past it
-        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-
-        get_moe_layer_wise_logging_tracker().clear()
+        clear_moe_tracker()
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False,
                                                              vp_stage=vp_stage)

@@ -117,13 +117,49 @@ def load_schedule(scheduler, saved: dict, saved_config: dict | None, override: b
     scheduler.override_opt_param_scheduler = override
     scheduler.use_checkpoint_opt_param_scheduler = not override
     scheduler.load_state_dict(saved)
-    if override:
-        # the optimizer's state just restored the checkpoint's per-group bounds, which
-        # get_lr reads before the scheduler's own (Megatron-LM re-applies them the same way)
-        for group in scheduler.optimizer.param_groups:
-            group["max_lr"], group["min_lr"] = scheduler.max_lr, scheduler.min_lr
-    else:
+    # the per-group bounds, which get_lr reads before the scheduler's own: those of the
+    # schedule in force (the optimizer's state came with this run's, see match_saved_groups)
+    for group in scheduler.optimizer.param_groups:
+        group["max_lr"], group["min_lr"] = scheduler.max_lr, scheduler.min_lr
+    if not override:
         steps, style = _saved_wsd(saved, saved_config)
         scheduler.wsd_decay_steps = steps if steps is not None else scheduler.wsd_decay_steps
         scheduler.lr_wsd_decay_style = style or scheduler.lr_wsd_decay_style
     scheduler.step(increment=0)  # the learning rate of the schedule now in force
+
+
+#: The learning-rate bounds an optimizer parameter group carries (the scheduler's, per group).
+GROUP_BOUNDS = ("max_lr", "min_lr")
+
+
+def match_saved_groups(saved_state, optimizer) -> None:
+    """Gives the parameter groups of a checkpoint's optimizer state (``saved_state``, as
+    ``dist_checkpointing.load`` returns it) this run's learning-rate bounds, group by group.
+
+    Why: megatron-core pairs saved and current groups by a key, and since 0.19 that key holds
+    ``max_lr`` and ``min_lr`` (0.16 to 0.18: ``wd_mult``, ``lr_mult``, ``is_expert_parallel``,
+    ``is_decoupled_lr`` only), so a resume with another ``--lr`` or ``--min-lr`` under
+    --override-opt_param-scheduler or --use-checkpoint-opt_param-scheduler failed with "Could
+    not find parameter group with key". Groups are paired here by the rest of the key; the
+    bounds in force are set after loading (:func:`load_schedule`)."""
+    from megatron.core.optimizer import optimizer as mcore_optimizer
+
+    keys = [k for k in getattr(mcore_optimizer, "param_group_identifier_keys", ())
+            if k not in GROUP_BOUNDS]
+    current = {tuple(g.get(k) for k in keys): g for g in optimizer.param_groups}
+
+    def visit(node):
+        if isinstance(node, dict):
+            for name, value in node.items():
+                if name == "param_groups" and isinstance(value, list):
+                    for group in value:
+                        own = current.get(tuple(group.get(k) for k in keys))
+                        if own is not None and all(b in group for b in GROUP_BOUNDS):
+                            group.update({b: own[b] for b in GROUP_BOUNDS})
+                else:
+                    visit(value)
+        elif isinstance(node, (list, tuple)):
+            for value in node:
+                visit(value)
+
+    visit(saved_state)

@@ -72,6 +72,7 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, config=Non
             # no scheduler state stored: this run's schedule, at the checkpoint's iteration
             scheduler.step(increment=meta["iteration"])
         return meta
+    schedules().match_saved_groups(loaded["optimizer"], optimizer)
     optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None:
         schedules().load_schedule(scheduler, loaded["scheduler"], meta.get("config"),
