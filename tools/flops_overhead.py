@@ -207,14 +207,13 @@ def build_arm(arm: str, config):
 
 
 def _step(run, iteration: int) -> float:
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-
     from megatron_nitp.device import synchronize
+    from megatron_nitp.training.model import clear_moe_tracker
     from megatron_nitp.training.step import train_step
 
     # megatron-core's MoE aux-loss logging tracker is process-global and sized by the first
     # model that logs into it; the MTP arm has one layer more. It only feeds logs: start empty.
-    get_moe_layer_wise_logging_tracker().clear()
+    clear_moe_tracker()
 
     synchronize()
     start = time.perf_counter()
