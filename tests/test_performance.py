@@ -211,9 +211,13 @@ def test_memory_benchmark_shows_recomputation_saving_memory(dist, capsys):
         "--nitp-target-layer", "1", "--json"])
     arms = report["arms"]
     for objective in ("ntp", "nitp"):
-        none, selective, full = (arms[f"{mode}/{objective}"]["step_peak_mib"]
-                                 for mode in ("none", "selective", "full"))
-        assert full < selective < none, objective
+        for peak in ("step_peak_mib", "forward_backward_peak_mib"):
+            none, selective, full = (arms[f"{mode}/{objective}"][peak]
+                                     for mode in ("none", "selective", "full"))
+            assert full < selective < none, (objective, peak)
+        for mode in ("none", "selective", "full"):  # the optimizer's step comes after
+            arm = arms[f"{mode}/{objective}"]
+            assert 0 < arm["forward_backward_peak_mib"] <= arm["step_peak_mib"], (mode, arm)
         planned = [arms[f"{mode}/{objective}"]["planned_activations_mib"]
                    for mode in ("none", "selective", "full")]
         assert planned[0] > planned[1] and planned[0] > planned[2], planned
@@ -221,6 +225,42 @@ def test_memory_benchmark_shows_recomputation_saving_memory(dist, capsys):
         assert arms[f"{mode}/nitp"]["step_peak_mib"] > arms[f"{mode}/ntp"]["step_peak_mib"]
         assert arms[f"{mode}/nitp"]["resident_mib"] > arms[f"{mode}/ntp"]["resident_mib"]
     assert '"arms"' in capsys.readouterr().out
+
+
+def test_step_memory_tells_the_optimizers_temporaries_from_the_forward_backward(dist):
+    """An optimizer step that allocates 64 MiB more than it frees for a moment raises the step's
+    peak by that much and leaves the forward-backward peak (what recomputation changes)
+    where it was."""
+    import torch
+
+    from megatron_nitp.config import validate
+    from megatron_nitp.training import loop
+    from megatron_nitp.training.memory import step_memory
+    from tests.helpers import load_tool
+
+    tool = load_tool("memory_benchmark")
+    cfg = tool.config(tool.build_parser().parse_args(
+        ["--num-layers", "2", "--hidden-size", "64", "--seq-length", "64"]), {}, False)
+    validate(cfg)
+    run = loop.setup(cfg)
+    plain = step_memory(run, 1)
+    optimizer_class = type(run.optimizer)
+    original = optimizer_class.step
+
+    def step_with_a_temporary(self, *args, **kwargs):
+        scratch = torch.ones(16 * 2**20, dtype=torch.float32)  # 64 MiB
+        del scratch
+        return original(self, *args, **kwargs)
+
+    optimizer_class.step = step_with_a_temporary
+    try:
+        heavy = step_memory(run, 2)
+    finally:
+        optimizer_class.step = original
+    assert "step" not in vars(run.optimizer)  # the class's method again
+    assert heavy["forward_backward_peak_mib"] == pytest.approx(
+        plain["forward_backward_peak_mib"], rel=0.05)
+    assert heavy["step_peak_mib"] >= 64 > plain["step_peak_mib"], (plain, heavy)
 
 
 def test_moe_benchmark_times_the_expert_loop_and_refuses_grouped_gemm_on_cpu(dist, tmp_path):

@@ -232,6 +232,10 @@ def resident_tensor_bytes(run) -> int:
     return sum(storages.values())
 
 
+#: The profiler range around the optimizer's step in :func:`step_memory` (CPU).
+OPTIMIZER_RANGE = "megatron_nitp.step_memory.optimizer_step"
+
+
 def step_memory(run, iteration: int) -> dict:
     """Memory of one training step of ``run`` (a ``loop.Run``), in MiB, for the benchmarks
     (``tools/flops_overhead.py --measure``, ``tools/memory_benchmark.py``), measured in this
@@ -240,33 +244,66 @@ def step_memory(run, iteration: int) -> dict:
 
     ``resident``: :func:`resident_tensor_bytes`. ``step_peak``: the peak of the tensor bytes
     allocated during the step above those live at its start (activations kept for the
-    backward, logits, temporaries). CPU: torch's CPU allocations are invisible to tracemalloc
-    and torch keeps no CPU peak counter, so the step runs under ``torch.profiler`` with
-    ``profile_memory=True`` and the allocation/free events are summed in time order. GPU:
-    ``torch.cuda.max_memory_allocated()`` minus the bytes allocated at the step's start.
-    Non-tensor memory (Python, libraries) is the same for every arm and is not counted.
+    backward, logits, temporaries, the optimizer's temporaries). ``forward_backward_peak``: the
+    same peak before the optimizer's step begins - what recomputation changes; the optimizer's
+    own temporaries (torch's Adam without a fused kernel: about two fp32 copies of the
+    parameters) can set the step's peak and hide it. CPU: torch's CPU allocations are invisible
+    to tracemalloc and torch keeps no CPU peak counter, so the step runs under
+    ``torch.profiler`` with ``profile_memory=True``, the allocation/free events are summed in
+    time order and the optimizer's step is a profiler range. GPU:
+    ``torch.cuda.max_memory_allocated()`` minus the bytes allocated at the step's start, read
+    again when the optimizer's step begins. Non-tensor memory (Python, libraries) is the same
+    for every arm and is not counted.
     """
     from megatron_nitp.training.step import train_step
 
+    optimizer_step, marks = run.optimizer.step, {}
+    own = vars(run.optimizer).get("step")  # an instance attribute, if any, to put back
+    cuda = devices.has_cuda()
+    start = 0
+
+    def marked_step(*args, **kwargs):
+        if cuda:
+            devices.synchronize()
+            marks["forward_backward"] = devices.memory_stats()["max allocated"] - start
+        with torch.profiler.record_function(OPTIMIZER_RANGE):
+            return optimizer_step(*args, **kwargs)
+
     step = lambda: train_step(run.model, run.optimizer, run.scheduler,  # noqa: E731
                               run.train_iter, run.args, iteration, False)
-    if devices.has_cuda():
-        devices.synchronize()
-        devices.reset_peak_memory_stats()
-        start = devices.memory_stats()["allocated"]
-        step()
-        devices.synchronize()
-        peak = devices.memory_stats()["max allocated"] - start
-    else:
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    run.optimizer.step = marked_step
+    try:
+        if cuda:
+            devices.synchronize()
+            devices.reset_peak_memory_stats()
+            start = devices.memory_stats()["allocated"]
             step()
-        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-        live = peak = 0
-        for event in sorted(events, key=lambda e: e.start_ns()):
-            live += event.nbytes()
-            peak = max(peak, live)
+            devices.synchronize()
+            peak = devices.memory_stats()["max allocated"] - start
+        else:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                step()
+            events = prof.profiler.kineto_results.events()
+            begins = [e.start_ns() for e in events if e.name() == OPTIMIZER_RANGE]
+            live = peak = 0
+            for event in sorted((e for e in events if e.name() == "[memory]"),
+                                key=lambda e: e.start_ns()):
+                if begins and "forward_backward" not in marks and event.start_ns() >= begins[0]:
+                    marks["forward_backward"] = peak
+                live += event.nbytes()
+                peak = max(peak, live)
+            if begins:
+                marks.setdefault("forward_backward", peak)
+    finally:
+        if own is None:
+            del run.optimizer.step  # the class's method again
+        else:
+            run.optimizer.step = own
     resident = resident_tensor_bytes(run)
+    forward_backward = marks.get("forward_backward")
     return {"resident_mib": resident / 2**20, "step_peak_mib": peak / 2**20,
+            "forward_backward_peak_mib": (None if forward_backward is None
+                                          else forward_backward / 2**20),
             "peak_mib": (resident + peak) / 2**20}
