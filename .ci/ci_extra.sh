@@ -52,7 +52,7 @@ lint() {
   .venv/bin/shellcheck -x examples/*.sh examples/lib/launch.sh examples/slurm/*.sbatch \
     tests/slurm/run_slurm_test.sh scripts/test_019.sh scripts/test_lm_eval.sh .ci/ci_extra.sh \
     scripts/layered_venv.sh .ci/run \
-    scripts/gpu_check.sh
+    scripts/gpu_check.sh scripts/gpu_wheels.sh
   echo "shellcheck: scripts OK"
 }
 
