@@ -11,10 +11,11 @@
 # 2. prints the environment (tools/check_env.py --no-run);
 # 3. runs the tests marked gpu (tests/test_gpu.py: tiny dense and tiny MoE for 20 iterations in
 #    bf16 on NCCL, with TE's spec where TE is installed and the local spec beside it, a
-#    distributed-optimizer save and an exact resume, geometry and evaluation on, HF export,
-#    check_env's tiny run; two ranks - on two GPUs, or sharing a single GPU
-#    ($MEGATRON_NITP_SHARED_GPU, after tools/nccl_probe.py) - for TP2, TP2+SP, PP2 with
-#    routing, PP2 with evaluate(), DP2 with the distributed optimizer and overlap, CP2 (TE) and
+#    distributed-optimizer save in the background (--async-save) and an exact resume, geometry
+#    and evaluation on, HF export, check_env's tiny run; two ranks - on two GPUs, or sharing a
+#    single GPU ($MEGATRON_NITP_SHARED_GPU, after tools/nccl_probe.py) - for TP2, TP2+SP, PP2
+#    with routing, PP2 x VPP2 (the interleaved schedule) with routing, PP2 with evaluate(), DP2
+#    with the distributed optimizer and overlap, CP2 (TE) and
 #    MoE EP2 with both dispatchers, each equal to one rank: losses, grad norm, whole state);
 # 4. measures NTP vs NITP on the full dense-0.5b preset (24 layers, seq 8192, micro-batch 1,
 #    bf16, the fastest attention here: TE's, else torch's SDPA): step time (paired medians),

@@ -80,6 +80,10 @@ MODELS = {"dense": PARALLEL,
 # name: (model, layout flags), in the order the shared launch runs them: the routed target first
 LAYOUTS = {
     "pp2-routing": ("dense", ["--pipeline-model-parallel-size", "2"]),  # k = 1 on stage 0
+    # the interleaved schedule: rank 0 holds layers 1 and 3 as two chunks, k = 1 is routed from
+    # its first chunk to rank 1's last by micro-batch identity (megatron_nitp/nitp/routing.py)
+    "pp2-vpp2-routing": ("dense", ["--pipeline-model-parallel-size", "2",
+                                   "--num-virtual-stages-per-pipeline-rank", "2"]),
     "tp2": ("dense", ["--tensor-model-parallel-size", "2"]),
     "tp2-sp": ("dense", ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
     "dp2-distopt-overlap": ("dense", ["--use-distributed-optimizer", "--overlap-grad-reduce",
@@ -96,7 +100,8 @@ LAYOUTS = {
 # 2.9e-5 after 3 steps, at the CPU suite's 3e-5); a wrong or missing gradient term moves many
 # weights by O(lr), and the moments and grad norm see it too.
 WEIGHT_ATOL, LR = 1e-4, 3e-3
-# PP2 routes layer 1's output from stage 0: one [s, b, h] fp32 target per micro-batch
+# PP2 (with or without VPP) routes layer 1's output from stage 0: one [s, b, h] fp32 target per
+# micro-batch
 ROUTED_BYTES = 64 * 2 * 64 * 4 * (8 // 2)
 # a hang in a collective becomes an error in 2 minutes, not the default 10
 TIMEOUT = ["--distributed-timeout-minutes", "2"]
@@ -184,10 +189,14 @@ def _assert_trained(history, nitp=True):
 
 @pytest.fixture(scope="module")
 def dense_run(tmp_path_factory):
-    """tiny-dense, bf16, distributed optimizer, 20 iterations, a checkpoint at 10 and 20."""
+    """tiny-dense, bf16, distributed optimizer, 20 iterations, a checkpoint at 10 and 20 written
+    in the background (``--async-save``: the copy to host memory, then a writer forked from a
+    process that holds a CUDA context, finalized by a collective on the device; the synchronous
+    save is the layouts' ``--save-init``)."""
     root = tmp_path_factory.mktemp("gpu-dense")
     out, _ = _launch("pretrain_gpt_nitp.py", root / "run",
-                     DENSE + ["--save", str(root / "ckpt"), "--save-interval", "10"])
+                     DENSE + ["--save", str(root / "ckpt"), "--save-interval", "10",
+                              "--async-save"])
     return root, out, _history(root / "run")
 
 
