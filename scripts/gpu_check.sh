@@ -16,7 +16,8 @@
 #    single GPU ($MEGATRON_NITP_SHARED_GPU, after tools/nccl_probe.py) - for TP2, TP2+SP, PP2
 #    with routing, PP2 x VPP2 (the interleaved schedule) with routing, PP2 with evaluate(), DP2
 #    with the distributed optimizer and overlap, CP2 (TE) and
-#    MoE EP2 with both dispatchers, each equal to one rank: losses, grad norm, whole state);
+#    MoE EP2 with both dispatchers, each equal to one rank: losses, grad norm, whole state;
+#    left out, and the check failed, when the NCCL probe fails, so the one-rank tests still run);
 # 4. measures NTP vs NITP on the full dense-0.5b preset (24 layers, seq 8192, micro-batch 1,
 #    bf16, the fastest attention here: TE's, else torch's SDPA): step time (paired medians),
 #    NITP's overhead against the exact analytic ratio and the paper's +1.8% wall clock,
@@ -115,14 +116,22 @@ echo
 echo "> NCCL probe, 2 ranks"
 limited "${PROBE_TIME_S:-60}" "$PY" -m torch.distributed.run --nproc-per-node 2 \
   --master-port "${PROBE_PORT:-29517}" tools/nccl_probe.py 2>&1 | tail -20
-[ "${PIPESTATUS[0]}" = 0 ] || status=1
+probe=${PIPESTATUS[0]}
+select=${GPU_TESTS_K:-}
+if [ "$probe" != 0 ]; then
+  status=1
+  # two ranks cannot talk here: the 2-rank layouts would each wait out NCCL's timeout and use
+  # up the tests' cap before the one-rank tests run, so they are left out (and the check fails)
+  echo "> the NCCL probe failed: the 2-rank layouts are left out of the GPU tests"
+  select="${select:+($select) and }not two_rank"
+fi
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   echo
-  echo "> pytest -m gpu"
+  echo "> pytest -m gpu${select:+ -k \"$select\"}"
   start=$(date +%s)
   limited "${TESTS_TIME_S:-300}" "$PY" -m pytest -q -m gpu -rs --durations=0 \
-    ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} tests/test_gpu.py 2>&1 | tee "$OUT_DIR/pytest.log"
+    ${select:+-k "$select"} tests/test_gpu.py 2>&1 | tee "$OUT_DIR/pytest.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
   echo "> gpu tests: $(( $(date +%s) - start )) s"
 fi
