@@ -242,6 +242,12 @@ def test_rotation_keeps_the_checkpoint_just_written_and_never_touches_newer_ones
     assert _iterations(tmp_path) == ["iter_0000002", "iter_0000030"]
     _finalize(tmp_path, 3, keep_last=2)
     assert _iterations(tmp_path) == ["iter_0000002", "iter_0000003", "iter_0000030"]
+    # a count below 1 (refused as --save-keep-last) deletes nothing: own[:-(-1)] would have
+    # taken the oldest, the checkpoint just written once it is the only one
+    _finalize(tmp_path, 4, keep_last=-1)
+    _finalize(tmp_path, 5, keep_last=0)
+    assert _iterations(tmp_path) == ["iter_0000002", "iter_0000003", "iter_0000004",
+                                     "iter_0000005", "iter_0000030"]
 
 
 def test_the_tracker_never_moves_back_silently(dist, tmp_path, capsys):

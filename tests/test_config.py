@@ -215,3 +215,24 @@ def test_a_run_prints_and_keeps_its_configuration(dist, tmp_path, capsys):
     saved = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     assert saved.model.hidden_size == 32 and saved.source("min_lr") == "preset tiny-dense"
     assert summary["preset"].startswith("tiny-dense (default; flags override part of it")
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--log-interval", "0"], "--log-interval 0 must be >= 1."),  # was a ZeroDivisionError
+    (["--log-interval", "-5"], "--log-interval -5 must be >= 1."),  # logged every iteration
+    (["--tensorboard-log-interval", "0"], "--tensorboard-log-interval 0 must be >= 1."),
+    (["--tensorboard-queue-size", "0"], "--tensorboard-queue-size 0 must be >= 1."),
+    (["--eval-interval", "-1"], "--eval-interval -1 must be >= 0 (0: never)."),
+    (["--eval-iters", "-1"], "--eval-iters -1 must be >= 0 (0: never)."),
+    (["--geometry-interval", "-2"], "--geometry-interval -2 must be >= 0 (0: never)."),
+    (["--save-interval", "-2"], "--save-interval -2 must be >= 0"),  # saved every 2nd
+    (["--save-keep-last", "0"], "--save-keep-last 0 must be >= 1"),
+    # deleted the checkpoint just written once it was the only one (own[:-(-1)] = own[:1])
+    (["--save-keep-last", "-1"], "--save-keep-last -1 must be >= 1"),
+    (["--manual-gc", "--manual-gc-interval", "-1"], "--manual-gc-interval -1 must be >= 0"),
+])
+def test_intervals_and_counts_out_of_range_are_refused_at_start(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(TINY + flags)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and err.count("\n") == 1, err

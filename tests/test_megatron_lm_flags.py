@@ -56,6 +56,22 @@ def test_a_megatron_lm_command_line_is_the_dense_0_5b_model():
     assert 0.49e9 < total < 0.5e9  # the paper's "0.5B" (Qwen2-0.5B: 494M)
 
 
+def test_the_flags_of_megatron_lms_llama_and_mixtral_recipes_are_accepted():
+    """Megatron-LM's own recipes give --no-position-embedding beside RoPE (refused here until
+    2026-12-04: "a model without positions"), and performance runs
+    --no-check-for-nan-in-loss-and-grad and --manual-gc: the same model and run, the switches
+    that have a meaning here set."""
+    plain = _parse(MEGATRON_LM_0_5B)
+    recipe = _parse(MEGATRON_LM_0_5B + [
+        "--use-rotary-position-embeddings", "--no-position-embedding",
+        "--no-check-for-nan-in-loss-and-grad", "--manual-gc", "--manual-gc-interval", "100",
+        "--log-timers-to-tensorboard", "--tensorboard-log-interval", "10"])
+    assert recipe.model == plain.model and recipe.nitp_config == plain.nitp_config
+    assert recipe.training.nan_policy == plain.training.nan_policy == "skip"
+    assert (recipe.training.manual_gc, recipe.training.manual_gc_interval) == (True, 100)
+    assert recipe.logging.tensorboard_log_interval == 10
+
+
 @pytest.mark.parametrize("flags, says", [
     (["--normalization", "LayerNorm"], "RMSNorm"),
     (["--position-embedding-type", "learned_absolute"], "RoPE"),

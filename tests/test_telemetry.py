@@ -131,3 +131,32 @@ def test_wandb_offline_run_records_the_metrics(dist, tmp_path, capsys, monkeypat
                 b"nitp-test"):
         assert tag in data, tag
     assert wandb.run is None  # finished
+
+
+def test_megatron_lms_tensorboard_flags(dist, tmp_path):
+    """--tensorboard-log-interval 2 writes the training scalars at 2 and 4 of 4 iterations
+    while the history keeps all 4; --log-batch-size-to-tensorboard writes
+    'batch-size'; --log-validation-ppl-to-tensorboard writes exp(validation lm loss) at each
+    validation (written whatever the interval)."""
+    import math
+
+    run_dir = tmp_path / "run"
+    pretrain(parse_args(TINY_MODEL + [
+        "--nitp-target-layer", "1", "--no-save", "--no-plot", "--no-progress-bar",
+        "--geometry-interval", "0", "--train-iters", "4", "--eval-interval", "3",
+        "--eval-iters", "1", "--tensorboard-log-interval", "2", "--tensorboard-queue-size", "3",
+        "--log-batch-size-to-tensorboard", "--log-validation-ppl-to-tensorboard",
+        "--run-dir", str(run_dir)]))
+    with open(run_dir / "summary.json") as f:
+        history = json.load(f)["history"]
+    assert [i for i, _ in history["lm loss"]] == [1, 2, 3, 4]
+    events = _tags(run_dir / "tensorboard")
+    assert [e.step for e in events.Scalars("lm loss")] == [2, 4]
+    assert [(e.step, e.value) for e in events.Scalars("batch-size")] == [(2, 4.0), (4, 4.0)]
+    validation = dict(history["validation lm loss"])
+    assert sorted(validation) == [3, 4]
+    ppl = [(e.step, e.value) for e in events.Scalars("lm loss validation ppl")]
+    assert [step for step, _ in ppl] == [3, 4]
+    for step, value in ppl:
+        assert value == pytest.approx(math.exp(validation[step]), rel=1e-6)
+    assert [e.step for e in events.Scalars("lm loss validation")] == [3, 4]

@@ -211,3 +211,61 @@ def test_memory_is_logged_per_interval_with_the_plan_once(dist, tmp_path, capsys
     tag = TENSORBOARD_TAGS[peak_key]  # mem-max-rss-MB
     assert [e.step for e in events.Scalars(tag)] == [2, 4]
     assert events.Scalars(tag)[-1].value == pytest.approx(history[peak_key][-1][1], rel=1e-6)
+
+
+def test_manual_gc_collects_at_megatron_lms_points_only(dist, tmp_path, monkeypatch, capsys):
+    """--manual-gc --manual-gc-interval 2 with validation every 3 of 4 iterations: the
+    automatic collector is off for the run and given back after it; full collections at the
+    start, after steps 2 and 4 and before each validation, the youngest generation after it
+    (Megatron-LM's points); without --manual-gc nothing is touched."""
+    import gc as real_gc
+
+    from megatron_nitp.training import loop, manual_gc
+
+    events = []
+
+    class Spy:
+        def isenabled(self):
+            return real_gc.isenabled()
+
+        def disable(self):
+            events.append("disable")
+            real_gc.disable()
+
+        def enable(self):
+            events.append("enable")
+            real_gc.enable()
+
+        def collect(self, generation=2):
+            events.append(f"collect {generation}" + ("" if real_gc.isenabled() else " (off)"))
+            return 0
+
+    train_step, evaluate = loop.train_step, loop.evaluate
+    monkeypatch.setattr(manual_gc, "gc", Spy())
+    monkeypatch.setattr(loop, "train_step", lambda *a, **k: (
+        events.append(f"step {a[5] + 1}"), train_step(*a, **k))[1])
+    monkeypatch.setattr(loop, "evaluate", lambda *a, **k: (
+        events.append("validation"), evaluate(*a, **k))[1])
+    flags = TINY_MODEL + ["--no-plot", "--no-progress-bar", "--geometry-interval", "0",
+                          "--no-save", "--train-iters", "4", "--eval-interval", "3",
+                          "--eval-iters", "1"]
+    assert real_gc.isenabled()
+    pretrain(parse_args(flags + ["--manual-gc", "--manual-gc-interval", "2",
+                                 "--run-dir", str(tmp_path / "manual")]))
+    assert events == [
+        "disable", "collect 2 (off)", "step 1", "step 2", "collect 2 (off)",
+        "step 3", "collect 2 (off)", "validation", "collect 0 (off)",
+        "step 4", "collect 2 (off)", "collect 2 (off)", "validation", "collect 0 (off)",
+        "enable"]
+    assert real_gc.isenabled()
+    events.clear()  # interval 0, and no collection around validation
+    pretrain(parse_args(flags + ["--manual-gc", "--no-manual-gc-eval",
+                                 "--run-dir", str(tmp_path / "start-only")]))
+    assert events == ["disable", "collect 2 (off)", "step 1", "step 2", "step 3", "validation",
+                      "step 4", "validation", "enable"]
+    events.clear()
+    pretrain(parse_args(flags + ["--run-dir", str(tmp_path / "automatic")]))
+    assert [e for e in events if not e.startswith(("step", "validation"))] == []
+    with pytest.raises(SystemExit):
+        parse_args(flags + ["--manual-gc", "--manual-gc-interval", "-1"])
+    assert "--manual-gc-interval -1 must be >= 0" in capsys.readouterr().err

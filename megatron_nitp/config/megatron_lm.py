@@ -53,6 +53,9 @@ ACCEPTED = (
               refused={v: f"{_NOT_QWEN} (RoPE, --rotary-base); {v} positions are not built here"
                        for v in ("learned_absolute", "yarn", "mrope", "relative", "none")}),
     Described("--use-rotary-position-embeddings", "RoPE (Megatron-LM's older spelling)"),
+    Described("--no-position-embedding",
+              "no learned absolute position embedding (Megatron-LM accepts it only beside "
+              "RoPE): every model here"),
     Described("--rotary-percent", "rotary embedding over the whole head dimension",
               accepted=("1.0", "1"),
               refused={"*": "RoPE here rotates the whole head dimension: use --rotary-percent 1.0"}),
@@ -72,6 +75,16 @@ ACCEPTED = (
               "no effect: the data loader builds no attention mask unless "
               "--reset-attention-mask asks for one"),
     Described("--no-mmap-bin-files", "no effect: the .bin files are memory-mapped"),
+    Described("--log-timers-to-tensorboard",
+              "no effect: the per-phase times (--timing-log-level 1 or 2) go to TensorBoard "
+              "whenever they are logged"),
+    Described("--check-for-nan-in-loss-and-grad",
+              "no effect: every step here checks its losses and gradients for NaN/Inf (one "
+              "norm per gradient buffer); --nan-policy says what such a step does"),
+    Described("--no-check-for-nan-in-loss-and-grad",
+              "no effect: every step here checks its losses and gradients for NaN/Inf (one "
+              "norm per gradient buffer, no copy); --nan-policy skip (the default) leaves the "
+              "weights untouched by such a step, stop ends the run"),
 )
 
 #: Megatron-LM switches that ask for something not built here, with the reason.
@@ -81,8 +94,6 @@ REFUSED = (
     Described("--squared-relu", "", refused={True: f"{_NOT_QWEN} (SwiGLU MLP)"}),
     Described("--openai-gelu", "", refused={True: f"{_NOT_QWEN} (SwiGLU MLP)"}),
     Described("--quick-geglu", "", refused={True: f"{_NOT_QWEN} (SwiGLU MLP)"}),
-    Described("--no-position-embedding", "", refused={
-        True: f"{_NOT_QWEN} (RoPE, --rotary-base); a model without positions is not built here"}),
     Described("--qk-layernorm", "", refused={
         True: f"{_NOT_QWEN} without a norm on queries and keys (Qwen3's qk-norm is not built "
               "here)"}),

@@ -188,6 +188,15 @@ class TrainingConfig:
     (SLURM: #SBATCH --signal=B:USR1@600 and --exit-signal SIGUSR1)"""
     exit_signal: str = "SIGTERM"
     """the signal --exit-signal-handler catches besides SIGTERM, by name (SIGUSR1, USR1, ...)"""
+    manual_gc: bool = False
+    """Python's garbage collector at the same points on every rank instead of when its
+    thresholds trip on one (as Megatron-LM): at start, every --manual-gc-interval steps and
+    around each validation, so that no rank pauses for a collection mid-step while the others
+    wait for it in a collective"""
+    manual_gc_interval: int = 0
+    """with --manual-gc: also collect every N steps (0: only at start and around validation)"""
+    manual_gc_eval: bool = flag(True, name="", negative="--no-manual-gc-eval")
+    """with --manual-gc: no collection around validation"""
 
 
 @dataclass(frozen=True)
@@ -404,6 +413,16 @@ class LoggingConfig:
     """do not plot the curves to <run-dir>/training.png"""
     progress_bar: bool = flag(True, name="", negative="--no-progress-bar")
     """no progress bar between log lines (one is shown on a terminal otherwise)"""
+    tensorboard_log_interval: int = 1
+    """write the training scalars to TensorBoard and W&B every N iterations (the history keeps
+    every iteration's; validation and probe values are always written)"""
+    tensorboard_queue_size: int = 1000
+    """TensorBoard's queue: events held before they are written out"""
+    log_validation_ppl_to_tensorboard: bool = False
+    """also write the validation lm loss's perplexity (exp, capped at exp(20), as on the
+    console) as 'lm loss validation ppl'"""
+    log_batch_size_to_tensorboard: bool = False
+    """also write the global batch size as 'batch-size' with the training scalars"""
     log_memory_to_tensorboard: bool = False
     """write the memory figures of each console line to TensorBoard (mem-* tags; the console
     and the history keep them either way)"""

@@ -157,7 +157,8 @@ class TrainingLogger:
         if tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=tensorboard_dir, max_queue=100)
+            self.writer = SummaryWriter(log_dir=tensorboard_dir,
+                                        max_queue=args.logging.tensorboard_queue_size)
         if args.logging.wandb_project:
             self.wandb = _start_wandb(args, run_dir)
         if args.logging.progress_bar and sys.stderr.isatty():
@@ -194,9 +195,10 @@ class TrainingLogger:
         else:
             print(line, flush=True)
 
-    def record(self, iteration: int, metrics: dict[str, float], validation: bool = False) -> None:
-        """Keeps every metric in the history (validation ones as ``"validation <key>"``) and
-        writes it to TensorBoard and W&B (memory figures only with
+    def record(self, iteration: int, metrics: dict[str, float], validation: bool = False,
+               write: bool = True) -> None:
+        """Keeps every metric in the history (validation ones as ``"validation <key>"``) and,
+        with ``write``, writes it to TensorBoard and W&B (memory figures only with
         ``--log-memory-to-tensorboard``)."""
         scalars = {}
         for key, value in metrics.items():
@@ -209,6 +211,8 @@ class TrainingLogger:
             self._history_file.write(json.dumps({"iteration": iteration, "validation": validation,
                                                  "metrics": metrics}, default=float) + "\n")
             self._history_file.flush()
+        if not write:
+            return
         if self.writer is not None:
             for tag, value in scalars.items():
                 self.writer.add_scalar(tag, value, iteration)
@@ -227,7 +231,11 @@ class TrainingLogger:
         are means over the iterations since the previous line (:data:`INTERVAL_MEAN_KEYS`).
         The metrics of such an iteration carry the interval's memory figures (``memory.py``:
         peak since the previous line, max over ranks), which the line shows last."""
-        self.record(iteration, metrics)
+        args = self.args
+        written = iteration % args.logging.tensorboard_log_interval == 0
+        self.record(iteration, metrics, write=written)
+        if written and self.writer is not None and args.logging.log_batch_size_to_tensorboard:
+            self.writer.add_scalar("batch-size", args.training.global_batch_size, iteration)
         skipped = bool(metrics.get("skipped", 0))
         self.skipped += int(skipped)
         self._interval_seconds += iter_seconds
@@ -246,7 +254,6 @@ class TrainingLogger:
             self.bar.set_postfix(**postfix)
         if not self.is_log_iteration(iteration):
             return
-        args = self.args
         seconds = self._interval_seconds / self._interval_iters
         self._interval_seconds, self._interval_iters = 0.0, 0
         self.interval_means = {
@@ -292,6 +299,9 @@ class TrainingLogger:
         self.record(iteration, metrics, validation=True)
         body = " | ".join(f"{k} value: {v:.6E}" for k, v in metrics.items())
         ppl = math.exp(min(20.0, metrics["lm loss"]))
+        if self.writer is not None and self.args.logging.log_validation_ppl_to_tensorboard:
+            self.writer.add_scalar(tensorboard_tag("lm loss", validation=True) + " ppl", ppl,
+                                   iteration)
         line = f" validation loss at iteration {iteration} | {body} | lm loss PPL: {ppl:.6E} |"
         self.print("-" * len(line) + "\n" + line + "\n" + "-" * len(line))
 

@@ -22,6 +22,7 @@ from megatron_nitp.training import arguments
 from megatron_nitp.training.exits import EXIT_NON_FINITE, ExitConditions, interrupt_deferred
 from megatron_nitp.training.initialize import initialize_distributed, set_seed
 from megatron_nitp.training.logger import Throughput, TrainingLogger, is_logging_rank
+from megatron_nitp.training.manual_gc import ManualGC
 from megatron_nitp.training.memory import MemoryMonitor
 from megatron_nitp.training.model import as_chunks, params_synced
 from megatron_nitp.training.step import evaluate, train_step
@@ -508,6 +509,8 @@ def _pretrain(args: RunConfig, progress: Progress) -> dict:
     memory.begin()  # the first interval's peak counts from the first step, set-up left out
     exits = ExitConditions(args.training, start)
     exits.install()
+    collector = ManualGC(args.training)  # --manual-gc
+    collector.start()
     try:
         while iteration < args.training.train_iters:
             iteration += 1
@@ -534,6 +537,7 @@ def _pretrain(args: RunConfig, progress: Progress) -> dict:
                           f"(last checkpoint in {save_dir}).", flush=True)
                 raise SystemExit(EXIT_NON_FINITE)
             progress.iteration = iteration
+            collector.after_step(iteration)
             times.add(TIMERS.take())
             logged = logger.is_log_iteration(iteration)
             if logged:
@@ -554,7 +558,7 @@ def _pretrain(args: RunConfig, progress: Progress) -> dict:
                 iteration % args.logging.eval_interval == 0
                 or iteration == args.training.train_iters
             ):
-                with params_synced(model):
+                with params_synced(model), collector.validation():
                     logger.log_eval(iteration,
                                     evaluate(model, valid_iter(), args, args.logging.eval_iters))
                 throughput.lap()
@@ -582,6 +586,7 @@ def _pretrain(args: RunConfig, progress: Progress) -> dict:
                 raise SystemExit(code)
     finally:
         exits.restore()
+        collector.stop()
     logger.close()
 
     if args.checkpoint.save_final or args.checkpoint.save:

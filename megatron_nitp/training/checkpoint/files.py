@@ -110,9 +110,10 @@ def rotate(root: str, keep_last: int, newest: int) -> None:
     ``newest``, the one just written (which the tracker now names). Checkpoints numbered above
     it are never candidates: they are not this run's (another run's, left in the folder, or
     a newer one this run resumed past with --load-fallback), and ranking by number would keep
-    them and delete the run's own - the checkpoint just written included."""
+    them and delete the run's own - the checkpoint just written included. ``keep_last`` below
+    1 deletes nothing (``--save-keep-last`` refuses it: ``own[:-k]`` would take the newest)."""
     own = [i for i in _complete_iterations(root) if i <= newest]
-    for iteration in own[:-keep_last]:
+    for iteration in (own[:-keep_last] if keep_last >= 1 else []):
         shutil.rmtree(checkpoint_dir(root, iteration), ignore_errors=True)
 
 
