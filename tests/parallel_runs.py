@@ -12,9 +12,10 @@ import torch
 from tests.helpers import TINY_MODEL, launch_runs
 
 # The tiny model of the equivalence runs (they add their NITP flags): 4 layers, so that PP 2 and
-# PP 4 have whole stages, 32 tokens, 4 micro-batches of 2 per step, 3 steps.
+# PP 4 have whole stages, 32 tokens, 4 micro-batches of 2 per step, 3 steps; the weights' norm
+# and the gradient's zeros logged, to be compared too.
 FLAGS = TINY_MODEL + ["--num-layers", "4", "--seq-length", "32", "--global-batch-size", "8",
-                      "--train-iters", "3"]
+                      "--train-iters", "3", "--log-params-norm", "--log-num-zeros-in-grad"]
 MAIN_PARAM = "optimizer.state.param."
 
 

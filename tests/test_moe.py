@@ -87,7 +87,7 @@ def test_expert_parallel_equals_single_process(moe_results, dispatcher, layout):
     assert len(metrics) == len(ref_metrics) == 3
     for step, (got, want) in enumerate(zip(metrics, ref_metrics)):
         assert got["nitp loss"] > 0 and want["nitp loss"] > 0, (name, step)
-        for key in ("lm loss", "nitp loss", "load balancing loss", "grad norm"):
+        for key in ("lm loss", "nitp loss", "load balancing loss", "grad norm", "params norm"):
             assert got[key] == pytest.approx(want[key], rel=1e-5), (name, step, key)
     assert_state_close(state, ref_state, name)
 
@@ -104,7 +104,8 @@ def test_router_settings_under_tp_sp_ep_equal_single_process(moe_results):
     assert any(ref_state["tensors"][key].abs().sum() > 0 for key in biases), "updated"
     for step, (got, want) in enumerate(zip(metrics, ref_metrics)):
         assert got["z loss"] > 0 and got["load balancing loss"] > 0, step
-        for key in ("lm loss", "nitp loss", "load balancing loss", "z loss", "grad norm"):
+        for key in ("lm loss", "nitp loss", "load balancing loss", "z loss", "grad norm",
+                    "params norm"):
             assert got[key] == pytest.approx(want[key], rel=1e-5), (step, key)
     assert_state_close(state, ref_state, "tp2-sp-ep2-router")
 
@@ -119,7 +120,7 @@ def test_expert_parallel_under_the_interleaved_schedule_equals_single_process(mo
     for step, (got, want) in enumerate(zip(metrics, ref_metrics)):
         assert got["load balancing loss"] > 0 and got["nitp loss"] > 0, step
         assert got["routed bytes per step"] > 0, step
-        for key in ("lm loss", "nitp loss", "load balancing loss", "grad norm"):
+        for key in ("lm loss", "nitp loss", "load balancing loss", "grad norm", "params norm"):
             assert got[key] == pytest.approx(want[key], rel=1e-5), (step, key)
     assert_state_close(state, ref_state, "ep2xpp2-vpp2")
 

@@ -245,8 +245,9 @@ def test_layout_equals_single_process(results, name):
         assert got["routing peak bytes held"] == _routing(name)["peak_bytes_held_per_rank"]
     for step, (got, want) in enumerate(zip(metrics, ref_metrics)):
         assert got["nitp loss"] > 0 and want["nitp loss"] > 0, (name, step)
-        for key in ("lm loss", "nitp loss", "grad norm", "effective rank"):
+        for key in ("lm loss", "nitp loss", "grad norm", "effective rank", "params norm"):
             assert got[key] == pytest.approx(want[key], rel=1e-5), (name, step, key)
+        assert got["num zeros"] == want["num zeros"], (name, step)
     assert_state_close(state, ref_state, name)
 
 

@@ -269,3 +269,31 @@ def test_manual_gc_collects_at_megatron_lms_points_only(dist, tmp_path, monkeypa
     with pytest.raises(SystemExit):
         parse_args(flags + ["--manual-gc", "--manual-gc-interval", "-1"])
     assert "--manual-gc-interval -1 must be >= 0" in capsys.readouterr().err
+
+
+def test_params_norm_and_num_zeros_equal_hand_counts(dist, tmp_path):
+    """--log-params-norm and --log-num-zeros-in-grad on one process: after a step, 'params
+    norm' is the L2 norm of every weight and 'num zeros' the number of gradient entries that
+    are exactly 0 (with untied embeddings, the input embedding's rows of the tokens the step
+    did not see); both on the console after the grad norm."""
+    from megatron_nitp.training import loop
+    from megatron_nitp.training.model import as_chunks
+    from megatron_nitp.training.step import train_step
+
+    args = parse_args(TINY_MODEL + TINY_RUN + [
+        "--train-iters", "2", "--no-save", "--log-params-norm", "--log-num-zeros-in-grad",
+        "--untie-embeddings-and-output-weights", "--run-dir", str(tmp_path / "run")])
+    run = loop.setup(args)
+    metrics = train_step(run.model, run.optimizer, run.scheduler, run.train_iter, run.args, 0,
+                         False)
+    params = [p for chunk in as_chunks(run.model) for p in chunk.parameters()]
+    norm = math.sqrt(sum(float(p.detach().double().norm()) ** 2 for p in params))
+    zeros = sum(int((p.main_grad == 0).sum()) for p in params)
+    assert metrics["params norm"] == pytest.approx(norm, rel=1e-6)
+    assert metrics["num zeros"] == zeros
+    # the step's 4 x 16 tokens leave at least 4096 - 64 rows of 32 at 0
+    assert zeros >= 32 * (run.args.derived.padded_vocab_size - 64)
+    from megatron_nitp.training.logger import console_keys
+
+    keys = console_keys(metrics)
+    assert keys.index("num zeros") == keys.index("grad norm") + 1 == keys.index("params norm") - 1

@@ -423,6 +423,12 @@ class LoggingConfig:
     console) as 'lm loss validation ppl'"""
     log_batch_size_to_tensorboard: bool = False
     """also write the global batch size as 'batch-size' with the training scalars"""
+    log_params_norm: bool = False
+    """log the L2 norm of the weights after each step ('params norm': every weight counted
+    once under any layout; with --overlap-param-gather the step then waits for the gathered
+    weights)"""
+    log_num_zeros_in_grad: bool = False
+    """log how many gradient entries are exactly zero ('num zeros', megatron-core's count)"""
     log_memory_to_tensorboard: bool = False
     """write the memory figures of each console line to TensorBoard (mem-* tags; the console
     and the history keep them either way)"""

@@ -24,7 +24,7 @@ from megatron_nitp.training.memory import TENSORBOARD_TAGS as MEMORY_TAGS
 # Console order; an objective's other losses (``nitp loss k=<k> t+<d>``, ``cosine reg loss``)
 # come after the nitp loss.
 CONSOLE_KEYS = ("lm loss", "nitp loss", "mtp loss", "load balancing loss", "z loss", "total loss",
-                "grad norm", "effective rank", "cosine similarity")
+                "grad norm", "num zeros", "params norm", "effective rank", "cosine similarity")
 # Shown on the console (and in the run summary) as their mean over the logging interval, as
 # Megatron-LM's ``training_log`` does: the line at iteration N averages the iterations since the
 # previous line, skipped ones left out. The other console values are the iteration's own. Every
@@ -49,6 +49,8 @@ def console_keys(metrics: dict) -> list[str]:
 TENSORBOARD_TAGS = {
     "learning rate": "learning-rate",
     "grad norm": "grad-norm",
+    "num zeros": "num-zeros",
+    "params norm": "params-norm",
     "tokens per second": "tokens-per-sec",
     "nitp weight": "nitp-loss-weight",
     "skipped": "skipped-iteration",

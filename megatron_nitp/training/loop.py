@@ -284,7 +284,8 @@ def setup(args: RunConfig, save_dir: str | None = None) -> Run:
         initialize_weights(chunk, args.training.seed)
     # a list of DDP-wrapped chunks under interleaving (megatron-core's convention), else one
     model = wrap_model(chunks if len(chunks) > 1 else chunks[0], args)
-    optimizer, scheduler = build_optimizer(model, args.training, args.schedule, args.derived)
+    optimizer, scheduler = build_optimizer(model, args.training, args.schedule, args.derived,
+                                           count_zeros=args.logging.log_num_zeros_in_grad)
     set_schedule_functions(model, TIMERS.wrap(GRAD_REDUCE, finalize_model_grads),
                            optimizer.scale_loss if args.training.fp16 else None)
     start, meta = 0, None

@@ -15,13 +15,15 @@ from megatron_nitp.training.model import as_chunks, params_dtype
 
 
 def build_optimizer(model, training: TrainingConfig, schedule: ScheduleConfig,
-                    derived: Derived):
+                    derived: Derived, count_zeros: bool = False):
     """AdamW (betas 0.9/0.95, wd 0.1, clip 1.0 by default) over the DDP-wrapped model chunks,
     and its scheduler (:func:`build_scheduler`).
 
     The scheduler counts optimizer steps (iterations): warm-up, then WSD's stable phase and its
     final decay of ``--lr-wsd-decay-iters`` (20% of training by default, as in the paper).
     ``derived``: the resolved config's (``config.resolve``), for the decay lengths.
+    ``count_zeros`` (``--log-num-zeros-in-grad``): ``optimizer.step()`` also counts the
+    gradient entries that are zero.
     """
     config = OptimizerConfig(
         optimizer="adam",
@@ -38,6 +40,7 @@ def build_optimizer(model, training: TrainingConfig, schedule: ScheduleConfig,
         loss_scale=training.loss_scale,
         initial_loss_scale=training.initial_loss_scale,
         use_distributed_optimizer=training.use_distributed_optimizer,
+        log_num_zeros_in_grad=count_zeros,
     )
     optimizer = get_megatron_optimizer(config, as_chunks(model))
     return optimizer, build_scheduler(optimizer, training, schedule, derived)

@@ -28,7 +28,8 @@ from megatron_nitp.device import device, to_device
 from megatron_nitp.geometry import effective_rank, mean_pairwise_cosine, valid_token_states
 from megatron_nitp.objectives import ModelOutput, build_objectives, combine
 from megatron_nitp.training import faults, timers
-from megatron_nitp.training.model import as_chunks, unwrap
+from megatron_nitp.training.model import as_chunks, params_synced, unwrap
+from megatron_nitp.training.params_norm import params_l2_norm
 from megatron_nitp.training.timers import TIMERS
 
 GEOMETRY_KEYS = ("effective rank", "cosine similarity")
@@ -277,9 +278,14 @@ def train_step(
             metrics.update(router_losses(args))
         return metrics
     with TIMERS.phase(timers.OPTIMIZER):
-        update_successful, grad_norm, _ = optimizer.step()
+        update_successful, grad_norm, num_zeros = optimizer.step()
         if update_successful:
             scheduler.step(increment=1)
+    if args.logging.log_num_zeros_in_grad and num_zeros is not None:
+        metrics["num zeros"] = float(num_zeros)
+    if args.logging.log_params_norm:
+        with params_synced(model):
+            metrics["params norm"] = params_l2_norm(model)
 
     combine(metrics, objectives, iteration)
     metrics["grad norm"] = float(grad_norm) if grad_norm is not None else float("nan")
