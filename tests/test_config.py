@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from megatron_nitp.config import megatron_lm
+from megatron_nitp.config import megatron_lm, ranges
 from megatron_nitp.config import (FLAT, GROUPS, ConfigError, RunConfig, complete, preset_config,
                                   resolve, validate)
 from megatron_nitp.config.presets import PRESETS
@@ -236,3 +236,49 @@ def test_intervals_and_counts_out_of_range_are_refused_at_start(flags, message, 
         parse_args(TINY + flags)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err and err.count("\n") == 1, err
+
+
+def _outside(bounds):
+    """Values just outside ``bounds`` (config/ranges.py): below the lowest, and above the
+    highest where there is one; the excluded end itself."""
+    low, low_in, high, high_in = bounds
+    values = [low - 1] if low_in else [low, low - 1]
+    if high is not None:
+        values.append(high + 0.5)
+        if not high_in:
+            values.append(high)
+    return values
+
+
+@pytest.mark.parametrize("name", sorted(ranges.RANGES))
+def test_every_number_outside_its_range_is_refused_in_one_line(name):
+    """Each ranged setting, just outside its range, is refused by complete() (before any
+    arithmetic can divide by it) with the flag, the value and the range."""
+    bounds = ranges.RANGES[name]
+    base = preset_config("tiny-moe" if name.startswith(("moe_", "num_moe")) else "tiny-dense")
+    for value in _outside(bounds):
+        with pytest.raises(ConfigError) as err:
+            complete(base.replace(**{name: value}))
+        assert str(err.value) == (f"{ranges.flag_of(name)} {value} must be "
+                                  f"{ranges.describe(bounds)}."), name
+
+
+@pytest.mark.parametrize("flags,message", [
+    # each was a traceback before the ranges: a ZeroDivisionError in the checks ...
+    (["--num-query-groups", "0"], "--num-query-groups 0 must be >= 1."),
+    (["--tensor-model-parallel-size", "0"], "--tensor-model-parallel-size 0 must be >= 1."),
+    (["--context-parallel-size", "0"], "--context-parallel-size 0 must be >= 1."),
+    # ... a ValueError in the pipeline split, or a model that could not be built
+    (["--pipeline-model-parallel-size", "-1"], "--pipeline-model-parallel-size -1 must be >= 1."),
+    (["--hidden-size", "0"], "--hidden-size 0 must be >= 1."),
+    (["--seq-length", "0"], "--seq-length 0 must be >= 1."),
+    (["--hidden-dropout", "1"], "--hidden-dropout 1.0 must be in [0, 1)."),
+    (["--adam-beta2", "1.5"], "--adam-beta2 1.5 must be in [0, 1)."),
+    (["--seed", "-1"], "--seed -1 must be >= 0."),
+])
+def test_numbers_out_of_range_on_the_command_line(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(TINY + flags)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and err.count("\n") == 1, err
+    assert "Traceback" not in err

@@ -14,6 +14,7 @@ from __future__ import annotations
 import signal
 from typing import Optional
 
+from megatron_nitp.config.ranges import check_ranges
 from megatron_nitp.config.schema import Derived, ParallelConfig, RunConfig
 
 #: vocabulary assumed when neither --vocab-size nor a tokenizer gives one (the built-in corpus's
@@ -85,7 +86,12 @@ def complete(config: RunConfig) -> RunConfig:
     """Settings whose default is another setting, filled: FFN 4d, key/value heads = heads,
     positions = sequence, decay over the whole run, top-2 experts of the dense FFN's width;
     sequence parallelism off without TP (what megatron-core does); NITP targets masked at
-    document boundaries when the attention is (``--reset-attention-mask``). Idempotent."""
+    document boundaries when the attention is (``--reset-attention-mask``). Idempotent.
+    A number outside its range is refused first (``config/ranges.py``): the arithmetic here
+    and in :func:`validate` would divide by it."""
+    problem = check_ranges(config)
+    if problem:
+        raise ConfigError(problem)
     m, moe = config.model, config.moe
     fill = {}
     if m.hidden_size is not None and m.ffn_hidden_size is None:
