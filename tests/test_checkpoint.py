@@ -358,6 +358,61 @@ def test_nitp_json_stores_the_config_once_and_older_forms_still_load():
         check_compatible(changed, args)
 
 @pytest.mark.distributed
+def test_no_load_optim_resumes_the_weights_with_a_fresh_optimizer(uninterrupted, tmp_path):
+    """Megatron-LM's --no-load-optim --no-load-rng on the uninterrupted run's iteration 4:
+    iteration 5 runs on the same weights and batch (the same lm loss) at the schedule's
+    learning rate, and iteration 6 differs (a fresh Adam's first update is not the continued
+    one's)."""
+    import shutil
+
+    root, full = uninterrupted
+    ckpt = root / "full" / "checkpoints"
+    shutil.copytree(ckpt / "iter_0000004", tmp_path / "at4" / "iter_0000004")
+    (tmp_path / "at4" / "latest_checkpointed_iteration.txt").write_text("4")
+    proc = run_training(tmp_path / "fresh", "--train-iters", "6", "--load",
+                        str(tmp_path / "at4"), "--no-save", "--no-load-optim", "--no-load-rng")
+    assert "at iteration 4" in proc.stdout and "--no-load-optim: the optimizer starts fresh" \
+        in proc.stdout and "--no-load-rng" in proc.stdout
+    got = _history(tmp_path / "fresh")
+    assert sorted(got["lm loss"]) == [5, 6]
+    assert got["lm loss"][5] == full["lm loss"][5]  # bitwise: the weights were loaded
+    assert got["learning rate"] == {5: full["learning rate"][5], 6: full["learning rate"][6]}
+    assert got["lm loss"][6] != full["lm loss"][6]
+
+
+@pytest.mark.distributed
+def test_no_load_optim_and_no_load_rng_leave_those_states_alone(dist, uninterrupted,
+                                                                monkeypatch):
+    """In-process set-up from the uninterrupted run's last checkpoint: a plain resume restores
+    Adam's moments and the RNG states, --no-load-optim neither the moments (the scheduler is
+    at the checkpoint's iteration all the same), --no-load-rng not the RNG states."""
+    from megatron_nitp.training import loop
+    from megatron_nitp.training.arguments import parse_args
+    from megatron_nitp.training.checkpoint import load as load_module
+
+    from tests.helpers import TRAIN_FLAGS
+
+    root, _ = uninterrupted
+    restored = []
+    set_rng_state = load_module.set_rng_state
+    monkeypatch.setattr(load_module, "set_rng_state",
+                        lambda state: (restored.append(1), set_rng_state(state)))
+    base = TRAIN_FLAGS + ["--train-iters", "6", "--load", str(root / "full" / "checkpoints"),
+                          "--no-save"]
+    runs = {}
+    for name, flags in (("plain", []), ("no-optim", ["--no-load-optim"]),
+                        ("no-rng", ["--no-load-rng"])):
+        restored.clear()
+        run = loop.setup(parse_args(base + flags))
+        moments = sum(len(s) for s in run.optimizer.optimizer.state.values())
+        runs[name] = (run.start_iteration, run.scheduler.num_steps, moments, len(restored))
+    assert runs["plain"][:2] == runs["no-optim"][:2] == runs["no-rng"][:2]
+    assert runs["plain"][0] == 6
+    assert runs["plain"][2] > 0 and runs["no-optim"][2] == 0 and runs["no-rng"][2] > 0
+    assert (runs["plain"][3], runs["no-optim"][3], runs["no-rng"][3]) == (1, 1, 0)
+
+
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_async_save_resume_is_bitwise_identical(uninterrupted, tmp_path):
     """--async-save changes nothing in training and its checkpoint resumes exactly like the

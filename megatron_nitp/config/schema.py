@@ -483,6 +483,14 @@ class CheckpointConfig:
     warning and starting from scratch (a folder holding anything is always loaded or refused)"""
     finetune: bool = False
     """with --load: load the model weights only and start at iteration 0"""
+    no_load_optim: bool = False
+    """with --load: resume the checkpoint's weights, iteration and data position with a fresh
+    optimizer (Adam's moments and the loss scale not loaded); the learning rate follows this
+    command line's schedule from the checkpoint's iteration (Megatron-LM's scheduler restarts at
+    step 0 instead)"""
+    no_load_rng: bool = False
+    """with --load: do not restore the checkpoint's random-number states (each rank's as
+    --seed sets them at a fresh start)"""
     load_fallback: bool = False
     """if the latest checkpoint is incomplete or corrupted, load the newest intact one before
     it"""

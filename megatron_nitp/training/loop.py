@@ -495,7 +495,12 @@ def _pretrain(args: RunConfig, progress: Progress) -> dict:
                      f"({train_iter.consumed_samples} samples consumed)"
                      + (f"; imported from {source}: the optimizer starts fresh (Adam moments "
                         "not imported), the LR schedule is this run's at that iteration"
-                        if source and not args.checkpoint.finetune else ""))
+                        if source and not args.checkpoint.finetune else "")
+                     + ("; --no-load-optim: the optimizer starts fresh (Adam's moments not "
+                        "loaded), the LR schedule is this run's at that iteration"
+                        if args.checkpoint.no_load_optim and not source else "")
+                     + ("; --no-load-rng: random states as --seed sets them"
+                        if args.checkpoint.no_load_rng else ""))
     for chunk in as_chunks(model):
         chunk.train()
     if probe is not None and run.start_iteration:

@@ -27,13 +27,15 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, config=Non
     ``weights_only`` (``--finetune``) loads the model alone: iteration, optimizer, scheduler,
     data position and RNG start fresh. RNG states are restored only when the layout (world
     size) is unchanged; a resharded run continues with the same weights and optimizer state.
-    A Megatron-LM import (:func:`resumes_fresh_optimizer`) resumes its iteration and data
-    position with a fresh optimizer, the scheduler stepped to that iteration.
+    A Megatron-LM import (:func:`resumes_fresh_optimizer`), and any checkpoint under
+    ``--no-load-optim``, resumes its iteration and data position with a fresh optimizer, the
+    scheduler stepped to that iteration. ``--no-load-rng`` leaves the RNG states as they are.
     """
     checkpoint = config.checkpoint if config is not None else None
     path = find_checkpoint(root, fallback, checkpoint is None or checkpoint.verify)
     meta = read_meta(path)
-    fresh = resumes_fresh_optimizer(meta) and not weights_only
+    fresh = (resumes_fresh_optimizer(meta) or (checkpoint is not None and checkpoint.no_load_optim)
+             ) and not weights_only
     if meta.get("imported_from") and not fresh and not weights_only and optimizer is not None:
         raise CheckpointError(
             f"{path} was imported from {meta['imported_from']} (weights only: no optimizer, "
@@ -41,7 +43,7 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, config=Non
     if config is not None:
         # an import's NITP settings were the tool's defaults: like --finetune, only the
         # projector's shape must agree (the run's own NITP flags apply from here)
-        check_compatible(meta, config, override, weights_only or fresh)
+        check_compatible(meta, config, override, weights_only or resumes_fresh_optimizer(meta))
     loads_optimizer = optimizer is not None and not weights_only and not fresh
     if loads_optimizer and config is not None:
         check_optimizer_layout(meta, config, path)
@@ -65,18 +67,23 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, config=Non
         state["scheduler"] = schedules().schedule_state(scheduler)
     loaded = dist_checkpointing.load(state, path, strict="assume_ok_unexpected")
     load_model_state(model, loaded["model"])
-    if weights_only or optimizer is None or fresh:
+    if loads_optimizer:
+        schedules().match_saved_groups(loaded["optimizer"], optimizer)
+        optimizer.load_state_dict(loaded["optimizer"])
+        if scheduler is not None:
+            schedules().load_schedule(scheduler, loaded["scheduler"], meta.get("config"),
+                                       override_schedule)
+    else:
         if optimizer is not None:
             optimizer.reload_model_params()
         if fresh and scheduler is not None:
-            # no scheduler state stored: this run's schedule, at the checkpoint's iteration
+            # no scheduler state read: this run's schedule, at the checkpoint's iteration
             scheduler.step(increment=meta["iteration"])
+    # a resume of this framework's run restores the RNG (a fine-tuning start, an import, and
+    # --no-load-rng do not)
+    if (weights_only or optimizer is None or resumes_fresh_optimizer(meta)
+            or (checkpoint is not None and checkpoint.no_load_rng)):
         return meta
-    schedules().match_saved_groups(loaded["optimizer"], optimizer)
-    optimizer.load_state_dict(loaded["optimizer"])
-    if scheduler is not None:
-        schedules().load_schedule(scheduler, loaded["scheduler"], meta.get("config"),
-                                   override_schedule)
     rank_file = os.path.join(path, "rng", f"rank_{torch.distributed.get_rank():05d}.pt")
     if meta.get("world_size") == torch.distributed.get_world_size() and os.path.exists(rank_file):
         set_rng_state(torch.load(rank_file, weights_only=False))
