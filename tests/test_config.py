@@ -198,6 +198,19 @@ def test_a_value_no_flag_gave_is_named_in_the_error(capsys):
     err = capsys.readouterr().err
     assert ("--num-attention-heads 3 is not divisible by --num-query-groups 2 "
             "(--num-query-groups 2 is the preset tiny-dense's value, not a flag you gave") in err
+    # a shorter run or a shallower MoE model than the default preset's: the warm-up and the
+    # MoE layer pattern no flag gave are named too (they were not)
+    with pytest.raises(SystemExit):
+        parse_args(["--train-iters", "7"])
+    err = capsys.readouterr().err
+    assert ("--lr-warmup-iters 30 exceeds --lr-decay-iters 7 (= --train-iters): lower it, e.g. "
+            "--lr-warmup-iters 0 for a short run (--lr-warmup-iters 30 is the preset "
+            "tiny-dense's value, not a flag you gave") in err
+    with pytest.raises(SystemExit):
+        parse_args(["--num-layers", "2", "--num-experts", "2"], "moe")
+    err = capsys.readouterr().err
+    assert ("--moe-layer-freq gives 4 layers, expected 2 entries of 0/1 (--moe-layer-freq "
+            "[0]*1+[1]*3 is the preset tiny-moe's value, not a flag you gave") in err
 
 
 def test_a_run_prints_and_keeps_its_configuration(dist, tmp_path, capsys):

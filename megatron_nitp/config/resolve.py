@@ -43,7 +43,7 @@ def moe_pattern(config: RunConfig) -> Optional[tuple]:
     try:
         return tuple(moe_layer_pattern(freq, config.model.num_layers))
     except (ValueError, SyntaxError) as err:
-        raise ConfigError(str(err)) from None
+        raise ConfigError(str(err) + _origin(config, "moe_layer_freq", "num_layers")) from None
 
 
 def pipeline_split(parallel: ParallelConfig) -> tuple[Optional[int], Optional[int]]:
@@ -245,12 +245,14 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(
             f"--lr-warmup-iters {warmup} exceeds --lr-decay-iters {decay}"
             + (" (= --train-iters)" if config.schedule.lr_decay_iters is None else "")
-            + f": lower it, e.g. --lr-warmup-iters {max(0, decay // 10)} for a short run."
+            + f": lower it, e.g. --lr-warmup-iters {max(0, decay // 10)} for a short run"
+            + _origin(config, "lr_warmup_iters") + "."
         )
     if config.schedule.lr_decay_style == "WSD" and warmup + wsd > decay:
         raise ConfigError(
             f"WSD: warm-up ({warmup}) + decay ({wsd}) iterations exceed --lr-decay-iters "
-            f"{decay}; lower --lr-warmup-iters or --lr-wsd-decay-ratio."
+            f"{decay}; lower --lr-warmup-iters or --lr-wsd-decay-ratio"
+            + _origin(config, "lr_warmup_iters", "lr_wsd_decay_ratio") + "."
         )
 
 
