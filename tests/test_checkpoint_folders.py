@@ -185,6 +185,33 @@ def test_an_unwritable_save_folder_is_refused_before_the_model_is_built(dist, tm
     assert "--save folder" in message
 
 
+@pytest.mark.parametrize("flag,what", [("--run-dir", "run folder"),
+                                       ("--tensorboard-dir", "TensorBoard folder"),
+                                       ("--data-cache-path", "data cache folder")])
+def test_the_other_folders_a_run_writes_are_probed_before_the_data(dist, tmp_path, no_model,
+                                                                   monkeypatch, flag, what):
+    """An unwritable --run-dir, --tensorboard-dir or --data-cache-path is named in one line
+    before the datasets are built: a traceback from os.makedirs after the model was built
+    (TensorBoard), megatron-core's multi-line exception from the dataset build (the cache) or
+    a message naming the checkpoint folder inside the run folder, before."""
+    from megatron_nitp.training import loop
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the datasets were built before the folder was checked")
+
+    monkeypatch.setattr(loop, "prepare_data", no_data)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    from megatron_nitp.training.arguments import parse_args
+
+    # the cache is megatron-core's index of a real corpus (the mock data writes none)
+    flags = [f for f in TINY if f != "--mock-data"] + ["--run-dir", str(tmp_path / "run")]
+    with pytest.raises(loop.UsageError) as err:
+        loop.pretrain(parse_args(flags + [flag, str(blocker / "sub")]))
+    assert str(err.value) == (f"the {what} {blocker / 'sub'} is not writable (Not a directory): "
+                              f"give a {flag} folder this user can write, or fix its permissions")
+
+
 def test_free_space_is_compared_with_the_planned_checkpoint(dist, tmp_path, no_model,
                                                             monkeypatch, capsys):
     """Refused if the disk cannot hold one checkpoint (accounting.checkpoint.checkpoint_bytes), a warning if it

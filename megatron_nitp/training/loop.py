@@ -20,6 +20,7 @@ from megatron_nitp.device import device
 from megatron_nitp.device import name as device_name
 from megatron_nitp.training import arguments
 from megatron_nitp.training.exits import EXIT_NON_FINITE, ExitConditions, interrupt_deferred
+from megatron_nitp.training.folders import check_output_folders
 from megatron_nitp.training.initialize import initialize_distributed, set_seed
 from megatron_nitp.training.logger import Throughput, TrainingLogger, is_logging_rank
 from megatron_nitp.training.manual_gc import ManualGC
@@ -237,11 +238,13 @@ def nothing_to_load(args: RunConfig) -> bool:
     return True
 
 
-def setup(args: RunConfig, save_dir: str | None = None) -> Run:
+def setup(args: RunConfig, save_dir: str | None = None, run_dir: str | None = None,
+          tensorboard_dir: str | None = None) -> Run:
     """Process groups, checks, data, model, optimizer, and ``--load`` weights, in that order:
     every check that can fail runs before the model is built (``save_dir``: the checkpoint
-    folder's, :func:`check_checkpoint_folders`). ``Run.args`` is the config resolved for this
-    world and tokenizer."""
+    folder's, :func:`check_checkpoint_folders`; ``run_dir``, ``tensorboard_dir`` and the data
+    cache: writable, ``folders.check_output_folders``). ``Run.args`` is the config resolved
+    for this world and tokenizer."""
     initialize_distributed(
         args.parallel.tensor_model_parallel_size,
         args.parallel.pipeline_model_parallel_size,
@@ -253,6 +256,10 @@ def setup(args: RunConfig, save_dir: str | None = None) -> Run:
         virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
     )
     fresh = nothing_to_load(args)
+    cache = args.data.data_cache_path if not args.data.mock_data else None
+    problem = check_output_folders(run_dir, tensorboard_dir, cache)
+    if problem:
+        raise UsageError(problem)
     try:
         arguments.validate_data_cache(args)
         shared_cache = args.data.data_cache_path and not args.data.mock_data
@@ -410,13 +417,13 @@ def _pretrain(args: RunConfig, progress: Progress) -> dict:
     check_wandb(args.logging)
     run_dir = args.logging.run_dir or arguments.default_run_dir(args)
     save_dir = args.checkpoint.save or os.path.join(run_dir, "checkpoints")
-    run = setup(args, save_dir)
+    tensorboard_dir = args.logging.tensorboard_dir or os.path.join(run_dir, "tensorboard")
+    run = setup(args, save_dir, run_dir, tensorboard_dir)
     args = run.args
     model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
     train_iter, valid_iter = run.train_iter, run.valid_iter
     if is_logging_rank():
         os.makedirs(run_dir, exist_ok=True)
-    tensorboard_dir = args.logging.tensorboard_dir or os.path.join(run_dir, "tensorboard")
     progress.run_dir, progress.save_dir = run_dir, save_dir
     progress.iteration = run.start_iteration
     async_saves = AsyncSaves() if args.checkpoint.async_save else None

@@ -15,6 +15,7 @@ import zlib
 
 import torch
 
+from megatron_nitp.training.folders import probe_writable
 from megatron_nitp.training.megatron_lm_folder import is_megatron_lm_checkpoint
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -213,16 +214,7 @@ def find_checkpoint(root: str, fallback: bool = False, verify: bool = True) -> s
 
 def _probe_writable(root: str) -> str | None:
     """Creates ``root`` and writes and removes a probe file in it; the failure, in one line."""
-    probe = os.path.join(root, f".write-probe-rank{torch.distributed.get_rank()}-{os.getpid()}")
-    try:
-        os.makedirs(root, exist_ok=True)
-        with open(probe, "w") as f:
-            f.write("probe")
-        os.remove(probe)
-    except OSError as err:
-        return (f"the checkpoint folder {root} is not writable ({err.strerror or err}): give a "
-                "--save folder this user can write, or fix its permissions")
-    return None
+    return probe_writable(root, "checkpoint folder", "--save")
 
 
 def held_checkpoints(root: str) -> list[str]:
