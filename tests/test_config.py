@@ -236,7 +236,7 @@ def test_a_run_prints_and_keeps_its_configuration(dist, tmp_path, capsys):
     (["--tensorboard-log-interval", "0"], "--tensorboard-log-interval 0 must be >= 1."),
     (["--tensorboard-queue-size", "0"], "--tensorboard-queue-size 0 must be >= 1."),
     (["--eval-interval", "-1"], "--eval-interval -1 must be >= 0 (0: never)."),
-    (["--eval-iters", "-1"], "--eval-iters -1 must be >= 0 (0: never)."),
+    (["--eval-iters", "-1"], "--eval-iters -1 must be >= 0 (0: no validation)."),
     (["--geometry-interval", "-2"], "--geometry-interval -2 must be >= 0 (0: never)."),
     (["--save-interval", "-2"], "--save-interval -2 must be >= 0"),  # saved every 2nd
     (["--save-keep-last", "0"], "--save-keep-last 0 must be >= 1"),
@@ -272,8 +272,9 @@ def test_every_number_outside_its_range_is_refused_in_one_line(name):
     for value in _outside(bounds):
         with pytest.raises(ConfigError) as err:
             complete(base.replace(**{name: value}))
+        meaning = f" ({ranges.MEANINGS[name]})" if name in ranges.MEANINGS else ""
         assert str(err.value) == (f"{ranges.flag_of(name)} {value} must be "
-                                  f"{ranges.describe(bounds)}."), name
+                                  f"{ranges.describe(bounds)}{meaning}."), name
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -1,8 +1,10 @@
 """The ranges of the numeric settings, checked before anything else reads them.
 
 A size of 0 divides by zero somewhere in the checks or the model build, a negative one
-builds nonsense, a dropout of 1 drops everything: each is refused in one line that names the
-flag, the value and the range (``check_ranges``, the first check of ``resolve.validate``).
+builds nonsense, a dropout of 1 drops everything, a logging interval of 0 divides the
+iteration number by zero and a negative one fires every iteration, a negative
+``--save-keep-last`` would delete the newest checkpoint: each is refused in one line that
+names the flag, the value and the range (``check_ranges``, the first check of ``resolve.validate``).
 Settings that are None (not given, no default) are not checked. The layout's own divisibility
 rules and the cross-setting checks stay in ``resolve``, and NITP's settings are checked by
 ``NITPConfig.validate`` with the method's own wording (layer k against the depth, lambda).
@@ -32,13 +34,16 @@ RANGES = {
         "pipeline_model_parallel_size", "context_parallel_size", "expert_model_parallel_size",
         "expert_tensor_parallel_size", "num_layers_per_virtual_pipeline_stage",
         "num_virtual_stages_per_pipeline_rank", "distributed_timeout_minutes",
-        "recompute_num_layers"), COUNT),
+        "recompute_num_layers", "log_interval", "tensorboard_log_interval",
+        "tensorboard_queue_size", "save_keep_last"), COUNT),
     **dict.fromkeys((
         "moe_aux_loss_coeff", "moe_router_bias_update_rate", "moe_z_loss_coeff", "mtp_num_layers",
         "mtp_loss_scaling_factor",
         "seed", "weight_decay", "clip_grad", "lr", "min_lr", "lr_warmup_iters",
         "lr_warmup_samples", "lr_wsd_decay_iters", "lr_wsd_decay_samples",
-        "decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers"), NON_NEGATIVE),
+        "decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers",
+        "eval_interval", "eval_iters", "geometry_interval", "save_interval",
+        "manual_gc_interval"), NON_NEGATIVE),
     **dict.fromkeys((
         "rotary_base", "norm_epsilon", "init_method_std", "adam_eps", "loss_scale",
         "initial_loss_scale", "dataset_build_timeout_minutes", "peak_tflops",
@@ -46,6 +51,14 @@ RANGES = {
     **dict.fromkeys(("hidden_dropout", "attention_dropout", "adam_beta1", "adam_beta2"),
                     PROBABILITY),
     **dict.fromkeys(("lr_wsd_decay_ratio", "lr_warmup_fraction"), FRACTION),
+}
+
+#: What the boundary value means, where it is a switch: said beside the refusal.
+MEANINGS = {
+    "eval_interval": "0: never", "eval_iters": "0: no validation", "geometry_interval": "0: never",
+    "save_interval": "0 or none: only the final checkpoint",
+    "manual_gc_interval": "0: collect only at start and around validation",
+    "save_keep_last": "omit it to keep every checkpoint",
 }
 
 
@@ -78,5 +91,6 @@ def check_ranges(config: RunConfig) -> str | None:
     for name, bounds in RANGES.items():
         value = config.setting(name)
         if value is not None and out_of_range(value, bounds):
-            return f"{flag_of(name)} {value} must be {describe(bounds)}."
+            meaning = f" ({MEANINGS[name]})" if name in MEANINGS else ""
+            return f"{flag_of(name)} {value} must be {describe(bounds)}{meaning}."
     return None

@@ -193,7 +193,6 @@ def validate(config: RunConfig) -> None:
     if t.bf16 and t.fp16:
         raise ConfigError("--bf16 and --fp16 are exclusive: choose one.")
     _validate_exit(config)
-    _validate_logging(config)
     if m.num_attention_heads % m.num_query_groups:
         raise ConfigError(
             f"--num-attention-heads {m.num_attention_heads} is not divisible by "
@@ -268,24 +267,6 @@ def _validate_exit(config: RunConfig) -> None:
         signal_number(t.exit_signal)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if t.manual_gc_interval < 0:
-        raise ConfigError(f"--manual-gc-interval {t.manual_gc_interval} must be >= 0 (0: collect "
-                          "only at start and around validation).")
-
-
-def _validate_logging(config: RunConfig) -> None:
-    """The intervals divide the iteration number: zero or negative ones would divide by zero
-    or fire every iteration. ``--eval-iters 0`` turns validation off, as in Megatron-LM."""
-    g = config.logging
-    for name, value, least in (("log-interval", g.log_interval, 1),
-                               ("tensorboard-log-interval", g.tensorboard_log_interval, 1),
-                               ("tensorboard-queue-size", g.tensorboard_queue_size, 1),
-                               ("eval-interval", g.eval_interval, 0),
-                               ("eval-iters", g.eval_iters, 0),
-                               ("geometry-interval", g.geometry_interval, 0)):
-        if value < least:
-            raise ConfigError(f"--{name} {value} must be >= {least}"
-                              + (" (0: never)." if least == 0 else "."))
 
 
 def _validate_checkpoint(config: RunConfig) -> None:
@@ -295,12 +276,6 @@ def _validate_checkpoint(config: RunConfig) -> None:
     import multiprocessing
 
     c = config.checkpoint
-    if c.save_interval is not None and c.save_interval < 0:
-        raise ConfigError(f"--save-interval {c.save_interval} must be >= 0 (0 or none: only the "
-                          "final checkpoint).")
-    if c.save_keep_last is not None and c.save_keep_last < 1:
-        raise ConfigError(f"--save-keep-last {c.save_keep_last} must be >= 1 (the newest K "
-                          "checkpoints are kept; omit it to keep every one).")
     if c.async_save and "fork" not in multiprocessing.get_all_start_methods():
         raise ConfigError("--async-save needs the 'fork' process start method (Linux), which "
                           "this platform lacks: drop --async-save to save synchronously.")
