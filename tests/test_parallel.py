@@ -306,7 +306,7 @@ def test_mtp_under_pipeline_parallelism_equals_single_process(results):
     assert any(key.startswith("model.mtp.") for key in state["tensors"])
     for step, (got, want) in enumerate(zip(metrics, ref_metrics)):
         assert got["mtp loss"] > 0 and got["nitp loss"] > 0, step
-        for key in ("lm loss", "nitp loss", "mtp loss", "grad norm"):
+        for key in ("lm loss", "nitp loss", "mtp loss", "grad norm", "params norm"):
             assert got[key] == pytest.approx(want[key], rel=1e-5), (step, key)
     assert_state_close(state, ref_state, "pp2-mtp")
 
@@ -373,7 +373,8 @@ def test_interleaved_layout_equals_single_process(results, name):
             "pp2-vpp2-two-taps": 2, "dp2xpp2-vpp2-k-rank0-chunk0": 1,
             "pp4-vpp2-k-rank1-chunk0": 1, "pp2-vpp2-mtp-k-rank0-chunk0": 1}.get(name, 0)
     mtp = "--mtp-num-layers" in flags
-    keys = [k for k in ref_metrics[0] if " loss" in k] + ["grad norm", "effective rank"]
+    keys = [k for k in ref_metrics[0] if " loss" in k] + ["grad norm", "effective rank",
+                                                          "params norm"]
     assert ("cosine reg loss" in keys) == ("cosine_reg" in flags)
     assert len([k for k in keys if k.startswith("nitp loss k=")]) == (4 if "taps" in name else 0)
     for step, (got, want) in enumerate(zip(metrics, ref_metrics)):
