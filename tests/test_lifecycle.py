@@ -153,6 +153,11 @@ def test_example_trains_saves_resumes_exports_and_evaluates(dist, shim, tmp_path
     assert f"> resumed from {ckpt} at iteration 2" in out
     assert "iteration        3/       3" in out
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "3"
+    import shutil
+
+    # a copy for Megatron-LM's --no-load-optim --no-load-rng resume below (the export's checks
+    # edit this folder's stored config)
+    shutil.copytree(ckpt, tmp_path / "fresh-optimizer" / "checkpoints")
 
     from megatron_nitp.export import load_checkpoint_model
 
@@ -201,6 +206,15 @@ def test_example_trains_saves_resumes_exports_and_evaluates(dist, shim, tmp_path
              "--json", str(report)])
     result = json.loads(report.read_text())
     assert result["iteration"] == 3 and result["geometry"]["effective_rank"] > 1
+
+    # the example's own checkpoint (bf16, distributed optimizer, FAST's overlap) resumed with a
+    # fresh optimizer, as Megatron-LM's Mixtral recipe asks
+    _, out = _train(shim, tmp_path / "fresh-optimizer", model, fast, 4, capsys,
+                    "--no-load-optim", "--no-load-rng")
+    assert "at iteration 3" in out and "--no-load-optim: the optimizer starts fresh" in out
+    assert "iteration        4/       4" in out
+    assert (tmp_path / "fresh-optimizer" / "checkpoints" /
+            "latest_checkpointed_iteration.txt").read_text() == "4"
 
 
 def _edit_stored_config(ckpt, edit) -> None:
