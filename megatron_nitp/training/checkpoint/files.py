@@ -212,11 +212,6 @@ def find_checkpoint(root: str, fallback: bool = False, verify: bool = True) -> s
     raise CheckpointError(errors[0] + hint if len(errors) == 1 else "; ".join(errors))
 
 
-def _probe_writable(root: str) -> str | None:
-    """Creates ``root`` and writes and removes a probe file in it; the failure, in one line."""
-    return probe_writable(root, "checkpoint folder", "--save")
-
-
 def held_checkpoints(root: str) -> list[str]:
     """What makes ``root`` a folder of some run's checkpoints: its tracker and its complete
     ``iter_*`` folders (an incomplete one is a crashed save's leftover, nothing to keep)."""
@@ -260,7 +255,7 @@ def check_save_folder(root: str, checkpoint, needed_bytes: float | None = None) 
       previous one before rotation removes anything).
 
     Returns the warnings (on every rank)."""
-    error = _probe_writable(root)
+    error = probe_writable(root, "checkpoint folder", "--save")
     if error is None:
         held = held_checkpoints(root)
         loads_here = _same_folder(checkpoint.load, root)
