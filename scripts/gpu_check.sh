@@ -18,6 +18,8 @@
 #    with the distributed optimizer and overlap, CP2 (TE) and
 #    MoE EP2 with both dispatchers, each equal to one rank: losses, grad norm, whole state;
 #    left out, and the check failed, when the NCCL probe fails, so the one-rank tests still run);
+#    scripts/gpu_tests.sh runs the one-rank tests and the two-rank launches side by side
+#    (pytest.log, pytest-two-rank.log);
 # 4. measures NTP vs NITP on the full dense-0.5b preset (24 layers, seq 8192, micro-batch 1,
 #    bf16, the fastest attention here: TE's, else torch's SDPA): step time (paired medians),
 #    NITP's overhead against the exact analytic ratio and the paper's +1.8% wall clock,
@@ -28,7 +30,8 @@
 #    (tools/moe_benchmark.py, moe-1.9b-a0.3b shape, 4 layers).
 #
 # Everything lands in $GPU_CHECK_OUT (default runs/gpu_check-<time>): gpu_check.log, pytest.log,
-# benchmark.json, memory.json, moe.json. Exit status: 0 when every test passed and the benchmark ran.
+# pytest-two-rank.log, benchmark.json, memory.json, moe.json. Exit status: 0 when every test
+# passed and the benchmark ran.
 # Knobs: PYTHON (default python3), QUICK=1, BENCH_LAYERS (24), BENCH_SEQ (8192), BENCH_MBS (1),
 # BENCH_ITERS (10), GPU_TESTS_K (a pytest -k expression), SKIP_TESTS=1, SKIP_BENCH=1.
 # Time caps, so that a lent GPU's few minutes see every phase even if one hangs (seconds; the
@@ -117,22 +120,24 @@ echo "> NCCL probe, 2 ranks"
 limited "${PROBE_TIME_S:-60}" "$PY" -m torch.distributed.run --nproc-per-node 2 \
   --master-port "${PROBE_PORT:-29517}" tools/nccl_probe.py 2>&1 | tail -20
 probe=${PIPESTATUS[0]}
-select=${GPU_TESTS_K:-}
 if [ "$probe" != 0 ]; then
   status=1
-  # two ranks cannot talk here: the 2-rank layouts would each wait out NCCL's timeout and use
-  # up the tests' cap before the one-rank tests run, so they are left out (and the check fails)
+  # two ranks cannot talk here: the 2-rank layouts would each wait out NCCL's timeout, so they
+  # are left out (and the check fails)
   echo "> the NCCL probe failed: the 2-rank layouts are left out of the GPU tests"
-  select="${select:+($select) and }not two_rank"
 fi
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   echo
-  echo "> pytest -m gpu${select:+ -k \"$select\"}"
   start=$(date +%s)
-  limited "${TESTS_TIME_S:-300}" "$PY" -m pytest -q -m gpu -rs --durations=0 \
-    ${select:+-k "$select"} tests/test_gpu.py 2>&1 | tee "$OUT_DIR/pytest.log"
-  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  OUT_DIR="$OUT_DIR" PYTHON="$PY" TWO_RANK=$([ "$probe" = 0 ] && echo 1 || echo 0) \
+    limited "${TESTS_TIME_S:-300}" bash scripts/gpu_tests.sh || status=1
+  for log in pytest.log pytest-two-rank.log; do
+    if [ -f "$OUT_DIR/$log" ]; then
+      echo "> $log"
+      cat "$OUT_DIR/$log"
+    fi
+  done
   echo "> gpu tests: $(( $(date +%s) - start )) s"
 fi
 

@@ -49,3 +49,43 @@ def test_gpu_check_looks_for_every_runtime_dependency():
     block = re.search(r"mods = \{(.*?)\}", script, re.S).group(1)
     checked = set(re.findall(r'"[\w.]+": "([\w-]+)"', block))
     assert wanted - {"torch"} <= checked, wanted - {"torch"} - checked
+
+
+def _skipped(log) -> int:
+    """The number of skipped tests in a ``pytest -q`` log's summary line (0 when none ran)."""
+    import re
+
+    found = re.search(r"(\d+) skipped", log.read_text()) if log.exists() else None
+    return int(found.group(1)) if found else 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_gpu_tests_split_the_one_and_two_rank_tests_between_two_processes(tmp_path):
+    """scripts/gpu_tests.sh (gpu_check.sh's test phase) runs every GPU test exactly once: the
+    two-rank layouts in one pytest, the one-rank tests beside it in another (without CUDA each
+    is collected and skipped, which is what is counted here); GPU_TESTS_K narrows both, a
+    process left with nothing is not a failure, and TWO_RANK=0 leaves the layouts out."""
+    from tests.test_gpu import LAYOUTS
+
+    def run(out, **env):
+        proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_tests.sh")],
+                              env=clean_env(PYTHON=sys.executable, OUT_DIR=str(out), **env),
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return out / "pytest.log", out / "pytest-two-rank.log"
+
+    collected = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu",
+         os.path.join(ROOT, "tests", "test_gpu.py")], cwd=ROOT, env=clean_env(),
+        capture_output=True, text=True, timeout=120).stdout
+    total = sum("test_gpu.py::" in line for line in collected.splitlines())
+    one, two = run(tmp_path / "all")
+    assert _skipped(two) == len(LAYOUTS)
+    assert _skipped(one) == total - len(LAYOUTS) > 0
+
+    one, two = run(tmp_path / "pp2", GPU_TESTS_K="pp2")  # nothing on one rank
+    assert _skipped(two) == sum(name.startswith("pp2") for name in LAYOUTS) == 3
+    assert _skipped(one) == 0 and "deselected" in one.read_text()
+
+    one, two = run(tmp_path / "no-two-rank", TWO_RANK="0")
+    assert not two.exists() and _skipped(one) == total - len(LAYOUTS)

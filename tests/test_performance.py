@@ -264,18 +264,25 @@ def test_step_memory_tells_the_optimizers_temporaries_from_the_forward_backward(
 
 
 def test_moe_benchmark_times_the_expert_loop_and_refuses_grouped_gemm_on_cpu(dist, tmp_path):
-    """tools/moe_benchmark.py: the expert loop is timed (positive times and TFLOP/s); the
-    grouped-GEMM variants are refused on CPU with the reason, not run as the loop."""
+    """tools/moe_benchmark.py: the expert loop is timed (positive times and TFLOP/s, NITP's
+    overhead from paired steps); the grouped-GEMM variants are refused on CPU with the reason,
+    not run as the loop."""
     from tests.helpers import load_tool
 
     out = tmp_path / "moe.json"
     report = load_tool("moe_benchmark").main([
         "--preset", "tiny-moe", "--num-layers", "2", "--seq-length", "32", "--warmup-iters", "1",
-        "--measure-iters", "1", "--json-out", str(out)])
+        "--measure-iters", "3", "--json-out", str(out)])
     assert json.load(open(out)) == report
     for objective in ("ntp", "nitp"):
         loop = report["arms"][f"loop/{objective}"]
+        assert len(loop["seconds"]) == 3 and loop["step_seconds"] == sorted(loop["seconds"])[1]
         assert loop["step_seconds"] > 0 and loop["tflops"] > 0
+    # NITP's overhead pairs the arms' steps of the same iteration (interleaved, A B A B ...)
+    ntp, nitp = report["arms"]["loop/ntp"], report["arms"]["loop/nitp"]
+    ratios = sorted(b / a - 1 for a, b in zip(ntp["seconds"], nitp["seconds"]))
+    assert nitp["overhead_paired"] == pytest.approx(ratios[1])
+    for objective in ("ntp", "nitp"):
         for variant in ("grouped", "grouped+permute"):
             assert "this machine has no CUDA" in report["arms"][f"{variant}/{objective}"]["refused"]
 

@@ -206,7 +206,8 @@ def build_arm(arm: str, config):
     return loop.setup(args)
 
 
-def _step(run, iteration: int) -> float:
+def timed_step(run, iteration: int) -> float:
+    """Seconds of one ``train_step`` of ``run`` (the device synchronized before and after)."""
     from megatron_nitp.device import synchronize
     from megatron_nitp.training.model import clear_moe_tracker
     from megatron_nitp.training.step import train_step
@@ -260,7 +261,7 @@ def measure(args) -> dict:
     for i in range(args.warmup_iters + args.measure_iters):
         for arm in arms:  # interleaved: A B A B ... so drifts in machine load hit every arm
             try:
-                seconds = _step(runs[arm], i)
+                seconds = timed_step(runs[arm], i)
             except Exception as err:  # noqa: BLE001 - report why, never a number
                 if arm != "mtp":
                     raise

@@ -9,17 +9,23 @@ Variants: ``loop`` (SequentialMLP: a rank's experts one after the other), ``grou
 (``--moe-grouped-gemm``: TE's TEGroupedMLP), ``grouped+permute`` (plus
 ``--moe-permute-fusion``). The grouped variants need Transformer Engine on a GPU; elsewhere
 they are reported as refused, with the reason. One process (EP 1): the expert computation
-itself, not the all-to-all. Every arm is built by ``training.loop.setup`` with the same seed and
-trains the same batches: ``--warmup-iters`` untimed steps, then ``--measure-iters`` timed ones
-(the median is reported).
+itself, not the all-to-all. A variant's NTP and NITP arms are built side by side by
+``training.loop.setup`` with the same seed and train the same batches, their steps interleaved
+(A B A B ..., as ``tools/flops_overhead.py --measure`` does, so that a drift in the machine hits
+both: measured one after the other, the second arm came out 25% slower on an H200 and the first
+2x slower on a CPU): ``--warmup-iters`` untimed steps, then ``--measure-iters`` timed ones. The
+median per arm is reported, and NITP's overhead as the median of the paired step ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
-import time
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/flops_overhead.py
 
 VARIANTS = {
     "loop": {},
@@ -58,41 +64,47 @@ def config(args, variant: str, nitp: bool):
         **VARIANTS[variant])
 
 
-def measure_arm(args, variant: str, nitp: bool) -> dict:
-    from megatron_nitp.config import ConfigError, validate
-    from megatron_nitp.device import synchronize
-    from megatron_nitp.training import loop
-    from megatron_nitp.training.logger import peak_tflops, training_flops_per_token
-    from megatron_nitp.training.step import train_step
+def measure_variant(args, variant: str) -> dict:
+    """The NTP and NITP arms of one variant, steps interleaved: ``{"ntp": figures, "nitp":
+    figures}`` (each ``{"refused": reason}`` where the flags cannot run here); NITP's figures
+    carry ``overhead_paired``, the median of its step time over NTP's of the same iteration."""
+    from flops_overhead import build_arm, timed_step
 
-    cfg = config(args, variant, nitp)
+    from megatron_nitp.config import ConfigError, validate
+    from megatron_nitp.training.logger import peak_tflops, training_flops_per_token
+
+    cfg = config(args, variant, nitp=True)
     try:
         validate(cfg)
     except ConfigError as err:
-        return {"refused": str(err)}
-    run = loop.setup(cfg)
-    times = []
+        return {"ntp": {"refused": str(err)}, "nitp": {"refused": str(err)}}
+    runs = {arm: build_arm(arm, cfg) for arm in ("ntp", "nitp")}
+    times = {arm: [] for arm in runs}
     for i in range(args.warmup_iters + args.measure_iters):
-        synchronize()
-        start = time.perf_counter()
-        train_step(run.model, run.optimizer, run.scheduler, run.train_iter, run.args, i, False)
-        synchronize()
-        if i >= args.warmup_iters:
-            times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
+        for arm, run in runs.items():
+            seconds = timed_step(run, i)
+            if i >= args.warmup_iters:
+                times[arm].append(seconds)
     tokens = args.seq_length * args.micro_batch_size
-    tflops = training_flops_per_token(run.args) * tokens / seconds / 1e12
-    peak = peak_tflops(run.args.logging)
-    return dict(step_seconds=seconds, tokens_per_second=tokens / seconds, tflops=tflops,
-                mfu=tflops / peak if peak else None)
+    result = {}
+    for arm, run in runs.items():
+        seconds = statistics.median(times[arm])
+        tflops = training_flops_per_token(run.args) * tokens / seconds / 1e12
+        peak = peak_tflops(run.args.logging)
+        result[arm] = dict(step_seconds=seconds, seconds=times[arm],
+                           tokens_per_second=tokens / seconds, tflops=tflops,
+                           mfu=tflops / peak if peak else None)
+    result["nitp"]["overhead_paired"] = statistics.median(
+        b / a - 1 for a, b in zip(times["ntp"], times["nitp"]))
+    return result
 
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     from megatron_nitp.device import name
 
-    arms = {f"{variant}/{objective}": measure_arm(args, variant, objective == "nitp")
-            for variant in args.variants for objective in ("ntp", "nitp")}
+    arms = {f"{variant}/{objective}": figures for variant in args.variants
+            for objective, figures in measure_variant(args, variant).items()}
     report = dict(device=name(), preset=args.preset, num_layers=args.num_layers,
                   seq_length=args.seq_length, micro_batch_size=args.micro_batch_size, arms=arms)
     if args.json_out:
@@ -103,7 +115,7 @@ def main(argv=None) -> dict:
         return report
     print(f"MoE step time on {report['device']}: {args.preset} shape, {args.num_layers} layers, "
           f"s={args.seq_length}, micro-batch {args.micro_batch_size}, one process (median of "
-          f"{args.measure_iters} steps)")
+          f"{args.measure_iters} steps per arm, NTP and NITP interleaved)")
     header = ("experts", "objective", "step s", "tokens/s", "TFLOP/s", "MFU")
     print("  ".join(f"{h:>16}" for h in header))
     for key, r in arms.items():
@@ -122,8 +134,9 @@ def main(argv=None) -> dict:
     for variant in args.variants:
         ntp, nitp = arms[f"{variant}/ntp"], arms[f"{variant}/nitp"]
         if "refused" not in ntp and "refused" not in nitp:
-            print(f"{variant}: NITP step time {100 * (nitp['step_seconds'] / ntp['step_seconds'] - 1):+.1f}% "
-                  "vs NTP")
+            print(f"{variant}: NITP step time vs NTP {100 * nitp['overhead_paired']:+.1f}% (median "
+                  f"of paired ratios), {100 * (nitp['step_seconds'] / ntp['step_seconds'] - 1):+.1f}%"
+                  " (medians)")
     return report
 
 
