@@ -114,11 +114,10 @@ def test_mtp_that_cannot_run_is_refused(capsys, flags, message):
 
 
 def test_flops_tool_builds_its_mtp_arm_through_the_seam(dist):
-    from tests.helpers import load_tool
+    from megatron_nitp.training.arms import build_arm
 
-    tool = load_tool("flops_overhead")
     config = parse_args(SMALL + ["--train-iters", "2"])
-    run = tool.build_arm("mtp", config)
+    run = build_arm("mtp", config)
     from megatron_nitp.training.model import unwrap
 
     model = unwrap(run.model)

@@ -210,4 +210,9 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:  # the runs' process group (NCCL warns at exit about one left alive)
+        from megatron_nitp.training.initialize import destroy_distributed
+
+        destroy_distributed()

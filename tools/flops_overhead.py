@@ -21,7 +21,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import megatron_nitp  # noqa: F401  (CPU import stubs must precede megatron-core)
 
@@ -192,37 +191,6 @@ def _training_config(args):
         save_final=False, plot=False, progress_bar=False, bf16=bool(args.bf16))
 
 
-def build_arm(arm: str, config):
-    """One arm's Run through ``training.loop.setup`` (data, model, optimizer): ``ntp`` with
-    NITP off, ``nitp`` as given, ``mtp`` = ``ntp`` plus megatron-core's MTP at depth 1 (the
-    MTP objective of ``megatron_nitp/objectives/``, megatron-core's default factor 0.1). Every arm
-    uses the same seed (same initial backbone) and the same batches."""
-    from megatron_nitp.config import validate
-    from megatron_nitp.training import loop
-
-    args = {"nitp": config, "ntp": config.replace(nitp=False),
-            "mtp": config.replace(nitp=False, mtp_num_layers=1)}[arm]
-    validate(args)
-    return loop.setup(args)
-
-
-def timed_step(run, iteration: int) -> float:
-    """Seconds of one ``train_step`` of ``run`` (the device synchronized before and after)."""
-    from megatron_nitp.device import synchronize
-    from megatron_nitp.training.model import clear_moe_tracker
-    from megatron_nitp.training.step import train_step
-
-    # megatron-core's MoE aux-loss logging tracker is process-global and sized by the first
-    # model that logs into it; the MTP arm has one layer more. It only feeds logs: start empty.
-    clear_moe_tracker()
-
-    synchronize()
-    start = time.perf_counter()
-    train_step(run.model, run.optimizer, run.scheduler, run.train_iter, run.args, iteration, False)
-    synchronize()
-    return time.perf_counter() - start
-
-
 def _model_params(run) -> int:
     """Parameters of the built model without the training-only heads (NITP projector, MTP)."""
     from megatron_nitp.training.model import unwrap
@@ -235,6 +203,8 @@ def measure(args) -> dict:
     import platform
 
     import torch
+
+    from megatron_nitp.training.arms import build_arm, timed_step
 
     config = _training_config(args)
     arms = ["ntp", "nitp"] + (["mtp"] if args.compare_mtp else [])
@@ -408,4 +378,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    finally:  # the runs' process group (NCCL warns at exit about one left alive)
+        from megatron_nitp.training.initialize import destroy_distributed
+
+        destroy_distributed()

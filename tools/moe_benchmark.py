@@ -21,11 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/flops_overhead.py
 
 VARIANTS = {
     "loop": {},
@@ -68,9 +64,8 @@ def measure_variant(args, variant: str) -> dict:
     """The NTP and NITP arms of one variant, steps interleaved: ``{"ntp": figures, "nitp":
     figures}`` (each ``{"refused": reason}`` where the flags cannot run here); NITP's figures
     carry ``overhead_paired``, the median of its step time over NTP's of the same iteration."""
-    from flops_overhead import build_arm, timed_step
-
     from megatron_nitp.config import ConfigError, validate
+    from megatron_nitp.training.arms import build_arm, timed_step
     from megatron_nitp.training.logger import peak_tflops, training_flops_per_token
 
     cfg = config(args, variant, nitp=True)
@@ -141,4 +136,9 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:  # the runs' process group (NCCL warns at exit about one left alive)
+        from megatron_nitp.training.initialize import destroy_distributed
+
+        destroy_distributed()

@@ -108,8 +108,11 @@ def set_seed(seed: int) -> None:
 
 
 def destroy_distributed() -> None:
+    """Tears down megatron-core's groups and the default process group, where a run set them up
+    (NCCL warns at exit about a process group left alive)."""
+    if not torch.distributed.is_initialized():
+        return
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    torch.distributed.destroy_process_group()
