@@ -15,11 +15,13 @@ PY=${PYTHON:-python3}
 : "${OUT_DIR:?set OUT_DIR to the folder for the logs}"
 mkdir -p "$OUT_DIR"
 
-# pytest_gpu LOG SELECT: the GPU tests that SELECT (-k) picks, logged to $OUT_DIR/LOG; none
-# selected (pytest's 5) is not a failure.
+# pytest_gpu LOG SELECT: the GPU tests that SELECT (-k) picks, logged to $OUT_DIR/LOG, each
+# process with a temporary folder of its own; none selected (pytest's 5) is not a failure.
 pytest_gpu() {
   local rc
-  "$PY" -m pytest -q -m gpu -rs --durations=0 -k "$2" tests/test_gpu.py > "$OUT_DIR/$1" 2>&1
+  "$PY" -m pytest -q -m gpu -rs --durations=0 -k "$2" \
+    --basetemp "${TMPDIR:-/tmp}/megatron-nitp-gpu-tests-${1%.log}" tests/test_gpu.py \
+    > "$OUT_DIR/$1" 2>&1
   rc=$?
   [ $rc = 5 ] && rc=0
   return $rc
