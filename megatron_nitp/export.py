@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 
+from megatron_nitp.data.tokenizer import SENTENCEPIECE_TYPES
 from megatron_nitp.hf import HFFormatError, hf_config, to_hf  # noqa: F401  (hf_config: API)
 from megatron_nitp.training.checkpoint import CheckpointError
 
@@ -102,13 +103,14 @@ def export_tokenizer(config, out_dir: str) -> list[str]:
                 if os.path.isfile(os.path.join(folder, name)):
                     shutil.copy(os.path.join(folder, name), os.path.join(out_dir, name))
                     copied.append(name)
-        elif kind == "SentencePieceTokenizer":
-            copied += _sentencepiece_tokenizer(source, out_dir)
+        elif kind in SENTENCEPIECE_TYPES:
+            copied += _sentencepiece_tokenizer(source, out_dir,
+                                               add_bos=kind == "Llama2Tokenizer")
         elif kind == "TikTokenizer":
             shutil.copy(source, os.path.join(out_dir, "tiktoken.json"))
             copied.append("tiktoken.json")
-    model = {"HuggingFaceTokenizer": ".", "SentencePieceTokenizer": "tokenizer.model",
-             "TikTokenizer": "tiktoken.json"}.get(kind) if copied else None
+    model = {"HuggingFaceTokenizer": ".", "TikTokenizer": "tiktoken.json",
+             **{t: "tokenizer.model" for t in SENTENCEPIECE_TYPES}}.get(kind) if copied else None
     record = {"tokenizer_type": kind, "tokenizer_model": model,
               "vocab_size": config.model.vocab_size}
     with open(os.path.join(out_dir, TOKENIZER_RECORD), "w") as f:
@@ -116,11 +118,13 @@ def export_tokenizer(config, out_dir: str) -> list[str]:
     return copied + [TOKENIZER_RECORD]
 
 
-def _sentencepiece_tokenizer(tokenizer_model: str, out_dir: str) -> list[str]:
+def _sentencepiece_tokenizer(tokenizer_model: str, out_dir: str,
+                             add_bos: bool = False) -> list[str]:
     """A SentencePiece ``.model`` as a transformers tokenizer in ``out_dir``: copied as
     ``tokenizer.model`` and converted by ``LlamaTokenizer`` (its BPE pieces, byte fallback and
-    "▁" prefix) into ``tokenizer.json``, adding no BOS/EOS (our documents have none but the EOD
-    between them), with our unk/bos/eos/pad pieces. Returns the names of the files written."""
+    "▁" prefix) into ``tokenizer.json``, adding no EOS and no BOS (our documents have none but
+    the EOD between them) unless ``add_bos`` (Llama2Tokenizer: BOS first, as in training), with
+    the model's unk/bos/eos/pad pieces. Returns the names of the files written."""
     import shutil
 
     import sentencepiece
@@ -133,7 +137,7 @@ def _sentencepiece_tokenizer(tokenizer_model: str, out_dir: str) -> list[str]:
         ("unk_token", sp.unk_id()), ("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()),
         ("pad_token", sp.pad_id())) if i >= 0}
     tokenizer = transformers.LlamaTokenizer.from_pretrained(
-        out_dir, add_bos_token=False, add_eos_token=False, legacy=False, **special)
+        out_dir, add_bos_token=add_bos, add_eos_token=False, legacy=False, **special)
     saved = {os.path.basename(f) for f in tokenizer.save_pretrained(out_dir)}
     return ["tokenizer.model"] + sorted(saved - {"tokenizer.model"})
 

@@ -61,8 +61,8 @@ TRAINING_SETTINGS = ("global_batch_size", "micro_batch_size", "train_iters", "lr
 _DECAY_STYLES = ("constant", "linear", "cosine", "WSD")
 _WSD_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
 #: Megatron-LM's tokenizer kinds we build the same way (the others are left to the flags)
-_TOKENIZERS = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "TikTokenizer",
-               "NullTokenizer")
+_TOKENIZERS = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer",
+               "HuggingFaceTokenizer", "TikTokenizer", "NullTokenizer")
 
 #: Transformer Engine's fused pre-linear norm names <-> the local spec's, both ways
 _NORM_NAMES = (("self_attention.linear_qkv.layer_norm_", "input_layernorm."),

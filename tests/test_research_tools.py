@@ -501,6 +501,41 @@ def test_lm_eval_bridge_matches_the_exported_model(exported):
     assert got[0].startswith(" ")  # the word-boundary space before the first generated word
 
 
+def test_lm_eval_bridge_scores_a_llama2_tokenizers_text_after_its_bos(lm_eval_transformers,
+                                                                     tmp_path):
+    """With a Llama2Tokenizer every document starts with BOS, so the bridge scores a text
+    without context after BOS (not EOD), never scores BOS itself, and a context keeps its BOS:
+    the token pairs handed to the model, captured."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.model import LM
+
+    from megatron_nitp.data.corpus import kjv_chapters
+    from megatron_nitp.data.tokenizer import build_tokenizer, train_sentencepiece
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": d}) + "\n" for d in kjv_chapters()[:8]))
+    model = train_sentencepiece([str(docs)], str(tmp_path / "spm"), vocab_size=400)
+    cls = load_tool("lm_eval_bridge").make_lm_class()
+    lm = cls.__new__(cls)  # the request handling only: no model behind it
+    LM.__init__(lm)
+    lm.tok, lm.max_length = build_tokenizer("Llama2Tokenizer", model), 64
+    bos, eod = lm.tok.bos, lm.tok.eod
+    assert bos != eod
+    handed = []
+    lm._score = lambda pairs, kind: handed.extend(pairs) or [(0.0, True)] * len(pairs)
+
+    lm.loglikelihood([Instance("loglikelihood", {}, ("In the beginning", " God created"), 0),
+                      Instance("loglikelihood", {}, ("", "Jesus wept."), 1)])
+    (context, continuation), (prefix, text) = handed
+    pieces = lm.tok.tokenize("In the beginning God created", bos=False)
+    assert context + continuation == [bos] + pieces and bos not in continuation
+    assert (prefix, text) == ([bos], lm.tok.tokenize("Jesus wept.", bos=False))
+
+    handed.clear()
+    lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("Jesus wept.",), 0)])
+    assert handed == [([bos], lm.tok.tokenize("Jesus wept.", bos=False))]
+
+
 @pytest.mark.distributed
 def test_lm_eval_bridge_on_a_local_task(exported, tmp_path, monkeypatch):
     """simple_evaluate through tools/lm_eval_bridge.py on local tasks (no download): each

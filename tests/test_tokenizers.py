@@ -176,6 +176,53 @@ def test_stored_config_round_trips_the_tokenizer_and_defaults_to_sentencepiece(f
 
 
 @pytest.mark.slow
+def test_megatron_lm_sentencepiece_kinds_gpt_and_llama2_through_preprocess_and_export(
+        files, tmp_path):
+    """GPTSentencePieceTokenizer is SentencePieceTokenizer here (pieces, EOD = eos);
+    Llama2Tokenizer puts BOS before every text as Megatron-LM's does (``bos=False``: the pieces
+    alone), so each preprocessed document is BOS, pieces, EOD, and the export's tokenizer.json
+    adds BOS as training did. A model without BOS is refused, naming the kind that adds none."""
+    import sentencepiece
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_nitp.data import preprocess
+    from megatron_nitp.export import TOKENIZER_RECORD, export_tokenizer, exported_tokenizer
+
+    plain = build_tokenizer("SentencePieceTokenizer", files["spm"])
+    ids = plain.tokenize(TEXT)
+    assert build_tokenizer("GPTSentencePieceTokenizer", files["spm"]).tokenize(TEXT) == ids
+    llama = build_tokenizer("Llama2Tokenizer", files["spm"])
+    assert llama.tokenize(TEXT) == [1] + ids and llama.tokenize(TEXT, bos=False) == ids
+    assert (llama.bos, llama.eod, llama.vocab_size) == (1, 2, 400) and llama.bos_first
+    assert llama.detokenize(llama.tokenize(TEXT)) == TEXT
+
+    prefix = preprocess([files["jsonl"]], files["spm"], str(tmp_path / "docs"),
+                        tokenizer_type="Llama2Tokenizer", workers=2)
+    documents = IndexedDataset(prefix)
+    chapters = kjv_chapters()[:8]
+    assert len(documents) == len(chapters)
+    for document, chapter in zip(documents, chapters):
+        assert document.tolist() == [1] + plain.tokenize(chapter) + [2]
+
+    transformers = pytest.importorskip("transformers")
+    config = parse_args(["--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model",
+                         files["spm"], "--data-path", prefix])
+    out = tmp_path / "export"
+    out.mkdir()
+    assert {"tokenizer.model", "tokenizer.json", TOKENIZER_RECORD} <= set(
+        export_tokenizer(config, str(out)))
+    assert transformers.AutoTokenizer.from_pretrained(str(out))(TEXT).input_ids == [1] + ids
+    assert exported_tokenizer(str(out)).tokenize(TEXT) == [1] + ids
+
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(files["jsonl"]), model_prefix=str(tmp_path / "nobos"), vocab_size=300,
+        bos_id=-1, eos_id=1, unk_id=0, minloglevel=2)
+    nobos = str(tmp_path / "nobos.model")
+    assert build_tokenizer("GPTSentencePieceTokenizer", nobos).eod == 1
+    with pytest.raises(ValueError, match="defines no BOS piece.*GPTSentencePieceTokenizer"):
+        build_tokenizer("Llama2Tokenizer", nobos)
+
+
 def test_preprocess_with_a_huggingface_tokenizer_train_export(dist, files, tmp_path):
     """Preprocess with the BPE tokenizer, train a few iterations in-process, and export: the
     checkpoint's stored config names the tokenizer, and the export carries it."""

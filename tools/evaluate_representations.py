@@ -261,7 +261,8 @@ def main(argv=None) -> dict:
     p.add_argument("--tokenizer-model", default=None,
                    help="default: the one recorded in the checkpoint")
     p.add_argument("--tokenizer-type", default=None,
-                   choices=("SentencePieceTokenizer", "HuggingFaceTokenizer", "TikTokenizer",
+                   choices=("SentencePieceTokenizer", "GPTSentencePieceTokenizer",
+                            "Llama2Tokenizer", "HuggingFaceTokenizer", "TikTokenizer",
                             "NullTokenizer"),
                    help="default: the one recorded in the checkpoint")
     args = p.parse_args(argv)

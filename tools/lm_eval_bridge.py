@@ -83,7 +83,20 @@ def make_lm_class():
         def eot_token_id(self) -> int:
             return self.tok.eod
 
+        @property
+        def prefix_token_id(self) -> int:
+            """What a text without context is scored after: BOS where the tokenizer starts
+            every document with it (Llama2Tokenizer), else EOD (what precedes a document in
+            training)."""
+            return self.tok.bos if getattr(self.tok, "bos_first", False) else self.eot_token_id
+
         def tok_encode(self, text: str) -> list[int]:
+            return self.tok.tokenize(text)
+
+        def tok_encode_pieces(self, text: str) -> list[int]:
+            """``text``'s tokens without the BOS a Llama2Tokenizer puts first."""
+            if getattr(self.tok, "bos_first", False):
+                return self.tok.tokenize(text, bos=False)
             return self.tok.tokenize(text)
 
         @torch.no_grad()
@@ -135,7 +148,7 @@ def make_lm_class():
                     context_ids = self.tok_encode(context)
                     pairs.append((whole[: len(context_ids)], whole[len(context_ids):]))
                 else:
-                    pairs.append(([self.eot_token_id], self.tok_encode(continuation)))
+                    pairs.append(([self.prefix_token_id], self.tok_encode_pieces(continuation)))
             results = self._score(pairs, "loglikelihood")
             for request, result in zip(requests, results):
                 self.cache_hook.add_partial("loglikelihood", request.args, result)
@@ -146,7 +159,7 @@ def make_lm_class():
             for request in requests:
                 (text,) = request.args
                 windows = [utils.make_disjoint_window(w) for w in utils.get_rolling_token_windows(
-                    token_list=self.tok_encode(text), prefix_token=self.eot_token_id,
+                    token_list=self.tok_encode_pieces(text), prefix_token=self.prefix_token_id,
                     max_seq_len=self.max_length, context_len=1)]
                 total = sum(lp for lp, _ in self._score(windows, "rolling"))
                 self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
@@ -250,7 +263,8 @@ def main(argv=None) -> dict:
     p.add_argument("--tokenizer-model", default=None,
                    help="default: the export's (MODEL_DIR/nitp_tokenizer.json names it)")
     p.add_argument("--tokenizer-type", default=None,
-                   choices=("SentencePieceTokenizer", "HuggingFaceTokenizer", "TikTokenizer",
+                   choices=("SentencePieceTokenizer", "GPTSentencePieceTokenizer",
+                            "Llama2Tokenizer", "HuggingFaceTokenizer", "TikTokenizer",
                             "NullTokenizer"),
                    help="with --tokenizer-model: its kind (default: the export's)")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")

@@ -258,11 +258,13 @@ class DataConfig:
     list, or one whitespace-separated string; valid/test may be null or absent): the
     --train/valid/test-data-path values, read at start and recorded as those"""
     tokenizer_type: str = flag("SentencePieceTokenizer",
-                               choices=("SentencePieceTokenizer", "HuggingFaceTokenizer",
+                               choices=("SentencePieceTokenizer", "GPTSentencePieceTokenizer",
+                                        "Llama2Tokenizer", "HuggingFaceTokenizer",
                                         "GPT2BPETokenizer", "TikTokenizer", "NullTokenizer"))
     """Megatron-LM's tokenizer kinds, built by megatron-core's tokenizer library (the one the
     data was preprocessed with): SentencePieceTokenizer (a .model; without --data-path the
-    built-in corpus's), HuggingFaceTokenizer (a local folder holding tokenizer.json, or that
+    built-in corpus's), GPTSentencePieceTokenizer (the same here: pieces, EOD = the model's
+    eos), Llama2Tokenizer (a .model with BOS before every document), HuggingFaceTokenizer (a local folder holding tokenizer.json, or that
     file), GPT2BPETokenizer (GPT-2's byte-level BPE from --vocab-file and --merge-file),
     TikTokenizer (Megatron's tiktoken .json vocabulary) or NullTokenizer (no file: --vocab-size
     ids, the last one EOD)"""

@@ -158,9 +158,14 @@ def _train(sentences: Iterator[str], output_prefix: str, vocab_size: int) -> Non
 
 
 #: Megatron-LM's ``--tokenizer-type`` names this project builds (``megatron.core.tokenizers``).
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer",
-                   "TikTokenizer", "NullTokenizer")
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer",
+                   "HuggingFaceTokenizer", "GPT2BPETokenizer", "TikTokenizer", "NullTokenizer")
 DEFAULT_TOKENIZER_TYPE = "SentencePieceTokenizer"
+#: The types that read a SentencePiece ``.model``. SentencePieceTokenizer and
+#: GPTSentencePieceTokenizer are the same here: a text's pieces, EOD = the model's eos (Megatron-LM's
+#: GPTSentencePieceTokenizer). Llama2Tokenizer puts the model's BOS before every text, as
+#: Megatron-LM's ``_Llama2Tokenizer.tokenize(s, bos=True)`` does (:func:`bos_first`).
+SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
 
 #: Special tokens of :func:`train_bpe`'s tokenizers: EOD first, then pad.
 BPE_EOD, BPE_PAD = "<|endoftext|>", "<|pad|>"
@@ -168,9 +173,11 @@ BPE_EOD, BPE_PAD = "<|endoftext|>", "<|pad|>"
 #: (Megatron-LM's ``--tiktoken-num-special-tokens`` default).
 TIKTOKEN_NUM_SPECIAL_TOKENS = 1000
 
+_SENTENCEPIECE_FILE = "a SentencePiece .model file (train one with tools/train_tokenizer.py)"
 _HOW_TO_GET = {
-    "SentencePieceTokenizer": "a SentencePiece .model file (train one with "
-                              "tools/train_tokenizer.py)",
+    "SentencePieceTokenizer": _SENTENCEPIECE_FILE,
+    "GPTSentencePieceTokenizer": _SENTENCEPIECE_FILE,
+    "Llama2Tokenizer": _SENTENCEPIECE_FILE + " that defines a BOS piece",
     "HuggingFaceTokenizer": "a Hugging Face tokenizer folder holding tokenizer.json, or that "
                             "tokenizer.json (save one with tokenizer.save_pretrained(DIR), or "
                             "train one with tools/train_tokenizer.py --type bpe)",
@@ -296,7 +303,7 @@ def check_tokenizer(tokenizer_type: str, tokenizer_model: str | None,
                          f"{tokenizer_model} is a folder"
                          + (": for a Hugging Face tokenizer folder use --tokenizer-type "
                             "HuggingFaceTokenizer." if hint else "."))
-    if tokenizer_type == "SentencePieceTokenizer" and tokenizer_model.endswith(".json"):
+    if tokenizer_type in SENTENCEPIECE_TYPES and tokenizer_model.endswith(".json"):
         raise ValueError(f"{tokenizer_model} is JSON, not a SentencePiece .model: use "
                          "--tokenizer-type HuggingFaceTokenizer for a tokenizer.json, "
                          "TikTokenizer for a tiktoken vocabulary.")
@@ -362,7 +369,7 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None,
                 vocab_size=2 * vocab_size - tokenizer.vocab_size)
         return tokenizer
     path = os.path.abspath(tokenizer_model)
-    if tokenizer_type == "SentencePieceTokenizer":
+    if tokenizer_type in SENTENCEPIECE_TYPES:
         library, kwargs = "sentencepiece", {}
     elif tokenizer_type == "HuggingFaceTokenizer":
         # the fast tokenizer of tokenizer.json, text only (the defaults changed in 0.19): a
@@ -386,6 +393,30 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None,
         raise ValueError(f"{tokenizer_type} {tokenizer_model} defines no eos token to end "
                          "documents with (EOD): give its tokenizer_config.json an "
                          '"eos_token".')
+    if tokenizer_type == "Llama2Tokenizer":
+        return bos_first(tokenizer, tokenizer_model)
+    return tokenizer
+
+
+def bos_first(tokenizer, tokenizer_model: str = "the model"):
+    """Megatron-LM's ``Llama2Tokenizer`` on megatron-core's SentencePiece tokenizer:
+    ``tokenize(text)`` returns ``[bos] + pieces``, so that every document preprocessed or
+    evaluated starts with BOS as in Llama 2's training (``tokenize(text, bos=False)``: the pieces
+    alone, for a continuation scored after its context). ``tokenizer.bos_first`` is True; EOD is
+    still the model's eos. Raises ValueError for a model without a BOS piece."""
+    bos = tokenizer.bos
+    if bos is None or bos < 0:
+        raise ValueError(f"Llama2Tokenizer {tokenizer_model} defines no BOS piece (sentencepiece "
+                         "bos_id is -1): use --tokenizer-type GPTSentencePieceTokenizer, which "
+                         "adds none.")
+    pieces = tokenizer.tokenize
+
+    def tokenize(text: str, bos: bool = True) -> list[int]:
+        ids = pieces(text)
+        return [tokenizer.bos] + ids if bos else ids
+
+    tokenizer.tokenize = tokenize
+    tokenizer.bos_first = True
     return tokenizer
 
 
