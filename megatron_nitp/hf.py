@@ -415,14 +415,23 @@ def continue_flags(config) -> list[str]:
 def tokenizer_flags(hf_dir: str, flags: list[str] = ()) -> list[str]:
     """The tokenizer flags a run on the imported checkpoint needs (its data must be tokenized
     with the model's own tokenizer): none when ``flags`` name one; the folder's
-    ``tokenizer.json`` (HuggingFaceTokenizer) or ``tokenizer.model`` (SentencePieceTokenizer);
-    else placeholders to fill in."""
+    ``tokenizer.json`` (HuggingFaceTokenizer) or ``tokenizer.model`` (SentencePieceTokenizer;
+    Llama2Tokenizer where ``tokenizer_config.json`` says ``"add_bos_token": true``, as Llama 2's
+    does: its documents start with BOS); else placeholders to fill in."""
     if any(f.split("=")[0] in ("--tokenizer-model", "--tokenizer-type") for f in flags):
         return []
     if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
         return ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", hf_dir]
     if os.path.isfile(os.path.join(hf_dir, "tokenizer.model")):
-        return ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model",
+        settings = {}
+        try:
+            with open(os.path.join(hf_dir, "tokenizer_config.json")) as f:
+                settings = json.load(f)
+        except (OSError, ValueError):  # none, or unreadable: the plain kind
+            pass
+        bos = isinstance(settings, dict) and settings.get("add_bos_token") is True
+        kind = "Llama2Tokenizer" if bos else "SentencePieceTokenizer"
+        return ["--tokenizer-type", kind, "--tokenizer-model",
                 os.path.join(hf_dir, "tokenizer.model")]
     return ["--tokenizer-type", "TYPE", "--tokenizer-model", "MODEL"]
 

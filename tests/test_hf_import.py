@@ -198,13 +198,17 @@ def test_rope_base_and_norm_epsilon_are_compared_when_the_checkpoint_stores_them
 
 def test_the_continue_command_names_the_models_tokenizer(tmp_path):
     """The printed command of tools/import_checkpoint.py carries tokenizer flags: the ones
-    given, else the folder's tokenizer.json (Hugging Face) or tokenizer.model (SentencePiece)."""
+    given, else the folder's tokenizer.json (Hugging Face) or tokenizer.model (SentencePiece, or
+    Llama 2's BOS-first one where tokenizer_config.json adds BOS)."""
     from megatron_nitp.hf import tokenizer_flags
 
     folder = str(tmp_path)
     assert tokenizer_flags(folder) == ["--tokenizer-type", "TYPE", "--tokenizer-model", "MODEL"]
     (tmp_path / "tokenizer.model").write_bytes(b"")
     assert tokenizer_flags(folder) == ["--tokenizer-type", "SentencePieceTokenizer",
+                                       "--tokenizer-model", f"{folder}/tokenizer.model"]
+    (tmp_path / "tokenizer_config.json").write_text('{"add_bos_token": true}')  # Llama 2's
+    assert tokenizer_flags(folder) == ["--tokenizer-type", "Llama2Tokenizer",
                                        "--tokenizer-model", f"{folder}/tokenizer.model"]
     (tmp_path / "tokenizer.json").write_text("{}")
     assert tokenizer_flags(folder) == ["--tokenizer-type", "HuggingFaceTokenizer",
