@@ -65,8 +65,6 @@ def test_gpu_tests_split_the_one_and_two_rank_tests_between_two_processes(tmp_pa
     two-rank layouts in one pytest, the one-rank tests beside it in another (without CUDA each
     is collected and skipped, which is what is counted here); GPU_TESTS_K narrows both, a
     process left with nothing is not a failure, and TWO_RANK=0 leaves the layouts out."""
-    from tests.test_gpu import LAYOUTS
-
     def run(out, **env):
         proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_tests.sh")],
                               env=clean_env(PYTHON=sys.executable, OUT_DIR=str(out), **env),
@@ -78,14 +76,17 @@ def test_gpu_tests_split_the_one_and_two_rank_tests_between_two_processes(tmp_pa
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu",
          os.path.join(ROOT, "tests", "test_gpu.py")], cwd=ROOT, env=clean_env(),
         capture_output=True, text=True, timeout=120).stdout
-    total = sum("test_gpu.py::" in line for line in collected.splitlines())
+    names = [line for line in collected.splitlines() if "test_gpu.py::" in line]
+    layouts = [n for n in names if "::test_two_rank_layout_equals_one_rank[" in n]
+    pp2 = [n for n in layouts if "[pp2" in n]
+    assert len(layouts) >= 9 and len(pp2) == 3 and len(names) - len(layouts) >= 6, names
     one, two = run(tmp_path / "all")
-    assert _skipped(two) == len(LAYOUTS)
-    assert _skipped(one) == total - len(LAYOUTS) > 0
+    assert _skipped(two) == len(layouts)
+    assert _skipped(one) == len(names) - len(layouts)
 
     one, two = run(tmp_path / "pp2", GPU_TESTS_K="pp2")  # nothing on one rank
-    assert _skipped(two) == sum(name.startswith("pp2") for name in LAYOUTS) == 3
+    assert _skipped(two) == len(pp2)
     assert _skipped(one) == 0 and "deselected" in one.read_text()
 
     one, two = run(tmp_path / "no-two-rank", TWO_RANK="0")
-    assert not two.exists() and _skipped(one) == total - len(LAYOUTS)
+    assert not two.exists() and _skipped(one) == len(names) - len(layouts)
