@@ -90,3 +90,56 @@ def test_gpu_tests_split_the_one_and_two_rank_tests_between_two_processes(tmp_pa
 
     one, two = run(tmp_path / "no-two-rank", TWO_RANK="0")
     assert not two.exists() and _skipped(one) == len(names) - len(layouts)
+
+
+# A stand-in for ``python -m pytest`` that runs until it is interrupted and says whether it
+# could unwind (a KeyboardInterrupt), as pytest stops its launches on one.
+_SLOW_PYTEST = """#!/bin/sh
+exec {python} -c 'import sys, time
+print("started", flush=True)
+try:
+    time.sleep(120)
+except KeyboardInterrupt:
+    print("interrupted: unwinding", flush=True)
+    sys.exit(2)'
+"""
+
+
+def _slow_python(tmp_path) -> str:
+    fake = tmp_path / "python"
+    fake.write_text(_SLOW_PYTEST.format(python=sys.executable))
+    fake.chmod(0o755)
+    return str(fake)
+
+
+def test_gpu_tests_cap_interrupts_each_pytest_so_it_can_unwind(tmp_path):
+    """Past TESTS_TIME_S each pytest gets SIGINT and unwinds, not only the SIGKILL 15 s later
+    (a background job of a script ignores SIGINT unless its own ``timeout`` gives it back; killed,
+    pytest would leave its launches running). Interrupting gpu_tests.sh itself reaches both
+    processes the same way."""
+    import signal
+    import time
+
+    out = tmp_path / "capped"
+    env = clean_env(PYTHON=_slow_python(tmp_path), OUT_DIR=str(out), TESTS_TIME_S="2")
+    start = time.monotonic()
+    proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_tests.sh")], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and time.monotonic() - start < 12, proc.stdout + proc.stderr
+    for log in ("pytest.log", "pytest-two-rank.log"):
+        text = (out / log).read_text()
+        assert "interrupted: unwinding" in text and "stopped after its cap of 2 s" in text, text
+
+    out = tmp_path / "interrupted"
+    env.update(OUT_DIR=str(out), TESTS_TIME_S="60")
+    proc = subprocess.Popen(["bash", os.path.join(ROOT, "scripts", "gpu_tests.sh")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    logs = [out / "pytest.log", out / "pytest-two-rank.log"]
+    deadline = time.monotonic() + 30
+    while not all(p.exists() and "started" in p.read_text() for p in logs):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=12)
+    assert proc.returncode != 0
+    assert all("interrupted: unwinding" in p.read_text() for p in logs)
