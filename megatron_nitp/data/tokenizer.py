@@ -404,8 +404,8 @@ def bos_first(tokenizer, tokenizer_model: str = "the model"):
     evaluated starts with BOS as in Llama 2's training (``tokenize(text, bos=False)``: the pieces
     alone, for a continuation scored after its context). ``tokenizer.bos_first`` is True; EOD is
     still the model's eos. Raises ValueError for a model without a BOS piece."""
-    bos = tokenizer.bos
-    if bos is None or bos < 0:
+    bos_id = tokenizer.bos
+    if bos_id is None or bos_id < 0:
         raise ValueError(f"Llama2Tokenizer {tokenizer_model} defines no BOS piece (sentencepiece "
                          "bos_id is -1): use --tokenizer-type GPTSentencePieceTokenizer, which "
                          "adds none.")
@@ -413,7 +413,7 @@ def bos_first(tokenizer, tokenizer_model: str = "the model"):
 
     def tokenize(text: str, bos: bool = True) -> list[int]:
         ids = pieces(text)
-        return [tokenizer.bos] + ids if bos else ids
+        return [bos_id] + ids if bos else ids
 
     tokenizer.tokenize = tokenize
     tokenizer.bos_first = True
