@@ -28,6 +28,18 @@ from tests.helpers import (  # noqa: E402,F401  (re-exported)
 from tests.tiers import UNMARKED, item_launches  # noqa: E402
 
 
+def pytest_configure(config):
+    """A pytest started in the background of a script (``nohup bash .ci/run &``) inherits SIGINT
+    ignored, and every process it starts would inherit that too: the tests of what Ctrl-C does
+    (tests/test_exits.py, tests/test_gpu_check.py) would see it never arrive. A handler that
+    does nothing keeps this session as deaf to SIGINT as it was, while the processes it starts
+    get SIGINT's default back (exec resets a caught signal, never an ignored one)."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, lambda signum, frame: None)
+
+
 @pytest.fixture(scope="session")
 def dist():
     """torch.distributed (gloo, world size 1) and megatron's parallel state, TP = PP = 1."""
