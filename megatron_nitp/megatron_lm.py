@@ -38,6 +38,7 @@ import os
 
 import torch
 
+from megatron_nitp.config.schema import TOKENIZER_TYPES
 from megatron_nitp.hf import as_flags, given_shape_flags, import_model
 from megatron_nitp.training.megatron_lm_folder import TRACKER, MegatronFormatError, iteration_dir
 
@@ -61,8 +62,7 @@ TRAINING_SETTINGS = ("global_batch_size", "micro_batch_size", "train_iters", "lr
 _DECAY_STYLES = ("constant", "linear", "cosine", "WSD")
 _WSD_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
 #: Megatron-LM's tokenizer kinds we build the same way (the others are left to the flags)
-_TOKENIZERS = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer",
-               "HuggingFaceTokenizer", "TikTokenizer", "NullTokenizer")
+_TOKENIZERS = tuple(t for t in TOKENIZER_TYPES if t != "GPT2BPETokenizer")
 
 #: Transformer Engine's fused pre-linear norm names <-> the local spec's, both ways
 _NORM_NAMES = (("self_attention.linear_qkv.layer_norm_", "input_layernorm."),

@@ -44,6 +44,7 @@ import time
 
 import megatron_nitp  # noqa: F401
 from megatron_nitp.cli import ArgumentParser
+from megatron_nitp.config.schema import TOKENIZER_TYPES
 
 EVALUATIONS = ("geometry", "probe", "cloze")
 
@@ -261,9 +262,7 @@ def main(argv=None) -> dict:
     p.add_argument("--tokenizer-model", default=None,
                    help="default: the one recorded in the checkpoint")
     p.add_argument("--tokenizer-type", default=None,
-                   choices=("SentencePieceTokenizer", "GPTSentencePieceTokenizer",
-                            "Llama2Tokenizer", "HuggingFaceTokenizer", "TikTokenizer",
-                            "NullTokenizer"),
+                   choices=[t for t in TOKENIZER_TYPES if t != "GPT2BPETokenizer"],
                    help="default: the one recorded in the checkpoint")
     args = p.parse_args(argv)
     parse_evaluations(args.evaluations)  # refused before the checkpoint is loaded

@@ -29,6 +29,7 @@ import tempfile
 
 import megatron_nitp  # noqa: F401  (CPU import stubs must precede megatron-core)
 from megatron_nitp.cli import ArgumentParser
+from megatron_nitp.config.schema import TOKENIZER_TYPES
 
 INSTALL_HINT = ("lm-eval is not installed: `pip install lm-eval==0.4.13`, then rerun. Its "
                 "built-in tasks need the Hugging Face Hub; offline, pass a local task YAML "
@@ -84,20 +85,22 @@ def make_lm_class():
             return self.tok.eod
 
         @property
+        def bos_first(self) -> bool:
+            """Whether the tokenizer starts every text with BOS (Llama2Tokenizer)."""
+            return getattr(self.tok, "bos_first", False)
+
+        @property
         def prefix_token_id(self) -> int:
             """What a text without context is scored after: BOS where the tokenizer starts
-            every document with it (Llama2Tokenizer), else EOD (what precedes a document in
-            training)."""
-            return self.tok.bos if getattr(self.tok, "bos_first", False) else self.eot_token_id
+            every document with it, else EOD (what precedes a document in training)."""
+            return self.tok.bos if self.bos_first else self.eot_token_id
 
         def tok_encode(self, text: str) -> list[int]:
             return self.tok.tokenize(text)
 
         def tok_encode_pieces(self, text: str) -> list[int]:
             """``text``'s tokens without the BOS a Llama2Tokenizer puts first."""
-            if getattr(self.tok, "bos_first", False):
-                return self.tok.tokenize(text, bos=False)
-            return self.tok.tokenize(text)
+            return self.tok.tokenize(text, bos=False) if self.bos_first else self.tok.tokenize(text)
 
         @torch.no_grad()
         def _logprobs(self, batch: list[list[int]]) -> list[torch.Tensor]:
@@ -263,9 +266,7 @@ def main(argv=None) -> dict:
     p.add_argument("--tokenizer-model", default=None,
                    help="default: the export's (MODEL_DIR/nitp_tokenizer.json names it)")
     p.add_argument("--tokenizer-type", default=None,
-                   choices=("SentencePieceTokenizer", "GPTSentencePieceTokenizer",
-                            "Llama2Tokenizer", "HuggingFaceTokenizer", "TikTokenizer",
-                            "NullTokenizer"),
+                   choices=[t for t in TOKENIZER_TYPES if t != "GPT2BPETokenizer"],
                    help="with --tokenizer-model: its kind (default: the export's)")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)

@@ -27,6 +27,11 @@ from typing import Optional, Union
 
 from megatron_nitp.nitp.config import NITPConfig
 
+#: Megatron-LM's ``--tokenizer-type`` names this project builds (``data/tokenizer.py``: the one
+#: list the flags, the tools and the checkpoint readers take them from).
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer",
+                   "HuggingFaceTokenizer", "GPT2BPETokenizer", "TikTokenizer", "NullTokenizer")
+
 
 def flag(default, *, dest: str | None = None, name: str | None = None,
          negative: str | None = None, choices=None, nargs=None, group_help: str | None = None,
@@ -257,10 +262,7 @@ class DataConfig:
     """a JSON file {"train": [...], "valid": [...], "test": [...]}, each in --data-path form (a
     list, or one whitespace-separated string; valid/test may be null or absent): the
     --train/valid/test-data-path values, read at start and recorded as those"""
-    tokenizer_type: str = flag("SentencePieceTokenizer",
-                               choices=("SentencePieceTokenizer", "GPTSentencePieceTokenizer",
-                                        "Llama2Tokenizer", "HuggingFaceTokenizer",
-                                        "GPT2BPETokenizer", "TikTokenizer", "NullTokenizer"))
+    tokenizer_type: str = flag("SentencePieceTokenizer", choices=TOKENIZER_TYPES)
     """Megatron-LM's tokenizer kinds, built by megatron-core's tokenizer library (the one the
     data was preprocessed with): SentencePieceTokenizer (a .model; without --data-path the
     built-in corpus's), GPTSentencePieceTokenizer (the same here: pieces, EOD = the model's

@@ -32,6 +32,7 @@ from typing import Iterable, Iterator
 
 import sentencepiece
 
+from megatron_nitp.config.schema import TOKENIZER_TYPES  # noqa: F401  (re-exported)
 from megatron_nitp.data import readers
 from megatron_nitp.data.cache import default_cache_root
 
@@ -157,9 +158,6 @@ def _train(sentences: Iterator[str], output_prefix: str, vocab_size: int) -> Non
 
 
 
-#: Megatron-LM's ``--tokenizer-type`` names this project builds (``megatron.core.tokenizers``).
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer",
-                   "HuggingFaceTokenizer", "GPT2BPETokenizer", "TikTokenizer", "NullTokenizer")
 DEFAULT_TOKENIZER_TYPE = "SentencePieceTokenizer"
 #: The types that read a SentencePiece ``.model``. SentencePieceTokenizer and
 #: GPTSentencePieceTokenizer are the same here: a text's pieces, EOD = the model's eos (Megatron-LM's
